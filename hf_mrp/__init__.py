@@ -1,0 +1,29 @@
+"""hf_mrp: measure and reshape the Voronoi geometry of a causal LM's next-token decisions.
+
+Public API (imported lazily so `import hf_mrp` stays cheap):
+run_audit, load_audit, MRPConfig, MRPTrainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "run_audit": "hf_mrp.audit.geometry",
+    "load_audit": "hf_mrp.audit.geometry",
+    "AuditResult": "hf_mrp.audit.geometry",
+    "MRPUserError": "hf_mrp.errors",
+    "load_blocks": "hf_mrp.data",
+    "load_model_and_tokenizer": "hf_mrp.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hf_mrp' has no attribute {name!r}")

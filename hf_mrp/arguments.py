@@ -1,0 +1,56 @@
+"""Argument dataclasses shared by `hf-mrp audit` and `examples/refine.py` (parsed by HfArgumentParser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load. Omit --model and --gguf_file for the embedded SmolLM2-135M-Instruct."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of a causal LM; default: the embedded SmolLM2."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A .gguf file (a path, or a file name inside --model); de-quantized on load."}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the model runs in: float32, bfloat16 or float16. Margins stay float32."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the model repository to run (off by default)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which text to evaluate or train on. Omit --dataset for the embedded pydoc corpus."""
+
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "datasets name or folder, or a local .txt/.jsonl/.json/.parquet/.csv file; "
+                          "default: pydoc_data.topics (ships with CPython)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "datasets configuration name."})
+    split: str = field(default="train", metadata={"help": "datasets split."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (jsonl/parquet/datasets)."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per block; a block holds block_size - 1 positions."})
+    max_positions: int = field(default=16384, metadata={"help": "Number of positions (predicted tokens) to evaluate."})
+
+
+@dataclass
+class AuditArguments:
+    """How to audit."""
+
+    output_dir: str = field(default="outputs/audit", metadata={"help": "Folder for audit.json, positions.parquet, plots."})
+    chunk_size: int = field(default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk."})
+    batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
+    layers: str | None = field(
+        default=None, metadata={"help": "Logit lens over these 0-based layers: 'all', '20-29' or '3,5,7'."}
+    )
+    margin_dtype: str = field(
+        default="float32",
+        metadata={"help": "'float32' (spec) or 'model' (margins in the model dtype, to show the bf16 artifact)."},
+    )

@@ -1,0 +1,5 @@
+"""Audits: the float32 geometry of a model on fixed positions, and (compare) two audits side by side."""
+
+from .geometry import AuditResult, collect_statistics, load_audit, run_audit, summarize_positions, write_audit
+
+__all__ = ["AuditResult", "collect_statistics", "load_audit", "run_audit", "summarize_positions", "write_audit"]

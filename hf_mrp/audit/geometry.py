@@ -1,0 +1,220 @@
+"""The float32 geometry audit: model x blocks -> per-position table, audit.json, plots.
+
+Data flow: blocks -> forward with the output head bypassed (final hidden states, no logits) ->
+``ops.decision_statistics`` in float32 chunks -> per-position columns -> summary and gap fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from ..data import Blocks
+from ..errors import MRPUserError
+from ..models import decoder_layers, final_norm, head_bypassed, output_head
+from ..ops import decision_statistics, fit_gap_law
+from ..ops.calibration import expected_calibration_error
+from ..reporting import io, plots
+from .layers import parse_layer_spec, summarize_layers
+
+logger = logging.getLogger(__name__)
+
+POSITION_COLUMNS = (
+    "block", "position", "target_id", "top1_id", "top2_id", "margin", "correct", "entropy", "p_top1",
+    "target_logprob", "target_margin", "geometric_margin", "brier",
+)
+PERCENTILES = {"p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95}
+
+
+@dataclass
+class AuditResult:
+    """What an audit measured: the summary (audit.json), per-position columns, the blocks, layers."""
+
+    summary: dict
+    positions: dict[str, np.ndarray]
+    blocks: Blocks
+    layers: list[dict] | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: torch.nn.Module,
+    blocks: Blocks,
+    *,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    margin_dtype: str = "float32",
+    layers: list[int] | None = None,
+    block_indices: np.ndarray | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
+    """Per-position columns (final layer) and, for each layer in ``layers``, its logit-lens columns.
+
+    ``block_indices`` restricts the audit to some blocks (a process's shard); positions keep their
+    global block index so shards concatenate into the single-process table.
+    """
+    weight, bias = output_head(model)
+    logits_dtype = torch.float32 if margin_dtype == "float32" else weight.dtype
+    n_layers = len(decoder_layers(model)) if layers else 0
+    norm = final_norm(model) if layers else None
+    device = _model_device(model)
+    mask = blocks.position_mask()
+    indices = np.arange(len(blocks.input_ids)) if block_indices is None else np.asarray(block_indices)
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in POSITION_COLUMNS}
+    layer_columns: dict[int, dict[str, list[np.ndarray]]] = {layer: {} for layer in layers or []}
+    was_training = model.training
+    model.eval()
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    try:
+        for batch in tqdm(batches, desc="audit", unit="batch", disable=not progress):
+            ids = torch.as_tensor(blocks.input_ids[batch], device=device)
+            with head_bypassed(model):
+                output = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
+            batch_mask = torch.as_tensor(mask[batch], device=device)
+            targets = ids[:, 1:][batch_mask]
+            stats = decision_statistics(
+                output.logits[:, :-1][batch_mask], weight, targets, bias,
+                chunk_size=chunk_size, logits_dtype=logits_dtype,
+            )
+            block_index, position = np.nonzero(mask[batch])
+            columns["block"].append(batch[block_index].astype(np.int64))
+            columns["position"].append(position.astype(np.int64))
+            columns["target_id"].append(targets.cpu().numpy())
+            for name in POSITION_COLUMNS[3:]:
+                columns[name].append(stats[name].cpu().numpy())
+            for layer in layers or []:
+                hidden = output.hidden_states[layer + 1]
+                if layer < n_layers - 1:  # the last entry already went through the final norm
+                    hidden = norm(hidden)
+                lens = decision_statistics(hidden[:, :-1][batch_mask], weight, targets, bias, chunk_size=chunk_size)
+                for name in ("margin", "correct", "fisher_penalty", "margin_penalty"):
+                    layer_columns[layer].setdefault(name, []).append(lens[name].cpu().numpy())
+    finally:
+        model.train(was_training)
+    positions = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
+    per_layer = {layer: {k: np.concatenate(v) for k, v in cols.items()} for layer, cols in layer_columns.items()}
+    return positions, per_layer
+
+
+def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
+    """audit.json's numbers, from the per-position columns alone (so any table can be re-summarized)."""
+    margin = positions["margin"].astype(np.float64)
+    if margin.size == 0:
+        raise MRPUserError("no positions were evaluated; pass more text or a larger --max_positions")
+    correct = positions["correct"].astype(bool)
+    spearman = spearmanr(positions["entropy"], margin).statistic if margin.size > 1 else float("nan")
+    return {
+        "n_positions": int(margin.size),
+        "accuracy": float(correct.mean()),
+        "margin_percentiles": {name: float(np.percentile(margin, q)) for name, q in PERCENTILES.items()},
+        "mean_margin": float(margin.mean()),
+        "fraction_margin_lt_0_5": float((margin < 0.5).mean()),
+        "entropy_margin_spearman": float(spearman),
+        "gap_fit": fit_gap_law(margin).to_dict(),
+        "n_unique_margins": int(np.unique(positions["margin"]).size),
+        "mean_entropy": float(positions["entropy"].astype(np.float64).mean()),
+        "mean_cross_entropy": float(-positions["target_logprob"].astype(np.float64).mean()),
+        "ece": expected_calibration_error(positions["p_top1"], correct),
+        "brier": float(positions["brier"].astype(np.float64).mean()),
+    }
+
+
+def run_audit(
+    model: torch.nn.Module,
+    blocks: Blocks,
+    *,
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    margin_dtype: str = "float32",
+    layers: str | list[int] | None = None,
+    provenance: dict | None = None,
+    progress: bool = True,
+) -> AuditResult:
+    """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given."""
+    if margin_dtype not in ("float32", "model"):
+        raise MRPUserError(f"margin_dtype must be 'float32' or 'model', got {margin_dtype!r}")
+    if chunk_size < 1 or batch_size < 1:
+        raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
+    if output_dir is not None:
+        output_dir = io.ensure_output_dir(output_dir)
+    layer_list = parse_layer_spec(layers, len(decoder_layers(model))) if layers is not None else None
+    positions, per_layer = collect_statistics(
+        model, blocks, batch_size=batch_size, chunk_size=chunk_size, margin_dtype=margin_dtype,
+        layers=layer_list, progress=progress,
+    )
+    summary = {
+        "provenance": {
+            **(provenance or {}),
+            "data_source": blocks.source,
+            "block_size": blocks.block_size,
+            "n_blocks": int(len(blocks.input_ids)),
+            "blocks_sha256": blocks.fingerprint(),
+            "margin_dtype": margin_dtype,
+            "model_dtype": str(output_head(model)[0].dtype).replace("torch.", ""),
+        },
+        **summarize_positions(positions),
+    }
+    layer_rows = summarize_layers(per_layer, -positions["target_logprob"]) if layer_list else None
+    if layer_rows is not None:
+        summary["layers"] = _ambiguity(layer_rows)
+    result = AuditResult(summary, positions, blocks, layer_rows)
+    if output_dir is not None:
+        write_audit(result, output_dir)
+    return result
+
+
+def _ambiguity(layer_rows: list[dict]) -> dict:
+    return {
+        "selected": [row["layer"] for row in layer_rows],
+        "negative_fisher_correlation": [row["layer"] for row in layer_rows if row["spearman_fisher_vs_final_ce"] < 0],
+        "negative_margin_correlation": [row["layer"] for row in layer_rows if row["spearman_margin_vs_final_ce"] < 0],
+    }
+
+
+def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
+    """audit.json, positions.parquet, blocks.npy, gap_curve.png, margins.png (+ layers.json/png)."""
+    output_dir = Path(output_dir)
+    files = {
+        "blocks": output_dir / "blocks.npy",
+        "positions": output_dir / "positions.parquet",
+        "gap_curve": output_dir / "gap_curve.png",
+        "margins": output_dir / "margins.png",
+        "audit": output_dir / "audit.json",
+    }
+    io.write_npy(files["blocks"], result.blocks.input_ids)
+    io.write_parquet(files["positions"], result.positions)
+    plots.plot_gap_curves(files["gap_curve"], {"audit": result.summary["gap_fit"]})
+    plots.plot_margin_histograms(files["margins"], {"audit": result.positions["margin"]})
+    if result.layers is not None:
+        files["layers"] = output_dir / "layers.json"
+        files["layers_plot"] = output_dir / "layers.png"
+        io.write_json(files["layers"], {"layers": result.layers, **result.summary["layers"]})
+        plots.plot_layers(files["layers_plot"], result.layers)
+    io.write_json(files["audit"], result.summary)  # last: its presence marks a complete audit
+    result.files = files
+    return files
+
+
+def load_audit(directory: str | Path) -> AuditResult:
+    """Read an audit folder back (audit.json is written last, so its presence means complete)."""
+    directory = Path(directory)
+    if not (directory / "audit.json").is_file():
+        raise MRPUserError(f"{directory} holds no complete audit (audit.json missing); run `hf-mrp audit` into it")
+    summary = io.read_json(directory / "audit.json")
+    positions = io.read_parquet(directory / "positions.parquet")
+    input_ids = np.load(directory / "blocks.npy", allow_pickle=False)
+    blocks = Blocks(input_ids, int(summary["n_positions"]), summary["provenance"].get("data_source", ""))
+    layers = io.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
+    return AuditResult(summary, positions, blocks, layers)

@@ -1,0 +1,156 @@
+"""Text sources -> deterministic blocks of token ids.
+
+Every source (the embedded pydoc corpus, a `datasets` dataset, a local .txt / .jsonl / .json /
+.parquet / .csv file) becomes a stream of documents, tokenized without special tokens, joined
+with a blank line and cut into consecutive blocks of ``block_size`` tokens. Position t of a block
+predicts token t + 1, so a block holds ``block_size - 1`` positions; only the first
+``max_positions`` positions (in block order) are evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import MRPUserError
+
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DOCUMENT_SEPARATOR = "\n\n"
+EMBEDDED_CORPUS = "pydoc_data.topics"
+
+
+@dataclass
+class Blocks:
+    """Token-id blocks [n_blocks, block_size] and how many of their positions are evaluated."""
+
+    input_ids: np.ndarray
+    n_positions: int
+    source: str
+
+    @property
+    def block_size(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def position_mask(self) -> np.ndarray:
+        """[n_blocks, block_size - 1] booleans: which (block, position) pairs are evaluated."""
+        n_blocks, size = self.input_ids.shape
+        flat_index = np.arange(n_blocks * (size - 1)).reshape(n_blocks, size - 1)
+        return flat_index < self.n_positions
+
+    def labels(self) -> np.ndarray:
+        """Causal-LM labels: input ids, with -100 where a position is not evaluated (shifted by one)."""
+        labels = self.input_ids.copy()
+        labels[:, 1:][~self.position_mask()] = -100
+        return labels
+
+    def fingerprint(self) -> str:
+        """sha256 of the ids and the evaluated count: equal fingerprints mean identical positions."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
+        digest.update(str(self.n_positions).encode())
+        return digest.hexdigest()
+
+
+def embedded_corpus_documents() -> list[str]:
+    """The pydoc topic texts that ship with CPython (~113K SmolLM2 tokens), in sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def load_documents(
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+) -> tuple[Iterable[str], str]:
+    """(documents, description) for a dataset name / local file / folder, or the embedded corpus."""
+    if dataset is None:
+        return embedded_corpus_documents(), EMBEDDED_CORPUS
+    path = Path(dataset)
+    if path.suffix.lower() == ".txt" and path.is_file():
+        return [path.read_text(encoding="utf-8")], str(path)
+    if path.suffix.lower() in LOCAL_FORMATS and not path.exists():
+        raise MRPUserError(f"data file not found: {dataset}; pass an existing file or a datasets name")
+    table = _load_dataset(dataset, dataset_config, split, path)
+    if text_column not in table.column_names:
+        raise MRPUserError(
+            f"text column {text_column!r} not found in {dataset} (columns: {', '.join(table.column_names)}); "
+            f"pass --text_column with one of them"
+        )
+    return (text for text in table[text_column] if text), dataset
+
+
+def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Path):
+    import datasets
+
+    try:
+        if path.is_file():
+            builder = LOCAL_FORMATS.get(path.suffix.lower())
+            if builder is None:
+                raise MRPUserError(
+                    f"unsupported data file {dataset}; use one of {', '.join(LOCAL_FORMATS)} or a datasets name"
+                )
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(dataset, dataset_config, split=split)
+    except MRPUserError:
+        raise
+    except Exception as error:  # datasets raises many types for "cannot find / cannot reach"
+        raise MRPUserError(
+            f"could not load dataset {dataset!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "pass a local .txt/.jsonl/.parquet file, a dataset folder, or a name reachable from this machine"
+        ) from error
+
+
+def tokenize_documents(tokenizer, documents: Iterable[str], max_tokens: int) -> Iterator[int]:
+    """Token ids of the documents joined by a blank line, without special tokens, up to ``max_tokens``."""
+    separator = tokenizer(DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
+    produced = 0
+    for index, document in enumerate(documents):
+        ids = (separator if index else []) + tokenizer(document, add_special_tokens=False)["input_ids"]
+        for token in ids:
+            yield token
+            produced += 1
+            if produced >= max_tokens:
+                return
+
+
+def make_blocks(
+    tokenizer,
+    documents: Iterable[str],
+    block_size: int = 512,
+    max_positions: int = 16384,
+    source: str = "",
+) -> Blocks:
+    """Cut the token stream into consecutive blocks covering ``max_positions`` positions (fewer if the text ends)."""
+    if block_size < 2:
+        raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {block_size}")
+    if max_positions <= 0:
+        raise MRPUserError(f"max_positions must be positive, got {max_positions}")
+    n_blocks = -(-max_positions // (block_size - 1))
+    ids = np.fromiter(tokenize_documents(tokenizer, documents, n_blocks * block_size), dtype=np.int64)
+    n_full = ids.size // block_size
+    if n_full == 0:
+        raise MRPUserError(
+            f"the dataset {source or ''} has {ids.size} tokens, fewer than one block of {block_size}; "
+            "pass more text or a smaller --block_size"
+        )
+    blocks = ids[: n_full * block_size].reshape(n_full, block_size)
+    return Blocks(blocks, min(max_positions, n_full * (block_size - 1)), source)
+
+
+def load_blocks(
+    tokenizer,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    block_size: int = 512,
+    max_positions: int = 16384,
+) -> Blocks:
+    """The one entry point from data arguments to blocks."""
+    documents, description = load_documents(dataset, dataset_config, split, text_column)
+    return make_blocks(tokenizer, documents, block_size, max_positions, description)

