@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # The main job: refine the embedded SmolLM2 on the embedded corpus, auditing before and after.
 run: install
-	$(BIN)/hf-mrp audit --output_dir outputs/audit
+	$(BIN)/python examples/refine.py --output_dir outputs/refine
 
 audit: install
 	$(BIN)/hf-mrp audit --output_dir outputs/audit

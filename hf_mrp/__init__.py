@@ -1,7 +1,7 @@
 """hf_mrp: measure and reshape the Voronoi geometry of a causal LM's next-token decisions.
 
 Public API (imported lazily so `import hf_mrp` stays cheap):
-run_audit, load_audit, MRPConfig, MRPTrainer.
+run_audit, load_audit, compare_audits, compare_dirs, MRPConfig, MRPTrainer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ _EXPORTS = {
     "MRPUserError": "hf_mrp.errors",
     "load_blocks": "hf_mrp.data",
     "load_model_and_tokenizer": "hf_mrp.models",
+    "compare_audits": "hf_mrp.audit.compare",
+    "compare_dirs": "hf_mrp.audit.compare",
+    "MRPConfig": "hf_mrp.training.config",
+    "MRPTrainer": "hf_mrp.training.trainer",
 }
 
 __all__ = sorted(_EXPORTS)

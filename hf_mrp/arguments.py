@@ -27,10 +27,18 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model repository to run (off by default)."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base model in 4-bit NF4 through bitsandbytes (QLoRA); works on CPU too."},
+    )
 
     def __post_init__(self) -> None:
         if self.model_dtype not in MODEL_DTYPES:
             raise MRPUserError(f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}")
+        if self.load_in_4bit:
+            from .models import require_bitsandbytes
+
+            require_bitsandbytes()
 
 
 @dataclass

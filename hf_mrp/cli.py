@@ -7,7 +7,11 @@ import sys
 
 from .errors import MRPUserError
 
-COMMANDS = {"audit": "float32 geometry audit of a model on fixed positions"}
+COMMANDS = {
+    "audit": "float32 geometry audit of a model on fixed positions",
+    "refine": "audit, refine with MRPTrainer (LoRA), audit again, compare (same flags as examples/refine.py)",
+    "compare": "flip audit of two audit folders: hf-mrp compare BEFORE_DIR AFTER_DIR --output_dir D",
+}
 
 
 def _audit(argv: list[str]) -> None:
@@ -32,7 +36,51 @@ def _audit(argv: list[str]) -> None:
         print(f"layers with negative Fisher-penalty vs CE correlation: {s['layers']['negative_fisher_correlation']}")
 
 
-HANDLERS = {"audit": _audit}
+def _refine(argv: list[str]) -> None:
+    from .refine import main as refine_main
+
+    refine_main(argv)
+
+
+def _compare(argv: list[str]) -> None:
+    import argparse
+
+    from .audit.compare import compare_dirs
+    from .refine import summary_line
+
+    parser = argparse.ArgumentParser(prog="hf-mrp compare", description=COMMANDS["compare"])
+    parser.add_argument("before_dir")
+    parser.add_argument("after_dir")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--tokenizer", default=None,
+                        help="model id or folder whose tokenizer decodes tokens for the class breakdown; "
+                             "default: the model named in the audits' provenance when it is a local folder")
+    args = parser.parse_args(argv)
+    tokenizer = _compare_tokenizer(args.tokenizer, args.before_dir)
+    result = compare_dirs(args.before_dir, args.after_dir, args.output_dir, tokenizer=tokenizer)
+    print(f"compared -> {args.output_dir}\n{summary_line(result)}")
+
+
+def _compare_tokenizer(name: str | None, before_dir: str):
+    """The tokenizer to decode target tokens: given, or the embedded model's when the audit used it."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .models import EMBEDDED_NAME, embedded_model_dir
+    from .reporting.io import read_json
+
+    if name is None:
+        audit = Path(before_dir) / "audit.json"
+        model = read_json(audit).get("provenance", {}).get("model") if audit.is_file() else None
+        if model == EMBEDDED_NAME:
+            name = str(embedded_model_dir())
+        elif model and Path(model).is_dir():
+            name = model
+    return AutoTokenizer.from_pretrained(name) if name else None
+
+
+HANDLERS = {"audit": _audit, "refine": _refine, "compare": _compare}
 
 
 def _usage() -> str:

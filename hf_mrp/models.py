@@ -82,12 +82,29 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def require_bitsandbytes() -> None:
+    """4-bit loading needs bitsandbytes; say how to get it before anything is loaded."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MRPUserError("4-bit loading (QLoRA) needs bitsandbytes; install it with `pip install \"hf_mrp[qlora]\"`")
+
+
+def four_bit_config(compute_dtype: torch.dtype):
+    """NF4 with double quantization, the QLoRA recipe."""
+    from transformers import BitsAndBytesConfig
+
+    require_bitsandbytes()
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model_and_tokenizer(
     model: str | None = None,
     gguf_file: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
-    quantization_config=None,
+    load_in_4bit: bool = False,
 ):
     """Load (model, tokenizer, name). ``model`` is a Hub id or local folder; None means the embedded model.
 
@@ -104,10 +121,12 @@ def load_model_and_tokenizer(
             raise MRPUserError(f"GGUF file not found: {gguf_file}; pass the path of an existing .gguf file")
         loaded, tokenizer = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
         return loaded.eval(), tokenizer, str(path if model is None else f"{model}/{gguf_file}")
+    if model is not None and model.startswith((".", "/")) and not Path(model).is_dir():
+        raise MRPUserError(f"model folder not found: {model}; pass an existing folder or a Hub id")
     source = str(embedded_model_dir()) if model is None else model
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    if load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(torch_dtype)
     loaded = _wrap_load_errors(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
     tokenizer = _wrap_load_errors(
         lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source

@@ -41,7 +41,8 @@ def test_audit_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "/no/such/model"], "could not load model"),
+        (["--model", "/no/such/model"], "model folder not found"),
+        (["--model", "no-such-org/no-such-model"], "could not load model"),
         (["--dataset", "EMPTY"], "fewer than one block"),
         (["--dataset", "JSONL", "--text_column", "body"], "text column 'body' not found"),
         (["--block_size", "1"], "block_size must be at least 2"),

@@ -34,7 +34,8 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
 
     ensure_output_dir(audit_args.output_dir)
     model, tokenizer, name = load_model_and_tokenizer(
-        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code
+        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
+        model_args.load_in_4bit,
     )
     blocks = load_blocks(
         tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,

@@ -1,0 +1,161 @@
+"""The refinement pipeline: audit before, MRPTrainer, audit after on identical positions, compare,
+model card, optional Hub push. `examples/refine.py` and `hf-mrp refine` run it.
+
+Output folder: the adapter (loadable with `PeftModel.from_pretrained(base, output_dir)`),
+README.md (model card), configs (`mrp_config.json`, `run_arguments.json`), `audit_before/`,
+`audit_after/` (as `hf-mrp audit` writes them) and `comparison/` (as `hf-mrp compare` writes it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .arguments import DataArguments, ModelArguments
+from .audit.geometry import run_audit
+from .audit.run import provenance
+from .data import Blocks, load_blocks
+from .errors import MRPUserError
+from .models import load_model_and_tokenizer
+from .reporting import io
+from .training import MRPConfig, MRPTrainer
+
+logger = logging.getLogger(__name__)
+
+# What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
+# the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
+DEFAULTS = dict(
+    output_dir="outputs/refine", block_size=256, max_positions=61200, mrp_objective="fisher", mrp_lambda=0.6,
+    lora_layers="20-29", lora_r=16, lora_alpha=32, learning_rate=2e-4, max_steps=60, per_device_train_batch_size=4,
+    logging_steps=10, save_strategy="no", report_to="none", seed=0, lr_scheduler_type="constant",
+)
+
+
+@dataclass
+class RefineArguments:
+    """Which positions are audited before and after refinement."""
+
+    audit_positions: int = field(default=4080, metadata={"help": "Positions audited before and after (fixed blocks)."})
+    audit_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass in the audits."})
+    holdout: bool = field(
+        default=True,
+        metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.audit_positions <= 0:
+            raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
+
+
+def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[Blocks, np.ndarray]:
+    """(audit blocks, training blocks): the audit takes the first blocks; training the rest (or all)."""
+    per_block = blocks.block_size - 1
+    n_audit = -(-audit_positions // per_block)
+    if n_audit >= len(blocks.input_ids) and holdout:
+        raise MRPUserError(
+            f"the data has {len(blocks.input_ids)} blocks, not enough for {n_audit} audit blocks plus training; "
+            "pass more text, a larger --max_positions, fewer --audit_positions, or --holdout false"
+        )
+    audit = Blocks(blocks.input_ids[:n_audit], min(audit_positions, n_audit * per_block), blocks.source)
+    train = blocks.input_ids[n_audit:] if holdout else blocks.input_ids
+    return audit, train
+
+
+def training_dataset(train_ids: np.ndarray):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": train_ids.tolist(), "labels": train_ids.tolist()})
+
+
+def refine(model_args: ModelArguments, data_args: DataArguments, refine_args: RefineArguments, config: MRPConfig) -> dict:
+    """Run the whole pipeline; returns the comparison (flip audit) dictionary."""
+    from accelerate import PartialState
+
+    from .audit.compare import compare_dirs
+
+    state = PartialState()
+    output_dir = io.ensure_output_dir(config.output_dir)
+    push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
+    model, tokenizer, model_name = load_model_and_tokenizer(
+        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
+        model_args.load_in_4bit,
+    )
+    blocks = load_blocks(
+        tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
+        data_args.block_size, data_args.max_positions + refine_args.audit_positions,
+    )
+    audit_blocks, train_ids = split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
+    origin = provenance(model_name, model_args, data_args, refine_args)
+
+    def audit(folder: str) -> dict:
+        if state.is_main_process:
+            run_audit(model, audit_blocks, output_dir=output_dir / folder, batch_size=refine_args.audit_batch_size,
+                      chunk_size=config.mrp_chunk_size, provenance=origin)
+        state.wait_for_everyone()
+        return io.read_json(output_dir / folder / "audit.json")
+
+    before = audit("audit_before")
+    trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids), processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    model = trainer.model
+    trainer.save_model(str(output_dir))
+    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of every argument, token included;
+    # mrp_config.json holds the same settings, redacted
+    after = audit("audit_after")
+    comparison = {}
+    if state.is_main_process:
+        comparison = compare_dirs(output_dir / "audit_before", output_dir / "audit_after", output_dir / "comparison",
+                                  tokenizer=tokenizer)
+        write_run_files(output_dir, model_name, config, origin, before, after, comparison)
+        io.write_json(output_dir / "training_log.json", trainer.state.log_history)
+    state.wait_for_everyone()
+    if push and state.is_main_process:
+        from .training.hub import push_folder
+
+        push_folder(output_dir, config.hub_model_id or output_dir.name, config.hub_token, config.hub_private_repo)
+    return comparison
+
+
+def write_run_files(
+    output_dir: Path, model_name: str, config: MRPConfig, origin: dict, before: dict, after: dict, comparison: dict
+) -> None:
+    """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
+    from .reporting.markdown import markdown_summary
+    from .reporting.model_card import model_card
+
+    settings = config.to_dict()
+    io.write_json(output_dir / "mrp_config.json", settings)
+    io.write_json(output_dir / "run_arguments.json", origin)
+    images = [p.relative_to(output_dir).as_posix() for p in sorted((output_dir / "comparison").glob("*.png"))]
+    card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images)
+    io.write_text(output_dir / "README.md", card)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, RefineArguments, MRPConfig))
+    parser.set_defaults(**DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def summary_line(comparison: dict) -> str:
+    change = comparison["median_margin_change"]
+    return (
+        f"W->R {comparison['w2r']}  R->W {comparison['r2w']}  net {comparison['net']}  "
+        f"median margin {comparison['median_margin_before']:.4f} -> {comparison['median_margin_after']:.4f} "
+        f"({'n/a' if change is None else format(change, '+.1%')})"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, refine_args, config = parse_arguments(argv)
+    comparison = refine(model_args, data_args, refine_args, config)
+    if comparison:
+        print(f"refined -> {config.output_dir}\n{summary_line(comparison)}")
+
+
+__all__ = ["RefineArguments", "refine", "main", "split_blocks", "DEFAULTS"]

@@ -1,0 +1,118 @@
+"""Markdown tables of a before/after flip audit: flip_audit.md, and the model card's results section."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+MARKDOWN_SPECIALS = "\\`*_[]<>|#"
+TOP_TOKEN_ROWS = 10
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def fmt_number(value: Any, digits: int = 3) -> str:
+    return "n/a" if _missing(value) else f"{value:.{digits}f}"
+
+
+def fmt_percent(value: Any, digits: int = 1, signed: bool = False) -> str:
+    return "n/a" if _missing(value) else f"{100 * value:{'+' if signed else ''}.{digits}f}%"
+
+
+def fmt_count(value: Any) -> str:
+    return "n/a" if _missing(value) else f"{int(value):,}"
+
+
+def fmt_ratio(value: Any) -> str:
+    return "n/a (no R->W)" if _missing(value) else f"{value:.2f}x"
+
+
+def escape_cell(text: str) -> str:
+    """Backslash-escape the characters Markdown would read as formatting or a column break."""
+    return "".join(f"\\{char}" if char in MARKDOWN_SPECIALS else char for char in text)
+
+
+def escape_token(text: str | None) -> str:
+    """A decoded token quoted, with its spaces visible and newlines as escapes, safe in a table cell."""
+    return "n/a" if text is None else escape_cell(repr(text))
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _headline(result: dict) -> str:
+    rows = []
+    for name in ("before", "after"):
+        fit = result.get(f"gap_fit_{name}") or {}
+        rows.append([
+            name, fmt_percent(result[f"accuracy_{name}"], 2), fmt_number(result[f"median_margin_{name}"]),
+            fmt_number(fit.get("alpha")), fmt_number(fit.get("beta")), fmt_number(fit.get("r_squared"), 4),
+            fmt_number(result[f"ece_{name}"], 4), fmt_number(result[f"brier_{name}"], 4),
+        ])
+    header = ["", "accuracy", "median margin", "gap alpha", "gap beta", "gap R^2", "ECE", "Brier"]
+    return table(header, rows)
+
+
+def _flips(result: dict) -> str:
+    rotation, expansion = result["runner_up_rotation"], result["expansion"]
+    row = [
+        fmt_count(result["w2r"]), fmt_count(result["r2w"]), fmt_count(result["net"]), fmt_ratio(result["flip_ratio"]),
+        fmt_percent(result["churn"]), fmt_percent(rotation["share"]), fmt_percent(rotation["widened_share"]),
+        fmt_percent(result["median_margin_change"], signed=True), fmt_percent(expansion["share_wider"]),
+        fmt_number(expansion["mean_change"]), fmt_percent(result.get("head_share")),
+    ]
+    header = ["W->R", "R->W", "net", "flip ratio", "churn", "runner-up rotation", "rotated & widened",
+              "median margin change", "wider margins", "mean margin change", "head share (100+)"]
+    return table(header, [row])
+
+
+def _group_table(groups: dict, first_column: str, share: bool = False) -> str:
+    header = [first_column, "n", "W->R", "R->W", "net"] + (["share of net"] if share else [])
+    header += ["accuracy before", "accuracy after"]
+    rows = []
+    for label, group in groups.items():
+        row = [escape_cell(str(label)), fmt_count(group["n"]), fmt_count(group["w2r"]), fmt_count(group["r2w"]),
+               fmt_count(group["net"])]
+        row += [fmt_percent(group.get("share_of_net"))] if share else []
+        row += [fmt_percent(group["accuracy_before"], 2), fmt_percent(group["accuracy_after"], 2)]
+        rows.append(row)
+    return table(header, rows)
+
+
+def _token_table(entries: list[dict]) -> str:
+    rows = [[escape_token(e["token"]), str(e["token_id"]), fmt_count(e["w2r"]), fmt_count(e["r2w"]),
+             fmt_count(e["net"])] for e in entries[:TOP_TOKEN_ROWS]]
+    return table(["token", "id", "W->R", "R->W", "net"], rows) if rows else "(none)"
+
+
+def markdown_summary(result: dict, heading: str = "##") -> str:
+    """The flip audit as Markdown sections; ``heading`` sets their level (deeper inside a model card)."""
+    sub = heading + "#"
+    parts = [
+        f"{heading} Before/after flip audit",
+        f"{fmt_count(result['n_positions'])} positions, the same in both audits "
+        f"(blocks sha256 {str(result.get('blocks_sha256', ''))[:12]}).",
+        _headline(result),
+        f"{sub} Flips",
+        "W->R: wrong before, right after. R->W: right before, wrong after. Churn: top-1 token changed. "
+        "Runner-up rotation: top-1 unchanged, top-2 changed.",
+        _flips(result),
+        f"{sub} By margin band (before)",
+        _group_table(result["accuracy_by_margin_band"], "margin band"),
+    ]
+    if result.get("by_class") is not None:
+        parts += [f"{sub} By token class of the target", _group_table(result["by_class"], "class", share=True)]
+    parts += [
+        f"{sub} By frequency of the target in the blocks",
+        _group_table(result["by_bucket"], "count bucket"),
+        f"{sub} Largest per-token net gains",
+        _token_table(result.get("top_gain", [])),
+        f"{sub} Largest per-token net losses",
+        _token_table(result.get("top_loss", [])),
+    ]
+    return "\n\n".join(parts) + "\n"

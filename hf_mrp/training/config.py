@@ -1,0 +1,72 @@
+"""MRPConfig: TrainingArguments plus the MRP objective and the LoRA adapter it trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..audit.layers import parse_layer_spec
+from ..errors import MRPUserError
+from ..ops import OBJECTIVES
+
+
+@dataclass
+class MRPConfig(TrainingArguments):
+    """Training arguments for `MRPTrainer`: loss = CE + mrp_lambda * L_objective (see docs/spec.md)."""
+
+    mrp_objective: str = field(
+        default="fisher",
+        metadata={"help": "Objective added to cross-entropy: 'margin' (maximize top-1 minus top-2 logit below "
+                          "the threshold), 'fisher' (Fisher distance penalty over the top-k tokens, minimized) "
+                          "or 'entropy' (full-vocabulary entropy)."},
+    )
+    mrp_lambda: float = field(default=0.6, metadata={"help": "Weight of the objective (>= 0; 0 gives plain CE)."})
+    mrp_margin_threshold: float = field(
+        default=1.0, metadata={"help": "tau: the margin objective only acts on positions with margin below tau (> 0)."}
+    )
+    mrp_top_k: int = field(default=5, metadata={"help": "k: tokens in the Fisher objective (2 <= k <= vocab)."})
+    mrp_chunk_size: int = field(
+        default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."}
+    )
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "Train LoRA adapters (built from the lora_* fields) unless a peft_config is passed; "
+                          "False trains the model's own weights (the paper's full-model scope)."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt, e.g. q_proj v_proj; 'all-linear' adapts every linear layer "
+                          "of the decoder blocks (not lm_head)."},
+    )
+    lora_layers: str | None = field(
+        default=None,
+        metadata={"help": "0-based decoder layers to adapt: 'all', a range like '20-29' or a list like '3,5,7'; "
+                          "default all."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mrp_objective not in OBJECTIVES:
+            raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if not self.mrp_lambda >= 0:
+            raise MRPUserError(f"mrp_lambda must be >= 0 (0 gives plain cross-entropy), got {self.mrp_lambda}")
+        if not self.mrp_margin_threshold > 0:
+            raise MRPUserError(f"mrp_margin_threshold (tau) must be > 0, got {self.mrp_margin_threshold}")
+        if self.mrp_top_k < 2:
+            raise MRPUserError(f"mrp_top_k must be at least 2 (a margin needs two tokens), got {self.mrp_top_k}")
+        if self.mrp_chunk_size < 1:
+            raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
+        if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
+            raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
+        if self.lora_layers is not None:
+            parse_layer_spec(self.lora_layers, n_layers=10**9)  # syntax now; the range is checked against the model
+
+    def lora_layer_indices(self, n_layers: int) -> list[int] | None:
+        """The adapted layers as 0-based indices (None: all layers), checked against the model."""
+        if self.lora_layers is None or self.lora_layers.strip().lower() == "all":
+            return None
+        return parse_layer_spec(self.lora_layers, n_layers)

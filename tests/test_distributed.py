@@ -1,0 +1,52 @@
+"""examples/refine.py under torchrun with 2 CPU processes (gloo) logs the same losses as 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_llama
+    from hf_mrp import models
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab=49152).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
+    return folder
+
+
+def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> list[dict]:
+    args = ["--model", str(model_dir), "--output_dir", str(output_dir), "--block_size", "32", "--max_positions", "124",
+            "--audit_positions", "62", "--max_steps", "2", "--logging_steps", "1", "--lora_layers", "1-2",
+            "--per_device_train_batch_size", str(per_device), "--learning_rate", "1e-2", "--use_cpu", "true",
+            "--disable_tqdm", "true"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(29500 + nproc)] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([*launcher, str(ROOT / "examples" / "refine.py"), *args], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((output_dir / "training_log.json").read_text())
+
+
+def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path):
+    single = refine(1, 4, tiny_model_dir, tmp_path / "one")
+    double = refine(2, 2, tiny_model_dir, tmp_path / "two")
+    steps = [row for row in single if "loss" in row]
+    assert len(steps) == 2  # 4 training blocks = one global batch of 4: both runs see the same rows each step
+    for a, b in zip(steps, [row for row in double if "loss" in row]):
+        for key in ("loss", "loss_ce", "loss_mrp", "mean_margin"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    assert (tmp_path / "two" / "adapter_model.safetensors").exists()
+    flips = [json.loads((tmp_path / run / "comparison" / "flip_audit.json").read_text()) for run in ("one", "two")]
+    assert flips[1]["n_positions"] == 62
+    assert flips[0]["median_margin_after"] == pytest.approx(flips[1]["median_margin_after"], abs=1e-4)
