@@ -11,6 +11,8 @@ COMMANDS = {
     "audit": "float32 geometry audit of a model on fixed positions",
     "refine": "audit, refine with MRPTrainer (LoRA), audit again, compare (same flags as examples/refine.py)",
     "compare": "flip audit of two audit folders: hf-mrp compare BEFORE_DIR AFTER_DIR --output_dir D",
+    "sweep": "dose-response sweep: objectives x lambdas x seeds, with a lambda = 0 control",
+    "benchmark": "downstream invariance through lm-evaluation-harness: base vs base + adapter",
 }
 
 
@@ -80,7 +82,19 @@ def _compare_tokenizer(name: str | None, before_dir: str):
     return AutoTokenizer.from_pretrained(name) if name else None
 
 
-HANDLERS = {"audit": _audit, "refine": _refine, "compare": _compare}
+def _sweep(argv: list[str]) -> None:
+    from .sweep import main as sweep_main
+
+    sweep_main(argv)
+
+
+def _benchmark(argv: list[str]) -> None:
+    from .downstream import main as benchmark_main
+
+    benchmark_main(argv)
+
+
+HANDLERS = {"audit": _audit, "refine": _refine, "compare": _compare, "sweep": _sweep, "benchmark": _benchmark}
 
 
 def _usage() -> str:
