@@ -25,6 +25,10 @@ def _audit(argv: list[str]) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, AuditArguments), prog="hf-mrp audit")
     model_args, data_args, audit_args = parser.parse_args_into_dataclasses(args=argv)
     result = audit_from_arguments(model_args, data_args, audit_args)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     s = result.summary
     fit = s["gap_fit"]
     print(

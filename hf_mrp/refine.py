@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import DataArguments, ModelArguments
-from .audit.geometry import run_audit
 from .audit.run import provenance
 from .data import Blocks, load_blocks
 from .errors import MRPUserError
 from .models import load_model_and_tokenizer
 from .reporting import io
 from .training import MRPConfig, MRPTrainer
+from .training.callbacks import MRPAuditCallback
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,18 @@ def training_dataset(train_ids: np.ndarray):
     return Dataset.from_dict({"input_ids": train_ids.tolist(), "labels": train_ids.tolist()})
 
 
-def refine(model_args: ModelArguments, data_args: DataArguments, refine_args: RefineArguments, config: MRPConfig) -> dict:
-    """Run the whole pipeline; returns the comparison (flip audit) dictionary."""
-    from accelerate import PartialState
+def refine(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    refine_args: RefineArguments,
+    config: MRPConfig,
+    baseline_dir: str | Path | None = None,
+) -> dict:
+    """Run the whole pipeline; returns the comparison (flip audit) dictionary.
 
-    from .audit.compare import compare_dirs
-
-    state = PartialState()
+    ``baseline_dir``: an existing audit of the same blocks to reuse as the "before" audit (a sweep
+    shares one across its runs).
+    """
     output_dir = io.ensure_output_dir(config.output_dir)
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
     model, tokenizer, model_name = load_model_and_tokenizer(
@@ -89,34 +94,23 @@ def refine(model_args: ModelArguments, data_args: DataArguments, refine_args: Re
     )
     audit_blocks, train_ids = split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
     origin = provenance(model_name, model_args, data_args, refine_args)
-
-    def audit(folder: str) -> dict:
-        if state.is_main_process:
-            run_audit(model, audit_blocks, output_dir=output_dir / folder, batch_size=refine_args.audit_batch_size,
-                      chunk_size=config.mrp_chunk_size, provenance=origin)
-        state.wait_for_everyone()
-        return io.read_json(output_dir / folder / "audit.json")
-
-    before = audit("audit_before")
-    trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids), processing_class=tokenizer)
+    audit = MRPAuditCallback(audit_blocks, tokenizer=tokenizer, batch_size=refine_args.audit_batch_size,
+                             chunk_size=config.mrp_chunk_size, baseline_dir=baseline_dir, provenance=origin)
+    trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids),
+                         processing_class=tokenizer, callbacks=[audit])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    model = trainer.model
     trainer.save_model(str(output_dir))
     (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of every argument, token included;
     # mrp_config.json holds the same settings, redacted
-    after = audit("audit_after")
-    comparison = {}
-    if state.is_main_process:
-        comparison = compare_dirs(output_dir / "audit_before", output_dir / "audit_after", output_dir / "comparison",
-                                  tokenizer=tokenizer)
-        write_run_files(output_dir, model_name, config, origin, before, after, comparison)
+    if trainer.is_world_process_zero():
+        write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
+                        audit.comparison)
         io.write_json(output_dir / "training_log.json", trainer.state.log_history)
-    state.wait_for_everyone()
-    if push and state.is_main_process:
-        from .training.hub import push_folder
+        if push:
+            from .training.hub import push_folder
 
-        push_folder(output_dir, config.hub_model_id or output_dir.name, config.hub_token, config.hub_private_repo)
-    return comparison
+            push_folder(output_dir, config.hub_model_id or output_dir.name, config.hub_token, config.hub_private_repo)
+    return audit.comparison
 
 
 def write_run_files(

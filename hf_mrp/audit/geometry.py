@@ -61,8 +61,9 @@ def collect_statistics(
 ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
     """Per-position columns (final layer) and, for each layer in ``layers``, its logit-lens columns.
 
-    ``block_indices`` restricts the audit to some blocks (a process's shard); positions keep their
-    global block index so shards concatenate into the single-process table.
+    ``block_indices`` restricts the audit to some blocks. Under torch.distributed each process
+    audits every world_size-th batch (the batches a single process would form, so every number is
+    bit-identical to a one-process run) and the shards are gathered on every rank.
     """
     weight, bias = output_head(model)
     logits_dtype = torch.float32 if margin_dtype == "float32" else weight.dtype
@@ -76,6 +77,8 @@ def collect_statistics(
     was_training = model.training
     model.eval()
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    rank, world = _process_rank_and_world()
+    batches = batches[rank::world]
     try:
         for batch in tqdm(batches, desc="audit", unit="batch", disable=not progress):
             ids = torch.as_tensor(blocks.input_ids[batch], device=device)
@@ -104,7 +107,36 @@ def collect_statistics(
         model.train(was_training)
     positions = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
     per_layer = {layer: {k: np.concatenate(v) for k, v in cols.items()} for layer, cols in layer_columns.items()}
+    if world > 1:
+        positions, per_layer = _gather_shards(positions, per_layer, world)
     return positions, per_layer
+
+
+def _process_rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_shards(positions: dict, per_layer: dict, world: int) -> tuple[dict, dict]:
+    """All-gather every rank's columns and restore the single-process (block, position) order."""
+    import torch.distributed as dist
+
+    shards: list = [None] * world
+    dist.all_gather_object(shards, (positions, per_layer))
+    shards = [shard for shard in shards if len(shard[0]["block"])]
+    if not shards:
+        return positions, per_layer
+    merged = {name: np.concatenate([shard[0][name] for shard in shards]) for name in positions}
+    order = np.lexsort((merged["position"], merged["block"]))
+    merged = {name: values[order] for name, values in merged.items()}
+    layers = {
+        layer: {key: np.concatenate([shard[1][layer][key] for shard in shards])[order] for key in columns}
+        for layer, columns in shards[0][1].items()
+    }
+    return merged, layers
 
 
 def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
@@ -171,7 +203,13 @@ def run_audit(
         summary["layers"] = _ambiguity(layer_rows)
     result = AuditResult(summary, positions, blocks, layer_rows)
     if output_dir is not None:
-        write_audit(result, output_dir)
+        rank, world = _process_rank_and_world()
+        if rank == 0:
+            write_audit(result, output_dir)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank reads the folder before it is complete
     return result
 
 

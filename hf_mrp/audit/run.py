@@ -30,8 +30,11 @@ def provenance(model_name: str, *argument_groups) -> dict:
 
 def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, audit_args: AuditArguments) -> AuditResult:
     """Load the model and blocks, audit them and write the files to ``audit_args.output_dir``."""
+    from accelerate import PartialState
+
     from ..reporting.io import ensure_output_dir
 
+    PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard
     ensure_output_dir(audit_args.output_dir)
     model, tokenizer, name = load_model_and_tokenizer(
         model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,

@@ -17,6 +17,7 @@ from ..errors import MRPUserError
 from ..models import head_bypassed, output_head
 from ..ops import mrp_loss_sums
 from .adapters import prepare_model
+from .callbacks import MRPAuditCallback
 from .config import MRPConfig
 
 WEIGHTS_COLUMN = "mrp_weights"
@@ -45,6 +46,10 @@ class MRPTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._mrp_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, MRPAuditCallback):
+                self.callback_handler.callbacks.remove(callback)
+                callback.attach(self)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -92,9 +97,9 @@ class MRPTrainer(Trainer):
             self._mrp_sums[mode][key] += value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        mode = "eval" if "eval_loss" in logs else "train"
         sums = self._mrp_sums[mode]
-        if sums["n"] > 0:
+        if sums["n"] > 0 and ("loss" in logs or "eval_loss" in logs):
             prefix = "eval_" if mode == "eval" else ""
             logs[f"{prefix}loss_ce"] = sums["ce"] / sums["n"]
             logs[f"{prefix}loss_mrp"] = sums["objective"] / sums["n"]

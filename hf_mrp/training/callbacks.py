@@ -1,0 +1,116 @@
+"""MRPAuditCallback: the geometry and flip audit of fixed positions, during training.
+
+Audits the positions at train begin (the baseline; reused from disk when it is already there),
+at each evaluation and at train end, compares each audit with the baseline, writes the files
+`hf-mrp audit` / `hf-mrp compare` write, and logs the headline numbers through the trainer, so
+every reporting integration (TensorBoard, W&B, ...) receives them. (Keys a callback adds to
+`metrics` inside `on_evaluate` never reach the reporters, hence `trainer.log`.)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..audit.compare import compare_audits, decoder_from_tokenizer, write_comparison
+from ..audit.geometry import AuditResult, load_audit, run_audit
+from ..data import Blocks
+from ..errors import MRPUserError
+
+logger = logging.getLogger(__name__)
+
+HEADLINE = ("w2r", "r2w", "net", "flip_ratio", "median_margin_change", "head_share")
+
+
+def headline_scalars(comparison: dict, after: AuditResult) -> dict[str, float]:
+    """The numbers worth a curve: flips, margin change, head share, accuracy and the gap coefficient."""
+    scalars = {f"audit/{key}": comparison[key] for key in HEADLINE if comparison.get(key) is not None}
+    scalars["audit/accuracy"] = after.summary["accuracy"]
+    scalars["audit/median_margin"] = after.summary["margin_percentiles"]["p50"]
+    alpha = after.summary["gap_fit"].get("alpha")
+    if alpha is not None:
+        scalars["audit/gap_alpha"] = alpha
+    return {key: float(value) for key, value in scalars.items()}
+
+
+class MRPAuditCallback(TrainerCallback):
+    """Audit ``blocks`` before, during and after training (see module docstring).
+
+    Files go to ``output_dir`` (default: the trainer's): ``audit_before/``, ``audit_step_N/`` +
+    ``comparison_step_N/`` at evaluations, ``audit_after/`` + ``comparison/`` at the end.
+    ``baseline_dir`` reuses an existing audit of the same blocks as the baseline.
+    """
+
+    def __init__(
+        self,
+        blocks: Blocks,
+        output_dir: str | Path | None = None,
+        tokenizer=None,
+        batch_size: int = 8,
+        chunk_size: int = 1024,
+        baseline_dir: str | Path | None = None,
+        provenance: dict | None = None,
+        audit_on_evaluate: bool = True,
+    ):
+        self.blocks = blocks
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.decode = decoder_from_tokenizer(tokenizer) if tokenizer is not None else None
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.baseline_dir = None if baseline_dir is None else Path(baseline_dir)
+        self.provenance = provenance or {}
+        self.audit_on_evaluate = audit_on_evaluate
+        self.trainer = None
+        self.baseline: AuditResult | None = None
+        self.latest: AuditResult | None = None
+        self.comparison: dict | None = None
+
+    def attach(self, trainer) -> "MRPAuditCallback":
+        """Register with a (plain or MRP) Trainer, ahead of the reporters so its logs reach them."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def _audit(self, model, folder: str) -> AuditResult:
+        return run_audit(model, self.blocks, output_dir=self.output_dir / folder, batch_size=self.batch_size,
+                         chunk_size=self.chunk_size, provenance=self.provenance, progress=False)
+
+    def _cached_baseline(self) -> AuditResult | None:
+        for folder in filter(None, (self.baseline_dir, self.output_dir / "audit_before")):
+            if (folder / "audit.json").is_file():
+                cached = load_audit(folder)
+                if cached.blocks.fingerprint() == self.blocks.fingerprint():
+                    return cached
+                logger.warning("ignoring the audit in %s: it is of other blocks", folder)
+        return None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.trainer is None:
+            raise MRPUserError("MRPAuditCallback logs through its trainer: use MRPTrainer(callbacks=[...]) "
+                               "or callback.attach(trainer) for a plain Trainer")
+        self.output_dir = self.output_dir or Path(args.output_dir)
+        self.baseline = self._cached_baseline()
+        if self.baseline is None:
+            if state.global_step > 0:
+                raise MRPUserError(
+                    f"resuming at step {state.global_step} without the baseline audit: it would be taken from the "
+                    f"partly trained model; resume into the original output_dir (which holds audit_before/)"
+                )
+            self.baseline = self._audit(model, "audit_before")
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.audit_on_evaluate and self.baseline is not None:
+            step = state.global_step
+            self._audit_compare_log(model, f"audit_step_{step}", f"comparison_step_{step}")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._audit_compare_log(model, "audit_after", "comparison")
+
+    def _audit_compare_log(self, model, audit_folder: str, comparison_folder: str) -> None:
+        self.latest = self._audit(model, audit_folder)
+        self.comparison = compare_audits(self.baseline, self.latest, self.decode)
+        if self.trainer.is_world_process_zero():
+            write_comparison(self.comparison, self.baseline, self.latest, self.output_dir / comparison_folder)
+        self.trainer.log(headline_scalars(self.comparison, self.latest))
