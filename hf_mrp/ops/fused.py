@@ -1,9 +1,9 @@
 """Cross-entropy plus an MRP objective, fused per chunk of positions.
 
 For each chunk the logits are computed once in float32, the loss terms and their gradient with
-respect to those logits are taken right away, and the chunk's logits are freed: the backward
-pass only scales the gradients saved for hidden states (and W, when it trains). No [positions x
-vocab] tensor lives beyond one chunk, and no logits are recomputed.
+respect to those logits are taken right away (in closed form, in the logits buffer), and turned
+into gradients for the hidden states (and W, when it trains); the backward pass only scales
+those. No [positions x vocab] tensor lives beyond one chunk, and no logits are recomputed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .margins import output_logits
 from .objectives import OBJECTIVES, entropy_penalty, fisher_penalty, margin_penalty
@@ -31,87 +30,121 @@ class MRPLossSums:
     n_positions: int
 
 
-def _chunk_terms(
-    logits: torch.Tensor,
+@dataclass
+class _ChunkResult:
+    ce: torch.Tensor
+    objective: torch.Tensor
+    margin: torch.Tensor
+    grad_logits: torch.Tensor | None  # d(ce + lam * objective) / dz, [chunk, V]
+    top_ids: torch.Tensor
+    grad_rows: torch.Tensor | None  # d(lam * objective) / dW[top_ids], [chunk, k, d] (Fisher, W trains)
+
+
+def _top_k_objective(top_values, top_rows, objective, tau, weights):
+    if objective == "margin":
+        penalty = margin_penalty(top_values, tau)
+    else:
+        penalty = fisher_penalty(top_values, top_rows)
+    return (penalty * weights).sum() if weights is not None else penalty.sum()
+
+
+def _chunk(
+    h: torch.Tensor,
+    weight32: torch.Tensor,
+    bias32: torch.Tensor | None,
     targets: torch.Tensor,
-    top_rows_fn,
+    weights: torch.Tensor | None,
     objective: str,
     lam: float,
     tau: float,
     top_k: int,
-    weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(total, ce_sum, objective_sum, margin_sum, top_rows leaf or None, top_ids) of one chunk."""
-    ce_sum = F.cross_entropy(logits, targets, reduction="sum")
-    top_values, top_ids = logits.topk(max(top_k, 2) if objective == "fisher" else 2, dim=-1)
-    margin_sum = (top_values[:, 0] - top_values[:, 1]).detach().sum()
-    rows = None
-    if lam == 0.0:
-        penalty = None
-    elif objective == "margin":
-        penalty = margin_penalty(top_values, tau)
-    elif objective == "fisher":
-        rows = top_rows_fn(top_ids)
-        penalty = fisher_penalty(top_values, rows)
-    else:
-        penalty = entropy_penalty(logits)
-    if penalty is None:
-        objective_sum = torch.zeros((), device=logits.device)
-    else:
-        objective_sum = (penalty * weights).sum() if weights is not None else penalty.sum()
-    total = ce_sum + lam * objective_sum
-    return total, ce_sum.detach(), objective_sum.detach(), margin_sum, rows, top_ids
+    need_grad: bool,
+    need_rows_grad: bool,
+) -> _ChunkResult:
+    """Loss sums of one chunk and, when asked, their gradient with respect to its logits.
+
+    The gradient is written in closed form into the logits buffer itself (softmax - one-hot, plus
+    the objective's part), so a chunk costs one [chunk x V] float32 buffer (two for entropy) and
+    the same passes over it as plain cross-entropy's forward and backward.
+    """
+    logits = output_logits(h, weight32, bias32)
+    k = top_k if objective == "fisher" else 2
+    top_values, top_ids = logits.topk(k, dim=-1)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    peak = top_values[:, :1]
+    entropy = objective == "entropy" and lam != 0.0
+    shifted = logits.sub_(peak)  # z - max, in place
+    exp = shifted.exp() if entropy else shifted.exp_()
+    total = exp.sum(-1)
+    log_total = total.log()
+    ce = (peak.squeeze(1) + log_total - target_logit).sum()
+    margin = (top_values[:, 0] - top_values[:, 1]).sum()
+    objective_sum = torch.zeros((), device=h.device)
+    grad_top = grad_rows = None
+    if lam != 0.0 and not entropy:
+        with torch.enable_grad():
+            values = top_values.detach().requires_grad_(need_grad)
+            rows = weight32[top_ids].detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
+            objective_sum = _top_k_objective(values, rows, objective, tau, weights)
+            if need_grad and objective_sum.requires_grad:
+                grads = torch.autograd.grad(lam * objective_sum, [values] + ([rows] if need_rows_grad else []))
+                grad_top = grads[0]
+                grad_rows = grads[1] if need_rows_grad else None
+        objective_sum = objective_sum.detach()
+    entropy_values = None
+    if entropy:  # H = log S - sum(e * (z - max)) / S
+        entropy_values = log_total - (exp * shifted).sum(-1) / total
+        objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()
+    if not need_grad:
+        return _ChunkResult(ce, objective_sum, margin, None, top_ids, None)
+    grad = exp.div_(total[:, None])  # softmax p, in place
+    if entropy:  # dH/dz = -p (log p + H):  grad = p * (1 - lam * w * (log p + H))
+        scale = lam if weights is None else lam * weights[:, None]
+        factor = shifted.sub_((log_total - entropy_values)[:, None]).mul_(-scale).add_(1.0)
+        grad.mul_(factor)
+    rows_index = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows_index, targets] -= 1.0
+    if grad_top is not None:
+        grad.scatter_add_(1, top_ids, grad_top)
+    return _ChunkResult(ce, objective_sum, margin, grad, top_ids, grad_rows)
 
 
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, weights, objective, lam, tau, top_k, chunk_size):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        needs_grad = need_h or need_w or need_b
+        need_grad = need_h or need_w or need_b
         weight32 = weight.float()
         bias32 = None if bias is None else bias.float()
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(weight32) if need_w else None
         grad_b = torch.zeros_like(bias32) if need_b else None
-        sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             h = hidden[start:stop].float()
-            y = targets[start:stop]
-            w_chunk = None if weights is None else weights[start:stop].float()
-            logits = output_logits(h, weight32, bias32)
-            with torch.enable_grad():
-                logits.requires_grad_(needs_grad)
-                rows_leaf = []
-
-                def top_rows(ids):
-                    rows = weight32[ids].detach().requires_grad_(need_w)
-                    rows_leaf.append(rows)
-                    return rows
-
-                total, ce, obj, margin, rows, top_ids = _chunk_terms(
-                    logits, y, top_rows, objective, lam, tau, top_k, w_chunk
-                )
-                if needs_grad:
-                    inputs = [logits] + ([rows] if rows is not None and need_w else [])
-                    grads = torch.autograd.grad(total, inputs)
-            sums += torch.stack([total.detach(), ce, obj, margin]).double()
-            if not needs_grad:
+            chunk = _chunk(
+                h, weight32, bias32, targets[start:stop], None if weights is None else weights[start:stop].float(),
+                objective, lam, tau, top_k, need_grad, need_w and objective == "fisher",
+            )
+            sums += torch.stack([chunk.ce, chunk.objective, chunk.margin]).double()
+            if not need_grad:
                 continue
-            grad_logits = grads[0]
             if need_h:
-                grad_h[start:stop] = grad_logits @ weight32
+                grad_h[start:stop] = chunk.grad_logits @ weight32
             if need_w:
-                grad_w.addmm_(grad_logits.T, h)
-                if len(grads) > 1:
-                    grad_w.index_add_(0, top_ids.reshape(-1), grads[1].reshape(-1, grad_w.shape[1]))
+                grad_w.addmm_(chunk.grad_logits.T, h)
+                if chunk.grad_rows is not None:
+                    grad_w.index_add_(0, chunk.top_ids.reshape(-1), chunk.grad_rows.reshape(-1, grad_w.shape[1]))
             if need_b:
-                grad_b += grad_logits.sum(0)
-            del logits, grads, grad_logits
+                grad_b += chunk.grad_logits.sum(0)
+            del chunk
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.flags = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        total, ce, obj, margin = (value.clone() for value in sums.float())
+        ce, obj, margin = sums.unbind()
+        total = (ce + lam * obj).float()
+        ce, obj, margin = (value.float() for value in (ce, obj, margin))
         ctx.mark_non_differentiable(ce, obj, margin)
         return total, ce, obj, margin
 

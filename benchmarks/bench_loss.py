@@ -1,0 +1,75 @@
+"""Loss forward + backward from hidden states: plain CE vs naive MRP vs hf_mrp's fused chunked loss.
+
+    python benchmarks/bench_loss.py                 # B=4, T=512, V=49,152, d=576 (SmolLM2's head)
+    python benchmarks/bench_loss.py --smoke         # tiny sizes, seconds (what CI runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from common import interleaved_medians, machine, report
+from hf_mrp.ops import fisher_penalty, margin_penalty, mrp_loss_sums
+
+
+def naive_fisher(z: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """The paper's style: full float32 logits, top-k, einsums over [N, k, k, d]."""
+    values, ids = z.topk(k, dim=-1)
+    p = torch.softmax(values, -1)
+    w = F.normalize(weight[ids], dim=-1)                        # [N, k, d]
+    diff = w[:, :, None, :] - w[:, None, :, :]                  # [N, k, k, d]
+    u = torch.einsum("nijd,nmd->nijm", diff, w)                 # [N, k, k, k]
+    sigma = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    d2 = torch.einsum("nijm,nml,nijl->nij", u, sigma, u)
+    d = d2.clamp_min(1e-8).sqrt()
+    mask = 1 - torch.eye(k)
+    return (p[:, :, None] * p[:, None, :] * d * mask).sum((1, 2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    n, vocab, dim = (256, 1000, 64) if args.smoke else (4 * 511, 49152, 576)
+    torch.manual_seed(0)
+    hidden = torch.randn(n, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim) * 0.05  # frozen, as under LoRA
+    targets = torch.randint(0, vocab, (n,))
+
+    def plain_ce():
+        F.cross_entropy((hidden @ weight.T).float(), targets).backward()
+
+    def naive(objective):
+        def run():
+            z = (hidden @ weight.T).float()
+            ce = F.cross_entropy(z, targets)
+            if objective == "fisher":
+                extra = naive_fisher(z, weight).mean()
+            elif objective == "margin":
+                extra = margin_penalty(z.topk(2).values, 1.0).mean()
+            else:
+                extra = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1).mean()
+            (ce + 0.6 * extra).backward()
+        return run
+
+    def fused(objective):
+        def run():
+            sums = mrp_loss_sums(hidden, weight, targets, objective=objective, lam=0.6)
+            (sums.total / n).backward()
+        return run
+
+    cases = {"plain CE (full logits)": plain_ce}
+    for objective in ("fisher", "margin", "entropy"):
+        cases[f"naive CE + {objective}"] = naive(objective)
+        cases[f"fused CE + {objective} (hf_mrp)"] = fused(objective)
+    print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, W frozen")
+    report("median of %d, interleaved" % args.repeats, interleaved_medians(cases, args.repeats), "plain CE (full logits)")
+
+
+if __name__ == "__main__":
+    main()
