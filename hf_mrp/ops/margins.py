@@ -22,38 +22,43 @@ def output_logits(
 
 def _chunk_statistics(
     logits: torch.Tensor,
+    exp_buffer: torch.Tensor,
     targets: torch.Tensor,
     weight32: torch.Tensor,
     top_k: int,
     tau: float,
 ) -> dict[str, torch.Tensor]:
-    """Statistics of one chunk. ``logits`` may be low precision: only the margin keeps that dtype."""
+    """Statistics of one chunk of float32 logits, computed in place: ``logits`` and ``exp_buffer``
+    are overwritten (each pass over [chunk x V] reuses them rather than allocating)."""
     top_values, top_ids = logits.topk(top_k, dim=-1)
-    margin = (top_values[:, 0] - top_values[:, 1]).float()
-    z = logits.float()
-    top32 = top_values.float()
-    log_norm = torch.logsumexp(z, dim=-1)
-    probs = torch.softmax(z, dim=-1)
-    entropy = log_norm - (probs * z).sum(-1)
-    target_logit = z.gather(1, targets[:, None]).squeeze(1)
-    target_prob = probs.gather(1, targets[:, None]).squeeze(1)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    peak = top_values[:, :1]
+    shifted = logits.sub_(peak)  # z - max
+    exp = torch.exp(shifted, out=exp_buffer)
+    total = exp.sum(-1)  # S = sum exp(z - max); log-normalizer = max + log S
+    log_total = total.log()
+    log_norm = peak.squeeze(1) + log_total
+    target_prob = torch.exp(target_logit - log_norm)
+    margin = top_values[:, 0] - top_values[:, 1]
     # signed target margin: z_y - max_{j != y} z_j (positive iff the target is the top-1 token)
     is_top1 = top_ids[:, 0] == targets
-    best_other = torch.where(is_top1, top32[:, 1], top32[:, 0])
+    best_other = torch.where(is_top1, top_values[:, 1], top_values[:, 0])
     w1, w2 = weight32[top_ids[:, 0]], weight32[top_ids[:, 1]]
+    entropy = log_total - shifted.mul_(exp).sum(-1) / total  # H = log S - sum e (z - max) / S
+    brier = 1.0 - 2.0 * target_prob + exp.square_().sum(-1) / total.square()  # 1 - 2 p_y + sum p^2
     return {
         "top1_id": top_ids[:, 0],
         "top2_id": top_ids[:, 1],
         "margin": margin,
         "correct": is_top1,
         "entropy": entropy,
-        "p_top1": torch.exp(top32[:, 0] - log_norm),
+        "p_top1": 1.0 / total,  # exp(z_(1) - max) = 1
         "target_logprob": target_logit - log_norm,
         "target_margin": target_logit - best_other,
         "geometric_margin": margin / (w1 - w2).norm(dim=-1).clamp_min(1e-12),
-        "brier": 1.0 - 2.0 * target_prob + probs.pow(2).sum(-1),
-        "fisher_penalty": fisher_penalty(top32, weight32[top_ids]),
-        "margin_penalty": margin_penalty(top32, tau),
+        "brier": brier,
+        "fisher_penalty": fisher_penalty(top_values, weight32[top_ids]),
+        "margin_penalty": margin_penalty(top_values, tau),
     }
 
 
@@ -72,25 +77,33 @@ def decision_statistics(
     """Every per-position statistic of the spec for ``hidden`` [N, d] predicting ``targets`` [N].
 
     Logits are recomputed from hidden states as ``h.float() @ W.float().T`` (spec: float32 logits),
-    ``chunk_size`` positions at a time. ``logits_dtype`` other than float32 reproduces the low
-    precision margin artifact (only ``margin`` is affected). Also returns the per-position MRP
-    penalties (Fisher with ``top_k`` tokens, margin with threshold ``tau``) used by the logit lens.
+    ``chunk_size`` positions at a time, into two reused [chunk x V] buffers. ``logits_dtype`` other
+    than float32 recomputes the margin alone in that dtype, to show the low-precision artifact. Also
+    returns the per-position MRP penalties (Fisher over ``top_k`` tokens, margin with threshold
+    ``tau``) used by the logit lens.
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     weight32 = weight.float()
     bias32 = None if bias is None else bias.float()
+    rows = min(chunk_size, hidden.shape[0])
     low_weight = weight.to(logits_dtype)
     low_bias = None if bias is None else bias.to(logits_dtype)
+    logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
+    exp_buffer = torch.empty_like(logits_buffer)
     chunks = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
-        y = targets[start : start + chunk_size]
-        if logits_dtype == torch.float32:
-            logits = output_logits(h.float(), weight32, bias32)
-        else:
-            logits = output_logits(h.to(logits_dtype), low_weight, low_bias)
-        chunks.append(_chunk_statistics(logits, y, weight32, top_k, tau))
+        n = h.shape[0]
+        logits = torch.mm(h.float(), weight32.T, out=logits_buffer[:n])
+        if bias32 is not None:
+            logits.add_(bias32)
+        stats = _chunk_statistics(logits, exp_buffer[:n], targets[start : start + chunk_size], weight32, top_k, tau)
+        if logits_dtype != torch.float32:
+            low = output_logits(h.to(logits_dtype), low_weight, low_bias)
+            top = low.topk(2, dim=-1).values
+            stats["margin"] = (top[:, 0] - top[:, 1]).float()
+        chunks.append(stats)
     if not chunks:
         return {}
     return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
