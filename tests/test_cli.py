@@ -75,3 +75,24 @@ def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "hf_mrp.cli", "--help"], capture_output=True, text=True, check=True)
     assert "audit" in out.stdout
+
+
+def test_compare_command(tmp_path, capsys, blocks):
+    from conftest import tiny_llama
+
+    from hf_mrp.audit import run_audit
+    from hf_mrp.data import Blocks
+
+    run_audit(tiny_llama(seed=0), blocks, output_dir=tmp_path / "before", progress=False)
+    run_audit(tiny_llama(seed=1), blocks, output_dir=tmp_path / "after", progress=False)
+    code, out, err = run_cli(["compare", str(tmp_path / "before"), str(tmp_path / "after"),
+                              "--output_dir", str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "cmp" / "flip_audit.json").read_text())
+    assert f"W->R {result['w2r']}  R->W {result['r2w']}" in out
+    assert (tmp_path / "cmp" / "flip_audit.md").exists() and (tmp_path / "cmp" / "gap_curves.png").exists()
+    other = Blocks(blocks.input_ids[:, ::-1].copy(), blocks.n_positions, "reversed")
+    run_audit(tiny_llama(seed=1), other, output_dir=tmp_path / "other", progress=False)
+    code, _, err = run_cli(["compare", str(tmp_path / "before"), str(tmp_path / "other"),
+                            "--output_dir", str(tmp_path / "cmp2")], capsys)
+    assert code == 2 and "not of the same positions" in err.strip().splitlines()[-1]
