@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network (before any HF import)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import numpy as np
 import pytest
 import torch
