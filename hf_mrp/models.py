@@ -111,7 +111,7 @@ def load_model_and_tokenizer(
     ``gguf_file`` is a path to a .gguf file, or a file name inside ``model``. Weights load from
     safetensors where the checkpoint has them; remote code runs only with ``trust_remote_code``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
     if gguf_file is not None:
@@ -119,7 +119,8 @@ def load_model_and_tokenizer(
         folder, name = (path.parent, path.name) if model is None else (model, gguf_file)
         if model is None and not path.is_file():
             raise MRPUserError(f"GGUF file not found: {gguf_file}; pass the path of an existing .gguf file")
-        loaded, tokenizer = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
+        loaded, _ = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
+        tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
         return loaded.eval(), tokenizer, str(path if model is None else f"{model}/{gguf_file}")
     if model is not None and model.startswith((".", "/")) and not Path(model).is_dir():
         raise MRPUserError(f"model folder not found: {model}; pass an existing folder or a Hub id")
@@ -128,10 +129,20 @@ def load_model_and_tokenizer(
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(torch_dtype)
     loaded = _wrap_load_errors(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
-    tokenizer = _wrap_load_errors(
-        lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source
-    )
+    tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
     return loaded.eval(), tokenizer, EMBEDDED_NAME if model is None else model
+
+
+def load_tokenizer(model: str | None = None, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of what ``load_model_and_tokenizer`` loads, without loading the model."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is not None:  # a path, or a file name inside ``model``
+        path = Path(gguf_file)
+        folder, name = (path.parent, path.name) if model is None else (model, gguf_file)
+        return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), f"{folder}/{name}")
+    source = str(embedded_model_dir()) if model is None else model
+    return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source)
 
 
 def _wrap_load_errors(load, source: str):

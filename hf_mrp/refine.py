@@ -64,6 +64,15 @@ def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[B
     return audit, train
 
 
+def refine_blocks(tokenizer, data_args: DataArguments, refine_args: RefineArguments) -> tuple[Blocks, np.ndarray]:
+    """(audit blocks, training blocks) from the data arguments: what every refine run and sweep uses."""
+    blocks = load_blocks(
+        tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
+        data_args.block_size, data_args.max_positions + refine_args.audit_positions,
+    )
+    return split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
+
+
 def training_dataset(train_ids: np.ndarray):
     from datasets import Dataset
 
@@ -88,11 +97,7 @@ def refine(
         model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
         model_args.load_in_4bit,
     )
-    blocks = load_blocks(
-        tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
-        data_args.block_size, data_args.max_positions + refine_args.audit_positions,
-    )
-    audit_blocks, train_ids = split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
+    audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
     origin = provenance(model_name, model_args, data_args, refine_args)
     audit = MRPAuditCallback(audit_blocks, tokenizer=tokenizer, batch_size=refine_args.audit_batch_size,
                              chunk_size=config.mrp_chunk_size, baseline_dir=baseline_dir, provenance=origin)
@@ -105,7 +110,7 @@ def refine(
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
                         audit.comparison)
-        io.write_json(output_dir / "training_log.json", trainer.state.log_history)
+        io.write_json(output_dir / "training_log.json", trainer.state.log_history)  # last: marks a finished run
         if push:
             from .training.hub import push_folder
 

@@ -62,8 +62,8 @@ class MRPConfig(TrainingArguments):
             raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
         if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
             raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
-        if self.lora_layers is not None:
-            parse_layer_spec(self.lora_layers, n_layers=10**9)  # syntax now; the range is checked against the model
+        if self.lora_layers is not None and self.lora_layers.strip().lower() != "all":
+            parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""

@@ -1,0 +1,839 @@
+"""`hf-mrp sweep`: a dose-response sweep of MRP over objectives x lambdas x seeds, with controls.
+
+    hf-mrp sweep --objectives margin fisher entropy --lambdas 0.15 0.3 0.6 1.0 --seeds 0 1 2 \\
+                 --output_dir outputs/sweep --max_steps 60
+
+Every run is `hf-mrp refine` (`hf_mrp.refine.refine`) with the same pass-through flags (model, data,
+MRPConfig / TrainingArguments, --audit_positions, --holdout; defaults as examples/refine.py), run in
+this process one after another. Each seed also gets a control: lambda = 0 (cross-entropy only; the
+objective named by --control_objective is carried but has weight 0), with the same data, steps,
+adapter and seed, so "net attributable to the objective" = net(run) - net(control of that seed).
+
+Layout of ``--output_dir``:
+
+    sweep_settings.json                      the pass-through settings; a resumed sweep must match them
+    baseline/                                the one "before" audit all runs compare against
+                                             (as `hf-mrp audit` writes it; computed once)
+    runs/control_lam0_seed<S>/               the control of seed S
+    runs/<objective>_lam<L>_seed<S>/         one refine output folder per run (adapter, audits, comparison/)
+    results.json, results.md                 the dose-response table (results.json is written last)
+    flips_vs_lambda.png, margin_change_vs_lambda.png, class_net_vs_lambda.png
+
+Resuming: a run whose ``training_log.json`` (written last by refine) exists is finished and is not redone; any other
+run folder is deleted and the run redone from scratch. Running the same command again therefore
+finishes an interrupted sweep, and with every run finished only recomputes the results.
+
+Numbers (docs/spec.md, "Before/after audit"): for each (objective, lambda) row, the mean over seeds,
+the spread over seeds (std with ddof = 1, min, max), and a percentile bootstrap confidence interval
+over positions: ``--n_bootstrap`` resamples of the audited positions with replacement (rng seed
+``--bootstrap_seed``); every run is resampled with the same indices, and a row's statistic on a
+resample is the mean over its seeds, so the interval reflects position sampling, not seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from .errors import MRPUserError
+from .ops.gap import fit_gap_law
+from .ops.intervals import bootstrap_distribution, percentile_interval
+from .ops.token_classes import CLASSES, frequency_bucket, token_class
+from .reporting import io
+
+logger = logging.getLogger(__name__)
+
+CONTROL = "control"
+HEAD_BUCKET = "100+"
+SETTINGS_FILE = "sweep_settings.json"
+RUN_RECORD = "sweep_run.json"
+FINISHED_MARKER = Path("training_log.json")  # refine writes it last
+PLOTS = {
+    "flips": "flips_vs_lambda.png",
+    "margin_change": "margin_change_vs_lambda.png",
+    "class_net": "class_net_vs_lambda.png",
+}
+# Flags the sweep sets for each run (flag -> the sweep flag to use instead).
+RESERVED_FLAGS = {
+    "--mrp_objective": "--objectives (and --control_objective)",
+    "--mrp_lambda": "--lambdas",
+    "--seed": "--seeds",
+    "--push_to_hub": "nothing: a sweep does not push; push a chosen run folder afterwards",
+    "--hub_model_id": "nothing: a sweep does not push; push a chosen run folder afterwards",
+    "--resume_from_checkpoint": "nothing: rerun the same command; finished runs are kept, unfinished ones redone",
+}
+# Settings that do not change a run's numbers: a resumed sweep may differ in these.
+NEUTRAL_SETTINGS = {
+    "output_dir", "logging_dir", "run_name", "seed", "mrp_objective", "mrp_lambda", "audit_batch_size",
+    "disable_tqdm", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
+    "report_to", "log_level", "log_level_replica", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_private_repo", "hub_strategy", "save_strategy", "save_steps", "save_total_limit",
+    "dataloader_num_workers", "resume_from_checkpoint",
+}
+
+# (key, table header, format). Per-run numbers first; net_attributable is computed from two runs.
+PER_RUN_METRICS = (
+    ("median_margin", "median margin", "number"),
+    ("median_margin_change", "median margin change", "signed_percent"),
+    ("pr_margin_lt_0_5", "Pr(m < 0.5)", "number"),
+    ("gap_alpha", "alpha", "number"),
+    ("gap_r_squared", "R^2", "r2"),
+    ("accuracy", "accuracy", "percent"),
+    ("churn", "churn", "percent"),
+    ("w2r", "W->R", "count"),
+    ("r2w", "R->W", "count"),
+    ("flip_ratio", "flip ratio", "ratio"),
+    ("net", "net", "count"),
+    ("head_share", "head share", "percent"),
+    ("structural_share", "structural share", "percent"),
+) + tuple((f"net_{label}", label, "count") for label in CLASSES)
+ATTRIBUTABLE = ("net_attributable", "net attributable", "signed_count")
+METRICS = PER_RUN_METRICS + (ATTRIBUTABLE,)
+METRIC_KEYS = tuple(key for key, _, _ in METRICS)
+MAIN_TABLE = ("median_margin", "median_margin_change", "pr_margin_lt_0_5", "gap_alpha", "gap_r_squared", "accuracy",
+              "churn", "w2r", "r2w", "flip_ratio", "net", "head_share", "structural_share", "net_attributable")
+DESCRIPTIONS = {
+    "median_margin": "median decision margin after refinement",
+    "median_margin_change": "median(m after) / median(m before) - 1",
+    "pr_margin_lt_0_5": "share of positions with margin < 0.5, after",
+    "gap_alpha": "gap coefficient alpha of eta(eps) = alpha * eps, after",
+    "gap_r_squared": "R^2 of the log-log gap fit, after",
+    "accuracy": "top-1 accuracy after",
+    "churn": "share of positions whose top-1 token changed",
+    "w2r": "positions wrong before, right after",
+    "r2w": "positions right before, wrong after",
+    "flip_ratio": "W->R / R->W (undefined when R->W = 0)",
+    "net": "W->R - R->W",
+    "head_share": "net of targets counted 100+ times in the audited blocks / net",
+    "structural_share": "net of 'structural' targets (punctuation/symbols/whitespace) / net",
+    "net_attributable": "net(run) - net(lambda = 0 control of the same seed)",
+    **{f"net_{label}": f"net of targets of token class '{label}'" for label in CLASSES},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments and the plan
+
+
+@dataclass
+class SweepArguments:
+    """What `hf-mrp sweep` itself parses; every other flag passes through to each run."""
+
+    output_dir: str = "outputs/sweep"
+    objectives: list[str] = field(default_factory=lambda: ["margin", "fisher", "entropy"])
+    lambdas: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.6, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    bootstrap_seed: int = 0
+    control_objective: str = "fisher"
+    aggregate_only: bool = False
+
+    def __post_init__(self) -> None:
+        from .ops import OBJECTIVES
+
+        self.objectives = list(dict.fromkeys(self.objectives))
+        self.seeds = [int(seed) for seed in dict.fromkeys(self.seeds)]
+        lambdas = [float(lam) for lam in dict.fromkeys(float(lam) for lam in self.lambdas)]
+        for name in self.objectives + [self.control_objective]:
+            if name not in OBJECTIVES:
+                raise MRPUserError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+        bad = [lam for lam in lambdas if not (np.isfinite(lam) and lam >= 0)]
+        if bad:
+            raise MRPUserError(f"lambdas must be finite and >= 0, got {bad}")
+        if 0.0 in lambdas:
+            logger.warning("lambda 0 is the control every seed gets; dropping it from --lambdas")
+        self.lambdas = sorted(lam for lam in lambdas if lam > 0)
+        if not self.objectives or not self.lambdas or not self.seeds:
+            raise MRPUserError("a sweep needs at least one objective, one lambda > 0 and one seed")
+        if self.n_bootstrap < 0:
+            raise MRPUserError(f"n_bootstrap must be >= 0 (0: no confidence intervals), got {self.n_bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise MRPUserError(f"confidence must be between 0 and 1, got {self.confidence}")
+
+
+class RunSpec(NamedTuple):
+    name: str
+    objective: str  # the row it belongs to: an objective, or "control"
+    lam: float
+    seed: int
+    train_objective: str  # what --mrp_objective gets (the control's objective has weight 0)
+
+    @property
+    def control(self) -> bool:
+        return self.objective == CONTROL
+
+
+def format_lambda(lam: float) -> str:
+    """Shortest exact decimal: 0.15, 1, 0.00001 (folder names, tables)."""
+    return np.format_float_positional(float(lam), trim="-")
+
+
+def run_name(objective: str, lam: float, seed: int) -> str:
+    return f"{objective}_lam{format_lambda(lam)}_seed{seed}"
+
+
+def plan_runs(args: SweepArguments) -> list[RunSpec]:
+    """Seed by seed (a whole dose-response curve per seed early): the control, then objective x lambda."""
+    plan = []
+    for seed in args.seeds:
+        plan.append(RunSpec(run_name(CONTROL, 0.0, seed), CONTROL, 0.0, seed, args.control_objective))
+        for objective in args.objectives:
+            for lam in args.lambdas:
+                plan.append(RunSpec(run_name(objective, lam, seed), objective, lam, seed, objective))
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SweepArguments()
+    parser = argparse.ArgumentParser(
+        prog="hf-mrp sweep", allow_abbrev=False,
+        description="Dose-response sweep: objectives x lambdas x seeds, each seed with a lambda = 0 control "
+                    "(cross-entropy only), one shared baseline audit, resumable.",
+        epilog="Every other flag (model, data, --audit_positions, --holdout, MRPConfig / TrainingArguments such "
+               "as --max_steps, --lora_layers, --learning_rate, --block_size) passes through to every run, with "
+               "the defaults of examples/refine.py; `hf-mrp refine --help` lists them.",
+    )
+    parser.add_argument("--output_dir", default=defaults.output_dir, help="the sweep folder (default %(default)s)")
+    parser.add_argument("--objectives", nargs="+", default=defaults.objectives, metavar="OBJ",
+                        help="objectives: margin, fisher, entropy (default: %(default)s)")
+    parser.add_argument("--lambdas", nargs="+", type=float, default=defaults.lambdas, metavar="L",
+                        help="objective weights > 0; the lambda = 0 control is always added (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds, metavar="S",
+                        help="training seeds (default: %(default)s)")
+    parser.add_argument("--n_bootstrap", type=int, default=defaults.n_bootstrap,
+                        help="bootstrap resamples of the positions for the confidence intervals; 0: none "
+                             "(default %(default)s)")
+    parser.add_argument("--confidence", type=float, default=defaults.confidence,
+                        help="confidence level of the intervals (default %(default)s)")
+    parser.add_argument("--bootstrap_seed", type=int, default=defaults.bootstrap_seed,
+                        help="rng seed of the bootstrap (default %(default)s)")
+    parser.add_argument("--control_objective", default=defaults.control_objective,
+                        help="objective name the control carries at weight 0 (MRPConfig needs one; the loss is "
+                             "plain cross-entropy either way) (default %(default)s)")
+    parser.add_argument("--aggregate_only", action="store_true",
+                        help="train nothing: recompute the results from the runs already finished")
+    return parser
+
+
+def parse_sweep_arguments(argv: Sequence[str]) -> tuple[SweepArguments, list[str]]:
+    """(the sweep's own arguments, the flags passed through to every run)."""
+    namespace, rest = build_parser().parse_known_args(list(argv))
+    for token in rest:
+        flag = token.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            raise MRPUserError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
+    return SweepArguments(**vars(namespace)), rest
+
+
+def parse_run_arguments(refine_argv: Sequence[str], output_dir: str | Path, objective: str, lam: float, seed: int):
+    """The four argument groups of one run, exactly as `hf-mrp refine` would parse them."""
+    from .refine import parse_arguments
+
+    argv = list(refine_argv) + ["--output_dir", str(output_dir), "--mrp_objective", objective,
+                                "--mrp_lambda", repr(float(lam)), "--seed", str(seed)]
+    try:
+        return parse_arguments(argv)
+    except MRPUserError:
+        raise
+    except ValueError as error:  # unknown flags, bad TrainingArguments values
+        raise MRPUserError(f"invalid flags for the runs: {str(error).splitlines()[0]}") from error
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings, baseline, runs
+
+
+def run_settings(model_args, data_args, refine_args, config) -> dict:
+    """The pass-through settings that change a run's numbers (JSON-normalized)."""
+    settings = {}
+    for group in (model_args, data_args, refine_args):
+        settings.update(dataclasses.asdict(group))
+    settings.update(config.to_dict())
+    settings = {key: value for key, value in settings.items() if key not in NEUTRAL_SETTINGS}
+    return json.loads(json.dumps(settings, default=str, sort_keys=True))
+
+
+def check_settings(sweep_dir: Path, settings: dict) -> None:
+    """Refuse to resume a sweep with settings that would change its runs' numbers."""
+    path = sweep_dir / SETTINGS_FILE
+    if not path.is_file():
+        return
+    saved = io.read_json(path)["settings"]
+    differences = [
+        f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}"
+        for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
+    ]
+    if differences:
+        shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+        raise MRPUserError(
+            f"{sweep_dir} holds a sweep made with other run settings ({shown}); pass the same flags to resume it, "
+            f"or a new --output_dir"
+        )
+
+
+def record_settings(sweep_dir: Path, settings: dict, command: str) -> None:
+    """Written once the baseline exists (a first call that fails earlier may be retried with other flags)."""
+    path = sweep_dir / SETTINGS_FILE
+    if not path.is_file():
+        io.write_json(path, {"command": command, "settings": settings})
+
+
+def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, config):
+    """(tokenizer, baseline audit): the shared "before" audit, computed once into ``baseline_dir``.
+
+    The model is audited the way a run's MRPAuditCallback audits it at train begin: LoRA-wrapped
+    (the zero-initialized adapter changes no output; 4-bit models get the same k-bit preparation),
+    on the trainer's device.
+    """
+    from .audit.geometry import load_audit, run_audit
+    from .audit.run import provenance
+    from .models import load_tokenizer
+    from .refine import refine_blocks
+
+    if (baseline_dir / "audit.json").is_file():
+        tokenizer = load_tokenizer(model_args.model, model_args.gguf_file, model_args.trust_remote_code)
+        blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
+        baseline = load_audit(baseline_dir)
+        if baseline.blocks.fingerprint() != blocks.fingerprint():
+            raise MRPUserError(
+                f"the baseline audit in {baseline_dir} is of other positions than these flags give (the data "
+                f"changed?); pass a new --output_dir, or delete {baseline_dir} and every run under runs/"
+            )
+        print(f"baseline: reusing {baseline_dir} ({baseline.summary['n_positions']} positions)", flush=True)
+        return tokenizer, baseline
+
+    from .models import load_model_and_tokenizer
+    from .training.adapters import prepare_model
+
+    shutil.rmtree(baseline_dir, ignore_errors=True)  # an interrupted audit (no audit.json) starts over
+    model, tokenizer, model_name = load_model_and_tokenizer(
+        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
+        model_args.load_in_4bit,
+    )
+    blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
+    print(f"baseline: auditing {blocks.n_positions} positions -> {baseline_dir}", flush=True)
+    model = prepare_model(model, config)
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        model = model.to(config.device)
+    start = time.perf_counter()
+    baseline = run_audit(
+        model, blocks, output_dir=baseline_dir, batch_size=refine_args.audit_batch_size,
+        chunk_size=config.mrp_chunk_size, provenance=provenance(model_name, model_args, data_args, refine_args),
+        progress=False,
+    )
+    print(f"baseline: done in {time.perf_counter() - start:.1f}s", flush=True)
+    del model
+    _free_memory()
+    return tokenizer, baseline
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / FINISHED_MARKER).is_file()
+
+
+def execute_run(spec: RunSpec, refine_argv: Sequence[str], run_dir: Path, baseline_dir: Path) -> float:
+    """One refinement, from scratch, into ``run_dir``; returns its wall time in seconds."""
+    from .refine import refine
+
+    model_args, data_args, refine_args, config = parse_run_arguments(
+        refine_argv, run_dir, spec.train_objective, spec.lam, spec.seed
+    )
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    refine(model_args, data_args, refine_args, config, baseline_dir=baseline_dir)
+    seconds = time.perf_counter() - start
+    if (run_dir / "audit_before").exists():
+        logger.warning("%s audited its own baseline instead of reusing %s (other blocks?)", run_dir, baseline_dir)
+    io.write_json(run_dir / RUN_RECORD, {**spec._asdict(), "lambda": spec.lam, "seconds": seconds})
+    _free_memory()
+    return seconds
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-position data and statistics
+
+
+@dataclass
+class Shared:
+    """What every run of the sweep shares: the baseline's per-position columns and target groups."""
+
+    margin_before: np.ndarray
+    correct_before: np.ndarray
+    top1_before: np.ndarray
+    head: np.ndarray  # target counted 100+ times in the audited blocks
+    class_code: np.ndarray  # index into CLASSES of the decoded target
+
+    @property
+    def n(self) -> int:
+        return int(self.margin_before.size)
+
+
+@dataclass
+class RunData:
+    spec: RunSpec
+    margin_after: np.ndarray
+    correct_after: np.ndarray
+    changed: np.ndarray  # top-1 token changed
+    flip: np.ndarray  # +1 W->R, -1 R->W, 0 otherwise (int8)
+    record: dict  # steps, seconds, the run's own flip_audit.json headline
+
+
+def shared_positions(baseline, tokenizer) -> Shared:
+    from .audit.compare import decoder_from_tokenizer
+
+    positions = baseline.positions
+    target = np.asarray(positions["target_id"], dtype=np.int64)
+    counts = np.bincount(np.asarray(baseline.blocks.input_ids, dtype=np.int64).ravel(), minlength=int(target.max()) + 1)
+    decode = decoder_from_tokenizer(tokenizer)
+    ids, inverse = np.unique(target, return_inverse=True)
+    codes = np.asarray([CLASSES.index(token_class(decode(int(token)))) for token in ids], dtype=np.int64)
+    return Shared(
+        margin_before=np.asarray(positions["margin"], dtype=np.float64),
+        correct_before=np.asarray(positions["correct"]).astype(bool),
+        top1_before=np.asarray(positions["top1_id"], dtype=np.int64),
+        head=frequency_bucket(counts[target]) == HEAD_BUCKET,
+        class_code=codes[inverse.reshape(-1)],
+    )
+
+
+def load_run(spec: RunSpec, run_dir: Path, baseline, shared: Shared) -> RunData:
+    from .audit.compare import check_same_positions
+    from .audit.geometry import load_audit
+
+    after = load_audit(run_dir / "audit_after")
+    check_same_positions(baseline, after)
+    correct_after = np.asarray(after.positions["correct"]).astype(bool)
+    flip = (~shared.correct_before & correct_after).astype(np.int8) - (shared.correct_before & ~correct_after)
+    log = run_dir / "training_log.json"
+    steps = max((int(entry.get("step", 0)) for entry in io.read_json(log)), default=0) if log.is_file() else None
+    seconds = io.read_json(run_dir / RUN_RECORD).get("seconds") if (run_dir / RUN_RECORD).is_file() else None
+    return RunData(
+        spec=spec,
+        margin_after=np.asarray(after.positions["margin"], dtype=np.float64),
+        correct_after=correct_after,
+        changed=np.asarray(after.positions["top1_id"], dtype=np.int64) != shared.top1_before,
+        flip=flip.astype(np.int8),
+        record={"steps": steps, "seconds": seconds, "flip_audit": io.read_json(run_dir / "comparison" / "flip_audit.json")},
+    )
+
+
+def _divide(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | None = None) -> np.ndarray:
+    """[runs, PER_RUN_METRICS] for the positions ``index`` (a bootstrap resample; None: all positions)."""
+    pick = slice(None) if index is None else index
+    median_before = float(np.median(shared.margin_before[pick]))
+    head, codes = shared.head[pick], shared.class_code[pick]
+    table = np.empty((len(runs), len(PER_RUN_METRICS)))
+    for row, run in enumerate(runs):
+        margin, flip = run.margin_after[pick], run.flip[pick]
+        w2r, r2w = float(np.count_nonzero(flip == 1)), float(np.count_nonzero(flip == -1))
+        net = w2r - r2w
+        median = float(np.median(margin))
+        fit = fit_gap_law(margin)
+        class_net = np.bincount(codes, weights=flip, minlength=len(CLASSES))
+        table[row] = (
+            median,
+            _divide(median, median_before) - 1.0 if median_before else float("nan"),
+            float(np.mean(margin < 0.5)),
+            fit.alpha,
+            fit.r_squared,
+            float(np.mean(run.correct_after[pick])),
+            float(np.mean(run.changed[pick])),
+            w2r,
+            r2w,
+            _divide(w2r, r2w),
+            net,
+            _divide(float(flip[head].sum()), net),
+            _divide(float(class_net[CLASSES.index("structural")]), net),
+            *class_net,
+        )
+    return table
+
+
+def with_attributable(table: np.ndarray, control_of: np.ndarray) -> np.ndarray:
+    """Append net(run) - net(control of its seed) to [..., runs, PER_RUN_METRICS] (NaN: control or none)."""
+    net = table[..., METRIC_KEYS.index("net")]
+    padded = np.concatenate([net, np.full(net.shape[:-1] + (1,), np.nan)], axis=-1)  # index -1: no control
+    attributable = net - padded[..., control_of]
+    return np.concatenate([table, attributable[..., None]], axis=-1)
+
+
+def row_means(table: np.ndarray, members: Sequence[Sequence[int]]) -> np.ndarray:
+    """[..., rows, METRICS]: the mean over each row's runs (seeds), ignoring undefined values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a metric undefined in every seed stays NaN
+        return np.stack([np.nanmean(table[..., list(m), :], axis=-2) for m in members], axis=-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _spread(values: np.ndarray) -> dict:
+    finite = values[np.isfinite(values)]
+    return {
+        "std": _number(np.std(finite, ddof=1)) if finite.size > 1 else None,
+        "min": _number(finite.min()) if finite.size else None,
+        "max": _number(finite.max()) if finite.size else None,
+    }
+
+
+def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, baseline, tokenizer) -> dict:
+    """Rows, runs and baseline numbers of the finished runs of ``plan`` (see results.json)."""
+    shared = shared_positions(baseline, tokenizer)
+    finished = [spec for spec in plan if is_finished(sweep_dir / "runs" / spec.name)]
+    runs = [load_run(spec, sweep_dir / "runs" / spec.name, baseline, shared) for spec in finished]
+    if not runs:
+        raise MRPUserError(f"no finished runs in {sweep_dir / 'runs'} to aggregate; run the sweep without "
+                           "--aggregate_only")
+    position = {run.spec.name: i for i, run in enumerate(runs)}
+    control_of = np.asarray([
+        -1 if run.spec.control else position.get(run_name(CONTROL, 0.0, run.spec.seed), -1) for run in runs
+    ])
+    row_keys = [(CONTROL, 0.0)] + [(o, lam) for o in args.objectives for lam in args.lambdas]
+    members = [[position[s.name] for s in finished if (s.objective, s.lam) == key] for key in row_keys]
+    row_keys, members = zip(*[(key, m) for key, m in zip(row_keys, members) if m])
+
+    point_runs = with_attributable(run_statistics(runs, shared), control_of)
+    point_rows = row_means(point_runs, members)
+    if args.n_bootstrap:
+        start = time.perf_counter()
+        distribution = bootstrap_distribution(
+            lambda index: run_statistics(runs, shared, index), shared.n, args.n_bootstrap, args.bootstrap_seed
+        )
+        low, high = percentile_interval(row_means(with_attributable(distribution, control_of), members),
+                                        args.confidence)
+        print(f"results: {args.n_bootstrap} bootstrap resamples of {shared.n} positions x {len(runs)} runs in "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
+    else:
+        low = high = np.full(point_rows.shape, np.nan)
+
+    rows = []
+    for r, ((objective, lam), member) in enumerate(zip(row_keys, members)):
+        metrics = {}
+        for k, key in enumerate(METRIC_KEYS):
+            per_seed = point_runs[list(member), k]
+            if key == "net_attributable" and objective == CONTROL:
+                metrics[key] = None
+                continue
+            has_ci = np.isfinite(low[r, k]) and np.isfinite(high[r, k])
+            metrics[key] = {
+                "mean": _number(point_rows[r, k]),
+                **_spread(per_seed),
+                "ci": [float(low[r, k]), float(high[r, k])] if has_ci else None,
+                "per_seed": {str(runs[i].spec.seed): _number(v) for i, v in zip(member, per_seed)},
+            }
+        rows.append({
+            "objective": objective, "lambda": lam, "control": objective == CONTROL,
+            "seeds": [runs[i].spec.seed for i in member], "runs": [runs[i].spec.name for i in member],
+            "metrics": metrics,
+        })
+    run_entries = []
+    for i, run in enumerate(runs):
+        flip_audit = run.record["flip_audit"]
+        run_entries.append({
+            "name": run.spec.name, "objective": run.spec.objective, "train_objective": run.spec.train_objective,
+            "lambda": run.spec.lam, "seed": run.spec.seed, "control": run.spec.control,
+            "dir": f"runs/{run.spec.name}", "steps": run.record["steps"], "seconds": run.record["seconds"],
+            "control_run": None if run.spec.control else run_name(CONTROL, 0.0, run.spec.seed),
+            "metrics": {key: _number(point_runs[i, k]) for k, key in enumerate(METRIC_KEYS)},
+            "flip_audit": {key: flip_audit.get(key) for key in ("w2r", "r2w", "net", "flip_ratio", "churn",
+                                                                 "median_margin_change", "head_share")},
+        })
+    summary = baseline.summary
+    return {
+        "rows": rows,
+        "runs": run_entries,
+        "missing_runs": [spec.name for spec in plan if spec not in finished],
+        "baseline": {
+            "dir": "baseline",
+            "n_positions": summary["n_positions"],
+            "accuracy": summary["accuracy"],
+            "median_margin": summary["margin_percentiles"]["p50"],
+            "pr_margin_lt_0_5": summary["fraction_margin_lt_0_5"],
+            "gap_alpha": summary["gap_fit"].get("alpha"),
+            "gap_r_squared": summary["gap_fit"].get("r_squared"),
+            "blocks_sha256": summary["provenance"].get("blocks_sha256"),
+            "model": summary["provenance"].get("model"),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+
+
+def _fmt(value, kind: str) -> str:
+    from .reporting.markdown import fmt_number, fmt_percent
+
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if kind in ("count", "signed_count"):
+        sign = "+" if kind == "signed_count" else ""
+        return f"{value:{sign},.0f}" if float(value).is_integer() else f"{value:{sign},.1f}"
+    if kind == "percent":
+        return fmt_percent(value)
+    if kind == "signed_percent":
+        return fmt_percent(value, signed=True)
+    if kind == "ratio":
+        return f"{value:.2f}x"
+    if kind == "r2":
+        return fmt_number(value, 4)
+    return fmt_number(value)
+
+
+KINDS = {key: kind for key, _, kind in METRICS}
+HEADERS = {key: header for key, header, _ in METRICS}
+
+
+def _cell_ci(entry: dict | None, key: str) -> str:
+    if entry is None:
+        return "-"
+    text = _fmt(entry["mean"], KINDS[key])
+    if entry.get("ci"):
+        text += f" [{_fmt(entry['ci'][0], KINDS[key])}, {_fmt(entry['ci'][1], KINDS[key])}]"
+    return text
+
+
+def _cell_spread(entry: dict | None, key: str) -> str:
+    """std over seeds; min to max. A std of counts keeps one decimal; of shares, percentage points."""
+    if entry is None:
+        return "-"
+    kind = KINDS[key]
+    if entry["std"] is None:
+        std = "n/a"
+    elif kind in ("count", "signed_count"):
+        std = f"{entry['std']:,.1f}"
+    elif kind in ("percent", "signed_percent"):
+        std = f"{100 * entry['std']:.1f} pp"
+    else:
+        std = _fmt(entry["std"], kind)
+    return f"{std}; {_fmt(entry['min'], kind)} to {_fmt(entry['max'], kind)}"
+
+
+def _row_label(row: dict) -> list[str]:
+    return ["control (CE only)" if row["control"] else row["objective"], format_lambda(row["lambda"])]
+
+
+def markdown_report(results: dict) -> str:
+    from .reporting.markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
+
+    base, pos, boot = results["baseline"], results["positions"], results["bootstrap"]
+    rows = results["rows"]
+    confidence = f"{boot['confidence']:.0%}"
+    held = ("held out from training (--holdout true: training used the blocks after them)" if pos["holdout"]
+            else "also part of the training data (--holdout false)")
+    steps = sorted({run["steps"] for run in results["runs"] if run["steps"] is not None})
+    training = results["training"]
+    adapter = (f"LoRA r={training['lora_r']} on layers {training['lora_layers'] or 'all'}" if training["use_lora"]
+               else "full weights (no LoRA)")
+    parts = [
+        "# MRP dose-response sweep",
+        f"Model: {escape_cell(str(base['model']))}. Objectives: {', '.join(results['objectives'])}; "
+        f"lambdas: {', '.join(format_lambda(v) for v in results['lambdas'])}; seeds: "
+        f"{', '.join(str(s) for s in results['seeds'])}; each seed has a control at lambda = 0 (cross-entropy "
+        f"only: same data, steps, adapter and seed; objective '{results['control']['objective']}' at weight 0).",
+        f"Audited positions: {fmt_count(pos['n'])} (the first {fmt_count(pos['n'])} positions of the data, in "
+        f"blocks of {pos['block_size']} tokens; blocks sha256 {str(pos['blocks_sha256'])[:12]}), {held}. The same "
+        f"positions are audited before (one shared baseline audit, `baseline/`) and after every run.",
+        f"Training: {training['max_steps']} steps per run (trained: {', '.join(str(s) for s in steps) or 'n/a'}), "
+        f"batch {training['per_device_train_batch_size']} x {training['gradient_accumulation_steps']} x "
+        f"{training['block_size']} tokens, learning rate {training['learning_rate']}, {adapter}.",
+        f"Baseline: accuracy {fmt_percent(base['accuracy'], 2)}, median margin {fmt_number(base['median_margin'])}, "
+        f"Pr(m < 0.5) {fmt_number(base['pr_margin_lt_0_5'])}, alpha {fmt_number(base['gap_alpha'])}, "
+        f"R^2 {fmt_number(base['gap_r_squared'], 4)}.",
+        "Command:",
+        f"```\n{results['command']}\n```",
+    ]
+    if results["missing_runs"]:
+        parts.append(f"**Not finished (left out):** {', '.join(results['missing_runs'])}.")
+    ci_note = (f"brackets: bootstrap {confidence} CI over positions ({boot['n_resamples']} resamples of the "
+               f"{fmt_count(pos['n'])} positions with replacement, rng seed {boot['seed']}; each seed resampled with "
+               f"the same positions, then averaged)" if boot["n_resamples"] else "no bootstrap (--n_bootstrap 0)")
+    header = ["objective", "lambda", "seeds"] + [HEADERS[key] for key in MAIN_TABLE]
+    parts += [
+        "## Dose-response",
+        f"Mean over seeds; {ci_note}. Net attributable = net(run) - net(control of the same seed).",
+        table(header, [_row_label(r) + [str(len(r["seeds"]))] + [_cell_ci(r["metrics"][k], k) for k in MAIN_TABLE]
+                       for r in rows]),
+        "## Spread over seeds",
+        "Standard deviation over seeds (ddof = 1; n/a with one seed); min to max.",
+        table(header, [_row_label(r) + [str(len(r["seeds"]))] + [_cell_spread(r["metrics"][k], k) for k in MAIN_TABLE]
+                       for r in rows]),
+        "## Net corrections by token class of the target",
+        f"Net = W->R - R->W of the targets of each class. Mean over seeds; bootstrap {confidence} CI in brackets.",
+        table(["objective", "lambda"] + list(CLASSES),
+              [_row_label(r) + [_cell_ci(r["metrics"][f"net_{c}"], f"net_{c}") for c in CLASSES] for r in rows]),
+        "## Runs",
+        table(["run", "seed", "steps", "seconds", "W->R", "R->W", "net", "net attributable", "median margin change",
+               "churn"],
+              [[escape_cell(run["name"]), str(run["seed"]), str(run["steps"]),
+                "n/a" if run["seconds"] is None else f"{run['seconds']:.0f}"]
+               + [_fmt(run["metrics"][k], KINDS[k]) for k in ("w2r", "r2w", "net", "net_attributable",
+                                                              "median_margin_change", "churn")]
+               for run in results["runs"]]),
+        "## Plots",
+        *[f"![{name}]({file})" for name, file in results["plots"].items()],
+        "## Definitions",
+        "\n".join(f"- {HEADERS[key]}: {DESCRIPTIONS[key]}" for key in MAIN_TABLE),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_plots(sweep_dir: Path, results: dict) -> dict[str, str]:
+    from .reporting import sweep_plots
+
+    rows, confidence = results["rows"], results["bootstrap"]["confidence"]
+    objectives = [o for o in results["objectives"] if any(r["objective"] == o for r in rows)] or [CONTROL]
+    sweep_plots.plot_flips_vs_lambda(sweep_dir / PLOTS["flips"], rows, objectives, confidence)
+    sweep_plots.plot_margin_change_vs_lambda(sweep_dir / PLOTS["margin_change"], rows, objectives, confidence)
+    sweep_plots.plot_class_net_vs_lambda(sweep_dir / PLOTS["class_net"], rows, objectives, CLASSES, confidence)
+    return dict(PLOTS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: str | None = None) -> dict:
+    """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results."""
+    command = command or "hf-mrp sweep " + shlex.join(_own_flags(args) + list(refine_argv))
+    runs_dir, baseline_dir = Path(args.output_dir) / "runs", Path(args.output_dir) / "baseline"
+    plan = plan_runs(args)
+    model_args, data_args, refine_args, config = parse_run_arguments(  # bad flags fail here, before any work
+        refine_argv, baseline_dir, args.control_objective, 0.0, args.seeds[0]
+    )
+    sweep_dir = io.ensure_output_dir(args.output_dir)
+    settings = run_settings(model_args, data_args, refine_args, config)
+    check_settings(sweep_dir, settings)
+    tokenizer, baseline = ensure_baseline(baseline_dir, model_args, data_args, refine_args, config)
+    record_settings(sweep_dir, settings, command)
+
+    executed = []
+    for number, spec in enumerate(plan, 1):
+        run_dir = runs_dir / spec.name
+        if is_finished(run_dir):
+            print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
+            continue
+        if args.aggregate_only:
+            print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
+            continue
+        if run_dir.exists():
+            print(f"[{number}/{len(plan)}] redoing unfinished run {spec.name} from scratch", flush=True)
+        print(f"[{number}/{len(plan)}] training {spec.name} (objective {spec.train_objective}, lambda "
+              f"{format_lambda(spec.lam)}, seed {spec.seed})", flush=True)
+        seconds = execute_run(spec, refine_argv, run_dir, baseline_dir)
+        executed.append(spec.name)
+        print(f"[{number}/{len(plan)}] finished {spec.name} in {seconds:.1f}s", flush=True)
+
+    results = {
+        "command": command,
+        "objectives": args.objectives,
+        "lambdas": args.lambdas,
+        "seeds": args.seeds,
+        "control": {"objective": args.control_objective, "lambda": 0.0,
+                    "runs": [spec.name for spec in plan if spec.control],
+                    "note": "cross-entropy only: same data, steps, adapter and seed as the runs of its seed"},
+        "positions": {
+            "n": int(baseline.summary["n_positions"]),
+            "holdout": bool(refine_args.holdout),
+            "held_out_from_training": bool(refine_args.holdout),
+            "block_size": int(baseline.blocks.block_size),
+            "n_blocks": int(len(baseline.blocks.input_ids)),
+            "blocks_sha256": baseline.blocks.fingerprint(),
+            "source": baseline.blocks.source,
+        },
+        "training": {
+            "max_steps": config.max_steps, "num_train_epochs": config.num_train_epochs,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps, "learning_rate": config.learning_rate,
+            "block_size": data_args.block_size, "max_positions": data_args.max_positions,
+            "use_lora": config.use_lora, "lora_r": config.lora_r, "lora_layers": config.lora_layers,
+        },
+        "bootstrap": {
+            "n_resamples": args.n_bootstrap, "confidence": args.confidence, "seed": args.bootstrap_seed,
+            "method": "percentile bootstrap over positions (resampled with replacement); every run resampled "
+                      "with the same indices; a row's statistic is the mean over its seeds",
+        },
+        "spread": "over seeds: std (ddof = 1), min, max",
+        "metrics": {key: {"header": HEADERS[key], "description": DESCRIPTIONS[key]} for key in METRIC_KEYS},
+        "executed_now": executed,
+        **aggregate(args, plan, sweep_dir, baseline, tokenizer),
+    }
+    results["plots"] = write_plots(sweep_dir, results)
+    io.write_text(sweep_dir / "results.md", markdown_report(results))
+    io.write_json(sweep_dir / "results.json", results)  # last: its presence marks a complete report
+    return results
+
+
+def _own_flags(args: SweepArguments) -> list[str]:
+    flags = ["--output_dir", args.output_dir, "--objectives", *args.objectives,
+             "--lambdas", *map(format_lambda, args.lambdas), "--seeds", *map(str, args.seeds),
+             "--n_bootstrap", str(args.n_bootstrap)]
+    return flags
+
+
+def summary_lines(results: dict) -> list[str]:
+    lines = []
+    for row in results["rows"]:
+        m = row["metrics"]
+        attributable = m["net_attributable"]
+        lines.append(
+            f"{' '.join(_row_label(row)):<22} W->R {_fmt(m['w2r']['mean'], 'count'):>8}  R->W "
+            f"{_fmt(m['r2w']['mean'], 'count'):>8}  net {_fmt(m['net']['mean'], 'count'):>8}  attributable "
+            f"{_fmt(attributable['mean'] if attributable else None, 'signed_count'):>8}  median margin "
+            f"{_fmt(m['median_margin_change']['mean'], 'signed_percent')}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = parse_sweep_arguments(argv)
+    results = run_sweep(args, rest, command="hf-mrp sweep " + shlex.join(argv))
+    print(f"sweep -> {args.output_dir}  ({len(results['runs'])} runs, results.md / results.json)")
+    print("\n".join(summary_lines(results)))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except MRPUserError as error:
+        sys.exit(f"hf-mrp sweep: error: {error}")
+
+
+__all__ = ["SweepArguments", "RunSpec", "plan_runs", "run_sweep", "parse_sweep_arguments", "main"]
