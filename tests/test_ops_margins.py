@@ -68,3 +68,13 @@ def test_float32_logits_even_for_bfloat16_inputs():
     np.testing.assert_allclose(got.numpy(), (exact[:, 0] - exact[:, 1]).numpy(), rtol=1e-5, atol=1e-5)
     low = decision_statistics(hidden, weight, targets, logits_dtype=torch.bfloat16)["margin"]
     assert np.unique(low.numpy()).size < np.unique(got.numpy()).size  # the bf16 margin artifact
+
+
+def test_ops_imports_nothing_from_the_hf_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_mrp.ops, hf_mrp.ops.intervals, hf_mrp.ops.token_classes, hf_mrp.ops.calibration; "
+            "print([m for m in ('transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
