@@ -13,11 +13,7 @@ audit after on identical positions -> compare -> model card -> optional `--push_
 
 import sys
 
-from hf_mrp.errors import MRPUserError
-from hf_mrp.refine import main
+from hf_mrp.cli import main
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MRPUserError as error:
-        sys.exit(f"refine: error: {error}")
+    sys.exit(main(["refine", *sys.argv[1:]]))  # same one-line errors as `hf-mrp refine`

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from .errors import MRPUserError
+
+
+def _require_int(**values) -> None:
+    """Python callers get no type conversion from HfArgumentParser: refuse '32' for an int field by name."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
+def _optional_str(name: str, value):
+    """None, or the value as a string (a pathlib.Path is accepted for names that are paths)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    raise MRPUserError(f"{name} must be a string (a name or a path), got {type(value).__name__} {value!r}")
+
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 MARGIN_DTYPES = ("float32", "model")
@@ -33,6 +51,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        self.model, self.gguf_file = _optional_str("model", self.model), _optional_str("gguf_file", self.gguf_file)
         if self.model_dtype not in MODEL_DTYPES:
             raise MRPUserError(f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}")
         if self.load_in_4bit:
@@ -57,6 +76,9 @@ class DataArguments:
     max_positions: int = field(default=16384, metadata={"help": "Number of positions (predicted tokens) to evaluate."})
 
     def __post_init__(self) -> None:
+        self.dataset = _optional_str("dataset", self.dataset)
+        self.dataset_config = _optional_str("dataset_config", self.dataset_config)
+        _require_int(block_size=self.block_size, max_positions=self.max_positions)
         if self.block_size < 2:
             raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {self.block_size}")
         if self.max_positions <= 0:
@@ -79,6 +101,8 @@ class AuditArguments:
     )
 
     def __post_init__(self) -> None:
+        _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size)
+        self.layers = _optional_str("layers", self.layers)
         if self.margin_dtype not in MARGIN_DTYPES:
             raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {self.margin_dtype!r}")
         if self.chunk_size < 1 or self.batch_size < 1:

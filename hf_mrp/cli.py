@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from typing import Iterator
 
 from .errors import MRPUserError
 
@@ -71,9 +73,7 @@ def _compare_tokenizer(name: str | None, before_dir: str):
     """The tokenizer to decode target tokens: given, or the embedded model's when the audit used it."""
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
-    from .models import EMBEDDED_NAME, embedded_model_dir
+    from .models import EMBEDDED_NAME, embedded_model_dir, load_tokenizer
     from .reporting.io import read_json
 
     if name is None:
@@ -83,7 +83,7 @@ def _compare_tokenizer(name: str | None, before_dir: str):
             name = str(embedded_model_dir())
         elif model and Path(model).is_dir():
             name = model
-    return AutoTokenizer.from_pretrained(name) if name else None
+    return load_tokenizer(name) if name else None
 
 
 def _sweep(argv: list[str]) -> None:
@@ -107,20 +107,74 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def _flag_errors_as_user_errors(command: str) -> Iterator[None]:
+    """While a command parses its flags, turn argparse's usage dump + exit and HfArgumentParser's
+    ValueErrors (unknown flags, TrainingArguments checks) into MRPUserError: one line, exit code 2."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    hint = f"`hf-mrp {command} --help` lists the flags"
+
+    def error(parser, message):
+        raise MRPUserError(f"{_one_line(message).rstrip('.')}; {hint}")
+
+    parse = HfArgumentParser.parse_args_into_dataclasses
+
+    def parse_into_dataclasses(self, *args, **kwargs):
+        try:
+            return parse(self, *args, **kwargs)
+        except MRPUserError:
+            raise
+        except ValueError as failure:  # raised while turning flags into arguments: a flag is wrong
+            message = _one_line(failure)
+            unused = "Some specified arguments are not used by the HfArgumentParser: "
+            if message.startswith(unused):
+                message = "unrecognized arguments: " + message[len(unused):]
+            raise MRPUserError(f"{message}; {hint}") from failure
+
+    saved_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error
+    HfArgumentParser.parse_args_into_dataclasses = parse_into_dataclasses
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved_error
+        HfArgumentParser.parse_args_into_dataclasses = parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User errors (MRPUserError, bad flags) print ONE line on stderr,
+    ``hf-mrp COMMAND: error: ...``, and return 2; Ctrl-C returns 130 without a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in HANDLERS:
-        print(f"hf-mrp: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+        print(f"hf-mrp: error: unknown command {command!r}; choose one of {', '.join(HANDLERS)} "
+              "(`hf-mrp --help` describes them)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        HANDLERS[command](rest)
+        with _flag_errors_as_user_errors(command):
+            HANDLERS[command](rest)
     except MRPUserError as error:
-        print(f"hf-mrp {command}: error: {error}", file=sys.stderr)
+        print(f"hf-mrp {command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hf-mrp {command}: interrupted (report files on disk are whole: each is written atomically)",
+              file=sys.stderr)
+        return 130
+    except SystemExit as stop:  # --help of a command, or a handler's sys.exit
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(f"hf-mrp {command}: error: {_one_line(stop.code)}", file=sys.stderr)
         return 2
     return 0
 

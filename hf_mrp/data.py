@@ -31,6 +31,27 @@ class Blocks:
     n_positions: int
     source: str
 
+    def __post_init__(self) -> None:
+        if isinstance(self.input_ids, (str, bytes)) or not hasattr(self.input_ids, "__len__"):
+            raise MRPUserError(
+                f"Blocks.input_ids must be a [n_blocks, block_size] array of token ids, "
+                f"got {type(self.input_ids).__name__}; "
+                "build blocks with hf_mrp.load_blocks(tokenizer, ...) or make_blocks"
+            )
+        ids = np.asarray(self.input_ids)
+        if ids.ndim != 2 or ids.shape[1] < 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise MRPUserError(
+                f"Blocks.input_ids must be a 2-D integer array with at least 2 tokens per block, got shape "
+                f"{ids.shape} of {ids.dtype}; build blocks with hf_mrp.load_blocks(tokenizer, ...) or make_blocks"
+            )
+        capacity = ids.shape[0] * (ids.shape[1] - 1)
+        if not _is_int(self.n_positions) or not 0 <= int(self.n_positions) <= capacity:
+            raise MRPUserError(
+                f"Blocks.n_positions must be an integer in [0, {capacity}] (blocks x (block_size - 1)), "
+                f"got {self.n_positions!r}; the blocks and their position count do not belong together"
+            )
+        self.input_ids, self.n_positions = ids, int(self.n_positions)
+
     @property
     def block_size(self) -> int:
         return int(self.input_ids.shape[1])
@@ -54,6 +75,10 @@ class Blocks:
         return digest.hexdigest()
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def embedded_corpus_documents() -> list[str]:
     """The pydoc topic texts that ship with CPython (~113K SmolLM2 tokens), in sorted topic order."""
     from pydoc_data.topics import topics
@@ -70,6 +95,12 @@ def load_documents(
     """(documents, description) for a dataset name / local file / folder, or the embedded corpus."""
     if dataset is None:
         return embedded_corpus_documents(), EMBEDDED_CORPUS
+    if not isinstance(dataset, (str, Path)):
+        raise MRPUserError(
+            f"dataset must be a datasets name or a file/folder path (str), got {type(dataset).__name__}; "
+            "for texts already in memory use hf_mrp.data.make_blocks(tokenizer, texts, ...)"
+        )
+    dataset = str(dataset)
     path = Path(dataset)
     if path.suffix.lower() == ".txt" and path.is_file():
         return [path.read_text(encoding="utf-8")], str(path)
@@ -107,9 +138,19 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
 
 def tokenize_documents(tokenizer, documents: Iterable[str], max_tokens: int) -> Iterator[int]:
     """Token ids of the documents joined by a blank line, without special tokens, up to ``max_tokens``."""
+    if not callable(tokenizer):
+        raise MRPUserError(
+            f"tokenizer must be a loaded tokenizer, got {type(tokenizer).__name__} {tokenizer!r:.60}; "
+            "load it with transformers.AutoTokenizer.from_pretrained(name) or hf_mrp.load_model_and_tokenizer"
+        )
     separator = tokenizer(DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
     produced = 0
     for index, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise MRPUserError(
+                f"document {index} is {type(document).__name__}, not text; pass texts (str), or for a table the "
+                "--text_column that holds them"
+            )
         ids = (separator if index else []) + tokenizer(document, add_special_tokens=False)["input_ids"]
         for token in ids:
             yield token
@@ -126,6 +167,11 @@ def make_blocks(
     source: str = "",
 ) -> Blocks:
     """Cut the token stream into consecutive blocks covering ``max_positions`` positions (fewer if the text ends)."""
+    if isinstance(documents, (str, bytes)):
+        raise MRPUserError("documents must be a list (or iterable) of texts, not one string; wrap it: [text]")
+    for name, value in (("block_size", block_size), ("max_positions", max_positions)):
+        if not _is_int(value):
+            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if block_size < 2:
         raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {block_size}")
     if max_positions <= 0:

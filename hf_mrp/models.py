@@ -108,11 +108,24 @@ def load_model_and_tokenizer(
 ):
     """Load (model, tokenizer, name). ``model`` is a Hub id or local folder; None means the embedded model.
 
-    ``gguf_file`` is a path to a .gguf file, or a file name inside ``model``. Weights load from
-    safetensors where the checkpoint has them; remote code runs only with ``trust_remote_code``.
+    ``gguf_file`` is a path to a .gguf file, or a file name inside ``model``.
+
+    Safety: code shipped with a model runs only with ``trust_remote_code=True`` (off by default).
+    Weights never come from an arbitrary pickle: a local folder with ``model*.safetensors`` files loads
+    with ``use_safetensors=True`` (its pickles, if any, are ignored); otherwise transformers prefers
+    safetensors and falls back to ``pytorch_model.bin`` through ``torch.load(weights_only=True)``,
+    which refuses any pickle that holds more than tensors (reported as an MRPUserError).
     """
     from transformers import AutoModelForCausalLM
 
+    for name, value in (("model", model), ("gguf_file", gguf_file)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise MRPUserError(
+                f"{name} must be a Hub id or a path (str), got {type(value).__name__}; "
+                "to train or audit a model already in memory pass it to MRPTrainer / run_audit directly"
+            )
+    model = None if model is None else os.fspath(model)
+    gguf_file = None if gguf_file is None else os.fspath(gguf_file)
     torch_dtype = resolve_dtype(dtype)
     if gguf_file is not None:
         path = Path(gguf_file)
@@ -125,12 +138,31 @@ def load_model_and_tokenizer(
     if model is not None and model.startswith((".", "/")) and not Path(model).is_dir():
         raise MRPUserError(f"model folder not found: {model}; pass an existing folder or a Hub id")
     source = str(embedded_model_dir()) if model is None else model
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=_use_safetensors(source))
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(torch_dtype)
     loaded = _wrap_load_errors(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
     tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
+    _warn_if_tokenizer_exceeds_vocab(loaded, tokenizer, source)
     return loaded.eval(), tokenizer, EMBEDDED_NAME if model is None else model
+
+
+def _use_safetensors(source: str) -> bool | None:
+    """True for a local folder with safetensors weights (never read its pickles); None (prefer
+    safetensors, else weights-only torch.load) for everything else."""
+    folder = Path(source)
+    return True if folder.is_dir() and any(folder.glob("model*.safetensors")) else None
+
+
+def _warn_if_tokenizer_exceeds_vocab(model: nn.Module, tokenizer, source: str) -> None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if rows is not None and size is not None and size > rows:
+        logger.warning(
+            "the tokenizer of %s has %d tokens but the model only %d embeddings: token ids >= %d will be refused",
+            source, size, rows, rows,
+        )
 
 
 def load_tokenizer(model: str | None = None, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -146,11 +178,24 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None, trust
 
 
 def _wrap_load_errors(load, source: str):
+    import pickle
+
     try:
         return load()
     except MRPUserError:
         raise
+    except pickle.UnpicklingError as error:
+        raise MRPUserError(
+            f"refused to load the weights of {source!r}: its pytorch_model.bin is not a plain-tensor pickle (it holds "
+            "objects, or is damaged), and hf_mrp only loads pickled weights with torch.load(weights_only=True) since "
+            "arbitrary pickles can run code; get safetensors weights (model.safetensors) from a source you trust"
+        ) from None
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise MRPUserError(
+                f"model {source!r} ships its own Python code, which hf_mrp does not run by default; read that code, "
+                "and if you trust it pass --trust_remote_code true (Python: trust_remote_code=True)"
+            ) from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MRPUserError(
             f"could not load model {source!r} ({first_line}); pass an existing local folder, a .gguf file, "
@@ -169,20 +214,54 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def check_token_ids(
+    ids: torch.Tensor, vocab_size: int, what: str = "input_ids", ignore_index: int | None = None
+) -> None:
+    """Refuse token ids outside ``[0, vocab_size)`` (``ignore_index`` entries excepted) with a message that
+    names the fix, before an embedding lookup or a logit gather fails on them (on GPU: a device assert)."""
+    if not torch.is_tensor(ids) or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+        return
+    if ignore_index is not None:  # ignored entries count as id 0 (no boolean indexing: one device sync in all)
+        ids = ids.masked_fill(ids == ignore_index, 0)
+    low, high = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+    if high >= vocab_size:
+        raise MRPUserError(
+            f"{what} hold token id {high}, but the model's vocabulary has {vocab_size} ids (0..{vocab_size - 1}): "
+            "the tokenizer does not match the model; use the tokenizer saved with the model (same folder or Hub "
+            "id), or call model.resize_token_embeddings(len(tokenizer)) before training"
+        )
+    if low < 0:
+        fix = ("pad input_ids with a real token id and mark ignored positions with -100 in labels"
+               if ignore_index is None else f"use {ignore_index} for ignored positions")
+        raise MRPUserError(f"{what} hold the negative token id {low}; {fix}")
+
+
+def _check_input_ids_hook(module: nn.Module, args: tuple) -> None:
+    if args:
+        rows = getattr(module, "num_embeddings", None) or module.weight.shape[0]
+        check_token_ids(args[0], int(rows))
+
+
 @contextlib.contextmanager
 def head_bypassed(model: nn.Module) -> Iterator[None]:
     """Make the output embedding an identity, so ``model(...).logits`` are the final hidden states.
 
     The forward still goes through every wrapper (DDP, PEFT), but no [positions x vocab] logits are
-    computed: hf_mrp recomputes them in float32 chunks from the hidden states and W.
+    computed: hf_mrp recomputes them in float32 chunks from the hidden states and W. Inside the
+    block, ids reaching the input embedding are checked against its size (`check_token_ids`): a
+    tokenizer that does not match the model fails with a clear message, not an index error.
     """
     output_head(model)
     head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = embeddings.register_forward_pre_hook(_check_input_ids_hook) if isinstance(embeddings, nn.Module) else None
     head.forward = _identity
     try:
         yield
     finally:
         del head.forward
+        if hook is not None:
+            hook.remove()
 
 
 def _identity(hidden: torch.Tensor) -> torch.Tensor:

@@ -105,8 +105,7 @@ def refine(
                          processing_class=tokenizer, callbacks=[audit])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(str(output_dir))
-    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of every argument, token included;
-    # mrp_config.json holds the same settings, redacted
+    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; mrp_config.json holds the settings as JSON
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
                         audit.comparison)

@@ -252,7 +252,7 @@ def load_audit(directory: str | Path) -> AuditResult:
         raise MRPUserError(f"{directory} holds no complete audit (audit.json missing); run `hf-mrp audit` into it")
     summary = io.read_json(directory / "audit.json")
     positions = io.read_parquet(directory / "positions.parquet")
-    input_ids = np.load(directory / "blocks.npy", allow_pickle=False)
+    input_ids = io.read_npy(directory / "blocks.npy")
     blocks = Blocks(input_ids, int(summary["n_positions"]), summary["provenance"].get("data_source", ""))
     layers = io.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

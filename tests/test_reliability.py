@@ -1,0 +1,521 @@
+"""Reliability: resume after a kill, non-finite batches, atomic outputs, safe loading, determinism.
+
+The refine runs here are `examples/refine.py` subprocesses on a tiny Llama saved with the embedded
+SmolLM2 tokenizer (the pattern of tests/test_refine.py), one thread each, so that they can run side
+by side and still be bit-for-bit comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import VOCAB, tiny_llama
+
+from hf_mrp.errors import MRPUserError
+from hf_mrp.reporting import io
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
+REFINE_ARGS = [
+    "--block_size", "32", "--max_positions", "248", "--audit_positions", "62", "--max_steps", "6",
+    "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
+    "--lora_layers", "1-2", "--learning_rate", "1e-2", "--seed", "0", "--use_cpu", "true", "--disable_tqdm", "true",
+    "--hub_token", FAKE_TOKEN,  # never pushed: only to check that no written file holds it
+]
+# Runs a script like `python script.py ARGS`, but blocks for good right after the checkpoint of step
+# $PAUSE_AT_STEP is on disk (and says so in $PAUSE_MARKER), so the test can SIGKILL it mid-training.
+PAUSE_WRAPPER = """
+import os, runpy, sys, time
+from pathlib import Path
+from transformers.trainer_callback import CallbackHandler
+
+on_save = CallbackHandler.on_save
+
+def pausing_on_save(self, args, state, control):
+    control = on_save(self, args, state, control)
+    if state.global_step == int(os.environ["PAUSE_AT_STEP"]):
+        Path(os.environ["PAUSE_MARKER"]).write_text(str(state.global_step))
+        time.sleep(600)
+    return control
+
+CallbackHandler.on_save = pausing_on_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from hf_mrp import models
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab=49152).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
+    return folder
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "HF_TOKEN": FAKE_TOKEN, **extra}
+
+
+def _start_refine(model_dir: Path, output_dir: Path, *extra: str, wrapper: Path | None = None, env=None):
+    command = [sys.executable, *([str(wrapper)] if wrapper else []), str(ROOT / "examples" / "refine.py"),
+               "--model", str(model_dir), "--output_dir", str(output_dir), *REFINE_ARGS, *extra]
+    log = open(output_dir.parent / f"{output_dir.name}.log", "w")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env or _env()), log
+
+
+def _refine_in_this_process(model_dir: Path, output_dir: Path) -> None:
+    """The same run without a new interpreter (saves ~7 s of imports); one thread, like the subprocesses."""
+    from hf_mrp.refine import main as refine_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refine_main(["--model", str(model_dir), "--output_dir", str(output_dir), *REFINE_ARGS])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _finish(process, log, timeout=300) -> str:
+    try:
+        code = process.wait(timeout=timeout)
+    finally:
+        log.close()
+    text = Path(log.name).read_text()
+    assert code == 0, text[-3000:]
+    return text
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def _numbers(value, prefix="") -> dict[str, float]:
+    """Every numeric leaf of a JSON document, by path (provenance left out: it names the output folder)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key != "provenance":
+                out.update(_numbers(item, f"{prefix}/{key}"))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for index, item in enumerate(value):
+            out.update(_numbers(item, f"{prefix}[{index}]"))
+        return out
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {prefix: float(value)}
+    return {}
+
+
+def _assert_same_adapter(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def test_killed_refine_resumes_to_the_same_adapter_and_audit_and_runs_are_reproducible(tiny_model_dir, tmp_path):
+    """SIGKILL after checkpoint-2 (of 6 steps), resume from it: same adapter and audit as an uninterrupted
+    run. Two uninterrupted runs with the same seed agree too (fixed-seed reproducibility on CPU)."""
+    wrapper = tmp_path / "pause_after_checkpoint.py"
+    wrapper.write_text(PAUSE_WRAPPER)
+    marker = tmp_path / "paused"
+    full, again, killed = tmp_path / "full", tmp_path / "again", tmp_path / "killed"
+    runs = [_start_refine(tiny_model_dir, full)]
+    victim, victim_log = _start_refine(tiny_model_dir, killed, wrapper=wrapper,
+                                       env=_env(PAUSE_AT_STEP="2", PAUSE_MARKER=str(marker)))
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert victim.poll() is None, Path(victim_log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached checkpoint-2"
+            time.sleep(0.1)
+        assert (killed / "checkpoint-2" / "trainer_state.json").is_file()
+    finally:
+        victim.send_signal(signal.SIGKILL)  # no clean-up runs: as if the machine went away
+        victim.wait(timeout=60)
+        victim_log.close()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "adapter_model.safetensors").exists() and not (killed / "audit_after").exists()
+    assert (killed / "audit_before" / "audit.json").is_file()
+
+    runs.append(_start_refine(tiny_model_dir, killed, "--resume_from_checkpoint", str(killed / "checkpoint-2")))
+    try:
+        _refine_in_this_process(tiny_model_dir, again)  # the second fixed-seed run, meanwhile
+        logs = [_finish(*run) for run in runs]
+    finally:
+        for process, _ in runs:  # leave nothing running when an assertion fails
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+    assert all(FAKE_TOKEN not in text for text in logs)
+
+    reference = _adapter(full)
+    _assert_same_adapter(reference, _adapter(again))  # reproducible
+    _assert_same_adapter(reference, _adapter(killed))  # resumed == uninterrupted
+    before = _numbers(json.loads((full / "audit_after" / "audit.json").read_text()))
+    assert before and before["/n_positions"] == 62
+    for run in (again, killed):
+        after = _numbers(json.loads((run / "audit_after" / "audit.json").read_text()))
+        assert after.keys() == before.keys()
+        for key, value in before.items():
+            assert after[key] == pytest.approx(value, abs=1e-6), key
+        flips = _numbers(json.loads((run / "comparison" / "flip_audit.json").read_text()))
+        assert flips == pytest.approx(_numbers(json.loads((full / "comparison" / "flip_audit.json").read_text())),
+                                      abs=1e-6)
+    losses = {run.name: {row["step"]: row["loss"] for row in json.loads((run / "training_log.json").read_text())
+                         if "loss" in row} for run in (full, killed)}
+    assert sorted(losses["killed"]) == list(range(1, 7))
+    assert losses["killed"] == pytest.approx(losses["full"], abs=1e-6)
+    # the Hub token reaches no written file: configs, model card, reports, nor any checkpoint's training_args.bin
+    for run in (full, killed):
+        for path in run.rglob("*"):
+            if path.is_file():
+                assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+    saved = torch.load(killed / "checkpoint-6" / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.seed == 0
+
+
+def test_resume_from_a_missing_or_incomplete_checkpoint_is_refused(tmp_path):
+    from hf_mrp.training import MRPConfig, MRPTrainer
+
+    args = MRPConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, disable_tqdm=True)
+    trainer = MRPTrainer(model=tiny_llama(), args=args, train_dataset=_dataset())
+    with pytest.raises(MRPUserError, match="is not a folder"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-9"))
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
+    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete.*no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+# ---------------------------------------------------------------- non-finite batches
+
+
+def _dataset(rows=4, length=12, weights=None) -> Dataset:
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(rows, length))
+    data = {"input_ids": ids.tolist(), "labels": ids.tolist()}
+    if weights is not None:
+        data["mrp_weights"] = weights
+    return Dataset.from_dict(data)
+
+
+def _trainer(tmp_path, dataset, **overrides):
+    from hf_mrp.training import MRPConfig, MRPTrainer
+
+    values = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", use_cpu=True,
+                  max_steps=4, logging_steps=1, per_device_train_batch_size=1, seed=0, disable_tqdm=True,
+                  mrp_objective="margin", mrp_lambda=0.5, learning_rate=1e-2, lr_scheduler_type="constant")
+    values.update(overrides)
+    return MRPTrainer(model=tiny_llama(), args=MRPConfig(**values), train_dataset=dataset)
+
+
+@pytest.mark.parametrize("bad_value, accumulation", [(float("nan"), 1), (float("inf"), 2)])
+def test_nonfinite_batch_is_skipped_counted_and_never_reaches_the_adapter(tmp_path, caplog, bad_value, accumulation):
+    rows = 4 * accumulation  # 4 steps = one epoch: every row is seen once
+    weights = [[1.0] * 12 for _ in range(rows)]
+    weights[2][5] = bad_value  # one row: its objective (and so its loss) is NaN / inf
+    trainer = _trainer(tmp_path, _dataset(rows, weights=weights), gradient_accumulation_steps=accumulation)
+    with caplog.at_level(logging.WARNING, logger="hf_mrp.training.trainer"):
+        trainer.train()
+    skipped = [r for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(skipped) == 1  # one warning per skipped batch
+    steps = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(steps) == 4 and steps[-1]["nonfinite_skipped"] == 1
+    assert [row["nonfinite_skipped"] for row in steps] == sorted(row["nonfinite_skipped"] for row in steps)
+    for row in steps:
+        for key in ("loss", "loss_ce", "loss_mrp", "mean_margin", "grad_norm"):
+            assert key not in row or math.isfinite(row[key]), (key, row)
+    assert sum("loss_ce" in row for row in steps) >= 3  # a step of one skipped batch has no MRP means
+    adapter = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert adapter and all(torch.isfinite(p).all() for p in adapter.values())
+    assert any(p.abs().sum() > 0 for n, p in adapter.items() if "lora_B" in n)  # the other batches trained it
+
+
+def test_skipped_batch_contributes_exactly_nothing(tmp_path):
+    """Accumulating a finite and a NaN micro-batch gives the finite one's gradient (over the step's items)."""
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 12))
+    weights = [[1.0] * 12, [float("nan")] * 12]
+    trainer = _trainer(tmp_path, _dataset(2), max_steps=1, use_lora=False)
+    model = trainer.model
+    model.train()
+    batches = [{"input_ids": torch.as_tensor(ids[i : i + 1]), "labels": torch.as_tensor(ids[i : i + 1]),
+                "mrp_weights": torch.tensor([weights[i]])} for i in range(2)]
+    items = torch.tensor(22)
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    losses = [trainer.training_step(model, dict(batch), items) for batch in batches]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert losses[1].item() == 0.0 and math.isfinite(losses[0].item()) and trainer._nonfinite_skipped == 1
+    model.zero_grad()
+    trainer.training_step(model, dict(batches[0]), items)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, rtol=0, atol=0, msg=name)
+
+
+def test_all_processes_agree_to_skip(tmp_path, monkeypatch):
+    """When another process reports a non-finite loss, this one skips its (finite) batch too."""
+    trainer = _trainer(tmp_path, _dataset(4), max_steps=2)
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    other = {"nonfinite": 0.0}
+
+    def reduce(tensor, reduction="sum"):  # the other process's sums: finite numbers, plus its flag
+        remote = tensor.clone()
+        remote[-1] = other["nonfinite"]
+        return tensor + remote
+
+    monkeypatch.setattr(trainer.accelerator, "reduce", reduce)
+    model = trainer.model
+    model.train()
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.current_gradient_accumulation_steps = 1
+    batch = {"input_ids": torch.arange(12)[None] % VOCAB, "labels": torch.arange(12)[None] % VOCAB}
+    assert trainer.training_step(model, dict(batch), torch.tensor(11)).item() != 0.0
+    other["nonfinite"] = 1.0
+    model.zero_grad()
+    assert trainer.training_step(model, dict(batch), torch.tensor(11)).item() == 0.0
+    assert trainer._nonfinite_skipped == 1
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import numpy as np, torch
+from datasets import Dataset
+sys.path.insert(0, {tests!r})
+from conftest import VOCAB, tiny_llama
+from hf_mrp.training import MRPConfig, MRPTrainer
+
+ids = np.random.default_rng(0).integers(0, VOCAB, size=(4, 12))
+weights = [[1.0] * 12 for _ in range(4)]
+weights[{bad_row}][3] = float("nan")  # one row, so one process of the two meets it
+data = Dataset.from_dict({{"input_ids": ids.tolist(), "labels": ids.tolist(), "mrp_weights": weights}})
+args = MRPConfig(output_dir={out!r}, report_to="none", save_strategy="no", use_cpu=True, max_steps=2, logging_steps=1,
+                 per_device_train_batch_size=1, seed=0, disable_tqdm=True, mrp_objective="margin", mrp_lambda=0.5,
+                 learning_rate=1e-2, ddp_timeout=120)
+trainer = MRPTrainer(model=tiny_llama(), args=args, train_dataset=data)
+trainer.train()
+adapter = {{n: p.detach() for n, p in trainer.model.named_parameters() if "lora_" in n}}
+rank = int(os.environ["RANK"])
+torch.save(adapter, os.path.join({out!r}, f"adapter_rank{{rank}}.pt"))
+with open(os.path.join({out!r}, f"log_rank{{rank}}.json"), "w") as handle:
+    json.dump(trainer.state.log_history, handle)
+"""
+
+
+def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(tmp_path):
+    """2 CPU processes (gloo): one meets a NaN batch, both skip it, nothing hangs, replicas stay equal."""
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), bad_row=1, out=str(tmp_path)))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(script)], capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("is not finite") == 1  # warned once (by the main process)
+    logs = [json.loads((tmp_path / f"log_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for log in logs:
+        steps = [row for row in log if "loss" in row]
+        assert len(steps) == 2 and steps[-1]["nonfinite_skipped"] == 1
+        assert all(math.isfinite(row["grad_norm"]) for row in steps)
+    adapters = [torch.load(tmp_path / f"adapter_rank{rank}.pt") for rank in (0, 1)]
+    assert all(torch.isfinite(p).all() for p in adapters[0].values())
+    _assert_same_adapter(adapters[0], adapters[1], atol=0)
+
+
+# ---------------------------------------------------------------- atomic outputs
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_writer_that_fails_midway_leaves_no_file_and_no_temporary(tmp_path):
+    def half_then_fail(temporary: Path) -> None:
+        temporary.write_text("half of a report")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.write_with(tmp_path / "report.json", half_then_fail)
+    with pytest.raises(TypeError):
+        io.write_json(tmp_path / "audit.json", {"model": object()})  # not serializable: fails inside the write
+    assert _leftovers(tmp_path) == []
+    io.write_text(tmp_path / "old.md", "complete old report")
+    with pytest.raises(RuntimeError):
+        io.write_with(tmp_path / "old.md", half_then_fail)
+    assert _leftovers(tmp_path) == ["old.md"] and (tmp_path / "old.md").read_text() == "complete old report"
+
+
+def test_an_interrupted_audit_is_refused_by_load_audit_and_compare(tmp_path, monkeypatch, blocks):
+    from hf_mrp.audit import geometry
+    from hf_mrp.audit.compare import compare_dirs
+
+    complete = geometry.run_audit(tiny_llama(), blocks, output_dir=tmp_path / "complete", progress=False)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped while drawing the plots, before audit.json
+
+    monkeypatch.setattr(geometry.plots, "plot_margin_histograms", crash)
+    with pytest.raises(KeyboardInterrupt):
+        geometry.write_audit(complete, tmp_path / "interrupted")
+    files = _leftovers(tmp_path / "interrupted")
+    assert "audit.json" not in files and not [name for name in files if name.startswith(".")]
+    with pytest.raises(MRPUserError, match="no complete audit \\(audit.json missing\\)"):
+        geometry.load_audit(tmp_path / "interrupted")
+    with pytest.raises(MRPUserError, match="no complete audit"):
+        compare_dirs(tmp_path / "complete", tmp_path / "interrupted", tmp_path / "cmp")
+
+
+def test_cli_ctrl_c_and_command_help(monkeypatch, capsys):
+    from hf_mrp import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.HANDLERS, "audit", interrupted)
+    assert cli.main(["audit"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["hf-mrp audit: interrupted (report files on disk are whole: each is "
+                                        "written atomically)"]
+    assert cli.main(["compare", "--help"]) == 0 and "--output_dir" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- loading safely
+
+
+def _capture_from_pretrained(monkeypatch) -> dict:
+    import transformers
+
+    calls = {}
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, source, *args, _original=original, _name=cls.__name__, **kwargs):
+            calls[_name] = kwargs
+            return _original(klass, source, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    return calls
+
+
+def _tiny_folder(folder: Path, tokenizer_from: Path | None = None, **save_kwargs) -> Path:
+    tiny_llama().save_pretrained(folder, **save_kwargs)
+    if tokenizer_from is not None:
+        for file in tokenizer_from.glob("tokenizer*"):
+            (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+def test_remote_code_is_opt_in(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from hf_mrp import cli
+    from hf_mrp.models import load_model_and_tokenizer
+
+    calls = _capture_from_pretrained(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    code = cli.main(["audit", "--model", str(tiny_model_dir), "--block_size", "32", "--max_positions", "62",
+                     "--output_dir", str(tmp_path / "audit")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert FAKE_TOKEN not in captured.out + captured.err
+    assert calls["AutoModelForCausalLM"]["trust_remote_code"] is False
+    assert calls["AutoTokenizer"]["trust_remote_code"] is False
+    assert calls["AutoModelForCausalLM"]["use_safetensors"] is True  # the folder has model.safetensors
+    for path in (tmp_path / "audit").rglob("*"):
+        assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+    # a folder whose config asks for its own code: never run by default, and the error names the opt-in flag
+    remote = _tiny_folder(tmp_path / "remote", tiny_model_dir)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="custom_mrp_test", auto_map={"AutoConfig": "custom.Config",
+                                                          "AutoModelForCausalLM": "custom.Model"})
+    (remote / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "remote_code_ran"
+    (remote / "custom.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    with pytest.raises(MRPUserError, match="ships its own Python code.*--trust_remote_code true"):
+        load_model_and_tokenizer(str(remote))
+    assert not ran.exists()
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_weights_load_from_safetensors_or_weights_only_pickles(tiny_model_dir, tmp_path):
+    from hf_mrp.models import load_model_and_tokenizer
+
+    reference = tiny_llama()
+    bin_only = tmp_path / "bin"
+    reference.config.save_pretrained(bin_only)
+    torch.save(reference.state_dict(), bin_only / "pytorch_model.bin")  # tensors only: weights_only accepts it
+    for file in tiny_model_dir.glob("tokenizer*"):
+        (bin_only / file.name).write_bytes(file.read_bytes())
+    loaded, _, _ = load_model_and_tokenizer(str(bin_only))
+    assert torch.equal(loaded.lm_head.weight, reference.lm_head.weight)
+
+    marker = tmp_path / "pickle_ran"
+    torch.save({"model.embed_tokens.weight": _RunsCode(str(marker))}, bin_only / "pytorch_model.bin")
+    with pytest.raises(MRPUserError, match="refused to load the weights.*not a plain-tensor pickle.*weights_only=True"):
+        load_model_and_tokenizer(str(bin_only))
+    assert not marker.exists()
+
+    # beside safetensors weights, a pickle is never even opened
+    both = _tiny_folder(tmp_path / "both", tiny_model_dir)
+    with open(both / "pytorch_model.bin", "wb") as handle:
+        pickle.dump(_RunsCode(str(marker)), handle)
+    loaded, _, _ = load_model_and_tokenizer(str(both))
+    assert torch.equal(loaded.lm_head.weight, reference.lm_head.weight) and not marker.exists()
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_same_audit_arguments_give_byte_identical_files(tiny_model_dir, tmp_path, capsys):
+    from hf_mrp import cli
+
+    args = ["audit", "--model", str(tiny_model_dir), "--block_size", "32", "--max_positions", "93",
+            "--layers", "1-2", "--output_dir", str(tmp_path / "audit")]
+    contents = []
+    for _ in range(2):
+        assert cli.main(args) == 0, capsys.readouterr().err
+        contents.append({name: (tmp_path / "audit" / name).read_bytes()
+                         for name in ("audit.json", "layers.json", "positions.parquet", "blocks.npy")})
+    assert contents[0] == contents[1]
+    summary = json.loads(contents[0]["audit.json"])
+
+    def keys(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield key
+                yield from keys(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from keys(item)
+
+    clock_words = ("time", "date", "second", "duration", "elapsed", "runtime", "host")
+    assert not [key for key in keys(summary) if any(word in key.lower() for word in clock_words)]
