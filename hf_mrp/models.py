@@ -184,7 +184,7 @@ def _wrap_load_errors(load, source: str):
         return load()
     except MRPUserError:
         raise
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise MRPUserError(
             f"refused to load the weights of {source!r}: its pytorch_model.bin is not a plain-tensor pickle (it holds "
             "objects, or is damaged), and hf_mrp only loads pickled weights with torch.load(weights_only=True) since "

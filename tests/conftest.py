@@ -55,3 +55,16 @@ def blocks() -> Blocks:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, size=(5, 24), dtype=np.int64)
     return Blocks(ids, n_positions=5 * 23 - 7, source="random")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama folder saved with the embedded SmolLM2 tokenizer (CLI and pipeline tests)."""
+    from transformers import AutoTokenizer
+
+    from hf_mrp import models
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab=49152).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
+    return folder

@@ -9,19 +9,6 @@ import pytest
 from hf_mrp import cli, models
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with the embedded SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer
-
-    from conftest import tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
-    return folder
-
-
 def run_cli(args, capsys):
     code = cli.main(args)
     captured = capsys.readouterr()

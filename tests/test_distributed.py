@@ -11,19 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from conftest import tiny_llama
-    from hf_mrp import models
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
-    return folder
-
-
 def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> list[dict]:
     args = ["--model", str(model_dir), "--output_dir", str(output_dir), "--block_size", "32", "--max_positions", "124",
             "--audit_positions", "62", "--max_steps", "2", "--logging_steps", "1", "--lora_layers", "1-2",

@@ -6,24 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from conftest import tiny_llama
-    from hf_mrp import models
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
-    return folder
 
 
 def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_path):

@@ -58,18 +58,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from hf_mrp import models
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
-    return folder
-
-
 def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
             "HF_TOKEN": FAKE_TOKEN, **extra}

@@ -12,20 +12,6 @@ from hf_mrp.sweep import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with the embedded SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer
-
-    from conftest import tiny_llama
-    from hf_mrp import models
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
-    return folder
-
-
 def sweep_argv(model_dir, out, *extra):
     return ["sweep", "--model", str(model_dir), "--output_dir", str(out), "--objectives", "margin", "--lambdas", "1",
             "--seeds", "0", "--n_bootstrap", "200", "--block_size", "32", "--max_positions", "248",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .margins import output_logits
-from .objectives import OBJECTIVES, entropy_penalty, fisher_penalty, margin_penalty
+from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
 
 
 @dataclass
