@@ -51,7 +51,8 @@ def embedded_model_dir() -> Path:
         return target
     gguf = embedded_gguf_path()
     logger.warning("converting the embedded GGUF model once to %s", target)
-    model, tokenizer = _load_gguf(gguf.parent, gguf.name, torch.float32)
+    model = _load_gguf(gguf.parent, gguf.name, torch.float32)
+    tokenizer = load_tokenizer(gguf_file=str(gguf))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -67,13 +68,11 @@ def embedded_model_dir() -> Path:
 
 def _load_gguf(folder: str | Path, gguf_file: str, dtype: torch.dtype):
     """De-quantized load: without GgufConfig(dequantize=True) the Trainer refuses to train the model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=dtype
     )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    return model, tokenizer
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -132,7 +131,7 @@ def load_model_and_tokenizer(
         folder, name = (path.parent, path.name) if model is None else (model, gguf_file)
         if model is None and not path.is_file():
             raise MRPUserError(f"GGUF file not found: {gguf_file}; pass the path of an existing .gguf file")
-        loaded, _ = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
+        loaded = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
         tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
         return loaded.eval(), tokenizer, str(path if model is None else f"{model}/{gguf_file}")
     if model is not None and model.startswith((".", "/")) and not Path(model).is_dir():
