@@ -9,12 +9,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .errors import MRPUserError
+from .ops.transform import LogitTransform
 
 logger = logging.getLogger(__name__)
 
@@ -241,20 +242,36 @@ def _check_input_ids_hook(module: nn.Module, args: tuple) -> None:
         check_token_ids(args[0], int(rows))
 
 
-@contextlib.contextmanager
-def head_bypassed(model: nn.Module) -> Iterator[None]:
-    """Make the output embedding an identity, so ``model(...).logits`` are the final hidden states.
-
-    The forward still goes through every wrapper (DDP, PEFT), but no [positions x vocab] logits are
-    computed: hf_mrp recomputes them in float32 chunks from the hidden states and W. Inside the
-    block, ids reaching the input embedding are checked against its size (`check_token_ids`): a
-    tokenizer that does not match the model fails with a clear message, not an index error.
-    """
+def _output_head_module(model: nn.Module) -> nn.Module:
     output_head(model)
     head = model.get_output_embeddings()
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        raise MRPUserError(
+            "the output head (lm_head) carries a LoRA adapter, whose delta the fused MRP loss would not see; adapt "
+            "the decoder layers only, or train lm_head whole with modules_to_save=['lm_head']"
+        )
+    return head
+
+
+@contextlib.contextmanager
+def head_replaced(model: nn.Module, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]):
+    """Run ``compute(hidden, W, b)`` in place of the output head's forward, and return what it returns.
+
+    The forward still goes through every wrapper (DDP, FSDP, PEFT, ZeRO-3), and the head's own module
+    call, so ``W`` is whole exactly when ``compute`` reads it: FSDP2 unshards it for the module that owns
+    it, DeepSpeed ZeRO-3 gathers it in the head's pre-forward hook. No [positions x vocab] logits are
+    made by the model: ``compute`` works in float32 chunks. Inside the block, ids reaching the input
+    embedding are checked against its size (`check_token_ids`): a tokenizer that does not match the
+    model fails with a clear message, not an index error.
+    """
+    head = _output_head_module(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hook = embeddings.register_forward_pre_hook(_check_input_ids_hook) if isinstance(embeddings, nn.Module) else None
-    head.forward = _identity
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return compute(hidden, head.weight, getattr(head, "bias", None))
+
+    head.forward = forward
     try:
         yield
     finally:
@@ -263,8 +280,78 @@ def head_bypassed(model: nn.Module) -> Iterator[None]:
             hook.remove()
 
 
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
+def carrier(hidden: torch.Tensor) -> torch.Tensor:
+    """What the replaced head hands back to the model: zeros [batch, seq, 1] tied to the hidden states.
+
+    Whatever the model does after its head (soft cap, scaling: all map 0 to 0) keeps them zero, so
+    ``loss + outputs.logits.sum()`` equals the loss exactly while the backward pass goes through the
+    model's output, where FSDP registers its pre-backward hooks (unshard for the norm's and layers'
+    backward). ``outputs.logits.sum() * 0`` is an exact zero loss over the same graph that never touches
+    the loss' own (possibly non-finite) gradients: what the non-finite guard backpropagates.
+    """
+    return hidden[..., :1].float() * 0.0
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The scaling and soft cap the model applies after its head, read from its config and verified once by a
+    probe forward (the head returns known values; the model's own code transforms them). A family whose
+    post-head step hf_mrp cannot reproduce is refused, never silently mis-measured. Cached on the model."""
+    cached = getattr(model, "_hf_mrp_logit_transform", None)
+    if cached is not None:
+        return cached
+    transform = _declared_logit_transform(model)
+    _verify_logit_transform(model, transform)
+    object.__setattr__(model, "_hf_mrp_logit_transform", transform)
+    return transform
+
+
+def _declared_logit_transform(model: nn.Module) -> LogitTransform:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    for source in (model, getattr(model, "base_model", None), getattr(model, "get_base_model", lambda: None)()):
+        value = getattr(source, "logit_scale", None)  # Cohere: logits * logit_scale
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale *= float(value)
+            break
+    scaling = getattr(text, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
+        scale /= float(scaling)
+    softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3/4: c * tanh(z / c)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+@torch.no_grad()
+def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
+    head = _output_head_module(model)
+    vocab = head.weight.shape[0] if head.weight.dim() == 2 and head.weight.shape[0] else _vocab_size(model)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    probe = torch.linspace(-40.0, 40.0, vocab, device=device).expand(1, 2, vocab)
+    seen = {}
+
+    def compute(hidden, weight, bias):
+        seen["called"] = True
+        return probe.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)
+
+    with head_replaced(model, compute):  # in the model's current mode: bitsandbytes' CPU kernels repack on eval()
+        emitted = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False).logits
+    name = type(model).__name__
+    if not seen:
+        raise MRPUserError(f"{name} never called its output head (lm_head) in its forward; hf_mrp cannot measure it")
+    expected = transform.apply(probe.double())
+    if emitted is None or emitted.shape != expected.shape or not torch.allclose(
+        emitted.double(), expected, rtol=1e-4, atol=1e-3
+    ):
+        raise MRPUserError(
+            f"{name} transforms its head's output in a way hf_mrp cannot reproduce (expected {transform.describe()}); "
+            "its margins would be wrong, so it is refused: please report the model family"
+        )
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size"))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

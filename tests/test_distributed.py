@@ -1,6 +1,7 @@
 """examples/refine.py under torchrun with 2 CPU processes (gloo) logs the same losses as 1 process."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -37,3 +38,25 @@ def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path):
     flips = [json.loads((tmp_path / run / "comparison" / "flip_audit.json").read_text()) for run in ("one", "two")]
     assert flips[1]["n_positions"] == 62
     assert flips[0]["median_margin_after"] == pytest.approx(flips[1]["median_margin_after"], abs=1e-4)
+
+
+def test_several_processes_without_accelerators_join_one_job(tmp_path):
+    """torchrun / accelerate launch --multi_gpu on a machine without GPUs, without --use_cpu: one gloo job
+    (world size 2), never two independent runs writing one folder (plain TrainingArguments gives world 1)."""
+    script = tmp_path / "world.py"
+    script.write_text(
+        "import os, sys\n"
+        "from transformers import TrainingArguments\n"
+        "from hf_mrp.training import MRPConfig\n"
+        "cls = MRPConfig if sys.argv[1] == 'mrp' else TrainingArguments\n"
+        f"args = cls(output_dir={str(tmp_path / 'out')!r}, report_to='none')\n"
+        "print(f\"rank {os.environ['RANK']} world {args.world_size}\", flush=True)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worlds = {}
+    for kind, port in (("mrp", 29631), ("plain", 29632)):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(port), str(script), kind], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        worlds[kind] = sorted(re.findall(r"world (\d)", run.stdout))
+    assert worlds == {"mrp": ["2", "2"], "plain": ["1", "1"]}

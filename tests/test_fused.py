@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_mrp.ops import mrp_loss_sums
+from hf_mrp.ops.transform import LogitTransform
 
 
 def naive_penalty(z, weight, objective, tau, k):
@@ -84,3 +85,58 @@ def test_frozen_weight_gets_no_gradient_and_bad_arguments_fail():
         mrp_loss_sums(hidden, weight, torch.tensor([1, 2, 3, 4]), objective="nope")
     with pytest.raises(ValueError, match=">= 0"):
         mrp_loss_sums(hidden, weight, torch.tensor([1, 2, 3, 4]), lam=-1.0)
+
+
+TRANSFORMS = [LogitTransform(scale=0.25), LogitTransform(softcap=2.5), LogitTransform(scale=1.7, softcap=4.0)]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: t.describe())
+@pytest.mark.parametrize("objective", ["margin", "fisher", "entropy"])
+def test_logit_transform_loss_and_gradients_match_float64_reference(objective, transform):
+    """Soft cap and scaling: the loss of the logits the model emits, exact gradients through the tanh."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 7, 6) * 2
+    weight, bias = torch.randn(19, 6), torch.randn(19) * 0.1
+    targets = torch.randint(0, 19, (2, 7))
+    targets[1, :2] = -100
+    leaves32 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    sums = mrp_loss_sums(leaves32[0], leaves32[1], targets, bias=leaves32[2], objective=objective, lam=0.9,
+                         tau=2.0, top_k=3, chunk_size=4, transform=transform)
+    sums.total.backward()
+    leaves64 = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
+    h, w, b = leaves64
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != -100
+    z = transform.apply(h.reshape(-1, 6)[valid] @ w.T + b)
+    ref = F.cross_entropy(z, flat_targets[valid], reduction="sum") + 0.9 * naive_penalty(z, w, objective, 2.0, 3).sum()
+    ref.backward()
+    torch.testing.assert_close(sums.total.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves32, leaves64):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gated_normalization_divides_the_margin_objective_by_the_gated_positions():
+    torch.manual_seed(3)
+    hidden = torch.randn(20, 5, requires_grad=True)
+    weight = torch.randn(11, 5)
+    targets = torch.randint(0, 11, (20,))
+    gated = mrp_loss_sums(hidden, weight, targets, objective="margin", lam=0.5, tau=1.0, normalization="gated")
+    z = (hidden.detach().double() @ weight.double().T)
+    top = z.topk(2, -1).values
+    m = top[:, 0] - top[:, 1]
+    n_gated = int((m < 1.0).sum())
+    assert 0 < n_gated < 20 and gated.n_gated == n_gated
+    # divided by the valid positions (as the Trainer does) it is the paper's mean over gated positions
+    torch.testing.assert_close(gated.objective.double() / 20, -m[m < 1.0].mean(), rtol=1e-5, atol=1e-6)
+    gated.total.backward()
+    grad_gated = hidden.grad.clone()
+    hidden.grad = None
+    ce = mrp_loss_sums(hidden, weight, targets, objective="margin", lam=0.0)
+    valid = mrp_loss_sums(hidden, weight, targets, objective="margin", lam=0.5 * 20 / n_gated, tau=1.0)
+    valid.total.backward()
+    torch.testing.assert_close(gated.total, valid.total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_gated, hidden.grad, rtol=1e-5, atol=1e-6)
+    fisher = mrp_loss_sums(hidden, weight, targets, objective="fisher", lam=0.5, normalization="gated")
+    same = mrp_loss_sums(hidden, weight, targets, objective="fisher", lam=0.5, normalization="valid")
+    torch.testing.assert_close(fisher.total, same.total)  # only the margin objective has a gate
+    assert torch.isfinite(ce.total)

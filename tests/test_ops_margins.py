@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from hf_mrp.ops import decision_statistics
+from hf_mrp.ops.transform import LogitTransform
 
 
-def naive_statistics(hidden, weight, bias, targets):
-    """Plain float64 loops over the full logits: an independent reference."""
-    z = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+def naive_statistics(hidden, weight, bias, targets, scale=1.0, softcap=None):
+    """Plain float64 loops over the full logits: an independent reference (soft cap written out)."""
+    raw = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * scale
+    z = raw if softcap is None else softcap * torch.tanh(raw / softcap)
     rows = []
     for t in range(z.shape[0]):
         logits = z[t].numpy()
@@ -18,13 +20,14 @@ def naive_statistics(hidden, weight, bias, targets):
         probs /= probs.sum()
         y = int(targets[t])
         best_other = max(logits[j] for j in range(len(logits)) if j != y)
-        w = weight.double().numpy()
+        w = weight.double().numpy() * scale
+        raw_t = raw[t].numpy()
         rows.append(
             {
                 "top1_id": order[0], "top2_id": order[1], "margin": logits[order[0]] - logits[order[1]],
                 "correct": order[0] == y, "entropy": -(probs * np.log(probs)).sum(), "p_top1": probs[order[0]],
                 "target_logprob": np.log(probs[y]), "target_margin": logits[y] - best_other,
-                "geometric_margin": (logits[order[0]] - logits[order[1]]) / np.linalg.norm(w[order[0]] - w[order[1]]),
+                "geometric_margin": (raw_t[order[0]] - raw_t[order[1]]) / np.linalg.norm(w[order[0]] - w[order[1]]),
                 "brier": 1 - 2 * probs[y] + (probs**2).sum(),
             }
         )
@@ -45,6 +48,21 @@ def test_statistics_match_float64_reference(with_bias):
     for key in ("margin", "entropy", "p_top1", "target_logprob", "target_margin", "geometric_margin", "brier"):
         np.testing.assert_allclose(got[key].numpy(), ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
     assert got["correct"][:10].all()
+
+
+@pytest.mark.parametrize("scale, softcap", [(0.5, None), (1.0, 3.0), (2.0, 5.0)])
+def test_statistics_of_transformed_logits_match_float64_reference(scale, softcap):
+    """Scaled (Cohere, Granite) and soft-capped (Gemma) logits: every statistic of the emitted logits."""
+    torch.manual_seed(4)
+    hidden, weight, bias = torch.randn(30, 8), torch.randn(25, 8) * 2, torch.randn(25)
+    targets = torch.randint(0, 25, (30,))
+    got = decision_statistics(hidden, weight, targets, bias, chunk_size=8,
+                              transform=LogitTransform(scale=scale, softcap=softcap))
+    ref = naive_statistics(hidden, weight, bias, targets, scale, softcap)
+    for key in ("top1_id", "top2_id", "correct"):
+        np.testing.assert_array_equal(got[key].numpy(), ref[key], err_msg=key)
+    for key in ("margin", "entropy", "p_top1", "target_logprob", "target_margin", "geometric_margin", "brier"):
+        np.testing.assert_allclose(got[key].numpy(), ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_chunk_size_changes_nothing():

@@ -1,7 +1,8 @@
 """The float32 geometry audit: model x blocks -> per-position table, audit.json, plots.
 
-Data flow: blocks -> forward with the output head bypassed (final hidden states, no logits) ->
-``ops.decision_statistics`` in float32 chunks -> per-position columns -> summary and gap fit.
+Data flow: blocks -> forward whose output head computes ``ops.decision_statistics`` in float32
+chunks from the final hidden states (and each lens layer's, through the final norm), through the
+model's own logit transform -> per-position columns -> summary and gap fit. No logits are formed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data import Blocks
 from ..errors import MRPUserError
-from ..models import decoder_layers, final_norm, head_bypassed, output_head
+from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.calibration import expected_calibration_error
 from ..reporting import io, plots
@@ -29,6 +30,7 @@ POSITION_COLUMNS = (
     "block", "position", "target_id", "top1_id", "top2_id", "margin", "correct", "entropy", "p_top1",
     "target_logprob", "target_margin", "geometric_margin", "brier",
 )
+LENS_COLUMNS = ("margin", "correct", "fisher_penalty", "margin_penalty")
 PERCENTILES = {"p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95}
 
 
@@ -65,10 +67,7 @@ def collect_statistics(
     audits every world_size-th batch (the batches a single process would form, so every number is
     bit-identical to a one-process run) and the shards are gathered on every rank.
     """
-    weight, bias = output_head(model)
-    logits_dtype = torch.float32 if margin_dtype == "float32" else weight.dtype
-    n_layers = len(decoder_layers(model)) if layers else 0
-    norm = final_norm(model) if layers else None
+    logits_dtype = torch.float32 if margin_dtype == "float32" else output_head(model)[0].dtype
     device = _model_device(model)
     mask = blocks.position_mask()
     indices = np.arange(len(blocks.input_ids)) if block_indices is None else np.asarray(block_indices)
@@ -78,31 +77,28 @@ def collect_statistics(
     model.eval()
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rank, world = _process_rank_and_world()
-    batches = batches[rank::world]
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    # every rank runs the same number of forwards (a sharded model's forward is collective); extras are discarded
+    schedule = mine + [None] * (rounds - len(mine))
     try:
-        for batch in tqdm(batches, desc="audit", unit="batch", disable=not progress):
-            ids = torch.as_tensor(blocks.input_ids[batch], device=device)
-            with head_bypassed(model):
-                output = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
-            batch_mask = torch.as_tensor(mask[batch], device=device)
+        for batch in tqdm(schedule, desc="audit", unit="batch", disable=not progress):
+            chosen = batches[0] if batch is None else batch
+            ids = torch.as_tensor(blocks.input_ids[chosen], device=device)
+            batch_mask = torch.as_tensor(mask[chosen], device=device)
             targets = ids[:, 1:][batch_mask]
-            stats = decision_statistics(
-                output.logits[:, :-1][batch_mask], weight, targets, bias,
-                chunk_size=chunk_size, logits_dtype=logits_dtype,
-            )
+            stats, lens = _batch_statistics(model, ids, batch_mask, targets, layers, logits_dtype, chunk_size)
+            if batch is None:
+                continue
             block_index, position = np.nonzero(mask[batch])
             columns["block"].append(batch[block_index].astype(np.int64))
             columns["position"].append(position.astype(np.int64))
             columns["target_id"].append(targets.cpu().numpy())
             for name in POSITION_COLUMNS[3:]:
                 columns[name].append(stats[name].cpu().numpy())
-            for layer in layers or []:
-                hidden = output.hidden_states[layer + 1]
-                if layer < n_layers - 1:  # the last entry already went through the final norm
-                    hidden = norm(hidden)
-                lens = decision_statistics(hidden[:, :-1][batch_mask], weight, targets, bias, chunk_size=chunk_size)
-                for name in ("margin", "correct", "fisher_penalty", "margin_penalty"):
-                    layer_columns[layer].setdefault(name, []).append(lens[name].cpu().numpy())
+            for layer, layer_stats in lens.items():
+                for name in LENS_COLUMNS:
+                    layer_columns[layer].setdefault(name, []).append(layer_stats[name].cpu().numpy())
     finally:
         model.train(was_training)
     positions = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
@@ -110,6 +106,50 @@ def collect_statistics(
     if world > 1:
         positions, per_layer = _gather_shards(positions, per_layer, world)
     return positions, per_layer
+
+
+def _batch_statistics(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    batch_mask: torch.Tensor,
+    targets: torch.Tensor,
+    layers: list[int] | None,
+    logits_dtype: torch.dtype,
+    chunk_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """One forward: the final layer's statistics and each lens layer's, all computed inside the output head
+    (where W is whole, also under FSDP / ZeRO-3) through the model's own logit transform."""
+    transform = logit_transform(model)
+    blocks_out = decoder_layers(model)
+    norm = final_norm(model) if layers else None
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [blocks_out[layer].register_forward_hook(_capture_into(captured, layer)) for layer in layers or []]
+    found: dict = {}
+
+    def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        def statistics(states: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+            return decision_statistics(states[:, :-1][batch_mask], weight, targets, bias, chunk_size=chunk_size,
+                                       logits_dtype=dtype, transform=transform)
+
+        found["final"] = statistics(hidden, logits_dtype)
+        last = len(blocks_out) - 1
+        found["lens"] = {layer: statistics(hidden if layer == last else norm(captured[layer])) for layer in layers or []}
+        return carrier(hidden)
+
+    try:
+        with head_replaced(model, compute):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found["final"], found["lens"]
+
+
+def _capture_into(captured: dict, layer: int):
+    def hook(module, args, output):
+        captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+
+    return hook
 
 
 def _process_rank_and_world() -> tuple[int, int]:

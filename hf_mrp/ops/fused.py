@@ -1,9 +1,11 @@
 """Cross-entropy plus an MRP objective, fused per chunk of positions.
 
-For each chunk the logits are computed once in float32, the loss terms and their gradient with
-respect to those logits are taken right away (in closed form, in the logits buffer), and turned
-into gradients for the hidden states (and W, when it trains); the backward pass only scales
-those. No [positions x vocab] tensor lives beyond one chunk, and no logits are recomputed.
+For each chunk the logits are computed once in float32 (through the model's own logit transform:
+scale and soft cap, `transform.py`), the loss terms and their gradient with respect to those logits
+are taken right away (in closed form, in the logits buffer), and turned into gradients for the hidden
+states (and W, when it trains); the backward pass only scales those. No [positions x vocab] tensor
+lives beyond one chunk, and no logits are recomputed. Because the gradients exist at the end of the
+forward, the head's weight only has to be whole during the forward (FSDP / ZeRO-3 gather it there).
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import torch
 
 from .margins import output_logits
 from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
+from .transform import IDENTITY, LogitTransform
+
+NORMALIZATIONS = ("gated", "valid")
 
 
 @dataclass
 class MRPLossSums:
     """Sums over valid positions; divide by the number of items to get means.
 
-    ``total`` = ce + lam * objective carries the gradient; the others are detached.
+    ``total`` = ce + lam * objective carries the gradient; the others are detached. ``objective`` is
+    already normalized as asked (see `mrp_loss_sums`); ``n_gated`` counts positions with margin < tau.
     """
 
     total: torch.Tensor
@@ -28,6 +34,7 @@ class MRPLossSums:
     objective: torch.Tensor
     margin: torch.Tensor
     n_positions: int
+    n_gated: int = 0
 
 
 @dataclass
@@ -35,9 +42,11 @@ class _ChunkResult:
     ce: torch.Tensor
     objective: torch.Tensor
     margin: torch.Tensor
-    grad_logits: torch.Tensor | None  # d(ce + lam * objective) / dz, [chunk, V]
+    n_gated: torch.Tensor
+    grad_logits: torch.Tensor | None  # d(ce [+ lam * entropy]) / dz_raw, [chunk, V]
     top_ids: torch.Tensor
-    grad_rows: torch.Tensor | None  # d(lam * objective) / dW[top_ids], [chunk, k, d] (Fisher, W trains)
+    grad_top: torch.Tensor | None  # d(objective) / dz_raw at the top-k ids, [chunk, k] (margin, Fisher)
+    grad_rows: torch.Tensor | None  # d(objective) / dW'[top_ids], [chunk, k, d] (Fisher, W trains)
 
 
 def _top_k_objective(top_values, top_rows, objective, tau, weights):
@@ -58,19 +67,23 @@ def _chunk(
     lam: float,
     tau: float,
     top_k: int,
+    transform: LogitTransform,
     need_grad: bool,
     need_rows_grad: bool,
 ) -> _ChunkResult:
-    """Loss sums of one chunk and, when asked, their gradient with respect to its logits.
+    """Loss sums of one chunk and, when asked, their gradients with respect to its raw logits.
 
-    The gradient is written in closed form into the logits buffer itself (softmax - one-hot, plus
-    the objective's part), so a chunk costs one [chunk x V] float32 buffer (two for entropy) and
-    the same passes over it as plain cross-entropy's forward and backward.
+    The CE (and entropy) gradient is written in closed form into the logits buffer itself
+    (softmax - one-hot), so a chunk costs one [chunk x V] float32 buffer (two with a soft cap or the
+    entropy objective) and the same passes over it as plain cross-entropy's forward and backward. The
+    margin and Fisher objectives only see the top-k logits: their gradient stays [chunk x k], unscaled
+    by lambda, so the caller can normalize it once the whole batch is known.
     """
-    logits = output_logits(h, weight32, bias32)
+    logits = transform.cap_(output_logits(h, weight32, bias32))  # the logits the model emits
     k = top_k if objective == "fisher" else 2
     top_values, top_ids = logits.topk(k, dim=-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
     peak = top_values[:, :1]
     entropy = objective == "entropy" and lam != 0.0
     shifted = logits.sub_(peak)  # z - max, in place
@@ -78,7 +91,8 @@ def _chunk(
     total = exp.sum(-1)
     log_total = total.log()
     ce = (peak.squeeze(1) + log_total - target_logit).sum()
-    margin = (top_values[:, 0] - top_values[:, 1]).sum()
+    margins = top_values[:, 0] - top_values[:, 1]
+    n_gated = (margins < tau).sum()
     objective_sum = torch.zeros((), device=h.device)
     grad_top = grad_rows = None
     if lam != 0.0 and not entropy:
@@ -87,16 +101,18 @@ def _chunk(
             rows = weight32[top_ids].detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
             objective_sum = _top_k_objective(values, rows, objective, tau, weights)
             if need_grad and objective_sum.requires_grad:
-                grads = torch.autograd.grad(lam * objective_sum, [values] + ([rows] if need_rows_grad else []))
+                grads = torch.autograd.grad(objective_sum, [values] + ([rows] if need_rows_grad else []))
                 grad_top = grads[0]
                 grad_rows = grads[1] if need_rows_grad else None
         objective_sum = objective_sum.detach()
+        if grad_top is not None and cap_slope is not None:
+            grad_top = grad_top * cap_slope.gather(1, top_ids)
     entropy_values = None
     if entropy:  # H = log S - sum(e * (z - max)) / S
         entropy_values = log_total - (exp * shifted).sum(-1) / total
         objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()
     if not need_grad:
-        return _ChunkResult(ce, objective_sum, margin, None, top_ids, None)
+        return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, None, top_ids, None, None)
     grad = exp.div_(total[:, None])  # softmax p, in place
     if entropy:  # dH/dz = -p (log p + H):  grad = p * (1 - lam * w * (log p + H))
         scale = lam if weights is None else lam * weights[:, None]
@@ -104,49 +120,96 @@ def _chunk(
         grad.mul_(factor)
     rows_index = torch.arange(grad.shape[0], device=grad.device)
     grad[rows_index, targets] -= 1.0
-    if grad_top is not None:
-        grad.scatter_add_(1, top_ids, grad_top)
-    return _ChunkResult(ce, objective_sum, margin, grad, top_ids, grad_rows)
+    if cap_slope is not None:
+        grad.mul_(cap_slope)
+    return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, grad, top_ids, grad_top, grad_rows)
+
+
+class _Gradients:
+    """Gradient accumulators for h, W and b: the CE part and the (lambda-free) top-k objective part."""
+
+    def __init__(self, hidden, weight32, bias32, need_h, need_w, need_b, sparse_objective):
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        self.h = torch.empty(hidden.shape, **f32) if need_h else None
+        self.w = torch.zeros_like(weight32) if need_w else None
+        self.b = torch.zeros_like(bias32) if need_b else None
+        self.h_obj = torch.zeros(hidden.shape, **f32) if need_h and sparse_objective else None
+        self.w_obj = torch.zeros_like(weight32) if need_w and sparse_objective else None
+        self.b_obj = torch.zeros_like(bias32) if need_b and sparse_objective else None
+
+    def add_chunk(self, start: int, stop: int, h: torch.Tensor, weight32: torch.Tensor, chunk: _ChunkResult) -> None:
+        if self.h is not None:
+            self.h[start:stop] = chunk.grad_logits @ weight32
+        if self.w is not None:
+            self.w.addmm_(chunk.grad_logits.T, h)
+        if self.b is not None:
+            self.b += chunk.grad_logits.sum(0)
+        if chunk.grad_top is None:
+            return
+        ids = chunk.top_ids.reshape(-1)
+        if self.h_obj is not None:  # sum_k g_k w'_k: k rows instead of a [chunk x V] scatter
+            self.h_obj[start:stop] = torch.bmm(chunk.grad_top[:, None, :], weight32[chunk.top_ids]).squeeze(1)
+        if self.w_obj is not None:
+            outer = chunk.grad_top[:, :, None] * h[:, None, :]
+            if chunk.grad_rows is not None:
+                outer = outer + chunk.grad_rows
+            self.w_obj.index_add_(0, ids, outer.reshape(-1, h.shape[1]))
+        if self.b_obj is not None:
+            self.b_obj.index_add_(0, ids, chunk.grad_top.reshape(-1))
+
+    def combine(self, lam: float, scale: float) -> list[torch.Tensor | None]:
+        """CE part + lam * objective part; W and b gradients through W' = scale * W."""
+        out = []
+        for total, objective, head_param in ((self.h, self.h_obj, False), (self.w, self.w_obj, True),
+                                             (self.b, self.b_obj, True)):
+            if total is not None and objective is not None and lam != 0.0:
+                total.add_(objective, alpha=lam)
+            if total is not None and head_param and scale != 1.0:
+                total.mul_(scale)
+            out.append(total)
+        return out
+
+
+def _objective_factor(normalization: str, objective: str, n_valid: int, n_gated: int) -> float:
+    """Per-micro-batch factor that turns the margin objective's sum over valid positions into the paper's
+    mean over gated positions (after the caller divides by the valid positions); 1 otherwise."""
+    if normalization != "gated" or objective != "margin":
+        return 1.0
+    return n_valid / n_gated if n_gated else 0.0
 
 
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, objective, lam, tau, top_k, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, weights, objective, lam, tau, top_k, chunk_size, transform,
+                normalization):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_grad = need_h or need_w or need_b
-        weight32 = weight.float()
-        bias32 = None if bias is None else bias.float()
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros_like(weight32) if need_w else None
-        grad_b = torch.zeros_like(bias32) if need_b else None
-        sums = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+        weight32, bias32 = transform.scaled_head(weight, bias)
+        sparse = lam != 0.0 and objective != "entropy"
+        grads = _Gradients(hidden, weight32, bias32, need_h, need_w, need_b, sparse) if need_grad else None
+        sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             h = hidden[start:stop].float()
             chunk = _chunk(
                 h, weight32, bias32, targets[start:stop], None if weights is None else weights[start:stop].float(),
-                objective, lam, tau, top_k, need_grad, need_w and objective == "fisher",
+                objective, lam, tau, top_k, transform, need_grad, need_w and objective == "fisher",
             )
-            sums += torch.stack([chunk.ce, chunk.objective, chunk.margin]).double()
-            if not need_grad:
-                continue
-            if need_h:
-                grad_h[start:stop] = chunk.grad_logits @ weight32
-            if need_w:
-                grad_w.addmm_(chunk.grad_logits.T, h)
-                if chunk.grad_rows is not None:
-                    grad_w.index_add_(0, chunk.top_ids.reshape(-1), chunk.grad_rows.reshape(-1, grad_w.shape[1]))
-            if need_b:
-                grad_b += chunk.grad_logits.sum(0)
+            sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated]).double()
+            if need_grad:
+                grads.add_chunk(start, stop, h, weight32, chunk)
             del chunk
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ce, obj, margin, n_gated = sums.unbind()
+        factor = _objective_factor(normalization, objective, hidden.shape[0], int(n_gated))
+        obj = obj * factor
+        outputs = grads.combine(lam * factor if sparse else 0.0, transform.scale) if need_grad else [None] * 3
+        ctx.save_for_backward(*(g for g in outputs if g is not None))
         ctx.flags = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ce, obj, margin = sums.unbind()
         total = (ce + lam * obj).float()
-        ce, obj, margin = (value.float() for value in (ce, obj, margin))
-        ctx.mark_non_differentiable(ce, obj, margin)
-        return total, ce, obj, margin
+        ce, obj, margin, n_gated = (value.float() for value in (ce, obj, margin, n_gated))
+        ctx.mark_non_differentiable(ce, obj, margin, n_gated)
+        return total, ce, obj, margin, n_gated
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
@@ -154,7 +217,7 @@ class _FusedMRPLoss(torch.autograd.Function):
         outputs = []
         for flag, dtype in zip(ctx.flags, ctx.dtypes):
             outputs.append((next(saved) * grad_total).to(dtype) if flag else None)
-        return (*outputs, None, None, None, None, None, None, None)
+        return (*outputs, None, None, None, None, None, None, None, None, None)
 
 
 def mrp_loss_sums(
@@ -169,16 +232,23 @@ def mrp_loss_sums(
     top_k: int = 5,
     chunk_size: int = 1024,
     position_weights: torch.Tensor | None = None,
+    transform: LogitTransform = IDENTITY,
+    normalization: str = "valid",
 ) -> MRPLossSums:
     """Summed CE + lam * objective over positions whose target is not -100.
 
     ``hidden`` [..., d] are final hidden states (after the final norm) already aligned with
-    ``targets`` [...] (i.e. shifted). ``position_weights`` [...] optionally weight each position's
-    objective term (e.g. to target token classes); CE is never weighted. Divide the sums by the
-    number of items (the Trainer's ``num_items_in_batch``) to get the loss.
+    ``targets`` [...] (i.e. shifted); the logits are ``transform(hidden @ weight.T + bias)``.
+    ``position_weights`` [...] optionally weight each position's objective term (e.g. to target token
+    classes); CE is never weighted. ``normalization='gated'`` scales the margin objective's sum by
+    n_valid / n_gated, so that once the caller divides by the valid positions it is the paper's mean over
+    the gated positions (m < tau) of this call; 'valid' (and every other objective) leaves the sum as is.
+    Divide the sums by the number of items (the Trainer's ``num_items_in_batch``) to get the loss.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -186,7 +256,9 @@ def mrp_loss_sums(
     valid = flat_targets != -100
     flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
     weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
-    total, ce, obj, margin = _FusedMRPLoss.apply(
-        flat_hidden, weight, bias, flat_targets, weights, objective, float(lam), float(tau), int(top_k), int(chunk_size)
+    total, ce, obj, margin, n_gated = _FusedMRPLoss.apply(
+        flat_hidden, weight, bias, flat_targets, weights, objective, float(lam), float(tau), int(top_k),
+        int(chunk_size), transform, normalization,
     )
-    return MRPLossSums(total=total, ce=ce, objective=obj, margin=margin, n_positions=int(flat_targets.shape[0]))
+    return MRPLossSums(total=total, ce=ce, objective=obj, margin=margin, n_positions=int(flat_targets.shape[0]),
+                       n_gated=int(n_gated))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .objectives import fisher_penalty, margin_penalty
+from .transform import IDENTITY, LogitTransform
 
 
 def output_logits(
@@ -27,9 +28,11 @@ def _chunk_statistics(
     weight32: torch.Tensor,
     top_k: int,
     tau: float,
+    raw_top2: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics of one chunk of float32 logits, computed in place: ``logits`` and ``exp_buffer``
-    are overwritten (each pass over [chunk x V] reuses them rather than allocating)."""
+    are overwritten (each pass over [chunk x V] reuses them rather than allocating). ``raw_top2`` are the
+    top-2 logits before a soft cap (the geometric margin is a distance in hidden space: uncapped)."""
     top_values, top_ids = logits.topk(top_k, dim=-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     peak = top_values[:, :1]
@@ -44,6 +47,7 @@ def _chunk_statistics(
     is_top1 = top_ids[:, 0] == targets
     best_other = torch.where(is_top1, top_values[:, 1], top_values[:, 0])
     w1, w2 = weight32[top_ids[:, 0]], weight32[top_ids[:, 1]]
+    raw_margin = margin if raw_top2 is None else raw_top2[:, 0] - raw_top2[:, 1]
     entropy = log_total - shifted.mul_(exp).sum(-1) / total  # H = log S - sum e (z - max) / S
     brier = 1.0 - 2.0 * target_prob + exp.square_().sum(-1) / total.square()  # 1 - 2 p_y + sum p^2
     return {
@@ -55,7 +59,7 @@ def _chunk_statistics(
         "p_top1": 1.0 / total,  # exp(z_(1) - max) = 1
         "target_logprob": target_logit - log_norm,
         "target_margin": target_logit - best_other,
-        "geometric_margin": margin / (w1 - w2).norm(dim=-1).clamp_min(1e-12),
+        "geometric_margin": raw_margin / (w1 - w2).norm(dim=-1).clamp_min(1e-12),
         "brier": brier,
         "fisher_penalty": fisher_penalty(top_values, weight32[top_ids]),
         "margin_penalty": margin_penalty(top_values, tau),
@@ -73,6 +77,7 @@ def decision_statistics(
     logits_dtype: torch.dtype = torch.float32,
     top_k: int = 5,
     tau: float = 1.0,
+    transform: LogitTransform = IDENTITY,
 ) -> dict[str, torch.Tensor]:
     """Every per-position statistic of the spec for ``hidden`` [N, d] predicting ``targets`` [N].
 
@@ -80,15 +85,14 @@ def decision_statistics(
     ``chunk_size`` positions at a time, into two reused [chunk x V] buffers. ``logits_dtype`` other
     than float32 recomputes the margin alone in that dtype, to show the low-precision artifact. Also
     returns the per-position MRP penalties (Fisher over ``top_k`` tokens, margin with threshold
-    ``tau``) used by the logit lens.
+    ``tau``) used by the logit lens. ``transform`` is the model's own scaling / soft cap of its logits.
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    weight32 = weight.float()
-    bias32 = None if bias is None else bias.float()
+    weight32, bias32 = transform.scaled_head(weight, bias)
     rows = min(chunk_size, hidden.shape[0])
-    low_weight = weight.to(logits_dtype)
-    low_bias = None if bias is None else bias.to(logits_dtype)
+    low_weight = weight32.to(logits_dtype)
+    low_bias = None if bias32 is None else bias32.to(logits_dtype)
     logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
     exp_buffer = torch.empty_like(logits_buffer)
     chunks = []
@@ -98,9 +102,11 @@ def decision_statistics(
         logits = torch.mm(h.float(), weight32.T, out=logits_buffer[:n])
         if bias32 is not None:
             logits.add_(bias32)
-        stats = _chunk_statistics(logits, exp_buffer[:n], targets[start : start + chunk_size], weight32, top_k, tau)
+        raw_top2 = logits.topk(2, dim=-1).values if transform.softcap is not None else None
+        stats = _chunk_statistics(transform.cap_(logits), exp_buffer[:n], targets[start : start + chunk_size],
+                                  weight32, top_k, tau, raw_top2)
         if logits_dtype != torch.float32:
-            low = output_logits(h.to(logits_dtype), low_weight, low_bias)
+            low = transform.cap_(output_logits(h.to(logits_dtype), low_weight, low_bias))
             top = low.topk(2, dim=-1).values
             stats["margin"] = (top[:, 0] - top[:, 1]).float()
         chunks.append(stats)

@@ -13,14 +13,38 @@ logger = logging.getLogger(__name__)
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
-    """Names of the linear modules inside the decoder blocks ('all-linear', spelled out: PEFT
-    refuses the string form together with ``layers_to_transform``)."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in decoder_layers(model).named_modules()
-        if isinstance(module, nn.Linear)
-    }
-    return sorted(names)
+    """'all-linear' as PEFT resolves it (nn.Linear and transformers' Conv1D, the output head excluded), kept to
+    the decoder blocks, minus the modules PEFT refuses for the family (Mamba's out_proj, conv1d). Spelled out
+    because PEFT refuses the string form together with ``layers_to_transform``."""
+    from peft import LoraConfig, TaskType
+    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba, _maybe_include_all_linear_layers
+
+    probe = _maybe_include_all_linear_layers(LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules="all-linear"),
+                                             model)
+    inside = {id(module) for module in decoder_layers(model).modules()}
+    modules = dict(model.named_modules())
+    names = {name.rsplit(".", 1)[-1] for name in probe.target_modules if id(modules.get(name)) in inside}
+    return sorted(name for name in names if _accepted_by_peft(_check_lora_target_modules_mamba, probe, model, name))
+
+
+def _accepted_by_peft(check, config, model: nn.Module, name: str) -> bool:
+    try:
+        check(config, model, name)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_targets_exist(targets: list[str], model: nn.Module) -> None:
+    """Every listed target must name a module of the decoder blocks: a typo is refused, listing what exists."""
+    available = decoder_linear_names(model)
+    present = {name.rsplit(".", 1)[-1] for name, _ in decoder_layers(model).named_modules()}
+    missing = [target for target in targets if target not in present]
+    if missing:
+        raise MRPUserError(
+            f"lora_target_modules {', '.join(missing)} match no module of {type(model).__name__}'s decoder layers; "
+            f"its adaptable modules are: {' '.join(available) or 'none'} (or pass 'all-linear')"
+        )
 
 
 def lora_config_from_args(args, model: nn.Module):
@@ -28,12 +52,21 @@ def lora_config_from_args(args, model: nn.Module):
     from peft import LoraConfig, TaskType
 
     targets = list(args.lora_target_modules)
+    if targets == ["all-linear"]:
+        targets = decoder_linear_names(model)
+        if not targets:
+            raise MRPUserError(
+                f"{type(model).__name__} has no linear module PEFT can adapt in its decoder layers; pass a "
+                "peft_config of your own, or use_lora=False to train the model's weights"
+            )
+    else:
+        _check_targets_exist(targets, model)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=decoder_linear_names(model) if targets == ["all-linear"] else targets,
+        target_modules=targets,
         layers_to_transform=args.lora_layer_indices(len(decoder_layers(model))),
     )
 
@@ -75,7 +108,7 @@ def prepare_model(model: nn.Module, args, peft_config=None) -> nn.Module:
     except ValueError as error:
         raise MRPUserError(
             f"could not attach LoRA: {str(error).splitlines()[0]}; pass lora_target_modules that exist in "
-            f"{type(model).__name__} (e.g. q_proj v_proj) or 'all-linear'"
+            f"{type(model).__name__} ({' '.join(decoder_linear_names(model)) or 'none found'}) or 'all-linear'"
         ) from error
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # PEFT + checkpointing: inputs must carry grad for the adapters

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from transformers import TrainingArguments
 
 from ..audit.layers import parse_layer_spec
 from ..errors import MRPUserError
 from ..ops import OBJECTIVES
+from ..ops.fused import NORMALIZATIONS
+
+logger = logging.getLogger(__name__)
+
+
+def _launched_without_accelerators(use_cpu: bool) -> bool:
+    """Several processes were launched (WORLD_SIZE > 1) but there is no GPU / XPU / MPS device to give them."""
+    if use_cpu or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or torch.backends.mps.is_available())
 
 
 @dataclass
@@ -24,6 +40,12 @@ class MRPConfig(TrainingArguments):
     mrp_lambda: float = field(default=0.6, metadata={"help": "Weight of the objective (>= 0; 0 gives plain CE)."})
     mrp_margin_threshold: float = field(
         default=1.0, metadata={"help": "tau: the margin objective only acts on positions with margin below tau (> 0)."}
+    )
+    mrp_margin_normalization: str = field(
+        default="gated",
+        metadata={"help": "How the margin objective is averaged: 'gated' divides it by the positions whose margin is "
+                          "below tau (the paper's mean over gated positions, per micro-batch), 'valid' by all valid "
+                          "positions like CE (exact under gradient accumulation). Other objectives: always 'valid'."},
     )
     mrp_top_k: int = field(default=5, metadata={"help": "k: tokens in the Fisher objective (2 <= k <= vocab)."})
     mrp_chunk_size: int = field(
@@ -49,11 +71,24 @@ class MRPConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if _launched_without_accelerators(self.use_cpu):
+            # without this, each process of `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs
+            # would run as its own job, all writing one output folder: join them as one gloo job instead
+            logger.warning("%s processes were launched on a machine without accelerators: running them as one "
+                           "distributed CPU job (gloo), as with --use_cpu true", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
+        if isinstance(self.lora_target_modules, str):  # 'all-linear' / 'q_proj' mean the one-element list
+            self.lora_target_modules = [self.lora_target_modules]
         super().__post_init__()
         if self.mrp_objective not in OBJECTIVES:
             raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if not self.mrp_lambda >= 0:
             raise MRPUserError(f"mrp_lambda must be >= 0 (0 gives plain cross-entropy), got {self.mrp_lambda}")
+        if self.mrp_margin_normalization not in NORMALIZATIONS:
+            raise MRPUserError(
+                f"unknown mrp_margin_normalization {self.mrp_margin_normalization!r}; choose one of "
+                f"{', '.join(NORMALIZATIONS)}"
+            )
         if not self.mrp_margin_threshold > 0:
             raise MRPUserError(f"mrp_margin_threshold (tau) must be > 0, got {self.mrp_margin_threshold}")
         if self.mrp_top_k < 2:

@@ -1,8 +1,8 @@
 """MRPTrainer: a drop-in `transformers.Trainer` whose loss is CE + lambda * MRP objective.
 
-`compute_loss` runs the model with its output head bypassed (final hidden states, no logits)
-and hands the hidden states and W to `ops.mrp_loss_sums`, which computes CE and the objective
-in float32 chunks. Everything else (optimizers, accumulation, DDP, checkpoints, logging) is
+`compute_loss` runs the model with the fused float32 loss in place of its output head's forward
+(`training/loss.py`: W is whole there under FSDP / ZeRO-3, and the model's soft cap or logit scale
+is applied). Everything else (optimizers, accumulation, DDP, checkpoints, logging) is
 the Trainer's own.
 
 Reliability (see `training_step`, `train`, `save_model`):
@@ -25,11 +25,11 @@ import torch
 from transformers import Trainer, default_data_collator, set_seed
 
 from ..errors import MRPUserError
-from ..models import check_token_ids, head_bypassed, output_head
-from ..ops import mrp_loss_sums
+from ..models import output_head
 from .adapters import prepare_model
 from .callbacks import MRPAuditCallback
 from .config import MRPConfig
+from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +86,11 @@ class MRPTrainer(Trainer):
                 self._signature_columns.append(column)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        args: MRPConfig = self.args
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         weights = inputs.pop(WEIGHTS_COLUMN, None)
-        unwrapped = self.accelerator.unwrap_model(model)
-        weight, bias = output_head(unwrapped)
-        check_token_ids(labels[:, 1:], self._vocab_size, what="labels", ignore_index=-100)
-        with head_bypassed(unwrapped):  # also refuses input_ids outside the vocabulary, before the embedding
-            outputs = model(**inputs, use_cache=False)
-        sums = mrp_loss_sums(
-            outputs.logits[:, :-1], weight, labels[:, 1:], bias=bias,
-            objective=args.mrp_objective, lam=args.mrp_lambda, tau=args.mrp_margin_threshold,
-            top_k=args.mrp_top_k, chunk_size=args.mrp_chunk_size,
-            position_weights=None if weights is None else weights[:, 1:],
-        )
+        sums, outputs = forward_with_mrp_loss(model, inputs, labels, MRPLossSettings.from_config(self.args),
+                                              position_weights=weights)
         if num_items_in_batch is None:
             loss = sums.total / max(sums.n_positions, 1)
         else:
@@ -108,8 +98,11 @@ class MRPTrainer(Trainer):
             items = num_items_in_batch
             items = items.clamp(min=1) if torch.is_tensor(items) else max(items, 1)
             loss = sums.total / items
-            if args.average_tokens_across_devices:
+            if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        aux = router_aux_loss(model, outputs)
+        if aux is not None:
+            loss = loss + aux.to(loss.device)
         guarded = self._guard_nonfinite and self.model.training
         finite = self._record(sums, loss, keep_nonfinite=not guarded)
         if guarded and not finite:
@@ -118,7 +111,7 @@ class MRPTrainer(Trainer):
             self._skip_batch = True
             loss = outputs.logits.sum() * 0.0
         if return_outputs:
-            outputs.logits = None  # these were hidden states, not logits
+            outputs.logits = None  # zeros tied to the loss, not logits
             return loss, outputs
         return loss
 
