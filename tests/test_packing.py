@@ -11,16 +11,19 @@ from conftest import VOCAB, tiny_llama
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 
-@pytest.mark.parametrize("objective", ["fisher", "entropy"])
-def test_packed_batch_equals_the_sum_over_its_documents(tmp_path, objective):
+@pytest.mark.parametrize("objective, flash_kwargs", [("fisher", False), ("entropy", False), ("fisher", True)])
+def test_packed_batch_equals_the_sum_over_its_documents(tmp_path, objective, flash_kwargs):
+    """With the collator's flash-attention kwargs (cu_seq_lens_*, max_length_*) too: they go through."""
     rng = np.random.default_rng(0)
     documents = [rng.integers(3, VOCAB, size=n).tolist() for n in (7, 11, 5)]
     args = MRPConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, use_lora=False, mrp_objective=objective,
                      mrp_lambda=0.7, mrp_margin_normalization="valid", disable_tqdm=True)
     model = tiny_llama()
     trainer = MRPTrainer(model=model, args=args)
-    packed = DataCollatorWithFlattening(return_position_ids=True)([{"input_ids": d, "labels": d} for d in documents])
+    collator = DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=flash_kwargs)
+    packed = collator([{"input_ids": d, "labels": d} for d in documents])
     assert packed["input_ids"].shape == (1, 23) and "position_ids" in packed
+    assert ("cu_seq_lens_q" in packed) == flash_kwargs
     packed_sum = trainer.compute_loss(trainer.model, dict(packed), num_items_in_batch=1)
     packed_sum.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
