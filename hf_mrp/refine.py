@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 DEFAULTS = dict(
     output_dir="outputs/refine", block_size=256, max_positions=61200, mrp_objective="fisher", mrp_lambda=0.6,
     lora_layers="20-29", lora_r=16, lora_alpha=32, learning_rate=2e-4, max_steps=60, per_device_train_batch_size=4,
-    logging_steps=10, save_strategy="no", report_to="none", seed=0, lr_scheduler_type="constant",
+    logging_steps=10, save_strategy="no", report_to="tensorboard", seed=0, lr_scheduler_type="constant",
 )
 
 
@@ -101,8 +101,10 @@ def refine(
     origin = provenance(model_name, model_args, data_args, refine_args)
     audit = MRPAuditCallback(audit_blocks, tokenizer=tokenizer, batch_size=refine_args.audit_batch_size,
                              chunk_size=config.mrp_chunk_size, baseline_dir=baseline_dir, provenance=origin)
+    repo_id = config.hub_model_id or output_dir.name
+    hub = hub_callback(config, repo_id) if push else None
     trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids),
-                         processing_class=tokenizer, callbacks=[audit])
+                         processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; mrp_config.json holds the settings as JSON
@@ -113,8 +115,20 @@ def refine(
         if push:
             from .training.hub import push_folder
 
-            push_folder(output_dir, config.hub_model_id or output_dir.name, config.hub_token, config.hub_private_repo)
+            hub.wait()  # the pushes made during training land first; the final push replaces their card
+            push_folder(output_dir, repo_id, config.hub_token, config.hub_private_repo)
     return audit.comparison
+
+
+def hub_callback(config: MRPConfig, repo_id: str):
+    """Pushes during training at each save, by ``config.hub_strategy`` (hub.HubPushCallback)."""
+    from .reporting.model_card import card_from_folder
+    from .training.hub import HubPushCallback
+
+    settings = config.to_dict()  # token-free
+    return HubPushCallback(repo_id, config.output_dir, config.hub_token, config.hub_private_repo, config.hub_strategy,
+                           config.hub_revision, config.hub_always_push,
+                           card=lambda folder, step: card_from_folder(folder, settings, step))
 
 
 def write_run_files(
@@ -122,13 +136,14 @@ def write_run_files(
 ) -> None:
     """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
     from .reporting.markdown import markdown_summary
-    from .reporting.model_card import model_card
+    from .reporting.model_card import evaluation_comparisons, model_card
 
     settings = config.to_dict()
     io.write_json(output_dir / "mrp_config.json", settings)
     io.write_json(output_dir / "run_arguments.json", origin)
     images = [p.relative_to(output_dir).as_posix() for p in sorted((output_dir / "comparison").glob("*.png"))]
-    card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images)
+    card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images,
+                      data_arguments=origin.get("arguments", {}), evaluations=evaluation_comparisons(output_dir))
     io.write_text(output_dir / "README.md", card)
 
 
