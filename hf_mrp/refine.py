@@ -3,7 +3,9 @@ model card, optional Hub push. `examples/refine.py` and `hf-mrp refine` run it.
 
 Output folder: the adapter (loadable with `PeftModel.from_pretrained(base, output_dir)`),
 README.md (model card), configs (`mrp_config.json`, `run_arguments.json`), `audit_before/`,
-`audit_after/` (as `hf-mrp audit` writes them) and `comparison/` (as `hf-mrp compare` writes it).
+`audit_after/` (as `hf-mrp audit` writes them) and `comparison/` (as `hf-mrp compare` writes it),
+`runs/` (TensorBoard). With `--eval_strategy steps`, each evaluation (eval loss on the held-out audit
+blocks) also audits them into `audit_step_N/` + `comparison_step_N/`.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ def refine(
                              chunk_size=config.mrp_chunk_size, baseline_dir=baseline_dir, provenance=origin)
     repo_id = config.hub_model_id or output_dir.name
     hub = hub_callback(config, repo_id) if push else None
+    evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
     trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids),
+                         eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(str(output_dir))

@@ -140,3 +140,28 @@ def test_an_unknown_hub_strategy_is_one_clear_error():
 
     with pytest.raises(MRPUserError, match="unknown hub_strategy 'sometimes'; choose one of every_save"):
         HubPushCallback("someone/refined", hub_strategy="sometimes")
+
+
+def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp_path, monkeypatch):
+    from hf_mrp.arguments import DataArguments, ModelArguments
+    from hf_mrp.refine import RefineArguments, parse_arguments, refine
+
+    assert parse_arguments([])[3].report_to == ["tensorboard"]  # examples/refine.py logs to TensorBoard by default
+    out, hub = tmp_path / "run", RecordingHub()
+    monkeypatch.setattr("huggingface_hub.HfApi", hub)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    config = MRPConfig(output_dir=str(out), report_to="tensorboard", use_cpu=True, max_steps=2, logging_steps=1,
+                       per_device_train_batch_size=2, lora_layers="2", eval_strategy="steps", eval_steps=1,
+                       save_strategy="steps", save_steps=1, hub_always_push=True, disable_tqdm=True, seed=0,
+                       push_to_hub=True, hub_model_id="someone/refined", hub_token=FAKE_TOKEN)
+    refine(ModelArguments(model=str(tiny_model_dir)), DataArguments(block_size=32, max_positions=248),
+           RefineArguments(audit_positions=62), config)
+    assert [u["message"] for u in hub.uploads[:2]] == ["hf_mrp: training in progress, step 1",
+                                                       "hf_mrp: training in progress, step 2"]
+    assert len(hub.uploads) == 3 and hub.tokens == {FAKE_TOKEN}
+    assert {"comparison_step_1", "audit_step_1", "runs"} <= folders(hub.uploads[0]["files"])
+    final = hub.uploads[-1]
+    assert {"comparison_step_1", "comparison_step_2", "comparison", "audit_after", "runs"} <= folders(final["files"])
+    assert MODEL_FILES | {"README.md", "mrp_config.json", "training_log.json"} <= set(final["files"])
+    assert "## Flip audit at each evaluation step" in final["card"] and "Step 2: flips by token class" in final["card"]
+    assert "Training in progress" not in final["card"] and "no Hub id is known" in final["card"]
