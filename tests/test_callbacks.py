@@ -40,6 +40,19 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+def read_text(logdir: Path, tag: str) -> list[tuple[int, str]]:
+    """The text (Markdown) entries of one TensorBoard tag: [(step, text)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts = []
+    for folder in sorted({events.parent for events in logdir.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["tensors"]:
+            texts += [(e.step, e.tensor_proto.string_val[0].decode()) for e in accumulator.Tensors(tag)]
+    return texts
+
+
 def read_trackio(project: str) -> list[dict]:
     """Every row the run logged into trackio's local SQLite store."""
     from trackio.sqlite_storage import SQLiteStorage
@@ -133,6 +146,9 @@ def test_every_breakdown_scalar_reaches_tensorboard_and_trackio_with_the_values_
     assert [(row["token_id"], row["net"]) for row in gains] == [(e["token_id"], e["net"]) for e in final["top_gain"]]
     for name in ("bucket", "band", "top_loss"):
         assert "train/audit/table/" + name in tables[-1]
+    text = read_text(logdir, "train/audit/table/bucket/text_summary")  # TensorBoard: Markdown in the Text tab
+    assert [step for step, _ in text] == [2, 4, 4]
+    assert f"| 100+ | {final['by_bucket']['100+']['n']} | {final['by_bucket']['100+']['w2r']} |" in text[-1][1]
 
     before_mtime = (out / "audit_before" / "audit.json").stat().st_mtime_ns
     again = MRPAuditCallback(blocks)
