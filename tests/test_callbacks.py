@@ -195,3 +195,50 @@ def test_two_process_audit_equals_one_process(tmp_path):
         s["provenance"].pop("arguments")  # output_dir differs
     assert summary[0] == summary[1]
     assert (tmp_path / "one" / "layers.json").read_text() == (tmp_path / "two" / "layers.json").read_text()
+
+
+def test_label_names_stay_one_segment():
+    assert [name_part(label) for label in ("100+", "2-4", "entity-like", "function word", "fragment/other", "<0.5")] \
+        == ["100+", "2-4", "entity-like", "function_word", "fragment_other", "<0.5"]
+
+
+def test_tables_reach_wandb_and_a_failing_reporter_is_skipped(caplog):
+    from hf_mrp.training.tables import flip_tables, log_tables
+
+    class FakeWandb:  # the wandb module as WandbCallback holds it: run, Table, log
+        run = object()
+
+        def __init__(self):
+            self.logged = []
+
+        @staticmethod
+        def Table(columns, data):
+            return {"columns": columns, "data": data}
+
+        def log(self, record):
+            self.logged.append(record)
+
+    class WandbCallback:
+        def __init__(self, wandb):
+            self._wandb = wandb
+
+    class TensorBoardCallback:  # its writer fails: a dashboard never stops training
+        class tb_writer:
+            @staticmethod
+            def add_text(*args):
+                raise OSError("disk full")
+
+    group = {"n": 4, "w2r": 2, "r2w": 1, "net": 1, "accuracy_before": 0.25, "accuracy_after": 0.5}
+    comparison = {"by_class": {"entity": group}, "by_bucket": {"1": group, "100+": group},
+                  "accuracy_by_margin_band": {"<0.5": group},
+                  "top_gain": [{"token": " x", "token_id": 7, "w2r": 2, "r2w": 0, "net": 2}], "top_loss": []}
+    wandb = FakeWandb()
+    reached = log_tables([TensorBoardCallback(), WandbCallback(wandb)], flip_tables(comparison), step=6)
+    assert reached == ["WandbCallback"] and "disk full" in caplog.text
+    (record,) = wandb.logged
+    assert record["train/global_step"] == 6
+    assert record["train/audit/table/bucket"] == {
+        "columns": ["bucket", "n", "w2r", "r2w", "net", "accuracy_before", "accuracy_after"],
+        "data": [["1", 4, 2, 1, 1, 0.25, 0.5], ["100+", 4, 2, 1, 1, 0.25, 0.5]]}
+    assert record["train/audit/table/top_gain"]["data"] == [[" x", 7, 2, 0, 2]]
+    assert record["train/audit/table/top_loss"]["data"] == []

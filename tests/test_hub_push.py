@@ -147,6 +147,8 @@ def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp
     from hf_mrp.refine import RefineArguments, parse_arguments, refine
 
     assert parse_arguments([])[3].report_to == ["tensorboard"]  # examples/refine.py logs to TensorBoard by default
+    tracked = parse_arguments(["--report_to", "trackio", "--trackio_space_id", "you/mrp-dashboard"])[3]
+    assert tracked.report_to == ["trackio"] and tracked.trackio_space_id == "you/mrp-dashboard"
     out, hub = tmp_path / "run", RecordingHub()
     monkeypatch.setattr("huggingface_hub.HfApi", hub)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
