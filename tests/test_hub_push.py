@@ -167,3 +167,33 @@ def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp
     assert MODEL_FILES | {"README.md", "mrp_config.json", "training_log.json"} <= set(final["files"])
     assert "## Flip audit at each evaluation step" in final["card"] and "Step 2: flips by token class" in final["card"]
     assert "Training in progress" not in final["card"] and "no Hub id is known" in final["card"]
+
+
+def test_a_save_during_a_running_push_is_skipped_unless_always_push(tmp_path, monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    release = threading.Event()
+
+    class SlowHub(RecordingHub):
+        def upload_folder(self, *args, **kwargs):
+            release.wait(timeout=30)
+            return super().upload_folder(*args, **kwargs)
+
+    out = tmp_path / "run"
+    for step in (1, 2, 3):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(bytes([step]))
+    for always, expected in ((False, [1, 3]), (True, [1, 2, 3])):
+        hub = SlowHub()
+        monkeypatch.setattr("huggingface_hub.HfApi", hub)
+        push = HubPushCallback("someone/refined", out, always_push=always)
+        release.clear()
+        for step in (1, 2):
+            push.on_save(None, SimpleNamespace(is_world_process_zero=True, global_step=step), None)
+        release.set()
+        push.wait()
+        push.on_save(None, SimpleNamespace(is_world_process_zero=True, global_step=3), None)
+        push.on_train_end(None, None, None)
+        assert push.pushed == expected and push.failures == []
+        assert [u["message"][-1] for u in hub.uploads] == [str(step) for step in expected]
