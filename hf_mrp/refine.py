@@ -156,7 +156,25 @@ def parse_arguments(argv: list[str] | None = None):
 
     parser = HfArgumentParser((ModelArguments, DataArguments, RefineArguments, MRPConfig))
     parser.set_defaults(**DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, refine_args, config = parser.parse_args_into_dataclasses(args=argv)
+    config.report_to = reporters(config.report_to)
+    return model_args, data_args, refine_args, config
+
+
+def reporters(report_to: list[str]) -> list[str]:
+    """``--report_to tensorboard,trackio`` as the list the Trainer takes, each one known and installed."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [name.strip() for entry in report_to for name in entry.split(",") if name.strip() not in ("", "none")]
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise MRPUserError(f"unknown reporter {name!r} in --report_to; choose from none, all, "
+                               f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: comma-separated)")
+        if name in ("tensorboard", "trackio") and importlib.util.find_spec(name) is None:
+            raise MRPUserError(f"--report_to {name} needs the {name} package: pip install \"hf_mrp[{name}]\"")
+    return names
 
 
 def summary_line(comparison: dict) -> str:

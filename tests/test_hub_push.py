@@ -149,6 +149,11 @@ def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp
     assert parse_arguments([])[3].report_to == ["tensorboard"]  # examples/refine.py logs to TensorBoard by default
     tracked = parse_arguments(["--report_to", "trackio", "--trackio_space_id", "you/mrp-dashboard"])[3]
     assert tracked.report_to == ["trackio"] and tracked.trackio_space_id == "you/mrp-dashboard"
+    assert parse_arguments(["--report_to", "tensorboard,trackio"])[3].report_to == ["tensorboard", "trackio"]
+    from hf_mrp.errors import MRPUserError
+
+    with pytest.raises(MRPUserError, match="unknown reporter 'tensorbord' in --report_to"):
+        parse_arguments(["--report_to", "tensorbord"])
     out, hub = tmp_path / "run", RecordingHub()
     monkeypatch.setattr("huggingface_hub.HfApi", hub)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
