@@ -3,7 +3,9 @@ model card, optional Hub push. `examples/refine.py` and `hf-mrp refine` run it.
 
 Output folder: the adapter (loadable with `PeftModel.from_pretrained(base, output_dir)`),
 README.md (model card), configs (`mrp_config.json`, `run_arguments.json`), `audit_before/`,
-`audit_after/` (as `hf-mrp audit` writes them) and `comparison/` (as `hf-mrp compare` writes it).
+`audit_after/` (as `hf-mrp audit` writes them) and `comparison/` (as `hf-mrp compare` writes it),
+`runs/` (TensorBoard). With `--eval_strategy steps`, each evaluation (eval loss on the held-out audit
+blocks) also audits them into `audit_step_N/` + `comparison_step_N/`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULTS = dict(
     output_dir="outputs/refine", block_size=256, max_positions=61200, mrp_objective="fisher", mrp_lambda=0.6,
     lora_layers="20-29", lora_r=16, lora_alpha=32, learning_rate=2e-4, max_steps=60, per_device_train_batch_size=4,
-    logging_steps=10, save_strategy="no", report_to="none", seed=0, lr_scheduler_type="constant",
+    logging_steps=10, save_strategy="no", report_to="tensorboard", seed=0, lr_scheduler_type="constant",
 )
 
 
@@ -101,8 +103,12 @@ def refine(
     origin = provenance(model_name, model_args, data_args, refine_args)
     audit = MRPAuditCallback(audit_blocks, tokenizer=tokenizer, batch_size=refine_args.audit_batch_size,
                              chunk_size=config.mrp_chunk_size, baseline_dir=baseline_dir, provenance=origin)
+    repo_id = config.hub_model_id or output_dir.name
+    hub = hub_callback(config, repo_id) if push else None
+    evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
     trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids),
-                         processing_class=tokenizer, callbacks=[audit])
+                         eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
+                         processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; mrp_config.json holds the settings as JSON
@@ -113,8 +119,20 @@ def refine(
         if push:
             from .training.hub import push_folder
 
-            push_folder(output_dir, config.hub_model_id or output_dir.name, config.hub_token, config.hub_private_repo)
+            hub.wait()  # the pushes made during training land first; the final push replaces their card
+            push_folder(output_dir, repo_id, config.hub_token, config.hub_private_repo)
     return audit.comparison
+
+
+def hub_callback(config: MRPConfig, repo_id: str):
+    """Pushes during training at each save, by ``config.hub_strategy`` (hub.HubPushCallback)."""
+    from .reporting.model_card import card_from_folder
+    from .training.hub import HubPushCallback
+
+    settings = config.to_dict()  # token-free
+    return HubPushCallback(repo_id, config.output_dir, config.hub_token, config.hub_private_repo, config.hub_strategy,
+                           config.hub_revision, config.hub_always_push,
+                           card=lambda folder, step: card_from_folder(folder, settings, step))
 
 
 def write_run_files(
@@ -122,13 +140,14 @@ def write_run_files(
 ) -> None:
     """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
     from .reporting.markdown import markdown_summary
-    from .reporting.model_card import model_card
+    from .reporting.model_card import evaluation_comparisons, model_card
 
     settings = config.to_dict()
     io.write_json(output_dir / "mrp_config.json", settings)
     io.write_json(output_dir / "run_arguments.json", origin)
     images = [p.relative_to(output_dir).as_posix() for p in sorted((output_dir / "comparison").glob("*.png"))]
-    card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images)
+    card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images,
+                      data_arguments=origin.get("arguments", {}), evaluations=evaluation_comparisons(output_dir))
     io.write_text(output_dir / "README.md", card)
 
 
@@ -137,7 +156,25 @@ def parse_arguments(argv: list[str] | None = None):
 
     parser = HfArgumentParser((ModelArguments, DataArguments, RefineArguments, MRPConfig))
     parser.set_defaults(**DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, refine_args, config = parser.parse_args_into_dataclasses(args=argv)
+    config.report_to = reporters(config.report_to)
+    return model_args, data_args, refine_args, config
+
+
+def reporters(report_to: list[str]) -> list[str]:
+    """``--report_to tensorboard,trackio`` as the list the Trainer takes, each one known and installed."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [name.strip() for entry in report_to for name in entry.split(",") if name.strip() not in ("", "none")]
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise MRPUserError(f"unknown reporter {name!r} in --report_to; choose from none, all, "
+                               f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: comma-separated)")
+        if name in ("tensorboard", "trackio") and importlib.util.find_spec(name) is None:
+            raise MRPUserError(f"--report_to {name} needs the {name} package: pip install \"hf_mrp[{name}]\"")
+    return names
 
 
 def summary_line(comparison: dict) -> str:

@@ -2,14 +2,17 @@
 
 Audits the positions at train begin (the baseline; reused from disk when it is already there),
 at each evaluation and at train end, compares each audit with the baseline, writes the files
-`hf-mrp audit` / `hf-mrp compare` write, and logs the headline numbers through the trainer, so
-every reporting integration (TensorBoard, W&B, ...) receives them. (Keys a callback adds to
-`metrics` inside `on_evaluate` never reach the reporters, hence `trainer.log`.)
+`hf-mrp audit` / `hf-mrp compare` write, and logs the headline numbers and the breakdowns by
+token class and frequency bucket through the trainer, so every reporting integration
+(TensorBoard, trackio, W&B, ...) receives them. (Keys a callback adds to `metrics` inside
+`on_evaluate` never reach the reporters, hence `trainer.log`.) The flip tables go to the
+reporters that show tables (`tables.log_tables`). docs/logging.md lists every name.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -18,10 +21,21 @@ from ..audit.compare import compare_audits, decoder_from_tokenizer, write_compar
 from ..audit.geometry import AuditResult, load_audit, run_audit
 from ..data import Blocks
 from ..errors import MRPUserError
+from .tables import flip_tables, log_tables
 
 logger = logging.getLogger(__name__)
 
-HEADLINE = ("w2r", "r2w", "net", "flip_ratio", "median_margin_change", "head_share")
+HEADLINE = ("w2r", "r2w", "net", "flip_ratio", "median_margin_change", "head_share", "churn")
+FLIP_COUNTS = ("w2r", "r2w", "net")
+UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9+._<>=-]+")
+
+
+def name_part(label: str) -> str:
+    """A class or bucket label as one segment of a logged name: lower case, other characters -> '_'.
+
+    "100+" stays "100+"; a label with spaces or a slash ("fragment/other") cannot add a level.
+    """
+    return UNSAFE_IN_NAME.sub("_", str(label).strip().lower()).strip("_") or "_"
 
 
 def headline_scalars(comparison: dict, after: AuditResult) -> dict[str, float]:
@@ -32,7 +46,28 @@ def headline_scalars(comparison: dict, after: AuditResult) -> dict[str, float]:
     alpha = after.summary["gap_fit"].get("alpha")
     if alpha is not None:
         scalars["audit/gap_alpha"] = alpha
+    if comparison.get("ece_after") is not None:
+        scalars["audit/ece"] = comparison["ece_after"]
     return {key: float(value) for key, value in scalars.items()}
+
+
+def breakdown_scalars(comparison: dict) -> dict[str, float]:
+    """W->R, R->W and net per token class and per frequency bucket: where corrections and damage fall.
+
+    Names: ``audit/class/<class>/<count>`` and ``audit/bucket/<bucket>/<count>``; the labels are
+    read from the comparison's own dictionaries (``name_part`` of each), not from a fixed list.
+    """
+    scalars = {}
+    for kind, groups in (("class", comparison.get("by_class")), ("bucket", comparison.get("by_bucket"))):
+        for label, group in (groups or {}).items():
+            for count in FLIP_COUNTS:
+                scalars[f"audit/{kind}/{name_part(label)}/{count}"] = float(group[count])
+    return scalars
+
+
+def audit_scalars(comparison: dict, after: AuditResult) -> dict[str, float]:
+    """Every scalar logged at one audit: the headline numbers and the class and bucket breakdowns."""
+    return {**headline_scalars(comparison, after), **breakdown_scalars(comparison)}
 
 
 class MRPAuditCallback(TrainerCallback):
@@ -65,6 +100,7 @@ class MRPAuditCallback(TrainerCallback):
         self.baseline: AuditResult | None = None
         self.latest: AuditResult | None = None
         self.comparison: dict | None = None
+        self._pending_baseline_log: dict[str, float] | None = None
 
     def attach(self, trainer) -> "MRPAuditCallback":
         """Register with a (plain or MRP) Trainer, ahead of the reporters so its logs reach them."""
@@ -99,6 +135,18 @@ class MRPAuditCallback(TrainerCallback):
                     f"partly trained model; resume into the original output_dir (which holds audit_before/)"
                 )
             self.baseline = self._audit(model, "audit_before")
+        if state.global_step == 0:  # step 0: the baseline against itself (no flips by definition)
+            self._pending_baseline_log = audit_scalars(
+                compare_audits(self.baseline, self.baseline, self.decode), self.baseline)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._flush_baseline_log()
+
+    def _flush_baseline_log(self) -> None:
+        """Log the step-0 scalars once every reporter has run its own on_train_begin (set its log dir)."""
+        if self._pending_baseline_log is not None:
+            scalars, self._pending_baseline_log = self._pending_baseline_log, None
+            self.trainer.log(scalars)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self.audit_on_evaluate and self.baseline is not None:
@@ -106,6 +154,7 @@ class MRPAuditCallback(TrainerCallback):
             self._audit_compare_log(model, f"audit_step_{step}", f"comparison_step_{step}")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._flush_baseline_log()
         self._audit_compare_log(model, "audit_after", "comparison")
 
     def _audit_compare_log(self, model, audit_folder: str, comparison_folder: str) -> None:
@@ -113,4 +162,7 @@ class MRPAuditCallback(TrainerCallback):
         self.comparison = compare_audits(self.baseline, self.latest, self.decode)
         if self.trainer.is_world_process_zero():
             write_comparison(self.comparison, self.baseline, self.latest, self.output_dir / comparison_folder)
-        self.trainer.log(headline_scalars(self.comparison, self.latest))
+        self.trainer.log(audit_scalars(self.comparison, self.latest))
+        if self.trainer.is_world_process_zero():
+            log_tables(self.trainer.callback_handler.callbacks, flip_tables(self.comparison),
+                       self.trainer.state.global_step)

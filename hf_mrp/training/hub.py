@@ -1,14 +1,165 @@
-"""Pushing a finished output folder to the Hub, after everything is on disk."""
+"""Pushing to the Hub: during training at each save (`HubPushCallback`) and once at the end (`push_folder`).
+
+During training, a push follows the Trainer's ``hub_strategy``:
+
+- ``every_save``: at each checkpoint save, the adapter of that checkpoint, the audits and
+  comparisons made so far (``audit_*/``, ``comparison*/``), the TensorBoard event files
+  (``runs/``, which the Hub shows as the repo's training metrics) and a model card of the run so far;
+- ``checkpoint``: the same, plus the checkpoint itself as ``last-checkpoint/`` (to resume from);
+- ``all_checkpoints``: the same, plus each checkpoint under its own name;
+- ``end``: nothing during training; the final push of the finished folder only.
+
+As in the Trainer, a push runs in the background (one at a time; a save while one is still
+running is skipped unless ``hub_always_push``) so training never waits for the network. Each push
+uploads a snapshot copied to a temporary folder, so files still being written (event files) are
+never read half-way, and the output folder is only read, never changed: a failed push (offline,
+auth, HTTP) is logged as a warning, loses nothing, and the next save pushes everything again.
+Never pushed: optimizer/scheduler/RNG states, ``trainer_state.json``, and ``training_args.bin``
+(a pickle); the token only authenticates the upload.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from ..errors import MRPUserError
 
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("every_save", "checkpoint", "all_checkpoints", "end")
+RUN_FOLDERS = ("audit_*", "comparison*")  # the audits and comparisons MRPAuditCallback writes
+NEVER_PUSHED = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", "README.md"}
+FINAL_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".*", "training_args.bin"]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+
+
+def _copy_tree(source: Path, target: Path, keep=lambda path: True) -> None:
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(source).parts) and keep(path):
+            _copy(path, target / path.relative_to(source))
+
+
+def model_files(checkpoint: Path) -> list[Path]:
+    """The files of a checkpoint that make up the model (adapter, config, tokenizer): no trainer state."""
+    return [p for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name not in NEVER_PUSHED
+            and not p.name.startswith(("rng_state", "."))]
+
+
+def tensorboard_dir(output_dir: Path) -> Path:
+    """Where the Trainer's TensorBoard callback writes: $TENSORBOARD_LOGGING_DIR, else <output_dir>/runs."""
+    configured = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    return Path(os.path.expanduser(configured)) if configured else output_dir / "runs"
+
+
+def stage_push(output_dir: Path, checkpoint: Path | None, strategy: str, staging: Path, card: str | None) -> Path:
+    """Copy what a push at this save uploads into ``staging`` (see the module docstring)."""
+    for pattern in RUN_FOLDERS:
+        for folder in sorted(output_dir.glob(pattern)):
+            if folder.is_dir():
+                _copy_tree(folder, staging / folder.name)
+    events = tensorboard_dir(output_dir)
+    if events.is_dir():
+        _copy_tree(events, staging / "runs", keep=lambda path: "tfevents" in path.name)
+    if checkpoint is not None and checkpoint.is_dir():
+        for path in model_files(checkpoint):
+            _copy(path, staging / path.name)
+        if strategy in ("checkpoint", "all_checkpoints"):
+            name = "last-checkpoint" if strategy == "checkpoint" else checkpoint.name
+            _copy_tree(checkpoint, staging / name, keep=lambda path: path.name != "training_args.bin")
+    if card is not None:
+        (staging / "README.md").write_text(card, encoding="utf-8")
+    return staging
+
+
+class HubPushCallback(TrainerCallback):
+    """Push the run to ``repo_id`` at each save, following ``hub_strategy`` (see the module docstring).
+
+    ``card``: a function (output_dir, step) -> model card Markdown or None, for the pushed README.md.
+    """
+
+    def __init__(self, repo_id: str, output_dir: str | Path | None = None, token: str | None = None,
+                 private: bool | None = None, hub_strategy: str = "every_save", revision: str | None = None,
+                 always_push: bool = False, card=None):
+        strategy = str(getattr(hub_strategy, "value", hub_strategy))
+        if strategy not in STRATEGIES:
+            raise MRPUserError(f"unknown hub_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        self.repo_id, self.strategy, self.revision = repo_id, strategy, revision
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.token, self.private, self.always_push, self.card = token, private, always_push, card
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_mrp-push")
+        self._repo_ready = False
+        self.jobs: list[Future] = []
+        self.failures: list[str] = []
+        self.pushed: list[int] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.strategy == "end":
+            return
+        if not self.always_push and self.jobs and not self.jobs[-1].done():
+            logger.info("step %d: the previous Hub push is still running; skipping this one", state.global_step)
+            return
+        output_dir = self.output_dir or Path(args.output_dir)
+        checkpoint = output_dir / f"checkpoint-{state.global_step}"
+        staging = Path(tempfile.mkdtemp(prefix="hf_mrp-push-"))
+        try:
+            card = self.card(output_dir, state.global_step) if self.card is not None else None
+            stage_push(output_dir, checkpoint, self.strategy, staging, card)
+        except Exception as error:  # a file vanished under us (rotation): skip this push, train on
+            shutil.rmtree(staging, ignore_errors=True)
+            self._record_failure(state.global_step, error)
+            return
+        message = f"hf_mrp: training in progress, step {state.global_step}"
+        self.jobs.append(self._executor.submit(self._push, staging, message, state.global_step))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait()
+
+    def wait(self) -> list[str]:
+        """Block until every push started so far has finished; returns the failures (one line each)."""
+        for job in list(self.jobs):
+            job.result()  # _push never raises: failures are recorded
+        return self.failures
+
+    def _push(self, staging: Path, message: str, step: int) -> None:
+        from huggingface_hub import HfApi
+
+        try:
+            api = HfApi(token=self.token)
+            if not self._repo_ready:
+                api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                self._repo_ready = True
+            api.upload_folder(folder_path=str(staging), repo_id=self.repo_id, commit_message=message,
+                              revision=self.revision)
+            self.pushed.append(step)
+        except Exception as error:  # offline, DNS, auth, HTTP: training goes on, local files are untouched
+            self._record_failure(step, error)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _record_failure(self, step: int, error: Exception) -> None:
+        line = f"step {step}: push to {self.repo_id!r} failed ({_first_line(error)})"
+        self.failures.append(line)
+        logger.warning("%s; training goes on, nothing local is lost, the next save pushes everything again", line)
+
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-    """Upload ``folder`` (adapter, card, audits, plots) to ``repo_id``; a failure loses nothing local."""
+    """Upload ``folder`` (adapter, card, audits, plots, runs/) to ``repo_id``; a failure loses nothing local."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -16,7 +167,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"],
+            folder_path=str(folder), repo_id=repo_id, ignore_patterns=FINAL_IGNORE,
             commit_message="hf_mrp: margin-refined adapter with geometry audits",
         )
     except Exception as error:  # offline, DNS, auth, HTTP: the local files are complete either way
