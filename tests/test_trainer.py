@@ -193,3 +193,19 @@ def test_quantized_gguf_model_and_missing_bitsandbytes_are_refused(tmp_path, mon
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(MRPUserError, match="needs bitsandbytes"):
         ModelArguments(load_in_4bit=True)
+
+
+def test_pickled_config_never_holds_the_hub_token(tmp_path):
+    """The Trainer's own push (_push_from_checkpoint) torch.saves args: MRPConfig pickles without tokens,
+    while copies (the Trainer and Accelerate copy arguments) keep them."""
+    import copy
+    import io as bytes_io
+    import pickle
+
+    args = config(tmp_path, hub_token="hf_SECRETTOKEN123")
+    buffer = bytes_io.BytesIO()
+    torch.save(args, buffer)
+    assert b"hf_SECRETTOKEN123" not in buffer.getvalue()
+    restored = pickle.loads(pickle.dumps(args))
+    assert restored.hub_token is None and restored.mrp_lambda == args.mrp_lambda
+    assert copy.copy(args).hub_token == copy.deepcopy(args).hub_token == "hf_SECRETTOKEN123"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -99,6 +100,21 @@ class MRPConfig(TrainingArguments):
             raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if self.lora_layers is not None and self.lora_layers.strip().lower() != "all":
             parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
+
+    def __getstate__(self) -> dict:
+        """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
+        return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
+
+    def __copy__(self) -> "MRPConfig":  # copies keep the token: only pickles drop it
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "MRPConfig":
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""
