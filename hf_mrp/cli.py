@@ -55,6 +55,7 @@ def _compare(argv: list[str]) -> None:
 
     from .audit.compare import compare_dirs
     from .refine import summary_line
+    from .reporting.ownership import owned_folder
 
     parser = argparse.ArgumentParser(prog="hf-mrp compare", description=COMMANDS["compare"])
     parser.add_argument("before_dir")
@@ -64,8 +65,9 @@ def _compare(argv: list[str]) -> None:
                         help="model id or folder whose tokenizer decodes tokens for the class breakdown; "
                              "default: the model named in the audits' provenance when it is a local folder")
     args = parser.parse_args(argv)
-    tokenizer = _compare_tokenizer(args.tokenizer, args.before_dir)
-    result = compare_dirs(args.before_dir, args.after_dir, args.output_dir, tokenizer=tokenizer)
+    with owned_folder(args.output_dir):
+        tokenizer = _compare_tokenizer(args.tokenizer, args.before_dir)
+        result = compare_dirs(args.before_dir, args.after_dir, args.output_dir, tokenizer=tokenizer)
     print(f"compared -> {args.output_dir}\n{summary_line(result)}")
 
 

@@ -302,7 +302,7 @@ API_CASES = [
     ("config-threshold", lambda w, t, m: _config(t, mrp_margin_threshold=0.0), "must be > 0"),
     ("config-top-k", lambda w, t, m: _config(t, mrp_top_k=1), "mrp_top_k must be at least 2"),
     ("config-lora-layers-spec", lambda w, t, m: _config(t, lora_layers="a-b"), "bad layer spec"),
-    ("trainer-top-k-beyond-vocab", lambda w, t, m: _train(t, _dataset(), mrp_top_k=VOCAB + 1),
+    ("trainer-top-k-beyond-vocab", lambda w, t, m: _train(t, _dataset(), mrp_top_k=VOCAB + 1, mrp_chunk_size=64),
      "exceeds the vocabulary"),
     ("trainer-lora-layers-range", lambda w, t, m: _train(t, _dataset(), lora_layers="2-5"), "out of range"),
     ("trainer-lora-targets", lambda w, t, m: _train(t, _dataset(), lora_target_modules=["nope_proj"]),
