@@ -25,6 +25,7 @@ from typing import Iterator
 from ..errors import MRPUserError
 
 LOCK_FILE = ".hf_mrp.lock"
+_HELD: dict[str, int] = {}  # folders this process holds -> nesting depth (the CLI locks before refine() does)
 FINISHED_MARKER = "training_log.json"  # refine writes it last
 # What a finished refine run leaves beside its adapter: replaced (not reused) by --overwrite_output_dir.
 RUN_OUTPUTS = ("audit_before", "audit_after", "comparison", "audit_step_*", "comparison_step_*")
@@ -57,13 +58,18 @@ def current_command() -> str:
     return redacted(shlex.join(argv)) if argv else "python"
 
 
-def _holder(handle) -> str:
-    """Who holds the lock, from what the holder wrote into the lock file."""
-    try:
-        handle.seek(0)
-        record = json.loads(handle.read() or "{}")
-    except (OSError, ValueError):
-        record = {}
+def _holder(handle, patience: float = 2.0) -> str:
+    """Who holds the lock, from what the holder writes into the lock file right after taking it (waiting
+    up to ``patience`` seconds for a holder that has just taken it)."""
+    record, deadline = {}, time.monotonic() + patience
+    while not record and time.monotonic() < deadline:
+        try:
+            handle.seek(0)
+            record = json.loads(handle.read() or "{}")
+        except (OSError, ValueError):
+            record = {}
+        if not record:
+            time.sleep(0.05)
     if not record:
         return "another process"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
@@ -74,15 +80,24 @@ def _holder(handle) -> str:
 def owned_folder(folder: str | Path, command: str | None = None, active: bool = True) -> Iterator[Path]:
     """Hold the folder's lock while the block runs; a second holder is refused with one line.
 
-    ``active=False`` (processes other than the main one of a distributed run) takes no lock.
+    ``active=False`` (processes other than the main one of a distributed run) takes no lock. A folder
+    this process already holds is entered again without a second lock (flock would refuse it).
     """
     import fcntl
 
     from .io import ensure_output_dir
 
     folder = ensure_output_dir(folder)
+    key = str(folder.resolve())
     if not active:
         yield folder
+        return
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
         return
     handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
     try:
@@ -95,13 +110,17 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
                 f"output_dir {folder} is in use by another run ({_holder(handle)}); wait for it to finish, "
                 f"or pass another --output_dir"
             ) from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": redacted(command) if command else current_command(),
-                  "started": time.time()}
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "command": redacted(command) if command else current_command(), "started": time.time()}
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(record))
         handle.flush()
-        yield folder
+        _HELD[key] = 1
+        try:
+            yield folder
+        finally:
+            del _HELD[key]
     finally:
         handle.close()  # closing the file releases the lock
 
