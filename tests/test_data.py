@@ -64,3 +64,61 @@ def test_bad_data_arguments(tmp_path, char_tokenizer, kwargs, message):
 def test_fingerprint_tells_positions_apart():
     ids = np.arange(12).reshape(2, 6)
     assert Blocks(ids, 10, "").fingerprint() != Blocks(ids, 9, "").fingerprint()
+
+
+MEASURE_AUDIT = """
+import json, sys
+import hf_mrp.audit.run, hf_mrp.cli, transformers  # the libraries' own memory is not the data's
+
+
+def status(key):
+    line = next(line for line in open("/proc/self/status") if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+before = status("VmRSS")
+code = hf_mrp.cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "extra_bytes": status("VmHWM") - before}))
+"""
+
+
+def test_audit_of_200_positions_from_a_40mb_text_file_reads_only_what_it_needs(tiny_model_dir, tmp_path):
+    """Issue 15: the text file is read and tokenized piece by piece until 200 positions are covered."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    words = np.array(["margin", "token", "decision", "boundary", "cell", "logit", "the", "of", "a", "model"])
+    line = " ".join(rng.choice(words, size=120)) + "\n"
+    big = tmp_path / "big.txt"
+    with open(big, "w", encoding="utf-8") as handle:
+        for _ in range(40 * 2**20 // len(line)):
+            handle.write(line)
+    assert big.stat().st_size > 40e6
+    root = Path(__file__).resolve().parents[1]
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE_AUDIT, "audit", "--model", str(tiny_model_dir), "--dataset", str(big),
+         "--block_size", "64", "--max_positions", "200", "--output_dir", str(tmp_path / "audit")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    seconds = time.perf_counter() - start
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, run.stderr[-2000:]
+    assert result["extra_bytes"] < 1e9, result  # measured: tens of MB (one 1 MiB piece is tokenized)
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["n_positions"] == 200 and seconds < 120
+    # the blocks are the file's first tokens: the same as tokenizing its first piece alone
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with open(big, encoding="utf-8") as handle:
+        head = handle.read(20_000)
+    head = head[: head.rfind("\n") + 1]
+    expected = tokenizer(head, add_special_tokens=False)["input_ids"][: 4 * 64]
+    blocks = np.load(tmp_path / "audit" / "blocks.npy")
+    assert blocks.reshape(-1).tolist() == expected
