@@ -163,16 +163,14 @@ def _given_output_dir(argv: list[str]) -> str | None:
 def _output_dir_owned(command: str, argv: list[str]):
     """Lock a given --output_dir at once, before the imports and model loading that take seconds, so a second
     run into the folder stops at once (the commands lock it again, reentrantly, and lock a default folder)."""
-    import os
     import shlex
 
     folder = _given_output_dir(argv)
     if folder is None or command == "benchmark" or "-h" in argv or "--help" in argv:
         return contextlib.nullcontext()
-    from .reporting.ownership import owned_folder
+    from .reporting.ownership import is_main_process, owned_folder
 
-    main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate set RANK; only rank 0 locks
-    return owned_folder(folder, "hf-mrp " + shlex.join([command, *argv]), active=main_process)
+    return owned_folder(folder, "hf-mrp " + shlex.join([command, *argv]), active=is_main_process())
 
 
 def main(argv: list[str] | None = None) -> int:

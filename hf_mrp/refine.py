@@ -20,7 +20,7 @@ from .data import Blocks, check_block_fits, load_blocks
 from .errors import MRPUserError
 from .models import load_model_and_tokenizer
 from .reporting import io
-from .reporting.ownership import check_may_write, forget_finished_run, owned_folder
+from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
 
@@ -103,9 +103,10 @@ def refine(
     shares one across its runs).
     """
     output_dir = io.ensure_output_dir(config.output_dir)
-    with owned_folder(output_dir, active=config.should_save):
+    main = config.should_save and is_main_process()  # one process of a distributed run owns the folder
+    with owned_folder(output_dir, active=main):
         check_may_write(output_dir, refine_args.overwrite_output_dir, config.resume_from_checkpoint)
-        if config.should_save and refine_args.overwrite_output_dir and not config.resume_from_checkpoint:
+        if main and refine_args.overwrite_output_dir and not config.resume_from_checkpoint:
             forget_finished_run(output_dir)
         return _refine_into(output_dir, model_args, data_args, refine_args, config, baseline_dir)
 

@@ -53,7 +53,7 @@ from .ops.gap import fit_gap_law
 from .ops.intervals import bootstrap_distribution, percentile_interval
 from .ops.token_classes import CLASSES, frequency_bucket, token_class
 from .reporting import io
-from .reporting.ownership import owned_folder, run_is_whole
+from .reporting.ownership import audit_is_whole, owned_folder, run_is_whole
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, conf
     from .models import load_tokenizer
     from .refine import refine_blocks
 
-    if (baseline_dir / "audit.json").is_file():
+    if audit_is_whole(baseline_dir):  # a baseline whose files do not read back is computed again
         tokenizer = load_tokenizer(model_args.model, model_args.gguf_file, model_args.trust_remote_code)
         blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
         baseline = load_audit(baseline_dir)

@@ -268,4 +268,10 @@ def test_sweep_redoes_a_run_whose_files_are_unreadable(tiny_model_dir, tmp_path,
     again = capsys.readouterr().out
     assert "redoing unfinished run margin_lam1_seed0" in again and again.count("skipping finished run") == 1
     assert run_is_whole(out / "runs" / "margin_lam1_seed0")
-    assert cli.main(argv) == 0 and capsys.readouterr().out.count("skipping finished run") == 2
+    results = json.loads((out / "results.json").read_text())
+    # a damaged shared baseline is audited again (same model, same blocks: the same numbers), not trusted
+    (out / "baseline" / "blocks.npy").write_bytes(b"damaged")
+    assert cli.main(argv) == 0
+    third = capsys.readouterr().out
+    assert "baseline: auditing 31 positions" in third and third.count("skipping finished run") == 2
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]

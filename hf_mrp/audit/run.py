@@ -32,10 +32,10 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
     """Load the model and blocks, audit them and write the files to ``audit_args.output_dir``."""
     from accelerate import PartialState
 
-    from ..reporting.ownership import owned_folder
+    from ..reporting.ownership import is_main_process, owned_folder
 
-    state = PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard
-    with owned_folder(audit_args.output_dir, active=state.is_main_process):
+    PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard
+    with owned_folder(audit_args.output_dir, active=is_main_process()):
         model, tokenizer, name = load_model_and_tokenizer(
             model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
             model_args.load_in_4bit,

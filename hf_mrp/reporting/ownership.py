@@ -125,6 +125,12 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
         handle.close()  # closing the file releases the lock
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun and accelerate set RANK), or a process launched alone:
+    the one process of a run that takes the lock."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def holds_finished_run(folder: str | Path) -> bool:
     return (Path(folder) / FINISHED_MARKER).is_file()
 
@@ -149,20 +155,29 @@ def forget_finished_run(folder: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def audit_is_whole(folder: str | Path) -> bool:
+    """An audit folder whose files read back and agree with its audit.json (a sweep recomputes any other)."""
+    from ..audit.geometry import load_audit
+    from ..audit.integrity import check_audit_files
+
+    try:
+        check_audit_files(load_audit(folder), folder)
+    except MRPUserError:
+        return False
+    return True
+
+
 def run_is_whole(run_dir: str | Path) -> bool:
     """A finished refine folder whose files read back: the marker parses, the after-audit loads and agrees
     with its table, the flip audit parses. Anything else counts as unfinished (a sweep redoes it)."""
-    from ..audit.geometry import load_audit
-    from ..audit.integrity import check_audit_files
     from .io import read_json
 
     run_dir = Path(run_dir)
-    if not holds_finished_run(run_dir):
+    if not holds_finished_run(run_dir) or not audit_is_whole(run_dir / "audit_after"):
         return False
     try:
         read_json(run_dir / FINISHED_MARKER)
         read_json(run_dir / "comparison" / "flip_audit.json")
-        check_audit_files(load_audit(run_dir / "audit_after"), run_dir / "audit_after")
     except MRPUserError:
         return False
     return True
