@@ -72,7 +72,7 @@ class MRPConfig(TrainingArguments):
             parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
         _check_training_steps(self)
         if self.mrp_objective == "fisher":
-            check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit())
+            check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""
@@ -115,13 +115,13 @@ def _check_training_steps(config: MRPConfig) -> None:
             raise MRPUserError(f"{name} must be at least 1, got {getattr(config, name)}")
 
 
-def memory_limit() -> int:
+def memory_limit(use_cpu: bool = False) -> int:
     """Bytes of memory the objective may use at most: the GPU's memory when one is used, else the machine's RAM."""
     import os
 
     import torch
 
-    if torch.cuda.is_available():
+    if not use_cpu and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
