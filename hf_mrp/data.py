@@ -5,6 +5,9 @@ Every source (the embedded pydoc corpus, a `datasets` dataset, a local .txt / .j
 with a blank line and cut into consecutive blocks of ``block_size`` tokens. Position t of a block
 predicts token t + 1, so a block holds ``block_size - 1`` positions; only the first
 ``max_positions`` positions (in block order) are evaluated.
+
+Reading is lazy: a .txt file is decoded and tokenized piece by piece (TextPieces) and a table's text
+column batch by batch, so nothing past what ``max_positions`` needs is read or tokenized.
 """
 
 from __future__ import annotations

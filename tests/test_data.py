@@ -122,3 +122,61 @@ def test_audit_of_200_positions_from_a_40mb_text_file_reads_only_what_it_needs(t
     expected = tokenizer(head, add_special_tokens=False)["input_ids"][: 4 * 64]
     blocks = np.load(tmp_path / "audit" / "blocks.npy")
     assert blocks.reshape(-1).tolist() == expected
+
+
+class CountingTokenizer:
+    """Characters as ids (like conftest.CharTokenizer), recording every text it is asked to tokenize."""
+
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, text, add_special_tokens=False):
+        self.texts.append(text)
+        return {"input_ids": [ord(c) % 97 for c in text]}
+
+
+def test_text_files_and_tables_are_read_only_until_max_positions(tmp_path):
+    from hf_mrp.data import PIECE_BYTES
+
+    line = "a line of text that repeats\n"
+    big = tmp_path / "big.txt"
+    big.write_text(line * (3 * PIECE_BYTES // len(line)))
+    tokenizer = CountingTokenizer()
+    blocks = load_blocks(tokenizer, str(big), block_size=16, max_positions=30)
+    assert blocks.n_positions == 30
+    pieces = tokenizer.texts[1:]  # the first call tokenizes the document separator
+    assert len(pieces) == 1 and len(pieces[0]) <= PIECE_BYTES and pieces[0].endswith("\n")
+    np.testing.assert_array_equal(blocks.input_ids.reshape(-1), [ord(c) % 97 for c in (line * 2)[:32]])
+
+    table = tmp_path / "rows.jsonl"
+    table.write_text("\n".join(json.dumps({"text": f"row {i} " * 5}) for i in range(5000)))
+    tokenizer = CountingTokenizer()
+    load_blocks(tokenizer, str(table), block_size=16, max_positions=30)
+    assert len(tokenizer.texts) <= 3  # the separator and the first rows, not 5,000 rows
+
+
+def test_encoding_flags_decode_or_repair_a_text_file(tmp_path, char_tokenizer):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème ".encode("latin-1") * 10)
+    with pytest.raises(MRPUserError, match="invalid byte 0xe9 at byte offset 3"):
+        load_blocks(char_tokenizer, str(latin), block_size=8, max_positions=7)
+    tokenizer = CountingTokenizer()
+    load_blocks(tokenizer, str(latin), block_size=8, max_positions=7, encoding="latin-1")
+    assert tokenizer.texts[1].startswith("café crème")
+    tokenizer = CountingTokenizer()
+    load_blocks(tokenizer, str(latin), block_size=8, max_positions=7, encoding_errors="replace")
+    assert tokenizer.texts[1].startswith("caf\ufffd cr\ufffdme")
+
+
+def test_a_file_cut_into_pieces_gives_the_same_blocks_for_every_max_positions(tmp_path, monkeypatch):
+    import hf_mrp.data
+
+    monkeypatch.setattr(hf_mrp.data, "PIECE_BYTES", 64)  # many pieces, some lines longer than a piece
+    text = "".join(f"line {i} " * (1 + i % 13) + "\n" for i in range(200))
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    tokenizer = CountingTokenizer()
+    whole = load_blocks(tokenizer, str(path), block_size=16, max_positions=10**6)
+    assert "".join(tokenizer.texts[1:]) == text  # the pieces are the file, in order, nothing lost or repeated
+    short = load_blocks(CountingTokenizer(), str(path), block_size=16, max_positions=45)
+    np.testing.assert_array_equal(short.input_ids, whole.input_ids[: len(short.input_ids)])
