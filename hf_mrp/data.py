@@ -140,7 +140,8 @@ class TextPieces:
     def _decode_error(self, offset: int, error: UnicodeDecodeError) -> MRPUserError:
         bad = error.object[error.start:error.start + 1].hex()
         return MRPUserError(
-            f"cannot read {self.path} as {self.encoding}: invalid byte 0x{bad} at byte offset {offset} ({error.reason}); "
+            f"cannot read {self.path} as {self.encoding}: invalid byte 0x{bad} at byte offset {offset} "
+            f"({error.reason}); "
             f"pass --encoding with the file's encoding (e.g. latin-1), or --encoding_errors replace to substitute "
             f"undecodable bytes (ignore drops them)"
         )
@@ -151,7 +152,9 @@ def check_encoding(encoding: str, errors: str) -> None:
     try:
         codecs.lookup(encoding)
     except (LookupError, TypeError):
-        raise MRPUserError(f"unknown encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1") from None
+        raise MRPUserError(
+            f"unknown encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1"
+        ) from None
     if errors not in ENCODING_ERRORS:
         raise MRPUserError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
 

@@ -742,7 +742,8 @@ def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: st
     )
     sweep_dir = io.ensure_output_dir(args.output_dir)
     with owned_folder(sweep_dir, command):  # one sweep at a time per folder
-        return _run_owned_sweep(args, refine_argv, command, plan, sweep_dir, (model_args, data_args, refine_args, config))
+        groups = (model_args, data_args, refine_args, config)
+        return _run_owned_sweep(args, refine_argv, command, plan, sweep_dir, groups)
 
 
 def _run_owned_sweep(args: SweepArguments, refine_argv, command: str, plan, sweep_dir: Path, groups) -> dict:

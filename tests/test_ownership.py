@@ -71,7 +71,8 @@ def test_two_refines_into_one_folder_one_runs_the_other_stops_at_once(tiny_model
     winner_pid = (first if winners[0] == "first" else second).pid
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err
-    assert last.startswith("hf-mrp refine: error: output_dir") and f"is in use by another run (pid {winner_pid} on" in last
+    assert last.startswith("hf-mrp refine: error: output_dir")
+    assert f"is in use by another run (pid {winner_pid} on" in last
     assert "hf_mrp.cli refine" in last or "hf-mrp refine" in last  # the holder's command is named
     assert ended[losers[0]] < 10, ended  # the loser stops at once (its imports included)
     assert ended[losers[0]] < ended[winners[0]]
