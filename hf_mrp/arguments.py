@@ -74,8 +74,17 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text (jsonl/parquet/datasets)."})
     block_size: int = field(default=512, metadata={"help": "Tokens per block; a block holds block_size - 1 positions."})
     max_positions: int = field(default=16384, metadata={"help": "Number of positions (predicted tokens) to evaluate."})
+    encoding: str = field(default="utf-8", metadata={"help": "Text encoding of a .txt --dataset (a Python codec name)."})
+    encoding_errors: str = field(
+        default="strict",
+        metadata={"help": "Bytes a .txt --dataset cannot decode: 'strict' (stop, naming the byte offset), "
+                          "'replace' (U+FFFD) or 'ignore' (drop them)."},
+    )
 
     def __post_init__(self) -> None:
+        from .data import check_encoding
+
+        check_encoding(self.encoding, self.encoding_errors)
         self.dataset = _optional_str("dataset", self.dataset)
         self.dataset_config = _optional_str("dataset_config", self.dataset_config)
         _require_int(block_size=self.block_size, max_positions=self.max_positions)

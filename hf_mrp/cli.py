@@ -55,6 +55,7 @@ def _compare(argv: list[str]) -> None:
 
     from .audit.compare import compare_dirs
     from .refine import summary_line
+    from .reporting.ownership import owned_folder
 
     parser = argparse.ArgumentParser(prog="hf-mrp compare", description=COMMANDS["compare"])
     parser.add_argument("before_dir")
@@ -64,8 +65,9 @@ def _compare(argv: list[str]) -> None:
                         help="model id or folder whose tokenizer decodes tokens for the class breakdown; "
                              "default: the model named in the audits' provenance when it is a local folder")
     args = parser.parse_args(argv)
-    tokenizer = _compare_tokenizer(args.tokenizer, args.before_dir)
-    result = compare_dirs(args.before_dir, args.after_dir, args.output_dir, tokenizer=tokenizer)
+    with owned_folder(args.output_dir):
+        tokenizer = _compare_tokenizer(args.tokenizer, args.before_dir)
+        result = compare_dirs(args.before_dir, args.after_dir, args.output_dir, tokenizer=tokenizer)
     print(f"compared -> {args.output_dir}\n{summary_line(result)}")
 
 
@@ -148,6 +150,29 @@ def _flag_errors_as_user_errors(command: str) -> Iterator[None]:
         HfArgumentParser.parse_args_into_dataclasses = parse
 
 
+def _given_output_dir(argv: list[str]) -> str | None:
+    """The --output_dir flag's value, read before any flag parsing (which needs the heavy imports)."""
+    for index, word in enumerate(argv):
+        if word == "--output_dir" and index + 1 < len(argv):
+            return argv[index + 1]
+        if word.startswith("--output_dir="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _output_dir_owned(command: str, argv: list[str]):
+    """Lock a given --output_dir at once, before the imports and model loading that take seconds, so a second
+    run into the folder stops at once (the commands lock it again, reentrantly, and lock a default folder)."""
+    import shlex
+
+    folder = _given_output_dir(argv)
+    if folder is None or command == "benchmark" or "-h" in argv or "--help" in argv:
+        return contextlib.nullcontext()
+    from .reporting.ownership import is_main_process, owned_folder
+
+    return owned_folder(folder, "hf-mrp " + shlex.join([command, *argv]), active=is_main_process())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors (MRPUserError, bad flags) print ONE line on stderr,
     ``hf-mrp COMMAND: error: ...``, and return 2; Ctrl-C returns 130 without a traceback."""
@@ -162,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _flag_errors_as_user_errors(command):
+        with _output_dir_owned(command, rest), _flag_errors_as_user_errors(command):
             HANDLERS[command](rest)
     except MRPUserError as error:
         print(f"hf-mrp {command}: error: {_one_line(error)}", file=sys.stderr)

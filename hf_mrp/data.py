@@ -5,11 +5,16 @@ Every source (the embedded pydoc corpus, a `datasets` dataset, a local .txt / .j
 with a blank line and cut into consecutive blocks of ``block_size`` tokens. Position t of a block
 predicts token t + 1, so a block holds ``block_size - 1`` positions; only the first
 ``max_positions`` positions (in block order) are evaluated.
+
+Reading is lazy: a .txt file is decoded and tokenized piece by piece (TextPieces) and a table's text
+column batch by batch, so nothing past what ``max_positions`` needs is read or tokenized.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +26,8 @@ from .errors import MRPUserError
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DOCUMENT_SEPARATOR = "\n\n"
 EMBEDDED_CORPUS = "pydoc_data.topics"
+PIECE_BYTES = 1 << 20  # a .txt file is read and tokenized in pieces of about 1 MiB, each ending at a line break
+ENCODING_ERRORS = ("strict", "replace", "ignore")
 
 
 @dataclass
@@ -30,6 +37,7 @@ class Blocks:
     input_ids: np.ndarray
     n_positions: int
     source: str
+    tokenizer: str = ""  # the tokenizer's identity (tokenizer_identity); "" when unknown
 
     def __post_init__(self) -> None:
         if isinstance(self.input_ids, (str, bytes)) or not hasattr(self.input_ids, "__len__"):
@@ -69,10 +77,21 @@ class Blocks:
         return labels
 
     def fingerprint(self) -> str:
-        """sha256 of the ids and the evaluated count: equal fingerprints mean identical positions."""
-        digest = hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
-        digest.update(str(self.n_positions).encode())
+        """sha256 of the block shape, the ids, the evaluated count and the tokenizer's identity: equal
+        fingerprints mean identical positions (2 x 32 and 1 x 64 blocks of the same ids differ)."""
+        digest = hashlib.sha256(json.dumps([list(self.input_ids.shape), self.n_positions, self.tokenizer]).encode())
+        digest.update(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
         return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of the tokenizer's id -> token table (what the ids of a block mean); the class name for a
+    tokenizer without one. Two tokenizers with the same table give the same identity wherever they load from."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if not callable(get_vocab):
+        return f"class:{type(tokenizer).__qualname__}"
+    table = sorted((int(index), str(token)) for token, index in get_vocab().items())
+    return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
 
 def _is_int(value) -> bool:
@@ -86,13 +105,72 @@ def embedded_corpus_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
+class TextPieces:
+    """One document read lazily from a text file, as consecutive pieces (no separator between them).
+
+    Pieces end at a line break (at a space for a line longer than a piece), about PIECE_BYTES each,
+    so reading and tokenizing stop once ``max_positions`` are covered; where a piece ends depends on
+    the file only, so the same file gives the same blocks for every ``max_positions``.
+    """
+
+    def __init__(self, path: Path, encoding: str = "utf-8", errors: str = "strict"):
+        self.path, self.encoding, self.errors = path, encoding, errors
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder(self.encoding)(self.errors)
+        consumed, pending = 0, ""
+        with open(self.path, "rb") as handle:
+            while True:
+                chunk = handle.read(PIECE_BYTES)
+                buffered = len(decoder.getstate()[0])
+                try:
+                    text = pending + decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:
+                    raise self._decode_error(consumed - buffered + error.start, error) from None
+                consumed += len(chunk)
+                if not chunk:
+                    if text:
+                        yield text
+                    return
+                cut = text.rfind("\n") + 1 or text.rfind(" ") + 1
+                piece, pending = (text[:cut], text[cut:]) if cut else ("", text)
+                if piece:
+                    yield piece
+
+    def _decode_error(self, offset: int, error: UnicodeDecodeError) -> MRPUserError:
+        bad = error.object[error.start:error.start + 1].hex()
+        return MRPUserError(
+            f"cannot read {self.path} as {self.encoding}: invalid byte 0x{bad} at byte offset {offset} "
+            f"({error.reason}); "
+            f"pass --encoding with the file's encoding (e.g. latin-1), or --encoding_errors replace to substitute "
+            f"undecodable bytes (ignore drops them)"
+        )
+
+
+def check_encoding(encoding: str, errors: str) -> None:
+    """A known codec and one of ENCODING_ERRORS, checked before anything is read."""
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise MRPUserError(
+            f"unknown encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1"
+        ) from None
+    if errors not in ENCODING_ERRORS:
+        raise MRPUserError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
+
+
 def load_documents(
     dataset: str | None = None,
     dataset_config: str | None = None,
     split: str = "train",
     text_column: str = "text",
-) -> tuple[Iterable[str], str]:
-    """(documents, description) for a dataset name / local file / folder, or the embedded corpus."""
+    encoding: str = "utf-8",
+    encoding_errors: str = "strict",
+) -> tuple[Iterable, str]:
+    """(documents, description) for a dataset name / local file / folder, or the embedded corpus.
+
+    Nothing is read beyond what the tokenizer consumes: a .txt file streams as TextPieces, a table
+    yields its text column in batches."""
     if dataset is None:
         return embedded_corpus_documents(), EMBEDDED_CORPUS
     if not isinstance(dataset, (str, Path)):
@@ -100,10 +178,11 @@ def load_documents(
             f"dataset must be a datasets name or a file/folder path (str), got {type(dataset).__name__}; "
             "for texts already in memory use hf_mrp.data.make_blocks(tokenizer, texts, ...)"
         )
+    check_encoding(encoding, encoding_errors)
     dataset = str(dataset)
     path = Path(dataset)
     if path.suffix.lower() == ".txt" and path.is_file():
-        return [path.read_text(encoding="utf-8")], str(path)
+        return [TextPieces(path, encoding, encoding_errors)], str(path)
     if path.suffix.lower() in LOCAL_FORMATS and not path.exists():
         raise MRPUserError(f"data file not found: {dataset}; pass an existing file or a datasets name")
     table = _load_dataset(dataset, dataset_config, split, path)
@@ -112,7 +191,26 @@ def load_documents(
             f"text column {text_column!r} not found in {dataset} (columns: {', '.join(table.column_names)}); "
             f"pass --text_column with one of them"
         )
-    return (text for text in table[text_column] if text), dataset
+    return _column_texts(table, text_column), dataset
+
+
+def _column_texts(table, column: str, batch: int = 256) -> Iterator[str]:
+    """The non-empty texts of one column, read batch by batch (never the whole column at once)."""
+    for rows in table.select_columns([column]).iter(batch_size=batch):
+        yield from (text for text in rows[column] if text)
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why `datasets` cannot load a folder of data files, in words (None: it may)."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    formats = sorted({p.suffix.lower() for p in files if p.suffix.lower() in LOCAL_FORMATS | {".arrow": ""}})
+    if not formats:
+        shown = ", ".join(sorted({p.suffix or p.name for p in files})[:6]) or "nothing"
+        return f"it holds no data files (.txt/.jsonl/.json/.parquet/.csv), only {shown}"
+    if len(formats) > 1 and not (folder / "dataset_info.json").is_file():
+        counts = ", ".join(f"{sum(p.suffix.lower() == s for p in files)} {s}" for s in formats)
+        return f"it mixes data formats ({counts}) and a folder must hold one format"
+    return None
 
 
 def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Path):
@@ -126,6 +224,13 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
                     f"unsupported data file {dataset}; use one of {', '.join(LOCAL_FORMATS)} or a datasets name"
                 )
             return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            saved = datasets.load_from_disk(str(path))  # a folder written by Dataset.save_to_disk
+            return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
+        problem = _folder_problem(path) if path.is_dir() else None
+        if problem:
+            raise MRPUserError(f"cannot use the folder {dataset} as a dataset: {problem}; pass one data file, "
+                               f"or a folder of files of one format")
         return datasets.load_dataset(dataset, dataset_config, split=split)
     except MRPUserError:
         raise
@@ -136,8 +241,11 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
         ) from error
 
 
-def tokenize_documents(tokenizer, documents: Iterable[str], max_tokens: int) -> Iterator[int]:
-    """Token ids of the documents joined by a blank line, without special tokens, up to ``max_tokens``."""
+def tokenize_documents(tokenizer, documents: Iterable, max_tokens: int) -> Iterator[int]:
+    """Token ids of the documents joined by a blank line, without special tokens, up to ``max_tokens``.
+
+    A document is a text, or TextPieces (a file read piece by piece; its pieces are tokenized one at
+    a time, so a long file is only read as far as ``max_tokens`` needs)."""
     if not callable(tokenizer):
         raise MRPUserError(
             f"tokenizer must be a loaded tokenizer, got {type(tokenizer).__name__} {tokenizer!r:.60}; "
@@ -146,22 +254,24 @@ def tokenize_documents(tokenizer, documents: Iterable[str], max_tokens: int) -> 
     separator = tokenizer(DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
     produced = 0
     for index, document in enumerate(documents):
-        if not isinstance(document, str):
+        if not isinstance(document, (str, TextPieces)):
             raise MRPUserError(
                 f"document {index} is {type(document).__name__}, not text; pass texts (str), or for a table the "
                 "--text_column that holds them"
             )
-        ids = (separator if index else []) + tokenizer(document, add_special_tokens=False)["input_ids"]
-        for token in ids:
-            yield token
-            produced += 1
-            if produced >= max_tokens:
-                return
+        pieces = [document] if isinstance(document, str) else document
+        for number, piece in enumerate(pieces):
+            ids = (separator if index and not number else []) + tokenizer(piece, add_special_tokens=False)["input_ids"]
+            for token in ids:
+                yield token
+                produced += 1
+                if produced >= max_tokens:
+                    return
 
 
 def make_blocks(
     tokenizer,
-    documents: Iterable[str],
+    documents: Iterable,
     block_size: int = 512,
     max_positions: int = 16384,
     source: str = "",
@@ -185,7 +295,7 @@ def make_blocks(
             "pass more text or a smaller --block_size"
         )
     blocks = ids[: n_full * block_size].reshape(n_full, block_size)
-    return Blocks(blocks, min(max_positions, n_full * (block_size - 1)), source)
+    return Blocks(blocks, min(max_positions, n_full * (block_size - 1)), source, tokenizer_identity(tokenizer))
 
 
 def load_blocks(
@@ -196,7 +306,29 @@ def load_blocks(
     text_column: str = "text",
     block_size: int = 512,
     max_positions: int = 16384,
+    encoding: str = "utf-8",
+    encoding_errors: str = "strict",
 ) -> Blocks:
-    """The one entry point from data arguments to blocks."""
-    documents, description = load_documents(dataset, dataset_config, split, text_column)
+    """The one entry point from data arguments to blocks (text files: ``encoding`` / ``encoding_errors``)."""
+    documents, description = load_documents(dataset, dataset_config, split, text_column, encoding, encoding_errors)
     return make_blocks(tokenizer, documents, block_size, max_positions, description)
+
+
+def context_window(model) -> int | None:
+    """Positions the model was built for (max_position_embeddings / n_positions / ...), None when unstated."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if _is_int(value) and value > 0:
+            return int(value)
+    return None
+
+
+def check_block_fits(model, block_size: int) -> None:
+    """Refuse blocks longer than the model's context window (past it positions are meaningless or fail)."""
+    window = context_window(model)
+    if window is not None and block_size > window:
+        raise MRPUserError(
+            f"block_size {block_size} exceeds the model's context window of {window} positions; "
+            f"pass --block_size {window} or less"
+        )

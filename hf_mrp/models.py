@@ -180,6 +180,8 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None, trust
 def _wrap_load_errors(load, source: str):
     import pickle
 
+    from safetensors import SafetensorError
+
     try:
         return load()
     except MRPUserError:
@@ -189,6 +191,11 @@ def _wrap_load_errors(load, source: str):
             f"refused to load the weights of {source!r}: its pytorch_model.bin is not a plain-tensor pickle (it holds "
             "objects, or is damaged), and hf_mrp only loads pickled weights with torch.load(weights_only=True) since "
             "arbitrary pickles can run code; get safetensors weights (model.safetensors) from a source you trust"
+        ) from None
+    except SafetensorError as error:  # a .safetensors file cut short (an interrupted copy or download)
+        raise MRPUserError(
+            f"could not load the weights of {source!r}: a .safetensors file is damaged or cut short "
+            f"({str(error).strip().splitlines()[0]}); copy or download the model again"
         ) from None
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error):

@@ -18,10 +18,11 @@ import numpy as np
 
 from .arguments import DataArguments, ModelArguments
 from .audit.run import provenance
-from .data import Blocks, load_blocks
+from .data import Blocks, check_block_fits, load_blocks
 from .errors import MRPUserError
 from .models import load_model_and_tokenizer
 from .reporting import io
+from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
 
@@ -46,6 +47,12 @@ class RefineArguments:
         default=True,
         metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished run in --output_dir (its adapter, audits and card). Without it "
+                          "a folder holding a finished run is refused (a resume with --resume_from_checkpoint "
+                          "is allowed)."},
+    )
 
     def __post_init__(self) -> None:
         if self.audit_positions <= 0:
@@ -61,7 +68,8 @@ def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[B
             f"the data has {len(blocks.input_ids)} blocks, not enough for {n_audit} audit blocks plus training; "
             "pass more text, a larger --max_positions, fewer --audit_positions, or --holdout false"
         )
-    audit = Blocks(blocks.input_ids[:n_audit], min(audit_positions, n_audit * per_block), blocks.source)
+    audit = Blocks(blocks.input_ids[:n_audit], min(audit_positions, n_audit * per_block), blocks.source,
+                   blocks.tokenizer)
     train = blocks.input_ids[n_audit:] if holdout else blocks.input_ids
     return audit, train
 
@@ -70,7 +78,8 @@ def refine_blocks(tokenizer, data_args: DataArguments, refine_args: RefineArgume
     """(audit blocks, training blocks) from the data arguments: what every refine run and sweep uses."""
     blocks = load_blocks(
         tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
-        data_args.block_size, data_args.max_positions + refine_args.audit_positions,
+        data_args.block_size, data_args.max_positions + refine_args.audit_positions, data_args.encoding,
+        data_args.encoding_errors,
     )
     return split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
 
@@ -90,15 +99,27 @@ def refine(
 ) -> dict:
     """Run the whole pipeline; returns the comparison (flip audit) dictionary.
 
+    The output folder is owned for the run (ownership.owned_folder): a second run into it stops at once.
+    A folder holding a finished run is only written again with ``overwrite_output_dir`` or a resume.
     ``baseline_dir``: an existing audit of the same blocks to reuse as the "before" audit (a sweep
     shares one across its runs).
     """
     output_dir = io.ensure_output_dir(config.output_dir)
+    main = config.should_save and is_main_process()  # one process of a distributed run owns the folder
+    with owned_folder(output_dir, active=main):
+        check_may_write(output_dir, refine_args.overwrite_output_dir, config.resume_from_checkpoint)
+        if main and refine_args.overwrite_output_dir and not config.resume_from_checkpoint:
+            forget_finished_run(output_dir)
+        return _refine_into(output_dir, model_args, data_args, refine_args, config, baseline_dir)
+
+
+def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir) -> dict:
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
     model, tokenizer, model_name = load_model_and_tokenizer(
         model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
         model_args.load_in_4bit,
     )
+    check_block_fits(model, data_args.block_size)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
     origin = provenance(model_name, model_args, data_args, refine_args)
     audit = MRPAuditCallback(audit_blocks, tokenizer=tokenizer, batch_size=refine_args.audit_batch_size,
@@ -110,8 +131,7 @@ def refine(
                          eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(str(output_dir))
-    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; mrp_config.json holds the settings as JSON
+    save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
                         audit.comparison)
@@ -133,6 +153,30 @@ def hub_callback(config: MRPConfig, repo_id: str):
     return HubPushCallback(repo_id, config.output_dir, config.hub_token, config.hub_private_repo, config.hub_strategy,
                            config.hub_revision, config.hub_always_push,
                            card=lambda folder, step: card_from_folder(folder, settings, step))
+
+
+def save_size(model, tokenizer) -> int:
+    """Bytes the adapter (or the whole model, without LoRA) and the tokenizer take on disk, about."""
+    try:
+        from peft import PeftModel, get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+    except Exception:  # an estimate only: never fail a save over it
+        tensors = {}
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return size + (len(backend.to_str().encode()) if backend is not None else 0) + 64_000  # + configs, card
+
+
+def save_adapter(trainer, tokenizer, output_dir: Path) -> None:
+    """The adapter and tokenizer, saved atomically: into a staging folder, then moved file by file.
+
+    A full disk or a crash while saving leaves the previous files (or none), never a partial one.
+    training_args.bin (a pickle) is dropped: mrp_config.json holds the settings as JSON."""
+    needed = save_size(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
+    with io.staged_folder(output_dir, "saving the adapter and tokenizer", needed) as staging:
+        trainer.save_model(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)
 
 
 def write_run_files(

@@ -53,6 +53,7 @@ from .ops.gap import fit_gap_law
 from .ops.intervals import bootstrap_distribution, percentile_interval
 from .ops.token_classes import CLASSES, frequency_bucket, token_class
 from .reporting import io
+from .reporting.ownership import audit_is_whole, owned_folder, run_is_whole
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ RESERVED_FLAGS = {
     "--push_to_hub": "nothing: a sweep does not push; push a chosen run folder afterwards",
     "--hub_model_id": "nothing: a sweep does not push; push a chosen run folder afterwards",
     "--resume_from_checkpoint": "nothing: rerun the same command; finished runs are kept, unfinished ones redone",
+    "--overwrite_output_dir": "a new --output_dir (or delete a run's folder under runs/ to redo it)",
 }
 # Settings that do not change a run's numbers: a resumed sweep may differ in these.
 NEUTRAL_SETTINGS = {
@@ -81,7 +83,7 @@ NEUTRAL_SETTINGS = {
     "disable_tqdm", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
     "report_to", "log_level", "log_level_replica", "push_to_hub", "hub_model_id", "hub_token",
     "hub_private_repo", "hub_strategy", "save_strategy", "save_steps", "save_total_limit",
-    "dataloader_num_workers", "resume_from_checkpoint",
+    "dataloader_num_workers", "resume_from_checkpoint", "overwrite_output_dir",
 }
 
 # (key, table header, format). Per-run numbers first; net_attributable is computed from two runs.
@@ -304,7 +306,7 @@ def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, conf
     from .models import load_tokenizer
     from .refine import refine_blocks
 
-    if (baseline_dir / "audit.json").is_file():
+    if audit_is_whole(baseline_dir):  # a baseline whose files do not read back is computed again
         tokenizer = load_tokenizer(model_args.model, model_args.gguf_file, model_args.trust_remote_code)
         blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
         baseline = load_audit(baseline_dir)
@@ -342,7 +344,8 @@ def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, conf
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / FINISHED_MARKER).is_file()
+    """Finished and readable: a run whose files do not read back counts as unfinished and is redone."""
+    return run_is_whole(run_dir)
 
 
 def execute_run(spec: RunSpec, refine_argv: Sequence[str], run_dir: Path, baseline_dir: Path) -> float:
@@ -738,6 +741,14 @@ def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: st
         refine_argv, baseline_dir, args.control_objective, 0.0, args.seeds[0]
     )
     sweep_dir = io.ensure_output_dir(args.output_dir)
+    with owned_folder(sweep_dir, command):  # one sweep at a time per folder
+        groups = (model_args, data_args, refine_args, config)
+        return _run_owned_sweep(args, refine_argv, command, plan, sweep_dir, groups)
+
+
+def _run_owned_sweep(args: SweepArguments, refine_argv, command: str, plan, sweep_dir: Path, groups) -> dict:
+    model_args, data_args, refine_args, config = groups
+    runs_dir, baseline_dir = sweep_dir / "runs", sweep_dir / "baseline"
     settings = run_settings(model_args, data_args, refine_args, config)
     check_settings(sweep_dir, settings)
     tokenizer, baseline = ensure_baseline(baseline_dir, model_args, data_args, refine_args, config)

@@ -12,6 +12,10 @@ Covered elsewhere and only referenced here (too heavy to repeat):
 - quantized GGUF model / bitsandbytes missing:
   tests/test_trainer.py::test_quantized_gguf_model_and_missing_bitsandbytes_are_refused
 
+Every case also checks what is on disk afterwards: every file the cases can see (the `world`: models, data,
+audit folders, a finished refine run) is byte-identical, and the case left no partial or temporary file and,
+failing before any work, no file in its output folder (the folder's lock file aside).
+
 An unwritable output folder: tests run as root, so a chmod'ed folder would not stop them; the cases
 use paths nobody can create instead: a folder below a regular file (ENOTDIR) and one below /sys
 (sysfs refuses mkdir even to root; the case is skipped where /sys is writable).
@@ -19,7 +23,11 @@ use paths nobody can create instead: a folder below a regular file (ENOTDIR) and
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +45,32 @@ REFINE_SMALL = ["--block_size", "32", "--max_positions", "124", "--audit_positio
                 "--lora_layers", "1-2", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
 
 
+LOCK_FILE = ".hf_mrp.lock"
+HOLD_LOCK = ("import sys, time\nfrom hf_mrp.reporting.ownership import owned_folder\n"
+             "with owned_folder(sys.argv[1], 'hf-mrp refine --output_dir ' + sys.argv[1]):\n"
+             "    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+def _trim_positions(folder: Path, rows: int | None = None, flip_correct: bool = False) -> None:
+    """Edit positions.parquet by hand, as the issue's user did: keep ``rows`` rows, or flip one `correct`."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "positions.parquet")
+    if rows is not None:
+        table = table.slice(0, rows)
+    if flip_correct:
+        import pyarrow as pa
+
+        correct = table.column("correct").to_numpy().copy()
+        correct[0] = not correct[0]
+        table = table.set_column(table.column_names.index("correct"), "correct", pa.array(correct))
+    pq.write_table(table, folder / "positions.parquet")
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    """Names used by the cases -> real paths: models, data files, audit folders, blockers."""
-    from transformers import AutoTokenizer
+def world(tmp_path_factory):
+    """Names used by the cases -> real paths: models, data files, audit folders, blockers, a finished run."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from hf_mrp import models
     from hf_mrp.audit import run_audit
@@ -69,7 +99,31 @@ def world(tmp_path_factory) -> dict[str, str]:
     (root / "no_positions" / "positions.parquet").unlink()
     (root / "no_audit_json" / "audit.json").unlink()  # as an interrupted audit leaves it
     (root / "no_blocks" / "blocks.npy").unlink()
-    return {
+
+    # issue 15: models and data that cannot be read, edited audits, a finished run, a held lock
+    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
+        root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    shutil.copytree(root / "model", root / "truncated_model")
+    weights = root / "truncated_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (root / "bad_utf8.txt").write_bytes(b"plain text " * 100 + b"\xff\xfe and more " * 50)  # bad byte at 1100
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.txt").write_text("some text " * 50)
+    (root / "mixed" / "b.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
+    (root / "no_data").mkdir()
+    (root / "no_data" / "picture.png").write_bytes(b"\x89PNG")
+    for name in ("trimmed_before", "trimmed_after", "edited"):
+        shutil.copytree(root / "before", root / name)
+    _trim_positions(root / "trimmed_before", rows=50)
+    _trim_positions(root / "trimmed_after", rows=50)
+    _trim_positions(root / "edited", flip_correct=True)
+    assert cli.main(["refine", *REFINE_SMALL, "--model", str(root / "model"), "--output_dir", str(root / "finished")]) == 0
+    (root / "locked").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root / "locked")], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    yield {
         "MODEL": str(root / "model"), "SMALL_VOCAB_MODEL": str(root / "small_vocab_model"),
         "EMPTY": str(root / "empty.txt"), "SHORT": str(root / "short.txt"), "JSONL": str(root / "data.jsonl"),
         "XML": str(root / "data.xml"), "MISSING_JSONL": str(root / "missing.jsonl"), "FILE": str(root / "a_file"),
@@ -77,7 +131,26 @@ def world(tmp_path_factory) -> dict[str, str]:
         "OTHER_POSITIONS": str(root / "other_positions"), "CORRUPT_JSON": str(root / "corrupt_json"),
         "NO_POSITIONS": str(root / "no_positions"), "NO_AUDIT_JSON": str(root / "no_audit_json"),
         "NO_BLOCKS": str(root / "no_blocks"), "NO_DIR": str(root / "no_such_audit"), "SYS": "/sys/hf_mrp_bad_inputs/out",
+        "GPT2": str(root / "gpt2"), "TRUNCATED_MODEL": str(root / "truncated_model"),
+        "BAD_UTF8": str(root / "bad_utf8.txt"), "MIXED": str(root / "mixed"), "NO_DATA": str(root / "no_data"),
+        "TRIMMED_BEFORE": str(root / "trimmed_before"), "TRIMMED_AFTER": str(root / "trimmed_after"),
+        "EDITED": str(root / "edited"), "FINISHED": str(root / "finished"), "LOCKED": str(root / "locked"),
+        "LOCK_HOLDER": str(holder.pid), "ROOT": str(root),
     }
+    holder.kill()
+    holder.wait()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (lock files aside: a refused run may rewrite its holder record)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Partial files a failed write could leave: staging folders and atomic-write temporaries (.name.XXXX)."""
+    return [p.relative_to(folder).as_posix() for p in Path(folder).rglob(".*")
+            if p.name != LOCK_FILE and (p.name.startswith(".staging-") or p.is_file())]
 
 
 def _sys_is_writable() -> bool:
@@ -145,6 +218,50 @@ CLI_CASES = [
     ("compare-missing-blocks", ["compare", "BEFORE", "NO_BLOCKS"], "blocks.npy (it is missing)"),
     ("compare-bad-tokenizer", ["compare", "BEFORE", "BEFORE", "--tokenizer", "/no/such/tokenizer"],
      "could not load model '/no/such/tokenizer'"),
+    # issue 15: owned folders. A finished run is not replaced without --overwrite_output_dir; a held folder is
+    # refused at once, naming the holder (LOCK_HOLDER is the pid of the process holding it)
+    ("refine-into-finished-run", ["refine", "--output_dir", "FINISHED"],
+     "holds a finished run (training_log.json, adapter, audits); nothing was changed"),
+    ("refine-into-finished-run-other-blocks", ["refine", "--output_dir", "FINISHED", "--block_size", "64"],
+     "--overwrite_output_dir true to replace that run"),
+    ("refine-into-held-folder", ["refine", "--output_dir", "LOCKED"], "is in use by another run (pid LOCK_HOLDER on"),
+    ("audit-into-held-folder", ["audit", "--output_dir", "LOCKED"], "is in use by another run (pid LOCK_HOLDER on"),
+    ("compare-into-held-folder", ["compare", "BEFORE", "BEFORE", "--output_dir", "LOCKED"],
+     "hf-mrp refine --output_dir"),
+    ("sweep-into-held-folder", ["sweep", "--output_dir", "LOCKED", "--objectives", "margin", "--lambdas", "1",
+                                "--model", "MODEL", "--use_cpu", "true"], "is in use by another run (pid LOCK_HOLDER"),
+    ("sweep-overwrite-flag", ["sweep", "--output_dir", "NO_DIR", "--overwrite_output_dir", "true"],
+     "--overwrite_output_dir is set by the sweep"),
+    # meaningless settings, refused before any work
+    ("refine-lambda-inf", ["refine", "--mrp_lambda", "inf"], "mrp_lambda must be a finite number, got float inf"),
+    ("refine-tau-nan", ["refine", "--mrp_margin_threshold", "nan"], "mrp_margin_threshold must be a finite number"),
+    ("refine-lora-alpha-0", ["refine", "--lora_alpha", "0"], "lora_alpha must be > 0"),
+    ("refine-max-steps-0", ["refine", "--max_steps", "0"], "max_steps must be a positive number of optimizer steps"),
+    ("refine-negative-lr", ["refine", "--learning_rate", "-0.001"], "learning_rate must be >= 0"),
+    ("refine-batch-size-0", ["refine", "--per_device_train_batch_size", "0"],
+     "per_device_train_batch_size must be at least 1"),
+    ("refine-accumulation-0", ["refine", "--gradient_accumulation_steps", "0"],
+     "gradient_accumulation_steps must be at least 1"),
+    ("refine-top-k-too-large", ["refine", "--mrp_top_k", "49152"], "for the Fisher objective's [chunk x k x k x k]"),
+    ("refine-block-size-beyond-context", ["refine", "--block_size", "300"],
+     "block_size 300 exceeds the model's context window of 128 positions"),
+    ("audit-block-size-beyond-context", ["audit", "--block_size", "300", "--max_positions", "299"],
+     "block_size 300 exceeds the model's context window of 128 positions; pass --block_size 128 or less"),
+    ("audit-gpt2-beyond-n-positions", ["audit", "--model", "GPT2", "--block_size", "100", "--max_positions", "99"],
+     "context window of 64 positions"),
+    # unreadable inputs
+    ("data-invalid-utf8", ["audit", "--dataset", "BAD_UTF8"],
+     "bad_utf8.txt as utf-8: invalid byte 0xff at byte offset 1100"),
+    ("data-unknown-encoding", ["audit", "--dataset", "BAD_UTF8", "--encoding", "klingon"], "unknown encoding 'klingon'"),
+    ("data-encoding-errors", ["audit", "--encoding_errors", "skip"], "encoding_errors must be one of strict"),
+    ("data-mixed-folder", ["audit", "--dataset", "MIXED"], "mixes data formats (1 .jsonl, 1 .txt)"),
+    ("data-folder-without-data", ["audit", "--dataset", "NO_DATA"], "holds no data files"),
+    ("model-truncated-safetensors", ["audit", "--model", "TRUNCATED_MODEL"],
+     "a .safetensors file is damaged or cut short"),
+    # audit folders edited by hand: compare says which file was changed
+    ("compare-trimmed-positions", ["compare", "TRIMMED_BEFORE", "TRIMMED_AFTER"],
+     "this file was changed after the audit wrote it (positions.parquet has 50 rows but audit.json says 69"),
+    ("compare-edited-positions", ["compare", "BEFORE", "EDITED"], "edited: this file was changed"),
 ]
 
 
@@ -155,6 +272,8 @@ def _case_ids(cases):
 @pytest.mark.parametrize("case, argv, message", CLI_CASES, ids=_case_ids(CLI_CASES))
 def test_cli_user_error_is_one_line(world, tmp_path, capsys, case, argv, message):
     argv = [world.get(arg, arg) for arg in argv]
+    message = message.replace("LOCK_HOLDER", world["LOCK_HOLDER"])
+    before = snapshot(Path(world["ROOT"]))
     command = argv[0]
     if command in ("audit", "refine"):
         if command == "refine":
@@ -177,6 +296,15 @@ def test_cli_user_error_is_one_line(world, tmp_path, capsys, case, argv, message
     assert message in last, last
     usage = [line for line in err.splitlines() if line.startswith("usage:")]
     assert not usage, usage  # no argparse usage dump: the one line says where --help is
+    _nothing_lost(world, tmp_path, before)
+
+
+def _nothing_lost(world, tmp_path, before) -> None:
+    """Every earlier file byte-identical, no partial file, and no output written by the refused command."""
+    assert snapshot(Path(world["ROOT"])) == before
+    assert leftovers(Path(world["ROOT"])) == [] and leftovers(tmp_path) == []
+    for name in ("out", "cmp"):
+        assert not snapshot(tmp_path / name), snapshot(tmp_path / name)
 
 
 # ---------------------------------------------------------------- Python API
@@ -250,6 +378,25 @@ def _push_offline(tmp_path, monkeypatch):
     push_folder(tmp_path, "someone/refined", token=FAKE_TOKEN)
 
 
+def _stream(labels: bool = True, rows: int = 4):
+    """A datasets.IterableDataset from a generator: its column names are unknown until it is read."""
+    from datasets import IterableDataset
+
+    def generate():
+        for _ in range(rows):
+            yield {"input_ids": list(range(1, 13)), **({"labels": list(range(1, 13))} if labels else {})}
+
+    return IterableDataset.from_generator(generate)
+
+
+def _refine_api(world, folder):
+    """refine() into a world folder, with flags that would otherwise run."""
+    from hf_mrp.refine import parse_arguments, refine
+
+    groups = parse_arguments([*REFINE_SMALL, "--model", world["MODEL"], "--output_dir", world[folder]])
+    return refine(*groups)
+
+
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -302,7 +449,7 @@ API_CASES = [
     ("config-threshold", lambda w, t, m: _config(t, mrp_margin_threshold=0.0), "must be > 0"),
     ("config-top-k", lambda w, t, m: _config(t, mrp_top_k=1), "mrp_top_k must be at least 2"),
     ("config-lora-layers-spec", lambda w, t, m: _config(t, lora_layers="a-b"), "bad layer spec"),
-    ("trainer-top-k-beyond-vocab", lambda w, t, m: _train(t, _dataset(), mrp_top_k=VOCAB + 1),
+    ("trainer-top-k-beyond-vocab", lambda w, t, m: _train(t, _dataset(), mrp_top_k=VOCAB + 1, mrp_chunk_size=64),
      "exceeds the vocabulary"),
     ("trainer-lora-layers-range", lambda w, t, m: _train(t, _dataset(), lora_layers="2-5"), "out of range"),
     ("trainer-lora-targets", lambda w, t, m: _train(t, _dataset(), lora_target_modules=["nope_proj"]),
@@ -333,19 +480,64 @@ API_CASES = [
     # the Hub
     ("push-without-network", lambda w, t, m: _push_offline(t, m),
      "push to the Hub repo 'someone/refined' failed.*nothing is lost.*hf upload someone/refined"),
+    # issue 15: meaningless or mistyped settings, refused when the config is made
+    ("config-lambda-inf", lambda w, t, m: _config(t, mrp_lambda=float("inf")), "mrp_lambda must be a finite number"),
+    ("config-lambda-str", lambda w, t, m: _config(t, mrp_lambda="0.5"),
+     "mrp_lambda must be a finite number, got str '0.5'"),
+    ("config-tau-nan", lambda w, t, m: _config(t, mrp_margin_threshold=float("nan")),
+     "mrp_margin_threshold must be a finite number"),
+    ("config-lora-alpha-0", lambda w, t, m: _config(t, lora_alpha=0), "lora_alpha must be > 0"),
+    ("config-lora-alpha-negative", lambda w, t, m: _config(t, lora_alpha=-8), "lora_alpha must be > 0"),
+    ("config-max-steps-0", lambda w, t, m: _config(t, max_steps=0), "max_steps must be a positive number"),
+    ("config-top-k-float", lambda w, t, m: _config(t, mrp_top_k=2.5), "mrp_top_k must be an integer, got float 2.5"),
+    ("config-top-k-memory", lambda w, t, m: _config(t, mrp_top_k=49152),
+     "mrp_top_k 49152 would need about .* GB .* more than the .* GB of memory here; use mrp_top_k <= \\d+"),
+    ("config-negative-lr", lambda w, t, m: _config(t, learning_rate=-1e-4), "learning_rate must be >= 0"),
+    ("config-batch-size-0", lambda w, t, m: _config(t, per_device_train_batch_size=0),
+     "per_device_train_batch_size must be at least 1"),
+    ("config-accumulation-0", lambda w, t, m: _config(t, gradient_accumulation_steps=0),
+     "gradient_accumulation_steps must be at least 1"),
+    ("config-lora-layers-list", lambda w, t, m: _config(t, lora_layers=[1, 2]),
+     "lora_layers must be a string such as '1,2'"),
+    # datasets: weights that flip or misalign the objective, a stream without labels
+    ("trainer-negative-weights", lambda w, t, m: _train(t, _dataset(mrp_weights=[[1.0] * 11 + [-2.0]] * 2)),
+     "mrp_weights: row 0 holds the negative weight -2 .*flip the objective's sign"),
+    ("trainer-weights-wrong-length", lambda w, t, m: _train(t, _dataset(mrp_weights=[[1.0] * 5] * 2)),
+     "mrp_weights: row 0 has 5 weights for 12 labels"),
+    ("trainer-iterable-without-labels", lambda w, t, m: _train(t, _stream(labels=False)),
+     "train_dataset lacks the column\\(s\\) labels \\(it has: input_ids\\)"),
+    ("trainer-iterable-empty", lambda w, t, m: _train(t, _stream(rows=0)), "train_dataset yields no rows"),
+    # data and models
+    ("blocks-invalid-utf8", lambda w, t, m: _load_blocks(dataset=w["BAD_UTF8"], block_size=16),
+     "bad_utf8.txt as utf-8: invalid byte 0xff at byte offset 1100.*--encoding.*--encoding_errors replace"),
+    ("blocks-unknown-encoding", lambda w, t, m: _load_blocks(dataset=w["BAD_UTF8"], encoding="nope"),
+     "unknown encoding 'nope'"),
+    ("blocks-mixed-folder", lambda w, t, m: _load_blocks(dataset=w["MIXED"]), "mixes data formats"),
+    ("audit-beyond-context", lambda w, t, m: _run_audit(_blocks(np.ones((1, 200), dtype=np.int64), 199)),
+     "block_size 200 exceeds the model's context window of 128"),
+    ("load-truncated-safetensors", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(
+        w["TRUNCATED_MODEL"]), "damaged or cut short"),
+    ("compare-trimmed-positions", lambda w, t, m: _compare(w, t, "TRIMMED_BEFORE", "TRIMMED_AFTER"),
+     "this file was changed .*positions.parquet has 50 rows but audit.json says 69 positions"),
+    ("compare-edited-positions", lambda w, t, m: _compare(w, t, "BEFORE", "EDITED"),
+     "this file was changed .*differ from the accuracy"),
+    ("refine-into-finished-run", lambda w, t, m: _refine_api(w, "FINISHED"), "holds a finished run"),
+    ("refine-into-held-folder", lambda w, t, m: _refine_api(w, "LOCKED"), "is in use by another run"),
 ]
 
 
 @pytest.mark.parametrize("case, call, message", API_CASES, ids=[case[0] for case in API_CASES])
 def test_api_user_error_names_the_fix(world, tmp_path, monkeypatch, case, call, message):
+    before = snapshot(Path(world["ROOT"]))
     with pytest.raises(MRPUserError, match=message) as raised:
         call(world, tmp_path, monkeypatch)
     assert FAKE_TOKEN not in str(raised.value)
     assert "\n" not in str(raised.value)  # the CLI prints it as one line
+    _nothing_lost(world, tmp_path, before)
 
 
 def test_matrix_is_large_enough():
-    assert len(CLI_CASES) >= 20 and len(API_CASES) >= 20
+    assert len(CLI_CASES) >= 68 and len(API_CASES) >= 69
 
 
 def test_ids_are_checked_before_the_embedding_sees_them(monkeypatch):

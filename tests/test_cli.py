@@ -46,6 +46,8 @@ def test_user_errors_are_one_line(tiny_model_dir, tmp_path, capsys, args, messag
     args = [names.get(a, a) for a in args]
     if "--model" not in args and "--gguf_file" not in args:
         args += ["--model", str(tiny_model_dir)]
+    if "--block_size" not in args:
+        args += ["--block_size", "64"]  # the tiny model's context window is 128 positions
     code, _, err = run_cli(["audit", *args, "--output_dir", str(tmp_path / "out")], capsys)
     assert code == 2
     last = err.strip().splitlines()[-1]  # progress bars of model loading may come before it

@@ -64,3 +64,119 @@ def test_bad_data_arguments(tmp_path, char_tokenizer, kwargs, message):
 def test_fingerprint_tells_positions_apart():
     ids = np.arange(12).reshape(2, 6)
     assert Blocks(ids, 10, "").fingerprint() != Blocks(ids, 9, "").fingerprint()
+
+
+MEASURE_AUDIT = """
+import json, sys
+import hf_mrp.audit.run, hf_mrp.cli, transformers  # the libraries' own memory is not the data's
+
+
+def status(key):
+    line = next(line for line in open("/proc/self/status") if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+before = status("VmRSS")
+code = hf_mrp.cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "extra_bytes": status("VmHWM") - before}))
+"""
+
+
+def test_audit_of_200_positions_from_a_40mb_text_file_reads_only_what_it_needs(tiny_model_dir, tmp_path):
+    """Issue 15: the text file is read and tokenized piece by piece until 200 positions are covered."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    words = np.array(["margin", "token", "decision", "boundary", "cell", "logit", "the", "of", "a", "model"])
+    line = " ".join(rng.choice(words, size=120)) + "\n"
+    big = tmp_path / "big.txt"
+    with open(big, "w", encoding="utf-8") as handle:
+        for _ in range(40 * 2**20 // len(line)):
+            handle.write(line)
+    assert big.stat().st_size > 40e6
+    root = Path(__file__).resolve().parents[1]
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE_AUDIT, "audit", "--model", str(tiny_model_dir), "--dataset", str(big),
+         "--block_size", "64", "--max_positions", "200", "--output_dir", str(tmp_path / "audit")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    seconds = time.perf_counter() - start
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, run.stderr[-2000:]
+    assert result["extra_bytes"] < 1e9, result  # measured: tens of MB (one 1 MiB piece is tokenized)
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["n_positions"] == 200 and seconds < 120
+    # the blocks are the file's first tokens: the same as tokenizing its first piece alone
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with open(big, encoding="utf-8") as handle:
+        head = handle.read(20_000)
+    head = head[: head.rfind("\n") + 1]
+    expected = tokenizer(head, add_special_tokens=False)["input_ids"][: 4 * 64]
+    blocks = np.load(tmp_path / "audit" / "blocks.npy")
+    assert blocks.reshape(-1).tolist() == expected
+
+
+class CountingTokenizer:
+    """Characters as ids (like conftest.CharTokenizer), recording every text it is asked to tokenize."""
+
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, text, add_special_tokens=False):
+        self.texts.append(text)
+        return {"input_ids": [ord(c) % 97 for c in text]}
+
+
+def test_text_files_and_tables_are_read_only_until_max_positions(tmp_path):
+    from hf_mrp.data import PIECE_BYTES
+
+    line = "a line of text that repeats\n"
+    big = tmp_path / "big.txt"
+    big.write_text(line * (3 * PIECE_BYTES // len(line)))
+    tokenizer = CountingTokenizer()
+    blocks = load_blocks(tokenizer, str(big), block_size=16, max_positions=30)
+    assert blocks.n_positions == 30
+    pieces = tokenizer.texts[1:]  # the first call tokenizes the document separator
+    assert len(pieces) == 1 and len(pieces[0]) <= PIECE_BYTES and pieces[0].endswith("\n")
+    np.testing.assert_array_equal(blocks.input_ids.reshape(-1), [ord(c) % 97 for c in (line * 2)[:32]])
+
+    table = tmp_path / "rows.jsonl"
+    table.write_text("\n".join(json.dumps({"text": f"row {i} " * 5}) for i in range(5000)))
+    tokenizer = CountingTokenizer()
+    load_blocks(tokenizer, str(table), block_size=16, max_positions=30)
+    assert len(tokenizer.texts) <= 3  # the separator and the first rows, not 5,000 rows
+
+
+def test_encoding_flags_decode_or_repair_a_text_file(tmp_path, char_tokenizer):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème ".encode("latin-1") * 10)
+    with pytest.raises(MRPUserError, match="invalid byte 0xe9 at byte offset 3"):
+        load_blocks(char_tokenizer, str(latin), block_size=8, max_positions=7)
+    tokenizer = CountingTokenizer()
+    load_blocks(tokenizer, str(latin), block_size=8, max_positions=7, encoding="latin-1")
+    assert tokenizer.texts[1].startswith("café crème")
+    tokenizer = CountingTokenizer()
+    load_blocks(tokenizer, str(latin), block_size=8, max_positions=7, encoding_errors="replace")
+    assert tokenizer.texts[1].startswith("caf\ufffd cr\ufffdme")
+
+
+def test_a_file_cut_into_pieces_gives_the_same_blocks_for_every_max_positions(tmp_path, monkeypatch):
+    import hf_mrp.data
+
+    monkeypatch.setattr(hf_mrp.data, "PIECE_BYTES", 64)  # many pieces, some lines longer than a piece
+    text = "".join(f"line {i} " * (1 + i % 13) + "\n" for i in range(200))
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    tokenizer = CountingTokenizer()
+    whole = load_blocks(tokenizer, str(path), block_size=16, max_positions=10**6)
+    assert "".join(tokenizer.texts[1:]) == text  # the pieces are the file, in order, nothing lost or repeated
+    short = load_blocks(CountingTokenizer(), str(path), block_size=16, max_positions=45)
+    np.testing.assert_array_equal(short.input_ids, whole.input_ids[: len(short.input_ids)])

@@ -18,6 +18,7 @@ from ..ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 from ..reporting import flip_plots, io, plots
 from ..reporting.markdown import markdown_summary
 from .geometry import AuditResult, load_audit
+from .integrity import check_audit_files
 
 MARGIN_BANDS = ("<0.5", "0.5-1", "1-2", "2-5", ">=5")
 MARGIN_BAND_EDGES = (0.5, 1.0, 2.0, 5.0)  # band = searchsorted(edges, m, side="right"): [lo, hi)
@@ -275,6 +276,8 @@ def compare_dirs(
     """Load two audit folders, compare them, write the report into ``output_dir`` and return the numbers."""
     output_dir = io.ensure_output_dir(output_dir)
     before, after = load_audit(before_dir), load_audit(after_dir)
+    for audit, directory in ((before, before_dir), (after, after_dir)):
+        check_audit_files(audit, directory)
     decode = decoder_from_tokenizer(tokenizer) if tokenizer is not None else None
     result = compare_audits(before, after, decode, top_tokens)
     write_comparison(result, before, after, output_dir)

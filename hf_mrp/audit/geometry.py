@@ -16,7 +16,7 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from ..data import Blocks
+from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
@@ -221,6 +221,7 @@ def run_audit(
         raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
     if output_dir is not None:
         output_dir = io.ensure_output_dir(output_dir)
+    check_block_fits(model, blocks.block_size)
     layer_list = parse_layer_spec(layers, len(decoder_layers(model))) if layers is not None else None
     positions, per_layer = collect_statistics(
         model, blocks, batch_size=batch_size, chunk_size=chunk_size, margin_dtype=margin_dtype,
@@ -233,6 +234,7 @@ def run_audit(
             "block_size": blocks.block_size,
             "n_blocks": int(len(blocks.input_ids)),
             "blocks_sha256": blocks.fingerprint(),
+            "tokenizer_sha256": blocks.tokenizer,
             "margin_dtype": margin_dtype,
             "model_dtype": str(output_head(model)[0].dtype).replace("torch.", ""),
         },
@@ -293,6 +295,8 @@ def load_audit(directory: str | Path) -> AuditResult:
     summary = io.read_json(directory / "audit.json")
     positions = io.read_parquet(directory / "positions.parquet")
     input_ids = io.read_npy(directory / "blocks.npy")
-    blocks = Blocks(input_ids, int(summary["n_positions"]), summary["provenance"].get("data_source", ""))
+    origin = summary["provenance"]
+    blocks = Blocks(input_ids, int(summary["n_positions"]), origin.get("data_source", ""),
+                    origin.get("tokenizer_sha256") or "")
     layers = io.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

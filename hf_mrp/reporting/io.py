@@ -4,9 +4,11 @@ never leaves a half-written report that a later command would read."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,11 +28,69 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
-        yield Path(temporary)
+        try:
+            yield Path(temporary)
+        except Exception as error:
+            if is_no_space(error):
+                written = os.path.getsize(temporary) if os.path.exists(temporary) else 0
+                raise no_space_error(path, f"writing {path.name}", None, written) from None
+            raise
         os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+
+
+def is_no_space(error: BaseException) -> bool:
+    """A full disk, as an OSError (ENOSPC) or as a writer's own error type that quotes it (safetensors)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "StorageFull" in str(error)
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 1e5 else f"{count:,} bytes"
+
+
+def no_space_error(target: Path, doing: str, needed: int | None, written: int = 0):
+    """One line: what was being written, how much it needs, how much is free, and that nothing was replaced."""
+    from ..errors import MRPUserError
+
+    folder = target if target.is_dir() else target.parent
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    need = f"it needs about {_megabytes(needed)}" if needed else f"it needs more than the {_megabytes(written)} written"
+    return MRPUserError(
+        f"no space left on device while {doing} in {folder}: {need} and {_megabytes(free)} is free; nothing was "
+        f"replaced (earlier files are as they were, no partial file is left); free some space and run again"
+    )
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path, doing: str = "saving", needed: int | None = None) -> Iterator[Path]:
+    """Yield an empty staging folder inside ``folder`` for a writer that writes several files (save_pretrained);
+    when the block succeeds, move each file onto ``folder`` (os.replace: every file appears whole).
+
+    If the block fails (a full disk, a crash of the writer), the staging folder is deleted and ``folder``
+    is as it was: the previous files or none, never a partial one. A full disk is one line that says how
+    much space ``needed`` (bytes, an estimate) was."""
+    folder = Path(folder)
+    staging = folder / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        try:
+            yield staging
+        except Exception as error:
+            if is_no_space(error):
+                written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+                raise no_space_error(folder, doing, needed, written) from None
+            raise
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = folder / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:

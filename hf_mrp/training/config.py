@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -80,6 +82,7 @@ class MRPConfig(TrainingArguments):
             self.use_cpu = True
         if isinstance(self.lora_target_modules, str):  # 'all-linear' / 'q_proj' mean the one-element list
             self.lora_target_modules = [self.lora_target_modules]
+        _check_numbers(self)  # before TrainingArguments, which would fail on them with a traceback
         super().__post_init__()
         if self.mrp_objective not in OBJECTIVES:
             raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -98,8 +101,14 @@ class MRPConfig(TrainingArguments):
             raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
         if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
             raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
+        if not self.lora_alpha > 0:
+            raise MRPUserError(f"lora_alpha must be > 0 (the adapter's output is scaled by lora_alpha / lora_r; 0 "
+                               f"makes it do nothing), got {self.lora_alpha}; the usual choice is 2 x lora_r")
         if self.lora_layers is not None and self.lora_layers.strip().lower() != "all":
             parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
+        _check_training_steps(self)
+        if self.mrp_objective == "fisher":
+            check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
 
     def __getstate__(self) -> dict:
         """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
@@ -121,3 +130,56 @@ class MRPConfig(TrainingArguments):
         if self.lora_layers is None or self.lora_layers.strip().lower() == "all":
             return None
         return parse_layer_spec(self.lora_layers, n_layers)
+
+
+FISHER_LIVE_COPIES = 4  # [chunk x k x k x k] float32 tensors alive at once in ops.objectives.fisher_penalty
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_numbers(config: MRPConfig) -> None:
+    """Types and finiteness a command line cannot get wrong but Python callers can ('0.5', 2.5, inf)."""
+    for name in ("mrp_lambda", "mrp_margin_threshold", "lora_alpha", "learning_rate"):
+        value = getattr(config, name)
+        if not _is_number(value) or not math.isfinite(value):
+            raise MRPUserError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    for name in ("mrp_top_k", "mrp_chunk_size", "lora_r", "max_steps", "per_device_train_batch_size",
+                 "gradient_accumulation_steps"):
+        value = getattr(config, name)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if config.lora_layers is not None and not isinstance(config.lora_layers, str):
+        raise MRPUserError(f"lora_layers must be a string such as '1,2', '20-29' or 'all', got "
+                           f"{type(config.lora_layers).__name__} {config.lora_layers!r}")
+
+
+def _check_training_steps(config: MRPConfig) -> None:
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise MRPUserError(f"max_steps must be a positive number of optimizer steps (or -1: train for "
+                           f"num_train_epochs), got {config.max_steps}")
+    if config.learning_rate < 0:
+        raise MRPUserError(f"learning_rate must be >= 0, got {config.learning_rate}; a negative rate climbs the loss")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise MRPUserError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
+def memory_limit(use_cpu: bool = False) -> int:
+    """Bytes of memory the objective may use at most: the GPU's memory when one is used, else the machine's RAM."""
+    if not use_cpu and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_fisher_memory(top_k: int, chunk_size: int, limit: int) -> None:
+    """The Fisher objective holds [chunk x k x k x k] float32 tensors; refuse a k whose tensors exceed ``limit``."""
+    needed = FISHER_LIVE_COPIES * 4 * chunk_size * top_k**3
+    if needed > limit:
+        largest = int((limit / (FISHER_LIVE_COPIES * 4 * chunk_size)) ** (1 / 3))
+        raise MRPUserError(
+            f"mrp_top_k {top_k} would need about {needed / 1e9:,.0f} GB for the Fisher objective's "
+            f"[chunk x k x k x k] tensors (mrp_chunk_size {chunk_size}), more than the {limit / 1e9:.0f} GB of memory "
+            f"here; use mrp_top_k <= {largest} (the paper uses 5), or a smaller mrp_chunk_size"
+        )

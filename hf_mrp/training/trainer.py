@@ -30,6 +30,7 @@ from .adapters import prepare_model
 from .callbacks import MRPAuditCallback
 from .config import MRPConfig
 from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss
+from .dataset_checks import check_weights, streamed_columns
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ def _check_dataset(dataset, name: str, columns: bool = True) -> None:
     """A map-style dataset needs rows and, for the default collator (``columns``), the input_ids and
     labels columns; checked before anything trains. A custom collator may make its own columns."""
     names = getattr(dataset, "column_names", None)
+    if names is None and dataset is not None:
+        names = streamed_columns(dataset, name)  # an IterableDataset: the columns of its first row
     if dataset is None or not isinstance(names, list):
         return
     missing = [column for column in ("input_ids", "labels") if column not in names] if columns else []
@@ -265,5 +268,6 @@ def _check_dataset(dataset, name: str, columns: bool = True) -> None:
             f"{name} lacks the column(s) {', '.join(missing)} (it has: {', '.join(names) or 'none'}); "
             "give it input_ids and labels (-100 = ignored), e.g. with hf_mrp.refine.training_dataset(ids)"
         )
-    if len(dataset) == 0:
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise MRPUserError(f"{name} has no rows; pass at least one block of token ids")
+    check_weights(dataset, name)
