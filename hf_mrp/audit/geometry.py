@@ -272,6 +272,11 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
         "audit": output_dir / "audit.json",
     }
     io.write_npy(files["blocks"], result.blocks.input_ids)
+    if result.blocks.mask is not None:  # the evaluated positions, when not the first n_positions
+        files["mask"] = output_dir / "mask.npy"
+        io.write_npy(files["mask"], result.blocks.mask)
+    else:
+        (output_dir / "mask.npy").unlink(missing_ok=True)  # from an earlier audit into the same folder
     io.write_parquet(files["positions"], result.positions)
     plots.plot_gap_curves(files["gap_curve"], {"audit": result.summary["gap_fit"]})
     plots.plot_margin_histograms(files["margins"], {"audit": result.positions["margin"]})
@@ -293,6 +298,7 @@ def load_audit(directory: str | Path) -> AuditResult:
     summary = io.read_json(directory / "audit.json")
     positions = io.read_parquet(directory / "positions.parquet")
     input_ids = io.read_npy(directory / "blocks.npy")
-    blocks = Blocks(input_ids, int(summary["n_positions"]), summary["provenance"].get("data_source", ""))
+    mask = io.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
+    blocks = Blocks(input_ids, int(summary["n_positions"]), summary["provenance"].get("data_source", ""), mask)
     layers = io.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)
