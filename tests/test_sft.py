@@ -120,7 +120,7 @@ def test_objective_equals_float64_reference_on_loss_positions(tiny_model_dir, tm
     assert float(loss) == pytest.approx(float((ce + 0.7 * penalty) / n), rel=1e-4)
 
 
-def test_training_logs_mrp_and_trl_metrics_and_audits(tiny_model_dir, tmp_path, blocks):
+def test_training_logs_mrp_and_trl_metrics_and_audits(tiny_model_dir, tmp_path):
     import numpy as np
 
     from hf_mrp.data import Blocks
@@ -128,6 +128,7 @@ def test_training_logs_mrp_and_trl_metrics_and_audits(tiny_model_dir, tmp_path, 
     tokenizer, model, dataset, common = setup(tiny_model_dir, tmp_path, "assistant_only")
     ids = np.asarray([tokenizer(a)["input_ids"][:5] for a in ANSWERS[:4]])
     audit = MRPAuditCallback(Blocks(ids, n_positions=ids.size - len(ids), source="answers"), tokenizer=tokenizer)
+    common["gradient_checkpointing"] = True  # SFTConfig's default
     args = MRPSFTConfig(output_dir=str(tmp_path), mrp_lambda=0.5, mrp_objective="margin", max_steps=2,
                         **common)
     trainer = MRPSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

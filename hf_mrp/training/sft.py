@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import set_seed
 
 from ..errors import MRPUserError
 from ..models import output_head
@@ -77,6 +78,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             raise MRPUserError(f"MRPSFTTrainer needs args=MRPSFTConfig(...), got {type(args).__name__}")
         if kwargs.get("compute_loss_func") is not None:
             raise MRPUserError("MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); drop compute_loss_func")
+        set_seed(args.seed)  # the adapter's random init must not depend on what ran before
         super().__init__(model, args=args, **kwargs)
         vocab = int(output_head(self.model)[0].shape[0])
         if args.mrp_top_k > vocab:
