@@ -1,6 +1,6 @@
 """Chat SFT with margin refinement (TRL's SFTTrainer + MRP), audited on held-out assistant turns.
 
-    python examples/sft_mrp.py                    # embedded SmolLM2-135M-Instruct, Fisher, lambda 0.6 (< 10 min, 2 CPU cores)
+    python examples/sft_mrp.py        # embedded SmolLM2-135M-Instruct, Fisher, lambda 0.6 (< 10 min, 2 CPU cores)
     python examples/sft_mrp.py --mrp_lambda 0 --output_dir outputs/sft_control    # the control: plain SFT
 
 Needs the TRL extra: pip install 'hf_mrp[trl]'. The chats are built offline from the text of
@@ -24,7 +24,7 @@ from pathlib import Path
 from hf_mrp.errors import MRPUserError
 
 DEFAULTS = {
-    "output_dir": "outputs/sft_mrp", "mrp_objective": "fisher", "mrp_lambda": "0.6", "max_steps": "48",
+    "output_dir": "outputs/sft_mrp", "mrp_objective": "fisher", "mrp_lambda": "0.6", "max_steps": "32",
     "per_device_train_batch_size": "4", "learning_rate": "2e-4", "logging_steps": "8", "save_strategy": "no",
     "report_to": "none", "bf16": "false", "gradient_checkpointing": "false", "assistant_only_loss": "true",
     "max_length": "512", "seed": "0",
@@ -68,7 +68,8 @@ def assistant_blocks(tokenizer, chats: list[list[dict]]):
                                                 return_assistant_tokens_mask=True)
         rows.append(list(encoded["input_ids"]))
         labels.append([t if m else -100 for t, m in zip(encoded["input_ids"], encoded["assistant_masks"])])
-    return labeled_blocks(rows, labels, tokenizer.pad_token_id or 0, "pydoc_data.topics chats, held-out assistant turns")
+    source = "pydoc_data.topics chats, held-out assistant turns"
+    return labeled_blocks(rows, labels, tokenizer.pad_token_id or 0, source)
 
 
 def lora_config(model, args: ExampleArguments):
@@ -93,7 +94,8 @@ def parse(argv: list[str]):
     example, config = HfArgumentParser((ExampleArguments, MRPSFTConfig)).parse_args_into_dataclasses(
         args=[*defaults, *argv])
     if example.holdout_every < 2:
-        raise MRPUserError(f"--holdout_every must be at least 2 (every n-th topic held out), got {example.holdout_every}")
+        raise MRPUserError(f"--holdout_every must be at least 2 (every n-th topic held out), "
+                           f"got {example.holdout_every}")
     return example, config
 
 
@@ -105,7 +107,7 @@ def run(argv: list[str]) -> dict:
     from hf_mrp.training.sft import CHATML_GENERATION_TEMPLATE, MRPSFTTrainer
 
     example, config = parse(argv)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model, tokenizer, name = load_model_and_tokenizer(example.model)
     if "{% generation %}" not in (tokenizer.chat_template or ""):
         tokenizer.chat_template = CHATML_GENERATION_TEMPLATE  # SmolLM2's own ChatML, with assistant markers
@@ -127,6 +129,7 @@ def run(argv: list[str]) -> dict:
         **{key: comparison[key] for key in ("w2r", "r2w", "net", "accuracy_before", "accuracy_after",
                                             "median_margin_before", "median_margin_after", "median_margin_change")},
         "last_log": logged[-1] if logged else None, "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
     Path(config.output_dir, "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

@@ -77,7 +77,8 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
         if not isinstance(args, MRPSFTConfig):
             raise MRPUserError(f"MRPSFTTrainer needs args=MRPSFTConfig(...), got {type(args).__name__}")
         if kwargs.get("compute_loss_func") is not None:
-            raise MRPUserError("MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); drop compute_loss_func")
+            raise MRPUserError("MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); "
+                               "drop compute_loss_func")
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
         super().__init__(model, args=args, **kwargs)
         vocab = int(output_head(self.model)[0].shape[0])
