@@ -1,7 +1,8 @@
 """hf_mrp: measure and reshape the Voronoi geometry of a causal LM's next-token decisions.
 
 Public API (imported lazily so `import hf_mrp` stays cheap):
-run_audit, load_audit, compare_audits, compare_dirs, MRPConfig, MRPTrainer.
+run_audit, load_audit, compare_audits, compare_dirs, MRPConfig, MRPTrainer, and with the
+``hf_mrp[trl]`` extra MRPSFTConfig, MRPSFTTrainer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _EXPORTS = {
     "compare_dirs": "hf_mrp.audit.compare",
     "MRPConfig": "hf_mrp.training.config",
     "MRPTrainer": "hf_mrp.training.trainer",
+    "MRPSFTConfig": "hf_mrp.training.sft",
+    "MRPSFTTrainer": "hf_mrp.training.sft",
 }
 
 __all__ = sorted(_EXPORTS)

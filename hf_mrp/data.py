@@ -32,12 +32,18 @@ ENCODING_ERRORS = ("strict", "replace", "ignore")
 
 @dataclass
 class Blocks:
-    """Token-id blocks [n_blocks, block_size] and how many of their positions are evaluated."""
+    """Token-id blocks [n_blocks, block_size] and how many of their positions are evaluated.
+
+    By default the first ``n_positions`` positions in block order are evaluated; ``mask``
+    [n_blocks, block_size - 1] names them instead (e.g. only the assistant turns of chats), and then
+    ``n_positions`` must be its count.
+    """
 
     input_ids: np.ndarray
     n_positions: int
     source: str
     tokenizer: str = ""  # the tokenizer's identity (tokenizer_identity); "" when unknown
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.input_ids, (str, bytes)) or not hasattr(self.input_ids, "__len__"):
@@ -59,6 +65,16 @@ class Blocks:
                 f"got {self.n_positions!r}; the blocks and their position count do not belong together"
             )
         self.input_ids, self.n_positions = ids, int(self.n_positions)
+        if self.mask is not None:
+            mask = np.asarray(self.mask)
+            shape = (ids.shape[0], ids.shape[1] - 1)
+            if mask.shape != shape or mask.dtype != np.bool_ or int(mask.sum()) != self.n_positions:
+                raise MRPUserError(
+                    f"Blocks.mask must be a boolean [n_blocks, block_size - 1] = {list(shape)} "
+                    f"array with n_positions ({self.n_positions}) True entries, got {mask.dtype} {list(mask.shape)} "
+                    f"with {int(mask.sum()) if mask.dtype == np.bool_ else '?'}; build it from the labels (!= -100)"
+                )
+            self.mask = mask
 
     @property
     def block_size(self) -> int:
@@ -66,6 +82,8 @@ class Blocks:
 
     def position_mask(self) -> np.ndarray:
         """[n_blocks, block_size - 1] booleans: which (block, position) pairs are evaluated."""
+        if self.mask is not None:
+            return self.mask
         n_blocks, size = self.input_ids.shape
         flat_index = np.arange(n_blocks * (size - 1)).reshape(n_blocks, size - 1)
         return flat_index < self.n_positions
@@ -77,10 +95,12 @@ class Blocks:
         return labels
 
     def fingerprint(self) -> str:
-        """sha256 of the block shape, the ids, the evaluated count and the tokenizer's identity: equal
-        fingerprints mean identical positions (2 x 32 and 1 x 64 blocks of the same ids differ)."""
+        """sha256 of the block shape, the ids, the evaluated count, the tokenizer's identity and the mask (when
+        set): equal fingerprints mean identical positions (2 x 32 and 1 x 64 blocks of the same ids differ)."""
         digest = hashlib.sha256(json.dumps([list(self.input_ids.shape), self.n_positions, self.tokenizer]).encode())
         digest.update(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
+        if self.mask is not None:
+            digest.update(np.packbits(self.mask).tobytes())
         return digest.hexdigest()
 
 
@@ -296,6 +316,22 @@ def make_blocks(
         )
     blocks = ids[: n_full * block_size].reshape(n_full, block_size)
     return Blocks(blocks, min(max_positions, n_full * (block_size - 1)), source, tokenizer_identity(tokenizer))
+
+
+def labeled_blocks(rows: list[list[int]], labels: list[list[int]], pad_id: int, source: str = "") -> Blocks:
+    """Blocks of sequences of unequal length (e.g. tokenized chats) that evaluate exactly the positions whose next
+    label is not -100 (e.g. the assistant turns), right-padded with ``pad_id`` (padding is never evaluated and,
+    coming last, never attended to by an evaluated position)."""
+    if len(rows) != len(labels) or not rows or any(len(r) != len(y) for r, y in zip(rows, labels)):
+        raise MRPUserError("labeled_blocks needs one label row (-100 = not evaluated) per non-empty row of token ids, "
+                           "each as long as its row")
+    width = max(2, max(len(row) for row in rows))
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), -100, dtype=np.int64)
+    for index, (row, label) in enumerate(zip(rows, labels)):
+        ids[index, : len(row)], targets[index, : len(label)] = row, label
+    mask = targets[:, 1:] != -100
+    return Blocks(ids, int(mask.sum()), source, mask=mask)
 
 
 def load_blocks(

@@ -274,6 +274,11 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
         "audit": output_dir / "audit.json",
     }
     io.write_npy(files["blocks"], result.blocks.input_ids)
+    if result.blocks.mask is not None:  # the evaluated positions, when not the first n_positions
+        files["mask"] = output_dir / "mask.npy"
+        io.write_npy(files["mask"], result.blocks.mask)
+    else:
+        (output_dir / "mask.npy").unlink(missing_ok=True)  # from an earlier audit into the same folder
     io.write_parquet(files["positions"], result.positions)
     plots.plot_gap_curves(files["gap_curve"], {"audit": result.summary["gap_fit"]})
     plots.plot_margin_histograms(files["margins"], {"audit": result.positions["margin"]})
@@ -296,7 +301,8 @@ def load_audit(directory: str | Path) -> AuditResult:
     positions = io.read_parquet(directory / "positions.parquet")
     input_ids = io.read_npy(directory / "blocks.npy")
     origin = summary["provenance"]
+    mask = io.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
     blocks = Blocks(input_ids, int(summary["n_positions"]), origin.get("data_source", ""),
-                    origin.get("tokenizer_sha256") or "")
+                    origin.get("tokenizer_sha256") or "", mask=mask)
     layers = io.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

@@ -26,7 +26,9 @@ class MRPLossSums:
     """Sums over valid positions; divide by the number of items to get means.
 
     ``total`` = ce + lam * objective carries the gradient; the others are detached. ``objective`` is
-    already normalized as asked (see `mrp_loss_sums`); ``n_gated`` counts positions with margin < tau.
+    already normalized as asked (see `mrp_loss_sums`); ``n_gated`` counts positions with margin < tau,
+    ``n_correct`` those whose top-1 token is the target; ``entropy`` sums the predictive entropy (only
+    when asked for: it costs one more [chunk x V] pass).
     """
 
     total: torch.Tensor
@@ -35,6 +37,8 @@ class MRPLossSums:
     margin: torch.Tensor
     n_positions: int
     n_gated: int = 0
+    n_correct: int = 0
+    entropy: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,6 +47,8 @@ class _ChunkResult:
     objective: torch.Tensor
     margin: torch.Tensor
     n_gated: torch.Tensor
+    n_correct: torch.Tensor
+    entropy: torch.Tensor  # sum of the predictive entropy (0 unless computed)
     grad_logits: torch.Tensor | None  # d(ce [+ lam * entropy]) / dz_raw, [chunk, V]
     top_ids: torch.Tensor
     grad_top: torch.Tensor | None  # d(objective) / dz_raw at the top-k ids, [chunk, k] (margin, Fisher)
@@ -70,6 +76,7 @@ def _chunk(
     transform: LogitTransform,
     need_grad: bool,
     need_rows_grad: bool,
+    with_entropy: bool = False,
 ) -> _ChunkResult:
     """Loss sums of one chunk and, when asked, their gradients with respect to its raw logits.
 
@@ -86,13 +93,15 @@ def _chunk(
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
     peak = top_values[:, :1]
     entropy = objective == "entropy" and lam != 0.0
+    keep_shifted = entropy or with_entropy
     shifted = logits.sub_(peak)  # z - max, in place
-    exp = shifted.exp() if entropy else shifted.exp_()
+    exp = shifted.exp() if keep_shifted else shifted.exp_()
     total = exp.sum(-1)
     log_total = total.log()
     ce = (peak.squeeze(1) + log_total - target_logit).sum()
     margins = top_values[:, 0] - top_values[:, 1]
     n_gated = (margins < tau).sum()
+    n_correct = (top_ids[:, 0] == targets).sum()
     objective_sum = torch.zeros((), device=h.device)
     grad_top = grad_rows = None
     if lam != 0.0 and not entropy:
@@ -107,12 +116,13 @@ def _chunk(
         objective_sum = objective_sum.detach()
         if grad_top is not None and cap_slope is not None:
             grad_top = grad_top * cap_slope.gather(1, top_ids)
-    entropy_values = None
-    if entropy:  # H = log S - sum(e * (z - max)) / S
-        entropy_values = log_total - (exp * shifted).sum(-1) / total
+    entropy_values = log_total - (exp * shifted).sum(-1) / total if keep_shifted else None  # log S - sum e(z-max)/S
+    entropy_sum = entropy_values.sum() if keep_shifted else torch.zeros((), device=h.device)
+    if entropy:
         objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()
     if not need_grad:
-        return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, None, top_ids, None, None)
+        return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, None, top_ids, None,
+                            None)
     grad = exp.div_(total[:, None])  # softmax p, in place
     if entropy:  # dH/dz = -p (log p + H):  grad = p * (1 - lam * w * (log p + H))
         scale = lam if weights is None else lam * weights[:, None]
@@ -122,7 +132,8 @@ def _chunk(
     grad[rows_index, targets] -= 1.0
     if cap_slope is not None:
         grad.mul_(cap_slope)
-    return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, grad, top_ids, grad_top, grad_rows)
+    return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, grad, top_ids, grad_top,
+                        grad_rows)
 
 
 class _Gradients:
@@ -181,25 +192,26 @@ def _objective_factor(normalization: str, objective: str, n_valid: int, n_gated:
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, weights, objective, lam, tau, top_k, chunk_size, transform,
-                normalization):
+                normalization, with_entropy):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_grad = need_h or need_w or need_b
         weight32, bias32 = transform.scaled_head(weight, bias)
         sparse = lam != 0.0 and objective != "entropy"
         grads = _Gradients(hidden, weight32, bias32, need_h, need_w, need_b, sparse) if need_grad else None
-        sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+        sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             h = hidden[start:stop].float()
             chunk = _chunk(
                 h, weight32, bias32, targets[start:stop], None if weights is None else weights[start:stop].float(),
-                objective, lam, tau, top_k, transform, need_grad, need_w and objective == "fisher",
+                objective, lam, tau, top_k, transform, need_grad, need_w and objective == "fisher", with_entropy,
             )
-            sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated]).double()
+            sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct,
+                                 chunk.entropy]).double()
             if need_grad:
                 grads.add_chunk(start, stop, h, weight32, chunk)
             del chunk
-        ce, obj, margin, n_gated = sums.unbind()
+        ce, obj, margin, n_gated, n_correct, entropy = sums.unbind()
         factor = _objective_factor(normalization, objective, hidden.shape[0], int(n_gated))
         obj = obj * factor
         outputs = grads.combine(lam * factor if sparse else 0.0, transform.scale) if need_grad else [None] * 3
@@ -207,9 +219,9 @@ class _FusedMRPLoss(torch.autograd.Function):
         ctx.flags = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         total = (ce + lam * obj).float()
-        ce, obj, margin, n_gated = (value.float() for value in (ce, obj, margin, n_gated))
-        ctx.mark_non_differentiable(ce, obj, margin, n_gated)
-        return total, ce, obj, margin, n_gated
+        statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
+        ctx.mark_non_differentiable(*statistics)
+        return (total, *statistics)
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
@@ -217,7 +229,7 @@ class _FusedMRPLoss(torch.autograd.Function):
         outputs = []
         for flag, dtype in zip(ctx.flags, ctx.dtypes):
             outputs.append((next(saved) * grad_total).to(dtype) if flag else None)
-        return (*outputs, None, None, None, None, None, None, None, None, None)
+        return (*outputs, None, None, None, None, None, None, None, None, None, None)
 
 
 def mrp_loss_sums(
@@ -234,6 +246,7 @@ def mrp_loss_sums(
     position_weights: torch.Tensor | None = None,
     transform: LogitTransform = IDENTITY,
     normalization: str = "valid",
+    with_entropy: bool = False,
 ) -> MRPLossSums:
     """Summed CE + lam * objective over positions whose target is not -100.
 
@@ -244,6 +257,7 @@ def mrp_loss_sums(
     n_valid / n_gated, so that once the caller divides by the valid positions it is the paper's mean over
     the gated positions (m < tau) of this call; 'valid' (and every other objective) leaves the sum as is.
     Divide the sums by the number of items (the Trainer's ``num_items_in_batch``) to get the loss.
+    ``with_entropy`` also sums the predictive entropy (TRL's ``entropy`` metric).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -256,9 +270,9 @@ def mrp_loss_sums(
     valid = flat_targets != -100
     flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
     weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
-    total, ce, obj, margin, n_gated = _FusedMRPLoss.apply(
+    total, ce, obj, margin, n_gated, n_correct, entropy = _FusedMRPLoss.apply(
         flat_hidden, weight, bias, flat_targets, weights, objective, float(lam), float(tau), int(top_k),
-        int(chunk_size), transform, normalization,
+        int(chunk_size), transform, normalization, bool(with_entropy),
     )
     return MRPLossSums(total=total, ce=ce, objective=obj, margin=margin, n_positions=int(flat_targets.shape[0]),
-                       n_gated=int(n_gated))
+                       n_gated=int(n_gated), n_correct=int(n_correct), entropy=entropy if with_entropy else None)

@@ -1,4 +1,6 @@
-"""MRPConfig: TrainingArguments plus the MRP objective and the LoRA adapter it trains."""
+"""MRPConfig: TrainingArguments plus the MRP objective and the LoRA adapter it trains.
+
+The MRP objective's fields live in `MRPArguments`, which `MRPSFTConfig` (TRL) shares."""
 
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ def _launched_without_accelerators(use_cpu: bool) -> bool:
 
 
 @dataclass
-class MRPConfig(TrainingArguments):
-    """Training arguments for `MRPTrainer`: loss = CE + mrp_lambda * L_objective (see docs/spec.md)."""
+class MRPArguments:
+    """The MRP objective's fields (loss = CE + mrp_lambda * L_objective, see docs/spec.md), mixed into
+    `MRPConfig` and `MRPSFTConfig` ahead of their TrainingArguments base, so both read and check them alike."""
 
     mrp_objective: str = field(
         default="fisher",
@@ -54,6 +57,54 @@ class MRPConfig(TrainingArguments):
     mrp_chunk_size: int = field(
         default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."}
     )
+
+    def __getstate__(self) -> dict:
+        """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
+        return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
+
+    def __copy__(self) -> "MRPArguments":  # copies keep the token: only pickles drop it
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "MRPArguments":
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def _join_cpu_launch(self) -> None:
+        """Before TrainingArguments.__post_init__: several processes on a machine without accelerators run as one
+        distributed CPU job (gloo), as with --use_cpu true; else each would run as its own job, all writing one
+        output folder."""
+        if _launched_without_accelerators(self.use_cpu):
+            logger.warning("%s processes were launched on a machine without accelerators: running them as one "
+                           "distributed CPU job (gloo), as with --use_cpu true", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
+
+    def _check_mrp_fields(self) -> None:
+        """One clear line for each out-of-range MRP field."""
+        if self.mrp_objective not in OBJECTIVES:
+            raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if not self.mrp_lambda >= 0:
+            raise MRPUserError(f"mrp_lambda must be >= 0 (0 gives plain cross-entropy), got {self.mrp_lambda}")
+        if self.mrp_margin_normalization not in NORMALIZATIONS:
+            raise MRPUserError(
+                f"unknown mrp_margin_normalization {self.mrp_margin_normalization!r}; choose one of "
+                f"{', '.join(NORMALIZATIONS)}"
+            )
+        if not self.mrp_margin_threshold > 0:
+            raise MRPUserError(f"mrp_margin_threshold (tau) must be > 0, got {self.mrp_margin_threshold}")
+        if self.mrp_top_k < 2:
+            raise MRPUserError(f"mrp_top_k must be at least 2 (a margin needs two tokens), got {self.mrp_top_k}")
+        if self.mrp_chunk_size < 1:
+            raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
+
+
+@dataclass
+class MRPConfig(MRPArguments, TrainingArguments):
+    """Training arguments for `MRPTrainer`: the MRP fields (`MRPArguments`) and the LoRA adapter it trains."""
+
     use_lora: bool = field(
         default=True,
         metadata={"help": "Train LoRA adapters (built from the lora_* fields) unless a peft_config is passed; "
@@ -74,31 +125,12 @@ class MRPConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if _launched_without_accelerators(self.use_cpu):
-            # without this, each process of `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs
-            # would run as its own job, all writing one output folder: join them as one gloo job instead
-            logger.warning("%s processes were launched on a machine without accelerators: running them as one "
-                           "distributed CPU job (gloo), as with --use_cpu true", os.environ["WORLD_SIZE"])
-            self.use_cpu = True
+        self._join_cpu_launch()
         if isinstance(self.lora_target_modules, str):  # 'all-linear' / 'q_proj' mean the one-element list
             self.lora_target_modules = [self.lora_target_modules]
         _check_numbers(self)  # before TrainingArguments, which would fail on them with a traceback
         super().__post_init__()
-        if self.mrp_objective not in OBJECTIVES:
-            raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if not self.mrp_lambda >= 0:
-            raise MRPUserError(f"mrp_lambda must be >= 0 (0 gives plain cross-entropy), got {self.mrp_lambda}")
-        if self.mrp_margin_normalization not in NORMALIZATIONS:
-            raise MRPUserError(
-                f"unknown mrp_margin_normalization {self.mrp_margin_normalization!r}; choose one of "
-                f"{', '.join(NORMALIZATIONS)}"
-            )
-        if not self.mrp_margin_threshold > 0:
-            raise MRPUserError(f"mrp_margin_threshold (tau) must be > 0, got {self.mrp_margin_threshold}")
-        if self.mrp_top_k < 2:
-            raise MRPUserError(f"mrp_top_k must be at least 2 (a margin needs two tokens), got {self.mrp_top_k}")
-        if self.mrp_chunk_size < 1:
-            raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
+        self._check_mrp_fields()
         if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
             raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if not self.lora_alpha > 0:
@@ -110,20 +142,6 @@ class MRPConfig(TrainingArguments):
         if self.mrp_objective == "fisher":
             check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
 
-    def __getstate__(self) -> dict:
-        """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
-        return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
-
-    def __copy__(self) -> "MRPConfig":  # copies keep the token: only pickles drop it
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
-
-    def __deepcopy__(self, memo: dict) -> "MRPConfig":
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""

@@ -53,6 +53,7 @@ def forward_with_mrp_loss(
     *,
     position_weights: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
+    with_entropy: bool = False,
 ) -> tuple[MRPLossSums, object]:
     """Run ``model(**inputs)`` with the MRP loss sums computed in its head; returns (sums, outputs).
 
@@ -61,6 +62,7 @@ def forward_with_mrp_loss(
     ``position_weights`` weight the objective per label (aligned like ``labels``). ``sums.total`` carries the
     gradient and is tied to ``outputs.logits`` (zeros [batch, seq, 1], not logits), so backward starts at
     the model's output as FSDP expects. Divide ``sums.total`` by the number of items for the loss.
+    ``with_entropy`` also sums the predictive entropy over the same positions (``sums.entropy``).
     """
     inner = unwrap(model)
     weight = output_head(inner)[0]
@@ -79,7 +81,7 @@ def forward_with_mrp_loss(
         result["sums"] = mrp_loss_sums(
             states, weight, targets, bias=bias, objective=settings.objective, lam=settings.lam, tau=settings.tau,
             top_k=settings.top_k, chunk_size=settings.chunk_size, position_weights=weights, transform=transform,
-            normalization=settings.normalization,
+            normalization=settings.normalization, with_entropy=with_entropy,
         )
         return carrier(hidden)
 

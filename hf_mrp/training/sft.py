@@ -1,0 +1,138 @@
+"""MRPSFTTrainer / MRPSFTConfig: TRL's `SFTTrainer` with the MRP loss (the optional extra ``hf_mrp[trl]``).
+
+Everything `SFTTrainer` does stays its own: dataset preparation (conversational and prompt-completion
+data, chat templates, ``assistant_only_loss``, ``completion_only_loss``), packing (padding-free BFD
+with ``position_ids``), PEFT through ``peft_config``, its collator and its metrics. Only the loss
+changes: CE + mrp_lambda * objective from the same fused path as `MRPTrainer` (`loss.forward_with_mrp_loss`:
+float32 chunks inside the output head, the model's own soft cap / logit scale, W whole under FSDP2),
+over exactly the positions whose label TRL left at something other than -100. TRL's own fused LM
+head stays installed but unused: it only runs when called with ``fused_lm_head=True``, which this
+trainer never does. TRL's ``entropy`` and ``mean_token_accuracy`` come from the same fused pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import set_seed
+
+from ..errors import MRPUserError
+from ..models import output_head
+from .config import MRPArguments
+from .loss import MRPLossSettings, forward_with_mrp_loss
+from .mrp_mixin import MRPTrainerMixin
+
+MIN_TRL = "1.16"
+
+try:
+    import trl
+    from packaging.version import Version
+    from trl import SFTConfig, SFTTrainer
+except ImportError as error:  # pragma: no cover - depends on the install
+    raise MRPUserError(f"MRPSFTTrainer needs TRL >= {MIN_TRL}: pip install 'hf_mrp[trl]'") from error
+if Version(trl.__version__) < Version(MIN_TRL):  # pragma: no cover - depends on the install
+    raise MRPUserError(f"MRPSFTTrainer needs TRL >= {MIN_TRL}, found {trl.__version__}: pip install 'hf_mrp[trl]'")
+
+# SmolLM2's own ChatML template with TRL's {% generation %} markers around each assistant turn, which
+# `assistant_only_loss=True` needs (the shipped template has none); renders the same text.
+CHATML_GENERATION_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class MRPSFTConfig(MRPArguments, SFTConfig):
+    """`SFTConfig` plus the MRP fields (`MRPArguments`: mrp_objective, mrp_lambda, ...). Adapters come from
+    ``peft_config``, as with `SFTTrainer`. The loss is TRL's default ``loss_type='nll'`` plus the objective."""
+
+    def __post_init__(self) -> None:
+        self._join_cpu_launch()
+        super().__post_init__()
+        self._check_mrp_fields()
+        if self.loss_type != "nll":
+            raise MRPUserError(f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
+                               "replace that CE: use loss_type='nll' (the default)")
+        if self.label_smoothing_factor > 0:
+            raise MRPUserError("MRPSFTConfig does not support label_smoothing_factor (it needs full logits, which the "
+                               "fused MRP loss never forms); set it to 0")
+
+
+class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
+    """`SFTTrainer` whose loss is CE + mrp_lambda * MRP objective, logging ``loss_ce``, ``loss_mrp``,
+    ``mean_margin`` next to TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens``."""
+
+    _tag_names = [*SFTTrainer._tag_names, "hf_mrp"]
+
+    def __init__(self, model, args: MRPSFTConfig | None = None, **kwargs):
+        """``model`` and ``args`` as for `SFTTrainer`; everything else by keyword (train_dataset=..., ...)."""
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = MRPSFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MRP-SFT")
+        if not isinstance(args, MRPSFTConfig):
+            raise MRPUserError(f"MRPSFTTrainer needs args=MRPSFTConfig(...), got {type(args).__name__}")
+        if kwargs.get("compute_loss_func") is not None:
+            raise MRPUserError("MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); "
+                               "drop compute_loss_func")
+        set_seed(args.seed)  # the adapter's random init must not depend on what ran before
+        super().__init__(model, args=args, **kwargs)
+        vocab = int(output_head(self.model)[0].shape[0])
+        if args.mrp_top_k > vocab:
+            raise MRPUserError(f"mrp_top_k ({args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+            raise MRPUserError("MRPSFTTrainer does not support sequence parallelism (sp_size > 1): its loss reduction "
+                               "is TRL's own fused head; use data parallelism or FSDP2")
+        self._init_mrp_state()
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = {key: value for key, value in inputs.items() if key != "use_cache"}
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
+        if labels is None and shift_labels is None:
+            raise MRPUserError("the batch holds no labels; let MRPSFTTrainer prepare the dataset (its collator makes "
+                               "them), or add a labels column (-100 = no loss)")
+        sums, outputs = forward_with_mrp_loss(model, inputs, labels, MRPLossSettings.from_config(self.args),
+                                              shift_labels=shift_labels, with_entropy=True)
+        loss = self._normalized_loss(sums, num_items_in_batch)
+        if self.aux_loss_enabled:  # as SFTTrainer: a per-micro-batch mean, spread over the accumulation steps
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss.to(loss.device) / steps
+        loss = self._recorded_loss(sums, loss, outputs)
+        self._record_sft_metrics(mode, sums, inputs, outputs)
+        if return_outputs:  # like SFTTrainer: the logits compute_metrics needs come from one more plain forward
+            with torch.no_grad():
+                outputs = model(**inputs, use_cache=False)
+            return loss, outputs
+        return loss
+
+    def _reduced(self, values: list[float], device: torch.device) -> list[float]:
+        local = torch.tensor(values, dtype=torch.float64, device=device)
+        return (self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1
+                else local).tolist()
+
+    def _record_sft_metrics(self, mode: str, sums, inputs: dict, outputs) -> None:
+        """TRL's metrics from the fused pass: entropy and top-1 accuracy over the loss positions (a mean per
+        micro-batch over all processes, as SFTTrainer logs them) and the running count of input tokens."""
+        device = sums.ce.device
+        entropy, correct, valid = self._reduced(
+            [float(sums.entropy), float(sums.n_correct), float(sums.n_positions)], device)
+        self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = float(inputs["attention_mask"].sum())
+            else:  # padding-free: one row of real tokens, no attention mask
+                tokens = float(inputs["position_ids"].size(1))
+            self._total_train_tokens += int(self._reduced([tokens], device)[0]) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            aux = self._reduced([float(outputs.aux_loss)], device)[0] / self.accelerator.num_processes
+            self._metrics[mode]["aux_loss"].append(aux)
