@@ -51,8 +51,8 @@ def test_labeled_blocks_audit_exactly_the_labeled_positions(model, tmp_path):
 def test_bad_masks_fail_in_one_line():
     ids = np.zeros((2, 4), dtype=np.int64)
     with pytest.raises(MRPUserError, match="n_positions"):
-        Blocks(ids, 3, "x", np.ones((2, 3), dtype=bool))
+        Blocks(ids, 3, "x", mask=np.ones((2, 3), dtype=bool))
     with pytest.raises(MRPUserError, match="mask"):
-        Blocks(ids, 2, "x", np.ones((2, 4), dtype=bool))
+        Blocks(ids, 2, "x", mask=np.ones((2, 4), dtype=bool))
     with pytest.raises(MRPUserError, match="label row"):
         labeled_blocks([[1, 2]], [[1]], pad_id=0)
