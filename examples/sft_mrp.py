@@ -85,14 +85,13 @@ def lora_config(model, args: ExampleArguments):
 
 
 def parse(argv: list[str]):
-    from transformers import HfArgumentParser
-
+    from hf_mrp.parser import MRPArgumentParser
     from hf_mrp.training.sft import MRPSFTConfig
 
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     defaults = [item for key, value in DEFAULTS.items() if key not in given for item in (f"--{key}", value)]
-    example, config = HfArgumentParser((ExampleArguments, MRPSFTConfig)).parse_args_into_dataclasses(
-        args=[*defaults, *argv])
+    parser = MRPArgumentParser((ExampleArguments, MRPSFTConfig), prog="python examples/sft_mrp.py")
+    example, config = parser.parse_args_into_dataclasses(args=[*defaults, *argv])
     if example.holdout_every < 2:
         raise MRPUserError(f"--holdout_every must be at least 2 (every n-th topic held out), "
                            f"got {example.holdout_every}")

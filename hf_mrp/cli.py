@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Iterator
 
 from .errors import MRPUserError
+from .parser import one_line
 
 COMMANDS = {
     "audit": "float32 geometry audit of a model on fixed positions",
@@ -19,12 +19,11 @@ COMMANDS = {
 
 
 def _audit(argv: list[str]) -> None:
-    from transformers import HfArgumentParser
-
     from .arguments import AuditArguments, DataArguments, ModelArguments
     from .audit.run import audit_from_arguments
+    from .parser import MRPArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, AuditArguments), prog="hf-mrp audit")
+    parser = MRPArgumentParser((ModelArguments, DataArguments, AuditArguments), prog="hf-mrp audit")
     model_args, data_args, audit_args = parser.parse_args_into_dataclasses(args=argv)
     result = audit_from_arguments(model_args, data_args, audit_args)
     from accelerate import PartialState
@@ -51,13 +50,12 @@ def _refine(argv: list[str]) -> None:
 
 
 def _compare(argv: list[str]) -> None:
-    import argparse
-
     from .audit.compare import compare_dirs
+    from .parser import MRPArgumentParser
     from .refine import summary_line
     from .reporting.ownership import owned_folder
 
-    parser = argparse.ArgumentParser(prog="hf-mrp compare", description=COMMANDS["compare"])
+    parser = MRPArgumentParser(prog="hf-mrp compare", description=COMMANDS["compare"])
     parser.add_argument("before_dir")
     parser.add_argument("after_dir")
     parser.add_argument("--output_dir", required=True)
@@ -109,47 +107,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
-@contextlib.contextmanager
-def _flag_errors_as_user_errors(command: str) -> Iterator[None]:
-    """While a command parses its flags, turn argparse's usage dump + exit and HfArgumentParser's
-    ValueErrors (unknown flags, TrainingArguments checks) into MRPUserError: one line, exit code 2."""
-    import argparse
-
-    from transformers import HfArgumentParser
-
-    hint = f"`hf-mrp {command} --help` lists the flags"
-
-    def error(parser, message):
-        raise MRPUserError(f"{_one_line(message).rstrip('.')}; {hint}")
-
-    parse = HfArgumentParser.parse_args_into_dataclasses
-
-    def parse_into_dataclasses(self, *args, **kwargs):
-        try:
-            return parse(self, *args, **kwargs)
-        except MRPUserError:
-            raise
-        except ValueError as failure:  # raised while turning flags into arguments: a flag is wrong
-            message = _one_line(failure)
-            unused = "Some specified arguments are not used by the HfArgumentParser: "
-            if message.startswith(unused):
-                message = "unrecognized arguments: " + message[len(unused):]
-            raise MRPUserError(f"{message}; {hint}") from failure
-
-    saved_error = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = error
-    HfArgumentParser.parse_args_into_dataclasses = parse_into_dataclasses
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.error = saved_error
-        HfArgumentParser.parse_args_into_dataclasses = parse
-
-
 def _given_output_dir(argv: list[str]) -> str | None:
     """The --output_dir flag's value, read before any flag parsing (which needs the heavy imports)."""
     for index, word in enumerate(argv):
@@ -187,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _output_dir_owned(command, rest), _flag_errors_as_user_errors(command):
+        with _output_dir_owned(command, rest):
             HANDLERS[command](rest)
     except MRPUserError as error:
-        print(f"hf-mrp {command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"hf-mrp {command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hf-mrp {command}: interrupted (report files on disk are whole: each is written atomically)",
@@ -199,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help of a command, or a handler's sys.exit
         if stop.code is None or isinstance(stop.code, int):
             return stop.code or 0
-        print(f"hf-mrp {command}: error: {_one_line(stop.code)}", file=sys.stderr)
+        print(f"hf-mrp {command}: error: {one_line(stop.code)}", file=sys.stderr)
         return 2
     return 0
 

@@ -488,9 +488,9 @@ def benchmark_from_arguments(model_args: ModelArguments, bench_args: BenchmarkAr
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, BenchmarkArguments]:
-    from transformers import HfArgumentParser
+    from .parser import MRPArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, BenchmarkArguments), prog="hf-mrp benchmark")
+    parser = MRPArgumentParser((ModelArguments, BenchmarkArguments), prog="hf-mrp benchmark")
     return parser.parse_args_into_dataclasses(args=argv)
 
 

@@ -196,9 +196,9 @@ def write_run_files(
 
 
 def parse_arguments(argv: list[str] | None = None):
-    from transformers import HfArgumentParser
+    from .parser import MRPArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, RefineArguments, MRPConfig))
+    parser = MRPArgumentParser((ModelArguments, DataArguments, RefineArguments, MRPConfig), prog="hf-mrp refine")
     parser.set_defaults(**DEFAULTS)
     model_args, data_args, refine_args, config = parser.parse_args_into_dataclasses(args=argv)
     config.report_to = reporters(config.report_to)

@@ -200,8 +200,10 @@ def plan_runs(args: SweepArguments) -> list[RunSpec]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .parser import MRPArgumentParser
+
     defaults = SweepArguments()
-    parser = argparse.ArgumentParser(
+    parser = MRPArgumentParser(
         prog="hf-mrp sweep", allow_abbrev=False,
         description="Dose-response sweep: objectives x lambdas x seeds, each seed with a lambda = 0 control "
                     "(cross-entropy only), one shared baseline audit, resumable.",
