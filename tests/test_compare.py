@@ -115,6 +115,9 @@ def test_flips_churn_rotation(pair, result):
     assert result["runner_up_rotation"]["share"] == pytest.approx(len(rotated) / n)
     widened = sum(1 for i in rotated if a["margin"][i] > b["margin"][i])
     assert result["runner_up_rotation"]["widened_share"] == pytest.approx(widened / len(rotated))
+    changes = [float(a["margin"][i]) - float(b["margin"][i]) for i in rotated]
+    assert result["runner_up_rotation"]["mean_margin_change"] == pytest.approx(sum(changes) / len(changes))
+    assert result["runner_up_rotation"]["median_margin_change"] == pytest.approx(statistics.median(changes))
     assert result["accuracy_before"] == pytest.approx(sum(b["correct"]) / n)
     assert result["accuracy_after"] == pytest.approx(sum(a["correct"]) / n)
 
@@ -139,6 +142,14 @@ def test_margins_and_bands(pair, result):
         assert row["accuracy_before"] == pytest.approx(sum(b["correct"][i] for i in members) / len(members))
         assert row["accuracy_after"] == pytest.approx(sum(a["correct"][i] for i in members) / len(members))
     assert sum(row["n"] for row in result["accuracy_by_margin_band"].values()) == len(mb)
+    own = result["accuracy_by_own_margin_band"]  # the paper's convention: each model by its own margin
+    assert list(own) == list(bands)
+    for label, (lo, hi) in bands.items():
+        for side, margins, correct in (("before", mb, b["correct"]), ("after", ma, a["correct"])):
+            members = [i for i, m in enumerate(margins) if lo <= m < hi]
+            assert own[label][f"n_{side}"] == len(members) > 0, (label, side)
+            assert own[label][f"accuracy_{side}"] == pytest.approx(sum(correct[i] for i in members) / len(members))
+    assert any(own[label]["n_before"] != own[label]["n_after"] for label in bands)  # the rows move
 
 
 def expected_groups(b: dict, a: dict, key) -> dict:
@@ -262,7 +273,8 @@ def test_identical_audits_leave_ratios_undefined(pair):
     assert (same["w2r"], same["r2w"], same["net"], same["churn"]) == (0, 0, 0, 0.0)
     assert same["flip_ratio"] is None and same["head_share"] is None
     assert same["median_margin_change"] == 0.0 and same["expansion"]["share_wider"] == 0.0
-    assert same["runner_up_rotation"] == {"share": 0.0, "widened_share": None}
+    assert same["runner_up_rotation"] == {"share": 0.0, "widened_share": None, "mean_margin_change": None,
+                                          "median_margin_change": None}
     assert all(row["share_of_net"] is None for row in same["by_class"].values())
     assert same["top_gain"] == [] and same["top_loss"] == []
 
