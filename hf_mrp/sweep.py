@@ -684,9 +684,10 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
     matches = match_entropy(rows)
     for match in matches:
         by_seed = {key: {runs[i].spec.seed: i for i in m} for key, m in zip(row_keys, members)}
-        fisher, entropy = by_seed[("fisher", match["reference_lambda"], "")], by_seed[("entropy", match["entropy_lambda"], "")]
+        fisher = by_seed[("fisher", match["reference_lambda"], "")]
+        entropy = by_seed[("entropy", match["entropy_lambda"], "")]
         pairs = [(fisher[seed], entropy[seed]) for seed in sorted(set(fisher) & set(entropy))]
-        match["fisher_minus_entropy"] = paired(pairs)
+        match["fisher_minus_entropy"] = paired(pairs) if pairs else None  # None: no seed has both runs
     run_entries = []
     for i, run in enumerate(runs):
         flip_audit = run.record["flip_audit"]
@@ -912,7 +913,7 @@ def _entropy_section(matches: list[dict], confidence: str) -> str:
     keys = ("net", "w2r", "r2w", "accuracy", "churn")
     rows = [[format_lambda(m["reference_lambda"]), _fmt(m["reference_value"], "signed_percent"),
              format_lambda(m["entropy_lambda"]), _fmt(m["entropy_value"], "signed_percent")]
-            + [_cell_paired(m["fisher_minus_entropy"][k], k) for k in keys] for m in matches]
+            + [_cell_paired((m["fisher_minus_entropy"] or {}).get(k), k) for k in keys] for m in matches]
     from .reporting.markdown import table
 
     header = ["fisher lambda", "its median margin change", "entropy lambda", "its median margin change"]

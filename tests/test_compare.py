@@ -13,7 +13,8 @@ from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 
-TEXTS = {0: " ,", 1: " =", 2: " the", 3: " Paris", 4: " NASA", 5: " 1984", 6: " running", 7: "ing", 8: " of", 9: " café"}
+TEXTS = {0: " ,", 1: " =", 2: " the", 3: " Paris", 4: " NASA", 5: " 1984", 6: " running", 7: "ing", 8: " of",
+         9: " café"}
 VOCAB = 40
 RARE = 38
 TOP = 30  # long enough that ties in net reach the lists

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from hf_mrp import cli
 from hf_mrp.errors import MRPUserError
@@ -69,11 +70,15 @@ def test_variant_sweep_end_to_end(tiny_model_dir, tmp_path, capsys):
             "modules_to_save"] == ["lm_head"]
         assert runs[f"fisher_head_lam1_seed{seed}"]["control_run"] == f"control_head_lam0_seed{seed}"
         assert runs[f"fisher_target_lam1_seed{seed}"]["control_run"] == f"control_lam0_seed{seed}"
+        saved = load_file(out / "runs" / f"fisher_head_lam1_seed{seed}" / "adapter_model.safetensors")
+        base = load_file(tiny_model_dir / "model.safetensors")
+        assert (saved["base_model.model.lm_head.weight"] - base["lm_head.weight"]).abs().max() > 0  # W trained
         targeted = json.loads((out / "runs" / f"fisher_target_lam1_seed{seed}" / "run_arguments.json").read_text())
         assert targeted["arguments"]["mrp_target_classes"] == ["content", "entity"]
 
     rows = {(row["objective"], row["lambda"], row["variant"]): row for row in results["rows"]}
-    assert set(rows) == {("control", 0.0, ""), ("control", 0.0, "head"), ("fisher", 1.0, ""), ("entropy", 4.0, ""), ("fisher", 1.0, "head"), ("fisher", 1.0, "target")}
+    assert set(rows) == {("control", 0.0, ""), ("control", 0.0, "head"), ("fisher", 1.0, ""), ("entropy", 4.0, ""),
+                         ("fisher", 1.0, "head"), ("fisher", 1.0, "target")}
     assert rows[("control", 0.0, "")]["vs_control"] is None
     for (objective, lam, variant), row in rows.items():
         if objective == "control":

@@ -63,11 +63,13 @@ def _flips(result: dict) -> str:
     row = [
         fmt_count(result["w2r"]), fmt_count(result["r2w"]), fmt_count(result["net"]), fmt_ratio(result["flip_ratio"]),
         fmt_percent(result["churn"]), fmt_percent(rotation["share"]), fmt_percent(rotation["widened_share"]),
-        fmt_number(rotation.get("mean_margin_change")), fmt_percent(result["median_margin_change"], signed=True), fmt_percent(expansion["share_wider"]),
+        fmt_number(rotation.get("mean_margin_change")), fmt_percent(result["median_margin_change"], signed=True),
+        fmt_percent(expansion["share_wider"]),
         fmt_number(expansion["mean_change"]), fmt_percent(result.get("head_share")),
     ]
     header = ["W->R", "R->W", "net", "flip ratio", "churn", "runner-up rotation", "rotated & widened",
-              "rotated: mean margin change", "median margin change", "wider margins", "mean margin change", "head share (100+)"]
+              "rotated: mean margin change", "median margin change", "wider margins", "mean margin change",
+              "head share (100+)"]
     return table(header, [row])
 
 
