@@ -784,13 +784,9 @@ def row_label(objective: str, lam: float, variant: str, args: SweepArguments) ->
 
 
 def _row_label(row: dict) -> list[str]:
-    return [escape_label(row["label"]), format_lambda(row["lambda"])]
-
-
-def escape_label(text: str) -> str:
     from .reporting.markdown import escape_cell
 
-    return escape_cell(text)
+    return [escape_cell(row["label"]), format_lambda(row["lambda"])]
 
 
 def _fmt_diff(value, key: str) -> str:

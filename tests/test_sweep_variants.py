@@ -108,3 +108,22 @@ def test_variant_sweep_end_to_end(tiny_model_dir, tmp_path, capsys):
                  "fisher (W trainable)", "control (CE only, W trainable)", "fisher (targeted: content, entity)",
                  "block-bootstrap"):
         assert text in report, text
+
+
+def test_paired_difference_by_hand():
+    from hf_mrp.sweep_stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    point = np.array([[10.0, 0.5], [14.0, 0.6], [9.0, 0.4], [15.0, 0.7]])  # control s0, run s0, control s1, run s1
+    samples = point + rng.normal(0, 1, (200, 4, 2))
+    result = paired_difference(point, samples, [(1, 0), (3, 2)], ("net", "accuracy"), (0, 1), 0.9)
+    net = result["net"]
+    assert net["per_seed"] == {"0": 4.0, "1": 6.0} and net["mean"] == 5.0
+    by_hand = ((samples[:, 1, 0] - samples[:, 0, 0]) + (samples[:, 3, 0] - samples[:, 2, 0])) / 2
+    assert net["ci"] == pytest.approx(list(np.quantile(by_hand, [0.05, 0.95])))
+    half = 6.313751514675043 * np.std([4.0, 6.0], ddof=1) / np.sqrt(2)  # t_{1, 0.95}
+    assert net["seed_ci"] == pytest.approx([5 - half, 5 + half])
+    same = paired_difference(point, samples, [(1, 1), (3, 3)], ("net", "accuracy"), (0, 1), 0.9)
+    assert same["net"]["ci"] == [0.0, 0.0] and same["accuracy"]["seed_ci"] == [0.0, 0.0]
+    assert paired_difference(point, None, [(1, 0)], ("net", "accuracy"), (0,), 0.9)["net"] == {
+        "mean": 4.0, "per_seed": {"0": 4.0}, "ci": None, "seed_ci": None}
