@@ -880,6 +880,8 @@ def markdown_report(results: dict) -> str:
         table(["row", "lambda"] + list(CLASSES),
               [_row_label(r) + [_cell_paired(r["vs_control"][f"net_{c}"], f"net_{c}") for c in CLASSES]
                for r in paired_rows]) if paired_rows else "(no run with a finished control)",
+        "## Next to the paper (same units)",
+        _paper_section(results),
         "## Geometry or sharpening: Fisher against entropy at matched strength",
         _entropy_section(results["entropy_matched"], confidence),
         "## Runs",
@@ -896,6 +898,23 @@ def markdown_report(results: dict) -> str:
         "\n".join(f"- {HEADERS[key]}: {DESCRIPTIONS[key]}" for key in MAIN_TABLE),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def _paper_section(results: dict) -> str:
+    from .reporting.markdown import table
+    from .reporting.paper_reference import PAPER_MODEL, paper_comparison_rows
+
+    rows = paper_comparison_rows(results["rows"], results["positions"]["n"], results["baseline"]["accuracy"])
+    if not rows:
+        return "No row of this sweep has a published paper number at the same objective and lambda."
+    normalization = results["training"].get("mrp_margin_normalization")
+    units = ("margin lambdas are in the paper's units (the penalty divided by the gated positions)"
+             if normalization in (None, "gated") else
+             f"margin lambdas are NOT in the paper's units (mrp_margin_normalization = {normalization})")
+    return (f"Paper: {PAPER_MODEL}; its counts as rates per 1,000 positions. Here: mean over seeds [block-bootstrap "
+            f"CI]; minus control: the part attributable to the objective [paired CI]. The paper has no control, so "
+            f"its numbers compare with 'this sweep', not with the attributable part; {units}.\n\n"
+            + table(["objective", "lambda", "quantity", "paper", "this sweep", "minus control"], rows))
 
 
 def _entropy_section(matches: list[dict], confidence: str) -> str:
@@ -987,6 +1006,7 @@ def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: st
             "gradient_accumulation_steps": config.gradient_accumulation_steps, "learning_rate": config.learning_rate,
             "block_size": data_args.block_size, "max_positions": data_args.max_positions,
             "use_lora": config.use_lora, "lora_r": config.lora_r, "lora_layers": config.lora_layers,
+            "mrp_margin_normalization": getattr(config, "mrp_margin_normalization", None),
         },
         "bootstrap": {
             "n_resamples": args.n_bootstrap, "confidence": args.confidence, "seed": args.bootstrap_seed,
