@@ -59,3 +59,17 @@ def test_refine_flags_parse():
                                    "--train_lm_head", "true"])[2]
     assert refine_args.mrp_target_classes == ["content", "entity"] and refine_args.mrp_target_buckets == ["100+"]
     assert refine_args.train_lm_head and parse_arguments([])[2].mrp_target_classes is None
+
+
+def test_head_peft_config_adds_the_head_and_needs_lora():
+    from conftest import tiny_llama
+
+    from hf_mrp.refine import head_peft_config
+    from hf_mrp.training import MRPConfig
+
+    model = tiny_llama()
+    config = MRPConfig(output_dir="unused", lora_layers="1-2", use_cpu=True, report_to="none")
+    peft_config = head_peft_config(model, config)
+    assert peft_config.modules_to_save == ["lm_head"] and peft_config.layers_to_transform == [1, 2]
+    with pytest.raises(MRPUserError, match="drop --train_lm_head"):
+        head_peft_config(model, MRPConfig(output_dir="unused", use_lora=False, use_cpu=True, report_to="none"))
