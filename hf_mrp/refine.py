@@ -21,10 +21,12 @@ from .audit.run import provenance
 from .data import Blocks, check_block_fits, load_blocks
 from .errors import MRPUserError
 from .models import load_model_and_tokenizer
+from .ops.targeting import check_targets, objective_weights
 from .reporting import io
 from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
+from .training.trainer import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +55,39 @@ class RefineArguments:
                           "a folder holding a finished run is refused (a resume with --resume_from_checkpoint "
                           "is allowed)."},
     )
+    mrp_target_classes: list[str] | None = field(
+        default=None,
+        metadata={"help": "Aim the objective at targets of these token classes (structural numeric function entity "
+                          "content other); other positions get --mrp_untargeted_weight. Default: all positions."},
+    )
+    mrp_target_buckets: list[str] | None = field(
+        default=None,
+        metadata={"help": "Aim the objective at targets in these frequency buckets of the training blocks (1 2-4 "
+                          "5-19 20-99 100+); combined with --mrp_target_classes by AND. Default: all."},
+    )
+    mrp_untargeted_weight: float = field(
+        default=0.0, metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never "
+                                       "weighted)."},
+    )
+    train_lm_head: bool = field(
+        default=False,
+        metadata={"help": "Also train the output head W (lm_head, through PEFT modules_to_save; a tied head gets "
+                          "its own trainable copy, the input embeddings stay frozen). Needs use_lora."},
+    )
 
     def __post_init__(self) -> None:
         if self.audit_positions <= 0:
             raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
+        try:
+            check_targets(self.mrp_target_classes, self.mrp_target_buckets)
+        except ValueError as error:
+            raise MRPUserError(f"{error} (--mrp_target_classes / --mrp_target_buckets)") from None
+        if not 0.0 <= self.mrp_untargeted_weight <= 1.0:
+            raise MRPUserError(f"mrp_untargeted_weight must be in [0, 1], got {self.mrp_untargeted_weight}")
+
+    @property
+    def targeted(self) -> bool:
+        return bool(self.mrp_target_classes or self.mrp_target_buckets)
 
 
 def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[Blocks, np.ndarray]:
@@ -84,10 +115,44 @@ def refine_blocks(tokenizer, data_args: DataArguments, refine_args: RefineArgume
     return split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
 
 
-def training_dataset(train_ids: np.ndarray):
+def training_dataset(train_ids: np.ndarray, weights: np.ndarray | None = None):
+    """input_ids and labels, plus MRPTrainer's per-token ``mrp_weights`` column when targeting."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": train_ids.tolist(), "labels": train_ids.tolist()})
+    columns = {"input_ids": train_ids.tolist(), "labels": train_ids.tolist()}
+    if weights is not None:
+        columns[WEIGHTS_COLUMN] = weights.tolist()
+    return Dataset.from_dict(columns)
+
+
+def target_weights(train_ids: np.ndarray, tokenizer, refine_args: RefineArguments) -> np.ndarray | None:
+    """Per-token objective weights of the training blocks (None: no targeting)."""
+    if not refine_args.targeted:
+        return None
+    from .audit.compare import decoder_from_tokenizer
+
+    weights = objective_weights(train_ids, decoder_from_tokenizer(tokenizer), refine_args.mrp_target_classes,
+                                refine_args.mrp_target_buckets, refine_args.mrp_untargeted_weight)
+    targeted = float(np.mean(weights == 1.0))
+    logger.info("targeting: %.1f%% of the training tokens are targeted", 100 * targeted)
+    if targeted == 0.0:
+        raise MRPUserError("no training token is of the targeted classes/buckets; widen --mrp_target_classes / "
+                           "--mrp_target_buckets")
+    return weights
+
+
+def head_peft_config(model, config: MRPConfig):
+    """The LoRA config of ``config`` with the output head added to modules_to_save (W trains too)."""
+    from .training.adapters import lora_config_from_args
+
+    if not config.use_lora:
+        raise MRPUserError("--train_lm_head adds W to a LoRA adapter; without LoRA (--use_lora false) the whole "
+                           "model, W included, trains already: drop --train_lm_head")
+    head = model.get_output_embeddings()
+    name = next(name for name, module in model.named_modules() if module is head)
+    peft_config = lora_config_from_args(config, model)
+    peft_config.modules_to_save = [name.rsplit(".", 1)[-1]]
+    return peft_config
 
 
 def refine(
@@ -127,7 +192,9 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     repo_id = config.hub_model_id or output_dir.name
     hub = hub_callback(config, repo_id) if push else None
     evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
-    trainer = MRPTrainer(model=model, args=config, train_dataset=training_dataset(train_ids),
+    peft_config = head_peft_config(model, config) if refine_args.train_lm_head else None
+    trainer = MRPTrainer(model=model, args=config, peft_config=peft_config,
+                         train_dataset=training_dataset(train_ids, target_weights(train_ids, tokenizer, refine_args)),
                          eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)

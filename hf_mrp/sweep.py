@@ -23,11 +23,19 @@ Resuming: a run whose ``training_log.json`` (written last by refine) exists is f
 run folder is deleted and the run redone from scratch. Running the same command again therefore
 finishes an interrupted sweep, and with every run finished only recomputes the results.
 
-Numbers (docs/spec.md, "Before/after audit"): for each (objective, lambda) row, the mean over seeds,
-the spread over seeds (std with ddof = 1, min, max), and a percentile bootstrap confidence interval
-over positions: ``--n_bootstrap`` resamples of the audited positions with replacement (rng seed
-``--bootstrap_seed``); every run is resampled with the same indices, and a row's statistic on a
-resample is the mean over its seeds, so the interval reflects position sampling, not seed spread.
+Rows: the controls, objective x lambda (entropy on its own grid with --entropy_lambdas), and on request
+the W-trainable rows (--head_lambdas: LoRA + trainable lm_head, with their own CE-only controls) and the
+targeted rows (--target_lambdas: the objective weighted to --target_classes / --target_buckets).
+Every seed audits --audit_blocks blocks (default 64, ~16K positions) unless --audit_positions is given.
+
+Numbers (docs/spec.md, "Before/after audit", "Intervals"): for each row, the mean over seeds, the spread
+over seeds (std with ddof = 1, min, max) and a percentile block-bootstrap interval: ``--n_bootstrap``
+resamples of the audited BLOCKS with replacement (rng seed ``--bootstrap_seed``, hf_mrp.stats); every run
+is resampled with the same blocks and a row's statistic on a resample is the mean over its seeds. Each
+non-control row also gets ``vs_control``: run minus the control of its seed for every metric, with a
+paired interval (the same resample for both runs) and a t interval of the per-seed differences; and each
+fisher lambda is matched with the entropy lambda of the closest median margin change, with the paired
+differences fisher - entropy (hf_mrp.sweep_stats).
 """
 
 from __future__ import annotations
@@ -50,10 +58,12 @@ import numpy as np
 
 from .errors import MRPUserError
 from .ops.gap import fit_gap_law
-from .ops.intervals import bootstrap_distribution, percentile_interval
-from .ops.token_classes import CLASSES, frequency_bucket, token_class
+from .ops.intervals import percentile_interval
+from .ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 from .reporting import io
 from .reporting.ownership import audit_is_whole, owned_folder, run_is_whole
+from .stats import BlockIndex, block_bootstrap_distribution
+from .sweep_stats import match_entropy, paired_difference
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +86,13 @@ RESERVED_FLAGS = {
     "--hub_model_id": "nothing: a sweep does not push; push a chosen run folder afterwards",
     "--resume_from_checkpoint": "nothing: rerun the same command; finished runs are kept, unfinished ones redone",
     "--overwrite_output_dir": "a new --output_dir (or delete a run's folder under runs/ to redo it)",
+    "--train_lm_head": "--head_lambdas (W-trainable rows, with their own controls)",
+    "--mrp_target_classes": "--target_lambdas with --target_classes",
+    "--mrp_target_buckets": "--target_lambdas with --target_buckets",
 }
+HEAD = "head"  # variant: the head W trains too (LoRA + lm_head), with its own CE-only control
+TARGET = "target"  # variant: the objective aimed at the targets of --target_classes / --target_buckets
+DEFAULT_AUDIT_BLOCKS = 64
 # Settings that do not change a run's numbers: a resumed sweep may differ in these.
 NEUTRAL_SETTINGS = {
     "output_dir", "logging_dir", "run_name", "seed", "mrp_objective", "mrp_lambda", "audit_batch_size",
@@ -143,28 +159,53 @@ class SweepArguments:
     bootstrap_seed: int = 0
     control_objective: str = "fisher"
     aggregate_only: bool = False
+    entropy_lambdas: list[float] | None = None
+    head_lambdas: list[float] = field(default_factory=list)
+    head_objective: str = "fisher"
+    target_lambdas: list[float] = field(default_factory=list)
+    target_objective: str = "fisher"
+    target_classes: list[str] = field(default_factory=lambda: ["content", "entity"])
+    target_buckets: list[str] = field(default_factory=list)
+    audit_blocks: int = DEFAULT_AUDIT_BLOCKS
 
     def __post_init__(self) -> None:
         from .ops import OBJECTIVES
+        from .ops.targeting import check_targets
 
         self.objectives = list(dict.fromkeys(self.objectives))
         self.seeds = [int(seed) for seed in dict.fromkeys(self.seeds)]
-        lambdas = [float(lam) for lam in dict.fromkeys(float(lam) for lam in self.lambdas)]
-        for name in self.objectives + [self.control_objective]:
+        for name in self.objectives + [self.control_objective, self.head_objective, self.target_objective]:
             if name not in OBJECTIVES:
                 raise MRPUserError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
-        bad = [lam for lam in lambdas if not (np.isfinite(lam) and lam >= 0)]
-        if bad:
-            raise MRPUserError(f"lambdas must be finite and >= 0, got {bad}")
-        if 0.0 in lambdas:
-            logger.warning("lambda 0 is the control every seed gets; dropping it from --lambdas")
-        self.lambdas = sorted(lam for lam in lambdas if lam > 0)
+        self.lambdas = _positive_lambdas(self.lambdas, "--lambdas")
+        if self.entropy_lambdas is not None:
+            self.entropy_lambdas = _positive_lambdas(self.entropy_lambdas, "--entropy_lambdas")
+        self.head_lambdas = _positive_lambdas(self.head_lambdas, "--head_lambdas")
+        self.target_lambdas = _positive_lambdas(self.target_lambdas, "--target_lambdas")
         if not self.objectives or not self.lambdas or not self.seeds:
             raise MRPUserError("a sweep needs at least one objective, one lambda > 0 and one seed")
+        try:
+            check_targets(self.target_classes, self.target_buckets)
+        except ValueError as error:
+            raise MRPUserError(f"{error} (--target_classes / --target_buckets)") from None
+        if self.target_lambdas and not (self.target_classes or self.target_buckets):
+            raise MRPUserError("--target_lambdas needs --target_classes or --target_buckets (what to aim at)")
+        if self.audit_blocks < 1:
+            raise MRPUserError(f"audit_blocks must be positive, got {self.audit_blocks}")
         if self.n_bootstrap < 0:
             raise MRPUserError(f"n_bootstrap must be >= 0 (0: no confidence intervals), got {self.n_bootstrap}")
         if not 0 < self.confidence < 1:
             raise MRPUserError(f"confidence must be between 0 and 1, got {self.confidence}")
+
+
+def _positive_lambdas(values, flag: str) -> list[float]:
+    lambdas = [float(lam) for lam in dict.fromkeys(float(lam) for lam in values)]
+    bad = [lam for lam in lambdas if not (np.isfinite(lam) and lam >= 0)]
+    if bad:
+        raise MRPUserError(f"{flag} must be finite and >= 0, got {bad}")
+    if 0.0 in lambdas:
+        logger.warning("lambda 0 is the control every seed gets; dropping it from %s", flag)
+    return sorted(lam for lam in lambdas if lam > 0)
 
 
 class RunSpec(NamedTuple):
@@ -173,6 +214,8 @@ class RunSpec(NamedTuple):
     lam: float
     seed: int
     train_objective: str  # what --mrp_objective gets (the control's objective has weight 0)
+    variant: str = ""  # "", HEAD or TARGET
+    flags: tuple[str, ...] = ()  # extra refine flags of the variant
 
     @property
     def control(self) -> bool:
@@ -184,18 +227,44 @@ def format_lambda(lam: float) -> str:
     return np.format_float_positional(float(lam), trim="-")
 
 
-def run_name(objective: str, lam: float, seed: int) -> str:
-    return f"{objective}_lam{format_lambda(lam)}_seed{seed}"
+def run_name(objective: str, lam: float, seed: int, variant: str = "") -> str:
+    return f"{objective}{'_' + variant if variant else ''}_lam{format_lambda(lam)}_seed{seed}"
+
+
+def variant_flags(args: SweepArguments, variant: str) -> tuple[str, ...]:
+    """The refine flags that make a run of ``variant``."""
+    if variant == HEAD:
+        return ("--train_lm_head", "true")
+    if variant == TARGET:
+        return (("--mrp_target_classes", *args.target_classes) if args.target_classes else ()) + \
+               (("--mrp_target_buckets", *args.target_buckets) if args.target_buckets else ())
+    return ()
+
+
+def control_name(spec: RunSpec) -> str:
+    """The control of a run: CE only, same seed and adapter scope (a targeted run's is the plain control: at
+    lambda 0 the objective weights change nothing)."""
+    return run_name(CONTROL, 0.0, spec.seed, HEAD if spec.variant == HEAD else "")
 
 
 def plan_runs(args: SweepArguments) -> list[RunSpec]:
-    """Seed by seed (a whole dose-response curve per seed early): the control, then objective x lambda."""
+    """Seed by seed (a whole dose-response curve per seed early): the control(s), then objective x lambda,
+    then the W-trainable and targeted rows."""
     plan = []
     for seed in args.seeds:
         plan.append(RunSpec(run_name(CONTROL, 0.0, seed), CONTROL, 0.0, seed, args.control_objective))
+        if args.head_lambdas:
+            plan.append(RunSpec(run_name(CONTROL, 0.0, seed, HEAD), CONTROL, 0.0, seed, args.control_objective,
+                                HEAD, variant_flags(args, HEAD)))
         for objective in args.objectives:
-            for lam in args.lambdas:
+            lambdas = args.entropy_lambdas if objective == "entropy" and args.entropy_lambdas else args.lambdas
+            for lam in lambdas:
                 plan.append(RunSpec(run_name(objective, lam, seed), objective, lam, seed, objective))
+        for variant, objective, lambdas in ((HEAD, args.head_objective, args.head_lambdas),
+                                            (TARGET, args.target_objective, args.target_lambdas)):
+            for lam in lambdas:
+                plan.append(RunSpec(run_name(objective, lam, seed, variant), objective, lam, seed, objective,
+                                    variant, variant_flags(args, variant)))
     return plan
 
 
@@ -230,6 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "plain cross-entropy either way) (default %(default)s)")
     parser.add_argument("--aggregate_only", action="store_true",
                         help="train nothing: recompute the results from the runs already finished")
+    parser.add_argument("--entropy_lambdas", nargs="+", type=float, default=None, metavar="L",
+                        help="entropy's own lambda grid (default: --lambdas); the report matches each fisher lambda "
+                             "with the entropy lambda of the closest median margin change")
+    parser.add_argument("--head_lambdas", nargs="+", type=float, default=[], metavar="L",
+                        help="rows with the head W trainable too (--train_lm_head: LoRA + lm_head) at these lambdas, "
+                             "each seed with its own CE-only control of the same scope (default: none)")
+    parser.add_argument("--head_objective", default=defaults.head_objective,
+                        help="objective of the W-trainable rows (default %(default)s)")
+    parser.add_argument("--target_lambdas", nargs="+", type=float, default=[], metavar="L",
+                        help="targeted rows: the objective weighted to the targets of --target_classes / "
+                             "--target_buckets, at these lambdas (default: none)")
+    parser.add_argument("--target_objective", default=defaults.target_objective,
+                        help="objective of the targeted rows (default %(default)s)")
+    parser.add_argument("--target_classes", nargs="*", default=defaults.target_classes, metavar="CLASS",
+                        help=f"token classes the targeted rows aim at ({', '.join(CLASSES)}; default %(default)s)")
+    parser.add_argument("--target_buckets", nargs="*", default=defaults.target_buckets, metavar="BUCKET",
+                        help=f"frequency buckets the targeted rows aim at ({', '.join(BUCKETS)}; default: any)")
+    parser.add_argument("--audit_blocks", type=int, default=defaults.audit_blocks,
+                        help="blocks audited before/after every run, unless --audit_positions is passed "
+                             "(default %(default)s: about 16K positions at --block_size 256)")
     return parser
 
 
@@ -241,6 +330,17 @@ def parse_sweep_arguments(argv: Sequence[str]) -> tuple[SweepArguments, list[str
         if flag in RESERVED_FLAGS:
             raise MRPUserError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
     return SweepArguments(**vars(namespace)), rest
+
+
+def with_audit_blocks(refine_argv: Sequence[str], audit_blocks: int) -> list[str]:
+    """``refine_argv`` plus ``--audit_positions`` for ``audit_blocks`` whole blocks, unless it is set already."""
+    argv = list(refine_argv)
+    if any(token.split("=", 1)[0] == "--audit_positions" for token in argv):
+        return argv
+    from .refine import parse_arguments
+
+    block_size = parse_arguments(argv)[1].block_size
+    return argv + ["--audit_positions", str(audit_blocks * (block_size - 1))]
 
 
 def parse_run_arguments(refine_argv: Sequence[str], output_dir: str | Path, objective: str, lam: float, seed: int):
@@ -355,7 +455,7 @@ def execute_run(spec: RunSpec, refine_argv: Sequence[str], run_dir: Path, baseli
     from .refine import refine
 
     model_args, data_args, refine_args, config = parse_run_arguments(
-        refine_argv, run_dir, spec.train_objective, spec.lam, spec.seed
+        list(refine_argv) + list(spec.flags), run_dir, spec.train_objective, spec.lam, spec.seed
     )
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -393,6 +493,7 @@ class Shared:
     top1_before: np.ndarray
     head: np.ndarray  # target counted 100+ times in the audited blocks
     class_code: np.ndarray  # index into CLASSES of the decoded target
+    block: np.ndarray  # the audited block of each position (the bootstrap resamples whole blocks)
 
     @property
     def n(self) -> int:
@@ -424,6 +525,7 @@ def shared_positions(baseline, tokenizer) -> Shared:
         top1_before=np.asarray(positions["top1_id"], dtype=np.int64),
         head=frequency_bucket(counts[target]) == HEAD_BUCKET,
         class_code=codes[inverse.reshape(-1)],
+        block=np.asarray(positions["block"], dtype=np.int64),
     )
 
 
@@ -517,6 +619,17 @@ def _spread(values: np.ndarray) -> dict:
     }
 
 
+def _row_keys(args: SweepArguments) -> list[tuple[str, float, str]]:
+    """(objective, lambda, variant) of every row, in report order."""
+    keys = [(CONTROL, 0.0, "")] + ([(CONTROL, 0.0, HEAD)] if args.head_lambdas else [])
+    for objective in args.objectives:
+        lambdas = args.entropy_lambdas if objective == "entropy" and args.entropy_lambdas else args.lambdas
+        keys += [(objective, lam, "") for lam in lambdas]
+    keys += [(args.head_objective, lam, HEAD) for lam in args.head_lambdas]
+    keys += [(args.target_objective, lam, TARGET) for lam in args.target_lambdas]
+    return keys
+
+
 def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, baseline, tokenizer) -> dict:
     """Rows, runs and baseline numbers of the finished runs of ``plan`` (see results.json)."""
     shared = shared_positions(baseline, tokenizer)
@@ -526,29 +639,32 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
         raise MRPUserError(f"no finished runs in {sweep_dir / 'runs'} to aggregate; run the sweep without "
                            "--aggregate_only")
     position = {run.spec.name: i for i, run in enumerate(runs)}
-    control_of = np.asarray([
-        -1 if run.spec.control else position.get(run_name(CONTROL, 0.0, run.spec.seed), -1) for run in runs
-    ])
-    row_keys = [(CONTROL, 0.0)] + [(o, lam) for o in args.objectives for lam in args.lambdas]
-    members = [[position[s.name] for s in finished if (s.objective, s.lam) == key] for key in row_keys]
+    control_of = np.asarray([-1 if run.spec.control else position.get(control_name(run.spec), -1) for run in runs])
+    row_keys = _row_keys(args)
+    members = [[position[s.name] for s in finished if (s.objective, s.lam, s.variant) == key] for key in row_keys]
     row_keys, members = zip(*[(key, m) for key, m in zip(row_keys, members) if m])
 
     point_runs = with_attributable(run_statistics(runs, shared), control_of)
     point_rows = row_means(point_runs, members)
+    blocks = BlockIndex.from_labels(shared.block)
+    distribution = None
     if args.n_bootstrap:
         start = time.perf_counter()
-        distribution = bootstrap_distribution(
-            lambda index: run_statistics(runs, shared, index), shared.n, args.n_bootstrap, args.bootstrap_seed
-        )
-        low, high = percentile_interval(row_means(with_attributable(distribution, control_of), members),
-                                        args.confidence)
-        print(f"results: {args.n_bootstrap} bootstrap resamples of {shared.n} positions x {len(runs)} runs in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
+        distribution = with_attributable(block_bootstrap_distribution(
+            lambda index: run_statistics(runs, shared, index), blocks, args.n_bootstrap, args.bootstrap_seed
+        ), control_of)
+        low, high = percentile_interval(row_means(distribution, members), args.confidence)
+        print(f"results: {args.n_bootstrap} block-bootstrap resamples of {blocks.n_blocks} blocks "
+              f"({shared.n} positions) x {len(runs)} runs in {time.perf_counter() - start:.1f}s", flush=True)
     else:
         low = high = np.full(point_rows.shape, np.nan)
 
+    def paired(pairs: list[tuple[int, int]]) -> dict:
+        return paired_difference(point_runs, distribution, pairs, METRIC_KEYS, [runs[a].spec.seed for a, _ in pairs],
+                                 args.confidence)
+
     rows = []
-    for r, ((objective, lam), member) in enumerate(zip(row_keys, members)):
+    for r, ((objective, lam, variant), member) in enumerate(zip(row_keys, members)):
         metrics = {}
         for k, key in enumerate(METRIC_KEYS):
             per_seed = point_runs[list(member), k]
@@ -562,11 +678,21 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
                 "ci": [float(low[r, k]), float(high[r, k])] if has_ci else None,
                 "per_seed": {str(runs[i].spec.seed): _number(v) for i, v in zip(member, per_seed)},
             }
+        pairs = [(i, int(control_of[i])) for i in member if control_of[i] >= 0]
         rows.append({
-            "objective": objective, "lambda": lam, "control": objective == CONTROL,
+            "objective": objective, "lambda": lam, "variant": variant, "control": objective == CONTROL,
+            "label": row_label(objective, lam, variant, args),
             "seeds": [runs[i].spec.seed for i in member], "runs": [runs[i].spec.name for i in member],
             "metrics": metrics,
+            "vs_control": paired(pairs) if pairs and objective != CONTROL else None,
         })
+    matches = match_entropy(rows)
+    for match in matches:
+        by_seed = {key: {runs[i].spec.seed: i for i in m} for key, m in zip(row_keys, members)}
+        fisher = by_seed[("fisher", match["reference_lambda"], "")]
+        entropy = by_seed[("entropy", match["entropy_lambda"], "")]
+        pairs = [(fisher[seed], entropy[seed]) for seed in sorted(set(fisher) & set(entropy))]
+        match["fisher_minus_entropy"] = paired(pairs) if pairs else None  # None: no seed has both runs
     run_entries = []
     for i, run in enumerate(runs):
         flip_audit = run.record["flip_audit"]
@@ -574,7 +700,8 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
             "name": run.spec.name, "objective": run.spec.objective, "train_objective": run.spec.train_objective,
             "lambda": run.spec.lam, "seed": run.spec.seed, "control": run.spec.control,
             "dir": f"runs/{run.spec.name}", "steps": run.record["steps"], "seconds": run.record["seconds"],
-            "control_run": None if run.spec.control else run_name(CONTROL, 0.0, run.spec.seed),
+            "variant": run.spec.variant, "flags": list(run.spec.flags),
+            "control_run": None if run.spec.control else control_name(run.spec),
             "metrics": {key: _number(point_runs[i, k]) for k, key in enumerate(METRIC_KEYS)},
             "flip_audit": {key: flip_audit.get(key) for key in ("w2r", "r2w", "net", "flip_ratio", "churn",
                                                                  "median_margin_change", "head_share")},
@@ -582,6 +709,7 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
     summary = baseline.summary
     return {
         "rows": rows,
+        "entropy_matched": matches,
         "runs": run_entries,
         "missing_runs": [spec.name for spec in plan if spec not in finished],
         "baseline": {
@@ -650,8 +778,47 @@ def _cell_spread(entry: dict | None, key: str) -> str:
     return f"{std}; {_fmt(entry['min'], kind)} to {_fmt(entry['max'], kind)}"
 
 
+def row_label(objective: str, lam: float, variant: str, args: SweepArguments) -> str:
+    """How a row is named in reports: 'fisher', 'control (CE only, W trainable)', 'fisher (targeted: content, ...)'."""
+    name = "control (CE only" if objective == CONTROL else objective
+    detail = {HEAD: "W trainable",
+              TARGET: "targeted: " + ", ".join(list(args.target_classes) + list(args.target_buckets))}.get(variant)
+    if objective == CONTROL:
+        return name + (f", {detail})" if detail else ")")
+    return name + (f" ({detail})" if detail else "")
+
+
 def _row_label(row: dict) -> list[str]:
-    return ["control (CE only)" if row["control"] else row["objective"], format_lambda(row["lambda"])]
+    from .reporting.markdown import escape_cell
+
+    return [escape_cell(row["label"]), format_lambda(row["lambda"])]
+
+
+def _fmt_diff(value, key: str) -> str:
+    """A difference of two runs' metric: signed counts, percentage points for shares, signed numbers."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    kind = KINDS[key]
+    if kind in ("count", "signed_count"):
+        return _fmt(value, "signed_count")
+    if kind in ("percent", "signed_percent"):
+        return f"{100 * value:+.2f} pp"
+    return f"{value:+.4g}"
+
+
+def _cell_paired(entry: dict | None, key: str) -> str:
+    """mean [paired block-bootstrap CI] {seed t CI}."""
+    if entry is None:
+        return "-"
+    text = _fmt_diff(entry["mean"], key)
+    if entry.get("ci"):
+        text += f" [{_fmt_diff(entry['ci'][0], key)}, {_fmt_diff(entry['ci'][1], key)}]"
+    if entry.get("seed_ci"):
+        text += f" {{{_fmt_diff(entry['seed_ci'][0], key)}, {_fmt_diff(entry['seed_ci'][1], key)}}}"
+    return text
+
+
+PAIRED_TABLE = ("net", "w2r", "r2w", "accuracy", "median_margin_change", "median_margin", "churn", "structural_share")
 
 
 def markdown_report(results: dict) -> str:
@@ -686,9 +853,11 @@ def markdown_report(results: dict) -> str:
     ]
     if results["missing_runs"]:
         parts.append(f"**Not finished (left out):** {', '.join(results['missing_runs'])}.")
-    ci_note = (f"brackets: bootstrap {confidence} CI over positions ({boot['n_resamples']} resamples of the "
-               f"{fmt_count(pos['n'])} positions with replacement, rng seed {boot['seed']}; each seed resampled with "
-               f"the same positions, then averaged)" if boot["n_resamples"] else "no bootstrap (--n_bootstrap 0)")
+    ci_note = (f"brackets: block-bootstrap {confidence} CI ({boot['n_resamples']} resamples of the "
+               f"{pos['n_blocks']} audited blocks with replacement, every position of a drawn block kept, rng seed "
+               f"{boot['seed']}; each seed resampled with the same blocks, then averaged)"
+               if boot["n_resamples"] else "no bootstrap (--n_bootstrap 0)")
+    paired_rows = [r for r in rows if r.get("vs_control")]
     header = ["objective", "lambda", "seeds"] + [HEADERS[key] for key in MAIN_TABLE]
     parts += [
         "## Dose-response",
@@ -703,6 +872,23 @@ def markdown_report(results: dict) -> str:
         f"Net = W->R - R->W of the targets of each class. Mean over seeds; bootstrap {confidence} CI in brackets.",
         table(["objective", "lambda"] + list(CLASSES),
               [_row_label(r) + [_cell_ci(r["metrics"][f"net_{c}"], f"net_{c}") for c in CLASSES] for r in rows]),
+        "## Against the control (paired)",
+        f"Run minus the CE-only control of the same seed and adapter scope, mean over seeds; [paired "
+        f"block-bootstrap {confidence} CI: both runs on the same resampled blocks]; {{t {confidence} CI of the "
+        f"per-seed differences, with n - 1 degrees of freedom; absent with one seed}}. Shares in percentage points.",
+        table(["row", "lambda"] + [HEADERS[key] for key in PAIRED_TABLE],
+              [_row_label(r) + [_cell_paired(r["vs_control"][k], k) for k in PAIRED_TABLE] for r in paired_rows])
+        if paired_rows else "(no run with a finished control)",
+        "## Attributable net by token class of the target",
+        "net(class) of the run minus net(class) of its control; intervals as above. Classes are the paper's "
+        "(docs/spec.md, Token breakdowns).",
+        table(["row", "lambda"] + list(CLASSES),
+              [_row_label(r) + [_cell_paired(r["vs_control"][f"net_{c}"], f"net_{c}") for c in CLASSES]
+               for r in paired_rows]) if paired_rows else "(no run with a finished control)",
+        "## Next to the paper (same units)",
+        _paper_section(results),
+        "## Geometry or sharpening: Fisher against entropy at matched strength",
+        _entropy_section(results["entropy_matched"], confidence),
         "## Runs",
         table(["run", "seed", "steps", "seconds", "W->R", "R->W", "net", "net attributable", "median margin change",
                "churn"],
@@ -719,10 +905,46 @@ def markdown_report(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _paper_section(results: dict) -> str:
+    from .reporting.markdown import table
+    from .reporting.paper_reference import PAPER_MODEL, paper_comparison_rows
+
+    rows = paper_comparison_rows(results["rows"], results["positions"]["n"], results["baseline"]["accuracy"])
+    if not rows:
+        return "No row of this sweep has a published paper number at the same objective and lambda."
+    normalization = results["training"].get("mrp_margin_normalization")
+    units = ("margin lambdas are in the paper's units (the penalty divided by the gated positions)"
+             if normalization in (None, "gated") else
+             f"margin lambdas are NOT in the paper's units (mrp_margin_normalization = {normalization})")
+    return (f"Paper: {PAPER_MODEL}; its counts as rates per 1,000 positions. Here: mean over seeds [block-bootstrap "
+            f"CI]; minus control: the part attributable to the objective [paired CI]. The paper has no control, so "
+            f"its numbers compare with 'this sweep', not with the attributable part; {units}.\n\n"
+            + table(["objective", "lambda", "quantity", "paper", "this sweep", "minus control"], rows))
+
+
+def _entropy_section(matches: list[dict], confidence: str) -> str:
+    if not matches:
+        return ("No match: the sweep has no plain fisher row or no plain entropy row (run entropy on a lambda grid "
+                "with --entropy_lambdas).")
+    text = ("For each fisher lambda, the entropy lambda (from its grid) whose median margin change, mean over seeds, "
+            "is closest; then fisher minus entropy per seed on the same resampled blocks [paired block-bootstrap "
+            f"{confidence} CI] {{t CI over seeds}}. A difference that excludes 0 is what geometry adds over "
+            "sharpening of equal strength.")
+    keys = ("net", "w2r", "r2w", "accuracy", "churn")
+    rows = [[format_lambda(m["reference_lambda"]), _fmt(m["reference_value"], "signed_percent"),
+             format_lambda(m["entropy_lambda"]), _fmt(m["entropy_value"], "signed_percent")]
+            + [_cell_paired((m["fisher_minus_entropy"] or {}).get(k), k) for k in keys] for m in matches]
+    from .reporting.markdown import table
+
+    header = ["fisher lambda", "its median margin change", "entropy lambda", "its median margin change"]
+    return text + "\n\n" + table(header + [f"fisher - entropy: {HEADERS[k]}" for k in keys], rows)
+
+
 def write_plots(sweep_dir: Path, results: dict) -> dict[str, str]:
     from .reporting import sweep_plots
 
-    rows, confidence = results["rows"], results["bootstrap"]["confidence"]
+    rows = [row for row in results["rows"] if not row.get("variant")]  # the plain dose-response curves
+    confidence = results["bootstrap"]["confidence"]
     objectives = [o for o in results["objectives"] if any(r["objective"] == o for r in rows)] or [CONTROL]
     sweep_plots.plot_flips_vs_lambda(sweep_dir / PLOTS["flips"], rows, objectives, confidence)
     sweep_plots.plot_margin_change_vs_lambda(sweep_dir / PLOTS["margin_change"], rows, objectives, confidence)
@@ -737,6 +959,7 @@ def write_plots(sweep_dir: Path, results: dict) -> dict[str, str]:
 def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: str | None = None) -> dict:
     """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results."""
     command = command or "hf-mrp sweep " + shlex.join(_own_flags(args) + list(refine_argv))
+    refine_argv = with_audit_blocks(refine_argv, args.audit_blocks)
     runs_dir, baseline_dir = Path(args.output_dir) / "runs", Path(args.output_dir) / "baseline"
     plan = plan_runs(args)
     model_args, data_args, refine_args, config = parse_run_arguments(  # bad flags fail here, before any work
@@ -796,12 +1019,26 @@ def _run_owned_sweep(args: SweepArguments, refine_argv, command: str, plan, swee
             "gradient_accumulation_steps": config.gradient_accumulation_steps, "learning_rate": config.learning_rate,
             "block_size": data_args.block_size, "max_positions": data_args.max_positions,
             "use_lora": config.use_lora, "lora_r": config.lora_r, "lora_layers": config.lora_layers,
+            "mrp_margin_normalization": getattr(config, "mrp_margin_normalization", None),
         },
         "bootstrap": {
             "n_resamples": args.n_bootstrap, "confidence": args.confidence, "seed": args.bootstrap_seed,
-            "method": "percentile bootstrap over positions (resampled with replacement); every run resampled "
-                      "with the same indices; a row's statistic is the mean over its seeds",
+            "method": "percentile block (cluster) bootstrap: each resample draws the audited blocks with "
+                      "replacement and keeps every position of a drawn block; every run is resampled with the same "
+                      "blocks; a row's statistic is the mean over its seeds",
+            "paired": "vs_control and fisher_minus_entropy: differences taken on the same resample for both runs; "
+                      "seed_ci: Student t interval of the per-seed differences (n_seeds - 1 degrees of freedom)",
         },
+        "variants": {
+            HEAD: {"objective": args.head_objective, "lambdas": args.head_lambdas,
+                   "flags": list(variant_flags(args, HEAD)),
+                   "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)"},
+            TARGET: {"objective": args.target_objective, "lambdas": args.target_lambdas,
+                     "classes": args.target_classes, "buckets": args.target_buckets,
+                     "flags": list(variant_flags(args, TARGET)),
+                     "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)"},
+        },
+        "entropy_lambdas": args.entropy_lambdas,
         "spread": "over seeds: std (ddof = 1), min, max",
         "metrics": {key: {"header": HEADERS[key], "description": DESCRIPTIONS[key]} for key in METRIC_KEYS},
         "executed_now": executed,
@@ -816,7 +1053,15 @@ def _run_owned_sweep(args: SweepArguments, refine_argv, command: str, plan, swee
 def _own_flags(args: SweepArguments) -> list[str]:
     flags = ["--output_dir", args.output_dir, "--objectives", *args.objectives,
              "--lambdas", *map(format_lambda, args.lambdas), "--seeds", *map(str, args.seeds),
-             "--n_bootstrap", str(args.n_bootstrap)]
+             "--n_bootstrap", str(args.n_bootstrap), "--audit_blocks", str(args.audit_blocks)]
+    if args.entropy_lambdas:
+        flags += ["--entropy_lambdas", *map(format_lambda, args.entropy_lambdas)]
+    if args.head_lambdas:
+        flags += ["--head_lambdas", *map(format_lambda, args.head_lambdas), "--head_objective", args.head_objective]
+    if args.target_lambdas:
+        flags += ["--target_lambdas", *map(format_lambda, args.target_lambdas), "--target_objective",
+                  args.target_objective, "--target_classes", *args.target_classes, "--target_buckets",
+                  *args.target_buckets]
     return flags
 
 

@@ -13,7 +13,8 @@ from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 
-TEXTS = {0: " ,", 1: " =", 2: " the", 3: " Paris", 4: " NASA", 5: " 1984", 6: " running", 7: "ing", 8: " of"}
+TEXTS = {0: " ,", 1: " =", 2: " the", 3: " Paris", 4: " NASA", 5: " 1984", 6: " running", 7: "ing", 8: " of",
+         9: " café"}
 VOCAB = 40
 RARE = 38
 TOP = 30  # long enough that ties in net reach the lists
@@ -91,18 +92,6 @@ def columns(audit: AuditResult) -> dict[str, list]:
 # ---- token classes and buckets ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    (" ,", "structural"), (" =", "structural"), ("", "structural"), ("\n\n", "structural"), (" ...", "structural"),
-    (" the", "function"), ("The", "function"), (" I", "function"), (" and", "function"),
-    (" Paris", "entity"), (" NASA", "entity"), ("Ing", "entity"),
-    (" 1984", "numeric"), (" 3.14", "numeric"), ("10%", "numeric"), (" 1-2", "numeric"),
-    (" running", "content"), (" B", "content"), (" école", "content"), ("日本", "content"),
-    ("ing", "other"), ("tion", "other"), (" x2", "other"), ("'s", "other"), (" e.g", "other"),
-])
-def test_token_class(text, expected):
-    assert token_class(text) == expected
-
-
 def test_frequency_buckets():
     counts = [1, 2, 4, 5, 19, 20, 99, 100, 5000]
     assert frequency_bucket(counts).tolist() == ["1", "2-4", "2-4", "5-19", "5-19", "20-99", "20-99", "100+", "100+"]
@@ -127,6 +116,9 @@ def test_flips_churn_rotation(pair, result):
     assert result["runner_up_rotation"]["share"] == pytest.approx(len(rotated) / n)
     widened = sum(1 for i in rotated if a["margin"][i] > b["margin"][i])
     assert result["runner_up_rotation"]["widened_share"] == pytest.approx(widened / len(rotated))
+    changes = [float(a["margin"][i]) - float(b["margin"][i]) for i in rotated]
+    assert result["runner_up_rotation"]["mean_margin_change"] == pytest.approx(sum(changes) / len(changes))
+    assert result["runner_up_rotation"]["median_margin_change"] == pytest.approx(statistics.median(changes))
     assert result["accuracy_before"] == pytest.approx(sum(b["correct"]) / n)
     assert result["accuracy_after"] == pytest.approx(sum(a["correct"]) / n)
 
@@ -151,6 +143,14 @@ def test_margins_and_bands(pair, result):
         assert row["accuracy_before"] == pytest.approx(sum(b["correct"][i] for i in members) / len(members))
         assert row["accuracy_after"] == pytest.approx(sum(a["correct"][i] for i in members) / len(members))
     assert sum(row["n"] for row in result["accuracy_by_margin_band"].values()) == len(mb)
+    own = result["accuracy_by_own_margin_band"]  # the paper's convention: each model by its own margin
+    assert list(own) == list(bands)
+    for label, (lo, hi) in bands.items():
+        for side, margins, correct in (("before", mb, b["correct"]), ("after", ma, a["correct"])):
+            members = [i for i, m in enumerate(margins) if lo <= m < hi]
+            assert own[label][f"n_{side}"] == len(members) > 0, (label, side)
+            assert own[label][f"accuracy_{side}"] == pytest.approx(sum(correct[i] for i in members) / len(members))
+    assert any(own[label]["n_before"] != own[label]["n_after"] for label in bands)  # the rows move
 
 
 def expected_groups(b: dict, a: dict, key) -> dict:
@@ -274,7 +274,8 @@ def test_identical_audits_leave_ratios_undefined(pair):
     assert (same["w2r"], same["r2w"], same["net"], same["churn"]) == (0, 0, 0, 0.0)
     assert same["flip_ratio"] is None and same["head_share"] is None
     assert same["median_margin_change"] == 0.0 and same["expansion"]["share_wider"] == 0.0
-    assert same["runner_up_rotation"] == {"share": 0.0, "widened_share": None}
+    assert same["runner_up_rotation"] == {"share": 0.0, "widened_share": None, "mean_margin_change": None,
+                                          "median_margin_change": None}
     assert all(row["share_of_net"] is None for row in same["by_class"].values())
     assert same["top_gain"] == [] and same["top_loss"] == []
 
@@ -338,7 +339,7 @@ class StubTokenizer:
 def test_decoder_restores_word_start():
     restored = decoder_from_tokenizer(StubTokenizer())
     assert restored(6) == " running" and token_class(restored(6)) == "content"
-    assert restored(7) == "ing" and token_class(restored(7)) == "other"
+    assert restored(7) == "ing" and token_class(restored(7)) == "content"  # the paper: a word piece
 
 
 def test_compare_dirs_round_trip(pair, result, tmp_path):

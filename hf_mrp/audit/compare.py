@@ -113,9 +113,21 @@ def flip_summary(pair: Pair) -> dict:
         "net": overall["net"],
         "flip_ratio": _ratio(overall["w2r"], overall["r2w"]),
         "churn": float(np.mean(pair.top1_before != pair.top1_after)),
-        "runner_up_rotation": {"share": float(rotated.mean()), "widened_share": _mean(wider[rotated])},
+        "runner_up_rotation": rotation_summary(pair, rotated),
         "accuracy_before": overall["accuracy_before"],
         "accuracy_after": overall["accuracy_after"],
+    }
+
+
+def rotation_summary(pair: Pair, rotated: np.ndarray) -> dict:
+    """Runner-up rotation (top-1 kept, top-2 changed): its share, and among the rotated positions the
+    share whose margin widened and the mean and median margin change (the paper's rotation table)."""
+    change = (pair.margin_after - pair.margin_before)[rotated]
+    return {
+        "share": float(rotated.mean()),
+        "widened_share": _mean(change > 0),
+        "mean_margin_change": _mean(change),
+        "median_margin_change": float(np.median(change)) if change.size else None,
     }
 
 
@@ -135,10 +147,30 @@ def margin_summary(pair: Pair) -> dict:
     }
 
 
+def margin_band_index(margins: np.ndarray) -> np.ndarray:
+    """Index into MARGIN_BANDS of each margin (bands are half-open [lo, hi))."""
+    return np.searchsorted(np.asarray(MARGIN_BAND_EDGES), margins, side="right")
+
+
 def margin_bands(pair: Pair) -> dict:
-    """Flips and accuracy by the BEFORE margin band: where the corrections happen."""
-    band = np.searchsorted(np.asarray(MARGIN_BAND_EDGES), pair.margin_before, side="right")
+    """Flips and accuracy by the BEFORE margin band (fixed rows): where the corrections happen."""
+    band = margin_band_index(pair.margin_before)
     return {label: group_flips(pair, band == index) for index, label in enumerate(MARGIN_BANDS)}
+
+
+def own_margin_bands(pair: Pair) -> dict:
+    """Accuracy with each model binned by its OWN margin (the paper's convention): a band's positions
+    before and after differ, so each side has its own count; flips are not defined per band here."""
+    before, after = margin_band_index(pair.margin_before), margin_band_index(pair.margin_after)
+    return {
+        label: {
+            "n_before": int(np.count_nonzero(before == index)),
+            "n_after": int(np.count_nonzero(after == index)),
+            "accuracy_before": _mean(pair.correct_before[before == index]),
+            "accuracy_after": _mean(pair.correct_after[after == index]),
+        }
+        for index, label in enumerate(MARGIN_BANDS)
+    }
 
 
 def frequency_breakdown(pair: Pair, input_ids: np.ndarray) -> dict:
@@ -217,6 +249,7 @@ def compare_audits(
         **flip_summary(pair),
         **margin_summary(pair),
         "accuracy_by_margin_band": margin_bands(pair),
+        "accuracy_by_own_margin_band": own_margin_bands(pair),
         "gap_fit_before": before.summary.get("gap_fit"),
         "gap_fit_after": after.summary.get("gap_fit"),
         **frequency_breakdown(pair, before.blocks.input_ids),

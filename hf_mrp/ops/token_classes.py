@@ -1,5 +1,10 @@
 """Token breakdowns of the before/after audit: token class and frequency bucket (spec, "Token breakdowns").
 
+The classes are the paper's (``classify_token`` of scripts/analysis/token_class_flip_audit.py in
+github.com/mellowmarshall/mrp-paper), rule for rule, so "share of net by class" compares the same
+partition as the paper's. hf_mrp's short names map to the paper's: function = function_word,
+entity = entity_like, content = content_word, other = fragment_other.
+
 Pure Python and numpy: a class depends only on the decoded text, a bucket only on a count, so both
 can be tested on hand-picked tokens without a tokenizer.
 """
@@ -12,60 +17,52 @@ import unicodedata
 import numpy as np
 
 CLASSES = ("structural", "numeric", "function", "entity", "content", "other")
+PAPER_CLASS_NAMES = dict(zip(CLASSES, ("structural", "numeric", "function_word", "entity_like", "content_word",
+                                       "fragment_other")))
 BUCKETS = ("1", "2-4", "5-19", "20-99", "100+")
 BUCKET_LOWER_EDGES = (2, 5, 20, 100)  # a count c falls in bucket searchsorted(edges, c, side="right")
 
-NUMERIC = re.compile(r"^[0-9][0-9,./:%+-]*$")
-ENTITY = re.compile(r"^[A-Z][A-Za-z]+$|^[A-Z]{2,}$")
+# \Z, not $: "$" also matches before a trailing newline. The text is stripped first, so both agree here.
+NUMERIC = re.compile(r"[0-9][0-9,./:%+-]*\Z")
+ASCII_WORD = re.compile(r"[A-Za-z]+\Z")
+ENTITY = re.compile(r"[A-Z][A-Za-z]+\Z|[A-Z]{2,}\Z")  # capitalized word, or an acronym of 2+ capitals
 
-FUNCTION_WORDS = frozenset(
-    # articles and determiners
-    "a an the this that these those some any each every all both either neither no "
-    # pronouns
-    "i me my mine myself you your yours yourself we us our ours ourselves he him his himself "
-    "she her hers herself it its itself they them their theirs themselves who whom whose which what "
-    # auxiliaries and modals
-    "be am is are was were been being have has had having do does did "
-    "will would shall should can could may might must "
-    # prepositions
-    "of in on at by for with from to into onto about above below over under between among "
-    "through during before after against without within upon across toward towards behind "
-    "beyond near since until via per as "
-    # conjunctions and negation
-    "and or but nor so yet if because although though while whereas unless whether than then not".split()
-)
+# The paper's 118 function words, as listed there ("it's" included: it can never match, since only
+# ASCII-letter tokens are looked up, but the list is kept whole).
+FUNCTION_WORDS = frozenset("""
+    a an the and or but if then than that this these those to of in on at by for from with without about
+    over under through into onto off up down out as is are was were be been being am do does did doing
+    have has had having can could will would shall should may might must not no nor so because while
+    where when who whom whose which what why how it its it's he him his she her hers they them their
+    theirs we us our ours you your yours i me my mine there here also more most some any each every all
+    both either neither few many much such own same other
+""".split())
 
 
 def is_structural(text: str) -> bool:
-    """Every character is Unicode punctuation (P*) or symbol (S*); the empty string counts too."""
-    return all(unicodedata.category(char)[0] in "PS" for char in text)
+    """Every character of the stripped text is Unicode punctuation (P*) or symbol (S*); empty counts too."""
+    return all(unicodedata.category(char)[0] in "PS" for char in text.strip())
 
 
 def token_class(decoded: str) -> str:
-    """The class of one decoded token: the first of the spec's rules that matches the stripped text.
+    """The paper's class of one decoded token, first matching rule on the stripped text:
 
-    structural (empty, or all P*/S* characters) -> numeric -> function word (lower-cased, in
-    FUNCTION_WORDS) -> entity (^[A-Z][A-Za-z]+$ or ^[A-Z]{2,}$) -> content (alphabetic) -> other.
+    structural (empty, or all P*/S* characters) -> numeric (^[0-9][0-9,./:%+-]*$) -> for ASCII
+    words only (^[A-Za-z]+$): function word (lower-cased, in FUNCTION_WORDS), else entity
+    (^[A-Z][A-Za-z]+$ or ^[A-Z]{2,}$), else content -> other (fragment/other).
 
-    One refinement of the spec's "content word (other alphabetic); fragment/other": an alphabetic
-    token that does not start with whitespace and is all lower-case ("ing" in "runn|ing") is a
-    word continuation piece, so it is "other" (fragment), not "content". Byte-level BPE decodes a
-    word-initial token with its leading space (" running"), which is what tells the two apart; a
-    word at the very start of a line decodes without one and is counted as a fragment too.
-    Caseless scripts (CJK) are never fragments: they do not separate words with spaces.
+    So a lower-case piece without a leading space ("ing") is a content word, and a word with a
+    non-ASCII letter (" café", "日本") is "other", as in the paper.
     """
     stripped = decoded.strip()
     if is_structural(stripped):
         return "structural"
     if NUMERIC.match(stripped):
         return "numeric"
-    if stripped.lower() in FUNCTION_WORDS:
-        return "function"
-    if ENTITY.match(stripped):
-        return "entity"
-    if stripped.isalpha():
-        starts_word = decoded[:1].isspace()
-        return "other" if not starts_word and stripped.islower() else "content"
+    if ASCII_WORD.match(stripped):
+        if stripped.lower() in FUNCTION_WORDS:
+            return "function"
+        return "entity" if ENTITY.match(stripped) else "content"
     return "other"
 
 

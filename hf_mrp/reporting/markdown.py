@@ -63,11 +63,13 @@ def _flips(result: dict) -> str:
     row = [
         fmt_count(result["w2r"]), fmt_count(result["r2w"]), fmt_count(result["net"]), fmt_ratio(result["flip_ratio"]),
         fmt_percent(result["churn"]), fmt_percent(rotation["share"]), fmt_percent(rotation["widened_share"]),
-        fmt_percent(result["median_margin_change"], signed=True), fmt_percent(expansion["share_wider"]),
+        fmt_number(rotation.get("mean_margin_change")), fmt_percent(result["median_margin_change"], signed=True),
+        fmt_percent(expansion["share_wider"]),
         fmt_number(expansion["mean_change"]), fmt_percent(result.get("head_share")),
     ]
     header = ["W->R", "R->W", "net", "flip ratio", "churn", "runner-up rotation", "rotated & widened",
-              "median margin change", "wider margins", "mean margin change", "head share (100+)"]
+              "rotated: mean margin change", "median margin change", "wider margins", "mean margin change",
+              "head share (100+)"]
     return table(header, [row])
 
 
@@ -82,6 +84,12 @@ def _group_table(groups: dict, first_column: str, share: bool = False) -> str:
         row += [fmt_percent(group["accuracy_before"], 2), fmt_percent(group["accuracy_after"], 2)]
         rows.append(row)
     return table(header, rows)
+
+
+def _own_band_table(bands: dict) -> str:
+    rows = [[escape_cell(str(label)), fmt_count(band["n_before"]), fmt_percent(band["accuracy_before"], 2),
+             fmt_count(band["n_after"]), fmt_percent(band["accuracy_after"], 2)] for label, band in bands.items()]
+    return table(["margin band", "n before", "accuracy before", "n after", "accuracy after"], rows)
 
 
 def _token_table(entries: list[dict]) -> str:
@@ -103,11 +111,16 @@ def markdown_summary(result: dict, heading: str = "##") -> str:
         "Runner-up rotation: top-1 unchanged, top-2 changed.",
         _flips(result),
         f"{sub} By margin band (before)",
+        "Both audits' positions grouped by the margin BEFORE refinement (fixed rows).",
         _group_table(result["accuracy_by_margin_band"], "margin band"),
     ]
-    if result.get("by_class") is not None:
-        parts += [f"{sub} By token class of the target", _group_table(result["by_class"], "class", share=True)]
+    if result.get("accuracy_by_own_margin_band") is not None:
+        parts += [f"{sub} By each model's own margin band (the paper's convention)",
+                  "Each audit grouped by its own margins, so a band holds different positions before and after.",
+                  _own_band_table(result["accuracy_by_own_margin_band"])]
     parts += [
+        *([f"{sub} By token class of the target", _group_table(result["by_class"], "class", share=True)]
+          if result.get("by_class") is not None else []),
         f"{sub} By frequency of the target in the blocks",
         _group_table(result["by_bucket"], "count bucket"),
         f"{sub} Largest per-token net gains",

@@ -1,0 +1,54 @@
+"""Targeted refinement: per-position weights of the MRP objective from the class or frequency of the target.
+
+The paper's corrections fall on frequent structural tokens; targeting asks whether the objective can be
+aimed elsewhere (content and entity-like tokens). A position is targeted when its target token is in one
+of the chosen classes AND in one of the chosen frequency buckets (an empty choice does not restrict);
+targeted positions weigh 1 in the objective, the others ``untargeted_weight`` (default 0: the objective
+ignores them). Cross-entropy is never weighted. The weights travel as MRPTrainer's per-token
+``mrp_weights`` column, aligned with ``labels``: the weight at index j belongs to the token input_ids[j].
+
+Frequency buckets count each token among all tokens of the training blocks (the audit counts among the
+audited blocks: same rule, the data the numbers are about). Pure numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
+
+
+def check_targets(classes: Sequence[str] | None, buckets: Sequence[str] | None) -> None:
+    """Refuse unknown class or bucket names, naming the valid ones (ValueError; callers re-raise as user errors)."""
+    for kind, chosen, valid in (("class", classes, CLASSES), ("bucket", buckets, BUCKETS)):
+        unknown = [name for name in chosen or () if name not in valid]
+        if unknown:
+            raise ValueError(f"unknown token {kind} {', '.join(map(repr, unknown))}; choose from {', '.join(valid)}")
+
+
+def targeted_tokens(ids: np.ndarray, decode: Callable[[int], str], classes: Sequence[str] | None,
+                    buckets: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct token ids of ``ids``, whether each is targeted): class of the decoded token, bucket of its
+    count in ``ids``."""
+    check_targets(classes, buckets)
+    tokens, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+    keep = np.ones(tokens.size, dtype=bool)
+    if classes:
+        keep &= np.isin(np.asarray([token_class(decode(int(token))) for token in tokens], dtype=object), list(classes))
+    if buckets:
+        keep &= np.isin(frequency_bucket(counts), list(buckets))
+    return tokens, keep
+
+
+def objective_weights(ids: np.ndarray, decode: Callable[[int], str], classes: Sequence[str] | None = None,
+                      buckets: Sequence[str] | None = None, untargeted_weight: float = 0.0) -> np.ndarray:
+    """float32 weights shaped like ``ids`` (the training blocks): 1 where the token is targeted, else
+    ``untargeted_weight``. With neither classes nor buckets every weight is 1 (no targeting)."""
+    if not 0.0 <= untargeted_weight <= 1.0:
+        raise ValueError(f"the untargeted weight must be in [0, 1], got {untargeted_weight}")
+    ids = np.asarray(ids, dtype=np.int64)
+    tokens, keep = targeted_tokens(ids, decode, classes, buckets)
+    per_token = np.where(keep, 1.0, untargeted_weight).astype(np.float32)
+    return per_token[np.searchsorted(tokens, ids)]
