@@ -5,17 +5,17 @@
 is applied). Everything else (optimizers, accumulation, DDP, checkpoints, logging) is
 the Trainer's own.
 
-Reliability (see `training_step`, `train`, `save_model`):
+Reliability (see `training_step`, `train`):
 - a micro-batch whose loss or objective is NaN/inf is skipped (no gradient), with a warning, and
   counted in the logged ``nonfinite_skipped``; all processes agree on the skip;
 - token ids outside the model's vocabulary are refused before the forward (`models.check_token_ids`);
 - ``resume_from_checkpoint`` must name a complete checkpoint (one with ``trainer_state.json``);
-- saved ``training_args.bin`` files (checkpoints included) never hold a Hub token.
+- saved ``training_args.bin`` files (checkpoints and the Trainer's own pushes included) never hold a Hub
+  token: `MRPArguments` pickles without any ``*_token`` field.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -33,7 +33,6 @@ from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 __all__ = ["MRPTrainer", "METRICS", "SKIPPED_KEY", "WEIGHTS_COLUMN"]
 
 WEIGHTS_COLUMN = "mrp_weights"
-TRAINING_ARGS_FILE = "training_args.bin"
 CHECKPOINT_COMPLETE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
@@ -97,26 +96,6 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
             )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model` (also used for every checkpoint), with the Hub token kept out of training_args.bin."""
-        super().save_model(output_dir, _internal_call=_internal_call)
-        path = Path(output_dir or self.args.output_dir) / TRAINING_ARGS_FILE
-        if self.args.should_save and path.is_file():
-            redacted = _redacted_arguments(self.args)
-            if redacted is not self.args:
-                torch.save(redacted, path)
-
-
-def _redacted_arguments(args):
-    """A copy of ``args`` whose *_token fields are None (``args`` itself when none is set)."""
-    tokens = [name for name in vars(args) if name.endswith("_token") and getattr(args, name)]
-    if not tokens:
-        return args
-    redacted = copy.copy(args)
-    for name in tokens:
-        object.__setattr__(redacted, name, None)
-    return redacted
 
 
 def _is_complete_checkpoint(folder: Path) -> bool:
