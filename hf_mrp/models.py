@@ -313,8 +313,7 @@ def logit_transform(model: nn.Module) -> LogitTransform:
 
 
 def _declared_logit_transform(model: nn.Module) -> LogitTransform:
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(model)
     scale = 1.0
     for source in (model, getattr(model, "base_model", None), getattr(model, "get_base_model", lambda: None)()):
         value = getattr(source, "logit_scale", None)  # Cohere: logits * logit_scale
@@ -330,8 +329,7 @@ def _declared_logit_transform(model: nn.Module) -> LogitTransform:
 
 @torch.no_grad()
 def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
-    head = _output_head_module(model)
-    vocab = head.weight.shape[0] if head.weight.dim() == 2 and head.weight.shape[0] else _vocab_size(model)
+    vocab = vocab_size(model)
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     probe = torch.linspace(-40.0, 40.0, vocab, device=device).expand(1, 2, vocab)
     seen = {}
@@ -355,10 +353,19 @@ def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None
         )
 
 
-def _vocab_size(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output head: its weight's first dimension, or the config's vocab_size where the weight is
+    partitioned away outside the head's forward (DeepSpeed ZeRO-3 leaves a tensor with no elements)."""
+    weight = output_head(model)[0]
+    if weight.dim() == 2 and weight.shape[0]:
+        return int(weight.shape[0])
+    return int(getattr(_text_config(model), "vocab_size"))
+
+
+def _text_config(model: nn.Module):
+    """The config that holds the language model's settings (a multimodal config's text part)."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text, "vocab_size"))
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -960,7 +960,7 @@ def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: st
     """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results."""
     command = command or "hf-mrp sweep " + shlex.join(_own_flags(args) + list(refine_argv))
     refine_argv = with_audit_blocks(refine_argv, args.audit_blocks)
-    runs_dir, baseline_dir = Path(args.output_dir) / "runs", Path(args.output_dir) / "baseline"
+    baseline_dir = Path(args.output_dir) / "baseline"
     plan = plan_runs(args)
     model_args, data_args, refine_args, config = parse_run_arguments(  # bad flags fail here, before any work
         refine_argv, baseline_dir, args.control_objective, 0.0, args.seeds[0]

@@ -105,7 +105,6 @@ def group_flips(pair: Pair, mask: np.ndarray | None = None) -> dict:
 def flip_summary(pair: Pair) -> dict:
     """Corrections, collateral damage, their ratio, top-1 churn and runner-up rotation."""
     overall = group_flips(pair)
-    wider = pair.margin_after > pair.margin_before
     rotated = (pair.top1_before == pair.top1_after) & (pair.top2_before != pair.top2_after)
     return {
         "w2r": overall["w2r"],

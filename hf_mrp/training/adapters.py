@@ -37,13 +37,12 @@ def _accepted_by_peft(check, config, model: nn.Module, name: str) -> bool:
 
 def _check_targets_exist(targets: list[str], model: nn.Module) -> None:
     """Every listed target must name a module of the decoder blocks: a typo is refused, listing what exists."""
-    available = decoder_linear_names(model)
     present = {name.rsplit(".", 1)[-1] for name, _ in decoder_layers(model).named_modules()}
     missing = [target for target in targets if target not in present]
     if missing:
         raise MRPUserError(
             f"lora_target_modules {', '.join(missing)} match no module of {type(model).__name__}'s decoder layers; "
-            f"its adaptable modules are: {' '.join(available) or 'none'} (or pass 'all-linear')"
+            f"its adaptable modules are: {' '.join(decoder_linear_names(model)) or 'none'} (or pass 'all-linear')"
         )
 
 

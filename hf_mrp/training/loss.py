@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MRPUserError
-from ..models import carrier, check_token_ids, head_replaced, logit_transform, output_head
+from ..models import carrier, check_token_ids, head_replaced, logit_transform, output_head, vocab_size
 from ..ops import MRPLossSums, mrp_loss_sums
 
 IGNORE_INDEX = -100
@@ -65,14 +65,11 @@ def forward_with_mrp_loss(
     ``with_entropy`` also sums the predictive entropy over the same positions (``sums.entropy``).
     """
     inner = unwrap(model)
-    weight = output_head(inner)[0]
-    _refuse_trained_head_under_zero3(weight)
-    vocab = int(weight.shape[0]) or None
+    _refuse_trained_head_under_zero3(output_head(inner)[0])
     targets = shift_labels if shift_labels is not None else labels[:, 1:]
     weights = None if position_weights is None else (position_weights if shift_labels is not None
                                                       else position_weights[:, 1:])
-    if vocab:
-        check_token_ids(targets, vocab, what="labels", ignore_index=IGNORE_INDEX)
+    check_token_ids(targets, vocab_size(inner), what="labels", ignore_index=IGNORE_INDEX)
     transform = logit_transform(inner)
     result: dict[str, MRPLossSums] = {}
 

@@ -13,6 +13,8 @@ from collections import defaultdict
 
 import torch
 
+from ..errors import MRPUserError
+from ..models import vocab_size
 from .callbacks import MRPAuditCallback
 
 logger = logging.getLogger(__name__)
@@ -25,8 +27,11 @@ class MRPTrainerMixin:
     """Loss normalization, recording, the non-finite guard and logging shared by the MRP trainers."""
 
     def _init_mrp_state(self) -> None:
-        """Call after ``Trainer.__init__``. The loss is a sum over valid shifted positions / num_items_in_batch, like
+        """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid shifted positions / num_items_in_batch, like
         the models' own CE: the Trainer counts those items (over labels[..., 1:]) and skips its own GA rescaling."""
+        vocab = vocab_size(self.model)
+        if self.args.mrp_top_k > vocab:
+            raise MRPUserError(f"mrp_top_k ({self.args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._mrp_sums = {"train": defaultdict(float), "eval": defaultdict(float)}

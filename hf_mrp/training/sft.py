@@ -18,7 +18,6 @@ import torch
 from transformers import set_seed
 
 from ..errors import MRPUserError
-from ..models import output_head
 from .config import MRPArguments
 from .loss import MRPLossSettings, forward_with_mrp_loss
 from .mrp_mixin import MRPTrainerMixin
@@ -81,9 +80,6 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
                                "drop compute_loss_func")
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
         super().__init__(model, args=args, **kwargs)
-        vocab = int(output_head(self.model)[0].shape[0])
-        if args.mrp_top_k > vocab:
-            raise MRPUserError(f"mrp_top_k ({args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise MRPUserError("MRPSFTTrainer does not support sequence parallelism (sp_size > 1): its loss reduction "

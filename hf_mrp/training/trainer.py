@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from transformers import Trainer, default_data_collator, set_seed
 
 from ..errors import MRPUserError
-from ..models import output_head
 from .adapters import prepare_model
 from .config import MRPConfig
 from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss
@@ -56,10 +54,6 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
             _check_dataset(kwargs.get(name), name, columns=data_collator is None)
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
         model = prepare_model(model, args, peft_config)
-        vocab = output_head(model)[0].shape[0]
-        self._vocab_size = int(vocab)
-        if args.mrp_top_k > vocab:
-            raise MRPUserError(f"mrp_top_k ({args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
         super().__init__(model=model, args=args, data_collator=data_collator or default_data_collator, **kwargs)
         self._init_mrp_state()
 
