@@ -74,7 +74,7 @@ def _compare_tokenizer(name: str | None, before_dir: str):
     from pathlib import Path
 
     from .models import EMBEDDED_NAME, embedded_model_dir, load_tokenizer
-    from .reporting.io import read_json
+    from .reporting.files import read_json
 
     if name is None:
         audit = Path(before_dir) / "audit.json"

@@ -406,7 +406,7 @@ def apply_adapter(model, adapter: Path):
 
 
 def _adapter_base(adapter: Path) -> str | None:
-    from .reporting.io import read_json
+    from .reporting.files import read_json
 
     try:
         return read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
@@ -451,7 +451,7 @@ def benchmark(
 
 
 def write_report(report: Mapping[str, Any], output_dir: str | Path) -> None:
-    from .reporting.io import write_json, write_text
+    from .reporting.files import write_json, write_text
 
     write_json(Path(output_dir) / "downstream.json", report)
     write_text(Path(output_dir) / "downstream.md", report_markdown(report))
@@ -465,18 +465,15 @@ def _device(name: str | None) -> str:
 
 def benchmark_from_arguments(model_args: ModelArguments, bench_args: BenchmarkArguments) -> dict:
     """Check everything cheap first (lm-eval, adapter, tasks and their data), then load the model and run."""
-    from .audit.run import provenance
-    from .models import load_model_and_tokenizer
-    from .reporting.io import ensure_output_dir
+    from .arguments import provenance
+    from .models import load_model_from_arguments
+    from .reporting.files import ensure_output_dir
 
     require_lm_eval()
     resolve_adapter(bench_args.adapter)
     ensure_output_dir(bench_args.output_dir)
     task_set = prepare_tasks(bench_args.tasks, bench_args.include_path)
-    model, tokenizer, name = load_model_and_tokenizer(
-        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
-        model_args.load_in_4bit,
-    )
+    model, tokenizer, name = load_model_from_arguments(model_args)
     if not model_args.load_in_4bit:  # bitsandbytes places 4-bit weights itself
         model.to(_device(bench_args.device))
     report = benchmark(

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import DataArguments, ModelArguments
-from .audit.run import provenance
-from .data import Blocks, check_block_fits, load_blocks
+from .arguments import provenance
+from .data import Blocks, check_block_fits, load_blocks_from_arguments
 from .errors import MRPUserError
-from .models import load_model_and_tokenizer
+from .models import load_model_from_arguments
 from .ops.targeting import check_targets, objective_weights
-from .reporting import io
+from .reporting import files
 from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
@@ -107,11 +107,7 @@ def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[B
 
 def refine_blocks(tokenizer, data_args: DataArguments, refine_args: RefineArguments) -> tuple[Blocks, np.ndarray]:
     """(audit blocks, training blocks) from the data arguments: what every refine run and sweep uses."""
-    blocks = load_blocks(
-        tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
-        data_args.block_size, data_args.max_positions + refine_args.audit_positions, data_args.encoding,
-        data_args.encoding_errors,
-    )
+    blocks = load_blocks_from_arguments(tokenizer, data_args, extra_positions=refine_args.audit_positions)
     return split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
 
 
@@ -169,7 +165,7 @@ def refine(
     ``baseline_dir``: an existing audit of the same blocks to reuse as the "before" audit (a sweep
     shares one across its runs).
     """
-    output_dir = io.ensure_output_dir(config.output_dir)
+    output_dir = files.ensure_output_dir(config.output_dir)
     main = config.should_save and is_main_process()  # one process of a distributed run owns the folder
     with owned_folder(output_dir, active=main):
         check_may_write(output_dir, refine_args.overwrite_output_dir, config.resume_from_checkpoint)
@@ -180,10 +176,7 @@ def refine(
 
 def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir) -> dict:
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
-    model, tokenizer, model_name = load_model_and_tokenizer(
-        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
-        model_args.load_in_4bit,
-    )
+    model, tokenizer, model_name = load_model_from_arguments(model_args)
     check_block_fits(model, data_args.block_size)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
     origin = provenance(model_name, model_args, data_args, refine_args)
@@ -202,7 +195,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
                         audit.comparison)
-        io.write_json(output_dir / "training_log.json", trainer.state.log_history)  # last: marks a finished run
+        files.write_json(output_dir / "training_log.json", trainer.state.log_history)  # last: marks a finished run
         if push:
             from .training.hub import push_folder
 
@@ -241,7 +234,7 @@ def save_adapter(trainer, tokenizer, output_dir: Path) -> None:
     A full disk or a crash while saving leaves the previous files (or none), never a partial one.
     training_args.bin (a pickle) is dropped: mrp_config.json holds the settings as JSON."""
     needed = save_size(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
-    with io.staged_folder(output_dir, "saving the adapter and tokenizer", needed) as staging:
+    with files.staged_folder(output_dir, "saving the adapter and tokenizer", needed) as staging:
         trainer.save_model(str(staging))
         (staging / "training_args.bin").unlink(missing_ok=True)
 
@@ -254,12 +247,12 @@ def write_run_files(
     from .reporting.model_card import evaluation_comparisons, model_card
 
     settings = config.to_dict()
-    io.write_json(output_dir / "mrp_config.json", settings)
-    io.write_json(output_dir / "run_arguments.json", origin)
+    files.write_json(output_dir / "mrp_config.json", settings)
+    files.write_json(output_dir / "run_arguments.json", origin)
     images = [p.relative_to(output_dir).as_posix() for p in sorted((output_dir / "comparison").glob("*.png"))]
     card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images,
                       data_arguments=origin.get("arguments", {}), evaluations=evaluation_comparisons(output_dir))
-    io.write_text(output_dir / "README.md", card)
+    files.write_text(output_dir / "README.md", card)
 
 
 def parse_arguments(argv: list[str] | None = None):

@@ -60,7 +60,7 @@ from .errors import MRPUserError
 from .ops.gap import fit_gap_law
 from .ops.intervals import percentile_interval
 from .ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
-from .reporting import io
+from .reporting import files
 from .reporting.ownership import audit_is_whole, owned_folder, run_is_whole
 from .stats import BlockIndex, block_bootstrap_distribution
 from .sweep_stats import match_entropy, paired_difference
@@ -376,7 +376,7 @@ def check_settings(sweep_dir: Path, settings: dict) -> None:
     path = sweep_dir / SETTINGS_FILE
     if not path.is_file():
         return
-    saved = io.read_json(path)["settings"]
+    saved = files.read_json(path)["settings"]
     differences = [
         f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}"
         for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
@@ -393,7 +393,7 @@ def record_settings(sweep_dir: Path, settings: dict, command: str) -> None:
     """Written once the baseline exists (a first call that fails earlier may be retried with other flags)."""
     path = sweep_dir / SETTINGS_FILE
     if not path.is_file():
-        io.write_json(path, {"command": command, "settings": settings})
+        files.write_json(path, {"command": command, "settings": settings})
 
 
 def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, config):
@@ -404,7 +404,7 @@ def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, conf
     on the trainer's device.
     """
     from .audit.geometry import load_audit, run_audit
-    from .audit.run import provenance
+    from .arguments import provenance
     from .models import load_tokenizer
     from .refine import refine_blocks
 
@@ -420,14 +420,11 @@ def ensure_baseline(baseline_dir: Path, model_args, data_args, refine_args, conf
         print(f"baseline: reusing {baseline_dir} ({baseline.summary['n_positions']} positions)", flush=True)
         return tokenizer, baseline
 
-    from .models import load_model_and_tokenizer
+    from .models import load_model_from_arguments
     from .training.adapters import prepare_model
 
     shutil.rmtree(baseline_dir, ignore_errors=True)  # an interrupted audit (no audit.json) starts over
-    model, tokenizer, model_name = load_model_and_tokenizer(
-        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
-        model_args.load_in_4bit,
-    )
+    model, tokenizer, model_name = load_model_from_arguments(model_args)
     blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
     print(f"baseline: auditing {blocks.n_positions} positions -> {baseline_dir}", flush=True)
     model = prepare_model(model, config)
@@ -464,7 +461,7 @@ def execute_run(spec: RunSpec, refine_argv: Sequence[str], run_dir: Path, baseli
     seconds = time.perf_counter() - start
     if (run_dir / "audit_before").exists():
         logger.warning("%s audited its own baseline instead of reusing %s (other blocks?)", run_dir, baseline_dir)
-    io.write_json(run_dir / RUN_RECORD, {**spec._asdict(), "lambda": spec.lam, "seconds": seconds})
+    files.write_json(run_dir / RUN_RECORD, {**spec._asdict(), "lambda": spec.lam, "seconds": seconds})
     _free_memory()
     return seconds
 
@@ -538,15 +535,15 @@ def load_run(spec: RunSpec, run_dir: Path, baseline, shared: Shared) -> RunData:
     correct_after = np.asarray(after.positions["correct"]).astype(bool)
     flip = (~shared.correct_before & correct_after).astype(np.int8) - (shared.correct_before & ~correct_after)
     log = run_dir / "training_log.json"
-    steps = max((int(entry.get("step", 0)) for entry in io.read_json(log)), default=0) if log.is_file() else None
-    seconds = io.read_json(run_dir / RUN_RECORD).get("seconds") if (run_dir / RUN_RECORD).is_file() else None
+    steps = max((int(entry.get("step", 0)) for entry in files.read_json(log)), default=0) if log.is_file() else None
+    seconds = files.read_json(run_dir / RUN_RECORD).get("seconds") if (run_dir / RUN_RECORD).is_file() else None
     return RunData(
         spec=spec,
         margin_after=np.asarray(after.positions["margin"], dtype=np.float64),
         correct_after=correct_after,
         changed=np.asarray(after.positions["top1_id"], dtype=np.int64) != shared.top1_before,
         flip=flip.astype(np.int8),
-        record={"steps": steps, "seconds": seconds, "flip_audit": io.read_json(run_dir / "comparison" / "flip_audit.json")},
+        record={"steps": steps, "seconds": seconds, "flip_audit": files.read_json(run_dir / "comparison" / "flip_audit.json")},
     )
 
 
@@ -965,7 +962,7 @@ def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: st
     model_args, data_args, refine_args, config = parse_run_arguments(  # bad flags fail here, before any work
         refine_argv, baseline_dir, args.control_objective, 0.0, args.seeds[0]
     )
-    sweep_dir = io.ensure_output_dir(args.output_dir)
+    sweep_dir = files.ensure_output_dir(args.output_dir)
     with owned_folder(sweep_dir, command):  # one sweep at a time per folder
         groups = (model_args, data_args, refine_args, config)
         return _run_owned_sweep(args, refine_argv, command, plan, sweep_dir, groups)
@@ -1045,8 +1042,8 @@ def _run_owned_sweep(args: SweepArguments, refine_argv, command: str, plan, swee
         **aggregate(args, plan, sweep_dir, baseline, tokenizer),
     }
     results["plots"] = write_plots(sweep_dir, results)
-    io.write_text(sweep_dir / "results.md", markdown_report(results))
-    io.write_json(sweep_dir / "results.json", results)  # last: its presence marks a complete report
+    files.write_text(sweep_dir / "results.md", markdown_report(results))
+    files.write_json(sweep_dir / "results.json", results)  # last: its presence marks a complete report
     return results
 
 

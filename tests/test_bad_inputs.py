@@ -473,9 +473,9 @@ API_CASES = [
     ("output-dir-is-a-file", lambda w, t, m: _run_audit(_blocks(), output_dir=w["FILE"]), "is a file"),
     ("output-dir-below-a-file", lambda w, t, m: _run_audit(_blocks(), output_dir=w["UNDER_FILE"]),
      "is a file, not a folder"),
-    ("read-npy-damaged", lambda w, t, m: __import__("hf_mrp.reporting.io", fromlist=["x"]).read_npy(
+    ("read-npy-damaged", lambda w, t, m: __import__("hf_mrp.reporting.files", fromlist=["x"]).read_npy(
         _write(t, "blocks.npy", "not an array")), "cannot read .*blocks.npy \\(ValueError"),
-    ("read-json-not-json", lambda w, t, m: __import__("hf_mrp.reporting.io", fromlist=["x"]).read_json(
+    ("read-json-not-json", lambda w, t, m: __import__("hf_mrp.reporting.files", fromlist=["x"]).read_json(
         _write(t, "x.json", "{nope")), "cannot read .*x.json \\(JSONDecodeError"),
     # the Hub
     ("push-without-network", lambda w, t, m: _push_offline(t, m),

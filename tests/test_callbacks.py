@@ -15,7 +15,7 @@ from conftest import CharTokenizer, tiny_llama
 
 from hf_mrp.audit import load_audit
 from hf_mrp.audit.compare import compare_audits
-from hf_mrp.reporting.io import read_parquet
+from hf_mrp.reporting.files import read_parquet
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
 

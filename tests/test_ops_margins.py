@@ -84,7 +84,7 @@ def test_float32_logits_even_for_bfloat16_inputs():
     exact = (hidden.double() @ weight.double().T).topk(2).values
     got = decision_statistics(hidden, weight, targets)["margin"]
     np.testing.assert_allclose(got.numpy(), (exact[:, 0] - exact[:, 1]).numpy(), rtol=1e-5, atol=1e-5)
-    low = decision_statistics(hidden, weight, targets, logits_dtype=torch.bfloat16)["margin"]
+    low = decision_statistics(hidden, weight, targets, margin_dtype=torch.bfloat16)["margin"]
     assert np.unique(low.numpy()).size < np.unique(got.numpy()).size  # the bf16 margin artifact
 
 

@@ -26,7 +26,7 @@ from datasets import Dataset
 from conftest import VOCAB, tiny_llama
 
 from hf_mrp.errors import MRPUserError
-from hf_mrp.reporting import io
+from hf_mrp.reporting import files
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
@@ -346,13 +346,13 @@ def test_a_writer_that_fails_midway_leaves_no_file_and_no_temporary(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        io.write_with(tmp_path / "report.json", half_then_fail)
+        files.write_with(tmp_path / "report.json", half_then_fail)
     with pytest.raises(TypeError):
-        io.write_json(tmp_path / "audit.json", {"model": object()})  # not serializable: fails inside the write
+        files.write_json(tmp_path / "audit.json", {"model": object()})  # not serializable: fails inside the write
     assert _leftovers(tmp_path) == []
-    io.write_text(tmp_path / "old.md", "complete old report")
+    files.write_text(tmp_path / "old.md", "complete old report")
     with pytest.raises(RuntimeError):
-        io.write_with(tmp_path / "old.md", half_then_fail)
+        files.write_with(tmp_path / "old.md", half_then_fail)
     assert _leftovers(tmp_path) == ["old.md"] and (tmp_path / "old.md").read_text() == "complete old report"
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from ..errors import MRPUserError
 from ..ops.calibration import expected_calibration_error
 from ..ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
-from ..reporting import flip_plots, io, plots
+from ..reporting import flip_plots, plots
+from ..reporting.files import ensure_output_dir, write_json, write_text
 from ..reporting.markdown import markdown_summary
 from .geometry import AuditResult, load_audit
 from .integrity import check_audit_files
@@ -260,7 +261,7 @@ def compare_audits(
 
 def write_comparison(result: dict, before: AuditResult, after: AuditResult, output_dir: str | Path) -> dict[str, Path]:
     """flip_audit.json/.md and the four PNGs; the JSON goes last, so its presence marks a complete report."""
-    output_dir = io.ensure_output_dir(output_dir)
+    output_dir = ensure_output_dir(output_dir)
     files = {
         "markdown": output_dir / "flip_audit.md",
         "margins": output_dir / "margins_overlay.png",
@@ -268,7 +269,7 @@ def write_comparison(result: dict, before: AuditResult, after: AuditResult, outp
         "net_by_bucket": output_dir / "net_by_bucket.png",
         "json": output_dir / "flip_audit.json",
     }
-    io.write_text(files["markdown"], markdown_summary(result))
+    write_text(files["markdown"], markdown_summary(result))
     plots.plot_margin_histograms(
         files["margins"], {"before": before.positions["margin"], "after": after.positions["margin"]},
         title="Decision margins, before vs after",
@@ -280,7 +281,7 @@ def write_comparison(result: dict, before: AuditResult, after: AuditResult, outp
         files["net_by_class"] = output_dir / "net_by_class.png"
         flip_plots.plot_net_bars(files["net_by_class"], result["by_class"], "Flips by target token class",
                                  "class of the decoded target token")
-    io.write_json(files["json"], result)
+    write_json(files["json"], result)
     return files
 
 
@@ -306,7 +307,7 @@ def compare_dirs(
     before_dir: str | Path, after_dir: str | Path, output_dir: str | Path, tokenizer=None, top_tokens: int = 20
 ) -> dict:
     """Load two audit folders, compare them, write the report into ``output_dir`` and return the numbers."""
-    output_dir = io.ensure_output_dir(output_dir)
+    output_dir = ensure_output_dir(output_dir)
     before, after = load_audit(before_dir), load_audit(after_dir)
     for audit, directory in ((before, before_dir), (after, after_dir)):
         check_audit_files(audit, directory)

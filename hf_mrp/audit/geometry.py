@@ -21,8 +21,9 @@ from ..errors import MRPUserError
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.calibration import expected_calibration_error
-from ..reporting import io, plots
-from .layers import parse_layer_spec, summarize_layers
+from ..reporting import files, plots
+from ..arguments import MARGIN_DTYPES, parse_layer_spec
+from .layers import summarize_layers
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def collect_statistics(
     audits every world_size-th batch (the batches a single process would form, so every number is
     bit-identical to a one-process run) and the shards are gathered on every rank.
     """
-    logits_dtype = torch.float32 if margin_dtype == "float32" else output_head(model)[0].dtype
+    margin_torch_dtype = torch.float32 if margin_dtype == "float32" else output_head(model)[0].dtype
     device = _model_device(model)
     mask = blocks.position_mask()
     indices = np.arange(len(blocks.input_ids)) if block_indices is None else np.asarray(block_indices)
@@ -87,7 +88,7 @@ def collect_statistics(
             ids = torch.as_tensor(blocks.input_ids[chosen], device=device)
             batch_mask = torch.as_tensor(mask[chosen], device=device)
             targets = ids[:, 1:][batch_mask]
-            stats, lens = _batch_statistics(model, ids, batch_mask, targets, layers, logits_dtype, chunk_size)
+            stats, lens = _batch_statistics(model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size)
             if batch is None:
                 continue
             block_index, position = np.nonzero(mask[batch])
@@ -114,7 +115,7 @@ def _batch_statistics(
     batch_mask: torch.Tensor,
     targets: torch.Tensor,
     layers: list[int] | None,
-    logits_dtype: torch.dtype,
+    margin_torch_dtype: torch.dtype,
     chunk_size: int,
 ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
     """One forward: the final layer's statistics and each lens layer's, all computed inside the output head
@@ -129,9 +130,9 @@ def _batch_statistics(
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         def statistics(states: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
             return decision_statistics(states[:, :-1][batch_mask], weight, targets, bias, chunk_size=chunk_size,
-                                       logits_dtype=dtype, transform=transform)
+                                       margin_dtype=dtype, transform=transform)
 
-        found["final"] = statistics(hidden, logits_dtype)
+        found["final"] = statistics(hidden, margin_torch_dtype)
         last = len(blocks_out) - 1
         found["lens"] = {layer: statistics(hidden if layer == last else norm(captured[layer])) for layer in layers or []}
         return carrier(hidden)
@@ -215,12 +216,12 @@ def run_audit(
     progress: bool = True,
 ) -> AuditResult:
     """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given."""
-    if margin_dtype not in ("float32", "model"):
-        raise MRPUserError(f"margin_dtype must be 'float32' or 'model', got {margin_dtype!r}")
+    if margin_dtype not in MARGIN_DTYPES:
+        raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {margin_dtype!r}")
     if chunk_size < 1 or batch_size < 1:
         raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
     if output_dir is not None:
-        output_dir = io.ensure_output_dir(output_dir)
+        output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)
     layer_list = parse_layer_spec(layers, len(decoder_layers(model))) if layers is not None else None
     positions, per_layer = collect_statistics(
@@ -266,30 +267,30 @@ def _ambiguity(layer_rows: list[dict]) -> dict:
 def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
     """audit.json, positions.parquet, blocks.npy, gap_curve.png, margins.png (+ layers.json/png)."""
     output_dir = Path(output_dir)
-    files = {
+    paths = {
         "blocks": output_dir / "blocks.npy",
         "positions": output_dir / "positions.parquet",
         "gap_curve": output_dir / "gap_curve.png",
         "margins": output_dir / "margins.png",
         "audit": output_dir / "audit.json",
     }
-    io.write_npy(files["blocks"], result.blocks.input_ids)
+    files.write_npy(paths["blocks"], result.blocks.input_ids)
     if result.blocks.mask is not None:  # the evaluated positions, when not the first n_positions
-        files["mask"] = output_dir / "mask.npy"
-        io.write_npy(files["mask"], result.blocks.mask)
+        paths["mask"] = output_dir / "mask.npy"
+        files.write_npy(paths["mask"], result.blocks.mask)
     else:
         (output_dir / "mask.npy").unlink(missing_ok=True)  # from an earlier audit into the same folder
-    io.write_parquet(files["positions"], result.positions)
-    plots.plot_gap_curves(files["gap_curve"], {"audit": result.summary["gap_fit"]})
-    plots.plot_margin_histograms(files["margins"], {"audit": result.positions["margin"]})
+    files.write_parquet(paths["positions"], result.positions)
+    plots.plot_gap_curves(paths["gap_curve"], {"audit": result.summary["gap_fit"]})
+    plots.plot_margin_histograms(paths["margins"], {"audit": result.positions["margin"]})
     if result.layers is not None:
-        files["layers"] = output_dir / "layers.json"
-        files["layers_plot"] = output_dir / "layers.png"
-        io.write_json(files["layers"], {"layers": result.layers, **result.summary["layers"]})
-        plots.plot_layers(files["layers_plot"], result.layers)
-    io.write_json(files["audit"], result.summary)  # last: its presence marks a complete audit
-    result.files = files
-    return files
+        paths["layers"] = output_dir / "layers.json"
+        paths["layers_plot"] = output_dir / "layers.png"
+        files.write_json(paths["layers"], {"layers": result.layers, **result.summary["layers"]})
+        plots.plot_layers(paths["layers_plot"], result.layers)
+    files.write_json(paths["audit"], result.summary)  # last: its presence marks a complete audit
+    result.files = paths
+    return paths
 
 
 def load_audit(directory: str | Path) -> AuditResult:
@@ -297,12 +298,12 @@ def load_audit(directory: str | Path) -> AuditResult:
     directory = Path(directory)
     if not (directory / "audit.json").is_file():
         raise MRPUserError(f"{directory} holds no complete audit (audit.json missing); run `hf-mrp audit` into it")
-    summary = io.read_json(directory / "audit.json")
-    positions = io.read_parquet(directory / "positions.parquet")
-    input_ids = io.read_npy(directory / "blocks.npy")
+    summary = files.read_json(directory / "audit.json")
+    positions = files.read_parquet(directory / "positions.parquet")
+    input_ids = files.read_npy(directory / "blocks.npy")
     origin = summary["provenance"]
-    mask = io.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
+    mask = files.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
     blocks = Blocks(input_ids, int(summary["n_positions"]), origin.get("data_source", ""),
                     origin.get("tokenizer_sha256") or "", mask=mask)
-    layers = io.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
+    layers = files.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

@@ -1,4 +1,5 @@
-"""Calibration of the top-1 prediction: expected calibration error and Brier score."""
+"""Calibration of the top-1 prediction: expected calibration error (the per-position Brier score is computed with
+the other decision statistics, in ops/margins.py)."""
 
 from __future__ import annotations
 

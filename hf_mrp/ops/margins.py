@@ -74,7 +74,7 @@ def decision_statistics(
     bias: torch.Tensor | None = None,
     *,
     chunk_size: int = 1024,
-    logits_dtype: torch.dtype = torch.float32,
+    margin_dtype: torch.dtype = torch.float32,
     top_k: int = 5,
     tau: float = 1.0,
     transform: LogitTransform = IDENTITY,
@@ -82,7 +82,7 @@ def decision_statistics(
     """Every per-position statistic of the spec for ``hidden`` [N, d] predicting ``targets`` [N].
 
     Logits are recomputed from hidden states as ``h.float() @ W.float().T`` (spec: float32 logits),
-    ``chunk_size`` positions at a time, into two reused [chunk x V] buffers. ``logits_dtype`` other
+    ``chunk_size`` positions at a time, into two reused [chunk x V] buffers. ``margin_dtype`` other
     than float32 recomputes the margin alone in that dtype, to show the low-precision artifact. Also
     returns the per-position MRP penalties (Fisher over ``top_k`` tokens, margin with threshold
     ``tau``) used by the logit lens. ``transform`` is the model's own scaling / soft cap of its logits.
@@ -91,8 +91,8 @@ def decision_statistics(
         raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     weight32, bias32 = transform.scaled_head(weight, bias)
     rows = min(chunk_size, hidden.shape[0])
-    low_weight = weight32.to(logits_dtype)
-    low_bias = None if bias32 is None else bias32.to(logits_dtype)
+    low_weight = weight32.to(margin_dtype)
+    low_bias = None if bias32 is None else bias32.to(margin_dtype)
     logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
     exp_buffer = torch.empty_like(logits_buffer)
     chunks = []
@@ -105,8 +105,8 @@ def decision_statistics(
         raw_top2 = logits.topk(2, dim=-1).values if transform.softcap is not None else None
         stats = _chunk_statistics(transform.cap_(logits), exp_buffer[:n], targets[start : start + chunk_size],
                                   weight32, top_k, tau, raw_top2)
-        if logits_dtype != torch.float32:
-            low = transform.cap_(output_logits(h.to(logits_dtype), low_weight, low_bias))
+        if margin_dtype != torch.float32:
+            low = transform.cap_(output_logits(h.to(margin_dtype), low_weight, low_bias))
             top = low.topk(2, dim=-1).values
             stats["margin"] = (top[:, 0] - top[:, 1]).float()
         chunks.append(stats)

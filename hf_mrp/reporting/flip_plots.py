@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import _figure, _save
+from .plots import pyplot, save_figure
 
 
 def plot_net_bars(path: str | Path, groups: dict[str, dict], title: str, xlabel: str = "") -> None:
     """W->R above zero, R->W below, net as a black marker, for each group ({label: {w2r, r2w, net, n}})."""
-    plt = _figure()
+    plt = pyplot()
     labels = list(groups)
     x = np.arange(len(labels))
     w2r = np.array([groups[label]["w2r"] for label in labels], dtype=np.float64)
@@ -26,4 +26,4 @@ def plot_net_bars(path: str | Path, groups: dict[str, dict], title: str, xlabel:
     ax.set_ylabel("positions")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

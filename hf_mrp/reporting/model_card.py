@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import io
+from . import files
 from .markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
 
 MRP_FIELDS = ("mrp_objective", "mrp_lambda", "mrp_margin_threshold", "mrp_top_k", "lora_r", "lora_alpha",
@@ -99,7 +99,7 @@ def evaluation_comparisons(output_dir: str | Path) -> list[tuple[int, dict]]:
     for folder in Path(output_dir).glob("comparison_step_*"):
         match = STEP_FOLDER.match(folder.name)
         if match and (folder / "flip_audit.json").is_file():
-            found.append((int(match.group(1)), io.read_json(folder / "flip_audit.json")))
+            found.append((int(match.group(1)), files.read_json(folder / "flip_audit.json")))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -201,10 +201,10 @@ def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str |
     output_dir = Path(output_dir)
     if not (output_dir / "audit_before" / "audit.json").is_file():
         return None
-    before = io.read_json(output_dir / "audit_before" / "audit.json")
+    before = files.read_json(output_dir / "audit_before" / "audit.json")
     evaluations = evaluation_comparisons(output_dir)
     latest = output_dir / f"audit_step_{evaluations[-1][0]}" / "audit.json" if evaluations else None
-    after = io.read_json(latest) if latest is not None and latest.is_file() else before
+    after = files.read_json(latest) if latest is not None and latest.is_file() else before
     provenance = before.get("provenance", {})
     return model_card(provenance.get("model"), settings, before, after,
                       data_arguments=provenance.get("arguments", {}), evaluations=evaluations, in_progress_step=step)

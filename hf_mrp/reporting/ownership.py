@@ -85,7 +85,7 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
     """
     import fcntl
 
-    from .io import ensure_output_dir
+    from .files import ensure_output_dir
 
     folder = ensure_output_dir(folder)
     key = str(folder.resolve())
@@ -170,7 +170,7 @@ def audit_is_whole(folder: str | Path) -> bool:
 def run_is_whole(run_dir: str | Path) -> bool:
     """A finished refine folder whose files read back: the marker parses, the after-audit loads and agrees
     with its table, the flip audit parses. Anything else counts as unfinished (a sweep redoes it)."""
-    from .io import read_json
+    from .files import read_json
 
     run_dir = Path(run_dir)
     if not holds_finished_run(run_dir) or not audit_is_whole(run_dir / "audit_after"):

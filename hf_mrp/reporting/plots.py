@@ -7,10 +7,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import write_with
+from .files import write_with
 
 
-def _figure():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed): every figure of hf_mrp starts here."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -19,14 +20,15 @@ def _figure():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a file) and free it."""
     write_with(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120, bbox_inches="tight"))
-    _figure().close(fig)
+    pyplot().close(fig)
 
 
 def plot_gap_curves(path: str | Path, fits: dict[str, dict], title: str = "Expressibility gap") -> None:
     """log-log eta(eps) for one or more audits, each with its fitted power law and slope-1 alpha line."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for index, (label, fit) in enumerate(fits.items()):
         color = f"C{index}"
@@ -47,12 +49,12 @@ def plot_gap_curves(path: str | Path, fits: dict[str, dict], title: str = "Expre
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_margin_histograms(path: str | Path, margins: dict[str, np.ndarray], title: str = "Decision margins") -> None:
     """Overlaid histograms of top-1 minus top-2 logit margins."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     upper = max(float(np.percentile(m, 99)) for m in margins.values() if len(m)) if margins else 1.0
     bins = np.linspace(0.0, max(upper, 1e-3), 80)
@@ -63,12 +65,12 @@ def plot_margin_histograms(path: str | Path, margins: dict[str, np.ndarray], tit
     ax.set_ylabel("positions")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_layers(path: str | Path, layers: Sequence[dict]) -> None:
     """Logit lens: penalty-vs-CE Spearman, median margin and accuracy by layer."""
-    plt = _figure()
+    plt = pyplot()
     index = [row["layer"] for row in layers]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     axes[0].plot(index, [row["spearman_fisher_vs_final_ce"] for row in layers], "o-", label="Fisher penalty")
@@ -82,4 +84,4 @@ def plot_layers(path: str | Path, layers: Sequence[dict]) -> None:
     axes[2].set_ylabel("top-1 accuracy")
     axes[2].set_xlabel("layer (0-based decoder block; last = final)")
     fig.suptitle("Layer-wise geometry (logit lens)")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .plots import _figure, _save
+from .plots import pyplot, save_figure
 
 
 def dose_series(rows: Sequence[dict], objective: str, metric: str) -> tuple[np.ndarray, ...]:
@@ -53,7 +53,7 @@ def _lambda_axis(ax) -> None:
 
 def plot_flips_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Sequence[str], confidence: float = 0.95):
     """W->R (corrections) and R->W (collateral damage) vs lambda, one curve per objective."""
-    plt = _figure()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for index, objective in enumerate(objectives):
         for ax, metric in zip(axes, ("w2r", "r2w")):
@@ -64,13 +64,13 @@ def plot_flips_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Seq
         _lambda_axis(ax)
         ax.legend(fontsize=8)
     fig.suptitle(f"Flips vs lambda (error bars: bootstrap {confidence:.0%} CI over positions)", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_margin_change_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Sequence[str],
                                  confidence: float = 0.95):
     """Median margin change (after / before - 1, percent) vs lambda, one curve per objective."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for index, objective in enumerate(objectives):
         _curve(ax, rows, objective, "median_margin_change", scale=100.0, color=f"C{index}", label=objective)
@@ -79,13 +79,13 @@ def plot_margin_change_vs_lambda(path: str | Path, rows: Sequence[dict], objecti
     ax.set_title(f"Median margin change vs lambda (bootstrap {confidence:.0%} CI)", fontsize=10)
     _lambda_axis(ax)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_class_net_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Sequence[str],
                              classes: Sequence[str], confidence: float = 0.95):
     """Net corrections (W->R - R->W) by token class of the target vs lambda: one panel per objective."""
-    plt = _figure()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(objectives), figsize=(5.2 * len(objectives), 4.2), sharey=True, squeeze=False)
     for ax, objective in zip(axes[0], objectives):
         for index, label in enumerate(classes):
@@ -96,7 +96,7 @@ def plot_class_net_vs_lambda(path: str | Path, rows: Sequence[dict], objectives:
     axes[0][0].set_ylabel("net corrections (positions, mean over seeds)")
     axes[0][-1].legend(fontsize=8, title="target class")
     fig.suptitle(f"Net corrections by token class vs lambda (bootstrap {confidence:.0%} CI)", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 __all__ = ["dose_series", "plot_flips_vs_lambda", "plot_margin_change_vs_lambda", "plot_class_net_vs_lambda"]

@@ -15,7 +15,7 @@ import torch
 
 from transformers import TrainingArguments
 
-from ..audit.layers import parse_layer_spec
+from ..arguments import parse_layer_spec
 from ..errors import MRPUserError
 from ..ops import OBJECTIVES
 from ..ops.fused import NORMALIZATIONS
