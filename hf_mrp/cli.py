@@ -3,102 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 
+from .commands import COMMANDS
 from .errors import MRPUserError
-from .parser import one_line
-
-COMMANDS = {
-    "audit": "float32 geometry audit of a model on fixed positions",
-    "refine": "audit, refine with MRPTrainer (LoRA), audit again, compare (same flags as examples/refine.py)",
-    "compare": "flip audit of two audit folders: hf-mrp compare BEFORE_DIR AFTER_DIR --output_dir D",
-    "sweep": "dose-response sweep: objectives x lambdas x seeds, with a lambda = 0 control",
-    "benchmark": "downstream invariance through lm-evaluation-harness: base vs base + adapter",
-}
+from .parser import MRPArgumentParser, one_line
 
 
-def _audit(argv: list[str]) -> None:
-    from .arguments import AuditArguments, DataArguments, ModelArguments
-    from .audit.run import audit_from_arguments
-    from .parser import MRPArgumentParser
-
-    parser = MRPArgumentParser((ModelArguments, DataArguments, AuditArguments), prog="hf-mrp audit")
-    model_args, data_args, audit_args = parser.parse_args_into_dataclasses(args=argv)
-    result = audit_from_arguments(model_args, data_args, audit_args)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return
-    s = result.summary
-    fit = s["gap_fit"]
-    print(
-        f"audited {s['n_positions']} positions in {result.seconds:.1f}s -> {audit_args.output_dir}\n"
-        f"accuracy {s['accuracy']:.4f}  median margin {s['margin_percentiles']['p50']:.4f}  "
-        f"Pr(m<0.5) {s['fraction_margin_lt_0_5']:.4f}  entropy-margin Spearman {s['entropy_margin_spearman']:.4f}\n"
-        f"gap fit: beta {fit['beta']:.4f}  R^2 {fit['r_squared']:.4f}  alpha {fit['alpha']:.4f}  "
-        f"({fit['fit_points']} points)  unique margins {s['n_unique_margins']}"
-    )
-    if "layers" in s:
-        print(f"layers with negative Fisher-penalty vs CE correlation: {s['layers']['negative_fisher_correlation']}")
-
-
-def _refine(argv: list[str]) -> None:
-    from .refine import main as refine_main
-
-    refine_main(argv)
-
-
-def _compare(argv: list[str]) -> None:
-    from .audit.compare import compare_dirs
-    from .parser import MRPArgumentParser
-    from .refine import summary_line
-    from .reporting.ownership import owned_folder
-
-    parser = MRPArgumentParser(prog="hf-mrp compare", description=COMMANDS["compare"])
-    parser.add_argument("before_dir")
-    parser.add_argument("after_dir")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tokenizer", default=None,
-                        help="model id or folder whose tokenizer decodes tokens for the class breakdown; "
-                             "default: the model named in the audits' provenance when it is a local folder")
-    args = parser.parse_args(argv)
-    with owned_folder(args.output_dir):
-        tokenizer = _compare_tokenizer(args.tokenizer, args.before_dir)
-        result = compare_dirs(args.before_dir, args.after_dir, args.output_dir, tokenizer=tokenizer)
-    print(f"compared -> {args.output_dir}\n{summary_line(result)}")
-
-
-def _compare_tokenizer(name: str | None, before_dir: str):
-    """The tokenizer to decode target tokens: given, or the embedded model's when the audit used it."""
-    from pathlib import Path
-
-    from .models import EMBEDDED_NAME, embedded_model_dir, load_tokenizer
-    from .reporting.files import read_json
-
-    if name is None:
-        audit = Path(before_dir) / "audit.json"
-        model = read_json(audit).get("provenance", {}).get("model") if audit.is_file() else None
-        if model == EMBEDDED_NAME:
-            name = str(embedded_model_dir())
-        elif model and Path(model).is_dir():
-            name = model
-    return load_tokenizer(name) if name else None
-
-
-def _sweep(argv: list[str]) -> None:
-    from .sweep import main as sweep_main
-
-    sweep_main(argv)
-
-
-def _benchmark(argv: list[str]) -> None:
-    from .downstream import main as benchmark_main
-
-    benchmark_main(argv)
-
-
-HANDLERS = {"audit": _audit, "refine": _refine, "compare": _compare, "sweep": _sweep, "benchmark": _benchmark}
+def run_command(command: str, argv: list[str]) -> None:
+    """Import the command's module only (the training stack takes seconds to import), register its parser
+    under the root one (TRL's ``make_parser(subparsers)``), parse, and hand ``main`` the whole dataclasses."""
+    module = importlib.import_module(f"hf_mrp.commands.{command}")
+    root = MRPArgumentParser(prog="hf-mrp")
+    parser = module.make_parser(root.add_subparsers(dest="command", parser_class=MRPArgumentParser))
+    if getattr(module, "FORWARDS_UNKNOWN_FLAGS", False):
+        *groups, forwarded = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        module.main(*groups, forwarded, argv)
+    else:
+        module.main(*parser.parse_args_into_dataclasses(args=argv))
 
 
 def _usage() -> str:
@@ -123,7 +47,7 @@ def _output_dir_owned(command: str, argv: list[str]):
     import shlex
 
     folder = _given_output_dir(argv)
-    if folder is None or command == "benchmark" or "-h" in argv or "--help" in argv:
+    if folder is None or command == "downstream" or "-h" in argv or "--help" in argv:
         return contextlib.nullcontext()
     from .reporting.ownership import is_main_process, owned_folder
 
@@ -138,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in HANDLERS:
-        print(f"hf-mrp: error: unknown command {command!r}; choose one of {', '.join(HANDLERS)} "
+    if command not in COMMANDS:
+        print(f"hf-mrp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} "
               "(`hf-mrp --help` describes them)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _output_dir_owned(command, rest):
-            HANDLERS[command](rest)
+            run_command(command, rest)
     except MRPUserError as error:
         print(f"hf-mrp {command}: error: {one_line(error)}", file=sys.stderr)
         return 2

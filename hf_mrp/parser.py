@@ -25,6 +25,15 @@ class MRPArgumentParser(HfArgumentParser):
     def __init__(self, dataclass_types=(), prog: str | None = None, **kwargs):
         super().__init__(list(dataclass_types), prog=prog, **kwargs)
 
+    @staticmethod
+    def _parse_dataclass_field(parser, field) -> None:
+        """A field with ``metadata={"positional": True}`` is a positional argument (``hf-mrp compare BEFORE AFTER``);
+        every other field is a ``--flag`` as HfArgumentParser makes it."""
+        if field.metadata.get("positional"):
+            parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
+        else:
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
     def _hint(self) -> str:
         return f"`{self.prog} --help` lists the flags"
 

@@ -255,46 +255,4 @@ def write_run_files(
     files.write_text(output_dir / "README.md", card)
 
 
-def parse_arguments(argv: list[str] | None = None):
-    from .parser import MRPArgumentParser
-
-    parser = MRPArgumentParser((ModelArguments, DataArguments, RefineArguments, MRPConfig), prog="hf-mrp refine")
-    parser.set_defaults(**DEFAULTS)
-    model_args, data_args, refine_args, config = parser.parse_args_into_dataclasses(args=argv)
-    config.report_to = reporters(config.report_to)
-    return model_args, data_args, refine_args, config
-
-
-def reporters(report_to: list[str]) -> list[str]:
-    """``--report_to tensorboard,trackio`` as the list the Trainer takes, each one known and installed."""
-    import importlib.util
-
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    names = [name.strip() for entry in report_to for name in entry.split(",") if name.strip() not in ("", "none")]
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise MRPUserError(f"unknown reporter {name!r} in --report_to; choose from none, all, "
-                               f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: comma-separated)")
-        if name in ("tensorboard", "trackio") and importlib.util.find_spec(name) is None:
-            raise MRPUserError(f"--report_to {name} needs the {name} package: pip install \"hf_mrp[{name}]\"")
-    return names
-
-
-def summary_line(comparison: dict) -> str:
-    change = comparison["median_margin_change"]
-    return (
-        f"W->R {comparison['w2r']}  R->W {comparison['r2w']}  net {comparison['net']}  "
-        f"median margin {comparison['median_margin_before']:.4f} -> {comparison['median_margin_after']:.4f} "
-        f"({'n/a' if change is None else format(change, '+.1%')})"
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    model_args, data_args, refine_args, config = parse_arguments(argv)
-    comparison = refine(model_args, data_args, refine_args, config)
-    if comparison:
-        print(f"refined -> {config.output_dir}\n{summary_line(comparison)}")
-
-
-__all__ = ["RefineArguments", "refine", "main", "split_blocks", "DEFAULTS"]
+__all__ = ["RefineArguments", "refine", "split_blocks", "DEFAULTS"]

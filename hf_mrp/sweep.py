@@ -337,7 +337,7 @@ def with_audit_blocks(refine_argv: Sequence[str], audit_blocks: int) -> list[str
     argv = list(refine_argv)
     if any(token.split("=", 1)[0] == "--audit_positions" for token in argv):
         return argv
-    from .refine import parse_arguments
+    from .commands.refine import parse_arguments
 
     block_size = parse_arguments(argv)[1].block_size
     return argv + ["--audit_positions", str(audit_blocks * (block_size - 1))]
@@ -345,7 +345,7 @@ def with_audit_blocks(refine_argv: Sequence[str], audit_blocks: int) -> list[str
 
 def parse_run_arguments(refine_argv: Sequence[str], output_dir: str | Path, objective: str, lam: float, seed: int):
     """The four argument groups of one run, exactly as `hf-mrp refine` would parse them."""
-    from .refine import parse_arguments
+    from .commands.refine import parse_arguments
 
     argv = list(refine_argv) + ["--output_dir", str(output_dir), "--mrp_objective", objective,
                                 "--mrp_lambda", repr(float(lam)), "--seed", str(seed)]

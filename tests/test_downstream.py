@@ -1,4 +1,4 @@
-"""`hf-mrp benchmark` offline: local lm-eval tasks (tests/data/downstream_tasks), a tiny base model, and
+"""`hf-mrp downstream` offline: local lm-eval tasks (tests/data/downstream_tasks), a tiny base model, and
 LoRA adapters with nonzero and zero lora_B, so we can see that the adapter is really applied."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def cached_index(monkeypatch, manager):
         assert include_path in (None, str(TASK_DIR))
         return manager
 
-    monkeypatch.setattr(downstream, "task_manager", cached)
+    monkeypatch.setattr(downstream.tasks, "task_manager", cached)
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +141,13 @@ def test_adapter_changes_loglikelihoods_and_an_identity_adapter_changes_nothing(
         logits_before = model(input_ids=ids).logits
     task_set = downstream.TaskSet(TOY_TASKS, manager, downstream.load_tasks(manager, TOY_TASKS))
 
-    report = downstream.benchmark(model, tokenizer, adapter_dir, task_set, batch_size=4)
+    report = downstream.compare_downstream(model, tokenizer, adapter_dir, task_set, batch_size=4)
     cloze = report["tasks"]["mrp_toy_cloze"]["metrics"]
     assert cloze["base"]["perplexity"] != pytest.approx(cloze["adapter"]["perplexity"], rel=1e-3)
     assert report["tasks"]["mrp_toy_choice"]["metric"] == "acc_norm"
     assert report["tasks"]["mrp_toy_cloze"]["metric"] == "acc"  # perplexity is never the headline
 
-    control = downstream.benchmark(model, tokenizer, identity_adapter_dir, task_set, batch_size=4)
+    control = downstream.compare_downstream(model, tokenizer, identity_adapter_dir, task_set, batch_size=4)
     for name, row in control["tasks"].items():  # same weights, same numbers: the runs do not leak into each other
         assert row["metrics"]["adapter"] == pytest.approx(row["metrics"]["base"], rel=1e-6), name
         assert row["metrics"]["base"] == pytest.approx(report["tasks"][name]["metrics"]["base"], rel=1e-6), name
@@ -162,7 +162,7 @@ def test_adapter_changes_loglikelihoods_and_an_identity_adapter_changes_nothing(
 def test_cli_writes_json_markdown_and_one_summary_line(base_dir, adapter_dir, cached_index, tmp_path, monkeypatch,
                                                         capsys):
     monkeypatch.chdir(tmp_path)  # data_files in the YAMLs are relative: read next to the YAML, not from here
-    code = cli.main(["benchmark", "--model", str(base_dir), "--adapter", str(adapter_dir), "--tasks", *TOY_TASKS,
+    code = cli.main(["downstream", "--model", str(base_dir), "--adapter", str(adapter_dir), "--tasks", *TOY_TASKS,
                      "--include_path", str(TASK_DIR), "--limit", "4", "--batch_size", "4", "--device", "cpu",
                      "--output_dir", "out"])
     captured = capsys.readouterr()
@@ -222,9 +222,9 @@ def test_user_errors_are_one_line(case, message, base_dir, adapter_dir, cached_i
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
         args["tasks"], args["include_path"] = "arc_challenge", None
     elif case == "no_include_path":
-        monkeypatch.setattr(downstream, "task_manager", REAL_TASK_MANAGER)  # it checks the folder before indexing
+        monkeypatch.setattr(downstream.tasks, "task_manager", REAL_TASK_MANAGER)  # it checks the folder before indexing
         args["include_path"] = str(tmp_path / "no_tasks")
-    argv = ["benchmark", "--model", str(base_dir), "--output_dir", str(tmp_path / "out")]
+    argv = ["downstream", "--model", str(base_dir), "--output_dir", str(tmp_path / "out")]
     argv += [token for key, value in args.items() if value is not None for token in (f"--{key}", value)]
     if case == "zero_limit":
         argv += ["--limit", "0"]
@@ -232,5 +232,5 @@ def test_user_errors_are_one_line(case, message, base_dir, adapter_dir, cached_i
     err = capsys.readouterr().err
     assert code == 2
     last = err.strip().splitlines()[-1]
-    assert last.startswith("hf-mrp benchmark: error:") and message in last and "Traceback" not in err
+    assert last.startswith("hf-mrp downstream: error:") and message in last and "Traceback" not in err
     assert not (tmp_path / "out" / "downstream.json").exists()

@@ -144,7 +144,8 @@ def test_an_unknown_hub_strategy_is_one_clear_error():
 
 def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp_path, monkeypatch):
     from hf_mrp.arguments import DataArguments, ModelArguments
-    from hf_mrp.refine import RefineArguments, parse_arguments, refine
+    from hf_mrp.commands.refine import parse_arguments
+    from hf_mrp.refine import RefineArguments, refine
 
     assert parse_arguments([])[3].report_to == ["tensorboard"]  # examples/refine.py logs to TensorBoard by default
     tracked = parse_arguments(["--report_to", "trackio", "--trackio_space_id", "you/mrp-dashboard"])[3]

@@ -53,7 +53,7 @@ def test_weights_travel_as_the_mrp_weights_column():
 
 
 def test_refine_flags_parse():
-    from hf_mrp.refine import parse_arguments
+    from hf_mrp.commands.refine import parse_arguments
 
     refine_args = parse_arguments(["--mrp_target_classes", "content", "entity", "--mrp_target_buckets", "100+",
                                    "--train_lm_head", "true"])[2]

@@ -9,7 +9,6 @@ from datasets import Dataset
 from conftest import VOCAB, tiny_llama
 from test_fused import naive_penalty
 
-from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 
@@ -148,51 +147,6 @@ def test_qlora_4bit_trains_on_cpu(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"mrp_objective": "hinge"}, "unknown mrp_objective"),
-        ({"mrp_lambda": -0.1}, "mrp_lambda must be >= 0"),
-        ({"mrp_margin_threshold": 0.0}, "must be > 0"),
-        ({"mrp_top_k": 1}, "mrp_top_k must be at least 2"),
-        ({"lora_layers": "a-b"}, "bad layer spec"),
-    ],
-)
-def test_config_errors(tmp_path, overrides, message):
-    with pytest.raises(MRPUserError, match=message):
-        config(tmp_path, **overrides)
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"mrp_top_k": VOCAB + 1}, "exceeds the vocabulary"),
-        ({"lora_layers": "2-5"}, "out of range"),
-        ({"lora_target_modules": ["nope_proj"]}, "nope_proj match no module.*q_proj"),
-    ],
-)
-def test_trainer_errors_before_training(tmp_path, overrides, message):
-    with pytest.raises(MRPUserError, match=message):
-        MRPTrainer(model=tiny_llama(), args=config(tmp_path, **overrides), train_dataset=dataset())
-
-
-def test_quantized_gguf_model_and_missing_bitsandbytes_are_refused(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from hf_mrp import models
-    from hf_mrp.arguments import ModelArguments
-
-    model = tiny_llama()
-    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
-    with pytest.raises(MRPUserError, match="GgufConfig\\(dequantize=True\\)"):
-        MRPTrainer(model=model, args=config(tmp_path))
-    real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
-    with pytest.raises(MRPUserError, match="needs bitsandbytes"):
-        ModelArguments(load_in_4bit=True)
 
 
 def test_pickled_config_never_holds_the_hub_token(tmp_path):

@@ -129,3 +129,13 @@ def markdown_summary(result: dict, heading: str = "##") -> str:
         _token_table(result.get("top_loss", [])),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def flip_summary_line(comparison: dict) -> str:
+    """The one line `hf-mrp refine` and `hf-mrp compare` print: flips, net, and the median margin before -> after."""
+    change = comparison["median_margin_change"]
+    return (
+        f"W->R {comparison['w2r']}  R->W {comparison['r2w']}  net {comparison['net']}  "
+        f"median margin {comparison['median_margin_before']:.4f} -> {comparison['median_margin_after']:.4f} "
+        f"({'n/a' if change is None else format(change, '+.1%')})"
+    )

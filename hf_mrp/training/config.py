@@ -5,6 +5,7 @@ The MRP objective's fields live in `MRPArguments`, which `MRPSFTConfig` (TRL) sh
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import numbers
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from transformers import TrainingArguments
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from ..arguments import parse_layer_spec
 from ..errors import MRPUserError
@@ -130,6 +132,7 @@ class MRPConfig(MRPArguments, TrainingArguments):
             self.lora_target_modules = [self.lora_target_modules]
         _check_numbers(self)  # before TrainingArguments, which would fail on them with a traceback
         super().__post_init__()
+        self.report_to = _known_reporters(self.report_to)
         self._check_mrp_fields()
         if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
             raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
@@ -148,6 +151,18 @@ class MRPConfig(MRPArguments, TrainingArguments):
         if self.lora_layers is None or self.lora_layers.strip().lower() == "all":
             return None
         return parse_layer_spec(self.lora_layers, n_layers)
+
+
+def _known_reporters(report_to: list[str]) -> list[str]:
+    """``--report_to tensorboard,trackio`` as the list the Trainer takes, each one known and installed."""
+    names = [name.strip() for entry in report_to for name in entry.split(",") if name.strip() not in ("", "none")]
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise MRPUserError(f"unknown reporter {name!r} in --report_to; choose from none, all, "
+                               f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: comma-separated)")
+        if name in ("tensorboard", "trackio") and importlib.util.find_spec(name) is None:
+            raise MRPUserError(f"--report_to {name} needs the {name} package: pip install \"hf_mrp[{name}]\"")
+    return names
 
 
 FISHER_LIVE_COPIES = 4  # [chunk x k x k x k] float32 tensors alive at once in ops.objectives.fisher_penalty

@@ -1,34 +1,24 @@
-"""Text sources -> deterministic blocks of token ids.
+"""Documents -> deterministic blocks of token ids.
 
-Every source (the embedded pydoc corpus, a `datasets` dataset, a local .txt / .jsonl / .json /
-.parquet / .csv file) becomes a stream of documents, tokenized without special tokens, joined
-with a blank line and cut into consecutive blocks of ``block_size`` tokens. Position t of a block
-predicts token t + 1, so a block holds ``block_size - 1`` positions; only the first
-``max_positions`` positions (in block order) are evaluated.
-
-Reading is lazy: a .txt file is decoded and tokenized piece by piece (TextPieces) and a table's text
-column batch by batch, so nothing past what ``max_positions`` needs is read or tokenized.
+Documents are tokenized without special tokens, joined with a blank line and cut into consecutive blocks of
+``block_size`` tokens. Position t of a block predicts token t + 1, so a block holds ``block_size - 1`` positions;
+only the first ``max_positions`` positions (in block order) are evaluated, and nothing past them is tokenized.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .arguments import DataArguments
-from .errors import MRPUserError
+from ..arguments import DataArguments
+from ..errors import MRPUserError
+from .sources import TextPieces, load_documents
 
-LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DOCUMENT_SEPARATOR = "\n\n"
-EMBEDDED_CORPUS = "pydoc_data.topics"
-PIECE_BYTES = 1 << 20  # a .txt file is read and tokenized in pieces of about 1 MiB, each ending at a line break
-ENCODING_ERRORS = ("strict", "replace", "ignore")
 
 
 @dataclass
@@ -117,149 +107,6 @@ def tokenizer_identity(tokenizer) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def embedded_corpus_documents() -> list[str]:
-    """The pydoc topic texts that ship with CPython (~113K SmolLM2 tokens), in sorted topic order."""
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)]
-
-
-class TextPieces:
-    """One document read lazily from a text file, as consecutive pieces (no separator between them).
-
-    Pieces end at a line break (at a space for a line longer than a piece), about PIECE_BYTES each,
-    so reading and tokenizing stop once ``max_positions`` are covered; where a piece ends depends on
-    the file only, so the same file gives the same blocks for every ``max_positions``.
-    """
-
-    def __init__(self, path: Path, encoding: str = "utf-8", errors: str = "strict"):
-        self.path, self.encoding, self.errors = path, encoding, errors
-
-    def __iter__(self) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder(self.encoding)(self.errors)
-        consumed, pending = 0, ""
-        with open(self.path, "rb") as handle:
-            while True:
-                chunk = handle.read(PIECE_BYTES)
-                buffered = len(decoder.getstate()[0])
-                try:
-                    text = pending + decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as error:
-                    raise self._decode_error(consumed - buffered + error.start, error) from None
-                consumed += len(chunk)
-                if not chunk:
-                    if text:
-                        yield text
-                    return
-                cut = text.rfind("\n") + 1 or text.rfind(" ") + 1
-                piece, pending = (text[:cut], text[cut:]) if cut else ("", text)
-                if piece:
-                    yield piece
-
-    def _decode_error(self, offset: int, error: UnicodeDecodeError) -> MRPUserError:
-        bad = error.object[error.start:error.start + 1].hex()
-        return MRPUserError(
-            f"cannot read {self.path} as {self.encoding}: invalid byte 0x{bad} at byte offset {offset} "
-            f"({error.reason}); "
-            f"pass --encoding with the file's encoding (e.g. latin-1), or --encoding_errors replace to substitute "
-            f"undecodable bytes (ignore drops them)"
-        )
-
-
-def check_encoding(encoding: str, errors: str) -> None:
-    """A known codec and one of ENCODING_ERRORS, checked before anything is read."""
-    try:
-        codecs.lookup(encoding)
-    except (LookupError, TypeError):
-        raise MRPUserError(
-            f"unknown encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1"
-        ) from None
-    if errors not in ENCODING_ERRORS:
-        raise MRPUserError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
-
-
-def load_documents(
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-    encoding: str = "utf-8",
-    encoding_errors: str = "strict",
-) -> tuple[Iterable, str]:
-    """(documents, description) for a dataset name / local file / folder, or the embedded corpus.
-
-    Nothing is read beyond what the tokenizer consumes: a .txt file streams as TextPieces, a table
-    yields its text column in batches."""
-    if dataset is None:
-        return embedded_corpus_documents(), EMBEDDED_CORPUS
-    if not isinstance(dataset, (str, Path)):
-        raise MRPUserError(
-            f"dataset must be a datasets name or a file/folder path (str), got {type(dataset).__name__}; "
-            "for texts already in memory use hf_mrp.data.make_blocks(tokenizer, texts, ...)"
-        )
-    check_encoding(encoding, encoding_errors)
-    dataset = str(dataset)
-    path = Path(dataset)
-    if path.suffix.lower() == ".txt" and path.is_file():
-        return [TextPieces(path, encoding, encoding_errors)], str(path)
-    if path.suffix.lower() in LOCAL_FORMATS and not path.exists():
-        raise MRPUserError(f"data file not found: {dataset}; pass an existing file or a datasets name")
-    table = _load_dataset(dataset, dataset_config, split, path)
-    if text_column not in table.column_names:
-        raise MRPUserError(
-            f"text column {text_column!r} not found in {dataset} (columns: {', '.join(table.column_names)}); "
-            f"pass --text_column with one of them"
-        )
-    return _column_texts(table, text_column), dataset
-
-
-def _column_texts(table, column: str, batch: int = 256) -> Iterator[str]:
-    """The non-empty texts of one column, read batch by batch (never the whole column at once)."""
-    for rows in table.select_columns([column]).iter(batch_size=batch):
-        yield from (text for text in rows[column] if text)
-
-
-def _folder_problem(folder: Path) -> str | None:
-    """Why `datasets` cannot load a folder of data files, in words (None: it may)."""
-    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
-    formats = sorted({p.suffix.lower() for p in files if p.suffix.lower() in LOCAL_FORMATS | {".arrow": ""}})
-    if not formats:
-        shown = ", ".join(sorted({p.suffix or p.name for p in files})[:6]) or "nothing"
-        return f"it holds no data files (.txt/.jsonl/.json/.parquet/.csv), only {shown}"
-    if len(formats) > 1 and not (folder / "dataset_info.json").is_file():
-        counts = ", ".join(f"{sum(p.suffix.lower() == s for p in files)} {s}" for s in formats)
-        return f"it mixes data formats ({counts}) and a folder must hold one format"
-    return None
-
-
-def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Path):
-    import datasets
-
-    try:
-        if path.is_file():
-            builder = LOCAL_FORMATS.get(path.suffix.lower())
-            if builder is None:
-                raise MRPUserError(
-                    f"unsupported data file {dataset}; use one of {', '.join(LOCAL_FORMATS)} or a datasets name"
-                )
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-            saved = datasets.load_from_disk(str(path))  # a folder written by Dataset.save_to_disk
-            return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
-        problem = _folder_problem(path) if path.is_dir() else None
-        if problem:
-            raise MRPUserError(f"cannot use the folder {dataset} as a dataset: {problem}; pass one data file, "
-                               f"or a folder of files of one format")
-        return datasets.load_dataset(dataset, dataset_config, split=split)
-    except MRPUserError:
-        raise
-    except Exception as error:  # datasets raises many types for "cannot find / cannot reach"
-        raise MRPUserError(
-            f"could not load dataset {dataset!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "pass a local .txt/.jsonl/.parquet file, a dataset folder, or a name reachable from this machine"
-        ) from error
 
 
 def tokenize_documents(tokenizer, documents: Iterable, max_tokens: int) -> Iterator[int]:
