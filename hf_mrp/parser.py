@@ -28,11 +28,14 @@ class MRPArgumentParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser, field) -> None:
         """A field with ``metadata={"positional": True}`` is a positional argument (``hf-mrp compare BEFORE AFTER``);
-        every other field is a ``--flag`` as HfArgumentParser makes it."""
+        every other field is a ``--flag`` as HfArgumentParser makes it, where a list field may set ``"nargs": "*"``
+        (HfArgumentParser always asks for one value or more)."""
         if field.metadata.get("positional"):
             parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
-        else:
-            HfArgumentParser._parse_dataclass_field(parser, field)
+            return
+        HfArgumentParser._parse_dataclass_field(parser, field)
+        if "nargs" in field.metadata:
+            next(action for action in parser._actions if action.dest == field.name).nargs = field.metadata["nargs"]
 
     def _hint(self) -> str:
         return f"`{self.prog} --help` lists the flags"
