@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
+from ..stats.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 
 
 def check_targets(classes: Sequence[str] | None, buckets: Sequence[str] | None) -> None:
