@@ -76,9 +76,13 @@ def row_keys(args: SweepArguments) -> list[tuple[str, float, str]]:
 
 def plan_runs(args: SweepArguments) -> list[RunSpec]:
     """Seed by seed (a whole dose-response curve per seed early), each seed's runs in row order."""
-    return [RunSpec(run_name(objective, lam, seed, variant), objective, lam, seed,
-                    args.control_objective if objective == CONTROL else objective, variant, variant_flags(args, variant))
-            for seed in args.seeds for objective, lam, variant in row_keys(args)]
+    plan = []
+    for seed in args.seeds:
+        for objective, lam, variant in row_keys(args):
+            trained = args.control_objective if objective == CONTROL else objective  # the control's has weight 0
+            plan.append(RunSpec(run_name(objective, lam, seed, variant), objective, lam, seed, trained, variant,
+                                variant_flags(args, variant)))
+    return plan
 
 
 def row_label(objective: str, lam: float, variant: str, args: SweepArguments) -> str:
