@@ -75,7 +75,7 @@ def assistant_blocks(tokenizer, chats: list[list[dict]]):
 def lora_config(model, args: ExampleArguments):
     from peft import LoraConfig
 
-    from hf_mrp.audit.layers import parse_layer_spec
+    from hf_mrp.arguments import parse_layer_spec
     from hf_mrp.models import decoder_layers
     from hf_mrp.training.adapters import decoder_linear_names
 

@@ -11,7 +11,7 @@ from hf_mrp.audit.compare import compare_audits, compare_dirs, decoder_from_toke
 from hf_mrp.audit.geometry import AuditResult, summarize_positions, write_audit
 from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
-from hf_mrp.ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
+from hf_mrp.stats.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 
 TEXTS = {0: " ,", 1: " =", 2: " the", 3: " Paris", 4: " NASA", 5: " 1984", 6: " running", 7: "ing", 8: " of",
          9: " café"}

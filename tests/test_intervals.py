@@ -1,10 +1,10 @@
-"""hf_mrp.ops.intervals: the percentile bootstrap against known answers and scipy."""
+"""hf_mrp.stats.intervals: the percentile bootstrap against known answers and scipy."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from hf_mrp.ops.intervals import (
+from hf_mrp.stats.intervals import (
     Interval, bootstrap_ci, bootstrap_distribution, percentile_interval, resample_indices,
 )
 

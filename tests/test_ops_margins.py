@@ -92,7 +92,8 @@ def test_ops_imports_nothing_from_the_hf_stack():
     import subprocess
     import sys
 
-    code = ("import sys, hf_mrp.ops, hf_mrp.ops.intervals, hf_mrp.ops.token_classes, hf_mrp.ops.calibration; "
+    code = ("import sys, hf_mrp.ops, hf_mrp.stats, hf_mrp.stats.flips, hf_mrp.stats.token_classes, "
+            "hf_mrp.stats.calibration, hf_mrp.stats.intervals; "
             "print([m for m in ('transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

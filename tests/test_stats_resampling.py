@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hf_mrp.ops.intervals import bootstrap_ci
+from hf_mrp.stats.intervals import bootstrap_ci
 from hf_mrp.stats import (
     BlockIndex, block_bootstrap_ci, block_bootstrap_distribution, block_resamples, paired_interval, seed_t_interval,
 )

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 
 from hf_mrp import cli
+from hf_mrp.audit.compare import compare_audits, decoder_from_tokenizer
+from hf_mrp.audit.geometry import load_audit
 from hf_mrp.errors import MRPUserError
-from hf_mrp.sweep import (
-    SweepArguments, parse_sweep_arguments, plan_runs, row_means, with_attributable, METRIC_KEYS,
-)
+from hf_mrp.models import load_tokenizer
+from hf_mrp.stats.token_classes import CLASSES
+from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
+from hf_mrp.sweep import SweepArguments, plan_runs
+from hf_mrp.sweep.metrics import METRIC_KEYS
+from hf_mrp.sweep.statistics import row_means, with_attributable
 
 
 def sweep_argv(model_dir, out, *extra):
@@ -21,6 +26,19 @@ def sweep_argv(model_dir, out, *extra):
 
 def mtimes(folder):
     return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def flip_numbers_from_positions(sweep_dir, run_dir, tokenizer) -> dict:
+    """Every per-run flip number of results.json, computed by `hf-mrp compare`'s own function from the baseline's
+    and the run's positions.parquet (with the blocks and the tokenizer, for the frequency buckets and classes)."""
+    before, after = load_audit(sweep_dir / "baseline"), load_audit(run_dir / "audit_after")
+    comparison = compare_audits(before, after, decoder_from_tokenizer(tokenizer))
+    numbers = {key: comparison[key] for key in ("w2r", "r2w", "net", "flip_ratio", "churn", "median_margin_change",
+                                                "head_share")}
+    numbers.update(median_margin=comparison["median_margin_after"], accuracy=comparison["accuracy_after"],
+                   structural_share=comparison["by_class"]["structural"]["share_of_net"],
+                   **{f"net_{label}": comparison["by_class"][label]["net"] for label in CLASSES})
+    return numbers
 
 
 def test_sweep_runs_controls_shares_the_baseline_and_resumes(tiny_model_dir, tmp_path, capsys):
@@ -63,6 +81,11 @@ def test_sweep_runs_controls_shares_the_baseline_and_resumes(tiny_model_dir, tmp
         assert entry["metrics"]["structural_share"] == pytest.approx(
             flip_audit["by_class"]["structural"]["share_of_net"], nan_ok=True)
         assert sum(entry["metrics"][f"net_{c}"] for c in flip_audit["by_class"]) == flip_audit["net"]
+    # every flip number of each run equals what compare's function makes of the two positions files
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    for entry in (control, run):
+        expected = flip_numbers_from_positions(out, out / entry["dir"], tokenizer)
+        assert {key: entry["metrics"][key] for key in expected} == expected, entry["name"]
     assert run["metrics"]["net_attributable"] == run["metrics"]["net"] - control["metrics"]["net"]
     assert control["metrics"]["net_attributable"] is None
 

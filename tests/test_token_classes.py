@@ -1,4 +1,4 @@
-"""hf_mrp.ops.token_classes: the paper's token classes (mrp-paper, token_class_flip_audit.classify_token).
+"""hf_mrp.stats.token_classes: the paper's token classes (mrp-paper, token_class_flip_audit.classify_token).
 
 The expected class of each token is worked out by hand from the paper's rules, in order: structural
 (stripped text empty or all Unicode P*/S*), numeric (^[0-9][0-9,./:%+-]*$), then for ASCII-letter
@@ -8,7 +8,7 @@ words only: function word (lower-cased, in the 118-word list), entity-like (^[A-
 
 import pytest
 
-from hf_mrp.ops.token_classes import CLASSES, FUNCTION_WORDS, PAPER_CLASS_NAMES, token_class
+from hf_mrp.stats.token_classes import CLASSES, FUNCTION_WORDS, PAPER_CLASS_NAMES, token_class
 
 PAPER_TABLE = [
     # structural: empty after stripping, or every character punctuation/symbol

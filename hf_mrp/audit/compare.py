@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MRPUserError
-from ..ops.calibration import expected_calibration_error
-from ..ops.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
+from ..stats.calibration import expected_calibration_error
+from ..stats.flips import flip_numbers
+from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
 from ..reporting import flip_plots, plots
 from ..reporting.files import ensure_output_dir, write_json, write_text
 from ..reporting.markdown import markdown_summary
@@ -23,7 +24,6 @@ from .integrity import check_audit_files
 
 MARGIN_BANDS = ("<0.5", "0.5-1", "1-2", "2-5", ">=5")
 MARGIN_BAND_EDGES = (0.5, 1.0, 2.0, 5.0)  # band = searchsorted(edges, m, side="right"): [lo, hi)
-HEAD_BUCKET = "100+"
 SAME_BLOCKS_FIX = (
     "audit both models on the same blocks: pass the same data arguments (--dataset, --dataset_config, --split, "
     "--text_column, --block_size, --max_positions) to both audits, with models that share a tokenizer, "
@@ -64,10 +64,10 @@ class Pair:
     def r2w(self) -> np.ndarray:
         return self.correct_before & ~self.correct_after
 
-
-def _ratio(numerator: float, denominator: float) -> float | None:
-    """numerator / denominator as a float, None where undefined (JSON null, never NaN)."""
-    return float(numerator) / float(denominator) + 0.0 if denominator else None  # + 0.0: no "-0.0"
+    def numbers(self, head: np.ndarray, class_code: np.ndarray | None) -> dict:
+        """The headline flip numbers (hf_mrp.stats.flips, the sweep's too)."""
+        return flip_numbers(self.correct_before, self.correct_after, self.margin_before, self.margin_after,
+                            self.top1_before, self.top1_after, head, class_code)
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -103,19 +103,14 @@ def group_flips(pair: Pair, mask: np.ndarray | None = None) -> dict:
     }
 
 
-def flip_summary(pair: Pair) -> dict:
+def flip_summary(pair: Pair, numbers: dict) -> dict:
     """Corrections, collateral damage, their ratio, top-1 churn and runner-up rotation."""
-    overall = group_flips(pair)
     rotated = (pair.top1_before == pair.top1_after) & (pair.top2_before != pair.top2_after)
     return {
-        "w2r": overall["w2r"],
-        "r2w": overall["r2w"],
-        "net": overall["net"],
-        "flip_ratio": _ratio(overall["w2r"], overall["r2w"]),
-        "churn": float(np.mean(pair.top1_before != pair.top1_after)),
+        **{key: numbers[key] for key in ("w2r", "r2w", "net", "flip_ratio", "churn")},
         "runner_up_rotation": rotation_summary(pair, rotated),
-        "accuracy_before": overall["accuracy_before"],
-        "accuracy_after": overall["accuracy_after"],
+        "accuracy_before": numbers["accuracy_before"],
+        "accuracy_after": numbers["accuracy_after"],
     }
 
 
@@ -131,14 +126,11 @@ def rotation_summary(pair: Pair, rotated: np.ndarray) -> dict:
     }
 
 
-def margin_summary(pair: Pair) -> dict:
+def margin_summary(pair: Pair, numbers: dict) -> dict:
     """Median margins, the paper's median change, and the per-position expansion."""
-    median_before, median_after = float(np.median(pair.margin_before)), float(np.median(pair.margin_after))
     change = pair.margin_after - pair.margin_before
     return {
-        "median_margin_before": median_before,
-        "median_margin_after": median_after,
-        "median_margin_change": median_after / median_before - 1.0 if median_before else None,
+        **{key: numbers[key] for key in ("median_margin_before", "median_margin_after", "median_margin_change")},
         "expansion": {
             "share_wider": float(np.mean(change > 0)),
             "mean_change": float(np.mean(change)),
@@ -173,13 +165,10 @@ def own_margin_bands(pair: Pair) -> dict:
     }
 
 
-def frequency_breakdown(pair: Pair, input_ids: np.ndarray) -> dict:
+def frequency_breakdown(pair: Pair, bucket: np.ndarray, numbers: dict) -> dict:
     """Flips by the target's count among all tokens of the blocks, and the head share net(100+)/net(all)."""
-    counts = np.bincount(np.asarray(input_ids, dtype=np.int64).ravel(), minlength=int(pair.target.max()) + 1)
-    bucket = frequency_bucket(counts[pair.target])
-    by_bucket = {label: group_flips(pair, bucket == label) for label in BUCKETS}
-    net = int(pair.w2r.sum()) - int(pair.r2w.sum())
-    return {"by_bucket": by_bucket, "head_share": _ratio(by_bucket[HEAD_BUCKET]["net"], net)}
+    return {"by_bucket": {label: group_flips(pair, bucket == label) for label in BUCKETS},
+            "head_share": numbers["head_share"]}
 
 
 def _decode_all(ids: np.ndarray, decode: Callable[[int], str]) -> dict[int, str]:
@@ -187,16 +176,10 @@ def _decode_all(ids: np.ndarray, decode: Callable[[int], str]) -> dict[int, str]
     return {int(token): decode(int(token)) for token in np.unique(ids)}
 
 
-def class_breakdown(pair: Pair, texts: dict[int, str]) -> dict:
+def class_breakdown(pair: Pair, class_code: np.ndarray, numbers: dict) -> dict:
     """Flips by token class of the decoded target, with each class's share of the overall net."""
-    ids, inverse = np.unique(pair.target, return_inverse=True)
-    target_class = np.asarray([token_class(texts[int(token)]) for token in ids], dtype=object)[inverse]
-    net = int(pair.w2r.sum()) - int(pair.r2w.sum())
-    by_class = {}
-    for label in CLASSES:
-        group = group_flips(pair, target_class == label)
-        by_class[label] = {**group, "share_of_net": _ratio(group["net"], net)}
-    return by_class
+    return {label: {**group_flips(pair, class_code == c), "share_of_net": numbers["share_of_net"][label]}
+            for c, label in enumerate(CLASSES)}
 
 
 def token_extremes(pair: Pair, texts: dict[int, str] | None, limit: int = 20) -> dict:
@@ -221,12 +204,12 @@ def token_extremes(pair: Pair, texts: dict[int, str] | None, limit: int = 20) ->
 
 
 def calibration(before: AuditResult, after: AuditResult) -> dict:
-    """ECE (15 equal-width bins of p_top1) and mean Brier score, before and after."""
+    """ECE (ECE_BINS equal-width bins of p_top1) and mean Brier score, before and after."""
     result = {}
     for name, audit in (("before", before), ("after", after)):
         positions = audit.positions
         correct = np.asarray(positions["correct"]).astype(bool)
-        result[f"ece_{name}"] = expected_calibration_error(positions["p_top1"], correct, bins=15)
+        result[f"ece_{name}"] = expected_calibration_error(positions["p_top1"], correct, )
         result[f"brier_{name}"] = float(np.mean(np.asarray(positions["brier"], dtype=np.float64)))
     return result
 
@@ -243,17 +226,20 @@ def compare_audits(
     if pair.target.size == 0:
         raise MRPUserError("the audits hold no positions; audit with a larger --max_positions")
     texts = _decode_all(pair.target, decode) if decode is not None else None
+    bucket = target_buckets(before.blocks.input_ids, pair.target)
+    class_code = target_class_codes(pair.target, texts.__getitem__) if texts is not None else None
+    numbers = pair.numbers(bucket == HEAD_BUCKET, class_code)
     return {
         "n_positions": int(pair.target.size),
         "blocks_sha256": before.blocks.fingerprint(),
-        **flip_summary(pair),
-        **margin_summary(pair),
+        **flip_summary(pair, numbers),
+        **margin_summary(pair, numbers),
         "accuracy_by_margin_band": margin_bands(pair),
         "accuracy_by_own_margin_band": own_margin_bands(pair),
         "gap_fit_before": before.summary.get("gap_fit"),
         "gap_fit_after": after.summary.get("gap_fit"),
-        **frequency_breakdown(pair, before.blocks.input_ids),
-        "by_class": class_breakdown(pair, texts) if texts is not None else None,
+        **frequency_breakdown(pair, bucket, numbers),
+        "by_class": class_breakdown(pair, class_code, numbers) if class_code is not None else None,
         **token_extremes(pair, texts, top_tokens),
         **calibration(before, after),
     }

@@ -20,7 +20,7 @@ from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
-from ..ops.calibration import expected_calibration_error
+from ..stats.calibration import expected_calibration_error
 from ..reporting import files, plots
 from ..arguments import MARGIN_DTYPES, parse_layer_spec
 from .layers import summarize_layers

@@ -6,9 +6,10 @@ and the command line is recorded with the results."""
 from __future__ import annotations
 
 import shlex
+from typing import Sequence
 
-from ..errors import MRPUserError
-from ..sweep import RESERVED_FLAGS, SweepArguments, run_sweep, summary_lines
+from ..parser import MRPArgumentParser
+from ..sweep import SweepArguments, check_pass_through, run_sweep, summary_lines
 from . import COMMANDS
 
 FORWARDS_UNKNOWN_FLAGS = True
@@ -17,16 +18,22 @@ EPILOG = ("Every other flag (model, data, --audit_positions, --holdout, MRPConfi
           "of examples/refine.py; `hf-mrp refine --help` lists them.")
 
 
-def make_parser(subparsers):
-    return subparsers.add_parser("sweep", help=COMMANDS["sweep"], description=COMMANDS["sweep"], epilog=EPILOG,
-                                 allow_abbrev=False, dataclass_types=(SweepArguments,))
+def make_parser(subparsers=None) -> MRPArgumentParser:
+    """The sweep's parser (abbreviations off: --seed must not pass for --seeds); standalone without subparsers."""
+    kwargs = dict(description=COMMANDS["sweep"], epilog=EPILOG, allow_abbrev=False, dataclass_types=(SweepArguments,))
+    if subparsers is None:
+        return MRPArgumentParser(prog="hf-mrp sweep", **kwargs)
+    return subparsers.add_parser("sweep", help=COMMANDS["sweep"], **kwargs)
+
+
+def parse_arguments(argv: Sequence[str]) -> tuple[SweepArguments, list[str]]:
+    """(the sweep's own arguments, the flags passed through to every run)."""
+    args, rest = make_parser().parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
+    check_pass_through(rest)
+    return args, rest
 
 
 def main(args: SweepArguments, refine_argv: list[str], argv: list[str]) -> None:
-    for token in refine_argv:
-        flag = token.split("=", 1)[0]
-        if flag in RESERVED_FLAGS:
-            raise MRPUserError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
     results = run_sweep(args, refine_argv, command="hf-mrp sweep " + shlex.join(argv))
     print(f"sweep -> {args.output_dir}  ({len(results['runs'])} runs, results.md / results.json)")
     print("\n".join(summary_lines(results)))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .margins import output_logits
+from .margins import chunk_softmax, output_logits
 from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
 from .transform import IDENTITY, LogitTransform
 
@@ -87,17 +87,11 @@ def _chunk(
     by lambda, so the caller can normalize it once the whole batch is known.
     """
     logits = transform.cap_(output_logits(h, weight32, bias32))  # the logits the model emits
-    k = top_k if objective == "fisher" else 2
-    top_values, top_ids = logits.topk(k, dim=-1)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
-    peak = top_values[:, :1]
     entropy = objective == "entropy" and lam != 0.0
     keep_shifted = entropy or with_entropy
-    shifted = logits.sub_(peak)  # z - max, in place
-    exp = shifted.exp() if keep_shifted else shifted.exp_()
-    total = exp.sum(-1)
-    log_total = total.log()
+    parts = chunk_softmax(logits, targets, top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
+    top_values, top_ids, target_logit, peak, shifted, exp, total, log_total = parts
     ce = (peak.squeeze(1) + log_total - target_logit).sum()
     margins = top_values[:, 0] - top_values[:, 1]
     n_gated = (margins < tau).sum()
@@ -116,7 +110,7 @@ def _chunk(
         objective_sum = objective_sum.detach()
         if grad_top is not None and cap_slope is not None:
             grad_top = grad_top * cap_slope.gather(1, top_ids)
-    entropy_values = log_total - (exp * shifted).sum(-1) / total if keep_shifted else None  # log S - sum e(z-max)/S
+    entropy_values = parts.entropy() if keep_shifted else None
     entropy_sum = entropy_values.sum() if keep_shifted else torch.zeros((), device=h.device)
     if entropy:
         objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()

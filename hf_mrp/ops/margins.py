@@ -5,6 +5,8 @@ A chunk of logits is [chunk x vocab] float32; the whole [positions x vocab] matr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .objectives import fisher_penalty, margin_penalty
@@ -21,6 +23,42 @@ def output_logits(
     return logits
 
 
+class ChunkSoftmax(NamedTuple):
+    """The log-sum-exp pieces of one chunk of float32 logits z: ``shifted`` = z - max (the logits buffer
+    itself), ``exp`` = exp(z - max), ``total`` = S = sum exp(z - max); the log-normalizer is max + log S."""
+
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+    target_logit: torch.Tensor
+    peak: torch.Tensor
+    shifted: torch.Tensor
+    exp: torch.Tensor
+    total: torch.Tensor
+    log_total: torch.Tensor
+
+    def entropy(self, in_place: bool = False) -> torch.Tensor:
+        """H = log S - sum e (z - max) / S; ``in_place`` reuses the shifted buffer (it is gone afterwards)."""
+        product = self.shifted.mul_(self.exp) if in_place else self.exp * self.shifted
+        return self.log_total - product.sum(-1) / self.total
+
+
+def chunk_softmax(logits: torch.Tensor, targets: torch.Tensor, top_k: int, exp_out: torch.Tensor | None = None,
+                  keep_shifted: bool = True) -> ChunkSoftmax:
+    """Top-k, target logit and log-sum-exp of one chunk, in place: ``logits`` becomes z - max. The
+    exponentials go to ``exp_out`` when given, else to a new tensor, or over ``logits`` itself when
+    ``keep_shifted`` is False (one [chunk x V] buffer: the caller needs no z - max afterwards)."""
+    top_values, top_ids = logits.topk(top_k, dim=-1)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    peak = top_values[:, :1]
+    shifted = logits.sub_(peak)
+    if exp_out is not None:
+        exp = torch.exp(shifted, out=exp_out)
+    else:
+        exp = shifted.exp() if keep_shifted else shifted.exp_()
+    total = exp.sum(-1)
+    return ChunkSoftmax(top_values, top_ids, target_logit, peak, shifted, exp, total, total.log())
+
+
 def _chunk_statistics(
     logits: torch.Tensor,
     exp_buffer: torch.Tensor,
@@ -33,13 +71,8 @@ def _chunk_statistics(
     """Statistics of one chunk of float32 logits, computed in place: ``logits`` and ``exp_buffer``
     are overwritten (each pass over [chunk x V] reuses them rather than allocating). ``raw_top2`` are the
     top-2 logits before a soft cap (the geometric margin is a distance in hidden space: uncapped)."""
-    top_values, top_ids = logits.topk(top_k, dim=-1)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-    peak = top_values[:, :1]
-    shifted = logits.sub_(peak)  # z - max
-    exp = torch.exp(shifted, out=exp_buffer)
-    total = exp.sum(-1)  # S = sum exp(z - max); log-normalizer = max + log S
-    log_total = total.log()
+    parts = chunk_softmax(logits, targets, top_k, exp_out=exp_buffer)
+    top_values, top_ids, target_logit, peak, _, exp, total, log_total = parts
     log_norm = peak.squeeze(1) + log_total
     target_prob = torch.exp(target_logit - log_norm)
     margin = top_values[:, 0] - top_values[:, 1]
@@ -48,7 +81,7 @@ def _chunk_statistics(
     best_other = torch.where(is_top1, top_values[:, 1], top_values[:, 0])
     w1, w2 = weight32[top_ids[:, 0]], weight32[top_ids[:, 1]]
     raw_margin = margin if raw_top2 is None else raw_top2[:, 0] - raw_top2[:, 1]
-    entropy = log_total - shifted.mul_(exp).sum(-1) / total  # H = log S - sum e (z - max) / S
+    entropy = parts.entropy(in_place=True)
     brier = 1.0 - 2.0 * target_prob + exp.square_().sum(-1) / total.square()  # 1 - 2 p_y + sum p^2
     return {
         "top1_id": top_ids[:, 0],

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
+from ..stats.token_classes import BUCKETS, CLASSES, frequency_bucket, target_class_codes
 
 
 def check_targets(classes: Sequence[str] | None, buckets: Sequence[str] | None) -> None:
@@ -36,7 +36,7 @@ def targeted_tokens(ids: np.ndarray, decode: Callable[[int], str], classes: Sequ
     tokens, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
     keep = np.ones(tokens.size, dtype=bool)
     if classes:
-        keep &= np.isin(np.asarray([token_class(decode(int(token))) for token in tokens], dtype=object), list(classes))
+        keep &= np.isin(np.asarray(CLASSES, dtype=object)[target_class_codes(tokens, decode)], list(classes))
     if buckets:
         keep &= np.isin(frequency_bucket(counts), list(buckets))
     return tokens, keep

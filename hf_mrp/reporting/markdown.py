@@ -1,4 +1,4 @@
-"""Markdown tables of a before/after flip audit: flip_audit.md, and the model card's results section."""
+"""Markdown number formats and tables: flip_audit.md, the model card's results section and the sweep's results.md."""
 
 from __future__ import annotations
 
@@ -21,12 +21,29 @@ def fmt_percent(value: Any, digits: int = 1, signed: bool = False) -> str:
     return "n/a" if _missing(value) else f"{100 * value:{'+' if signed else ''}.{digits}f}%"
 
 
-def fmt_count(value: Any) -> str:
-    return "n/a" if _missing(value) else f"{int(value):,}"
+def fmt_count(value: Any, signed: bool = False) -> str:
+    """A count with thousands separators; a fractional one (a mean over seeds) keeps one decimal."""
+    if _missing(value):
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{value:{sign},.0f}" if float(value).is_integer() else f"{value:{sign},.1f}"
 
 
-def fmt_ratio(value: Any) -> str:
-    return "n/a (no R->W)" if _missing(value) else f"{value:.2f}x"
+def fmt_ratio(value: Any, missing: str = "n/a (no R->W)") -> str:
+    return missing if _missing(value) else f"{value:.2f}x"
+
+
+def fmt_kind(value: Any, kind: str) -> str:
+    """One number by its kind: count, signed_count, percent, signed_percent, ratio, r2 (4 decimals) or number."""
+    if _missing(value):
+        return "n/a"
+    if kind in ("count", "signed_count"):
+        return fmt_count(value, signed=kind == "signed_count")
+    if kind in ("percent", "signed_percent"):
+        return fmt_percent(value, signed=kind == "signed_percent")
+    if kind == "ratio":
+        return fmt_ratio(value)
+    return fmt_number(value, 4 if kind == "r2" else 3)
 
 
 def escape_cell(text: str) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..ops.intervals import MAX_INDEX_ELEMENTS, Interval, percentile_interval
+from .intervals import MAX_INDEX_ELEMENTS, Interval, percentile_interval
 
 
 @dataclass(frozen=True)

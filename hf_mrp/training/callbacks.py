@@ -109,7 +109,8 @@ class MRPAuditCallback(TrainerCallback):
             trainer.callback_handler.callbacks.insert(0, self)
         return self
 
-    def _audit(self, model, folder: str) -> AuditResult:
+    def audit(self, model, folder: str) -> AuditResult:
+        """Audit ``model`` on the blocks into ``output_dir / folder`` (the sweep's shared baseline is one too)."""
         return run_audit(model, self.blocks, output_dir=self.output_dir / folder, batch_size=self.batch_size,
                          chunk_size=self.chunk_size, provenance=self.provenance, progress=False)
 
@@ -134,7 +135,7 @@ class MRPAuditCallback(TrainerCallback):
                     f"resuming at step {state.global_step} without the baseline audit: it would be taken from the "
                     f"partly trained model; resume into the original output_dir (which holds audit_before/)"
                 )
-            self.baseline = self._audit(model, "audit_before")
+            self.baseline = self.audit(model, "audit_before")
         if state.global_step == 0:  # step 0: the baseline against itself (no flips by definition)
             self._pending_baseline_log = audit_scalars(
                 compare_audits(self.baseline, self.baseline, self.decode), self.baseline)
@@ -158,7 +159,7 @@ class MRPAuditCallback(TrainerCallback):
         self._audit_compare_log(model, "audit_after", "comparison")
 
     def _audit_compare_log(self, model, audit_folder: str, comparison_folder: str) -> None:
-        self.latest = self._audit(model, audit_folder)
+        self.latest = self.audit(model, audit_folder)
         self.comparison = compare_audits(self.baseline, self.latest, self.decode)
         if self.trainer.is_world_process_zero():
             write_comparison(self.comparison, self.baseline, self.latest, self.output_dir / comparison_folder)

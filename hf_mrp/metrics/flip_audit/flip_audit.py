@@ -5,14 +5,14 @@
     flip.compute(predictions=after_top1, baseline_predictions=before_top1, references=targets,
                  margins=after_margins, baseline_margins=before_margins)     # margins optional
 
-The numbers are hf_mrp's own (`hf_mrp.audit.compare`), so they equal `hf-mrp compare`'s.
+The numbers are hf_mrp's own (`hf_mrp.stats.flips`, which `hf-mrp compare` uses), so they equal `hf-mrp compare`'s.
 """
 
 import datasets
 import evaluate
 import numpy as np
 
-from hf_mrp.audit.compare import Pair, flip_summary, margin_summary
+from hf_mrp.stats.flips import flip_numbers
 
 _DESCRIPTION = """Before/after flip audit of next-token predictions at the same positions: W->R (corrections),
 R->W (collateral damage), net, flip ratio, top-1 churn, accuracy before/after and, with margins, the
@@ -47,19 +47,14 @@ class FlipAudit(evaluate.Metric):
 
     def _compute(self, predictions, baseline_predictions, references, margins=None, baseline_margins=None):
         after, before, target = (np.asarray(x, dtype=np.int64) for x in (predictions, baseline_predictions, references))
-        unknown = np.full(target.shape, -1, dtype=np.int64)  # no runner-up given
         zeros = np.zeros(target.shape)
-        pair = Pair(
-            target, before == target, after == target,
+        numbers = flip_numbers(
+            before == target, after == target,
             zeros if baseline_margins is None else np.asarray(baseline_margins, dtype=np.float64),
             zeros if margins is None else np.asarray(margins, dtype=np.float64),
-            before, after, unknown, unknown,
+            before, after, head=np.zeros(target.shape, dtype=bool),
         )
-        summary = flip_summary(pair)
-        result = {key: summary[key] for key in ("w2r", "r2w", "net", "flip_ratio", "churn", "accuracy_before",
-                                                "accuracy_after")}
+        keys = ("w2r", "r2w", "net", "flip_ratio", "churn", "accuracy_before", "accuracy_after")
         if margins is not None and baseline_margins is not None:
-            margin = margin_summary(pair)
-            result.update({key: margin[key] for key in ("median_margin_before", "median_margin_after",
-                                                        "median_margin_change")})
-        return result
+            keys += ("median_margin_before", "median_margin_after", "median_margin_change")
+        return {key: numbers[key] for key in keys}

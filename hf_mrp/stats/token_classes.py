@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +22,7 @@ PAPER_CLASS_NAMES = dict(zip(CLASSES, ("structural", "numeric", "function_word",
                                        "fragment_other")))
 BUCKETS = ("1", "2-4", "5-19", "20-99", "100+")
 BUCKET_LOWER_EDGES = (2, 5, 20, 100)  # a count c falls in bucket searchsorted(edges, c, side="right")
+HEAD_BUCKET = "100+"  # the head share is net(targets in this bucket) / net
 
 # \Z, not $: "$" also matches before a trailing newline. The text is stripped first, so both agree here.
 NUMERIC = re.compile(r"[0-9][0-9,./:%+-]*\Z")
@@ -73,3 +75,22 @@ def frequency_bucket(counts: np.ndarray | int) -> np.ndarray:
         raise ValueError("frequency buckets need counts >= 1: a target token occurs at least once in its blocks")
     index = np.searchsorted(np.asarray(BUCKET_LOWER_EDGES), counts, side="right")
     return np.asarray(BUCKETS, dtype=object)[index]
+
+
+def target_counts(input_ids: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """How often each position's target occurs among all tokens of the blocks ``input_ids``."""
+    target = np.asarray(target, dtype=np.int64)
+    counts = np.bincount(np.asarray(input_ids, dtype=np.int64).ravel(), minlength=int(target.max()) + 1)
+    return counts[target]
+
+
+def target_buckets(input_ids: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The frequency bucket of each position's target, counted in the blocks ``input_ids``."""
+    return frequency_bucket(target_counts(input_ids, target))
+
+
+def target_class_codes(target: np.ndarray, decode: Callable[[int], str]) -> np.ndarray:
+    """Index into CLASSES of each position's decoded target; each distinct id is decoded once."""
+    ids, inverse = np.unique(np.asarray(target, dtype=np.int64), return_inverse=True)
+    codes = np.asarray([CLASSES.index(token_class(decode(int(token)))) for token in ids], dtype=np.int64)
+    return codes[inverse.reshape(-1)]

@@ -17,13 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .ops.intervals import percentile_interval
-from .stats import seed_t_interval
-
-
-def _number(value) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
+from ..stats import seed_t_interval
+from ..stats.flips import finite_or_none
+from ..stats.intervals import percentile_interval
 
 
 def _interval(interval) -> list[float] | None:
@@ -56,8 +52,8 @@ def paired_difference(point: np.ndarray, samples: np.ndarray | None, pairs: Sequ
     result = {}
     for k, key in enumerate(keys):
         result[key] = {
-            "mean": _number(mean[k]),
-            "per_seed": {str(label): _number(value) for label, value in zip(labels, differences[:, k])},
+            "mean": finite_or_none(mean[k]),
+            "per_seed": {str(label): finite_or_none(value) for label, value in zip(labels, differences[:, k])},
             "ci": None if samples is None else _interval((low[k], high[k])),
             "seed_ci": _interval(seed_t_interval(differences[:, k], confidence)),
         }
