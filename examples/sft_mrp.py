@@ -135,7 +135,7 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_mrp.refine import summary_line
+    from hf_mrp.reporting.markdown import flip_summary_line
 
     try:
         summary = run(sys.argv[1:] if argv is None else argv)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sft_mrp.py: error: {error}", file=sys.stderr)
         return 2
     print(f"SFT + MRP (lambda {summary['mrp_lambda']}) -> {summary['heldout_positions']} held-out assistant positions: "
-          f"{summary_line(summary)}")
+          f"{flip_summary_line(summary)}")
     return 0
 
 

@@ -72,12 +72,13 @@ def _start_refine(model_dir: Path, output_dir: Path, *extra: str, wrapper: Path 
 
 def _refine_in_this_process(model_dir: Path, output_dir: Path) -> None:
     """The same run without a new interpreter (saves ~7 s of imports); one thread, like the subprocesses."""
-    from hf_mrp.refine import main as refine_main
+    from hf_mrp.commands import refine as refine_command
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        refine_main(["--model", str(model_dir), "--output_dir", str(output_dir), *REFINE_ARGS])
+        refine_command.main(*refine_command.parse_arguments(
+            ["--model", str(model_dir), "--output_dir", str(output_dir), *REFINE_ARGS]))
     finally:
         torch.set_num_threads(threads)
 
@@ -379,14 +380,15 @@ def test_an_interrupted_audit_is_refused_by_load_audit_and_compare(tmp_path, mon
 def test_cli_ctrl_c_and_command_help(monkeypatch, capsys):
     from hf_mrp import cli
 
-    def interrupted(argv):
+    def interrupted(command, argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(cli.HANDLERS, "audit", interrupted)
+    monkeypatch.setattr(cli, "run_command", interrupted)
     assert cli.main(["audit"]) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["hf-mrp audit: interrupted (report files on disk are whole: each is "
                                         "written atomically)"]
+    monkeypatch.undo()
     assert cli.main(["compare", "--help"]) == 0 and "--output_dir" in capsys.readouterr().out
 
 
