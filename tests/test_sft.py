@@ -152,3 +152,18 @@ def test_refuses_what_the_fused_loss_cannot_honour(tiny_model_dir, tmp_path):
     with pytest.raises(MRPUserError, match="MRPSFTConfig"):
         MRPSFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), **common), train_dataset=dataset,
                       processing_class=tokenizer)
+
+
+def test_resume_from_a_missing_or_incomplete_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    """The checkpoint checks live in the trainers' shared mixin: MRPSFTTrainer refuses what MRPTrainer refuses."""
+    tokenizer, model, dataset, common = setup(tiny_model_dir, tmp_path, "assistant_only")
+    trainer = MRPSFTTrainer(model=model, args=MRPSFTConfig(output_dir=str(tmp_path), max_steps=1, **common),
+                            train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(MRPUserError, match="is not a folder"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-9"))
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
+    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)

@@ -3,7 +3,8 @@
 Mixed in ahead of their `Trainer` base (``class MRPTrainer(MRPTrainerMixin, Trainer)``), so every
 ``super()`` call reaches that base: the loss normalized like the models' own CE, the exact
 position-weighted logging of ``loss_ce`` / ``loss_mrp`` / ``mean_margin`` across processes, the
-non-finite guard of a training step, and `MRPAuditCallback` attached ahead of the reporters.
+non-finite guard of a training step, the refusal of a missing or half-written checkpoint to resume from, and
+`MRPAuditCallback` attached ahead of the reporters.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from ..errors import MRPUserError
 from ..models import vocab_size
 from .callbacks import MRPAuditCallback
+from .checkpoints import check_resume_target
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,12 @@ class MRPTrainerMixin:
             for key, value in zip(("ce", "objective", "margin", "n"), (ce, objective, margin, n)):
                 self._mrp_sums[mode][key] += value
         return finite
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix."""
+        check_resume_target(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's step, with non-finite micro-batches skipped.

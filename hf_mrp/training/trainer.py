@@ -16,7 +16,6 @@ Reliability (see `training_step`, `train`):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import Trainer, default_data_collator, set_seed
@@ -31,7 +30,6 @@ from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 __all__ = ["MRPTrainer", "METRICS", "SKIPPED_KEY", "WEIGHTS_COLUMN"]
 
 WEIGHTS_COLUMN = "mrp_weights"
-CHECKPOINT_COMPLETE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
 class MRPTrainer(MRPTrainerMixin, Trainer):
@@ -78,51 +76,6 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
             outputs.logits = None  # zeros tied to the loss, not logits
             return loss, outputs
         return loss
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix."""
-        if isinstance(resume_from_checkpoint, (str, Path)):
-            _check_checkpoint(Path(resume_from_checkpoint), Path(self.args.output_dir))
-        elif resume_from_checkpoint is True and not _complete_checkpoints(Path(self.args.output_dir)):
-            raise MRPUserError(
-                f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint-N folder; "
-                "train from scratch (drop the flag) or pass the output_dir of the interrupted run"
-            )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-
-
-def _is_complete_checkpoint(folder: Path) -> bool:
-    """trainer_state.json is the last file the Trainer writes into a checkpoint: whole JSON = complete."""
-    try:
-        json.loads((folder / CHECKPOINT_COMPLETE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _complete_checkpoints(output_dir: Path) -> list[Path]:
-    def step(folder: Path) -> int:
-        suffix = folder.name.rsplit("-", 1)[-1]
-        return int(suffix) if suffix.isdigit() else -1
-
-    return sorted((p for p in output_dir.glob("checkpoint-*") if _is_complete_checkpoint(p)), key=step)
-
-
-def _check_checkpoint(folder: Path, output_dir: Path) -> None:
-    """A checkpoint to resume from must be a folder whose trainer_state.json (written last) is whole."""
-    available = _complete_checkpoints(output_dir)
-    hint = (f"complete checkpoints in {output_dir}: {', '.join(p.name for p in available)}" if available
-            else f"{output_dir} holds no complete checkpoint; train from scratch (drop --resume_from_checkpoint)")
-    if not folder.is_dir():
-        raise MRPUserError(
-            f"resume_from_checkpoint {str(folder)!r} is not a folder; pass a checkpoint-N folder ({hint})"
-        )
-    if not _is_complete_checkpoint(folder):
-        raise MRPUserError(
-            f"checkpoint {folder} is incomplete ({CHECKPOINT_COMPLETE_FILE} is missing or cut short: the run stopped "
-            f"while saving it); resume from an earlier checkpoint ({hint})"
-        ) from None
 
 
 def _check_dataset(dataset, name: str, columns: bool = True) -> None:
