@@ -68,3 +68,19 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(vocab=49152).save_pretrained(folder)
     AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
     return folder
+
+
+def assert_refuses_bad_checkpoints(trainer, output_dir) -> None:
+    """A trainer refuses, with the fix, a missing checkpoint folder, a half-written one, and `True` with none."""
+    import pytest
+
+    from hf_mrp.errors import MRPUserError
+
+    with pytest.raises(MRPUserError, match="is not a folder"):
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-9"))
+    (output_dir / "checkpoint-4").mkdir()
+    (output_dir / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
+    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete.*no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-4"))
+    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)

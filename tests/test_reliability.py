@@ -23,7 +23,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, assert_refuses_bad_checkpoints, tiny_llama
 
 from hf_mrp.errors import MRPUserError
 from hf_mrp.reporting import files
@@ -189,15 +189,7 @@ def test_resume_from_a_missing_or_incomplete_checkpoint_is_refused(tmp_path):
     from hf_mrp.training import MRPConfig, MRPTrainer
 
     args = MRPConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, disable_tqdm=True)
-    trainer = MRPTrainer(model=tiny_llama(), args=args, train_dataset=_dataset())
-    with pytest.raises(MRPUserError, match="is not a folder"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-9"))
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
-    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete.*no complete checkpoint"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
-        trainer.train(resume_from_checkpoint=True)
+    assert_refuses_bad_checkpoints(MRPTrainer(model=tiny_llama(), args=args, train_dataset=_dataset()), tmp_path)
 
 
 # ---------------------------------------------------------------- non-finite batches

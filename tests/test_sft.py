@@ -5,6 +5,7 @@ import torch
 
 pytest.importorskip("trl")
 
+from conftest import assert_refuses_bad_checkpoints  # noqa: E402
 from test_fused import naive_penalty  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
@@ -159,11 +160,4 @@ def test_resume_from_a_missing_or_incomplete_checkpoint_is_refused(tiny_model_di
     tokenizer, model, dataset, common = setup(tiny_model_dir, tmp_path, "assistant_only")
     trainer = MRPSFTTrainer(model=model, args=MRPSFTConfig(output_dir=str(tmp_path), max_steps=1, **common),
                             train_dataset=dataset, processing_class=tokenizer)
-    with pytest.raises(MRPUserError, match="is not a folder"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-9"))
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
-    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
-        trainer.train(resume_from_checkpoint=True)
+    assert_refuses_bad_checkpoints(trainer, tmp_path)
