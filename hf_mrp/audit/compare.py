@@ -7,6 +7,7 @@ sections. Only numpy is used: the inputs are two per-position tables already on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..errors import MRPUserError
 from ..stats.calibration import expected_calibration_error
-from ..stats.flips import flip_numbers
+from ..stats.flips import flip_numbers, flip_sign
 from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
 from ..reporting import flip_plots, plots
 from ..reporting.files import ensure_output_dir, write_json, write_text
@@ -56,13 +57,10 @@ class Pair:
             np.asarray(b["top2_id"], dtype=np.int64), np.asarray(a["top2_id"], dtype=np.int64),
         )
 
-    @property
-    def w2r(self) -> np.ndarray:
-        return ~self.correct_before & self.correct_after
-
-    @property
-    def r2w(self) -> np.ndarray:
-        return self.correct_before & ~self.correct_after
+    @cached_property
+    def sign(self) -> np.ndarray:
+        """+1 W->R, -1 R->W, 0 unchanged, per position (stats.flips.flip_sign)."""
+        return flip_sign(self.correct_before, self.correct_after)
 
     def numbers(self, head: np.ndarray, class_code: np.ndarray | None) -> dict:
         """The headline flip numbers (hf_mrp.stats.flips, the sweep's too)."""
@@ -92,7 +90,8 @@ def check_same_positions(before: AuditResult, after: AuditResult) -> None:
 def group_flips(pair: Pair, mask: np.ndarray | None = None) -> dict:
     """n, W->R, R->W, net and accuracy before/after over the positions in ``mask`` (all when None)."""
     mask = np.ones(pair.target.size, dtype=bool) if mask is None else mask
-    w2r, r2w = int((pair.w2r & mask).sum()), int((pair.r2w & mask).sum())
+    sign = pair.sign[mask]
+    w2r, r2w = int(np.count_nonzero(sign == 1)), int(np.count_nonzero(sign == -1))
     return {
         "n": int(mask.sum()),
         "w2r": w2r,
@@ -185,8 +184,9 @@ def class_breakdown(pair: Pair, class_code: np.ndarray, numbers: dict) -> dict:
 def token_extremes(pair: Pair, texts: dict[int, str] | None, limit: int = 20) -> dict:
     """The target tokens with the largest per-token net gain and net loss (ties: more flips, lower id)."""
     ids, inverse = np.unique(pair.target, return_inverse=True)
-    w2r = np.bincount(inverse, pair.w2r, ids.size).astype(np.int64)
-    r2w = np.bincount(inverse, pair.r2w, ids.size).astype(np.int64)
+    sign = pair.sign
+    w2r = np.bincount(inverse, sign == 1, ids.size).astype(np.int64)
+    r2w = np.bincount(inverse, sign == -1, ids.size).astype(np.int64)
     net = w2r - r2w
 
     def rows(order: np.ndarray, keep: np.ndarray) -> list[dict]:
@@ -209,7 +209,7 @@ def calibration(before: AuditResult, after: AuditResult) -> dict:
     for name, audit in (("before", before), ("after", after)):
         positions = audit.positions
         correct = np.asarray(positions["correct"]).astype(bool)
-        result[f"ece_{name}"] = expected_calibration_error(positions["p_top1"], correct, )
+        result[f"ece_{name}"] = expected_calibration_error(positions["p_top1"], correct)
         result[f"brier_{name}"] = float(np.mean(np.asarray(positions["brier"], dtype=np.float64)))
     return result
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..audit.geometry import AuditResult
 from ..errors import MRPUserError
+from ..reporting.ownership import run_is_whole
 from ..stats import BlockIndex, block_bootstrap_distribution
 from ..stats.flips import finite_or_none
 from ..stats.intervals import percentile_interval
@@ -19,7 +20,6 @@ from .arguments import SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
 from .plan import CONTROL, RunSpec, control_name, row_keys, row_label
-from .runs import is_finished
 from .statistics import RunData, load_run, row_means, run_statistics, shared_positions, with_attributable
 
 
@@ -85,7 +85,7 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
               tokenizer) -> dict:
     """Rows, runs and baseline numbers of the finished runs of ``plan`` (see results.json)."""
     shared = shared_positions(baseline, tokenizer)
-    finished = [spec for spec in plan if is_finished(sweep_dir / "runs" / spec.name)]
+    finished = [spec for spec in plan if run_is_whole(sweep_dir / "runs" / spec.name)]
     runs = [load_run(spec, sweep_dir / "runs" / spec.name, baseline) for spec in finished]
     if not runs:
         raise MRPUserError(f"no finished runs in {sweep_dir / 'runs'} to aggregate; run the sweep without "

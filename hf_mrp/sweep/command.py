@@ -8,14 +8,14 @@ from typing import Sequence
 
 from ..audit.geometry import AuditResult
 from ..reporting import files
-from ..reporting.ownership import owned_folder
+from ..reporting.ownership import owned_folder, run_is_whole
 from .aggregate import aggregate
 from .arguments import SweepArguments, check_pass_through
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
 from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields, variant_flags, with_audit_blocks
 from .report import markdown_report, write_plots
 from .runs import (
-    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, is_finished, parse_pass_through,
+    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, parse_pass_through,
     record_settings, run_arguments, run_settings,
 )
 
@@ -44,7 +44,7 @@ def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sw
     executed = []
     for number, spec in enumerate(plan, 1):
         run_dir = sweep_dir / "runs" / spec.name
-        if is_finished(run_dir):
+        if run_is_whole(run_dir):
             print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
             continue
         if args.aggregate_only:

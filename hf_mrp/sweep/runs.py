@@ -21,7 +21,7 @@ from ..errors import MRPUserError
 from ..models import load_model_from_arguments, load_tokenizer
 from ..refine import RefineArguments, refine, refine_blocks
 from ..reporting import files
-from ..reporting.ownership import audit_is_whole, run_is_whole
+from ..reporting.ownership import audit_is_whole
 from ..training import MRPConfig
 from ..training.adapters import prepare_model
 from ..training.callbacks import MRPAuditCallback
@@ -52,13 +52,9 @@ class RunArguments(NamedTuple):
 
 
 def parse_pass_through(refine_argv: Sequence[str]) -> RunArguments:
-    """The pass-through flags, parsed once as `hf-mrp refine` parses them (bad flags fail here, before any work)."""
-    try:
-        return RunArguments(*parse_arguments(list(refine_argv)))
-    except MRPUserError:
-        raise
-    except ValueError as error:  # unknown flags, bad TrainingArguments values
-        raise MRPUserError(f"invalid flags for the runs: {str(error).splitlines()[0]}") from error
+    """The pass-through flags, parsed once as `hf-mrp refine` parses them (bad flags fail here, before any work,
+    as the refine parser's one-line MRPUserError)."""
+    return RunArguments(*parse_arguments(list(refine_argv)))
 
 
 def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, variant: dict) -> RunArguments:
@@ -150,11 +146,6 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
     return tokenizer, baseline
 
 
-def is_finished(run_dir: Path) -> bool:
-    """Finished and readable: a run whose files do not read back counts as unfinished and is redone."""
-    return run_is_whole(run_dir)
-
-
 def execute_run(spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_dir: Path) -> float:
     """One refinement of ``arguments`` (run_arguments), from scratch, into ``run_dir``; returns its wall time."""
     if run_dir.exists():
@@ -177,4 +168,4 @@ def free_memory() -> None:
 
 
 __all__ = ["RunArguments", "parse_pass_through", "run_arguments", "run_settings", "check_settings",
-           "record_settings", "ensure_baseline", "is_finished", "execute_run", "RUN_RECORD", "SETTINGS_FILE"]
+           "record_settings", "ensure_baseline", "execute_run", "RUN_RECORD", "SETTINGS_FILE"]
