@@ -149,10 +149,6 @@ def test_refuses_what_the_fused_loss_cannot_honour(tiny_model_dir, tmp_path):
         MRPSFTConfig(output_dir=str(tmp_path), loss_type="dft", use_cpu=True, bf16=False)
     with pytest.raises(MRPUserError, match="mrp_lambda"):
         MRPSFTConfig(output_dir=str(tmp_path), mrp_lambda=-1.0, use_cpu=True, bf16=False)
-    tokenizer, model, dataset, common = setup(tiny_model_dir, tmp_path, "assistant_only")
-    with pytest.raises(MRPUserError, match="MRPSFTConfig"):
-        MRPSFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), **common), train_dataset=dataset,
-                      processing_class=tokenizer)
 
 
 def test_resume_from_a_missing_or_incomplete_checkpoint_is_refused(tiny_model_dir, tmp_path):

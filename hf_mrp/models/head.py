@@ -4,6 +4,7 @@ place of the head's forward (where W is whole, also under FSDP / ZeRO-3) through
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable
 
 import torch
@@ -63,12 +64,31 @@ def _output_head_module(model: nn.Module) -> nn.Module:
     return head
 
 
+class _HeadDispatch:
+    """The forward installed on an output head while `head_replaced` runs: one object per head, so
+    ``torch.compile`` sees the same callable every step (no recompiles), and opaque to dynamo (the chunked
+    float32 loss runs eagerly; the decoder around it stays compiled)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+        self.compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+
+    @torch.compiler.disable
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.compute is None:  # reached outside head_replaced (a copy of the model kept the attribute)
+            return type(self.head).forward(self.head, hidden)
+        return self.compute(hidden, self.head.weight, getattr(self.head, "bias", None))
+
+
+_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, _HeadDispatch] = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def head_replaced(model: nn.Module, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]):
     """Run ``compute(hidden, W, b)`` in place of the output head's forward, and return what it returns.
 
-    The forward still goes through every wrapper (DDP, FSDP, PEFT, ZeRO-3), and the head's own module
-    call, so ``W`` is whole exactly when ``compute`` reads it: FSDP2 unshards it for the module that owns
+    The forward still goes through every wrapper (DDP, FSDP, PEFT, ZeRO-3, torch.compile), and the head's own
+    module call, so ``W`` is whole exactly when ``compute`` reads it: FSDP2 unshards it for the module that owns
     it, DeepSpeed ZeRO-3 gathers it in the head's pre-forward hook. No [positions x vocab] logits are
     made by the model: ``compute`` works in float32 chunks. Inside the block, ids reaching the input
     embedding are checked against its size (`check_token_ids`): a tokenizer that does not match the
@@ -77,15 +97,18 @@ def head_replaced(model: nn.Module, compute: Callable[[torch.Tensor, torch.Tenso
     head = _output_head_module(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hook = embeddings.register_forward_pre_hook(_check_input_ids_hook) if isinstance(embeddings, nn.Module) else None
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return compute(hidden, head.weight, getattr(head, "bias", None))
-
-    head.forward = forward
+    dispatch = _DISPATCHERS.get(head)
+    if dispatch is None:
+        dispatch = _DISPATCHERS[head] = _HeadDispatch(head)
+    previous = dispatch.compute
+    dispatch.compute = compute
+    head.forward = dispatch
     try:
         yield
     finally:
-        del head.forward
+        dispatch.compute = previous
+        if previous is None:
+            del head.forward
         if hook is not None:
             hook.remove()
 
@@ -115,6 +138,15 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     return transform
 
 
+def probe_logit_transform(model: nn.Module) -> None:
+    """Verify (and cache) the model's logit transform now, before training starts, where the probe forward cannot
+    interleave with a training step. Skipped while DeepSpeed ZeRO-3 has the weights partitioned outside its
+    engine (the first loss computes it then, under the same random-state fork)."""
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        return
+    logit_transform(model)
+
+
 def _declared_logit_transform(model: nn.Module) -> LogitTransform:
     text = _text_config(model)
     scale = 1.0
@@ -132,6 +164,9 @@ def _declared_logit_transform(model: nn.Module) -> LogitTransform:
 
 @torch.no_grad()
 def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
+    """One probe forward whose head returns known values; the model's own code transforms them. It runs in eval
+    mode under `torch.random.fork_rng`, so dropout, NEFTune or any other random consumer of the model leaves the
+    random streams exactly as the plain Trainer's run sees them."""
     vocab = vocab_size(model)
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     probe = torch.linspace(-40.0, 40.0, vocab, device=device).expand(1, 2, vocab)
@@ -141,7 +176,10 @@ def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None
         seen["called"] = True
         return probe.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)
 
-    with head_replaced(model, compute):  # in the model's current mode: bitsandbytes' CPU kernels repack on eval()
+    on_accelerator = device.type not in ("cpu", "meta")
+    devices, device_type = ([device], device.type) if on_accelerator else ([], None)
+    with torch.random.fork_rng(devices=devices, device_type=device_type), _eval_mode(model), \
+            head_replaced(model, compute):
         emitted = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False).logits
     name = type(model).__name__
     if not seen:
@@ -154,6 +192,20 @@ def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None
             f"{name} transforms its head's output in a way hf_mrp cannot reproduce (expected {transform.describe()}); "
             "its margins would be wrong, so it is refused: please report the model family"
         )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode for the block, each module's own mode restored after. Models quantized by
+    bitsandbytes run in train mode instead: its CPU kernels repack the weights in an eval-mode forward."""
+    modes = [(module, module.training) for module in model.modules()]
+    quantized = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+    model.train(quantized)
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def vocab_size(model: nn.Module) -> int:

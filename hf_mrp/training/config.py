@@ -85,7 +85,10 @@ class MRPArguments:
             self.use_cpu = True
 
     def _check_mrp_fields(self) -> None:
-        """One clear line for each out-of-range MRP field."""
+        """One clear line for each bad MRP field; the one check both configs (`MRPConfig`, `MRPSFTConfig`) run,
+        before their TrainingArguments base, so they refuse exactly the same settings with the same words."""
+        _check_finite_numbers(self, ("mrp_lambda", "mrp_margin_threshold"))
+        _check_integers(self, ("mrp_top_k", "mrp_chunk_size"))
         if self.mrp_objective not in OBJECTIVES:
             raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if not self.mrp_lambda >= 0:
@@ -101,6 +104,8 @@ class MRPArguments:
             raise MRPUserError(f"mrp_top_k must be at least 2 (a margin needs two tokens), got {self.mrp_top_k}")
         if self.mrp_chunk_size < 1:
             raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
+        if self.mrp_objective == "fisher":
+            check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
 
 
 @dataclass
@@ -130,10 +135,10 @@ class MRPConfig(MRPArguments, TrainingArguments):
         self._join_cpu_launch()
         if isinstance(self.lora_target_modules, str):  # 'all-linear' / 'q_proj' mean the one-element list
             self.lora_target_modules = [self.lora_target_modules]
+        self._check_mrp_fields()
         _check_numbers(self)  # before TrainingArguments, which would fail on them with a traceback
         super().__post_init__()
         self.report_to = _known_reporters(self.report_to)
-        self._check_mrp_fields()
         if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
             raise MRPUserError(f"lora_r must be >= 1 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if not self.lora_alpha > 0:
@@ -142,9 +147,6 @@ class MRPConfig(MRPArguments, TrainingArguments):
         if self.lora_layers is not None and self.lora_layers.strip().lower() != "all":
             parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
         _check_training_steps(self)
-        if self.mrp_objective == "fisher":
-            check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
-
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""
@@ -172,17 +174,24 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_numbers(config: MRPConfig) -> None:
-    """Types and finiteness a command line cannot get wrong but Python callers can ('0.5', 2.5, inf)."""
-    for name in ("mrp_lambda", "mrp_margin_threshold", "lora_alpha", "learning_rate"):
+def _check_finite_numbers(config, names: tuple[str, ...]) -> None:
+    for name in names:
         value = getattr(config, name)
         if not _is_number(value) or not math.isfinite(value):
             raise MRPUserError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    for name in ("mrp_top_k", "mrp_chunk_size", "lora_r", "max_steps", "per_device_train_batch_size",
-                 "gradient_accumulation_steps"):
+
+
+def _check_integers(config, names: tuple[str, ...]) -> None:
+    for name in names:
         value = getattr(config, name)
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
+def _check_numbers(config: MRPConfig) -> None:
+    """Types and finiteness a command line cannot get wrong but Python callers can ('0.5', 2.5, inf)."""
+    _check_finite_numbers(config, ("lora_alpha", "learning_rate"))
+    _check_integers(config, ("lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"))
     if config.lora_layers is not None and not isinstance(config.lora_layers, str):
         raise MRPUserError(f"lora_layers must be a string such as '1,2', '20-29' or 'all', got "
                            f"{type(config.lora_layers).__name__} {config.lora_layers!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MRPUserError
@@ -54,6 +55,7 @@ def forward_with_mrp_loss(
     position_weights: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
     with_entropy: bool = False,
+    with_logits: bool = False,
 ) -> tuple[MRPLossSums, object]:
     """Run ``model(**inputs)`` with the MRP loss sums computed in its head; returns (sums, outputs).
 
@@ -63,6 +65,10 @@ def forward_with_mrp_loss(
     gradient and is tied to ``outputs.logits`` (zeros [batch, seq, 1], not logits), so backward starts at
     the model's output as FSDP expects. Divide ``sums.total`` by the number of items for the loss.
     ``with_entropy`` also sums the predictive entropy over the same positions (``sums.entropy``).
+    ``with_logits`` makes the head also return its real logits (for predictions and metrics: the model's own
+    [batch x seq x vocab] output, in its own dtype, as the plain Trainer sees it); then nothing is tied.
+    Adapters that prepend virtual tokens (PEFT prompt / p-tuning) make the hidden states longer than the
+    labels: the virtual positions carry no loss, as in PEFT's own forward.
     """
     inner = unwrap(model)
     _refuse_trained_head_under_zero3(output_head(inner)[0])
@@ -75,18 +81,44 @@ def forward_with_mrp_loss(
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         states = hidden if shift_labels is not None else hidden[:, :-1]
+        aligned_targets, aligned_weights = _aligned_with(states, targets, weights)
         result["sums"] = mrp_loss_sums(
-            states, weight, targets, bias=bias, objective=settings.objective, lam=settings.lam, tau=settings.tau,
-            top_k=settings.top_k, chunk_size=settings.chunk_size, position_weights=weights, transform=transform,
-            normalization=settings.normalization, with_entropy=with_entropy,
+            states, weight, aligned_targets, bias=bias, objective=settings.objective, lam=settings.lam,
+            tau=settings.tau, top_k=settings.top_k, chunk_size=settings.chunk_size, position_weights=aligned_weights,
+            transform=transform, normalization=settings.normalization, with_entropy=with_entropy,
         )
-        return carrier(hidden)
+        return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
     with head_replaced(inner, compute):
         outputs = model(**inputs, use_cache=False)
     sums = result["sums"]
-    sums.total = sums.total + outputs.logits.sum().to(sums.total.dtype)  # + exactly 0: see models.carrier
+    if not with_logits:
+        sums.total = sums.total + outputs.logits.sum().to(sums.total.dtype)  # + exactly 0: see models.carrier
     return sums, outputs
+
+
+def without_logits(outputs):
+    """The model's outputs without the head's zeros placeholder (what a loss-only evaluation hands back)."""
+    if isinstance(outputs, dict):
+        return type(outputs)(**{key: value for key, value in outputs.items() if key != "logits"})
+    return outputs
+
+
+def _aligned_with(
+    states: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Targets (and weights) padded at the front with ignored positions when the model prepended virtual tokens
+    to the sequence (its hidden states are longer than the labels)."""
+    extra = states.shape[1] - targets.shape[-1]
+    if extra == 0 or targets.dim() != 2:
+        return targets, weights
+    if extra < 0:
+        raise MRPUserError(
+            f"the model returned {states.shape[1]} positions for labels of {targets.shape[-1]}: labels and input_ids "
+            "must have the same length (pad both, or let the collator build labels)"
+        )
+    targets = F.pad(targets, (extra, 0), value=IGNORE_INDEX)
+    return targets, None if weights is None else F.pad(weights, (extra, 0), value=0.0)
 
 
 def _refuse_trained_head_under_zero3(weight: torch.Tensor) -> None:

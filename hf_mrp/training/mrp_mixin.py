@@ -15,9 +15,10 @@ from collections import defaultdict
 import torch
 
 from ..errors import MRPUserError
-from ..models import vocab_size
+from ..models import probe_logit_transform, vocab_size
 from .callbacks import MRPAuditCallback
 from .checkpoints import check_resume_target
+from .loss import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,26 @@ class MRPTrainerMixin:
         self._skip_batch = False  # set by compute_loss: this micro-batch's loss was not finite (on some rank)
         self._nonfinite_skipped = 0  # skipped micro-batches in this process's training
         self._skipped_before = None  # the count logged before a resume (read from the restored log history)
+        self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
+        probe_logit_transform(unwrap(self.model))
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, MRPAuditCallback):
                 self.callback_handler.callbacks.remove(callback)
                 callback.attach(self)
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        """The Trainer's evaluation step; the model's real logits are formed only when predictions are kept."""
+        self._loss_only_prediction = prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._loss_only_prediction = False
+
+    def _logits_wanted(self, inputs: dict, return_outputs: bool) -> bool:
+        """Whether compute_loss must hand back real logits: asked for outputs, and not a loss-only evaluation
+        (``prediction_loss_only``, or the Trainer's ``skip_logits`` flag, which is dropped from ``inputs``)."""
+        skip = bool(inputs.pop("skip_logits", False))
+        return return_outputs and not (skip or self._loss_only_prediction)
 
     def _normalized_loss(self, sums, num_items_in_batch) -> torch.Tensor:
         """sums.total / the items of the step (all processes when averaging tokens across devices)."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from ..errors import MRPUserError
-from .config import MRPArguments
-from .loss import MRPLossSettings, forward_with_mrp_loss
+from .config import MRPArguments, MRPConfig
+from .loss import MRPLossSettings, forward_with_mrp_loss, without_logits
 from .mrp_mixin import MRPTrainerMixin
 
 MIN_TRL = "1.16"
@@ -52,14 +52,32 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
 
     def __post_init__(self) -> None:
         self._join_cpu_launch()
-        super().__post_init__()
         self._check_mrp_fields()
+        super().__post_init__()
         if self.loss_type != "nll":
             raise MRPUserError(f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
                                "replace that CE: use loss_type='nll' (the default)")
         if self.label_smoothing_factor > 0:
             raise MRPUserError("MRPSFTConfig does not support label_smoothing_factor (it needs full logits, which the "
                                "fused MRP loss never forms); set it to 0")
+
+
+def as_mrp_sft_config(args: TrainingArguments) -> MRPSFTConfig:
+    """``args`` as an `MRPSFTConfig`: plain `TrainingArguments` and TRL's `SFTConfig` are converted as SFTTrainer
+    converts them (their own values kept, the MRP fields at their defaults)."""
+    if isinstance(args, MRPSFTConfig):
+        return args
+    if isinstance(args, MRPConfig):
+        raise MRPUserError("MRPSFTTrainer takes MRPSFTConfig (adapters come from peft_config), not MRPTrainer's "
+                           "MRPConfig: build MRPSFTConfig(...) with the same mrp_* values")
+    if not isinstance(args, TrainingArguments):
+        raise MRPUserError(f"MRPSFTTrainer needs args=MRPSFTConfig(...) or TrainingArguments, got "
+                           f"{type(args).__name__}")
+    values = args.to_dict()
+    for key in values:
+        if key.endswith("_token"):  # to_dict masks these (hub_token, SFTConfig's eos_token / pad_token)
+            values[key] = getattr(args, key)
+    return MRPSFTConfig(**values)
 
 
 class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
@@ -73,8 +91,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = MRPSFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MRP-SFT")
-        if not isinstance(args, MRPSFTConfig):
-            raise MRPUserError(f"MRPSFTTrainer needs args=MRPSFTConfig(...), got {type(args).__name__}")
+        args = as_mrp_sft_config(args)
         if kwargs.get("compute_loss_func") is not None:
             raise MRPUserError("MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); "
                                "drop compute_loss_func")
@@ -89,6 +106,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         inputs = {key: value for key, value in inputs.items() if key != "use_cache"}
+        with_logits = self._logits_wanted(inputs, return_outputs)
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
@@ -96,17 +114,15 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             raise MRPUserError("the batch holds no labels; let MRPSFTTrainer prepare the dataset (its collator makes "
                                "them), or add a labels column (-100 = no loss)")
         sums, outputs = forward_with_mrp_loss(model, inputs, labels, MRPLossSettings.from_config(self.args),
-                                              shift_labels=shift_labels, with_entropy=True)
+                                              shift_labels=shift_labels, with_entropy=True, with_logits=with_logits)
         loss = self._normalized_loss(sums, num_items_in_batch)
         if self.aux_loss_enabled:  # as SFTTrainer: a per-micro-batch mean, spread over the accumulation steps
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss.to(loss.device) / steps
         loss = self._recorded_loss(sums, loss, outputs)
         self._record_sft_metrics(mode, sums, inputs, outputs)
-        if return_outputs:  # like SFTTrainer: the logits compute_metrics needs come from one more plain forward
-            with torch.no_grad():
-                outputs = model(**inputs, use_cache=False)
-            return loss, outputs
+        if return_outputs:  # the head's real logits, from the same forward, only when predictions are kept
+            return loss, outputs if with_logits else without_logits(outputs)
         return loss
 
     def _reduced(self, values: list[float], device: torch.device) -> list[float]:
@@ -130,5 +146,5 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             self._total_train_tokens += int(self._reduced([tokens], device)[0]) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
-            aux = self._reduced([float(outputs.aux_loss)], device)[0] / self.accelerator.num_processes
+            aux = self._reduced([float(outputs.aux_loss.detach())], device)[0] / self.accelerator.num_processes
             self._metrics[mode]["aux_loss"].append(aux)

@@ -23,7 +23,7 @@ from transformers import Trainer, default_data_collator, set_seed
 from ..errors import MRPUserError
 from .adapters import prepare_model
 from .config import MRPConfig
-from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss
+from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss, without_logits
 from .dataset_checks import check_weights, streamed_columns
 from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 
@@ -48,6 +48,9 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
                 f"MRPTrainer needs a loaded model, not the name {str(model)!r}: load it first with "
                 "hf_mrp.load_model_and_tokenizer(name) or AutoModelForCausalLM.from_pretrained(name)"
             )
+        if kwargs.get("compute_loss_func") is not None:
+            raise MRPUserError("MRPTrainer computes its own loss (CE + mrp_lambda * objective, in the output head); "
+                               "drop compute_loss_func, or use transformers.Trainer for a loss of your own")
         for name in ("train_dataset", "eval_dataset"):
             _check_dataset(kwargs.get(name), name, columns=data_collator is None)
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
@@ -63,18 +66,18 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         inputs = dict(inputs)
+        with_logits = self._logits_wanted(inputs, return_outputs)
         labels = inputs.pop("labels")
         weights = inputs.pop(WEIGHTS_COLUMN, None)
         sums, outputs = forward_with_mrp_loss(model, inputs, labels, MRPLossSettings.from_config(self.args),
-                                              position_weights=weights)
+                                              position_weights=weights, with_logits=with_logits)
         loss = self._normalized_loss(sums, num_items_in_batch)
         aux = router_aux_loss(model, outputs)
         if aux is not None:
             loss = loss + aux.to(loss.device)
         loss = self._recorded_loss(sums, loss, outputs)
         if return_outputs:
-            outputs.logits = None  # zeros tied to the loss, not logits
-            return loss, outputs
+            return loss, outputs if with_logits else without_logits(outputs)
         return loss
 
 
