@@ -9,9 +9,14 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_loss.py", "bench_train_step.py", "bench_audit.py", "bench_memory.py"])
+SCRIPTS = ["bench_loss.py", "bench_train_step.py", "bench_audit.py", "bench_memory.py", "bench_compile.py"]
+UNREPEATED = ("bench_memory.py", "bench_compile.py")  # they take no --repeats
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke(script):
-    run = subprocess.run([sys.executable, script, "--smoke", *(["--repeats", "1"] if script != "bench_memory.py" else [])],
-                         cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    repeats = [] if script in UNREPEATED else ["--repeats", "1"]
+    run = subprocess.run([sys.executable, script, "--smoke", *repeats], cwd=BENCHMARKS, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert ("x " in run.stdout) or ("x\n" in run.stdout), run.stdout  # a ratio was printed

@@ -90,6 +90,20 @@ def dropout_llama():
     return model.train()
 
 
+def with_adapter(config_name: str):
+    """A builder of the tiny model wrapped in a PEFT adapter (the same adapter init for both trainers)."""
+    import peft
+
+    def build():
+        torch.manual_seed(0)
+        config = (peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+                  if config_name == "lora" else
+                  peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        return peft.get_peft_model(tiny_llama(), config)
+
+    return build
+
+
 def cases() -> dict[str, tuple]:
     """name -> (TrainingArguments options, model builder, trainer kwargs builder, tolerance)."""
     train = lambda: labelled(token_rows())  # noqa: E731
@@ -111,6 +125,8 @@ def cases() -> dict[str, tuple]:
         "tokens_seen": ({"include_num_input_tokens_seen": True}, tiny_llama, plain, tight),
         "gradient_checkpointing": ({"gradient_checkpointing": True}, tiny_llama, plain, tight),
         "tied_embeddings": ({}, lambda: tiny_llama(tie=True), plain, tight),
+        "lora": ({}, with_adapter("lora"), plain, tight),
+        "prompt_tuning": ({}, with_adapter("prompt_tuning"), plain, tight),
         "eval_with_metrics": ({"eval_strategy": "steps", "eval_steps": 2},
                               tiny_llama, lambda: {**plain(), "compute_metrics": token_accuracy}, tight),
         "preprocess_logits": ({"eval_strategy": "steps", "eval_steps": 2}, tiny_llama,
@@ -208,3 +224,23 @@ def test_torch_compile_compiles_once_not_every_step(tmp_path):
     losses, graphs_five = compiled_run(MRPTrainer, MRPConfig, tmp_path, 5)
     assert graphs_five == graphs_two > 0
     np.testing.assert_allclose(losses, plain_losses, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_only_evaluation_forms_no_logits_and_skip_logits_is_honoured(tmp_path):
+    """An evaluation without compute_metrics (and the Trainer's ``skip_logits`` flag) asks for no logits: the
+    head's [batch x seq x vocab] output is never formed, and no zeros placeholder is handed out as logits."""
+    model = tiny_llama()
+    trainer = MRPTrainer(model=model, args=MRPConfig(**common_args(tmp_path, "mrp"), mrp_lambda=0.0, use_lora=False),
+                         eval_dataset=labelled(token_rows(rows=4, seed=1)))
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(4)])
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    loss, outputs = trainer.compute_loss(model, {**batch, "skip_logits": True}, return_outputs=True)
+    assert "logits" not in outputs and shapes == [(4, LENGTH, 1)]
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and all(shape[-1] == 1 for shape in shapes)
+    loss_with, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape == (4, LENGTH, VOCAB) and shapes[-1] == (4, LENGTH, VOCAB)
+    torch.testing.assert_close(loss_with, loss)
+    torch.testing.assert_close(outputs.logits, model(input_ids=batch["input_ids"]).logits)
+    hook.remove()

@@ -1,0 +1,41 @@
+"""One validation path: MRPConfig and MRPSFTConfig refuse exactly the same MRP settings with the same line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("trl")
+
+from hf_mrp.errors import MRPUserError  # noqa: E402
+from hf_mrp.training import MRPConfig  # noqa: E402
+from hf_mrp.training.config import MRPArguments  # noqa: E402
+from hf_mrp.training.sft import MRPSFTConfig  # noqa: E402
+
+BAD_VALUES = {  # every MRP field -> values no run can use
+    "mrp_objective": ["marg", 3, None],
+    "mrp_lambda": [-1.0, float("inf"), float("nan"), "0.5", True],
+    "mrp_margin_threshold": [0.0, -1.0, float("inf"), "1"],
+    "mrp_margin_normalization": ["mean", None],
+    "mrp_top_k": [1, 2.5, True, 10**6],
+    "mrp_chunk_size": [0, 1.5],
+}
+CASES = [(name, value) for name, values in BAD_VALUES.items() for value in values]
+
+
+def test_every_mrp_field_has_bad_values_here():
+    assert {field.name for field in dataclasses.fields(MRPArguments)} == set(BAD_VALUES)
+
+
+def refusal(config_class, tmp_path, **settings) -> str:
+    with pytest.raises(MRPUserError) as error:
+        config_class(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False, **settings)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("name, value", CASES, ids=[f"{name}={value!r}" for name, value in CASES])
+def test_both_configs_refuse_the_same_settings_with_the_same_line(tmp_path, name, value):
+    line = refusal(MRPConfig, tmp_path, **{name: value})
+    assert line == refusal(MRPSFTConfig, tmp_path, **{name: value})
+    assert name.removeprefix("mrp_").split("_")[0] in line and "\n" not in line
