@@ -32,7 +32,9 @@ CASES = {  # case: (trainer, ZeRO stage, what trains)
     "sft_zero3": ("sft", 3, "lora"),
     "head_zero3": ("mrp", 3, "lora+head"),
     "head_zero2": ("mrp", 2, "lora+head"),
+    "full_tied_zero3": ("mrp", 3, "all"),  # no LoRA; W is also the input embedding: two gradients, one parameter
 }
+AUDITED = ("mrp_zero3",)  # MRPAuditCallback (before and after): its files and plots take seconds per run
 AUDIT_KEYS = ("top1_id", "margin", "entropy", "target_logprob")
 
 
@@ -67,15 +69,17 @@ def mrp_trainer(case: str, output_dir: str, per_device: int, deepspeed: dict | N
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, size=(ROWS, 16)).tolist()
-    audit = MRPAuditCallback(Blocks(rng.integers(0, VOCAB, size=(5, 12)), 5 * 11, "random"), batch_size=2)
-    args = MRPConfig(mrp_objective="fisher", mrp_lambda=0.6, lora_r=4, **common_arguments(output_dir, per_device,
-                                                                                           deepspeed))
-    model = tiny_llama(seed=0)
+    blocks = Blocks(rng.integers(0, VOCAB, size=(5, 12)), 5 * 11, "random")
+    audit = MRPAuditCallback(blocks, batch_size=2) if case in AUDITED else None
+    trains = CASES[case][2]
+    args = MRPConfig(mrp_objective="fisher", mrp_lambda=0.6, use_lora=trains != "all", lora_r=4,
+                     **common_arguments(output_dir, per_device, deepspeed))
+    model = tiny_llama(seed=0, tie=trains == "all")
     peft_config = None
-    if CASES[case][2] == "lora+head":
+    if trains == "lora+head":
         peft_config = lora_config_from_args(args, model)
         peft_config.modules_to_save = ["lm_head"]
-    return MRPTrainer(model=model, args=args, peft_config=peft_config, callbacks=[audit],
+    return MRPTrainer(model=model, args=args, peft_config=peft_config, callbacks=[audit] if audit else None,
                       train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})), audit
 
 
