@@ -34,7 +34,7 @@ CASES = {  # case: (trainer, ZeRO stage, what trains)
     "head_zero2": ("mrp", 2, "lora+head"),
     "full_tied_zero3": ("mrp", 3, "all"),  # no LoRA; W is also the input embedding: two gradients, one parameter
 }
-AUDITED = ("mrp_zero3",)  # MRPAuditCallback (before and after): its files and plots take seconds per run
+AUDITED = ("mrp_zero3",)  # also evaluated, and audited by MRPAuditCallback (its files and plots take seconds)
 AUDIT_KEYS = ("top1_id", "margin", "entropy", "target_logprob")
 
 
@@ -70,17 +70,22 @@ def mrp_trainer(case: str, output_dir: str, per_device: int, deepspeed: dict | N
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, size=(ROWS, 16)).tolist()
     blocks = Blocks(rng.integers(0, VOCAB, size=(5, 12)), 5 * 11, "random")
-    audit = MRPAuditCallback(blocks, batch_size=2) if case in AUDITED else None
+    audited = case in AUDITED
+    audit = MRPAuditCallback(blocks, batch_size=2, audit_on_evaluate=False) if audited else None
+    evaluation = dict(eval_strategy="steps", eval_steps=STEPS) if audited else {}  # once, after the last step
     trains = CASES[case][2]
-    args = MRPConfig(mrp_objective="fisher", mrp_lambda=0.6, use_lora=trains != "all", lora_r=4,
+    args = MRPConfig(mrp_objective="fisher", mrp_lambda=0.6, use_lora=trains != "all", lora_r=4, **evaluation,
                      **common_arguments(output_dir, per_device, deepspeed))
     model = tiny_llama(seed=0, tie=trains == "all")
     peft_config = None
     if trains == "lora+head":
         peft_config = lora_config_from_args(args, model)
         peft_config.modules_to_save = ["lm_head"]
+    held_out = blocks.input_ids[:ROWS].tolist()  # ROWS rows: as many on each process (no padded duplicates)
     return MRPTrainer(model=model, args=args, peft_config=peft_config, callbacks=[audit] if audit else None,
-                      train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})), audit
+                      train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                      eval_dataset=Dataset.from_dict({"input_ids": held_out, "labels": held_out}) if audited else None,
+                      ), audit
 
 
 def sft_trainer(output_dir: str, per_device: int, deepspeed: dict | None, model_dir: str):
@@ -146,7 +151,7 @@ def trained_weights(trainer) -> dict[str, torch.Tensor]:
 
 def run_case(case: str, output_dir: str, model_dir: str, deepspeed: bool) -> dict:
     """Train ``case`` for STEPS steps (with ``deepspeed``: under its ZeRO stage, PER_PROCESS rows per process; else
-    one process, all ROWS at once) and return losses, gradients, weights and audits."""
+    one process, all ROWS at once) and return losses, gradients, weights, evaluation and audits."""
     kind, stage, _ = CASES[case]
     config = deepspeed_config(stage) if deepspeed else None
     per_device = PER_PROCESS if deepspeed else ROWS
@@ -164,6 +169,7 @@ def run_case(case: str, output_dir: str, model_dir: str, deepspeed: bool) -> dic
     return {"losses": [{key: row[key] for key in ("loss", "loss_ce", "loss_mrp", "mean_margin", "grad_norm")}
                        for row in steps],
             "gradients": recorder.steps, "weights": trained_weights(trainer), "audits": audits,
+            "evaluations": [row for row in trainer.state.log_history if "eval_loss" in row],
             "deepspeed_stage": trainer.accelerator.deepspeed_plugin.zero_stage if deepspeed else None,
             "head_partitioned": hasattr(head, "ds_id") and head.numel() == 0}  # ZeRO-3 keeps W only in its forward
 

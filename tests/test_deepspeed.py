@@ -4,6 +4,7 @@ launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/deepspeed_worke
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+
+
+def free_port() -> int:
+    """A port no process listens on now (accelerate launch would take the fixed 29500 of other runs)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch(command: list[str], timeout: int = 300) -> str:
@@ -86,7 +94,9 @@ def results(engine_runs: Path, case: str, model_dir: Path) -> tuple[dict, dict]:
 def test_mrp_trainer_under_zero3_equals_one_process(engine_runs, tiny_model_dir):
     engine, single = results(engine_runs, "mrp_zero3", tiny_model_dir)
     assert_same_training(engine, single)
-    assert engine["audits"].keys() == {"before", "after"}
+    assert engine["audits"].keys() == {"before", "after"} and len(single["evaluations"]) == 1
+    for key in ("eval_loss", "eval_loss_ce", "eval_loss_mrp", "eval_mean_margin"):  # Trainer.evaluate on the engine
+        assert engine["evaluations"][0][key] == pytest.approx(single["evaluations"][0][key], rel=1e-5), key
     assert len(single["audits"]["after"]["margin"]) == 55  # every audited position, gathered from both processes
 
 
@@ -120,7 +130,8 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     from safetensors.torch import load_file
 
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ROOT / "examples" / "accelerate" / "zero3_cpu.yaml"), str(HERE / "deepspeed_worker.py"),
+                  str(ROOT / "examples" / "accelerate" / "zero3_cpu.yaml"), "--main_process_port", str(free_port()),
+                  str(HERE / "deepspeed_worker.py"),
                   "--script", str(ROOT / "examples" / "refine.py")]
     stdout = refine(accelerate, tiny_model_dir, tmp_path / "zero3", per_device=2)
     assert stdout.count("zero stage 3") == 2, stdout[-2000:]
