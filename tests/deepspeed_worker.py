@@ -2,7 +2,7 @@
 `python -m torch.distributed.run --nproc_per_node 2` with DS_ACCELERATOR=cpu (gloo CPU processes).
 
 Each case trains a tiny model for a few steps and records, on every process, what the test compares with one
-process without DeepSpeed (`run_case(..., deepspeed=None)`, in the test's own process): the logged losses, every
+process without DeepSpeed (`run_case(..., deepspeed=False)`, in the test's own process): the logged losses, every
 trainable gradient of every step (gathered whole before the engine's optimizer step), the trained weights and the
 audits of MRPAuditCallback. Rank 0 writes them to OUTPUT_DIR/CASE.pt.
 Usage: deepspeed_worker.py OUTPUT_DIR MODEL_DIR CASE [CASE ...]
@@ -60,6 +60,7 @@ def common_arguments(output_dir: str, per_device: int, deepspeed: dict | None) -
 
 
 def mrp_trainer(case: str, output_dir: str, per_device: int, deepspeed: dict | None):
+    """MRPTrainer on a tiny Llama (and its MRPAuditCallback, for the AUDITED case; else None)."""
     from datasets import Dataset
 
     from hf_mrp.data import Blocks
@@ -82,13 +83,15 @@ def mrp_trainer(case: str, output_dir: str, per_device: int, deepspeed: dict | N
         peft_config = lora_config_from_args(args, model)
         peft_config.modules_to_save = ["lm_head"]
     held_out = blocks.input_ids[:ROWS].tolist()  # ROWS rows: as many on each process (no padded duplicates)
-    return MRPTrainer(model=model, args=args, peft_config=peft_config, callbacks=[audit] if audit else None,
-                      train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-                      eval_dataset=Dataset.from_dict({"input_ids": held_out, "labels": held_out}) if audited else None,
-                      ), audit
+    evaluated = Dataset.from_dict({"input_ids": held_out, "labels": held_out}) if audited else None
+    trainer = MRPTrainer(model=model, args=args, peft_config=peft_config, callbacks=[audit] if audit else None,
+                         train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}), eval_dataset=evaluated)
+    return trainer, audit
 
 
 def sft_trainer(output_dir: str, per_device: int, deepspeed: dict | None, model_dir: str):
+    """MRPSFTTrainer with a LoRA peft_config on the tiny model saved with a real tokenizer (prompt-completion data,
+    loss on the completions only, TRL's default)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,8 +106,7 @@ def sft_trainer(output_dir: str, per_device: int, deepspeed: dict | None, model_
     # "valid": the margin objective over all loss positions of the step, like CE ("gated", the paper's mean over the
     # gated positions, is per micro-batch: 2 processes x 2 rows and 1 x 4 rows differ by definition)
     args = MRPSFTConfig(mrp_objective="margin", mrp_margin_normalization="valid", mrp_lambda=0.5, bf16=False,
-                        gradient_checkpointing=False,
-                        **common_arguments(output_dir, per_device, deepspeed))
+                        gradient_checkpointing=False, **common_arguments(output_dir, per_device, deepspeed))
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return MRPSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
@@ -125,12 +127,22 @@ class GradientRecorder(TrainerCallback):
         if self.trainer.is_deepspeed_enabled:
             from deepspeed.utils import safe_get_full_grad
 
-            engine = self.trainer.model_wrapped
+            engine = self.trainer.model_wrapped  # the engine exists from here on
             step = engine.step
-            engine.step = lambda *a, **k: (self._record(safe_get_full_grad), step(*a, **k))[1]
+
+            def recorded_step(*arguments, **options):
+                self._record(safe_get_full_grad)
+                return step(*arguments, **options)
+
+            engine.step = recorded_step
         else:
             backward = self.trainer.accelerator.backward
-            self.trainer.accelerator.backward = lambda *a, **k: (backward(*a, **k), self._record(lambda p: p.grad))[0]
+
+            def recorded_backward(*arguments, **options):
+                backward(*arguments, **options)
+                self._record(lambda p: p.grad)
+
+            self.trainer.accelerator.backward = recorded_backward
 
     def _record(self, full_grad) -> None:
         self.steps.append({name: full_grad(p).detach().clone() for name, p in trainable(self.trainer.model)})
@@ -158,7 +170,7 @@ def run_case(case: str, output_dir: str, model_dir: str, deepspeed: bool) -> dic
     folder = str(Path(output_dir) / case / ("deepspeed" if deepspeed else "single"))
     if kind == "sft":
         trainer, audit = sft_trainer(folder, per_device, config, model_dir), None
-    else:
+    else:  # mrp
         trainer, audit = mrp_trainer(case, folder, per_device, config)
     recorder = GradientRecorder(trainer)
     trainer.train()
@@ -189,6 +201,7 @@ def main(output_dir: str, model_dir: str, cases: list[str]) -> int:
 
 
 def run_script(script: str, arguments: list[str]) -> int:
+    """Run ``script`` as ``__main__`` (as `accelerate launch` would), then print the ZeRO stage it ran under."""
     from accelerate.state import AcceleratorState
 
     skip_shared_memory_op_build()

@@ -2,6 +2,7 @@
 process without DeepSpeed: MRPTrainer and MRPSFTTrainer with LoRA, a trained output head, and examples/refine.py
 launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/deepspeed_worker.py."""
 
+import contextlib
 import json
 import os
 import socket
@@ -77,18 +78,24 @@ def assert_same_training(engine: dict, single: dict, lora_only: bool = True) -> 
                                        err_msg=f"audit {moment}: {key}")
 
 
-def results(engine_runs: Path, case: str, model_dir: Path) -> tuple[dict, dict]:
-    """(the 2-process DeepSpeed run, the same training in this process without DeepSpeed, on one thread: a tiny
-    model gains nothing from more, and on a busy machine several threads make it 10x slower)."""
-    engine = torch.load(engine_runs / f"{case}.pt", weights_only=False)
-    assert engine["deepspeed_stage"] == CASES[case][1] and engine["deepspeed_version"] == deepspeed.__version__
-    assert engine["head_partitioned"] == (CASES[case][1] == 3)  # ZeRO-3 really partitions W outside its forward
+@contextlib.contextmanager
+def one_thread():
+    """A tiny model gains nothing from more threads, and on a busy machine several make it 10x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return engine, run_case(case, str(engine_runs / "reference"), str(model_dir), deepspeed=False)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def results(engine_runs: Path, case: str, model_dir: Path) -> tuple[dict, dict]:
+    """(the 2-process DeepSpeed run, the same training in this process without DeepSpeed)."""
+    engine = torch.load(engine_runs / f"{case}.pt", weights_only=False)
+    assert engine["deepspeed_stage"] == CASES[case][1] and engine["deepspeed_version"] == deepspeed.__version__
+    assert engine["head_partitioned"] == (CASES[case][1] == 3)  # ZeRO-3 really partitions W outside its forward
+    with one_thread():
+        return engine, run_case(case, str(engine_runs / "reference"), str(model_dir), deepspeed=False)
 
 
 def test_mrp_trainer_under_zero3_equals_one_process(engine_runs, tiny_model_dir):
@@ -116,12 +123,11 @@ def test_trained_output_head_under_zero3_and_zero2_equals_one_process(engine_run
     assert any(head in name for name in single["gradients"][0]), list(single["gradients"][0])
 
 
-def refine(launcher: list[str], model_dir: Path, output_dir: Path, per_device: int) -> str:
-    arguments = ["--model", str(model_dir), "--output_dir", str(output_dir), "--block_size", "32", "--max_positions",
-                 "124", "--audit_positions", "62", "--max_steps", "2", "--logging_steps", "1", "--lora_layers", "1-2",
-                 "--per_device_train_batch_size", str(per_device), "--optim", "sgd", "--learning_rate", "0.1",
-                 "--disable_tqdm", "true"]  # SGD: see deepspeed_worker.common_arguments
-    return launch([*launcher, *arguments])
+def refine_arguments(model_dir: Path, output_dir: Path, per_device: int) -> list[str]:
+    return ["--model", str(model_dir), "--output_dir", str(output_dir), "--block_size", "32", "--max_positions", "124",
+            "--audit_positions", "62", "--max_steps", "2", "--logging_steps", "1", "--lora_layers", "1-2",
+            "--per_device_train_batch_size", str(per_device), "--optim", "sgd", "--learning_rate", "0.1",
+            "--disable_tqdm", "true"]  # SGD: see deepspeed_worker.common_arguments
 
 
 def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_model_dir, tmp_path):
@@ -129,14 +135,16 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     saves the adapter and audits as one process without DeepSpeed does."""
     from safetensors.torch import load_file
 
+    from hf_mrp import cli
+
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "examples" / "accelerate" / "zero3_cpu.yaml"), "--main_process_port", str(free_port()),
                   str(HERE / "deepspeed_worker.py"),
                   "--script", str(ROOT / "examples" / "refine.py")]
-    stdout = refine(accelerate, tiny_model_dir, tmp_path / "zero3", per_device=2)
+    stdout = launch([*accelerate, *refine_arguments(tiny_model_dir, tmp_path / "zero3", per_device=2)])
     assert stdout.count("zero stage 3") == 2, stdout[-2000:]
-    refine([sys.executable, str(ROOT / "examples" / "refine.py"), "--use_cpu", "true"], tiny_model_dir,
-           tmp_path / "one", per_device=4)
+    with one_thread():  # what examples/refine.py runs, in this process
+        assert cli.main(["refine", *refine_arguments(tiny_model_dir, tmp_path / "one", per_device=4)]) == 0
     logs = [[row for row in json.loads((tmp_path / run / "training_log.json").read_text()) if "loss" in row]
             for run in ("zero3", "one")]
     assert len(logs[0]) == len(logs[1]) == 2
