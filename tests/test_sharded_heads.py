@@ -77,3 +77,13 @@ def test_zero3_life_cycle_loss_gradients_and_audit_equal_the_unsharded_run(tmp_p
         torch.testing.assert_close(runs[1][1][name], grad, msg=name)
     for key in ("margin", "top1_id", "entropy"):
         np.testing.assert_array_equal(runs[0][2][key], runs[1][2][key])
+
+
+def test_unwrap_reads_the_model_inside_compile_and_data_parallel_wrappers():
+    """The DeepSpeed engine: tests/test_deepspeed.py (the real one)."""
+    from hf_mrp.training.loss import unwrap
+
+    model = tiny_llama()
+    for wrapped in (torch.compile(model), torch.nn.DataParallel(model), torch.nn.DataParallel(torch.compile(model))):
+        assert unwrap(wrapped) is model
+    assert unwrap(model) is model
