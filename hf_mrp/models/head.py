@@ -209,11 +209,14 @@ def _eval_mode(model: nn.Module):
 
 
 def vocab_size(model: nn.Module) -> int:
-    """Rows of the output head: its weight's first dimension, or the config's vocab_size where the weight is
-    partitioned away outside the head's forward (DeepSpeed ZeRO-3 leaves a tensor with no elements)."""
+    """Rows of the output head: its weight's first dimension, or, where the weight is partitioned away outside the
+    head's forward (DeepSpeed ZeRO-3 leaves a tensor with no elements), its full shape ``ds_shape`` or the
+    config's vocab_size."""
     weight = output_head(model)[0]
     if weight.dim() == 2 and weight.shape[0]:
         return int(weight.shape[0])
+    if len(getattr(weight, "ds_shape", ())) == 2:
+        return int(weight.ds_shape[0])
     return int(getattr(_text_config(model), "vocab_size"))
 
 

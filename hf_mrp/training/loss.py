@@ -9,6 +9,7 @@ exist at the end of the forward, so FSDP / ZeRO-3 need W only while the head run
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MRPUserError
-from ..models import carrier, check_token_ids, head_replaced, logit_transform, output_head, vocab_size
+from ..models import carrier, check_token_ids, head_replaced, logit_transform, vocab_size
 from ..ops import MRPLossSums, mrp_loss_sums
 
 IGNORE_INDEX = -100
@@ -40,10 +41,28 @@ class MRPLossSettings:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel wrappers (FSDP2 and PEFT keep the model's own class API)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The model inside every wrapper the Trainer may hand ``compute_loss``: DDP, DataParallel, DeepSpeed's engine
+    (whose ``config`` is DeepSpeed's dict, not the model's) and torch.compile's module; FSDP2 and PEFT keep the
+    model's own class API. The forward still runs through the wrappers: only the head, config and vocabulary are
+    read from the inner model."""
+    parallel, compiled = _wrapper_types()
+    while True:
+        if isinstance(model, parallel):
+            model = model.module
+        elif isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _wrapper_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(wrappers holding ``.module``, wrappers holding ``._orig_mod``): DeepSpeedEngine and torch.compile's
+    OptimizedModule only once their modules are imported (no such wrapper exists before, and a run without them
+    never pays for importing them)."""
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel) + ((engine,) if isinstance(engine, type) else ())
+    return parallel, (optimized,) if isinstance(optimized, type) else ()
 
 
 def forward_with_mrp_loss(
@@ -71,7 +90,6 @@ def forward_with_mrp_loss(
     labels: the virtual positions carry no loss, as in PEFT's own forward.
     """
     inner = unwrap(model)
-    _refuse_trained_head_under_zero3(output_head(inner)[0])
     targets = shift_labels if shift_labels is not None else labels[:, 1:]
     weights = None if position_weights is None else (position_weights if shift_labels is not None
                                                       else position_weights[:, 1:])
@@ -119,17 +137,6 @@ def _aligned_with(
         )
     targets = F.pad(targets, (extra, 0), value=IGNORE_INDEX)
     return targets, None if weights is None else F.pad(weights, (extra, 0), value=0.0)
-
-
-def _refuse_trained_head_under_zero3(weight: torch.Tensor) -> None:
-    """DeepSpeed ZeRO-3 partitions W (``ds_id`` marks its parameters); its gradient, made during our forward,
-    would bypass ZeRO-3's gather/partition hooks, so a trained head is refused there (FSDP2 handles it)."""
-    if weight.requires_grad and hasattr(weight, "ds_id"):
-        raise MRPUserError(
-            "the output head (lm_head) trains, and DeepSpeed ZeRO-3 partitions it: the fused MRP loss cannot hand "
-            "ZeRO-3 that gradient. Train LoRA adapters on the decoder layers (the default), use ZeRO-2, or shard "
-            "with FSDP2 (examples/accelerate/fsdp.yaml), which supports a trained head"
-        )
 
 
 def router_aux_loss(model: nn.Module, outputs) -> torch.Tensor | None:
