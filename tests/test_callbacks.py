@@ -183,8 +183,8 @@ def test_two_process_audit_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "hf_mrp.cli", *args, "--output_dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", "-m", "hf_mrp.cli", *args, "--output_dir", str(tmp_path / "two")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          "-m", "hf_mrp.cli", *args, "--output_dir", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = read_parquet(tmp_path / "one" / "positions.parquet"), read_parquet(tmp_path / "two" / "positions.parquet")

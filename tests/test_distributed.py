@@ -17,8 +17,8 @@ def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> li
             "--audit_positions", "62", "--max_steps", "2", "--logging_steps", "1", "--lora_layers", "1-2",
             "--per_device_train_batch_size", str(per_device), "--learning_rate", "1e-2", "--use_cpu", "true",
             "--disable_tqdm", "true"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(29500 + nproc)] if nproc > 1 else [sys.executable]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+                if nproc > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([*launcher, str(ROOT / "examples" / "refine.py"), *args], capture_output=True, text=True,
                          env=env, timeout=600)
@@ -54,9 +54,9 @@ def test_several_processes_without_accelerators_join_one_job(tmp_path):
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worlds = {}
-    for kind, port in (("mrp", 29631), ("plain", 29632)):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                              str(port), str(script), kind], capture_output=True, text=True, env=env, timeout=300)
+    for kind in ("mrp", "plain"):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                              str(script), kind], capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         worlds[kind] = sorted(re.findall(r"world (\d)", run.stdout))
     assert worlds == {"mrp": ["2", "2"], "plain": ["1", "1"]}
