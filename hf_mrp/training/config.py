@@ -19,7 +19,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from ..arguments import parse_layer_spec
 from ..errors import MRPUserError
-from ..ops import OBJECTIVES
+from ..ops import LOGITS_PRECISIONS, OBJECTIVES
 from ..ops.fused import NORMALIZATIONS
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,15 @@ class MRPArguments:
     mrp_top_k: int = field(default=5, metadata={"help": "k: tokens in the Fisher objective (2 <= k <= vocab)."})
     mrp_chunk_size: int = field(
         default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."}
+    )
+    mrp_logits_precision: str = field(
+        default="float32",
+        metadata={"help": "Precision of the fused loss' head matmuls: 'float32' (default: float32 logits and "
+                          "gradients whatever bf16 / fp16 autocast or the model's dtype) or 'bfloat16' (opt-in, "
+                          "speed over the float32 guarantee: h, W and the logits' gradient rounded to bfloat16 "
+                          "operands, products and sums in float32, float32 logits; tensor cores on CUDA). The "
+                          "audit is always float32.",
+                  "choices": list(LOGITS_PRECISIONS)},
     )
 
     def __getstate__(self) -> dict:
@@ -101,6 +110,12 @@ class MRPArguments:
             raise MRPUserError(f"mrp_top_k must be at least 2 (a margin needs two tokens), got {self.mrp_top_k}")
         if self.mrp_chunk_size < 1:
             raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
+        if self.mrp_logits_precision not in LOGITS_PRECISIONS:
+            raise MRPUserError(f"unknown mrp_logits_precision {self.mrp_logits_precision!r}; choose one of "
+                               f"{', '.join(LOGITS_PRECISIONS)} (float32 is the default and the exact one)")
+        if not 0.0 <= self.label_smoothing_factor <= 1.0:
+            raise MRPUserError(f"label_smoothing_factor must be in [0, 1] (0: no smoothing), got "
+                               f"{self.label_smoothing_factor}")
 
 
 @dataclass
