@@ -235,3 +235,34 @@ def test_logits_precision_is_a_checked_config_field(tmp_path):
     assert MRPLossSettings.from_config(args).logits_precision == "bfloat16"
     with pytest.raises(ValueError, match="unknown precision"):
         mrp_loss_sums(torch.randn(3, 4), torch.randn(VOCAB, 4), torch.zeros(3, dtype=torch.long), precision="fp8")
+
+
+def test_mrp_sft_trainer_under_trl_default_bf16_logs_sft_trainer_float32_head_loss(tiny_model_dir, tmp_path):
+    """TRL's default SFTConfig (bf16 autocast on, CPU): MRPSFTTrainer at lambda 0 logs the losses and entropy of
+    SFTTrainer with TRL's own float32 head (``cast_lm_head_to_fp32``) to 1e-5, on the same model copy and seed.
+    (SFTTrainer's default head computes its logits in the autocast dtype, bf16: about 1e-4 relative away.)"""
+    pytest.importorskip("trl")
+    from test_sft import CHATML_GENERATION_TEMPLATE, chat_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
+    data = chat_dataset("messages")
+    logged = {}
+    for name, trainer_class, config_class, extra in (("sft", SFTTrainer, SFTConfig, {}),
+                                                     ("mrp", MRPSFTTrainer, MRPSFTConfig, {"mrp_lambda": 0.0})):
+        args = config_class(output_dir=str(tmp_path / name), per_device_train_batch_size=3, max_steps=2,
+                            logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, **extra)
+        assert args.bf16  # TRL's default
+        trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                                train_dataset=data, processing_class=tokenizer)
+        if trainer_class is SFTTrainer:
+            add_fused_lm_head(trainer.model, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy", "is_top1"))
+        trainer.train()
+        logged[name] = [(row["loss"], row["entropy"]) for row in trainer.state.log_history if "loss" in row]
+    assert len(logged["sft"]) == 2
+    np.testing.assert_allclose(logged["mrp"], logged["sft"], rtol=1e-5)
