@@ -5,7 +5,8 @@ any family, packed batches), its head's forward is replaced by the fused float32
 `ops.mrp_loss_sums` over the shifted labels, applied through the model's own logit transform
 (soft cap, scaling), float32 also under the Trainer's bf16 / fp16 autocast (unless the config opts into
 ``mrp_logits_precision="bfloat16"``), with the Trainer's ``label_smoothing_factor`` in closed form. The
-model never forms [positions x vocab] logits, and the loss' gradients exist at the end of the forward, so FSDP / ZeRO-3 need W only while the head runs.
+model never forms [positions x vocab] logits, and the loss' gradients exist at the end of the forward, so
+FSDP / ZeRO-3 need W only while the head runs.
 """
 
 from __future__ import annotations
