@@ -42,8 +42,8 @@ def test_smoothed_ce_and_gradient_equal_float64_label_smoother(objective, lam, t
     ce = smoothed_reference(z, targets[valid], EPS, 26)
     reference = ce + lam * naive_penalty(z, leaves64[1] * transform.scale, objective, 1.5, 3).sum() / 26
     reference.backward()
-    assert float(sums.ce.detach()) / 26 == pytest.approx(float(ce), rel=1e-6)
-    assert float(sums.total.detach()) / 26 == pytest.approx(float(reference), rel=1e-6)
+    assert float(sums.ce.detach()) / 26 == pytest.approx(float(ce.detach()), rel=1e-6)
+    assert float(sums.total.detach()) / 26 == pytest.approx(float(reference.detach()), rel=1e-6)
     for got, want in zip(leaves, leaves64):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-6)
 
@@ -60,7 +60,7 @@ def test_compute_loss_gradient_equals_float64_trainer_label_smoother(tmp_path):
     expected = LabelSmoother(epsilon=EPS)({"logits": logits}, inputs["labels"], shift_labels=True,
                                           num_items_in_batch=items)
     expected.backward()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     references = dict(reference_model.named_parameters())
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad.double(), references[name].grad, rtol=1e-4, atol=1e-7, msg=name)
