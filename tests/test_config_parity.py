@@ -20,8 +20,10 @@ BAD_VALUES = {  # every MRP field -> values no run can use
     "mrp_margin_normalization": ["mean", None],
     "mrp_top_k": [1, 2.5, True, 10**6],
     "mrp_chunk_size": [0, 1.5],
+    "mrp_logits_precision": ["fp8", None],
 }
-CASES = [(name, value) for name, values in BAD_VALUES.items() for value in values]
+SHARED = {"label_smoothing_factor": [-0.1, 1.5, float("nan")]}  # a TrainingArguments field the fused CE honours
+CASES = [(name, value) for name, values in {**BAD_VALUES, **SHARED}.items() for value in values]
 
 
 def test_every_mrp_field_has_bad_values_here():
@@ -38,4 +40,4 @@ def refusal(config_class, tmp_path, **settings) -> str:
 def test_both_configs_refuse_the_same_settings_with_the_same_line(tmp_path, name, value):
     line = refusal(MRPConfig, tmp_path, **{name: value})
     assert line == refusal(MRPSFTConfig, tmp_path, **{name: value})
-    assert name.removeprefix("mrp_").split("_")[0] in line and "\n" not in line
+    assert name.removeprefix("mrp_").split("_")[0] in line and "\n" not in line, line

@@ -6,7 +6,8 @@ tested against naive references and benchmarked in isolation.
 
 from .margins import decision_statistics, output_logits
 from .objectives import OBJECTIVES, entropy_penalty, fisher_penalty, margin_penalty
-from .fused import MRPLossSums, mrp_loss_sums
+from .fused import FusedSettings, MRPLossSums, mrp_loss_sums
+from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
 from .gap import GapFit, fit_gap_law
 
 __all__ = [
@@ -16,8 +17,12 @@ __all__ = [
     "entropy_penalty",
     "fisher_penalty",
     "margin_penalty",
+    "FusedSettings",
     "MRPLossSums",
     "mrp_loss_sums",
+    "LOGITS_PRECISIONS",
+    "HeadOperands",
+    "autocast_off",
     "GapFit",
     "fit_gap_law",
 ]

@@ -6,6 +6,10 @@ are taken right away (in closed form, in the logits buffer), and turned into gra
 states (and W, when it trains); the backward pass only scales those. No [positions x vocab] tensor
 lives beyond one chunk, and no logits are recomputed. Because the gradients exist at the end of the
 forward, the head's weight only has to be whole during the forward (FSDP / ZeRO-3 gather it there).
+
+All of it runs with autocast off and reads W through `precision.HeadOperands`, so the logits are float32
+whatever the Trainer's bf16 / fp16 or the model's dtype (``precision="bfloat16"``: the opt-in of bf16 operands,
+float32 accumulation); the gradients are handed back in the dtypes of the hidden states, W and b.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .margins import chunk_softmax, output_logits
+from .margins import chunk_softmax
 from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
+from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
 from .transform import IDENTITY, LogitTransform
 
 NORMALIZATIONS = ("gated", "valid")
@@ -39,6 +44,36 @@ class MRPLossSums:
     n_gated: int = 0
     n_correct: int = 0
     entropy: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FusedSettings:
+    """Everything `mrp_loss_sums` computes besides its tensors: one frozen object for the autograd Function."""
+
+    objective: str = "fisher"
+    lam: float = 0.0
+    tau: float = 1.0
+    top_k: int = 5
+    chunk_size: int = 1024
+    transform: LogitTransform = IDENTITY
+    normalization: str = "valid"
+    with_entropy: bool = False
+    label_smoothing: float = 0.0
+    precision: str = "float32"
+
+    def check(self) -> None:
+        """ValueError naming the bad setting (the trainers' configs refuse them earlier, as MRPUserError)."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
+                             f"{', '.join(NORMALIZATIONS)}")
+        if self.precision not in LOGITS_PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(LOGITS_PRECISIONS)}")
+        if not self.lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
 
 @dataclass
@@ -65,44 +100,44 @@ def _top_k_objective(top_values, top_rows, objective, tau, weights):
 
 def _chunk(
     h: torch.Tensor,
-    weight32: torch.Tensor,
-    bias32: torch.Tensor | None,
+    head: HeadOperands,
     targets: torch.Tensor,
     weights: torch.Tensor | None,
-    objective: str,
-    lam: float,
-    tau: float,
-    top_k: int,
-    transform: LogitTransform,
+    settings: FusedSettings,
     need_grad: bool,
     need_rows_grad: bool,
-    with_entropy: bool = False,
 ) -> _ChunkResult:
     """Loss sums of one chunk and, when asked, their gradients with respect to its raw logits.
 
     The CE (and entropy) gradient is written in closed form into the logits buffer itself
-    (softmax - one-hot), so a chunk costs one [chunk x V] float32 buffer (two with a soft cap or the
-    entropy objective) and the same passes over it as plain cross-entropy's forward and backward. The
-    margin and Fisher objectives only see the top-k logits: their gradient stays [chunk x k], unscaled
-    by lambda, so the caller can normalize it once the whole batch is known.
+    (softmax - one-hot; with label smoothing eps: softmax - (1 - eps) one-hot - eps / V), so a chunk costs one
+    [chunk x V] float32 buffer (two with a soft cap or the entropy objective) and the same passes over it as
+    plain cross-entropy's forward and backward. The margin and Fisher objectives only see the top-k logits:
+    their gradient stays [chunk x k], unscaled by lambda, so the caller can normalize it once the whole batch
+    is known.
     """
-    logits = transform.cap_(output_logits(h, weight32, bias32))  # the logits the model emits
+    transform, objective, lam = settings.transform, settings.objective, settings.lam
+    logits = transform.cap_(head.logits(h))  # the logits the model emits
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
+    smoothing = settings.label_smoothing
+    logit_sum = logits.sum(-1) if smoothing else None  # before chunk_softmax shifts the buffer in place
     entropy = objective == "entropy" and lam != 0.0
-    keep_shifted = entropy or with_entropy
-    parts = chunk_softmax(logits, targets, top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
+    keep_shifted = entropy or settings.with_entropy
+    parts = chunk_softmax(logits, targets, settings.top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
     top_values, top_ids, target_logit, peak, shifted, exp, total, log_total = parts
-    ce = (peak.squeeze(1) + log_total - target_logit).sum()
+    nll = peak.squeeze(1) + log_total - target_logit
+    ce = (nll if not smoothing else _label_smoothed(nll, peak.squeeze(1) + log_total, logit_sum, smoothing,
+                                                                head.vocab)).sum()
     margins = top_values[:, 0] - top_values[:, 1]
-    n_gated = (margins < tau).sum()
+    n_gated = (margins < settings.tau).sum()
     n_correct = (top_ids[:, 0] == targets).sum()
     objective_sum = torch.zeros((), device=h.device)
     grad_top = grad_rows = None
     if lam != 0.0 and not entropy:
         with torch.enable_grad():
             values = top_values.detach().requires_grad_(need_grad)
-            rows = weight32[top_ids].detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
-            objective_sum = _top_k_objective(values, rows, objective, tau, weights)
+            rows = head.rows(top_ids).detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
+            objective_sum = _top_k_objective(values, rows, objective, settings.tau, weights)
             if need_grad and objective_sum.requires_grad:
                 grads = torch.autograd.grad(objective_sum, [values] + ([rows] if need_rows_grad else []))
                 grad_top = grads[0]
@@ -123,37 +158,48 @@ def _chunk(
         factor = shifted.sub_((log_total - entropy_values)[:, None]).mul_(-scale).add_(1.0)
         grad.mul_(factor)
     rows_index = torch.arange(grad.shape[0], device=grad.device)
-    grad[rows_index, targets] -= 1.0
+    grad[rows_index, targets] -= 1.0 - smoothing
+    if smoothing:
+        grad.sub_(smoothing / head.vocab)
     if cap_slope is not None:
         grad.mul_(cap_slope)
     return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, grad, top_ids, grad_top,
                         grad_rows)
 
 
+def _label_smoothed(nll: torch.Tensor, log_norm: torch.Tensor, logit_sum: torch.Tensor, eps: float,
+                    vocab: int) -> torch.Tensor:
+    """transformers' LabelSmoother per position, in closed form: (1 - eps) * (-log p_y) + eps * mean_j (-log p_j),
+    where mean_j (-log p_j) = log Z - mean_j z_j over the V emitted logits."""
+    return (1.0 - eps) * nll + eps * (log_norm - logit_sum / vocab)
+
+
 class _Gradients:
-    """Gradient accumulators for h, W and b: the CE part and the (lambda-free) top-k objective part."""
+    """Float32 gradient accumulators for h, W and b: the CE part and the (lambda-free) top-k objective part."""
 
-    def __init__(self, hidden, weight32, bias32, need_h, need_w, need_b, sparse_objective):
+    def __init__(self, hidden: torch.Tensor, head: HeadOperands, need_h: bool, need_w: bool, need_b: bool,
+                 sparse_objective: bool) -> None:
         f32 = dict(dtype=torch.float32, device=hidden.device)
+        shape_w, shape_b = (head.vocab, head.width), (head.vocab,)
         self.h = torch.empty(hidden.shape, **f32) if need_h else None
-        self.w = torch.zeros_like(weight32) if need_w else None
-        self.b = torch.zeros_like(bias32) if need_b else None
+        self.w = torch.zeros(shape_w, **f32) if need_w else None
+        self.b = torch.zeros(shape_b, **f32) if need_b else None
         self.h_obj = torch.zeros(hidden.shape, **f32) if need_h and sparse_objective else None
-        self.w_obj = torch.zeros_like(weight32) if need_w and sparse_objective else None
-        self.b_obj = torch.zeros_like(bias32) if need_b and sparse_objective else None
+        self.w_obj = torch.zeros(shape_w, **f32) if need_w and sparse_objective else None
+        self.b_obj = torch.zeros(shape_b, **f32) if need_b and sparse_objective else None
 
-    def add_chunk(self, start: int, stop: int, h: torch.Tensor, weight32: torch.Tensor, chunk: _ChunkResult) -> None:
+    def add_chunk(self, start: int, stop: int, h: torch.Tensor, head: HeadOperands, chunk: _ChunkResult) -> None:
         if self.h is not None:
-            self.h[start:stop] = chunk.grad_logits @ weight32
+            self.h[start:stop] = head.hidden_grad(chunk.grad_logits)
         if self.w is not None:
-            self.w.addmm_(chunk.grad_logits.T, h)
+            head.add_weight_grad(self.w, chunk.grad_logits, h)
         if self.b is not None:
             self.b += chunk.grad_logits.sum(0)
         if chunk.grad_top is None:
             return
         ids = chunk.top_ids.reshape(-1)
         if self.h_obj is not None:  # sum_k g_k w'_k: k rows instead of a [chunk x V] scatter
-            self.h_obj[start:stop] = torch.bmm(chunk.grad_top[:, None, :], weight32[chunk.top_ids]).squeeze(1)
+            self.h_obj[start:stop] = torch.bmm(chunk.grad_top[:, None, :], head.rows(chunk.top_ids)).squeeze(1)
         if self.w_obj is not None:
             outer = chunk.grad_top[:, :, None] * h[:, None, :]
             if chunk.grad_rows is not None:
@@ -183,47 +229,54 @@ def _objective_factor(normalization: str, objective: str, n_valid: int, n_gated:
     return n_valid / n_gated if n_gated else 0.0
 
 
+def _fused_sums(hidden, weight, bias, targets, weights, settings: FusedSettings, needs):
+    """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the seven sums and the combined gradients."""
+    need_h, need_w, need_b = needs
+    need_grad = need_h or need_w or need_b
+    head = HeadOperands(weight, bias, settings.transform, settings.precision)
+    lam, objective = settings.lam, settings.objective
+    sparse = lam != 0.0 and objective != "entropy"
+    grads = _Gradients(hidden, head, need_h, need_w, need_b, sparse) if need_grad else None
+    sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)
+    for start in range(0, hidden.shape[0], settings.chunk_size):
+        stop = start + settings.chunk_size
+        h = hidden[start:stop].float()
+        chunk = _chunk(h, head, targets[start:stop], None if weights is None else weights[start:stop].float(),
+                       settings, need_grad, need_w and objective == "fisher")
+        sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct,
+                             chunk.entropy]).double()
+        if need_grad:
+            grads.add_chunk(start, stop, h, head, chunk)
+        del chunk
+    ce, obj, margin, n_gated, n_correct, entropy = sums.unbind()
+    factor = _objective_factor(settings.normalization, objective, hidden.shape[0], int(n_gated))
+    obj = obj * factor
+    outputs = grads.combine(lam * factor if sparse else 0.0, head.scale) if need_grad else [None] * 3
+    total = (ce + lam * obj).float()
+    statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
+    return total, statistics, outputs
+
+
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, objective, lam, tau, top_k, chunk_size, transform,
-                normalization, with_entropy):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_grad = need_h or need_w or need_b
-        weight32, bias32 = transform.scaled_head(weight, bias)
-        sparse = lam != 0.0 and objective != "entropy"
-        grads = _Gradients(hidden, weight32, bias32, need_h, need_w, need_b, sparse) if need_grad else None
-        sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = start + chunk_size
-            h = hidden[start:stop].float()
-            chunk = _chunk(
-                h, weight32, bias32, targets[start:stop], None if weights is None else weights[start:stop].float(),
-                objective, lam, tau, top_k, transform, need_grad, need_w and objective == "fisher", with_entropy,
-            )
-            sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct,
-                                 chunk.entropy]).double()
-            if need_grad:
-                grads.add_chunk(start, stop, h, weight32, chunk)
-            del chunk
-        ce, obj, margin, n_gated, n_correct, entropy = sums.unbind()
-        factor = _objective_factor(normalization, objective, hidden.shape[0], int(n_gated))
-        obj = obj * factor
-        outputs = grads.combine(lam * factor if sparse else 0.0, transform.scale) if need_grad else [None] * 3
+    def forward(ctx, hidden, weight, bias, targets, weights, settings: FusedSettings):
+        needs = tuple(ctx.needs_input_grad[:3])
+        with autocast_off(hidden, weight):
+            total, statistics, outputs = _fused_sums(hidden, weight, bias, targets, weights, settings, needs)
         ctx.save_for_backward(*(g for g in outputs if g is not None))
-        ctx.flags = (need_h, need_w, need_b)
+        ctx.flags = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        total = (ce + lam * obj).float()
-        statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
         ctx.mark_non_differentiable(*statistics)
         return (total, *statistics)
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
+        """The saved float32 gradients times the incoming scalar (a grad scaler's scale too), in each input's dtype."""
         saved = iter(ctx.saved_tensors)
         outputs = []
         for flag, dtype in zip(ctx.flags, ctx.dtypes):
-            outputs.append((next(saved) * grad_total).to(dtype) if flag else None)
-        return (*outputs, None, None, None, None, None, None, None, None, None, None)
+            outputs.append((next(saved) * grad_total.float()).to(dtype) if flag else None)
+        return (*outputs, None, None, None)
 
 
 def mrp_loss_sums(
@@ -241,32 +294,32 @@ def mrp_loss_sums(
     transform: LogitTransform = IDENTITY,
     normalization: str = "valid",
     with_entropy: bool = False,
+    label_smoothing: float = 0.0,
+    precision: str = "float32",
 ) -> MRPLossSums:
     """Summed CE + lam * objective over positions whose target is not -100.
 
     ``hidden`` [..., d] are final hidden states (after the final norm) already aligned with
-    ``targets`` [...] (i.e. shifted); the logits are ``transform(hidden @ weight.T + bias)``.
+    ``targets`` [...] (i.e. shifted); the logits are ``transform(hidden @ weight.T + bias)``, in float32
+    whatever autocast or the inputs' dtype (``precision="bfloat16"``: bf16 operands, float32 accumulation).
     ``position_weights`` [...] optionally weight each position's objective term (e.g. to target token
     classes); CE is never weighted. ``normalization='gated'`` scales the margin objective's sum by
     n_valid / n_gated, so that once the caller divides by the valid positions it is the paper's mean over
     the gated positions (m < tau) of this call; 'valid' (and every other objective) leaves the sum as is.
+    ``label_smoothing`` eps makes the CE term transformers' ``LabelSmoother``'s: (1 - eps) * NLL + eps * the
+    mean over the vocabulary of -log p (``ce`` is then that smoothed sum).
     Divide the sums by the number of items (the Trainer's ``num_items_in_batch``) to get the loss.
     ``with_entropy`` also sums the predictive entropy (TRL's ``entropy`` metric).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
+    settings = FusedSettings(objective, float(lam), float(tau), int(top_k), int(chunk_size), transform,
+                             normalization, bool(with_entropy), float(label_smoothing), precision)
+    settings.check()
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     valid = flat_targets != -100
     flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
     weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
     total, ce, obj, margin, n_gated, n_correct, entropy = _FusedMRPLoss.apply(
-        flat_hidden, weight, bias, flat_targets, weights, objective, float(lam), float(tau), int(top_k),
-        int(chunk_size), transform, normalization, bool(with_entropy),
-    )
+        flat_hidden, weight, bias, flat_targets, weights, settings)
     return MRPLossSums(total=total, ce=ce, objective=obj, margin=margin, n_positions=int(flat_targets.shape[0]),
                        n_gated=int(n_gated), n_correct=int(n_correct), entropy=entropy if with_entropy else None)

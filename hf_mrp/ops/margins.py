@@ -1,6 +1,7 @@
 """Per-position decision statistics, reduced over the vocabulary one chunk of positions at a time.
 
-A chunk of logits is [chunk x vocab] float32; the whole [positions x vocab] matrix never exists.
+A chunk of logits is [chunk x vocab] float32 (whatever autocast or the model's dtype: `precision.py`); the whole
+[positions x vocab] matrix never exists.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from typing import NamedTuple
 import torch
 
 from .objectives import fisher_penalty, margin_penalty
+from .precision import HeadOperands, autocast_off
 from .transform import IDENTITY, LogitTransform
 
 
 def output_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """z = h W^T (+ b) in the dtype of ``weight`` (callers cast once, outside their chunk loop)."""
+    """z = h W^T (+ b) in the dtype of ``weight``, as the caller's autocast state computes it."""
     logits = hidden.to(weight.dtype) @ weight.T
     if bias is not None:
         logits = logits + bias.to(weight.dtype)
@@ -63,7 +65,7 @@ def _chunk_statistics(
     logits: torch.Tensor,
     exp_buffer: torch.Tensor,
     targets: torch.Tensor,
-    weight32: torch.Tensor,
+    head: HeadOperands,
     top_k: int,
     tau: float,
     raw_top2: torch.Tensor | None = None,
@@ -79,7 +81,8 @@ def _chunk_statistics(
     # signed target margin: z_y - max_{j != y} z_j (positive iff the target is the top-1 token)
     is_top1 = top_ids[:, 0] == targets
     best_other = torch.where(is_top1, top_values[:, 1], top_values[:, 0])
-    w1, w2 = weight32[top_ids[:, 0]], weight32[top_ids[:, 1]]
+    top_rows = head.rows(top_ids)
+    w1, w2 = top_rows[:, 0], top_rows[:, 1]
     raw_margin = margin if raw_top2 is None else raw_top2[:, 0] - raw_top2[:, 1]
     entropy = parts.entropy(in_place=True)
     brier = 1.0 - 2.0 * target_prob + exp.square_().sum(-1) / total.square()  # 1 - 2 p_y + sum p^2
@@ -94,7 +97,7 @@ def _chunk_statistics(
         "target_margin": target_logit - best_other,
         "geometric_margin": raw_margin / (w1 - w2).norm(dim=-1).clamp_min(1e-12),
         "brier": brier,
-        "fisher_penalty": fisher_penalty(top_values, weight32[top_ids]),
+        "fisher_penalty": fisher_penalty(top_values, top_rows),
         "margin_penalty": margin_penalty(top_values, tau),
     }
 
@@ -114,31 +117,35 @@ def decision_statistics(
 ) -> dict[str, torch.Tensor]:
     """Every per-position statistic of the spec for ``hidden`` [N, d] predicting ``targets`` [N].
 
-    Logits are recomputed from hidden states as ``h.float() @ W.float().T`` (spec: float32 logits),
-    ``chunk_size`` positions at a time, into two reused [chunk x V] buffers. ``margin_dtype`` other
-    than float32 recomputes the margin alone in that dtype, to show the low-precision artifact. Also
-    returns the per-position MRP penalties (Fisher over ``top_k`` tokens, margin with threshold
-    ``tau``) used by the logit lens. ``transform`` is the model's own scaling / soft cap of its logits.
+    Logits are recomputed from hidden states as ``h.float() @ W.float().T`` (spec: float32 logits, also under
+    autocast and for a bf16 / fp16 model), ``chunk_size`` positions at a time, into two reused [chunk x V]
+    buffers. ``margin_dtype`` other than float32 recomputes the margin alone in that dtype, to show the
+    low-precision artifact. Also returns the per-position MRP penalties (Fisher over ``top_k`` tokens, margin
+    with threshold ``tau``) used by the logit lens. ``transform`` is the model's own scaling / soft cap.
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    weight32, bias32 = transform.scaled_head(weight, bias)
+    with autocast_off(hidden, weight):
+        return _decision_statistics(hidden, HeadOperands(weight, bias, transform), targets, chunk_size, margin_dtype,
+                                    top_k, tau, transform)
+
+
+def _decision_statistics(hidden: torch.Tensor, head: HeadOperands, targets: torch.Tensor, chunk_size: int,
+                         margin_dtype: torch.dtype, top_k: int, tau: float,
+                         transform: LogitTransform) -> dict[str, torch.Tensor]:
     rows = min(chunk_size, hidden.shape[0])
-    low_weight = weight32.to(margin_dtype)
-    low_bias = None if bias32 is None else bias32.to(margin_dtype)
-    logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
+    low_weight, low_bias = head.low_precision_weight(margin_dtype) if margin_dtype != torch.float32 else (None, None)
+    logits_buffer = hidden.new_empty((rows, head.vocab), dtype=torch.float32)
     exp_buffer = torch.empty_like(logits_buffer)
     chunks = []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
         n = h.shape[0]
-        logits = torch.mm(h.float(), weight32.T, out=logits_buffer[:n])
-        if bias32 is not None:
-            logits.add_(bias32)
+        logits = head.logits(h, out=logits_buffer[:n])
         raw_top2 = logits.topk(2, dim=-1).values if transform.softcap is not None else None
         stats = _chunk_statistics(transform.cap_(logits), exp_buffer[:n], targets[start : start + chunk_size],
-                                  weight32, top_k, tau, raw_top2)
-        if margin_dtype != torch.float32:
+                                  head, top_k, tau, raw_top2)
+        if low_weight is not None:
             low = transform.cap_(output_logits(h.to(margin_dtype), low_weight, low_bias))
             top = low.topk(2, dim=-1).values
             stats["margin"] = (top[:, 0] - top[:, 1]).float()

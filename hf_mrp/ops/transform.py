@@ -15,7 +15,8 @@ import torch
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """``scale`` multiplies the raw logits (folded into W and b once), then an optional soft cap ``softcap``."""
+    """``scale`` multiplies the raw logits (folded into W and b by `precision.HeadOperands`), then an optional
+    soft cap ``softcap``."""
 
     scale: float = 1.0
     softcap: float | None = None
@@ -23,16 +24,6 @@ class LogitTransform:
     @property
     def is_identity(self) -> bool:
         return self.scale == 1.0 and self.softcap is None
-
-    def scaled_head(
-        self, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scale * W, scale * b) in float32: the linear part costs nothing per chunk."""
-        weight32, bias32 = weight.float(), None if bias is None else bias.float()
-        if self.scale != 1.0:
-            weight32 = weight32 * self.scale
-            bias32 = None if bias32 is None else bias32 * self.scale
-        return weight32, bias32
 
     def cap_(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the soft cap in place (no-op without one); ``logits`` are already scaled."""

@@ -19,7 +19,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from ..arguments import parse_layer_spec
 from ..errors import MRPUserError
-from ..ops import OBJECTIVES
+from ..ops import LOGITS_PRECISIONS, OBJECTIVES
 from ..ops.fused import NORMALIZATIONS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,15 @@ class MRPArguments:
     mrp_chunk_size: int = field(
         default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."}
     )
+    mrp_logits_precision: str = field(
+        default="float32",
+        metadata={"help": "Precision of the fused loss' head matmuls: 'float32' (default: float32 logits and "
+                          "gradients whatever bf16 / fp16 autocast or the model's dtype) or 'bfloat16' (opt-in, "
+                          "speed over the float32 guarantee: h, W and the logits' gradient rounded to bfloat16 "
+                          "operands, products and sums in float32, float32 logits; tensor cores on CUDA). The "
+                          "audit is always float32.",
+                  "choices": list(LOGITS_PRECISIONS)},
+    )
 
     def __getstate__(self) -> dict:
         """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
@@ -87,7 +96,7 @@ class MRPArguments:
     def _check_mrp_fields(self) -> None:
         """One clear line for each bad MRP field; the one check both configs (`MRPConfig`, `MRPSFTConfig`) run,
         before their TrainingArguments base, so they refuse exactly the same settings with the same words."""
-        _check_finite_numbers(self, ("mrp_lambda", "mrp_margin_threshold"))
+        _check_finite_numbers(self, ("mrp_lambda", "mrp_margin_threshold", "label_smoothing_factor"))
         _check_integers(self, ("mrp_top_k", "mrp_chunk_size"))
         if self.mrp_objective not in OBJECTIVES:
             raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -106,6 +115,12 @@ class MRPArguments:
             raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
         if self.mrp_objective == "fisher":
             check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
+        if self.mrp_logits_precision not in LOGITS_PRECISIONS:
+            raise MRPUserError(f"unknown mrp_logits_precision {self.mrp_logits_precision!r}; choose one of "
+                               f"{', '.join(LOGITS_PRECISIONS)} (float32 is the default and the exact one)")
+        if not 0.0 <= self.label_smoothing_factor <= 1.0:
+            raise MRPUserError(f"label_smoothing_factor must be in [0, 1] (0: no smoothing), got "
+                               f"{self.label_smoothing_factor}")
 
 
 @dataclass

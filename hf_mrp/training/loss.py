@@ -3,8 +3,10 @@
 One path for every trainer (`MRPTrainer`, `MRPSFTTrainer`): the model runs as usual (any wrapper,
 any family, packed batches), its head's forward is replaced by the fused float32 loss of
 `ops.mrp_loss_sums` over the shifted labels, applied through the model's own logit transform
-(soft cap, scaling). The model never forms [positions x vocab] logits, and the loss' gradients
-exist at the end of the forward, so FSDP / ZeRO-3 need W only while the head runs.
+(soft cap, scaling), float32 also under the Trainer's bf16 / fp16 autocast (unless the config opts into
+``mrp_logits_precision="bfloat16"``), with the Trainer's ``label_smoothing_factor`` in closed form. The
+model never forms [positions x vocab] logits, and the loss' gradients exist at the end of the forward, so
+FSDP / ZeRO-3 need W only while the head runs.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ class MRPLossSettings:
     top_k: int = 5
     chunk_size: int = 1024
     normalization: str = "gated"
+    label_smoothing: float = 0.0
+    logits_precision: str = "float32"
 
     @classmethod
     def from_config(cls, args) -> "MRPLossSettings":
         return cls(args.mrp_objective, float(args.mrp_lambda), float(args.mrp_margin_threshold), int(args.mrp_top_k),
-                   int(args.mrp_chunk_size), args.mrp_margin_normalization)
+                   int(args.mrp_chunk_size), args.mrp_margin_normalization, float(args.label_smoothing_factor),
+                   args.mrp_logits_precision)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -104,6 +109,7 @@ def forward_with_mrp_loss(
             states, weight, aligned_targets, bias=bias, objective=settings.objective, lam=settings.lam,
             tau=settings.tau, top_k=settings.top_k, chunk_size=settings.chunk_size, position_weights=aligned_weights,
             transform=transform, normalization=settings.normalization, with_entropy=with_entropy,
+            label_smoothing=settings.label_smoothing, precision=settings.logits_precision,
         )
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 

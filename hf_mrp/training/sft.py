@@ -57,9 +57,6 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
         if self.loss_type != "nll":
             raise MRPUserError(f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
                                "replace that CE: use loss_type='nll' (the default)")
-        if self.label_smoothing_factor > 0:
-            raise MRPUserError("MRPSFTConfig does not support label_smoothing_factor (it needs full logits, which the "
-                               "fused MRP loss never forms); set it to 0")
 
 
 def as_mrp_sft_config(args: TrainingArguments) -> MRPSFTConfig:
