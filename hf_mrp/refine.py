@@ -26,6 +26,7 @@ from .reporting import files
 from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
+from .training.divergence import check_weights
 from .training.trainer import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
                          eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    check_weights(trainer)  # an update of the last step may have made them NaN: never saved as a finished run
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,

@@ -46,11 +46,46 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
     return problems
 
 
+# The order in which geometry.write_audit writes an audit's files (audit.json last).
+WRITE_ORDER = ("blocks.npy", "mask.npy", "positions.parquet", "gap_curve.png", "margins.png", "layers.json",
+               "layers.png")
+
+
+def written_after_marker(directory: str | Path) -> list[str]:
+    """The audit files whose modification time is later than audit.json's, in write order."""
+    directory = Path(directory)
+    try:
+        marker = (directory / "audit.json").stat().st_mtime_ns
+    except OSError:
+        return []
+    return [name for name in WRITE_ORDER if (directory / name).is_file()
+            and (directory / name).stat().st_mtime_ns > marker]
+
+
+def is_interrupted_rewrite(directory: str | Path) -> bool:
+    """Newer files that are the first files of the write order: what an audit into a folder that already held one
+    leaves when it stops between its files (its audit.json never came). A file edited by hand is newer alone."""
+    directory = Path(directory)
+    newer = written_after_marker(directory)
+    present = [name for name in WRITE_ORDER if (directory / name).is_file()]
+    return bool(newer) and newer == present[: len(newer)]
+
+
 def check_audit_files(audit: AuditResult, directory: str | Path) -> None:
-    """Refuse an audit folder whose files were changed after the audit wrote them."""
+    """Refuse an audit folder whose files disagree with its audit.json, saying whether an audit into it stopped
+    between its files (an unfinished / mixed audit) or a file was edited by hand."""
     problems = audit_file_problems(audit)
-    if problems:
+    if not problems:
+        return
+    if is_interrupted_rewrite(directory):
+        newer = written_after_marker(directory)
         raise MRPUserError(
-            f"{directory}: this file was changed after the audit wrote it ({'; '.join(problems)}); "
-            f"audit again into a new folder (`hf-mrp audit --output_dir ...`) instead of editing its files"
+            f"{directory} holds an unfinished / mixed audit: {', '.join(newer)} {'was' if len(newer) == 1 else 'were'} "
+            f"written after its audit.json, as an audit "
+            f"into this folder that stopped between its files leaves them ({'; '.join(problems)}); audit into it "
+            f"again (`hf-mrp audit --overwrite_output_dir true --output_dir {directory}`) or into a new folder"
         )
+    raise MRPUserError(
+        f"{directory}: edited by hand: this file was changed after the audit wrote it ({'; '.join(problems)}); "
+        f"audit again into a new folder (`hf-mrp audit --output_dir ...`) instead of editing its files"
+    )

@@ -3,7 +3,8 @@
 A run holds an exclusive ``fcntl.flock`` on ``<folder>/.hf_mrp.lock`` for its lifetime; the file
 names the holder (pid, host, command, start time) so a second run into the folder stops at once with
 one line that says who owns it. The kernel drops the lock when the holder exits, however it exits
-(a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it.
+(a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it. Taking the lock
+also sweeps the staging folders that killed runs left in and beside the folder (files.sweep_stale_staging).
 
 A folder "holds a finished run" when refine's last file, ``training_log.json``, is there; writing
 into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import socket
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import MRPUserError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".hf_mrp.lock"
 _HELD: dict[str, int] = {}  # folders this process holds -> nesting depth (the CLI locks before refine() does)
@@ -85,7 +89,7 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
     """
     import fcntl
 
-    from .files import ensure_output_dir
+    from .files import ensure_output_dir, sweep_stale_staging
 
     folder = ensure_output_dir(folder)
     key = str(folder.resolve())
@@ -116,6 +120,8 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
         handle.truncate()
         handle.write(json.dumps(record))
         handle.flush()
+        for stale in sweep_stale_staging(folder):  # left by a run that was killed (SIGKILL, power loss)
+            logger.warning("removed %s, the staging folder of a run that was killed before it finished", stale)
         _HELD[key] = 1
         try:
             yield folder

@@ -18,6 +18,7 @@ from ..errors import MRPUserError
 from ..models import vocab_size
 from .callbacks import MRPAuditCallback
 from .checkpoints import check_resume_target
+from .divergence import check_weights, count_nonfinite_batch
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,17 @@ class MRPTrainerMixin:
         DDP all-reduce go on as usual, and the step's ``num_items_in_batch`` still counts its items),
         sets non-finite gradient entries to 0, warns, and returns a zero loss, so the logged ``loss``
         stays finite. ``nonfinite_skipped`` in the logs counts the skipped micro-batches.
+
+        Divergence stops the run (divergence.TrainingDiverged, one line): trainable weights that an update made
+        non-finite, or MAX_NONFINITE_STEPS steps in a row of nothing but non-finite batches.
         """
+        check_weights(self)
         self._guard_nonfinite, self._skip_batch = True, False
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._guard_nonfinite = False
+        count_nonfinite_batch(self, self._skip_batch)
         if not self._skip_batch:
             return loss
         self._skip_batch = False

@@ -18,7 +18,7 @@ import torch
 from transformers import set_seed
 
 from ..errors import MRPUserError
-from .config import MRPArguments
+from .config import MRPArguments, check_training_settings
 from .loss import MRPLossSettings, forward_with_mrp_loss
 from .mrp_mixin import MRPTrainerMixin
 
@@ -53,6 +53,7 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
     def __post_init__(self) -> None:
         self._join_cpu_launch()
         super().__post_init__()
+        check_training_settings(self)
         self._check_mrp_fields()
         if self.loss_type != "nll":
             raise MRPUserError(f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
