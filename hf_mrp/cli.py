@@ -16,6 +16,8 @@ def run_command(command: str, argv: list[str]) -> None:
     """Import the command's module only (the training stack takes seconds to import), register its parser
     under the root one (TRL's ``make_parser(subparsers)``), parse, and hand ``main`` the whole dataclasses."""
     module = importlib.import_module(f"hf_mrp.commands.{command}")
+    if hasattr(module, "check_before_parsing"):  # settings that need the model's files, not only the flags
+        module.check_before_parsing(argv)
     root = MRPArgumentParser(prog="hf-mrp")
     parser = module.make_parser(root.add_subparsers(dest="command", parser_class=MRPArgumentParser))
     if getattr(module, "FORWARDS_UNKNOWN_FLAGS", False):

@@ -125,9 +125,66 @@ class TaskSet:
     tasks: list
 
 
+def _builtin_task_yaml(name: str) -> Path | None:
+    """The YAML of a built-in lm-eval task, found by its ``task:`` line (a text search: seconds faster than
+    TaskManager's YAML index)."""
+    import re
+
+    import lm_eval
+
+    pattern = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
+    for path in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*.yaml")):
+        try:
+            if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _dataset_path(yaml_path: Path, depth: int = 3) -> str | None:
+    """``dataset_path`` of a task YAML, following its ``include:`` files."""
+    import re
+
+    text = yaml_path.read_text(encoding="utf-8", errors="replace")
+    found = re.search(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
+    if found:
+        return found.group(1)
+    included = re.search(r"^include:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
+    if included and depth > 0 and (yaml_path.parent / included.group(1)).is_file():
+        return _dataset_path(yaml_path.parent / included.group(1), depth - 1)
+    return None
+
+
+def _hub_dataset_is_cached(dataset: str) -> bool:
+    """Whether a Hub dataset has anything in the datasets cache or the Hub cache (then it may load offline)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    return (Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___")).exists() or (
+        Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists()
+
+
+def check_task_data_reachable(names: Sequence[str], hub_problem: str) -> None:
+    """Without a reachable Hub, a built-in task whose Hub dataset is in no local cache fails at once (before the
+    task index is built and the model loads) instead of after the index and a minute of retries."""
+    for name in names:
+        yaml_path = _builtin_task_yaml(name)
+        dataset = _dataset_path(yaml_path) if yaml_path is not None else None
+        if dataset is not None and not Path(dataset).exists() and not _hub_dataset_is_cached(dataset):
+            raise MRPUserError(f"task {name!r} needs its dataset {dataset!r} from the Hub, which cannot be reached "
+                               f"({hub_problem}), and it is not in the local cache; use --include_path with local data "
+                               "files (or run where the Hub is reachable)")
+
+
 def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> TaskSet:
     """Index, check and build ``names``; a wrong name or unreachable data fails here, in seconds."""
+    from ..models.loading import hub_problem
+
     names = parse_task_names(names)
+    problem = hub_problem()
+    if problem is not None:
+        check_task_data_reachable(names, problem)
     manager = task_manager(include_path)
     check_task_names(manager, names)
     return TaskSet(names, manager, load_tasks(manager, names))
