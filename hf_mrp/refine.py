@@ -19,6 +19,7 @@ import numpy as np
 from .arguments import DataArguments, ModelArguments
 from .arguments import provenance
 from .data import Blocks, check_block_fits, load_blocks_from_arguments
+from .data.sources import check_data_flags_apply
 from .errors import MRPUserError
 from .models import load_model_from_arguments
 from .ops.targeting import check_targets, objective_weights
@@ -177,6 +178,7 @@ def refine(
 
 def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir) -> dict:
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
+    check_data_flags_apply(data_args)
     model, tokenizer, model_name = load_model_from_arguments(model_args)
     check_block_fits(model, data_args.block_size)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)

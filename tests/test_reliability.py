@@ -501,3 +501,97 @@ def test_same_audit_arguments_give_byte_identical_files(tiny_model_dir, tmp_path
 
     clock_words = ("time", "date", "second", "duration", "elapsed", "runtime", "host")
     assert not [key for key in keys(summary) if any(word in key.lower() for word in clock_words)]
+
+
+# ---------------------------------------------------------------- issue 22: divergence is a failure
+
+
+def _finite_adapter(checkpoint: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in _adapter(checkpoint).values())
+
+
+@pytest.mark.parametrize("max_steps", [6, 2])  # 6: caught at the next step; 2: the last update, caught after training
+def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finished(tiny_model_dir, tmp_path, capsys,
+                                                                                    max_steps):
+    """Learning rate 1e8: the second update makes the adapter NaN. The run stops with one line naming the step and
+    the likely cause; the checkpoint saved after the NaN update is removed, the one before it is intact."""
+    from hf_mrp import cli
+
+    out = tmp_path / "run"
+    argv = ["refine", "--model", str(tiny_model_dir), "--output_dir", str(out), *REFINE_ARGS, "--learning_rate", "1e8",
+            "--save_steps", "1", "--max_steps", str(max_steps), "--report_to", "none"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-mrp refine: error: training diverged at step 2: its update made the trainable weights "
+                           "non-finite (NaN/inf)"), last
+    assert "learning_rate 1e+08, mrp_lambda 0.6" in last and "lower --learning_rate" in last
+    assert f"the last finite checkpoint is {out / 'checkpoint-1'} (checkpoint-2, saved after" in last
+    assert not (out / "training_log.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not (out / "audit_after").exists() and not (out / "README.md").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert _finite_adapter(out / "checkpoint-1")
+    assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
+    from hf_mrp.reporting.ownership import run_is_whole
+
+    assert not run_is_whole(out)
+
+
+def test_a_loss_that_stays_non_finite_stops_the_run(tmp_path):
+    """Every batch non-finite: skipped (no gradient) MAX_NONFINITE_STEPS steps in a row, then the run stops."""
+    from hf_mrp.training.divergence import MAX_NONFINITE_STEPS, TrainingDiverged
+
+    weights = [[float("nan")] * 12 for _ in range(8)]
+    trainer = _trainer(tmp_path, _dataset(8, weights=weights), max_steps=8, gradient_accumulation_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with pytest.raises(TrainingDiverged, match=f"training diverged at step {MAX_NONFINITE_STEPS}: the loss or the MRP "
+                                               f"objective was not finite .* for {2 * MAX_NONFINITE_STEPS} batches in "
+                                               "a row .*no checkpoint of finite weights was saved"):
+        trainer.train()
+    assert trainer.state.global_step == MAX_NONFINITE_STEPS - 1
+    for name, parameter in trainer.model.named_parameters():  # no skipped batch changed a weight
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.detach(), before[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, capsys):
+    """lambda 1e38 overflows: that run fails (results.md says so, no row of zeros), its control is a finished row."""
+    import json as json_module
+
+    from hf_mrp import cli
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--output_dir", str(out), "--objectives", "margin", "--lambdas", "1e38", "--seeds", "0",
+            "--n_bootstrap", "0", "--audit_blocks", "2", "--model", str(tiny_model_dir), *REFINE_ARGS[:4],
+            "--max_steps", "4", "--save_strategy", "no", "--lora_layers", "1-2", "--learning_rate", "1e-2",
+            "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err[-2000:]
+    last = captured.err.strip().splitlines()[-1]
+    results = json_module.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 1 and results["runs"][0]["control"]
+    assert last == (f"hf-mrp sweep: error: 1 of 2 runs failed (diverged): {results['failed_runs'][0]['name']}; "
+                    "results.md lists them and why, the rows hold only the finished runs"), last
+    failed = results["failed_runs"]
+    assert len(failed) == 1 and "training diverged at step" in failed[0]["reason"] and not results["missing_runs"]
+    assert all(not row["objective"] == "margin" for row in results["rows"])  # only the control's row
+    report = (out / "results.md").read_text()
+    assert f"**FAILED (diverged, left out of every row):** {failed[0]['name']}: training diverged" in report
+    run_dir = out / "runs" / failed[0]["name"]
+    assert not (run_dir / "training_log.json").exists() and (run_dir / "sweep_failed.json").is_file()
+    # a rerun keeps it as failed, trains nothing again, and says so
+    assert cli.main(argv) == 2
+    rerun = capsys.readouterr()
+    assert f"skipping failed run {failed[0]['name']}" in rerun.out and "] training " not in rerun.out

@@ -71,6 +71,33 @@ def is_interrupted_rewrite(directory: str | Path) -> bool:
     return bool(newer) and newer == present[: len(newer)]
 
 
+def mixed_audit_error(directory: str | Path, detail: str) -> MRPUserError:
+    """One line for a folder that mixes two audits' files (an audit into it stopped between its files)."""
+    newer = written_after_marker(directory)
+    return MRPUserError(
+        f"{directory} holds an unfinished / mixed audit: {', '.join(newer)} {'was' if len(newer) == 1 else 'were'} "
+        f"written after its audit.json, as an audit into this folder that stopped between its files leaves them "
+        f"({detail}); audit into it again (`hf-mrp audit --overwrite_output_dir true --output_dir {directory}`) or "
+        f"into a new folder"
+    )
+
+
+def load_whole_audit(directory: str | Path) -> AuditResult:
+    """An audit folder read back and checked (load_audit + check_audit_files); a folder whose files do not even
+    load together is named an unfinished / mixed audit when that is what its files' times say."""
+    from ..parser import one_line
+    from .geometry import load_audit
+
+    try:
+        audit = load_audit(directory)
+    except MRPUserError as error:
+        if is_interrupted_rewrite(directory):
+            raise mixed_audit_error(directory, one_line(error)) from None
+        raise
+    check_audit_files(audit, directory)
+    return audit
+
+
 def check_audit_files(audit: AuditResult, directory: str | Path) -> None:
     """Refuse an audit folder whose files disagree with its audit.json, saying whether an audit into it stopped
     between its files (an unfinished / mixed audit) or a file was edited by hand."""
@@ -78,13 +105,7 @@ def check_audit_files(audit: AuditResult, directory: str | Path) -> None:
     if not problems:
         return
     if is_interrupted_rewrite(directory):
-        newer = written_after_marker(directory)
-        raise MRPUserError(
-            f"{directory} holds an unfinished / mixed audit: {', '.join(newer)} {'was' if len(newer) == 1 else 'were'} "
-            f"written after its audit.json, as an audit "
-            f"into this folder that stopped between its files leaves them ({'; '.join(problems)}); audit into it "
-            f"again (`hf-mrp audit --overwrite_output_dir true --output_dir {directory}`) or into a new folder"
-        )
+        raise mixed_audit_error(directory, "; ".join(problems))
     raise MRPUserError(
         f"{directory}: edited by hand: this file was changed after the audit wrote it ({'; '.join(problems)}); "
         f"audit again into a new folder (`hf-mrp audit --output_dir ...`) instead of editing its files"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..arguments import AuditArguments, DataArguments, ModelArguments, provenance
 from ..data import check_block_fits, load_blocks_from_arguments
+from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
 from ..models import load_model_from_arguments
 from .geometry import AuditResult, run_audit
@@ -65,6 +66,7 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
     folder = ensure_output_dir(audit_args.output_dir)
     with owned_folder(folder, active=main):
         check_may_write_audit(folder, audit_args.overwrite_output_dir)
+        check_data_flags_apply(data_args)
         model, tokenizer, name = load_model_from_arguments(model_args)
         check_block_fits(model, data_args.block_size)
         blocks = load_blocks_from_arguments(tokenizer, data_args)

@@ -116,6 +116,12 @@ def load_documents(
     return _column_texts(table, text_column), dataset
 
 
+def check_data_flags_apply(data_args) -> None:
+    """`check_flags_apply` for the ``--dataset`` flags (DataArguments): what commands check before loading a model."""
+    check_flags_apply(data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
+                      data_args.encoding, data_args.encoding_errors)
+
+
 def check_flags_apply(dataset, dataset_config: str | None, split: str, text_column: str, encoding: str,
                       encoding_errors: str) -> None:
     """Refuse a data flag that cannot apply to the chosen input (it would be silently ignored): --text_column,

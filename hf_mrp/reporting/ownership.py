@@ -163,11 +163,10 @@ def forget_finished_run(folder: Path) -> None:
 
 def audit_is_whole(folder: str | Path) -> bool:
     """An audit folder whose files read back and agree with its audit.json (a sweep recomputes any other)."""
-    from ..audit.geometry import load_audit
-    from ..audit.integrity import check_audit_files
+    from ..audit.integrity import load_whole_audit
 
     try:
-        check_audit_files(load_audit(folder), folder)
+        load_whole_audit(folder)
     except MRPUserError:
         return False
     return True
