@@ -27,7 +27,7 @@ from .reporting import files
 from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
-from .training.divergence import check_weights
+from .training.divergence import TrainingDiverged, check_weights
 from .training.trainer import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
                          eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    check_weights(trainer)  # an update of the last step may have made them NaN: never saved as a finished run
+    check_finite_after_training(trainer, output_dir)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
@@ -206,6 +206,20 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
             hub.wait()  # the pushes made during training land first; the final push replaces their card
             push_folder(output_dir, repo_id, config.hub_token, config.hub_private_repo)
     return audit.comparison
+
+
+def check_finite_after_training(trainer, output_dir: Path) -> None:
+    """The last update may have made the weights NaN (training_step checks before each step, not after the last):
+    then the run fails, and the after-audit and comparison the audit callback made of those weights are removed."""
+    import shutil
+
+    try:
+        check_weights(trainer)
+    except TrainingDiverged:
+        if trainer.is_world_process_zero():
+            for name in ("audit_after", "comparison"):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+        raise
 
 
 def hub_callback(config: MRPConfig, repo_id: str):
