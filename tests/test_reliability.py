@@ -7,11 +7,13 @@ by side and still be bit-for-bit comparable.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -595,3 +597,108 @@ def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, cap
     assert cli.main(argv) == 2
     rerun = capsys.readouterr()
     assert f"skipping failed run {failed[0]['name']}" in rerun.out and "] training " not in rerun.out
+
+
+# ---------------------------------------------------------------- issue 22: signals like Ctrl-C
+
+
+INTERRUPTED = "interrupted (report files on disk are whole: each is written atomically)"
+
+
+def test_sigterm_sighup_and_ctrl_c_print_one_line_and_leave_whole_files(tiny_model_dir, tmp_path):
+    """An audit into a finished audit folder, stopped by each signal while its second file is in the staging folder:
+    the same one line, exit code 128 + the signal, the old audit byte-identical, no staging folder left."""
+    from test_ownership import _boundary_process, _hashes, _staging_beside
+
+    from hf_mrp import cli
+
+    old = tmp_path / "old"
+    assert cli.main(["audit", "--model", str(tiny_model_dir), "--output_dir", str(old), "--block_size", "32",
+                     "--max_positions", "62"]) == 0
+    old_files = _hashes(old)
+    runs = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        folder, marker = tmp_path / signum.name, tmp_path / f"{signum.name}.paused"
+        shutil.copytree(old, folder)
+        runs[signum] = (folder, marker, _boundary_process(tmp_path, tiny_model_dir, folder, 2, "--max_positions", "93",
+                                                          "--overwrite_output_dir", "true", marker=marker))
+    for signum, (folder, marker, process) in runs.items():
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+            time.sleep(0.1)
+        assert marker.read_text() == "wrote positions.parquet" and _staging_beside(folder)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 128 + signum, (signum, err[-2000:])
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == f"hf-mrp audit: {INTERRUPTED}"
+        assert _hashes(folder) == old_files and _staging_beside(folder) == []
+        assert not [p for p in folder.rglob(".*") if p.name != ".hf_mrp.lock"]
+
+
+def test_signal_handlers_are_restored_and_a_second_signal_is_not_caught(monkeypatch, capsys):
+    from hf_mrp import cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def command(name, argv):
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives here
+
+    monkeypatch.setattr(cli, "run_command", command)
+    assert cli.main(["compare"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [f"hf-mrp compare: {INTERRUPTED}"]
+    assert seen["handler"] not in (previous, signal.SIG_DFL) and signal.getsignal(signal.SIGTERM) == previous
+
+
+# ---------------------------------------------------------------- issue 22: no network fails in seconds
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed once the socket is: connections to it are refused
+
+
+def _without_network(tmp_path: Path, *argv: str) -> tuple[int, str, float]:
+    env = _env(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+               HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT))
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "hf_mrp.cli", *argv], capture_output=True, text=True, env=env,
+                         timeout=120)
+    return run.returncode, run.stderr, time.monotonic() - started
+
+
+def test_a_hub_model_id_without_network_fails_in_seconds(tmp_path):
+    code, err, seconds = _without_network(tmp_path, "audit", "--model", "some-org/some-model", "--output_dir",
+                                          str(tmp_path / "out"))
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-mrp audit: error: could not load model 'some-org/some-model': the Hub cannot be "
+                           "reached (http://127.0.0.1:"), last
+    assert "does not answer" in last and "not in the local cache" in last
+    assert seconds < 10, seconds
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name != ".hf_mrp.lock"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason='needs lm-eval: pip install "hf_mrp[eval]"')
+def test_downstream_without_network_fails_in_seconds(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(vocab=49152), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    code, err, seconds = _without_network(tmp_path, "downstream", "--model", str(tiny_model_dir), "--adapter",
+                                          str(tmp_path / "adapter"), "--tasks", "arc_easy", "--output_dir",
+                                          str(tmp_path / "out"))
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-mrp downstream: error: task 'arc_easy' needs its dataset 'allenai/ai2_arc' from the "
+                           "Hub, which cannot be reached (http://127.0.0.1:"), last
+    assert seconds < 10, seconds
+    assert not (tmp_path / "out" / "downstream.json").exists()
