@@ -102,14 +102,16 @@ def check_example_arguments(example: ExampleArguments, config) -> None:
         raise MRPUserError(f"--holdout_every must be at least 2 (every n-th topic held out), "
                            f"got {example.holdout_every}")
     if example.max_answer_chars < 1:
-        raise MRPUserError(f"--max_answer_chars must be a positive number of characters, got {example.max_answer_chars}")
+        raise MRPUserError(f"--max_answer_chars must be a positive number of characters, "
+                           f"got {example.max_answer_chars}")
     if example.max_topics is not None and example.max_topics < 2:
         raise MRPUserError(f"--max_topics must be at least 2 (one held-out topic to audit and one to train on), got "
                            f"{example.max_topics}; omit it to use every topic")
     if example.lora_r < 1 or not example.lora_alpha > 0:
         raise MRPUserError(f"--lora_r must be >= 1 and --lora_alpha > 0, got {example.lora_r} and {example.lora_alpha}")
     if config.max_length is not None and config.max_length < 2:
-        raise MRPUserError(f"--max_length must be at least 2 tokens (one input and one target), got {config.max_length}")
+        raise MRPUserError(f"--max_length must be at least 2 tokens (one input and one target), "
+                           f"got {config.max_length}")
 
 
 def run(argv: list[str]) -> dict:

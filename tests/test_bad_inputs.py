@@ -311,8 +311,8 @@ CLI_CASES = [
     ("refine-output-dir-empty", ["refine", "--output_dir", ""], "output_dir is empty"),
     ("sweep-output-dir-empty", ["sweep", "--output_dir", ""], "output_dir is empty"),
     ("sweep-seed-out-of-range", ["sweep", "--objectives", "margin", "--lambdas", "1", "--seeds", "-1", "--model",
-                                 "MODEL", "--use_cpu", "true"], "seed must be in [0, 4,294,967,295] (the range numpy's random "
-                                                                "generator takes), got -1"),
+                                 "MODEL", "--use_cpu", "true"],
+     "seed must be in [0, 4,294,967,295] (the range numpy's random generator takes), got -1"),
     ("audit-text-column-embedded-corpus", ["audit", "--text_column", "body"],
      "--text_column cannot apply to the embedded corpus (no --dataset)"),
     ("audit-text-column-txt", ["audit", "--dataset", "SHORT", "--text_column", "body"],
@@ -683,8 +683,9 @@ API_CASES = [
      "--encoding_errors applies to .txt files only"),
     ("blocks-malformed-jsonl", lambda w, t, m: _load_blocks(dataset=w["BAD_LINE"]), "line 3 of .*not valid JSON"),
     ("blocks-different-columns", lambda w, t, m: _load_blocks(dataset=w["COLUMNS"]), "different columns"),
-    ("load-model-without-tokenizer", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(
-        w["NO_TOKENIZER"]), "has no tokenizer"),
+    ("load-model-without-tokenizer",
+     lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(w["NO_TOKENIZER"]),
+     "has no tokenizer"),
     ("load-tokenizer-missing", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_tokenizer(
         w["NO_TOKENIZER"]), "has no tokenizer"),
     ("load-gguf-and-4bit", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(
@@ -723,3 +724,37 @@ def test_ids_are_checked_before_the_embedding_sees_them(monkeypatch):
     with head_replaced(model, lambda h, w, b: carrier(h)):  # in range: the hook lets it through, and leaves with the block
         model(input_ids=torch.tensor([[1, 2, VOCAB - 1]]))
     assert len(seen) == 1 and not model.get_input_embeddings()._forward_pre_hooks
+
+
+# ---------------------------------------------------------------- issue 22: the examples' own counts and lengths
+
+EXAMPLE_CASES = [
+    (["--max_topics", "0"], "--max_topics must be at least 2 (one held-out topic to audit and one to train on), got 0"),
+    (["--max_topics", "-1"], "--max_topics must be at least 2"),
+    (["--max_answer_chars", "-5"], "--max_answer_chars must be a positive number of characters, got -5"),
+    (["--holdout_every", "0"], "--holdout_every must be at least 2"),
+    (["--lora_r", "0"], "--lora_r must be >= 1 and --lora_alpha > 0"),
+    (["--max_length", "-3"], "--max_length must be at least 2 tokens"),
+    (["--seed", "-1"], "seed must be in [0, 4,294,967,295]"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "the run would train zero steps"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EXAMPLE_CASES, ids=[" ".join(case[0]) for case in EXAMPLE_CASES])
+def test_sft_example_refuses_meaningless_counts_in_one_line(world, tmp_path, capsys, argv, message):
+    pytest.importorskip("trl")
+    import importlib.util as importing
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sft_mrp.py"
+    spec = importing.spec_from_file_location("sft_mrp_bad_inputs", path)
+    example = importing.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses look their module up
+    spec.loader.exec_module(example)
+    before = snapshot(Path(world["ROOT"]))
+    code = example.main([*argv, "--model", world["MODEL"], "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("sft_mrp.py: error: ") and message in lines[-1], lines[-1]
+    assert "topic_chats" not in err and "labeled_blocks" not in err  # no internal function named
+    _nothing_lost(world, tmp_path, before)

@@ -320,7 +320,8 @@ def _audit(model_dir: Path, out: Path, *extra: str) -> int:
     return cli.main(["audit", "--model", str(model_dir), "--output_dir", str(out), *AUDIT, *extra])
 
 
-def _boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *extra: str, marker: Path | None = None):
+def _boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *extra: str,
+                      marker: Path | None = None):
     wrapper = tmp_path / "boundary.py"
     wrapper.write_text(BOUNDARY_WRAPPER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),

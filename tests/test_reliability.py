@@ -483,7 +483,7 @@ def test_same_audit_arguments_give_byte_identical_files(tiny_model_dir, tmp_path
     from hf_mrp import cli
 
     args = ["audit", "--model", str(tiny_model_dir), "--block_size", "32", "--max_positions", "93",
-            "--layers", "1-2", "--output_dir", str(tmp_path / "audit")]
+            "--layers", "1-2", "--output_dir", str(tmp_path / "audit"), "--overwrite_output_dir", "true"]
     contents = []
     for _ in range(2):
         assert cli.main(args) == 0, capsys.readouterr().err
@@ -699,6 +699,7 @@ def test_downstream_without_network_fails_in_seconds(tiny_model_dir, tmp_path):
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("hf-mrp downstream: error: task 'arc_easy' needs its dataset 'allenai/ai2_arc' from the "
-                           "Hub, which cannot be reached (http://127.0.0.1:"), last
+                           "Hub (http://127.0.0.1:"), last
+    assert "does not answer" in last and "not in the local cache, but this machine cannot reach the Hub" in last
     assert seconds < 10, seconds
     assert not (tmp_path / "out" / "downstream.json").exists()

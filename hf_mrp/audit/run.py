@@ -42,11 +42,10 @@ def check_may_write_audit(folder: Path, overwrite: bool) -> None:
         )
 
 
-def _shared_staging(folder: Path, state) -> Path:
-    """The main process's staging folder, the same path on every process (the audit writes on the main one)."""
-    from ..reporting.files import staging_sibling
-
-    names = [str(staging_sibling(folder))]
+def _shared_staging(staging: Path | None, state) -> Path:
+    """The main process's staging folder (made before this is called), the same path on every process: every
+    process hands it to run_audit, which writes on the main one."""
+    names = [str(staging) if staging is not None else None]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -72,12 +71,12 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
         blocks = load_blocks_from_arguments(tokenizer, data_args)
         origin = provenance(name, model_args, data_args, audit_args)
         start = time.perf_counter()
-        staging = _shared_staging(folder, state)
-        writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(staging)
+        writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(None)
         with writing as staging:
             result = run_audit(
-                model, blocks, output_dir=staging, batch_size=audit_args.batch_size, chunk_size=audit_args.chunk_size,
-                margin_dtype=audit_args.margin_dtype, layers=audit_args.layers, provenance=origin,
+                model, blocks, output_dir=_shared_staging(staging, state), batch_size=audit_args.batch_size,
+                chunk_size=audit_args.chunk_size, margin_dtype=audit_args.margin_dtype, layers=audit_args.layers,
+                provenance=origin,
             )
         result.files = {key: folder / path.name for key, path in result.files.items()}
     result.seconds = time.perf_counter() - start

@@ -46,7 +46,8 @@ def check_before_parsing(argv: list[str]) -> None:
     if vocab is not None and top_k > vocab:
         name = known.model or "the embedded SmolLM2"
         raise MRPUserError(f"mrp_top_k {top_k} exceeds the vocabulary of {name} ({vocab:,} tokens): the Fisher "
-                           f"objective's top-k must be at most that; pass --mrp_top_k {vocab} or less (the paper uses 5)")
+                           f"objective's top-k must be at most that; pass --mrp_top_k {vocab} or less "
+                           f"(the paper uses 5)")
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RefineArguments, MRPConfig]:

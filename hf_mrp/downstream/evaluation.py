@@ -12,8 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..arguments import ModelArguments, provenance
 from ..errors import MRPUserError
-from ..models import load_model_from_arguments
-from ..models.loading import offline_when_unreachable
+from ..hub_access import offline_when_unreachable
 from ..reporting.files import ensure_output_dir, read_json
 from .report import build_report, write_report
 from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval, resolve_adapter
@@ -161,7 +160,9 @@ def _device(name: str | None) -> str:
 
 def downstream_from_arguments(model_args: ModelArguments, downstream_args: DownstreamArguments) -> dict:
     """Check everything cheap first (lm-eval, adapter, tasks and their data), then load the model and run. Without a
-    reachable Hub, tasks whose data is not cached fail in seconds (models.loading.offline_when_unreachable)."""
+    reachable Hub, tasks whose data is not cached fail in seconds (hub_access), before torch is even imported."""
+    from ..models import load_model_from_arguments
+
     require_lm_eval()
     resolve_adapter(downstream_args.adapter)
     ensure_output_dir(downstream_args.output_dir)

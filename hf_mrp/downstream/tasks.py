@@ -130,10 +130,15 @@ def _builtin_task_yaml(name: str) -> Path | None:
     TaskManager's YAML index)."""
     import re
 
-    import lm_eval
-
+    spec = importlib.util.find_spec("lm_eval")  # its folder, without importing it (seconds)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tasks"
     pattern = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
-    for path in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*.yaml")):
+    import itertools
+
+    named = sorted(root.rglob(f"{name}.yaml"))  # most tasks live in a YAML of their own name: read those first
+    for path in itertools.chain(named, (p for p in root.rglob("*.yaml") if p not in named)):
         try:
             if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
                 return path
@@ -158,10 +163,12 @@ def _dataset_path(yaml_path: Path, depth: int = 3) -> str | None:
 
 def _hub_dataset_is_cached(dataset: str) -> bool:
     """Whether a Hub dataset has anything in the datasets cache or the Hub cache (then it may load offline)."""
-    import datasets.config
+    import os
+
     from huggingface_hub import constants
 
-    return (Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___")).exists() or (
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"  # without datasets
+    return (Path(datasets_cache) / dataset.replace("/", "___")).exists() or (
         Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists()
 
 
@@ -172,14 +179,13 @@ def check_task_data_reachable(names: Sequence[str], hub_problem: str) -> None:
         yaml_path = _builtin_task_yaml(name)
         dataset = _dataset_path(yaml_path) if yaml_path is not None else None
         if dataset is not None and not Path(dataset).exists() and not _hub_dataset_is_cached(dataset):
-            raise MRPUserError(f"task {name!r} needs its dataset {dataset!r} from the Hub, which cannot be reached "
-                               f"({hub_problem}), and it is not in the local cache; use --include_path with local data "
-                               "files (or run where the Hub is reachable)")
+            raise MRPUserError(f"task {name!r} needs its dataset {dataset!r} from the Hub ({hub_problem}), and it is "
+                               f"not in the local cache, but {OFFLINE_HINT} (or run where the Hub is reachable)")
 
 
 def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> TaskSet:
     """Index, check and build ``names``; a wrong name or unreachable data fails here, in seconds."""
-    from ..models.loading import hub_problem
+    from ..hub_access import hub_problem
 
     names = parse_task_names(names)
     problem = hub_problem()

@@ -4,20 +4,19 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..arguments import MODEL_DTYPES, ModelArguments
 from ..errors import MRPUserError
+from ..hub_access import hub_problem, is_hub_id, offline_when_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -177,70 +176,8 @@ def gguf_location(model: str | None, gguf_file: str) -> tuple[str, str, str]:
     return str(path.parent), path.name, gguf_file
 
 
-HUB_PROBE_SECONDS = 3.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
-
-
-def is_hub_id(source: str) -> bool:
-    return not Path(source).exists() and not source.startswith((".", "/", "~"))
-
-
-@functools.lru_cache(maxsize=8)
-def _endpoint_problem(endpoint: str) -> str | None:
-    """Why one quick request to the Hub endpoint fails (no retries), or None when it answers."""
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(endpoint, timeout=HUB_PROBE_SECONDS, follow_redirects=False)
-    except Exception as error:  # noqa: BLE001 - any failure to get an answer means: unreachable
-        text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return None
-
-
-_FORCED_OFFLINE: list[str] = []  # why offline_when_unreachable turned offline mode on (while it holds it)
-
-
-def hub_problem() -> str | None:
-    """Why the Hub cannot be used now (offline mode, or an endpoint that does not answer), or None. A Hub request
-    that cannot connect is retried with back-off for about a minute; this probe takes at most a few seconds."""
-    from huggingface_hub import constants
-
-    if _FORCED_OFFLINE:
-        return _FORCED_OFFLINE[-1]
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    problem = _endpoint_problem(constants.ENDPOINT)
-    return f"{constants.ENDPOINT} does not answer ({problem})" if problem else None
-
-
-@contextlib.contextmanager
-def offline_when_unreachable(source: str | None = None) -> Iterator[None]:
-    """While the block runs, use the Hub's offline mode (local cache only) when the Hub endpoint does not answer, so
-    what is cached still loads and what is not fails at once, instead of after a minute of retries. ``source``: only
-    for a Hub id (a local folder needs no Hub)."""
-    import sys
-
-    from huggingface_hub import constants
-
-    if (source is not None and not is_hub_id(source)) or constants.HF_HUB_OFFLINE or hub_problem() is None:
-        yield
-        return
-    logger.warning("the Hub cannot be reached (%s): reading from the local cache only", hub_problem())
-    datasets_config = sys.modules.get("datasets.config")
-    saved = constants.HF_HUB_OFFLINE, getattr(datasets_config, "HF_HUB_OFFLINE", None)
-    _FORCED_OFFLINE.append(hub_problem())
-    constants.HF_HUB_OFFLINE = True
-    if datasets_config is not None:
-        datasets_config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        _FORCED_OFFLINE.pop()
-        constants.HF_HUB_OFFLINE = saved[0]
-        if datasets_config is not None:
-            datasets_config.HF_HUB_OFFLINE = saved[1]
 
 
 def check_tokenizer_files(source: str) -> None:

@@ -142,7 +142,7 @@ def swapped_folder(folder: str | Path, replaced: Iterable[str] = (), last: str |
     folder = Path(folder)
     staging = staging_sibling(folder)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     try:
         yield staging
         folder.mkdir(parents=True, exist_ok=True)

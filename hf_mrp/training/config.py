@@ -204,7 +204,8 @@ def _known_reporters(report_to: list[str]) -> list[str]:
                                f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: comma-separated)")
         check, package = REPORTER_PACKAGES.get(name, (None, name))
         available = getattr(integration_utils, check, None) if check else None
-        if (available is not None and not available()) or (available is None and importlib.util.find_spec(name) is None):
+        installed = available() if available is not None else importlib.util.find_spec(name) is not None
+        if not installed:
             raise MRPUserError(f"--report_to {name} needs the {name} package, which is not installed: pip install "
                                f"{package} (or pass --report_to none)")
     return names
