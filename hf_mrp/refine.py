@@ -80,6 +80,9 @@ class RefineArguments:
     def __post_init__(self) -> None:
         if self.audit_positions <= 0:
             raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
+        if self.audit_batch_size < 1:
+            raise MRPUserError(f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
+                               f"{self.audit_batch_size}")
         try:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:

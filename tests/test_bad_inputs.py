@@ -323,6 +323,7 @@ CLI_CASES = [
      "--split cannot apply to the data file"),
     ("audit-dataset-config-txt", ["audit", "--dataset", "SHORT", "--dataset_config", "x"],
      "--dataset_config cannot apply to the .txt file"),
+    ("refine-audit-batch-size-0", ["refine", "--audit_batch_size", "0"], "audit_batch_size must be at least 1"),
     ("refine-top-k-above-vocabulary", ["refine", "--mrp_top_k", "50000"],
      "mrp_top_k 50000 exceeds the vocabulary of"),
     # issue 22: specific failures

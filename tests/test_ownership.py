@@ -423,3 +423,17 @@ def test_stale_staging_folders_of_dead_processes_are_swept_at_start(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_an_audit_into_the_current_folder_replaces_its_files_in_place(tiny_model_dir, tmp_path, monkeypatch):
+    """``--output_dir .``: the folder cannot be exchanged away from under the process (and the shell) in it, so its
+    files are replaced one by one, audit.json last; the folder itself stays the same one."""
+    from hf_mrp.audit.integrity import load_whole_audit
+
+    monkeypatch.chdir(tmp_path)
+    inode = tmp_path.stat().st_ino
+    assert _audit(tiny_model_dir, Path("."), "--layers", "1") == 0
+    assert _audit(tiny_model_dir, Path("."), "--max_positions", "93", "--overwrite_output_dir", "true") == 0
+    assert tmp_path.stat().st_ino == inode and Path.cwd() == tmp_path
+    assert load_whole_audit(tmp_path).summary["n_positions"] == 93 and not (tmp_path / "layers.json").exists()
+    assert _partial_files(tmp_path) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}.staging-*"))

@@ -139,15 +139,17 @@ def swapped_folder(folder: str | Path, replaced: Iterable[str] = (), last: str |
     writer of the same kind may have left, which must not outlive it) are carried over as hard links first, the
     folder's lock file too (its inode holds the lock). Where the filesystem cannot exchange two paths, the files
     are moved one by one instead, ``last`` last. A failure removes the staging folder; the old folder stays."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     staging = staging_sibling(folder)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
+    cwd = Path.cwd().resolve()
+    holds_cwd = cwd == folder or folder in cwd.parents  # exchanged away, the current folder would be deleted
     try:
         yield staging
         folder.mkdir(parents=True, exist_ok=True)
         _link_tree(folder, staging, set(replaced))
-        if not exchange_paths(staging, folder):
+        if holds_cwd or not exchange_paths(staging, folder):
             _move_files(staging, folder, last, set(replaced))
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after the exchange: the old files
@@ -179,7 +181,7 @@ def _pid_is_alive(pid: int) -> bool:
 def sweep_stale_staging(folder: str | Path) -> list[Path]:
     """Remove the staging folders of dead processes in and beside ``folder`` (``.staging-<pid>`` inside it, from
     `staged_folder`; ``.<name>.staging-<pid>`` beside it, from `swapped_folder`); returns what was removed."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     candidates = [*folder.glob(".staging-*"), *folder.parent.glob(f".{glob.escape(folder.name)}.staging-*")]
     removed = []
     for path in candidates:
