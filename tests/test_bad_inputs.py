@@ -178,9 +178,10 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Partial files a failed write could leave: staging folders and atomic-write temporaries (.name.XXXX)."""
+    """Partial files a failed write could leave: staging folders (``.staging-<pid>`` inside a folder, and
+    ``.<name>.staging-<pid>`` beside it) and atomic-write temporaries (.name.XXXX)."""
     return [p.relative_to(folder).as_posix() for p in Path(folder).rglob(".*")
-            if p.name != LOCK_FILE and (p.name.startswith(".staging-") or p.is_file())]
+            if p.name != LOCK_FILE and (".staging-" in p.name or p.is_file())]
 
 
 def _sys_is_writable() -> bool:

@@ -7,7 +7,9 @@ one line that says who owns it. The kernel drops the lock when the holder exits,
 also sweeps the staging folders that killed runs left in and beside the folder (files.sweep_stale_staging).
 
 A folder "holds a finished run" when refine's last file, ``training_log.json``, is there; writing
-into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``).
+into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``). An `hf-mrp audit`
+folder is owned the same way (hf_mrp.audit.run): a finished audit (audit.json) is only replaced with
+``--overwrite_output_dir true``, and the new audit's files are swapped in together (files.swapped_folder).
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ from typing import Sequence
 from ..audit.geometry import AuditResult
 from ..reporting import files
 from ..reporting.ownership import owned_folder, run_is_whole
+from ..training.divergence import TrainingDiverged
 from .aggregate import aggregate
 from .arguments import SweepArguments, check_pass_through
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
 from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields, variant_flags, with_audit_blocks
 from .report import markdown_report, write_plots
-from ..training.divergence import TrainingDiverged
 from .runs import (
     BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, parse_pass_through,
     record_settings, run_arguments, run_settings,

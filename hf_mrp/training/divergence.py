@@ -24,9 +24,16 @@ class TrainingDiverged(MRPUserError):
     """The run diverged: its weights or its loss are no longer finite. Nothing is marked finished."""
 
 
+def _local(parameter: torch.Tensor) -> torch.Tensor:
+    """This process's values of a parameter: its shard under FSDP2 (DTensor) or ZeRO-3 (ds_tensor)."""
+    local = parameter.to_local() if hasattr(parameter, "to_local") else getattr(parameter, "ds_tensor", parameter)
+    return local.detach()
+
+
 def weights_are_finite(trainer) -> bool:
     """Whether every trainable parameter is finite on every process (one all-reduced flag: all stop together)."""
-    params = [p.detach() for p in trainer.model.parameters() if p.requires_grad and p.numel()]
+    params = [_local(p) for p in trainer.model.parameters() if p.requires_grad]
+    params = [p for p in params if p.numel()]
     local = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
     bad = (~local).to(torch.float32).reshape(1).to(trainer.args.device)
     if trainer.accelerator.num_processes > 1:
@@ -39,11 +46,11 @@ def _checkpoint_step(folder: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-def drop_checkpoints_after(output_dir: str | Path, last_finite_step: int) -> tuple[list[str], str | None]:
-    """Remove the checkpoints saved after ``last_finite_step`` (their weights are not finite); returns (the removed
-    names, the newest checkpoint kept or None)."""
+def drop_checkpoints_after(output_dir: str | Path, last_finite_step: int, step: int) -> tuple[list[str], str | None]:
+    """Remove the checkpoints this run saved after ``last_finite_step``, up to ``step`` (their weights are not
+    finite); returns (the removed names, the newest checkpoint kept or None)."""
     folders = sorted(Path(output_dir).glob("checkpoint-*"), key=_checkpoint_step)
-    removed = [f.name for f in folders if _checkpoint_step(f) > last_finite_step]
+    removed = [f.name for f in folders if last_finite_step < _checkpoint_step(f) <= step]
     for name in removed:
         shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
     kept = [f for f in folders if f.name not in removed and f.is_dir()]
@@ -53,8 +60,9 @@ def drop_checkpoints_after(output_dir: str | Path, last_finite_step: int) -> tup
 def diverged(trainer, step: int, problem: str, last_finite_step: int) -> TrainingDiverged:
     """The one-line failure: the step, what went non-finite, the likely cause, and what is (not) on disk."""
     args = trainer.args
-    removed, kept = (drop_checkpoints_after(args.output_dir, last_finite_step) if trainer.is_world_process_zero()
-                     else ([], None))
+    removed, kept = ([], None)
+    if trainer.is_world_process_zero():
+        removed, kept = drop_checkpoints_after(args.output_dir, last_finite_step, trainer.state.global_step)
     kept_text = (f"the last finite checkpoint is {kept}" if kept else "no checkpoint of finite weights was saved")
     if removed:
         kept_text += f" ({', '.join(removed)}, saved after the weights went non-finite, was removed)"
