@@ -42,14 +42,14 @@ def check_may_write_audit(folder: Path, overwrite: bool) -> None:
         )
 
 
-def _shared_staging(staging: Path | None, state) -> Path:
+def _shared_staging(staging: Path | None) -> Path:
     """The main process's staging folder (made before this is called), the same path on every process: every
     process hands it to run_audit, which writes on the main one."""
-    names = [str(staging) if staging is not None else None]
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    import torch.distributed as dist
 
-        broadcast_object_list(names)
+    names = [str(staging) if staging is not None else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(names, src=0)
     return Path(names[0])
 
 
@@ -60,7 +60,7 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
     from ..reporting.files import ensure_output_dir, swapped_folder
     from ..reporting.ownership import is_main_process, owned_folder
 
-    state = PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard
+    PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard
     main = is_main_process()
     folder = ensure_output_dir(audit_args.output_dir)
     with owned_folder(folder, active=main):
@@ -74,7 +74,7 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
         writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(None)
         with writing as staging:
             result = run_audit(
-                model, blocks, output_dir=_shared_staging(staging, state), batch_size=audit_args.batch_size,
+                model, blocks, output_dir=_shared_staging(staging), batch_size=audit_args.batch_size,
                 chunk_size=audit_args.chunk_size, margin_dtype=audit_args.margin_dtype, layers=audit_args.layers,
                 provenance=origin,
             )

@@ -148,6 +148,7 @@ def swapped_folder(folder: str | Path, replaced: Iterable[str] = (), last: str |
     try:
         yield staging
         folder.mkdir(parents=True, exist_ok=True)
+        shutil.copymode(folder, staging)  # the exchanged-in folder keeps the old one's permissions
         _link_tree(folder, staging, set(replaced))
         if holds_cwd or not exchange_paths(staging, folder):
             _move_files(staging, folder, last, set(replaced))
