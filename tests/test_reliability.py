@@ -703,3 +703,32 @@ def test_downstream_without_network_fails_in_seconds(tiny_model_dir, tmp_path):
     assert "does not answer" in last and "not in the local cache, but this machine cannot reach the Hub" in last
     assert seconds < 10, seconds
     assert not (tmp_path / "out" / "downstream.json").exists()
+
+
+def test_sigterm_during_training_ends_the_run_like_ctrl_c(tiny_model_dir, tmp_path):
+    """What schedulers and `kill` send: one line, exit code 143, the checkpoint on disk whole, no staging folder,
+    nothing marked finished."""
+    wrapper = tmp_path / "pause_after_checkpoint.py"
+    wrapper.write_text(PAUSE_WRAPPER)
+    marker, out = tmp_path / "paused", tmp_path / "run"
+    process, log = _start_refine(tiny_model_dir, out, wrapper=wrapper,
+                                 env=_env(PAUSE_AT_STEP="2", PAUSE_MARKER=str(marker)))
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    text = Path(log.name).read_text()
+    assert code == 128 + signal.SIGTERM and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == f"hf-mrp refine: {INTERRUPTED}"
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (out / "training_log.json").exists()
+    assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
+    assert not list(out.parent.glob(f".{out.name}.staging-*"))
