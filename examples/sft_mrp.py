@@ -92,10 +92,26 @@ def parse(argv: list[str]):
     defaults = [item for key, value in DEFAULTS.items() if key not in given for item in (f"--{key}", value)]
     parser = MRPArgumentParser((ExampleArguments, MRPSFTConfig), prog="python examples/sft_mrp.py")
     example, config = parser.parse_args_into_dataclasses(args=[*defaults, *argv])
+    check_example_arguments(example, config)
+    return example, config
+
+
+def check_example_arguments(example: ExampleArguments, config) -> None:
+    """Counts and lengths that would make the run meaningless (or fail deep inside), refused in one line."""
     if example.holdout_every < 2:
         raise MRPUserError(f"--holdout_every must be at least 2 (every n-th topic held out), "
                            f"got {example.holdout_every}")
-    return example, config
+    if example.max_answer_chars < 1:
+        raise MRPUserError(f"--max_answer_chars must be a positive number of characters, "
+                           f"got {example.max_answer_chars}")
+    if example.max_topics is not None and example.max_topics < 2:
+        raise MRPUserError(f"--max_topics must be at least 2 (one held-out topic to audit and one to train on), got "
+                           f"{example.max_topics}; omit it to use every topic")
+    if example.lora_r < 1 or not example.lora_alpha > 0:
+        raise MRPUserError(f"--lora_r must be >= 1 and --lora_alpha > 0, got {example.lora_r} and {example.lora_alpha}")
+    if config.max_length is not None and config.max_length < 2:
+        raise MRPUserError(f"--max_length must be at least 2 tokens (one input and one target), "
+                           f"got {config.max_length}")
 
 
 def run(argv: list[str]) -> dict:
@@ -135,13 +151,19 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_mrp.cli import Stopped, signals_stop_like_ctrl_c
+    from hf_mrp.parser import one_line
     from hf_mrp.reporting.markdown import flip_summary_line
 
     try:
-        summary = run(sys.argv[1:] if argv is None else argv)
+        with signals_stop_like_ctrl_c():
+            summary = run(sys.argv[1:] if argv is None else argv)
     except MRPUserError as error:
-        print(f"sft_mrp.py: error: {error}", file=sys.stderr)
+        print(f"sft_mrp.py: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        print("sft_mrp.py: interrupted (report files on disk are whole: each is written atomically)", file=sys.stderr)
+        return 128 + (stop.signum if isinstance(stop, Stopped) else 2)
     print(f"SFT + MRP (lambda {summary['mrp_lambda']}) -> {summary['heldout_positions']} held-out assistant positions: "
           f"{flip_summary_line(summary)}")
     return 0

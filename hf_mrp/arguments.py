@@ -159,6 +159,10 @@ class AuditArguments:
         default="float32",
         metadata={"help": "'float32' (spec) or 'model' (margins in the model dtype, to show the bf16 artifact)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished audit in --output_dir. Without it a folder holding one is refused."},
+    )
 
     def __post_init__(self) -> None:
         _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size)

@@ -16,6 +16,8 @@ def run_command(command: str, argv: list[str]) -> None:
     """Import the command's module only (the training stack takes seconds to import), register its parser
     under the root one (TRL's ``make_parser(subparsers)``), parse, and hand ``main`` the whole dataclasses."""
     module = importlib.import_module(f"hf_mrp.commands.{command}")
+    if hasattr(module, "check_before_parsing"):  # settings that need the model's files, not only the flags
+        module.check_before_parsing(argv)
     root = MRPArgumentParser(prog="hf-mrp")
     parser = module.make_parser(root.add_subparsers(dest="command", parser_class=MRPArgumentParser))
     if getattr(module, "FORWARDS_UNKNOWN_FLAGS", False):
@@ -54,9 +56,47 @@ def _output_dir_owned(command: str, argv: list[str]):
     return owned_folder(folder, "hf-mrp " + shlex.join([command, *argv]), active=is_main_process())
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl-C, `kill` / schedulers / torchrun, a closed terminal
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C: every ``finally`` runs (staging folders and
+    temporary files are removed, each file on disk stays whole)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_stop_like_ctrl_c():
+    """SIGTERM and SIGHUP raise `Stopped` in the main thread; a second signal ends the process at once (the default
+    action is back once the first arrived). The previous handlers return when the block ends."""
+    import signal
+
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS[1:] if hasattr(signal, name)]
+
+    def stop(signum, frame):
+        for number in numbers:
+            signal.signal(number, signal.SIG_DFL)
+        raise Stopped(signum)
+
+    try:
+        previous = {number: signal.signal(number, stop) for number in numbers}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors (MRPUserError, bad flags) print ONE line on stderr,
-    ``hf-mrp COMMAND: error: ...``, and return 2; Ctrl-C returns 130 without a traceback."""
+    ``hf-mrp COMMAND: error: ...``, and return 2; Ctrl-C, SIGTERM and SIGHUP print one line, without a traceback,
+    and return 128 + the signal's number (130 for Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -68,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _output_dir_owned(command, rest):
+        with signals_stop_like_ctrl_c(), _output_dir_owned(command, rest):
             run_command(command, rest)
     except MRPUserError as error:
         print(f"hf-mrp {command}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"hf-mrp {command}: interrupted (report files on disk are whole: each is written atomically)",
               file=sys.stderr)
-        return 130
+        return 128 + (stop.signum if isinstance(stop, Stopped) else 2)
     except SystemExit as stop:  # --help of a command, or a handler's sys.exit
         if stop.code is None or isinstance(stop.code, int):
             return stop.code or 0

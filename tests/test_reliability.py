@@ -7,11 +7,13 @@ by side and still be bit-for-bit comparable.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -481,7 +483,7 @@ def test_same_audit_arguments_give_byte_identical_files(tiny_model_dir, tmp_path
     from hf_mrp import cli
 
     args = ["audit", "--model", str(tiny_model_dir), "--block_size", "32", "--max_positions", "93",
-            "--layers", "1-2", "--output_dir", str(tmp_path / "audit")]
+            "--layers", "1-2", "--output_dir", str(tmp_path / "audit"), "--overwrite_output_dir", "true"]
     contents = []
     for _ in range(2):
         assert cli.main(args) == 0, capsys.readouterr().err
@@ -501,3 +503,232 @@ def test_same_audit_arguments_give_byte_identical_files(tiny_model_dir, tmp_path
 
     clock_words = ("time", "date", "second", "duration", "elapsed", "runtime", "host")
     assert not [key for key in keys(summary) if any(word in key.lower() for word in clock_words)]
+
+
+# ---------------------------------------------------------------- issue 22: divergence is a failure
+
+
+def _finite_adapter(checkpoint: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in _adapter(checkpoint).values())
+
+
+@pytest.mark.parametrize("max_steps", [6, 2])  # 6: caught at the next step; 2: the last update, caught after training
+def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finished(tiny_model_dir, tmp_path, capsys,
+                                                                                    max_steps):
+    """Learning rate 1e8: the second update makes the adapter NaN. The run stops with one line naming the step and
+    the likely cause; the checkpoint saved after the NaN update is removed, the one before it is intact."""
+    from hf_mrp import cli
+
+    out = tmp_path / "run"
+    argv = ["refine", "--model", str(tiny_model_dir), "--output_dir", str(out), *REFINE_ARGS, "--learning_rate", "1e8",
+            "--save_steps", "1", "--max_steps", str(max_steps), "--report_to", "none"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-mrp refine: error: training diverged at step 2: its update made the trainable weights "
+                           "non-finite (NaN/inf)"), last
+    assert "learning_rate 1e+08, mrp_lambda 0.6" in last and "lower --learning_rate" in last
+    assert f"the last finite checkpoint is {out / 'checkpoint-1'} (checkpoint-2, saved after" in last
+    assert not (out / "training_log.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not (out / "audit_after").exists() and not (out / "README.md").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert _finite_adapter(out / "checkpoint-1")
+    assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
+    from hf_mrp.reporting.ownership import run_is_whole
+
+    assert not run_is_whole(out)
+
+
+def test_a_loss_that_stays_non_finite_stops_the_run(tmp_path):
+    """Every batch non-finite: skipped (no gradient) MAX_NONFINITE_STEPS steps in a row, then the run stops."""
+    from hf_mrp.training.divergence import MAX_NONFINITE_STEPS, TrainingDiverged
+
+    weights = [[float("nan")] * 12 for _ in range(8)]
+    trainer = _trainer(tmp_path, _dataset(8, weights=weights), max_steps=8, gradient_accumulation_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with pytest.raises(TrainingDiverged, match=f"training diverged at step {MAX_NONFINITE_STEPS}: the loss or the MRP "
+                                               f"objective was not finite .* for {2 * MAX_NONFINITE_STEPS} batches in "
+                                               "a row .*no checkpoint of finite weights was saved"):
+        trainer.train()
+    assert trainer.state.global_step == MAX_NONFINITE_STEPS - 1
+    for name, parameter in trainer.model.named_parameters():  # no skipped batch changed a weight
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.detach(), before[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, capsys):
+    """lambda 1e38 overflows: that run fails (results.md says so, no row of zeros), its control is a finished row."""
+    import json as json_module
+
+    from hf_mrp import cli
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--output_dir", str(out), "--objectives", "margin", "--lambdas", "1e38", "--seeds", "0",
+            "--n_bootstrap", "0", "--audit_blocks", "2", "--model", str(tiny_model_dir), *REFINE_ARGS[:4],
+            "--max_steps", "4", "--save_strategy", "no", "--lora_layers", "1-2", "--learning_rate", "1e-2",
+            "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err[-2000:]
+    last = captured.err.strip().splitlines()[-1]
+    results = json_module.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 1 and results["runs"][0]["control"]
+    assert last == (f"hf-mrp sweep: error: 1 of 2 runs failed (diverged): {results['failed_runs'][0]['name']}; "
+                    "results.md lists them and why, the rows hold only the finished runs"), last
+    failed = results["failed_runs"]
+    assert len(failed) == 1 and "training diverged at step" in failed[0]["reason"] and not results["missing_runs"]
+    assert all(not row["objective"] == "margin" for row in results["rows"])  # only the control's row
+    report = (out / "results.md").read_text()
+    assert f"**FAILED (diverged, left out of every row):** {failed[0]['name']}: training diverged" in report
+    run_dir = out / "runs" / failed[0]["name"]
+    assert not (run_dir / "training_log.json").exists() and (run_dir / "sweep_failed.json").is_file()
+    # a rerun keeps it as failed, trains nothing again, and says so
+    assert cli.main(argv) == 2
+    rerun = capsys.readouterr()
+    assert f"skipping failed run {failed[0]['name']}" in rerun.out and "] training " not in rerun.out
+
+
+# ---------------------------------------------------------------- issue 22: signals like Ctrl-C
+
+
+INTERRUPTED = "interrupted (report files on disk are whole: each is written atomically)"
+
+
+def test_sigterm_sighup_and_ctrl_c_print_one_line_and_leave_whole_files(tiny_model_dir, tmp_path):
+    """An audit into a finished audit folder, stopped by each signal while its second file is in the staging folder:
+    the same one line, exit code 128 + the signal, the old audit byte-identical, no staging folder left."""
+    from test_ownership import _boundary_process, _hashes, _staging_beside
+
+    from hf_mrp import cli
+
+    old = tmp_path / "old"
+    assert cli.main(["audit", "--model", str(tiny_model_dir), "--output_dir", str(old), "--block_size", "32",
+                     "--max_positions", "62"]) == 0
+    old_files = _hashes(old)
+    runs = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        folder, marker = tmp_path / signum.name, tmp_path / f"{signum.name}.paused"
+        shutil.copytree(old, folder)
+        runs[signum] = (folder, marker, _boundary_process(tmp_path, tiny_model_dir, folder, 2, "--max_positions", "93",
+                                                          "--overwrite_output_dir", "true", marker=marker))
+    for signum, (folder, marker, process) in runs.items():
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+            time.sleep(0.1)
+        assert marker.read_text() == "wrote positions.parquet" and _staging_beside(folder)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 128 + signum, (signum, err[-2000:])
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == f"hf-mrp audit: {INTERRUPTED}"
+        assert _hashes(folder) == old_files and _staging_beside(folder) == []
+        assert not [p for p in folder.rglob(".*") if p.name != ".hf_mrp.lock"]
+
+
+def test_signal_handlers_are_restored_and_a_second_signal_is_not_caught(monkeypatch, capsys):
+    from hf_mrp import cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def command(name, argv):
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives here
+
+    monkeypatch.setattr(cli, "run_command", command)
+    assert cli.main(["compare"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [f"hf-mrp compare: {INTERRUPTED}"]
+    assert seen["handler"] not in (previous, signal.SIG_DFL) and signal.getsignal(signal.SIGTERM) == previous
+
+
+# ---------------------------------------------------------------- issue 22: no network fails in seconds
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed once the socket is: connections to it are refused
+
+
+def _without_network(tmp_path: Path, *argv: str) -> tuple[int, str, float]:
+    env = _env(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+               HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT))
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "hf_mrp.cli", *argv], capture_output=True, text=True, env=env,
+                         timeout=120)
+    return run.returncode, run.stderr, time.monotonic() - started
+
+
+def test_a_hub_model_id_without_network_fails_in_seconds(tmp_path):
+    code, err, seconds = _without_network(tmp_path, "audit", "--model", "some-org/some-model", "--output_dir",
+                                          str(tmp_path / "out"))
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-mrp audit: error: could not load model 'some-org/some-model': the Hub cannot be "
+                           "reached (http://127.0.0.1:"), last
+    assert "does not answer" in last and "not in the local cache" in last
+    assert seconds < 10, seconds
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name != ".hf_mrp.lock"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason='needs lm-eval: pip install "hf_mrp[eval]"')
+def test_downstream_without_network_fails_in_seconds(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(vocab=49152), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    code, err, seconds = _without_network(tmp_path, "downstream", "--model", str(tiny_model_dir), "--adapter",
+                                          str(tmp_path / "adapter"), "--tasks", "arc_easy", "--output_dir",
+                                          str(tmp_path / "out"))
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-mrp downstream: error: task 'arc_easy' needs its dataset 'allenai/ai2_arc' from the "
+                           "Hub (http://127.0.0.1:"), last
+    assert "does not answer" in last and "not in the local cache, but this machine cannot reach the Hub" in last
+    assert seconds < 10, seconds
+    assert not (tmp_path / "out" / "downstream.json").exists()
+
+
+def test_sigterm_during_training_ends_the_run_like_ctrl_c(tiny_model_dir, tmp_path):
+    """What schedulers and `kill` send: one line, exit code 143, the checkpoint on disk whole, no staging folder,
+    nothing marked finished."""
+    wrapper = tmp_path / "pause_after_checkpoint.py"
+    wrapper.write_text(PAUSE_WRAPPER)
+    marker, out = tmp_path / "paused", tmp_path / "run"
+    process, log = _start_refine(tiny_model_dir, out, wrapper=wrapper,
+                                 env=_env(PAUSE_AT_STEP="2", PAUSE_MARKER=str(marker)))
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    text = Path(log.name).read_text()
+    assert code == 128 + signal.SIGTERM and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == f"hf-mrp refine: {INTERRUPTED}"
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (out / "training_log.json").exists()
+    assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
+    assert not list(out.parent.glob(f".{out.name}.staging-*"))

@@ -1,8 +1,13 @@
 """The SFT contract: MRPSFTTrainer at lambda 0 is TRL's `SFTTrainer`, with TRL's defaults (bf16 on).
 
+Under bf16 the reference is SFTTrainer with TRL's own float32 head (``cast_lm_head_to_fp32``): its default head
+computes the logits in bf16, and MRPSFTTrainer's loss is float32 whatever the autocast (docs/models.md).
+
 Each case trains the same model copy with the same seed through both trainers on what SFT users train
 (conversations, prompt-completion pairs, assistant-only and completion-only loss, packing, PEFT adapters,
-prompt tuning) and asserts equal loss histories, parameters, metrics and predictions.
+prompt tuning) and asserts equal loss histories, parameters, metrics and predictions. The optimizer is SGD: AdamW's
+first steps turn float rounding differences of 1e-9 in a gradient into visibly different weights, and bf16
+forwards then amplify them (the Trainer matrix covers AdamW, Adafactor and SGD in float32).
 """
 
 from __future__ import annotations
@@ -52,18 +57,30 @@ CASES = {  # name -> (dataset kind, SFTConfig options, trainer keyword arguments
 }
 
 
+def with_float32_head(trainer) -> None:
+    """SFTTrainer's fused head with TRL's own ``cast_lm_head_to_fp32``: under bf16 autocast its default head forms
+    the logits in bf16 (about 1e-4 relative off float32), while MRPSFTTrainer's loss is float32 by design."""
+    from peft import PeftModel
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+    add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy", "is_top1"))
+
+
 def run(trainer_class, config_class, folder, tmp_path, name: str, kind: str, options: dict, kwargs: dict):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(folder)
     extra = {"mrp_lambda": 0.0} if trainer_class is MRPSFTTrainer else {}
     args = config_class(output_dir=str(tmp_path / name), max_steps=STEPS, per_device_train_batch_size=2,
-                        per_device_eval_batch_size=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+                        per_device_eval_batch_size=3, optim="sgd", learning_rate=0.05, logging_steps=1, save_strategy="no",
                         report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **options, **extra)
     kwargs = copy.deepcopy(kwargs)
     evaluation = chat_dataset(kind) if "compute_metrics" in kwargs else None
     trainer = trainer_class(model=model, args=args, train_dataset=chat_dataset(kind), eval_dataset=evaluation,
                             processing_class=tokenizer, **kwargs)
+    if trainer_class is SFTTrainer and args.bf16:
+        with_float32_head(trainer)
     trainer.train()
     history = [row for row in trainer.state.log_history if "loss" in row]
     parameters = {key: value.detach().clone() for key, value in trainer.model.named_parameters()

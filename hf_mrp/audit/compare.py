@@ -20,8 +20,8 @@ from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets,
 from ..reporting import flip_plots, plots
 from ..reporting.files import ensure_output_dir, write_json, write_text
 from ..reporting.markdown import markdown_summary
-from .geometry import AuditResult, load_audit
-from .integrity import check_audit_files
+from .geometry import AuditResult
+from .integrity import load_whole_audit
 
 MARGIN_BANDS = ("<0.5", "0.5-1", "1-2", "2-5", ">=5")
 MARGIN_BAND_EDGES = (0.5, 1.0, 2.0, 5.0)  # band = searchsorted(edges, m, side="right"): [lo, hi)
@@ -294,9 +294,7 @@ def compare_dirs(
 ) -> dict:
     """Load two audit folders, compare them, write the report into ``output_dir`` and return the numbers."""
     output_dir = ensure_output_dir(output_dir)
-    before, after = load_audit(before_dir), load_audit(after_dir)
-    for audit, directory in ((before, before_dir), (after, after_dir)):
-        check_audit_files(audit, directory)
+    before, after = load_whole_audit(before_dir), load_whole_audit(after_dir)
     decode = decoder_from_tokenizer(tokenizer) if tokenizer is not None else None
     result = compare_audits(before, after, decode, top_tokens)
     write_comparison(result, before, after, output_dir)

@@ -46,11 +46,67 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
     return problems
 
 
+# The order in which geometry.write_audit writes an audit's files (audit.json last).
+WRITE_ORDER = ("blocks.npy", "mask.npy", "positions.parquet", "gap_curve.png", "margins.png", "layers.json",
+               "layers.png")
+
+
+def written_after_marker(directory: str | Path) -> list[str]:
+    """The audit files whose modification time is later than audit.json's, in write order."""
+    directory = Path(directory)
+    try:
+        marker = (directory / "audit.json").stat().st_mtime_ns
+    except OSError:
+        return []
+    return [name for name in WRITE_ORDER if (directory / name).is_file()
+            and (directory / name).stat().st_mtime_ns > marker]
+
+
+def is_interrupted_rewrite(directory: str | Path) -> bool:
+    """Newer files that are the first files of the write order: what an audit into a folder that already held one
+    leaves when it stops between its files (its audit.json never came). A file edited by hand is newer alone."""
+    directory = Path(directory)
+    newer = written_after_marker(directory)
+    present = [name for name in WRITE_ORDER if (directory / name).is_file()]
+    return bool(newer) and newer == present[: len(newer)]
+
+
+def mixed_audit_error(directory: str | Path, detail: str) -> MRPUserError:
+    """One line for a folder that mixes two audits' files (an audit into it stopped between its files)."""
+    newer = written_after_marker(directory)
+    return MRPUserError(
+        f"{directory} holds an unfinished / mixed audit: {', '.join(newer)} {'was' if len(newer) == 1 else 'were'} "
+        f"written after its audit.json, as an audit into this folder that stopped between its files leaves them "
+        f"({detail}); audit into it again (`hf-mrp audit --overwrite_output_dir true --output_dir {directory}`) or "
+        f"into a new folder"
+    )
+
+
+def load_whole_audit(directory: str | Path) -> AuditResult:
+    """An audit folder read back and checked (load_audit + check_audit_files); a folder whose files do not even
+    load together is named an unfinished / mixed audit when that is what its files' times say."""
+    from ..parser import one_line
+    from .geometry import load_audit
+
+    try:
+        audit = load_audit(directory)
+    except MRPUserError as error:
+        if is_interrupted_rewrite(directory):
+            raise mixed_audit_error(directory, one_line(error)) from None
+        raise
+    check_audit_files(audit, directory)
+    return audit
+
+
 def check_audit_files(audit: AuditResult, directory: str | Path) -> None:
-    """Refuse an audit folder whose files were changed after the audit wrote them."""
+    """Refuse an audit folder whose files disagree with its audit.json, saying whether an audit into it stopped
+    between its files (an unfinished / mixed audit) or a file was edited by hand."""
     problems = audit_file_problems(audit)
-    if problems:
-        raise MRPUserError(
-            f"{directory}: this file was changed after the audit wrote it ({'; '.join(problems)}); "
-            f"audit again into a new folder (`hf-mrp audit --output_dir ...`) instead of editing its files"
-        )
+    if not problems:
+        return
+    if is_interrupted_rewrite(directory):
+        raise mixed_audit_error(directory, "; ".join(problems))
+    raise MRPUserError(
+        f"{directory}: edited by hand: this file was changed after the audit wrote it ({'; '.join(problems)}); "
+        f"audit again into a new folder (`hf-mrp audit --output_dir ...`) instead of editing its files"
+    )

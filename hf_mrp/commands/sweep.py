@@ -8,6 +8,7 @@ from __future__ import annotations
 import shlex
 from typing import Sequence
 
+from ..errors import MRPUserError
 from ..parser import MRPArgumentParser
 from ..sweep import SweepArguments, check_pass_through, run_sweep, summary_lines
 from . import COMMANDS
@@ -37,3 +38,7 @@ def main(args: SweepArguments, refine_argv: list[str], argv: list[str]) -> None:
     results = run_sweep(args, refine_argv, command="hf-mrp sweep " + shlex.join(argv))
     print(f"sweep -> {args.output_dir}  ({len(results['runs'])} runs, results.md / results.json)")
     print("\n".join(summary_lines(results)))
+    failed = [run["name"] for run in results.get("failed_runs", [])]
+    if failed:
+        raise MRPUserError(f"{len(failed)} of {len(results['runs']) + len(failed)} runs failed (diverged): "
+                           f"{', '.join(failed)}; results.md lists them and why, the rows hold only the finished runs")

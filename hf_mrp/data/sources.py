@@ -92,14 +92,15 @@ def load_documents(
 
     Nothing is read beyond what the tokenizer consumes: a .txt file streams as TextPieces, a table
     yields its text column in batches."""
-    if dataset is None:
-        return embedded_corpus_documents(), EMBEDDED_CORPUS
-    if not isinstance(dataset, (str, Path)):
+    if dataset is not None and not isinstance(dataset, (str, Path)):
         raise MRPUserError(
             f"dataset must be a datasets name or a file/folder path (str), got {type(dataset).__name__}; "
             "for texts already in memory use hf_mrp.data.make_blocks(tokenizer, texts, ...)"
         )
     check_encoding(encoding, encoding_errors)
+    check_flags_apply(dataset, dataset_config, split, text_column, encoding, encoding_errors)
+    if dataset is None:
+        return embedded_corpus_documents(), EMBEDDED_CORPUS
     dataset = str(dataset)
     path = Path(dataset)
     if path.suffix.lower() == ".txt" and path.is_file():
@@ -113,6 +114,39 @@ def load_documents(
             f"pass --text_column with one of them"
         )
     return _column_texts(table, text_column), dataset
+
+
+def check_data_flags_apply(data_args) -> None:
+    """`check_flags_apply` for the ``--dataset`` flags (DataArguments): what commands check before loading a model."""
+    check_flags_apply(data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
+                      data_args.encoding, data_args.encoding_errors)
+
+
+def check_flags_apply(dataset, dataset_config: str | None, split: str, text_column: str, encoding: str,
+                      encoding_errors: str) -> None:
+    """Refuse a data flag that cannot apply to the chosen input (it would be silently ignored): --text_column,
+    --split and --dataset_config for a .txt file or the embedded corpus, --encoding / --encoding_errors for anything
+    but a .txt file, --split and --dataset_config for a local table file."""
+    path = Path(str(dataset)) if dataset is not None else None
+    text_file = path is not None and path.suffix.lower() == ".txt"
+    local_file = path is not None and path.suffix.lower() in LOCAL_FORMATS
+    source = ("the embedded corpus (no --dataset)" if path is None else
+              f"the .txt file {dataset}" if text_file else f"the data file {dataset}" if local_file else None)
+    given = {"--dataset_config": dataset_config is not None, "--split": split != "train",
+             "--text_column": text_column != "text",
+             "--encoding": codecs.lookup(encoding).name != "utf-8", "--encoding_errors": encoding_errors != "strict"}
+    applies = {"--dataset_config": not local_file and path is not None, "--split": not local_file and path is not None,
+               "--text_column": path is not None and not text_file,
+               "--encoding": text_file, "--encoding_errors": text_file}
+    wrong = [flag for flag in given if given[flag] and not applies[flag]]
+    if not wrong:
+        return
+    if wrong[0] in ("--encoding", "--encoding_errors"):
+        what = f"{source or f'the dataset {dataset}'}, which datasets reads itself" if path is not None else source
+        raise MRPUserError(f"{wrong[0]} applies to .txt files only, not to {what}; drop it")
+    why = ("it has one text and no columns, splits or configurations" if path is None or text_file else
+           "a local file is one split ('train') with no configurations")
+    raise MRPUserError(f"{wrong[0]} cannot apply to {source}: {why}; drop it, or pass a --dataset it applies to")
 
 
 def _column_texts(table, column: str, batch: int = 256) -> Iterator[str]:
@@ -131,6 +165,80 @@ def _folder_problem(folder: Path) -> str | None:
     if len(formats) > 1 and not (folder / "dataset_info.json").is_file():
         counts = ", ".join(f"{sum(p.suffix.lower() == s for p in files)} {s}" for s in formats)
         return f"it mixes data formats ({counts}) and a folder must hold one format"
+    return None
+
+
+def _table_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_FORMATS
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N of FILE is not valid JSON (...)' for the first line of a JSON-lines file that does not parse."""
+    import json
+
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            return None  # one JSON document, not JSON lines
+        except (ValueError, UnicodeDecodeError):
+            pass
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return (f"line {number} of {path} is not valid JSON ({error.msg} at character {error.pos + 1}); "
+                        f"fix or remove that line")
+            if not isinstance(row, dict):
+                return f"line {number} of {path} is a JSON {type(row).__name__}, not an object of columns; fix it"
+    return None
+
+
+def _columns_of(path: Path) -> tuple[str, ...] | None:
+    """The column names of a table file, from its first row (JSON lines), header (csv) or schema (parquet)."""
+    import csv
+    import json
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                line = next((line for line in handle if line.strip()), None)
+            row = json.loads(line) if line else None
+            return tuple(sorted(row)) if isinstance(row, dict) else None
+        if suffix == ".csv":
+            with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+                return tuple(sorted(next(csv.reader(handle), [])))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return tuple(sorted(pq.read_schema(path).names))
+    except (OSError, ValueError, StopIteration):
+        return None
+    return None
+
+
+def _table_files_problem(path: Path) -> str | None:
+    """What datasets' opaque failure ("An error occurred while generating the dataset") was, in words: the first
+    line of a JSON-lines file that does not parse, or files of one folder with different columns (None: neither)."""
+    tables = _table_files(path)
+    for file in tables:
+        if file.suffix.lower() in (".jsonl", ".json"):
+            bad = _first_bad_json_line(file)
+            if bad:
+                return bad
+    columns = {file: _columns_of(file) for file in tables}
+    distinct = {cols for cols in columns.values() if cols is not None}
+    if len(distinct) > 1:
+        shown = "; ".join(f"{file.relative_to(path)}: {', '.join(cols)}" for file, cols in list(columns.items())[:6]
+                          if cols is not None)
+        return (f"its files have different columns ({shown}); the files of one folder must share their columns: "
+                f"split them into folders, or pass one file")
     return None
 
 
@@ -156,6 +264,9 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
     except MRPUserError:
         raise
     except Exception as error:  # datasets raises many types for "cannot find / cannot reach"
+        problem = _table_files_problem(path) if path.exists() else None
+        if problem:
+            raise MRPUserError(f"cannot load {dataset}: {problem}") from error
         raise MRPUserError(
             f"could not load dataset {dataset!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
             "pass a local .txt/.jsonl/.parquet file, a dataset folder, or a name reachable from this machine"

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..arguments import ModelArguments, provenance
 from ..errors import MRPUserError
-from ..models import load_model_from_arguments
+from ..hub_access import offline_when_unreachable
 from ..reporting.files import ensure_output_dir, read_json
 from .report import build_report, write_report
 from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval, resolve_adapter
@@ -159,12 +159,16 @@ def _device(name: str | None) -> str:
 
 
 def downstream_from_arguments(model_args: ModelArguments, downstream_args: DownstreamArguments) -> dict:
-    """Check everything cheap first (lm-eval, adapter, tasks and their data), then load the model and run."""
+    """Check everything cheap first (lm-eval, adapter, tasks and their data), then load the model and run. Without a
+    reachable Hub, tasks whose data is not cached fail in seconds (hub_access), before torch is even imported."""
+    from ..models import load_model_from_arguments
+
     require_lm_eval()
     resolve_adapter(downstream_args.adapter)
     ensure_output_dir(downstream_args.output_dir)
-    task_set = prepare_tasks(downstream_args.tasks, downstream_args.include_path)
-    model, tokenizer, name = load_model_from_arguments(model_args)
+    with offline_when_unreachable():  # an unreachable Hub: cached task data still loads, the rest fails at once
+        task_set = prepare_tasks(downstream_args.tasks, downstream_args.include_path)
+        model, tokenizer, name = load_model_from_arguments(model_args)
     if not model_args.load_in_4bit:  # bitsandbytes places 4-bit weights itself
         model.to(_device(downstream_args.device))
     report = compare_downstream(

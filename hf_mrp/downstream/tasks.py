@@ -125,9 +125,72 @@ class TaskSet:
     tasks: list
 
 
+def _builtin_task_yaml(name: str) -> Path | None:
+    """The YAML of a built-in lm-eval task, found by its ``task:`` line (a text search: seconds faster than
+    TaskManager's YAML index)."""
+    import re
+
+    spec = importlib.util.find_spec("lm_eval")  # its folder, without importing it (seconds)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tasks"
+    pattern = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
+    import itertools
+
+    named = sorted(root.rglob(f"{name}.yaml"))  # most tasks live in a YAML of their own name: read those first
+    for path in itertools.chain(named, (p for p in root.rglob("*.yaml") if p not in named)):
+        try:
+            if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _dataset_path(yaml_path: Path, depth: int = 3) -> str | None:
+    """``dataset_path`` of a task YAML, following its ``include:`` files."""
+    import re
+
+    text = yaml_path.read_text(encoding="utf-8", errors="replace")
+    found = re.search(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
+    if found:
+        return found.group(1)
+    included = re.search(r"^include:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
+    if included and depth > 0 and (yaml_path.parent / included.group(1)).is_file():
+        return _dataset_path(yaml_path.parent / included.group(1), depth - 1)
+    return None
+
+
+def _hub_dataset_is_cached(dataset: str) -> bool:
+    """Whether a Hub dataset has anything in the datasets cache or the Hub cache (then it may load offline)."""
+    import os
+
+    from huggingface_hub import constants
+
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"  # without datasets
+    return (Path(datasets_cache) / dataset.replace("/", "___")).exists() or (
+        Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists()
+
+
+def check_task_data_reachable(names: Sequence[str], hub_problem: str) -> None:
+    """Without a reachable Hub, a built-in task whose Hub dataset is in no local cache fails at once (before the
+    task index is built and the model loads) instead of after the index and a minute of retries."""
+    for name in names:
+        yaml_path = _builtin_task_yaml(name)
+        dataset = _dataset_path(yaml_path) if yaml_path is not None else None
+        if dataset is not None and not Path(dataset).exists() and not _hub_dataset_is_cached(dataset):
+            raise MRPUserError(f"task {name!r} needs its dataset {dataset!r} from the Hub ({hub_problem}), and it is "
+                               f"not in the local cache, but {OFFLINE_HINT} (or run where the Hub is reachable)")
+
+
 def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> TaskSet:
     """Index, check and build ``names``; a wrong name or unreachable data fails here, in seconds."""
+    from ..hub_access import hub_problem
+
     names = parse_task_names(names)
+    problem = hub_problem()
+    if problem is not None:
+        check_task_data_reachable(names, problem)
     manager = task_manager(include_path)
     check_task_names(manager, names)
     return TaskSet(names, manager, load_tasks(manager, names))

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..arguments import MODEL_DTYPES, ModelArguments
 from ..errors import MRPUserError
+from ..hub_access import hub_problem, is_hub_id, offline_when_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -136,23 +137,72 @@ def load_model_and_tokenizer(
     gguf_file = None if gguf_file is None else os.fspath(gguf_file)
     torch_dtype = resolve_dtype(dtype)
     if gguf_file is not None:
-        path = Path(gguf_file)
-        folder, name = (path.parent, path.name) if model is None else (model, gguf_file)
-        if model is None and not path.is_file():
-            raise MRPUserError(f"GGUF file not found: {gguf_file}; pass the path of an existing .gguf file")
-        loaded = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), f"{folder}/{name}")
+        if load_in_4bit:
+            raise MRPUserError("--load_in_4bit cannot apply to a --gguf_file model (it is de-quantized to "
+                               "--model_dtype on load); drop one of them")
+        folder, name, shown = gguf_location(model, gguf_file)
+        loaded = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), shown)
         tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
-        return loaded.eval(), tokenizer, str(path if model is None else f"{model}/{gguf_file}")
+        return loaded.eval(), tokenizer, shown
     if model is not None and model.startswith((".", "/")) and not Path(model).is_dir():
         raise MRPUserError(f"model folder not found: {model}; pass an existing folder or a Hub id")
     source = str(embedded_model_dir()) if model is None else model
+    check_tokenizer_files(source)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=_use_safetensors(source))
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(torch_dtype)
-    loaded = _wrap_load_errors(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
-    tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
+    with offline_when_unreachable(source):
+        loaded = _wrap_load_errors(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
+        tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
     _warn_if_tokenizer_exceeds_vocab(loaded, tokenizer, source)
     return loaded.eval(), tokenizer, EMBEDDED_NAME if model is None else model
+
+
+def gguf_location(model: str | None, gguf_file: str) -> tuple[str, str, str]:
+    """(folder, file name, the name to show) of a --gguf_file: a path (alone, or an existing file), or the name of a
+    file inside --model; shown as given, never joined onto --model when it is a path."""
+    path = Path(gguf_file)
+    inside = model is not None and not path.is_absolute() and (
+        (Path(model).is_dir() and (Path(model) / gguf_file).is_file()) or not (Path(model).is_dir() or path.is_file()))
+    if inside:
+        return model, gguf_file, f"{model.rstrip('/')}/{gguf_file}"
+    if not path.is_file():
+        where = f" (nor in --model {model})" if model is not None and Path(model).is_dir() else ""
+        raise MRPUserError(f"GGUF file not found: {gguf_file}{where}; pass the path of an existing .gguf file")
+    if model is not None and not Path(model).is_dir():
+        raise MRPUserError(f"--model {model} cannot apply to --gguf_file {gguf_file}, a local file (its weights and "
+                           f"tokenizer come from that file): drop --model, or pass --gguf_file as a file name inside "
+                           f"the Hub repo {model}")
+    return str(path.parent), path.name, gguf_file
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def check_tokenizer_files(source: str) -> None:
+    """A local model folder must hold its tokenizer; say so before the weights load (transformers' own error reads
+    "Couldn't instantiate the backend tokenizer from one of: ...")."""
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise MRPUserError(
+            f"model folder {source} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...); save the "
+            f"model's tokenizer into it (tokenizer.save_pretrained({source!r})) or pass the folder it came with"
+        )
+
+
+def local_vocab_size(model: str | None) -> int | None:
+    """The vocabulary size in a local model folder's config.json (the embedded model's, once converted), read
+    without loading anything; None when unknown (a Hub id, a GGUF file, a config without one)."""
+    import json
+
+    folder = Path(model) if model is not None else cache_root() / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if isinstance(size, int) else None
 
 
 def _use_safetensors(source: str) -> bool | None:
@@ -178,14 +228,16 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None, trust
     from transformers import AutoTokenizer
 
     if gguf_file is not None:  # a path, or a file name inside ``model``
-        path = Path(gguf_file)
-        folder, name = (path.parent, path.name) if model is None else (model, gguf_file)
-        return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), f"{folder}/{name}")
+        folder, name, shown = gguf_location(model, gguf_file)
+        return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), shown)
     source = str(embedded_model_dir()) if model is None else model
-    return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source)
+    check_tokenizer_files(source)
+    with offline_when_unreachable(source):
+        return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
+                                 source, "tokenizer")
 
 
-def _wrap_load_errors(load, source: str):
+def _wrap_load_errors(load, source: str, what: str = "model"):
     import pickle
 
     from safetensors import SafetensorError
@@ -212,6 +264,17 @@ def _wrap_load_errors(load, source: str):
                 "and if you trust it pass --trust_remote_code true (Python: trust_remote_code=True)"
             ) from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "backend tokenizer" in first_line:
+            raise MRPUserError(
+                f"could not load the tokenizer of {source!r}: it has no usable tokenizer files (tokenizer.json, or "
+                f"the files a slow tokenizer needs with its package installed); save the model's tokenizer into it"
+            ) from error
+        if is_hub_id(source) and hub_problem() is not None:
+            raise MRPUserError(
+                f"could not load {what} {source!r}: the Hub cannot be reached ({hub_problem()}) and it is not in the "
+                f"local cache; pass a local folder or a .gguf file, or run where the Hub is reachable (omit --model "
+                f"for the embedded SmolLM2)"
+            ) from error
         raise MRPUserError(
             f"could not load model {source!r} ({first_line}); pass an existing local folder, a .gguf file, "
             f"or a Hub id reachable from this machine (omit --model for the embedded SmolLM2)"

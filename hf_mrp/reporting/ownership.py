@@ -3,10 +3,13 @@
 A run holds an exclusive ``fcntl.flock`` on ``<folder>/.hf_mrp.lock`` for its lifetime; the file
 names the holder (pid, host, command, start time) so a second run into the folder stops at once with
 one line that says who owns it. The kernel drops the lock when the holder exits, however it exits
-(a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it.
+(a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it. Taking the lock
+also sweeps the staging folders that killed runs left in and beside the folder (files.sweep_stale_staging).
 
 A folder "holds a finished run" when refine's last file, ``training_log.json``, is there; writing
-into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``).
+into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``). An `hf-mrp audit`
+folder is owned the same way (hf_mrp.audit.run): a finished audit (audit.json) is only replaced with
+``--overwrite_output_dir true``, and the new audit's files are swapped in together (files.swapped_folder).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import socket
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import MRPUserError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".hf_mrp.lock"
 _HELD: dict[str, int] = {}  # folders this process holds -> nesting depth (the CLI locks before refine() does)
@@ -85,7 +91,7 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
     """
     import fcntl
 
-    from .files import ensure_output_dir
+    from .files import ensure_output_dir, sweep_stale_staging
 
     folder = ensure_output_dir(folder)
     key = str(folder.resolve())
@@ -116,6 +122,8 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
         handle.truncate()
         handle.write(json.dumps(record))
         handle.flush()
+        for stale in sweep_stale_staging(folder):  # left by a run that was killed (SIGKILL, power loss)
+            logger.warning("removed %s, the staging folder of a run that was killed before it finished", stale)
         _HELD[key] = 1
         try:
             yield folder
@@ -157,11 +165,10 @@ def forget_finished_run(folder: Path) -> None:
 
 def audit_is_whole(folder: str | Path) -> bool:
     """An audit folder whose files read back and agree with its audit.json (a sweep recomputes any other)."""
-    from ..audit.geometry import load_audit
-    from ..audit.integrity import check_audit_files
+    from ..audit.integrity import load_whole_audit
 
     try:
-        check_audit_files(load_audit(folder), folder)
+        load_whole_audit(folder)
     except MRPUserError:
         return False
     return True

@@ -1,6 +1,7 @@
 """Aggregating a sweep: per-run numbers into rows (mean over seeds, spread, block-bootstrap interval), each run
 against its control and Fisher against entropy at matched strength (paired.py), the per-run entries and the
-baseline's numbers; the "rows", "runs", "entropy_matched", "missing_runs" and "baseline" of results.json."""
+baseline's numbers; the "rows", "runs", "entropy_matched", "missing_runs", "failed_runs" and "baseline" of
+results.json. A run that diverged is a failed run: left out of every row, listed with its reason."""
 
 from __future__ import annotations
 
@@ -82,14 +83,17 @@ def baseline_numbers(baseline: AuditResult) -> dict:
 
 
 def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, baseline: AuditResult,
-              tokenizer) -> dict:
-    """Rows, runs and baseline numbers of the finished runs of ``plan`` (see results.json)."""
+              tokenizer, failed: dict[str, str] | None = None) -> dict:
+    """Rows, runs and baseline numbers of the finished runs of ``plan`` (see results.json); ``failed``: the runs
+    that diverged -> why."""
+    failed = dict(failed or {})
     shared = shared_positions(baseline, tokenizer)
     finished = [spec for spec in plan if run_is_whole(sweep_dir / "runs" / spec.name)]
     runs = [load_run(spec, sweep_dir / "runs" / spec.name, baseline) for spec in finished]
     if not runs:
-        raise MRPUserError(f"no finished runs in {sweep_dir / 'runs'} to aggregate; run the sweep without "
-                           "--aggregate_only")
+        why = f" ({len(failed)} failed: {'; '.join(f'{k}: {v}' for k, v in failed.items())})" if failed else ""
+        raise MRPUserError(f"no finished runs in {sweep_dir / 'runs'} to aggregate{why}; run the sweep without "
+                           "--aggregate_only" + (", with a lower --learning_rate" if failed else ""))
     position = {run.spec.name: i for i, run in enumerate(runs)}
     control_of = np.asarray([-1 if run.spec.control else position.get(control_name(run.spec), -1) for run in runs])
     keys = row_keys(args)
@@ -136,7 +140,8 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
         "rows": rows,
         "entropy_matched": matches,
         "runs": [_run_entry(run, point_runs[i]) for i, run in enumerate(runs)],
-        "missing_runs": [spec.name for spec in plan if spec not in finished],
+        "missing_runs": [spec.name for spec in plan if spec not in finished and spec.name not in failed],
+        "failed_runs": [{"name": name, "reason": reason} for name, reason in failed.items()],
         "baseline": baseline_numbers(baseline),
     }
 

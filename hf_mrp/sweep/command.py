@@ -9,13 +9,14 @@ from typing import Sequence
 from ..audit.geometry import AuditResult
 from ..reporting import files
 from ..reporting.ownership import owned_folder, run_is_whole
+from ..training.divergence import TrainingDiverged
 from .aggregate import aggregate
 from .arguments import SweepArguments, check_pass_through
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
 from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields, variant_flags, with_audit_blocks
 from .report import markdown_report, write_plots
 from .runs import (
-    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, parse_pass_through,
+    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, parse_pass_through,
     record_settings, run_arguments, run_settings,
 )
 
@@ -41,11 +42,17 @@ def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sw
     tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
     record_settings(sweep_dir, settings, command)
 
-    executed = []
+    executed, failed = [], {}
     for number, spec in enumerate(plan, 1):
         run_dir = sweep_dir / "runs" / spec.name
         if run_is_whole(run_dir):
             print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
+            continue
+        reason = failed_reason(run_dir)
+        if reason is not None:
+            failed[spec.name] = reason
+            print(f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}",
+                  flush=True)
             continue
         if args.aggregate_only:
             print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
@@ -54,14 +61,19 @@ def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sw
             print(f"[{number}/{len(plan)}] redoing unfinished run {spec.name} from scratch", flush=True)
         print(f"[{number}/{len(plan)}] training {spec.name} (objective {spec.train_objective}, lambda "
               f"{format_lambda(spec.lam)}, seed {spec.seed})", flush=True)
-        seconds = execute_run(spec, arguments[spec.name], run_dir, sweep_dir / BASELINE)
+        try:
+            seconds = execute_run(spec, arguments[spec.name], run_dir, sweep_dir / BASELINE)
+        except TrainingDiverged as error:
+            failed[spec.name] = str(error)
+            print(f"[{number}/{len(plan)}] FAILED {spec.name}: {error}", flush=True)
+            continue
         executed.append(spec.name)
         print(f"[{number}/{len(plan)}] finished {spec.name} in {seconds:.1f}s", flush=True)
 
     results = {
         **describe_sweep(args, command, plan, arguments[plan[0].name], baseline),
         "executed_now": executed,
-        **aggregate(args, plan, sweep_dir, baseline, tokenizer),
+        **aggregate(args, plan, sweep_dir, baseline, tokenizer, failed),
     }
     results["plots"] = write_plots(sweep_dir, results)
     files.write_text(sweep_dir / "results.md", markdown_report(results))

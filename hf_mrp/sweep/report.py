@@ -103,6 +103,8 @@ def markdown_report(results: dict) -> str:
     ]
     if results["missing_runs"]:
         parts.append(f"**Not finished (left out):** {', '.join(results['missing_runs'])}.")
+    for run in results.get("failed_runs", []):
+        parts.append(f"**FAILED (diverged, left out of every row):** {run['name']}: {escape_cell(run['reason'])}")
     ci_note = (f"brackets: block-bootstrap {confidence} CI ({boot['n_resamples']} resamples of the "
                f"{pos['n_blocks']} audited blocks with replacement, every position of a drawn block kept, rng seed "
                f"{boot['seed']}; each seed resampled with the same blocks, then averaged)"
@@ -196,7 +198,7 @@ def write_plots(sweep_dir: Path, results: dict) -> dict[str, str]:
 
 
 def summary_lines(results: dict) -> list[str]:
-    lines = []
+    lines = [f"FAILED {run['name']}: {run['reason']}" for run in results.get("failed_runs", [])]
     for row in results["rows"]:
         m = row["metrics"]
         attributable = m["net_attributable"]

@@ -25,12 +25,14 @@ from ..reporting.ownership import audit_is_whole
 from ..training import MRPConfig
 from ..training.adapters import prepare_model
 from ..training.callbacks import MRPAuditCallback
+from ..training.divergence import TrainingDiverged
 from .plan import RunSpec
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "sweep_settings.json"
 RUN_RECORD = "sweep_run.json"
+FAILED_RECORD = "sweep_failed.json"  # a run that diverged: counted as failed, never as a row of numbers
 BASELINE = "baseline"
 # Settings that do not change a run's numbers: a resumed sweep may differ in these.
 NEUTRAL_SETTINGS = {
@@ -146,12 +148,31 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
     return tokenizer, baseline
 
 
+def failed_reason(run_dir: Path) -> str | None:
+    """Why a run of an earlier call failed (it diverged), or None."""
+    path = run_dir / FAILED_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return str(files.read_json(path).get("reason") or "failed")
+    except MRPUserError:
+        return None  # a record cut short: the run counts as unfinished and is redone
+
+
 def execute_run(spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_dir: Path) -> float:
-    """One refinement of ``arguments`` (run_arguments), from scratch, into ``run_dir``; returns its wall time."""
+    """One refinement of ``arguments`` (run_arguments), from scratch, into ``run_dir``; returns its wall time.
+
+    A run that diverges (TrainingDiverged) is recorded as failed in ``run_dir / FAILED_RECORD`` and raises again."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     start = time.perf_counter()
-    refine(*arguments, baseline_dir=baseline_dir)
+    try:
+        refine(*arguments, baseline_dir=baseline_dir)
+    except TrainingDiverged as error:
+        files.write_json(run_dir / FAILED_RECORD, {**spec._asdict(), "lambda": spec.lam, "reason": str(error),
+                                                   "seconds": time.perf_counter() - start})
+        free_memory()
+        raise
     seconds = time.perf_counter() - start
     if (run_dir / "audit_before").exists():
         logger.warning("%s audited its own baseline instead of reusing %s (other blocks?)", run_dir, baseline_dir)
@@ -168,4 +189,5 @@ def free_memory() -> None:
 
 
 __all__ = ["RunArguments", "parse_pass_through", "run_arguments", "run_settings", "check_settings",
-           "record_settings", "ensure_baseline", "execute_run", "RUN_RECORD", "SETTINGS_FILE"]
+           "record_settings", "ensure_baseline", "execute_run", "failed_reason", "RUN_RECORD", "FAILED_RECORD",
+           "SETTINGS_FILE"]

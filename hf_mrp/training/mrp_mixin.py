@@ -19,6 +19,7 @@ from ..models import probe_logit_transform, vocab_size
 from .callbacks import MRPAuditCallback
 from .checkpoints import check_resume_target
 from .loss import unwrap
+from .divergence import check_weights, count_nonfinite_batch
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,13 @@ class MRPTrainerMixin:
         return finite
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix."""
+        """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix, and
+        failing (divergence.TrainingDiverged) when the final weights are not finite."""
         check_resume_target(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        check_weights(self)  # the last update too: a run that ends with non-finite weights is no success
+        return output
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's step, with non-finite micro-batches skipped.
@@ -121,12 +125,17 @@ class MRPTrainerMixin:
         DDP all-reduce go on as usual, and the step's ``num_items_in_batch`` still counts its items),
         sets non-finite gradient entries to 0, warns, and returns a zero loss, so the logged ``loss``
         stays finite. ``nonfinite_skipped`` in the logs counts the skipped micro-batches.
+
+        Divergence stops the run (divergence.TrainingDiverged, one line): trainable weights that an update made
+        non-finite, or MAX_NONFINITE_STEPS steps in a row of nothing but non-finite batches.
         """
+        check_weights(self)
         self._guard_nonfinite, self._skip_batch = True, False
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._guard_nonfinite = False
+        count_nonfinite_batch(self, self._skip_batch)
         if not self._skip_batch:
             return loss
         self._skip_batch = False

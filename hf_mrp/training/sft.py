@@ -18,7 +18,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..errors import MRPUserError
-from .config import MRPArguments, MRPConfig
+from .config import MRPArguments, MRPConfig, check_training_settings
 from .loss import MRPLossSettings, forward_with_mrp_loss, without_logits
 from .mrp_mixin import MRPTrainerMixin
 
@@ -54,6 +54,7 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
         self._join_cpu_launch()
         self._check_mrp_fields()
         super().__post_init__()
+        check_training_settings(self)
         if self.loss_type != "nll":
             raise MRPUserError(f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
                                "replace that CE: use loss_type='nll' (the default)")
