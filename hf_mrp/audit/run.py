@@ -21,11 +21,17 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
         model, tokenizer, name = load_model_from_arguments(model_args)
         check_block_fits(model, data_args.block_size)
         blocks = load_blocks_from_arguments(tokenizer, data_args)
+        lens = None
+        if audit_args.lens == "tuned":
+            from .tuned_lens import load_tuned_lens
+
+            lens = load_tuned_lens(audit_args.lens_path, device=next(model.parameters()).device)
         start = time.perf_counter()
         result = run_audit(
             model, blocks, output_dir=audit_args.output_dir, batch_size=audit_args.batch_size,
             chunk_size=audit_args.chunk_size, margin_dtype=audit_args.margin_dtype, layers=audit_args.layers,
-            provenance=provenance(name, model_args, data_args, audit_args),
+            provenance=provenance(name, model_args, data_args, audit_args), lens=lens,
+            lens_bootstrap=audit_args.lens_bootstrap,
         )
     result.seconds = time.perf_counter() - start
     return result
