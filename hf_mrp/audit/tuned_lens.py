@@ -39,8 +39,8 @@ FORMAT = "hf_mrp tuned lens"
 class LensTrainingSettings:
     """How the translators are fitted: Adam at a constant rate (so a run extended to more steps equals one run)."""
 
-    max_steps: int = 100
-    batch_positions: int = 256
+    max_steps: int = 60
+    batch_positions: int = 128
     learning_rate: float = 1e-3
     seed: int = 0
     save_steps: int = 25

@@ -27,8 +27,8 @@ class LensArguments:
         metadata={"help": "Positions at the start of the data left out of training: those an audit with the same "
                           "data flags and --max_positions up to this many evaluates (disjoint from the lens' own)."},
     )
-    max_steps: int = field(default=100, metadata={"help": "Adam steps (constant learning rate)."})
-    batch_positions: int = field(default=256, metadata={"help": "Training positions per step."})
+    max_steps: int = field(default=60, metadata={"help": "Adam steps (constant learning rate)."})
+    batch_positions: int = field(default=128, metadata={"help": "Training positions per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam's learning rate for the translators."})
     seed: int = field(default=0, metadata={"help": "Seed of each step's position draw."})
     save_steps: int = field(default=25, metadata={"help": "Save (and allow resuming) every this many steps; 0: at "
