@@ -337,7 +337,7 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
         paths["layers_plot"] = output_dir / "layers.png"
         extra = {} if result.logit_layers is None else {"logit_lens_layers": result.logit_layers}
         files.write_json(paths["layers"], {"layers": result.layers, **result.summary["layers"], **extra})
-        plots.plot_layers(paths["layers_plot"], result.layers)
+        plots.plot_layers(paths["layers_plot"], result.layers, result.summary["layers"]["lens"])
         paths.update(lens_plots.plot_lens_figures(output_dir, _rows_by_lens(result)))
     files.write_json(paths["audit"], result.summary)  # last: its presence marks a complete audit
     result.files = paths

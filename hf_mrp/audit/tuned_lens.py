@@ -175,7 +175,8 @@ class _LensObjective:
 
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
         raw = torch.nn.functional.linear(states.float(), self.weight32, self.bias32)
-        return raw if self.transform.softcap is None else self.transform.softcap * torch.tanh(raw / self.transform.softcap)
+        cap = self.transform.softcap
+        return raw if cap is None else cap * torch.tanh(raw / cap)
 
     def backward(self, index: np.ndarray, batch_positions: int) -> dict[int, float]:
         """Accumulate the gradients of this rank's share of a step; returns each layer's summed KL."""
@@ -223,7 +224,7 @@ def train_tuned_lens(model: torch.nn.Module, blocks: Blocks, output_dir: str | P
     if start_step >= settings.max_steps:
         logger.warning("the tuned lens in %s is trained to step %d already (--max_steps %d)", output_dir, start_step,
                        settings.max_steps)
-        return TunedLens(translators, {**config, "step": start_step, "log": log})
+        return TunedLens(translators, {**config, "step": start_step, "log": log, "path": str(output_dir)})
     rank, world = _rank_and_world()
     began = time.perf_counter()
     flags = [p.requires_grad for p in model.parameters()]
@@ -298,7 +299,8 @@ def _resume(output_dir: Path, config: dict, translators: AffineTranslators, opti
         return 0, []
     saved = files.read_json(output_dir / CONFIG_FILE)
     differs = [key for key in SAME_SETUP if saved.get(key) != config[key]]
-    differs += [f"settings.{key}" for key in SAME_SETTINGS if saved.get("settings", {}).get(key) != config["settings"][key]]
+    differs += [f"settings.{key}" for key in SAME_SETTINGS
+                if saved.get("settings", {}).get(key) != config["settings"][key]]
     if differs:
         raise MRPUserError(f"{output_dir} holds a tuned lens trained with other settings ({', '.join(differs)} "
                            "differ); choose another --output_dir, or pass --overwrite_output_dir true to start afresh")

@@ -119,6 +119,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
         return
     log = lens.config["log"]
     first, last = (log[0]["mean_kl"], log[-1]["mean_kl"]) if log else (float("nan"), float("nan"))
+    reached = log[-1]["step"] if log else 0
     print(f"tuned lens for layers {lens.layers[0]}-{lens.layers[-1]} on {blocks.n_positions} positions, "
           f"{settings.max_steps} steps in {time.perf_counter() - start:.1f}s -> {lens_args.output_dir}\n"
-          f"training KL(final || layer), mean over layers: step 1 {first:.4f} -> step {log[-1]['step'] if log else 0} {last:.4f}")
+          f"training KL(final || layer), mean over layers: step 1 {first:.4f} -> step {reached} {last:.4f}")

@@ -148,7 +148,8 @@ def final_distribution(final_logits: torch.Tensor) -> tuple[torch.Tensor, torch.
     return probs, (probs * log_probs).sum(-1)
 
 
-def kl_from_final(final_probs: torch.Tensor, final_neg_entropy: torch.Tensor, lens_logits: torch.Tensor) -> torch.Tensor:
+def kl_from_final(final_probs: torch.Tensor, final_neg_entropy: torch.Tensor,
+                  lens_logits: torch.Tensor) -> torch.Tensor:
     """Per position KL(p_f || softmax(lens_logits)) = sum p_f log p_f - sum p_f log p_l, differentiable in
     ``lens_logits`` (the tuned lens' training loss; its gradient is p_l - p_f)."""
     return final_neg_entropy - (final_probs * torch.log_softmax(lens_logits, dim=-1)).sum(-1)
