@@ -50,8 +50,8 @@ def plot_lens_heatmap(path: str | Path, rows_by_lens: dict[str, Sequence[dict]])
         ax.set_yticks(range(len(matrix)), [str(row["layer"]) for row in rows_by_lens[lens]], fontsize=6)
         ax.set_ylabel("layer")
         ax.set_title(lens)
-    fig.suptitle("Layer x statistic (each column on its own scale, shared across panels)",
-                 y=1.0 + 0.6 / fig.get_figheight())
+    fig.suptitle("Layer x statistic (each column on its own scale, shared across panels)")
+    fig.tight_layout()
     save_figure(fig, path)
 
 
