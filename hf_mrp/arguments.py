@@ -76,6 +76,19 @@ def provenance(model_name: str, *argument_groups) -> dict:
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+LENSES = ("logit", "tuned")
+
+
+def _check_lens(lens: str, lens_path: str | None, lens_bootstrap: int) -> None:
+    """--lens, --lens_path and --lens_bootstrap belong together: one line per wrong combination."""
+    if lens not in LENSES:
+        raise MRPUserError(f"unknown lens {lens!r} for --lens; choose one of {', '.join(LENSES)}")
+    if lens == "tuned" and lens_path is None:
+        raise MRPUserError("--lens tuned needs --lens_path, the folder written by `hf-mrp lens train`")
+    if lens == "logit" and lens_path is not None:
+        raise MRPUserError("--lens_path is read with --lens tuned only; add --lens tuned (or drop --lens_path)")
+    if lens_bootstrap < 0:
+        raise MRPUserError(f"lens_bootstrap must be >= 0 (0: no intervals), got {lens_bootstrap}")
 MARGIN_DTYPES = ("float32", "model")
 
 
@@ -163,10 +176,26 @@ class AuditArguments:
         default=False,
         metadata={"help": "Replace a finished audit in --output_dir. Without it a folder holding one is refused."},
     )
+    lens: str = field(
+        default="logit",
+        metadata={"help": "Layer-wise lens: 'logit' (each layer through the final norm and W) or 'tuned' (through "
+                          "the affine translators of `hf-mrp lens train` first; needs --lens_path; --layers "
+                          "defaults to the lens' layers)."},
+    )
+    lens_path: str | None = field(
+        default=None, metadata={"help": "Folder of a tuned lens written by `hf-mrp lens train` (with --lens tuned)."}
+    )
+    lens_bootstrap: int = field(
+        default=0,
+        metadata={"help": "Block-bootstrap resamples for 95% intervals of each layer's correlations and KL "
+                          "(0: none)."},
+    )
 
     def __post_init__(self) -> None:
-        _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size)
+        _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size, lens_bootstrap=self.lens_bootstrap)
         self.layers = _optional_str("layers", self.layers)
+        self.lens_path = _optional_str("lens_path", self.lens_path)
+        _check_lens(self.lens, self.lens_path, self.lens_bootstrap)
         if self.margin_dtype not in MARGIN_DTYPES:
             raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {self.margin_dtype!r}")
         if self.chunk_size < 1 or self.batch_size < 1:

@@ -2,8 +2,9 @@
 
 from .compare import compare_audits, compare_dirs
 from .geometry import AuditResult, collect_statistics, load_audit, run_audit, summarize_positions, write_audit
+from .tuned_lens import LensTrainingSettings, TunedLens, load_tuned_lens, train_tuned_lens
 
 __all__ = [
-    "AuditResult", "collect_statistics", "compare_audits", "compare_dirs", "load_audit", "run_audit",
-    "summarize_positions", "write_audit",
+    "AuditResult", "LensTrainingSettings", "TunedLens", "collect_statistics", "compare_audits", "compare_dirs",
+    "load_audit", "load_tuned_lens", "run_audit", "summarize_positions", "train_tuned_lens", "write_audit",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,10 +21,15 @@ from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
+from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
 from ..stats.calibration import expected_calibration_error
 from ..reporting import files, plots
 from ..arguments import MARGIN_DTYPES, parse_layer_spec
-from .layers import summarize_layers
+from ..reporting import lens_plots
+from .layers import layer_summary, summarize_layers
+
+if TYPE_CHECKING:
+    from .tuned_lens import TunedLens
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +37,7 @@ POSITION_COLUMNS = (
     "block", "position", "target_id", "top1_id", "top2_id", "margin", "correct", "entropy", "p_top1",
     "target_logprob", "target_margin", "geometric_margin", "brier",
 )
-LENS_COLUMNS = ("margin", "correct", "fisher_penalty", "margin_penalty")
+LENS_COLUMNS = LENS_STATISTICS
 PERCENTILES = {"p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95}
 
 
@@ -44,6 +50,7 @@ class AuditResult:
     blocks: Blocks
     layers: list[dict] | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    logit_layers: list[dict] | None = None  # with a tuned lens: the logit lens of the same pass, for comparison
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -61,19 +68,22 @@ def collect_statistics(
     layers: list[int] | None = None,
     block_indices: np.ndarray | None = None,
     progress: bool = True,
+    translators: AffineTranslators | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
-    """Per-position columns (final layer) and, for each layer in ``layers``, its logit-lens columns.
+    """Per-position columns (final layer) and, for each layer in ``layers``, its lens columns (``LENS_COLUMNS``).
 
     ``block_indices`` restricts the audit to some blocks. Under torch.distributed each process
     audits every world_size-th batch (the batches a single process would form, so every number is
-    bit-identical to a one-process run) and the shards are gathered on every rank.
+    bit-identical to a one-process run) and the shards are gathered on every rank. With ``translators``
+    (a tuned lens) each layer's columns are those of the tuned lens, and the logit lens' columns of the same
+    forward pass are returned too, under the keys ``("logit", layer)``.
     """
     margin_torch_dtype = torch.float32 if margin_dtype == "float32" else output_head(model)[0].dtype
     device = _model_device(model)
     mask = blocks.position_mask()
     indices = np.arange(len(blocks.input_ids)) if block_indices is None else np.asarray(block_indices)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in POSITION_COLUMNS}
-    layer_columns: dict[int, dict[str, list[np.ndarray]]] = {layer: {} for layer in layers or []}
+    layer_columns: dict = {key: {} for key in _lens_keys(layers, translators)}
     was_training = model.training
     model.eval()
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -88,7 +98,8 @@ def collect_statistics(
             ids = torch.as_tensor(blocks.input_ids[chosen], device=device)
             batch_mask = torch.as_tensor(mask[chosen], device=device)
             targets = ids[:, 1:][batch_mask]
-            stats, lens = _batch_statistics(model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size)
+            stats, lens = _batch_statistics(model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size,
+                                            translators)
             if batch is None:
                 continue
             block_index, position = np.nonzero(mask[batch])
@@ -97,16 +108,23 @@ def collect_statistics(
             columns["target_id"].append(targets.cpu().numpy())
             for name in POSITION_COLUMNS[3:]:
                 columns[name].append(stats[name].cpu().numpy())
-            for layer, layer_stats in lens.items():
+            for key, layer_stats in lens.items():
                 for name in LENS_COLUMNS:
-                    layer_columns[layer].setdefault(name, []).append(layer_stats[name].cpu().numpy())
+                    layer_columns[key].setdefault(name, []).append(layer_stats[name].cpu().numpy())
     finally:
         model.train(was_training)
     positions = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
-    per_layer = {layer: {k: np.concatenate(v) for k, v in cols.items()} for layer, cols in layer_columns.items()}
+    per_layer = {key: {k: np.concatenate(v) for k, v in cols.items()} for key, cols in layer_columns.items() if cols}
     if world > 1:
         positions, per_layer = _gather_shards(positions, per_layer, world)
     return positions, per_layer
+
+
+def _lens_keys(layers: list[int] | None, translators: AffineTranslators | None) -> list:
+    """The lens columns' keys: each layer (its tuned lens with ``translators``, else its logit lens), and with
+    ``translators`` also ("logit", layer): both lenses come from one forward pass."""
+    keys: list = list(layers or [])
+    return keys + [("logit", layer) for layer in keys] if translators is not None else keys
 
 
 def _batch_statistics(
@@ -117,7 +135,8 @@ def _batch_statistics(
     layers: list[int] | None,
     margin_torch_dtype: torch.dtype,
     chunk_size: int,
-) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    translators: AffineTranslators | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """One forward: the final layer's statistics and each lens layer's, all computed inside the output head
     (where W is whole, also under FSDP / ZeRO-3) through the model's own logit transform."""
     transform = logit_transform(model)
@@ -126,15 +145,26 @@ def _batch_statistics(
     captured: dict[int, torch.Tensor] = {}
     hooks = [blocks_out[layer].register_forward_hook(_capture_into(captured, layer)) for layer in layers or []]
     found: dict = {}
+    last = len(blocks_out) - 1
+
+    def lens_states(hidden: torch.Tensor, key) -> torch.Tensor:
+        """A lens layer's states at the audited positions: the final layer's own, or the layer's through the
+        final norm (after its translator for a tuned lens; the final layer has none)."""
+        tuned, layer = (False, key[1]) if isinstance(key, tuple) else (translators is not None, key)
+        if layer == last:
+            states = hidden
+        else:
+            states = captured[layer]
+            states = norm(translators.translate(layer, states) if tuned else states)
+        return states[:, :-1][batch_mask]
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        def statistics(states: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-            return decision_statistics(states[:, :-1][batch_mask], weight, targets, bias, chunk_size=chunk_size,
-                                       margin_dtype=dtype, transform=transform)
-
-        found["final"] = statistics(hidden, margin_torch_dtype)
-        last = len(blocks_out) - 1
-        found["lens"] = {layer: statistics(hidden if layer == last else norm(captured[layer])) for layer in layers or []}
+        final = hidden[:, :-1][batch_mask]
+        found["final"] = decision_statistics(final, weight, targets, bias, chunk_size=chunk_size,
+                                             margin_dtype=margin_torch_dtype, transform=transform)
+        states = {key: lens_states(hidden, key) for key in _lens_keys(layers, translators)}
+        found["lens"] = lens_statistics(final, states, weight, targets, bias, chunk_size=chunk_size,
+                                        transform=transform) if states else {}
         return carrier(hidden)
 
     try:
@@ -214,19 +244,36 @@ def run_audit(
     layers: str | list[int] | None = None,
     provenance: dict | None = None,
     progress: bool = True,
+    lens: "TunedLens | None" = None,
+    lens_bootstrap: int = 0,
 ) -> AuditResult:
-    """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given."""
+    """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given.
+
+    ``layers`` adds the layer-wise lens (the logit lens; with ``lens``, a tuned lens from `hf-mrp lens train`,
+    every layer-wise statistic is the tuned lens', the logit lens' of the same pass is kept beside it, and
+    ``layers`` defaults to the lens' layers). ``lens_bootstrap`` > 0 adds block-bootstrap intervals of the
+    per-layer correlations and KL, with that many resamples.
+    """
     if margin_dtype not in MARGIN_DTYPES:
         raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {margin_dtype!r}")
     if chunk_size < 1 or batch_size < 1:
         raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
+    if not isinstance(lens_bootstrap, int) or isinstance(lens_bootstrap, bool) or lens_bootstrap < 0:
+        raise MRPUserError(f"lens_bootstrap must be a number of resamples >= 0, got {lens_bootstrap!r}")
     if output_dir is not None:
         output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)
-    layer_list = parse_layer_spec(layers, len(decoder_layers(model))) if layers is not None else None
+    n_layers = len(decoder_layers(model))
+    if lens is not None and layers is None:
+        layers = [*lens.layers, n_layers - 1]
+    layer_list = parse_layer_spec(layers, n_layers) if layers is not None else None
+    if lens is not None:
+        lens.check_model(model)
+        lens.check_layers(layer_list, n_layers)
+        lens.check_disjoint(blocks)
     positions, per_layer = collect_statistics(
         model, blocks, batch_size=batch_size, chunk_size=chunk_size, margin_dtype=margin_dtype,
-        layers=layer_list, progress=progress,
+        layers=layer_list, progress=progress, translators=None if lens is None else lens.translators,
     )
     summary = {
         "provenance": {
@@ -241,10 +288,20 @@ def run_audit(
         },
         **summarize_positions(positions),
     }
-    layer_rows = summarize_layers(per_layer, -positions["target_logprob"]) if layer_list else None
+    final_ce = -positions["target_logprob"]
+
+    def rows_of(columns: dict) -> list[dict]:
+        return summarize_layers(columns, final_ce, positions["block"], lens_bootstrap)
+
+    layer_rows = rows_of({k: v for k, v in per_layer.items() if not isinstance(k, tuple)}) if layer_list else None
+    logit_rows = rows_of({k[1]: v for k, v in per_layer.items() if isinstance(k, tuple)}) if lens else None
     if layer_rows is not None:
-        summary["layers"] = _ambiguity(layer_rows)
-    result = AuditResult(summary, positions, blocks, layer_rows)
+        summary["layers"] = layer_summary(layer_rows, "logit" if lens is None else "tuned")
+        if lens is not None:
+            summary["layers"]["lens_path"] = lens.config.get("path")
+            summary["layers"]["lens_training"] = {key: lens.config["training"][key] for key in
+                                                  ("data_source", "n_positions", "blocks_sha256")}
+    result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
         rank, world = _process_rank_and_world()
         if rank == 0:
@@ -254,14 +311,6 @@ def run_audit(
 
             dist.barrier()  # no rank reads the folder before it is complete
     return result
-
-
-def _ambiguity(layer_rows: list[dict]) -> dict:
-    return {
-        "selected": [row["layer"] for row in layer_rows],
-        "negative_fisher_correlation": [row["layer"] for row in layer_rows if row["spearman_fisher_vs_final_ce"] < 0],
-        "negative_margin_correlation": [row["layer"] for row in layer_rows if row["spearman_margin_vs_final_ce"] < 0],
-    }
 
 
 def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
@@ -286,11 +335,19 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
     if result.layers is not None:
         paths["layers"] = output_dir / "layers.json"
         paths["layers_plot"] = output_dir / "layers.png"
-        files.write_json(paths["layers"], {"layers": result.layers, **result.summary["layers"]})
-        plots.plot_layers(paths["layers_plot"], result.layers)
+        extra = {} if result.logit_layers is None else {"logit_lens_layers": result.logit_layers}
+        files.write_json(paths["layers"], {"layers": result.layers, **result.summary["layers"], **extra})
+        plots.plot_layers(paths["layers_plot"], result.layers, result.summary["layers"]["lens"])
+        paths.update(lens_plots.plot_lens_figures(output_dir, _rows_by_lens(result)))
     files.write_json(paths["audit"], result.summary)  # last: its presence marks a complete audit
     result.files = paths
     return paths
+
+
+def _rows_by_lens(result: AuditResult) -> dict[str, list[dict]]:
+    if result.logit_layers is None:
+        return {"logit lens": result.layers}
+    return {"logit lens": result.logit_layers, "tuned lens": result.layers}
 
 
 def load_audit(directory: str | Path) -> AuditResult:

@@ -23,7 +23,7 @@ AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
 # Every file an audit may write: none of them outlives the audit that replaces it (a stale layers.json or mask.npy
 # beside a new audit.json would describe another audit).
 AUDIT_FILES = ("blocks.npy", "mask.npy", "positions.parquet", "gap_curve.png", "margins.png", "layers.json",
-               "layers.png", AUDIT_MARKER)
+               "layers.png", "lens_heatmap.png", "lens_curves.png", AUDIT_MARKER)
 
 
 def holds_finished_audit(folder: str | Path) -> bool:
@@ -69,6 +69,11 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
         model, tokenizer, name = load_model_from_arguments(model_args)
         check_block_fits(model, data_args.block_size)
         blocks = load_blocks_from_arguments(tokenizer, data_args)
+        lens = None
+        if audit_args.lens == "tuned":
+            from .tuned_lens import load_tuned_lens
+
+            lens = load_tuned_lens(audit_args.lens_path, device=next(model.parameters()).device)
         origin = provenance(name, model_args, data_args, audit_args)
         start = time.perf_counter()
         writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(None)
@@ -76,7 +81,7 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
             result = run_audit(
                 model, blocks, output_dir=_shared_staging(staging), batch_size=audit_args.batch_size,
                 chunk_size=audit_args.chunk_size, margin_dtype=audit_args.margin_dtype, layers=audit_args.layers,
-                provenance=origin,
+                provenance=origin, lens=lens, lens_bootstrap=audit_args.lens_bootstrap,
             )
         result.files = {key: folder / path.name for key, path in result.files.items()}
     result.seconds = time.perf_counter() - start

@@ -28,4 +28,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, audit_args: Audit
         f"({fit['fit_points']} points)  unique margins {s['n_unique_margins']}"
     )
     if "layers" in s:
-        print(f"layers with negative Fisher-penalty vs CE correlation: {s['layers']['negative_fisher_correlation']}")
+        print(f"{s['layers']['lens']} lens: layers with negative Fisher-penalty vs CE correlation: "
+              f"{s['layers']['negative_fisher_correlation']}")
+        print("KL(final || layer) by layer: " + " ".join(f"{row['layer']}:{row['mean_kl_to_final']:.3f}"
+                                                         for row in result.layers))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..arguments import DataArguments, ModelArguments
 from ..errors import MRPUserError
 from ..parser import MRPArgumentParser
+from ..presets import install_presets
 from ..refine import DEFAULTS, RefineArguments, refine
 from ..reporting.markdown import flip_summary_line
 from ..training import MRPConfig
@@ -22,7 +23,7 @@ def make_parser(subparsers=None) -> MRPArgumentParser:
         parser = subparsers.add_parser("refine", help=COMMANDS["refine"], description=COMMANDS["refine"],
                                        dataclass_types=ARGUMENT_TYPES)
     parser.set_defaults(**DEFAULTS)
-    return parser
+    return install_presets(parser)  # --preset paper: the paper's released settings as defaults
 
 
 def check_before_parsing(argv: list[str]) -> None:

@@ -68,8 +68,8 @@ def plot_margin_histograms(path: str | Path, margins: dict[str, np.ndarray], tit
     save_figure(fig, path)
 
 
-def plot_layers(path: str | Path, layers: Sequence[dict]) -> None:
-    """Logit lens: penalty-vs-CE Spearman, median margin and accuracy by layer."""
+def plot_layers(path: str | Path, layers: Sequence[dict], lens: str = "logit") -> None:
+    """A lens (logit or tuned): penalty-vs-CE Spearman, median margin and accuracy by layer."""
     plt = pyplot()
     index = [row["layer"] for row in layers]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
@@ -83,5 +83,5 @@ def plot_layers(path: str | Path, layers: Sequence[dict]) -> None:
     axes[2].plot(index, [row["accuracy"] for row in layers], "o-")
     axes[2].set_ylabel("top-1 accuracy")
     axes[2].set_xlabel("layer (0-based decoder block; last = final)")
-    fig.suptitle("Layer-wise geometry (logit lens)")
+    fig.suptitle(f"Layer-wise geometry ({lens} lens)")
     save_figure(fig, path)
