@@ -47,6 +47,15 @@ PAPER: dict = {
     "mrp_top_k": 5,
 }
 PRESETS = {"paper": PAPER}
+DATASET_COMPANIONS = ("dataset_config", "split", "text_column")  # a preset's settings of its own --dataset
+
+
+def _without_companions_of_a_replaced_dataset(values: dict, args: list[str]) -> dict:
+    """An explicit --dataset replaces the preset's corpus, and with it the preset's config / split / column for
+    that corpus (WikiText's config would not apply to a local .txt file)."""
+    if not any(arg == "--dataset" or arg.startswith("--dataset=") for arg in args):
+        return values
+    return {key: value for key, value in values.items() if key not in DATASET_COMPANIONS}
 
 
 def bf16_supported() -> bool:
@@ -127,7 +136,7 @@ def _preset_parser_class(base: type) -> type:
 
             args, name = split_preset(list(sys.argv[1:] if args is None else args))
             if name is not None:
-                values = resolve(read_preset(name))
+                values = _without_companions_of_a_replaced_dataset(resolve(read_preset(name)), args)
                 known = {action.dest for action in self._actions}
                 unknown = sorted(set(values) - known)
                 if unknown:

@@ -27,7 +27,7 @@ from .reporting import files
 from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
-from .training.divergence import TrainingDiverged, check_weights
+from .training.divergence import TrainingDiverged
 from .training.trainer import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
                          train_dataset=training_dataset(train_ids, target_weights(train_ids, tokenizer, refine_args)),
                          eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
                          processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    check_finite_after_training(trainer, output_dir)
+    train_to_finite_weights(trainer, output_dir, config.resume_from_checkpoint)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
@@ -211,13 +210,13 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     return audit.comparison
 
 
-def check_finite_after_training(trainer, output_dir: Path) -> None:
-    """The last update may have made the weights NaN (training_step checks before each step, not after the last):
-    then the run fails, and the after-audit and comparison the audit callback made of those weights are removed."""
+def train_to_finite_weights(trainer, output_dir: Path, resume_from_checkpoint) -> None:
+    """Train; a run that diverges (MRPTrainer checks the weights at every step and after the last one) fails, and
+    the after-audit and comparison the audit callback made of non-finite weights at train end are removed."""
     import shutil
 
     try:
-        check_weights(trainer)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except TrainingDiverged:
         if trainer.is_world_process_zero():
             for name in ("audit_after", "comparison"):

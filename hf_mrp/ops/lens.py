@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .objectives import fisher_penalty, margin_penalty
+from .precision import autocast_off
 from .transform import IDENTITY, LogitTransform
 
 LENS_STATISTICS = ("margin", "correct", "fisher_penalty", "margin_penalty", "kl_to_final", "agrees_with_final",
@@ -100,6 +101,14 @@ def lens_statistics(
     if final_hidden.dim() != 2 or targets.dim() != 1 or final_hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(final_hidden.shape)} and "
                          f"{tuple(targets.shape)}")
+    with autocast_off(final_hidden, weight):  # float32 logits whatever the caller's autocast
+        return _lens_statistics(final_hidden, layer_hidden, weight, targets, bias, chunk_size, top_k, tau, transform)
+
+
+def _lens_statistics(
+    final_hidden: torch.Tensor, layer_hidden: dict[int, torch.Tensor], weight: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None, chunk_size: int, top_k: int, tau: float, transform: LogitTransform,
+) -> dict[int, dict[str, torch.Tensor]]:
     weight32, bias32 = transform.scaled_head(weight, bias)
     n_positions = final_hidden.shape[0]
     rows = max(1, min(chunk_size, n_positions))

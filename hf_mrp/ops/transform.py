@@ -25,6 +25,16 @@ class LogitTransform:
     def is_identity(self) -> bool:
         return self.scale == 1.0 and self.softcap is None
 
+    def scaled_head(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale * W, scale * b) in float32, for the lens passes that read the whole W once per audit."""
+        weight32, bias32 = weight.float(), None if bias is None else bias.float()
+        if self.scale != 1.0:
+            weight32 = weight32 * self.scale
+            bias32 = None if bias32 is None else bias32 * self.scale
+        return weight32, bias32
+
     def cap_(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the soft cap in place (no-op without one); ``logits`` are already scaled."""
         if self.softcap is not None:
