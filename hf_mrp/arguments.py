@@ -187,7 +187,7 @@ class AuditArguments:
     )
     lens_bootstrap: int = field(
         default=0,
-        metadata={"help": "Block-bootstrap resamples for 95% intervals of each layer's correlations and KL "
+        metadata={"help": "Block-bootstrap resamples for 95 percent intervals of each layer's correlations and KL "
                           "(0: none)."},
     )
 

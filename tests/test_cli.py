@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 from hf_mrp import cli
+from hf_mrp.commands import COMMANDS
 
 
 def run_cli(args, capsys):
@@ -27,6 +29,18 @@ def test_audit_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "hf_mrp.cli", "--help"], capture_output=True, text=True, check=True)
     assert "audit" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [[name, "--help"] for name in COMMANDS] + [["lens", "train", "--help"],
+                                                                             ["refine", "--preset", "paper", "--help"]])
+def test_every_command_prints_its_help(argv, capsys):
+    """argparse %-formats each help string: a stray % in a field's help crashes --help."""
+    from hf_mrp import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "usage:" in captured.out
 
 
 def test_compare_command(tmp_path, capsys, blocks):
