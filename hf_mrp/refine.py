@@ -24,11 +24,11 @@ from .errors import MRPUserError
 from .models import load_model_from_arguments
 from .ops.targeting import check_targets, objective_weights
 from .reporting import files
-from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
+from .reporting.ownership import TRAINING_LOG, check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
 from .training.divergence import TrainingDiverged, check_weights
-from .training.trainer import WEIGHTS_COLUMN
+from .training.dataset_checks import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
                         audit.comparison)
-        files.write_json(output_dir / "training_log.json", trainer.state.log_history)  # last: marks a finished run
+        files.write_json(output_dir / TRAINING_LOG, trainer.state.log_history)  # last: marks a finished run
         if push:
             from .training.hub import push_folder
 

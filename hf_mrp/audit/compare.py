@@ -1,7 +1,8 @@
 """The before/after flip audit: two audits of the same positions, compared position by position.
 
 Every number follows the spec's "Before/after audit", "Token breakdowns" and "Calibration"
-sections. Only numpy is used: the inputs are two per-position tables already on disk.
+sections. No model runs here: the inputs are two per-position tables already on disk, the numbers are numpy
+(hf_mrp.stats), and the files written are flip_audit.json, its Markdown summary and plots (hf_mrp.reporting).
 """
 
 from __future__ import annotations

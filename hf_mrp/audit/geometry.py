@@ -26,7 +26,7 @@ from ..stats.calibration import expected_calibration_error
 from ..reporting import files, plots
 from ..arguments import MARGIN_DTYPES, parse_layer_spec
 from ..reporting import lens_plots
-from .layers import layer_summary, summarize_layers
+from .layers import layer_summary, margin_percentiles, summarize_layers
 
 if TYPE_CHECKING:
     from .tuned_lens import TunedLens
@@ -38,7 +38,6 @@ POSITION_COLUMNS = (
     "target_logprob", "target_margin", "geometric_margin", "brier",
 )
 LENS_COLUMNS = LENS_STATISTICS
-PERCENTILES = {"p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95}
 
 
 @dataclass
@@ -220,7 +219,7 @@ def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
     return {
         "n_positions": int(margin.size),
         "accuracy": float(correct.mean()),
-        "margin_percentiles": {name: float(np.percentile(margin, q)) for name, q in PERCENTILES.items()},
+        "margin_percentiles": margin_percentiles(margin),
         "mean_margin": float(margin.mean()),
         "fraction_margin_lt_0_5": float((margin < 0.5).mean()),
         "entropy_margin_spearman": float(spearman),

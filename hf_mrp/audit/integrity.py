@@ -15,15 +15,6 @@ from ..errors import MRPUserError
 from .geometry import AuditResult
 
 
-def _legacy_fingerprint(blocks) -> str:
-    """The fingerprint audits wrote before it covered the block shape and tokenizer (ids + count)."""
-    import hashlib
-
-    digest = hashlib.sha256(np.ascontiguousarray(blocks.input_ids, dtype=np.int64).tobytes())
-    digest.update(str(blocks.n_positions).encode())
-    return digest.hexdigest()
-
-
 def audit_file_problems(audit: AuditResult) -> list[str]:
     """What disagrees between audit.json and the files beside it (empty: the folder is as written)."""
     summary, origin, positions = audit.summary, audit.summary.get("provenance", {}), audit.positions
@@ -41,7 +32,7 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
     if None not in shape and tuple(audit.blocks.input_ids.shape) != shape:
         problems.append(f"blocks.npy holds {audit.blocks.input_ids.shape[0]} x {audit.blocks.block_size} blocks but "
                         f"audit.json says {shape[0]} x {shape[1]}")
-    elif origin.get("blocks_sha256") not in (None, audit.blocks.fingerprint(), _legacy_fingerprint(audit.blocks)):
+    elif origin.get("blocks_sha256") not in (None, audit.blocks.fingerprint()):
         problems.append("blocks.npy differs from the blocks audit.json records (sha256)")
     return problems
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..arguments import DataArguments
 from ..errors import MRPUserError
+from ..ops.fused import IGNORE_INDEX
 from .sources import TextPieces, load_documents
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -82,7 +83,7 @@ class Blocks:
     def labels(self) -> np.ndarray:
         """Causal-LM labels: input ids, with -100 where a position is not evaluated (shifted by one)."""
         labels = self.input_ids.copy()
-        labels[:, 1:][~self.position_mask()] = -100
+        labels[:, 1:][~self.position_mask()] = IGNORE_INDEX
         return labels
 
     def fingerprint(self) -> str:
@@ -175,10 +176,10 @@ def labeled_blocks(rows: list[list[int]], labels: list[list[int]], pad_id: int, 
                            "each as long as its row")
     width = max(2, max(len(row) for row in rows))
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), width), -100, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     for index, (row, label) in enumerate(zip(rows, labels)):
         ids[index, : len(row)], targets[index, : len(label)] = row, label
-    mask = targets[:, 1:] != -100
+    mask = targets[:, 1:] != IGNORE_INDEX
     return Blocks(ids, int(mask.sum()), source, mask=mask)
 
 

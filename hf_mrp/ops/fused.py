@@ -24,6 +24,7 @@ from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
 from .transform import IDENTITY, LogitTransform
 
 NORMALIZATIONS = ("gated", "valid")
+IGNORE_INDEX = -100  # a label (target) that carries no loss, as in torch and transformers
 
 
 @dataclass
@@ -316,7 +317,7 @@ def mrp_loss_sums(
     settings.check()
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    valid = flat_targets != -100
+    valid = flat_targets != IGNORE_INDEX
     flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
     weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
     total, ce, obj, margin, n_gated, n_correct, entropy = _FusedMRPLoss.apply(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..data.sources import EMBEDDED_CORPUS, LOCAL_FORMATS
 from . import files
 from .markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
 
@@ -17,9 +18,8 @@ MRP_FIELDS = ("mrp_objective", "mrp_lambda", "mrp_margin_threshold", "mrp_top_k"
               "lora_target_modules", "lora_layers", "learning_rate", "max_steps", "per_device_train_batch_size",
               "gradient_accumulation_steps", "seed")
 EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_DATASET = "pydoc_data.topics"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".gguf")
+LOCAL_SUFFIXES = (*LOCAL_FORMATS, ".gguf")  # names of local files, never Hub ids
 STEP_FOLDER = re.compile(r"^comparison_step_(\d+)$")
 GROUPS = (("token class", "by_class"), ("frequency bucket", "by_bucket"), ("margin band (before)", "accuracy_by_margin_band"))
 
@@ -61,13 +61,13 @@ def base_model_note(model_name: str | None) -> str:
 
 def datasets_used(arguments: dict) -> list[str]:
     """The dataset named in the run's data arguments, or the embedded pydoc corpus."""
-    return [arguments.get("dataset") or EMBEDDED_DATASET]
+    return [arguments.get("dataset") or EMBEDDED_CORPUS]
 
 
 def _data_note(arguments: dict) -> str:
     dataset = arguments.get("dataset")
     if not dataset:
-        return (f"Data: `{EMBEDDED_DATASET}` (the pydoc topics that ship with CPython), "
+        return (f"Data: `{EMBEDDED_CORPUS}` (the pydoc topics that ship with CPython), "
                 f"{arguments.get('block_size', '?')}-token blocks; the audited blocks are held out from training "
                 f"unless `holdout` is false.")
     config = f", configuration `{arguments['dataset_config']}`" if arguments.get("dataset_config") else ""
@@ -128,7 +128,7 @@ def evaluation_section(evaluations: list[tuple[int, dict]]) -> list[str]:
 
 def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
     base = hub_base_model(model_name)
-    hub_datasets = [name for name in datasets if name != EMBEDDED_DATASET and _is_hub_id(name)]
+    hub_datasets = [name for name in datasets if name != EMBEDDED_CORPUS and _is_hub_id(name)]
     return [
         "---",
         "library_name: peft",

@@ -1,7 +1,7 @@
 """The flip arithmetic of a before/after audit pair (docs/spec.md, "Before/after audit", "Token breakdowns").
 
 One home for the numbers `hf-mrp compare` reports (audit/compare.py), the callback logs (through compare) and
-the sweep tabulates for every run and every bootstrap resample (sweep/statistics.py): W->R, R->W, net, flip
+the sweep tabulates for every run and every bootstrap resample (sweep/run_statistics.py): W->R, R->W, net, flip
 ratio, churn, accuracy, median margins and their change, head share, and net by token class with each class's
 share of the net. Numpy only: the inputs are per-position columns already on disk.
 """

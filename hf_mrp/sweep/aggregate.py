@@ -21,7 +21,7 @@ from .arguments import SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
 from .plan import CONTROL, RunSpec, control_name, row_keys, row_label
-from .statistics import RunData, load_run, row_means, run_statistics, shared_positions, with_attributable
+from .run_statistics import RunData, load_run, row_means, run_statistics, shared_positions, with_attributable
 
 
 def _spread(values: np.ndarray) -> dict:

@@ -20,9 +20,7 @@ from torch import nn
 
 from ..errors import MRPUserError
 from ..models import carrier, check_token_ids, head_replaced, logit_transform, vocab_size
-from ..ops import MRPLossSums, mrp_loss_sums
-
-IGNORE_INDEX = -100
+from ..ops import IGNORE_INDEX, MRPLossSums, mrp_loss_sums
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,10 @@ from ..errors import MRPUserError
 from .adapters import prepare_model
 from .config import MRPConfig
 from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss, without_logits
-from .dataset_checks import check_weights, streamed_columns
+from .dataset_checks import WEIGHTS_COLUMN, check_weights, streamed_columns
 from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 
 __all__ = ["MRPTrainer", "METRICS", "SKIPPED_KEY", "WEIGHTS_COLUMN"]
-
-WEIGHTS_COLUMN = "mrp_weights"
 
 
 class MRPTrainer(MRPTrainerMixin, Trainer):
