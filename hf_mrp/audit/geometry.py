@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from ..data import Blocks, check_block_fits
-from ..errors import MRPUserError
+from ..errors import MRPUserError, require_number
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
@@ -232,6 +232,18 @@ def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
     }
 
 
+def check_audit_settings(margin_dtype: str, chunk_size: int, batch_size: int, lens_bootstrap: int) -> None:
+    """The one check of an audit's settings (AuditArguments runs it at parse time, before any work)."""
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size), ("lens_bootstrap", lens_bootstrap)):
+        require_number(name, value, integer=True)
+    if margin_dtype not in MARGIN_DTYPES:
+        raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {margin_dtype!r}")
+    if chunk_size < 1 or batch_size < 1:
+        raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
+    if lens_bootstrap < 0:
+        raise MRPUserError(f"lens_bootstrap must be a number of resamples >= 0 (0: no intervals), got {lens_bootstrap}")
+
+
 def run_audit(
     model: torch.nn.Module,
     blocks: Blocks,
@@ -253,12 +265,7 @@ def run_audit(
     ``layers`` defaults to the lens' layers). ``lens_bootstrap`` > 0 adds block-bootstrap intervals of the
     per-layer correlations and KL, with that many resamples.
     """
-    if margin_dtype not in MARGIN_DTYPES:
-        raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {margin_dtype!r}")
-    if chunk_size < 1 or batch_size < 1:
-        raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
-    if not isinstance(lens_bootstrap, int) or isinstance(lens_bootstrap, bool) or lens_bootstrap < 0:
-        raise MRPUserError(f"lens_bootstrap must be a number of resamples >= 0, got {lens_bootstrap!r}")
+    check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     if output_dir is not None:
         output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)

@@ -10,7 +10,8 @@ per-position tables already on disk (flips, intervals, calibration) are hf_mrp.s
 
 from .margins import decision_statistics, output_logits
 from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
-from .fused import IGNORE_INDEX, FusedSettings, MRPLossSums, mrp_loss_sums
+from .fused import IGNORE_INDEX, MRPLossSums, mrp_loss_sums
+from .settings import MRPSettings
 from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
 from .gap import GapFit, fit_gap_law
 
@@ -21,7 +22,7 @@ __all__ = [
     "fisher_penalty",
     "margin_penalty",
     "IGNORE_INDEX",
-    "FusedSettings",
+    "MRPSettings",
     "MRPLossSums",
     "mrp_loss_sums",
     "LOGITS_PRECISIONS",
