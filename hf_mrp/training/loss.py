@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import compiled_inner, compiled_module_type
 from ..errors import MRPUserError
 from ..models import carrier, check_token_ids, head_replaced, logit_transform, vocab_size
 from ..ops import IGNORE_INDEX, MRPLossSums, MRPSettings, mrp_loss_sums
@@ -31,7 +32,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, parallel):
             model = model.module
         elif isinstance(model, compiled):
-            model = model._orig_mod
+            model = compiled_inner(model)
         else:
             return model
 
@@ -41,9 +42,9 @@ def _wrapper_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     OptimizedModule only once their modules are imported (no such wrapper exists before, and a run without them
     never pays for importing them)."""
     engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
-    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    optimized = compiled_module_type()
     parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel) + ((engine,) if isinstance(engine, type) else ())
-    return parallel, (optimized,) if isinstance(optimized, type) else ()
+    return parallel, (optimized,) if optimized is not None else ()
 
 
 def forward_with_mrp_loss(
