@@ -21,6 +21,7 @@ from .arguments import provenance
 from .data import Blocks, check_block_fits, load_blocks_from_arguments
 from .data.sources import check_data_flags_apply
 from .errors import MRPUserError
+from hf_mrp.audit.summary import AuditSummary  # absolute: this module may move
 from .models import load_model_from_arguments
 from .ops.targeting import check_targets, objective_weights
 from .reporting import files
@@ -261,7 +262,8 @@ def save_adapter(trainer, tokenizer, output_dir: Path) -> None:
 
 
 def write_run_files(
-    output_dir: Path, model_name: str, config: MRPConfig, origin: dict, before: dict, after: dict, comparison: dict
+    output_dir: Path, model_name: str, config: MRPConfig, origin: dict, before: AuditSummary, after: AuditSummary,
+    comparison: dict
 ) -> None:
     """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
     from .reporting.markdown import markdown_summary

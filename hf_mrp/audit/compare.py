@@ -237,8 +237,8 @@ def compare_audits(
         **margin_summary(pair, numbers),
         "accuracy_by_margin_band": margin_bands(pair),
         "accuracy_by_own_margin_band": own_margin_bands(pair),
-        "gap_fit_before": before.summary.get("gap_fit"),
-        "gap_fit_after": after.summary.get("gap_fit"),
+        "gap_fit_before": before.summary.gap_fit.to_dict(),
+        "gap_fit_after": after.summary.gap_fit.to_dict(),
         **frequency_breakdown(pair, bucket, numbers),
         "by_class": class_breakdown(pair, class_code, numbers) if class_code is not None else None,
         **token_extremes(pair, texts, top_tokens),
@@ -261,7 +261,8 @@ def write_comparison(result: dict, before: AuditResult, after: AuditResult, outp
         files["margins"], {"before": before.positions["margin"], "after": after.positions["margin"]},
         title="Decision margins, before vs after",
     )
-    plots.plot_gap_curves(files["gap_curves"], {"before": before.summary["gap_fit"], "after": after.summary["gap_fit"]})
+    plots.plot_gap_curves(files["gap_curves"], {"before": before.summary.gap_fit.to_dict(),
+                                                "after": after.summary.gap_fit.to_dict()})
     flip_plots.plot_net_bars(files["net_by_bucket"], result["by_bucket"], "Flips by target frequency bucket",
                              "count of the target token in the blocks")
     if result.get("by_class") is not None:

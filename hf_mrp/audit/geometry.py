@@ -27,6 +27,7 @@ from ..reporting import files, plots
 from ..arguments import MARGIN_DTYPES, parse_layer_spec
 from ..reporting import lens_plots
 from .layers import layer_summary, margin_percentiles, summarize_layers
+from .summary import AuditSummary
 
 if TYPE_CHECKING:
     from .tuned_lens import TunedLens
@@ -44,7 +45,7 @@ LENS_COLUMNS = LENS_STATISTICS
 class AuditResult:
     """What an audit measured: the summary (audit.json), per-position columns, the blocks, layers."""
 
-    summary: dict
+    summary: AuditSummary
     positions: dict[str, np.ndarray]
     blocks: Blocks
     layers: list[dict] | None = None
@@ -210,7 +211,8 @@ def _gather_shards(positions: dict, per_layer: dict, world: int) -> tuple[dict, 
 
 
 def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
-    """audit.json's numbers, from the per-position columns alone (so any table can be re-summarized)."""
+    """audit.json's numbers (`AuditSummary` less provenance and layers), from the per-position columns alone (so
+    any table can be re-summarized)."""
     margin = positions["margin"].astype(np.float64)
     if margin.size == 0:
         raise MRPUserError("no positions were evaluated; pass more text or a larger --max_positions")
@@ -223,7 +225,7 @@ def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
         "mean_margin": float(margin.mean()),
         "fraction_margin_lt_0_5": float((margin < 0.5).mean()),
         "entropy_margin_spearman": float(spearman),
-        "gap_fit": fit_gap_law(margin).to_dict(),
+        "gap_fit": fit_gap_law(margin),
         "n_unique_margins": int(np.unique(positions["margin"]).size),
         "mean_entropy": float(positions["entropy"].astype(np.float64).mean()),
         "mean_cross_entropy": float(-positions["target_logprob"].astype(np.float64).mean()),
@@ -307,7 +309,7 @@ def run_audit(
             summary["layers"]["lens_path"] = lens.config.get("path")
             summary["layers"]["lens_training"] = {key: lens.config["training"][key] for key in
                                                   ("data_source", "n_positions", "blocks_sha256")}
-    result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
+    result = AuditResult(AuditSummary(**summary), positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
         rank, world = _process_rank_and_world()
         if rank == 0:
@@ -336,16 +338,16 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
     else:
         (output_dir / "mask.npy").unlink(missing_ok=True)  # from an earlier audit into the same folder
     files.write_parquet(paths["positions"], result.positions)
-    plots.plot_gap_curves(paths["gap_curve"], {"audit": result.summary["gap_fit"]})
+    plots.plot_gap_curves(paths["gap_curve"], {"audit": result.summary.gap_fit.to_dict()})
     plots.plot_margin_histograms(paths["margins"], {"audit": result.positions["margin"]})
     if result.layers is not None:
         paths["layers"] = output_dir / "layers.json"
         paths["layers_plot"] = output_dir / "layers.png"
         extra = {} if result.logit_layers is None else {"logit_lens_layers": result.logit_layers}
-        files.write_json(paths["layers"], {"layers": result.layers, **result.summary["layers"], **extra})
-        plots.plot_layers(paths["layers_plot"], result.layers, result.summary["layers"]["lens"])
+        files.write_json(paths["layers"], {"layers": result.layers, **result.summary.layers, **extra})
+        plots.plot_layers(paths["layers_plot"], result.layers, result.summary.layers["lens"])
         paths.update(lens_plots.plot_lens_figures(output_dir, _rows_by_lens(result)))
-    files.write_json(paths["audit"], result.summary)  # last: its presence marks a complete audit
+    files.write_json(paths["audit"], result.summary.to_json())  # last: its presence marks a complete audit
     result.files = paths
     return paths
 
@@ -361,12 +363,12 @@ def load_audit(directory: str | Path) -> AuditResult:
     directory = Path(directory)
     if not (directory / "audit.json").is_file():
         raise MRPUserError(f"{directory} holds no complete audit (audit.json missing); run `hf-mrp audit` into it")
-    summary = files.read_json(directory / "audit.json")
+    summary = AuditSummary.from_json(files.read_json(directory / "audit.json"))
     positions = files.read_parquet(directory / "positions.parquet")
     input_ids = files.read_npy(directory / "blocks.npy")
-    origin = summary["provenance"]
+    origin = summary.provenance
     mask = files.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
-    blocks = Blocks(input_ids, int(summary["n_positions"]), origin.get("data_source", ""),
+    blocks = Blocks(input_ids, int(summary.n_positions), origin.get("data_source", ""),
                     origin.get("tokenizer_sha256") or "", mask=mask)
     layers = files.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.sources import EMBEDDED_CORPUS, LOCAL_FORMATS
 from . import files
 from .markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
+
+if TYPE_CHECKING:
+    from ..audit.summary import AuditSummary
 
 MRP_FIELDS = ("mrp_objective", "mrp_lambda", "mrp_margin_threshold", "mrp_top_k", "lora_r", "lora_alpha",
               "lora_target_modules", "lora_layers", "learning_rate", "max_steps", "per_device_train_batch_size",
@@ -75,7 +79,7 @@ def _data_note(arguments: dict) -> str:
             f"`{arguments.get('text_column', 'text')}`, {arguments.get('block_size', '?')}-token blocks.")
 
 
-def _geometry_rows(before: dict, after: dict) -> list[str]:
+def _geometry_rows(before: AuditSummary, after: AuditSummary) -> list[str]:
     def row(name: str, key) -> str:
         a, b = key(before), key(after)
         return f"| {name} | {a:.4f} | {b:.4f} | {b - a:+.4f} |"
@@ -83,13 +87,13 @@ def _geometry_rows(before: dict, after: dict) -> list[str]:
     return [
         "| quantity | before | after | change |",
         "|---|---|---|---|",
-        row("accuracy", lambda s: s["accuracy"]),
-        row("median margin", lambda s: s["margin_percentiles"]["p50"]),
-        row("Pr(m < 0.5)", lambda s: s["fraction_margin_lt_0_5"]),
-        row("gap coefficient alpha", lambda s: s["gap_fit"]["alpha"]),
-        row("gap fit R^2", lambda s: s["gap_fit"]["r_squared"]),
-        row("mean cross-entropy", lambda s: s["mean_cross_entropy"]),
-        row("ECE (15 bins)", lambda s: s["ece"]),
+        row("accuracy", lambda s: s.accuracy),
+        row("median margin", lambda s: s.median_margin),
+        row("Pr(m < 0.5)", lambda s: s.fraction_margin_lt_0_5),
+        row("gap coefficient alpha", lambda s: s.gap_fit.alpha),
+        row("gap fit R^2", lambda s: s.gap_fit.r_squared),
+        row("mean cross-entropy", lambda s: s.mean_cross_entropy),
+        row("ECE (15 bins)", lambda s: s.ece),
     ]
 
 
@@ -142,8 +146,8 @@ def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
 def model_card(
     base_model: str | None,
     settings: dict,
-    before: dict,
-    after: dict,
+    before: AuditSummary,
+    after: AuditSummary,
     comparison_markdown: str = "",
     images: list[str] | None = None,
     data_arguments: dict | None = None,
@@ -181,7 +185,7 @@ def model_card(
         *[f"| {key} | {settings[key]} |" for key in MRP_FIELDS if key in settings],
         "",
         f"## Geometry before and {'now' if in_progress_step is not None else 'after'} "
-        f"({before['n_positions']} audited positions, float32 logits)",
+        f"({before.n_positions} audited positions, float32 logits)",
         "",
         *_geometry_rows(before, after),
         "",
@@ -201,10 +205,12 @@ def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str |
     output_dir = Path(output_dir)
     if not (output_dir / "audit_before" / "audit.json").is_file():
         return None
-    before = files.read_json(output_dir / "audit_before" / "audit.json")
+    from ..audit.summary import AuditSummary  # here: hf_mrp.audit imports hf_mrp.reporting
+
+    before = AuditSummary.from_json(files.read_json(output_dir / "audit_before" / "audit.json"))
     evaluations = evaluation_comparisons(output_dir)
     latest = output_dir / f"audit_step_{evaluations[-1][0]}" / "audit.json" if evaluations else None
-    after = files.read_json(latest) if latest is not None and latest.is_file() else before
-    provenance = before.get("provenance", {})
+    after = AuditSummary.from_json(files.read_json(latest)) if latest is not None and latest.is_file() else before
+    provenance = before.provenance
     return model_card(provenance.get("model"), settings, before, after,
                       data_arguments=provenance.get("arguments", {}), evaluations=evaluations, in_progress_step=step)
