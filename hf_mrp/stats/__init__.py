@@ -6,12 +6,14 @@ No torch, transformers or peft imports: these run on per-position tables already
 the sweep and MRPAuditCallback (through compare) take every flip number from here; hf_mrp.ops keeps the torch math.
 """
 
-from .flips import finite_or_none, flip_numbers, flip_sign, median_margin_change, none_to_nan, ratio
+from .flips import (
+    FlipNumbers, finite_or_none, flip_numbers, flip_sign, none_to_nan, ratio, relative_median_margin_change,
+)
 from .resampling import (
     BlockIndex, block_bootstrap_distribution, block_resamples, paired_interval,
     seed_t_interval,
 )
 
 __all__ = ["BlockIndex", "block_bootstrap_distribution", "block_resamples",
-           "paired_interval", "seed_t_interval", "flip_numbers", "flip_sign", "median_margin_change", "ratio",
+           "paired_interval", "seed_t_interval", "FlipNumbers", "flip_numbers", "flip_sign", "relative_median_margin_change", "ratio",
            "finite_or_none", "none_to_nan"]

@@ -91,14 +91,14 @@ def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | 
                                head, codes)
         fit = fit_gap_law(margin)
         values = {
-            **numbers,
-            "median_margin": numbers["median_margin_after"],
+            **numbers.to_json(),
+            "median_margin": numbers.median_margin_after,
             "pr_margin_lt_0_5": float(np.mean(margin < 0.5)),
             "gap_alpha": fit.alpha,
             "gap_r_squared": fit.r_squared,
-            "accuracy": numbers["accuracy_after"],
-            "structural_share": numbers["share_of_net"]["structural"],
-            **{f"net_{label}": net for label, net in numbers["net_by_class"].items()},
+            "accuracy": numbers.accuracy_after,
+            "structural_share": numbers.share_of_net["structural"],
+            **{f"net_{label}": net for label, net in numbers.net_by_class.items()},
         }
         table[row] = [none_to_nan(values[key]) for key, _, _ in PER_RUN_METRICS]
     return table
