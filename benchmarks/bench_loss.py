@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common import interleaved_medians, machine, report
-from hf_mrp.ops import fisher_penalty, margin_penalty, mrp_loss_sums
+from hf_mrp.ops import MRPSettings, fisher_penalty, margin_penalty, mrp_loss_sums
 
 
 def naive_fisher(z: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -59,7 +59,8 @@ def main() -> None:
 
     def fused(objective):
         def run():
-            sums = mrp_loss_sums(hidden, weight, targets, objective=objective, lam=0.6)
+            sums = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective=objective, lam=0.6,
+                                 normalization="valid"))
             (sums.total / n).backward()
         return run
 

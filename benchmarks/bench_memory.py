@@ -31,7 +31,7 @@ def measure(path: str, positions: int, vocab: int, dim: int, chunk: int) -> floa
     import torch
     import torch.nn.functional as F
 
-    from hf_mrp.ops import mrp_loss_sums
+    from hf_mrp.ops import MRPSettings, mrp_loss_sums
 
     torch.manual_seed(0)
     hidden = torch.randn(positions, dim).requires_grad_()
@@ -43,7 +43,8 @@ def measure(path: str, positions: int, vocab: int, dim: int, chunk: int) -> floa
         logits = hidden @ weight.T  # the model's lm_head output, then its ForCausalLMLoss (upcast + CE)
         F.cross_entropy(logits.float(), targets).backward()
     else:
-        sums = mrp_loss_sums(hidden, weight, targets, objective="fisher", lam=0.6, chunk_size=chunk)
+        sums = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="fisher", lam=0.6, chunk_size=chunk,
+                             normalization="valid"))
         (sums.total / positions).backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
 

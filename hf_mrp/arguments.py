@@ -10,13 +10,6 @@ from pathlib import PurePath
 from .errors import MRPUserError
 
 
-def _require_int(**values) -> None:
-    """Python callers get no type conversion from HfArgumentParser: refuse '32' for an int field by name."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-
-
 def _optional_str(name: str, value):
     """None, or the value as a string (a pathlib.Path is accepted for names that are paths)."""
     if value is None or isinstance(value, str):
@@ -79,16 +72,14 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 LENSES = ("logit", "tuned")
 
 
-def _check_lens(lens: str, lens_path: str | None, lens_bootstrap: int) -> None:
-    """--lens, --lens_path and --lens_bootstrap belong together: one line per wrong combination."""
+def _check_lens(lens: str, lens_path: str | None) -> None:
+    """--lens and --lens_path belong together: one line per wrong combination."""
     if lens not in LENSES:
         raise MRPUserError(f"unknown lens {lens!r} for --lens; choose one of {', '.join(LENSES)}")
     if lens == "tuned" and lens_path is None:
         raise MRPUserError("--lens tuned needs --lens_path, the folder written by `hf-mrp lens train`")
     if lens == "logit" and lens_path is not None:
         raise MRPUserError("--lens_path is read with --lens tuned only; add --lens tuned (or drop --lens_path)")
-    if lens_bootstrap < 0:
-        raise MRPUserError(f"lens_bootstrap must be >= 0 (0: no intervals), got {lens_bootstrap}")
 MARGIN_DTYPES = ("float32", "model")
 
 
@@ -146,16 +137,13 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        from .data import check_encoding
+        from .data.blocks import check_block_settings
+        from .data.sources import check_encoding
 
         check_encoding(self.encoding, self.encoding_errors)
         self.dataset = _optional_str("dataset", self.dataset)
         self.dataset_config = _optional_str("dataset_config", self.dataset_config)
-        _require_int(block_size=self.block_size, max_positions=self.max_positions)
-        if self.block_size < 2:
-            raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {self.block_size}")
-        if self.max_positions <= 0:
-            raise MRPUserError(f"max_positions must be positive, got {self.max_positions}")
+        check_block_settings(self.block_size, self.max_positions)
 
 
 @dataclass
@@ -192,11 +180,9 @@ class AuditArguments:
     )
 
     def __post_init__(self) -> None:
-        _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size, lens_bootstrap=self.lens_bootstrap)
+        from .audit.geometry import check_audit_settings
+
         self.layers = _optional_str("layers", self.layers)
         self.lens_path = _optional_str("lens_path", self.lens_path)
-        _check_lens(self.lens, self.lens_path, self.lens_bootstrap)
-        if self.margin_dtype not in MARGIN_DTYPES:
-            raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {self.margin_dtype!r}")
-        if self.chunk_size < 1 or self.batch_size < 1:
-            raise MRPUserError(f"chunk_size and batch_size must be positive, got {self.chunk_size} and {self.batch_size}")
+        check_audit_settings(self.margin_dtype, self.chunk_size, self.batch_size, self.lens_bootstrap)
+        _check_lens(self.lens, self.lens_path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
+from hf_mrp.compat import parse_dataclass_field, set_nargs  # absolute: this module may move
+
 from .errors import MRPUserError
 
 _UNUSED = "Some specified arguments are not used by the HfArgumentParser: "
@@ -33,9 +35,9 @@ class MRPArgumentParser(HfArgumentParser):
         if field.metadata.get("positional"):
             parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
             return
-        HfArgumentParser._parse_dataclass_field(parser, field)
+        parse_dataclass_field(parser, field)
         if "nargs" in field.metadata:
-            next(action for action in parser._actions if action.dest == field.name).nargs = field.metadata["nargs"]
+            set_nargs(parser, field.name, field.metadata["nargs"])
 
     def _hint(self) -> str:
         return f"`{self.prog} --help` lists the flags"

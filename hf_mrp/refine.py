@@ -21,14 +21,15 @@ from .arguments import provenance
 from .data import Blocks, check_block_fits, load_blocks_from_arguments
 from .data.sources import check_data_flags_apply
 from .errors import MRPUserError
+from hf_mrp.audit.summary import AuditSummary  # absolute: this module may move
 from .models import load_model_from_arguments
 from .ops.targeting import check_targets, objective_weights
 from .reporting import files
-from .reporting.ownership import check_may_write, forget_finished_run, is_main_process, owned_folder
+from .reporting.ownership import TRAINING_LOG, check_may_write, forget_finished_run, is_main_process, owned_folder
 from .training import MRPConfig, MRPTrainer
 from .training.callbacks import MRPAuditCallback
 from .training.divergence import TrainingDiverged
-from .training.trainer import WEIGHTS_COLUMN
+from .training.dataset_checks import WEIGHTS_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     if trainer.is_world_process_zero():
         write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
                         audit.comparison)
-        files.write_json(output_dir / "training_log.json", trainer.state.log_history)  # last: marks a finished run
+        files.write_json(output_dir / TRAINING_LOG, trainer.state.log_history)  # last: marks a finished run
         if push:
             from .training.hub import push_folder
 
@@ -260,7 +261,8 @@ def save_adapter(trainer, tokenizer, output_dir: Path) -> None:
 
 
 def write_run_files(
-    output_dir: Path, model_name: str, config: MRPConfig, origin: dict, before: dict, after: dict, comparison: dict
+    output_dir: Path, model_name: str, config: MRPConfig, origin: dict, before: AuditSummary, after: AuditSummary,
+    comparison: dict
 ) -> None:
     """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
     from .reporting.markdown import markdown_summary

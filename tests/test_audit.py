@@ -39,11 +39,11 @@ def test_audit_matches_reference(model, blocks, tmp_path, chunk_size, batch_size
     np.testing.assert_allclose(positions["entropy"], (-(probs * probs.log()).sum(-1)).numpy(), atol=1e-4)
     margins = (top.values[:, 0] - top.values[:, 1]).numpy()
     s = result.summary
-    assert s["accuracy"] == pytest.approx((top.indices[:, 0] == targets).double().mean().item())
-    assert s["entropy_margin_spearman"] == pytest.approx(
+    assert s.accuracy == pytest.approx((top.indices[:, 0] == targets).double().mean().item())
+    assert s.entropy_margin_spearman == pytest.approx(
         spearmanr((-(probs * probs.log()).sum(-1)).numpy(), margins).statistic, abs=1e-6)
-    assert s["margin_percentiles"]["p50"] == pytest.approx(np.median(margins), abs=1e-4)
-    assert s["gap_fit"]["beta"] == pytest.approx(fit_gap_law(positions["margin"]).beta, abs=1e-9)
+    assert s.median_margin == s.margin_percentiles["p50"] == pytest.approx(np.median(margins), abs=1e-4)
+    assert s.gap_fit.beta == pytest.approx(fit_gap_law(positions["margin"]).beta, abs=1e-9)
     for name in ("audit.json", "positions.parquet", "blocks.npy", "gap_curve.png", "margins.png"):
         assert (tmp_path / name).stat().st_size > 0
     loaded = load_audit(tmp_path)
@@ -77,8 +77,8 @@ def test_bfloat16_model_keeps_float32_margins(blocks):
     model = tiny_llama().to(torch.bfloat16)
     exact = run_audit(model, blocks, progress=False)
     low = run_audit(model, blocks, margin_dtype="model", progress=False)
-    assert exact.summary["n_unique_margins"] > low.summary["n_unique_margins"]
-    assert exact.summary["provenance"]["model_dtype"] == "bfloat16"
+    assert exact.summary.n_unique_margins > low.summary.n_unique_margins
+    assert exact.summary.provenance["model_dtype"] == "bfloat16"
 
 
 def test_audit_errors(model, blocks, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from hf_mrp.audit.compare import compare_audits, compare_dirs, decoder_from_tokenizer, write_comparison
 from hf_mrp.audit.geometry import AuditResult, summarize_positions, write_audit
+from hf_mrp.audit.summary import AuditSummary
 from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.stats.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
@@ -68,7 +69,7 @@ def make_audit(blocks: Blocks, seed: int, base: dict | None = None) -> AuditResu
         "target_logprob": -rng.exponential(1.0, n).astype(np.float32), "target_margin": rng.normal(size=n),
         "geometric_margin": rng.random(n).astype(np.float32), "brier": rng.uniform(0, 2, n).astype(np.float32),
     }
-    summary = {"provenance": {"data_source": blocks.source}, **summarize_positions(positions)}
+    summary = AuditSummary(provenance={"data_source": blocks.source}, **summarize_positions(positions))
     return AuditResult(summary, positions, blocks)
 
 
@@ -232,7 +233,8 @@ def hand_audit(blocks: Blocks, correct: list[bool]) -> AuditResult:
         "entropy": np.ones(n), "p_top1": np.full(n, 0.5), "target_logprob": -np.ones(n),
         "target_margin": np.zeros(n), "geometric_margin": np.ones(n), "brier": np.full(n, 0.5),
     }
-    return AuditResult({"gap_fit": {}}, positions, blocks)
+    summary = AuditSummary(provenance={"data_source": blocks.source}, **summarize_positions(positions))
+    return AuditResult(summary, positions, blocks)
 
 
 def test_top_token_ties_by_flip_count():
@@ -265,7 +267,7 @@ def test_calibration_and_gap_fits(pair, result):
         c = columns(audit)
         assert result[f"ece_{name}"] == pytest.approx(reference_ece(c["p_top1"], c["correct"]), abs=1e-9)
         assert result[f"brier_{name}"] == pytest.approx(sum(c["brier"]) / len(c["brier"]), rel=1e-6)
-        assert result[f"gap_fit_{name}"] == audit.summary["gap_fit"]
+        assert result[f"gap_fit_{name}"] == audit.summary.gap_fit.to_dict()
     assert result["ece_before"] != result["ece_after"]
 
 

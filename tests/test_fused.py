@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_mrp.ops import mrp_loss_sums
+from hf_mrp.errors import MRPUserError
+from hf_mrp.ops import MRPSettings, mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 
 
@@ -49,8 +50,8 @@ def test_loss_and_gradients_match_float64_reference(objective, chunk_size):
     targets = torch.randint(0, 23, (2, 9))
     targets[0, :3] = -100
     leaves32 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    sums = mrp_loss_sums(leaves32[0], leaves32[1], targets, bias=leaves32[2], objective=objective, lam=0.7,
-                         tau=1.5, top_k=4, chunk_size=chunk_size)
+    sums = mrp_loss_sums(leaves32[0], leaves32[1], targets, MRPSettings(objective=objective, lam=0.7, tau=1.5,
+                         top_k=4, chunk_size=chunk_size, normalization="valid"), bias=leaves32[2])
     sums.total.backward()
     leaves64 = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
     ref = naive_total(leaves64[0].reshape(-1, 6), leaves64[1], leaves64[2], targets.reshape(-1), objective, 0.7, 1.5, 4)
@@ -65,12 +66,14 @@ def test_lambda_zero_is_plain_cross_entropy_and_weights_scale_the_objective():
     torch.manual_seed(1)
     hidden, weight = torch.randn(12, 5), torch.randn(17, 5)
     targets = torch.randint(0, 17, (12,))
-    plain = mrp_loss_sums(hidden, weight, targets, objective="fisher", lam=0.0)
+    plain = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="fisher", lam=0.0, normalization="valid"))
     assert torch.allclose(plain.total, F.cross_entropy(hidden @ weight.T, targets, reduction="sum"))
-    unweighted = mrp_loss_sums(hidden, weight, targets, objective="entropy", lam=1.0)
+    unweighted = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="entropy", lam=1.0,
+                               normalization="valid"))
     weights = torch.zeros(12)
     weights[:4] = 2.0
-    weighted = mrp_loss_sums(hidden, weight, targets, objective="entropy", lam=1.0, position_weights=weights)
+    weighted = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="entropy", lam=1.0,
+                             normalization="valid"), position_weights=weights)
     per_position = -(torch.softmax(hidden @ weight.T, -1) * torch.log_softmax(hidden @ weight.T, -1)).sum(-1)
     assert torch.allclose(unweighted.objective, per_position.sum(), atol=1e-5)
     assert torch.allclose(weighted.objective, 2 * per_position[:4].sum(), atol=1e-5)
@@ -79,12 +82,13 @@ def test_lambda_zero_is_plain_cross_entropy_and_weights_scale_the_objective():
 def test_frozen_weight_gets_no_gradient_and_bad_arguments_fail():
     hidden = torch.randn(4, 3, requires_grad=True)
     weight = torch.randn(7, 3)
-    mrp_loss_sums(hidden, weight, torch.tensor([1, 2, 3, 4]), objective="fisher", lam=1.0).total.backward()
+    mrp_loss_sums(hidden, weight, torch.tensor([1, 2, 3, 4]), MRPSettings(objective="fisher", lam=1.0,
+                  normalization="valid")).total.backward()
     assert hidden.grad is not None and weight.grad is None
-    with pytest.raises(ValueError, match="unknown objective"):
-        mrp_loss_sums(hidden, weight, torch.tensor([1, 2, 3, 4]), objective="nope")
-    with pytest.raises(ValueError, match=">= 0"):
-        mrp_loss_sums(hidden, weight, torch.tensor([1, 2, 3, 4]), lam=-1.0)
+    with pytest.raises(MRPUserError, match="unknown mrp_objective 'nope'"):
+        MRPSettings(objective="nope")
+    with pytest.raises(MRPUserError, match="mrp_lambda must be >= 0"):
+        MRPSettings(lam=-1.0)
 
 
 TRANSFORMS = [LogitTransform(scale=0.25), LogitTransform(softcap=2.5), LogitTransform(scale=1.7, softcap=4.0)]
@@ -100,8 +104,8 @@ def test_logit_transform_loss_and_gradients_match_float64_reference(objective, t
     targets = torch.randint(0, 19, (2, 7))
     targets[1, :2] = -100
     leaves32 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    sums = mrp_loss_sums(leaves32[0], leaves32[1], targets, bias=leaves32[2], objective=objective, lam=0.9,
-                         tau=2.0, top_k=3, chunk_size=4, transform=transform)
+    sums = mrp_loss_sums(leaves32[0], leaves32[1], targets, MRPSettings(objective=objective, lam=0.9, tau=2.0,
+                         top_k=3, chunk_size=4, normalization="valid"), bias=leaves32[2], transform=transform)
     sums.total.backward()
     leaves64 = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
     h, w, b = leaves64
@@ -120,7 +124,8 @@ def test_gated_normalization_divides_the_margin_objective_by_the_gated_positions
     hidden = torch.randn(20, 5, requires_grad=True)
     weight = torch.randn(11, 5)
     targets = torch.randint(0, 11, (20,))
-    gated = mrp_loss_sums(hidden, weight, targets, objective="margin", lam=0.5, tau=1.0, normalization="gated")
+    gated = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="margin", lam=0.5, tau=1.0,
+                          normalization="gated"))
     z = (hidden.detach().double() @ weight.double().T)
     top = z.topk(2, -1).values
     m = top[:, 0] - top[:, 1]
@@ -131,12 +136,13 @@ def test_gated_normalization_divides_the_margin_objective_by_the_gated_positions
     gated.total.backward()
     grad_gated = hidden.grad.clone()
     hidden.grad = None
-    ce = mrp_loss_sums(hidden, weight, targets, objective="margin", lam=0.0)
-    valid = mrp_loss_sums(hidden, weight, targets, objective="margin", lam=0.5 * 20 / n_gated, tau=1.0)
+    ce = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="margin", lam=0.0, normalization="valid"))
+    valid = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="margin", lam=0.5 * 20 / n_gated, tau=1.0,
+                          normalization="valid"))
     valid.total.backward()
     torch.testing.assert_close(gated.total, valid.total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_gated, hidden.grad, rtol=1e-5, atol=1e-6)
-    fisher = mrp_loss_sums(hidden, weight, targets, objective="fisher", lam=0.5, normalization="gated")
-    same = mrp_loss_sums(hidden, weight, targets, objective="fisher", lam=0.5, normalization="valid")
+    fisher = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="fisher", lam=0.5, normalization="gated"))
+    same = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="fisher", lam=0.5, normalization="valid"))
     torch.testing.assert_close(fisher.total, same.total)  # only the margin objective has a gate
     assert torch.isfinite(ce.total)

@@ -7,7 +7,7 @@ import torch
 from hf_mrp.audit.geometry import load_audit, run_audit
 from hf_mrp.data import Blocks, labeled_blocks
 from hf_mrp.errors import MRPUserError
-from hf_mrp.ops import mrp_loss_sums
+from hf_mrp.ops import MRPSettings, mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 
 
@@ -19,10 +19,10 @@ def test_entropy_and_top1_hits_match_float64_and_leave_the_loss_alone(objective,
     hidden, weight = torch.randn(3, 8, 6) * 2, torch.randn(29, 6)
     targets = torch.randint(0, 29, (3, 8))
     targets[0, :5] = -100
-    with_stats = mrp_loss_sums(hidden, weight, targets, objective=objective, lam=0.4, top_k=3, chunk_size=5,
-                               transform=transform, with_entropy=True)
-    plain = mrp_loss_sums(hidden, weight, targets, objective=objective, lam=0.4, top_k=3, chunk_size=5,
-                          transform=transform)
+    with_stats = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective=objective, lam=0.4, top_k=3,
+                               chunk_size=5, normalization="valid"), transform=transform, with_entropy=True)
+    plain = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective=objective, lam=0.4, top_k=3, chunk_size=5,
+                          normalization="valid"), transform=transform)
     valid = targets.reshape(-1) != -100
     z = transform.apply(hidden.reshape(-1, 6)[valid].double() @ weight.double().T)
     log_p = torch.log_softmax(z, -1)

@@ -39,6 +39,6 @@ def test_margins_match_full_logits_float64_reference(smollm2, tmp_path):
     np.testing.assert_array_equal(result.positions["top1_id"], top.indices[:, 0].numpy())
     s = result.summary
     # a real pretrained model: better than chance, and the gap law holds
-    assert 0.3 < s["accuracy"] < 0.7
-    assert s["gap_fit"]["r_squared"] > 0.98 and 0.7 < s["gap_fit"]["beta"] < 1.2
-    assert s["entropy_margin_spearman"] < -0.4
+    assert 0.3 < s.accuracy < 0.7
+    assert s.gap_fit.r_squared > 0.98 and 0.7 < s.gap_fit.beta < 1.2
+    assert s.entropy_margin_spearman < -0.4

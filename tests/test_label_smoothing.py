@@ -13,7 +13,7 @@ from test_fused import naive_penalty
 from test_trainer import batch, config, dataset
 
 from hf_mrp.errors import MRPUserError
-from hf_mrp.ops import mrp_loss_sums
+from hf_mrp.ops import MRPSettings, mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 from hf_mrp.training import MRPTrainer
 
@@ -33,8 +33,8 @@ def test_smoothed_ce_and_gradient_equal_float64_label_smoother(objective, lam, t
     targets = torch.randint(0, 41, (30,))
     targets[:4] = -100
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    sums = mrp_loss_sums(leaves[0], leaves[1], targets, bias=leaves[2], objective=objective, lam=lam, tau=1.5,
-                         top_k=3, chunk_size=7, transform=transform, label_smoothing=EPS)
+    sums = mrp_loss_sums(leaves[0], leaves[1], targets, MRPSettings(objective=objective, lam=lam, tau=1.5, top_k=3,
+                         chunk_size=7, normalization="valid", label_smoothing=EPS), bias=leaves[2], transform=transform)
     (sums.total / 26).backward()
     leaves64 = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
     valid = targets != -100

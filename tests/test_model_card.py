@@ -2,11 +2,16 @@
 
 import json
 
+from hf_mrp.audit.summary import AuditSummary
 from hf_mrp.models import EMBEDDED_NAME
+from hf_mrp.ops.gap import GapFit
 from hf_mrp.reporting.model_card import evaluation_comparisons, hub_base_model, model_card
 
-SUMMARY = {"n_positions": 10, "accuracy": 0.5, "margin_percentiles": {"p50": 1.0}, "fraction_margin_lt_0_5": 0.2,
-           "gap_fit": {"alpha": 0.3, "r_squared": 0.9}, "mean_cross_entropy": 2.0, "ece": 0.05}
+SUMMARY = AuditSummary(
+    provenance={}, n_positions=10, accuracy=0.5, margin_percentiles={"p50": 1.0}, mean_margin=1.1,
+    fraction_margin_lt_0_5=0.2, entropy_margin_spearman=-0.5,
+    gap_fit=GapFit(beta=1.0, intercept=0.0, r_squared=0.9, alpha=0.3, eps_min=0.01, eps_max=0.5, fit_points=32),
+    n_unique_margins=10, mean_entropy=1.5, mean_cross_entropy=2.0, ece=0.05, brier=0.4)
 
 
 def flips(w2r, r2w, classes=("entity", "content")):

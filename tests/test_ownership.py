@@ -350,7 +350,7 @@ def test_a_finished_audit_is_replaced_only_with_overwrite_and_then_whole(tiny_mo
     assert _hashes(out) == before
     assert _audit(tiny_model_dir, out, "--max_positions", "93", "--overwrite_output_dir", "true") == 0
     audit = load_whole_audit(out)
-    assert audit.summary["n_positions"] == 93 and audit.layers is None
+    assert audit.summary.n_positions == 93 and audit.layers is None
     assert not (out / "layers.json").exists() and not (out / "layers.png").exists()  # the old audit's, not kept
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert _partial_files(out) == [] and _staging_beside(out) == []
@@ -395,13 +395,13 @@ def test_sigkill_at_every_file_boundary_leaves_one_whole_audit(tiny_model_dir, t
         if k < AUDIT_BOUNDARIES:
             assert _hashes(folder) == old_files, k  # the old audit, byte for byte
         else:
-            assert audit.summary["n_positions"] == 93 and _hashes(folder) != old_files
+            assert audit.summary.n_positions == 93 and _hashes(folder) != old_files
         compare_dirs(folder, folder, tmp_path / f"cmp_{k}")
         assert (tmp_path / f"cmp_{k}" / "flip_audit.json").is_file()
         assert _staging_beside(folder), k  # SIGKILL runs no clean-up ...
     folder = folders[3]
     assert _audit(tiny_model_dir, folder, "--overwrite_output_dir", "true") == 0
-    assert _staging_beside(folder) == [] and load_whole_audit(folder).summary["n_positions"] == 62  # ... the next does
+    assert _staging_beside(folder) == [] and load_whole_audit(folder).summary.n_positions == 62  # ... the next does
 
 
 def test_stale_staging_folders_of_dead_processes_are_swept_at_start(tmp_path):
@@ -435,5 +435,5 @@ def test_an_audit_into_the_current_folder_replaces_its_files_in_place(tiny_model
     assert _audit(tiny_model_dir, Path("."), "--layers", "1") == 0
     assert _audit(tiny_model_dir, Path("."), "--max_positions", "93", "--overwrite_output_dir", "true") == 0
     assert tmp_path.stat().st_ino == inode and Path.cwd() == tmp_path
-    assert load_whole_audit(tmp_path).summary["n_positions"] == 93 and not (tmp_path / "layers.json").exists()
+    assert load_whole_audit(tmp_path).summary.n_positions == 93 and not (tmp_path / "layers.json").exists()
     assert _partial_files(tmp_path) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}.staging-*"))

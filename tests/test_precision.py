@@ -11,10 +11,10 @@ from test_trainer import batch, config, dataset
 
 from hf_mrp.audit.geometry import _batch_statistics
 from hf_mrp.errors import MRPUserError
-from hf_mrp.ops import decision_statistics, mrp_loss_sums, precision
-from hf_mrp.ops.transform import LogitTransform
+from hf_mrp.ops import MRPSettings, decision_statistics, mrp_loss_sums, precision
+from hf_mrp.ops.transform import IDENTITY, LogitTransform
 from hf_mrp.training import MRPConfig, MRPTrainer
-from hf_mrp.training.loss import MRPLossSettings, forward_with_mrp_loss
+from hf_mrp.training.loss import forward_with_mrp_loss
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 TRANSFORMS = {"plain": LogitTransform(), "scale+softcap": LogitTransform(scale=0.5, softcap=6.0)}
@@ -29,9 +29,10 @@ def head_problem(seed=0, n=40, d=16, vocab=53):
     return hidden, weight, bias, targets
 
 
-def loss_and_grads(hidden, weight, bias, targets, **options):
+def loss_and_grads(hidden, weight, bias, targets, transform=IDENTITY, with_entropy=False, **settings):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    sums = mrp_loss_sums(leaves[0], leaves[1], targets, bias=leaves[2], chunk_size=7, **options)
+    sums = mrp_loss_sums(leaves[0], leaves[1], targets, MRPSettings(chunk_size=7, normalization="valid", **settings),
+                         bias=leaves[2], transform=transform, with_entropy=with_entropy)
     sums.total.backward()
     return sums, [leaf.grad for leaf in leaves]
 
@@ -149,11 +150,11 @@ def test_training_loss_under_autocast_is_float32_from_the_model_hidden_states():
     inputs = batch()
     captured = {}
     model.lm_head.register_forward_pre_hook(capture_input(captured, "hidden"))
-    settings = MRPLossSettings("fisher", 0.6, 1.0, 5, 8, "gated", 0.0, "float32")
+    settings = MRPSettings("fisher", 0.6, 1.0, 5, 8, "gated", 0.0, "float32")
     with torch.autocast(**BF16):
         sums, _ = forward_with_mrp_loss(model, {"input_ids": inputs["input_ids"]}, inputs["labels"], settings)
     want = mrp_loss_sums(captured["hidden"][:, :-1].detach(), model.lm_head.weight.detach(),
-                         inputs["labels"][:, 1:], objective="fisher", lam=0.6, chunk_size=8)
+                         inputs["labels"][:, 1:], MRPSettings(objective="fisher", lam=0.6, chunk_size=8))
     assert_relative(sums.total.detach(), want.total)
     assert_relative(sums.ce, want.ce)
     assert_relative(sums.objective, want.objective)
@@ -181,7 +182,7 @@ def test_fp16_autocast_with_a_grad_scaler_hands_back_the_scaled_float32_gradient
     is 2**12 times the float32 one from the same hidden states, the head's (unscaled) equals the float32 one, no
     gradient overflows and the scaler steps."""
     inputs = batch()
-    settings = MRPLossSettings("margin", 0.6, 1.0, 5, 8, "valid", 0.0, "float32")
+    settings = MRPSettings("margin", 0.6, 1.0, 5, 8, "valid", 0.0, "float32")
     model = tiny_llama().train()
     captured = {}
 
@@ -206,8 +207,8 @@ def test_fp16_autocast_with_a_grad_scaler_hands_back_the_scaled_float32_gradient
     weight = model.lm_head.weight.detach().clone().requires_grad_()
     with torch.no_grad():  # the weight before the step
         weight += 1e-3 * head_grad
-    reference = mrp_loss_sums(hidden[:, :-1], weight, inputs["labels"][:, 1:], objective="margin", lam=0.6,
-                              normalization="valid", chunk_size=8)
+    reference = mrp_loss_sums(hidden[:, :-1], weight, inputs["labels"][:, 1:],
+                              MRPSettings(objective="margin", lam=0.6, chunk_size=8, normalization="valid"))
     (reference.total / reference.n_positions).backward()
     assert_relative(head_grad, weight.grad, rtol=1e-5)
     assert_relative(captured["hidden_grad"] / 2.0**12, hidden.grad, rtol=1e-6)
@@ -232,9 +233,9 @@ def test_logits_precision_is_a_checked_config_field(tmp_path):
     with pytest.raises(MRPUserError, match="mrp_logits_precision 'fp8'; choose one of float32, bfloat16"):
         MRPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mrp_logits_precision="fp8")
     args = MRPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mrp_logits_precision="bfloat16")
-    assert MRPLossSettings.from_config(args).logits_precision == "bfloat16"
-    with pytest.raises(ValueError, match="unknown precision"):
-        mrp_loss_sums(torch.randn(3, 4), torch.randn(VOCAB, 4), torch.zeros(3, dtype=torch.long), precision="fp8")
+    assert args.mrp_settings.precision == "bfloat16"
+    with pytest.raises(MRPUserError, match="unknown mrp_logits_precision 'fp8'"):
+        MRPSettings(precision="fp8")
 
 
 def test_mrp_sft_trainer_under_trl_default_bf16_logs_sft_trainer_float32_head_loss(tiny_model_dir, tmp_path):

@@ -14,7 +14,7 @@ from hf_mrp.stats.token_classes import CLASSES
 from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
 from hf_mrp.sweep import SweepArguments, plan_runs
 from hf_mrp.sweep.metrics import METRIC_KEYS
-from hf_mrp.sweep.statistics import row_means, with_attributable
+from hf_mrp.sweep.run_statistics import row_means, with_attributable
 
 
 def sweep_argv(model_dir, out, *extra):

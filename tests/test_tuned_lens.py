@@ -63,7 +63,7 @@ def test_a_trained_tuned_lens_lowers_every_layers_kl_below_the_logit_lens_on_hel
             assert tuned["mean_kl_to_final"] < 0.8 * logit["mean_kl_to_final"], (tuned["layer"], tuned, logit)
         else:
             assert tuned["mean_kl_to_final"] == logit["mean_kl_to_final"] == 0.0
-    assert result.summary["layers"]["lens"] == "tuned"
+    assert result.summary.layers["lens"] == "tuned"
 
 
 def test_saving_loading_and_resuming_equal_one_uninterrupted_run(tmp_path):

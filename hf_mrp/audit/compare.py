@@ -1,7 +1,8 @@
 """The before/after flip audit: two audits of the same positions, compared position by position.
 
 Every number follows the spec's "Before/after audit", "Token breakdowns" and "Calibration"
-sections. Only numpy is used: the inputs are two per-position tables already on disk.
+sections. No model runs here: the inputs are two per-position tables already on disk, the numbers are numpy
+(hf_mrp.stats), and the files written are flip_audit.json, its Markdown summary and plots (hf_mrp.reporting).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..errors import MRPUserError
 from ..stats.calibration import expected_calibration_error
-from ..stats.flips import flip_numbers, flip_sign
+from ..stats.flips import FlipNumbers, flip_numbers, flip_sign
 from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
 from ..reporting import flip_plots, plots
 from ..reporting.files import ensure_output_dir, write_json, write_text
@@ -62,7 +63,7 @@ class Pair:
         """+1 W->R, -1 R->W, 0 unchanged, per position (stats.flips.flip_sign)."""
         return flip_sign(self.correct_before, self.correct_after)
 
-    def numbers(self, head: np.ndarray, class_code: np.ndarray | None) -> dict:
+    def numbers(self, head: np.ndarray, class_code: np.ndarray | None) -> FlipNumbers:
         """The headline flip numbers (hf_mrp.stats.flips, the sweep's too)."""
         return flip_numbers(self.correct_before, self.correct_after, self.margin_before, self.margin_after,
                             self.top1_before, self.top1_after, head, class_code)
@@ -102,14 +103,15 @@ def group_flips(pair: Pair, mask: np.ndarray | None = None) -> dict:
     }
 
 
-def flip_summary(pair: Pair, numbers: dict) -> dict:
+def flip_summary(pair: Pair, numbers: FlipNumbers) -> dict:
     """Corrections, collateral damage, their ratio, top-1 churn and runner-up rotation."""
     rotated = (pair.top1_before == pair.top1_after) & (pair.top2_before != pair.top2_after)
     return {
-        **{key: numbers[key] for key in ("w2r", "r2w", "net", "flip_ratio", "churn")},
+        "w2r": numbers.w2r, "r2w": numbers.r2w, "net": numbers.net, "flip_ratio": numbers.flip_ratio,
+        "churn": numbers.churn,
         "runner_up_rotation": rotation_summary(pair, rotated),
-        "accuracy_before": numbers["accuracy_before"],
-        "accuracy_after": numbers["accuracy_after"],
+        "accuracy_before": numbers.accuracy_before,
+        "accuracy_after": numbers.accuracy_after,
     }
 
 
@@ -117,19 +119,22 @@ def rotation_summary(pair: Pair, rotated: np.ndarray) -> dict:
     """Runner-up rotation (top-1 kept, top-2 changed): its share, and among the rotated positions the
     share whose margin widened and the mean and median margin change (the paper's rotation table)."""
     change = (pair.margin_after - pair.margin_before)[rotated]
+    median_rotated_change = float(np.median(change)) if change.size else None  # m after - m before, rotated only
     return {
         "share": float(rotated.mean()),
         "widened_share": _mean(change > 0),
         "mean_margin_change": _mean(change),
-        "median_margin_change": float(np.median(change)) if change.size else None,
+        "median_margin_change": median_rotated_change,
     }
 
 
-def margin_summary(pair: Pair, numbers: dict) -> dict:
+def margin_summary(pair: Pair, numbers: FlipNumbers) -> dict:
     """Median margins, the paper's median change, and the per-position expansion."""
     change = pair.margin_after - pair.margin_before
     return {
-        **{key: numbers[key] for key in ("median_margin_before", "median_margin_after", "median_margin_change")},
+        "median_margin_before": numbers.median_margin_before,
+        "median_margin_after": numbers.median_margin_after,
+        "median_margin_change": numbers.relative_median_margin_change,
         "expansion": {
             "share_wider": float(np.mean(change > 0)),
             "mean_change": float(np.mean(change)),
@@ -164,10 +169,10 @@ def own_margin_bands(pair: Pair) -> dict:
     }
 
 
-def frequency_breakdown(pair: Pair, bucket: np.ndarray, numbers: dict) -> dict:
+def frequency_breakdown(pair: Pair, bucket: np.ndarray, numbers: FlipNumbers) -> dict:
     """Flips by the target's count among all tokens of the blocks, and the head share net(100+)/net(all)."""
     return {"by_bucket": {label: group_flips(pair, bucket == label) for label in BUCKETS},
-            "head_share": numbers["head_share"]}
+            "head_share": numbers.head_share}
 
 
 def _decode_all(ids: np.ndarray, decode: Callable[[int], str]) -> dict[int, str]:
@@ -175,9 +180,9 @@ def _decode_all(ids: np.ndarray, decode: Callable[[int], str]) -> dict[int, str]
     return {int(token): decode(int(token)) for token in np.unique(ids)}
 
 
-def class_breakdown(pair: Pair, class_code: np.ndarray, numbers: dict) -> dict:
+def class_breakdown(pair: Pair, class_code: np.ndarray, numbers: FlipNumbers) -> dict:
     """Flips by token class of the decoded target, with each class's share of the overall net."""
-    return {label: {**group_flips(pair, class_code == c), "share_of_net": numbers["share_of_net"][label]}
+    return {label: {**group_flips(pair, class_code == c), "share_of_net": numbers.share_of_net[label]}
             for c, label in enumerate(CLASSES)}
 
 
@@ -236,8 +241,8 @@ def compare_audits(
         **margin_summary(pair, numbers),
         "accuracy_by_margin_band": margin_bands(pair),
         "accuracy_by_own_margin_band": own_margin_bands(pair),
-        "gap_fit_before": before.summary.get("gap_fit"),
-        "gap_fit_after": after.summary.get("gap_fit"),
+        "gap_fit_before": before.summary.gap_fit.to_dict(),
+        "gap_fit_after": after.summary.gap_fit.to_dict(),
         **frequency_breakdown(pair, bucket, numbers),
         "by_class": class_breakdown(pair, class_code, numbers) if class_code is not None else None,
         **token_extremes(pair, texts, top_tokens),
@@ -260,7 +265,8 @@ def write_comparison(result: dict, before: AuditResult, after: AuditResult, outp
         files["margins"], {"before": before.positions["margin"], "after": after.positions["margin"]},
         title="Decision margins, before vs after",
     )
-    plots.plot_gap_curves(files["gap_curves"], {"before": before.summary["gap_fit"], "after": after.summary["gap_fit"]})
+    plots.plot_gap_curves(files["gap_curves"], {"before": before.summary.gap_fit.to_dict(),
+                                                "after": after.summary.gap_fit.to_dict()})
     flip_plots.plot_net_bars(files["net_by_bucket"], result["by_bucket"], "Flips by target frequency bucket",
                              "count of the target token in the blocks")
     if result.get("by_class") is not None:

@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from ..data import Blocks, check_block_fits
-from ..errors import MRPUserError
+from ..errors import MRPUserError, require_number
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
@@ -26,7 +26,8 @@ from ..stats.calibration import expected_calibration_error
 from ..reporting import files, plots
 from ..arguments import MARGIN_DTYPES, parse_layer_spec
 from ..reporting import lens_plots
-from .layers import layer_summary, summarize_layers
+from .layers import layer_summary, margin_percentiles, summarize_layers
+from .summary import AuditSummary
 
 if TYPE_CHECKING:
     from .tuned_lens import TunedLens
@@ -38,14 +39,13 @@ POSITION_COLUMNS = (
     "target_logprob", "target_margin", "geometric_margin", "brier",
 )
 LENS_COLUMNS = LENS_STATISTICS
-PERCENTILES = {"p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95}
 
 
 @dataclass
 class AuditResult:
     """What an audit measured: the summary (audit.json), per-position columns, the blocks, layers."""
 
-    summary: dict
+    summary: AuditSummary
     positions: dict[str, np.ndarray]
     blocks: Blocks
     layers: list[dict] | None = None
@@ -211,7 +211,8 @@ def _gather_shards(positions: dict, per_layer: dict, world: int) -> tuple[dict, 
 
 
 def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
-    """audit.json's numbers, from the per-position columns alone (so any table can be re-summarized)."""
+    """audit.json's numbers (`AuditSummary` less provenance and layers), from the per-position columns alone (so
+    any table can be re-summarized)."""
     margin = positions["margin"].astype(np.float64)
     if margin.size == 0:
         raise MRPUserError("no positions were evaluated; pass more text or a larger --max_positions")
@@ -220,17 +221,29 @@ def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
     return {
         "n_positions": int(margin.size),
         "accuracy": float(correct.mean()),
-        "margin_percentiles": {name: float(np.percentile(margin, q)) for name, q in PERCENTILES.items()},
+        "margin_percentiles": margin_percentiles(margin),
         "mean_margin": float(margin.mean()),
         "fraction_margin_lt_0_5": float((margin < 0.5).mean()),
         "entropy_margin_spearman": float(spearman),
-        "gap_fit": fit_gap_law(margin).to_dict(),
+        "gap_fit": fit_gap_law(margin),
         "n_unique_margins": int(np.unique(positions["margin"]).size),
         "mean_entropy": float(positions["entropy"].astype(np.float64).mean()),
         "mean_cross_entropy": float(-positions["target_logprob"].astype(np.float64).mean()),
         "ece": expected_calibration_error(positions["p_top1"], correct),
         "brier": float(positions["brier"].astype(np.float64).mean()),
     }
+
+
+def check_audit_settings(margin_dtype: str, chunk_size: int, batch_size: int, lens_bootstrap: int) -> None:
+    """The one check of an audit's settings (AuditArguments runs it at parse time, before any work)."""
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size), ("lens_bootstrap", lens_bootstrap)):
+        require_number(name, value, integer=True)
+    if margin_dtype not in MARGIN_DTYPES:
+        raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {margin_dtype!r}")
+    if chunk_size < 1 or batch_size < 1:
+        raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
+    if lens_bootstrap < 0:
+        raise MRPUserError(f"lens_bootstrap must be a number of resamples >= 0 (0: no intervals), got {lens_bootstrap}")
 
 
 def run_audit(
@@ -254,12 +267,7 @@ def run_audit(
     ``layers`` defaults to the lens' layers). ``lens_bootstrap`` > 0 adds block-bootstrap intervals of the
     per-layer correlations and KL, with that many resamples.
     """
-    if margin_dtype not in MARGIN_DTYPES:
-        raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {margin_dtype!r}")
-    if chunk_size < 1 or batch_size < 1:
-        raise MRPUserError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}")
-    if not isinstance(lens_bootstrap, int) or isinstance(lens_bootstrap, bool) or lens_bootstrap < 0:
-        raise MRPUserError(f"lens_bootstrap must be a number of resamples >= 0, got {lens_bootstrap!r}")
+    check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     if output_dir is not None:
         output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)
@@ -301,7 +309,7 @@ def run_audit(
             summary["layers"]["lens_path"] = lens.config.get("path")
             summary["layers"]["lens_training"] = {key: lens.config["training"][key] for key in
                                                   ("data_source", "n_positions", "blocks_sha256")}
-    result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
+    result = AuditResult(AuditSummary(**summary), positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
         rank, world = _process_rank_and_world()
         if rank == 0:
@@ -330,16 +338,16 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
     else:
         (output_dir / "mask.npy").unlink(missing_ok=True)  # from an earlier audit into the same folder
     files.write_parquet(paths["positions"], result.positions)
-    plots.plot_gap_curves(paths["gap_curve"], {"audit": result.summary["gap_fit"]})
+    plots.plot_gap_curves(paths["gap_curve"], {"audit": result.summary.gap_fit.to_dict()})
     plots.plot_margin_histograms(paths["margins"], {"audit": result.positions["margin"]})
     if result.layers is not None:
         paths["layers"] = output_dir / "layers.json"
         paths["layers_plot"] = output_dir / "layers.png"
         extra = {} if result.logit_layers is None else {"logit_lens_layers": result.logit_layers}
-        files.write_json(paths["layers"], {"layers": result.layers, **result.summary["layers"], **extra})
-        plots.plot_layers(paths["layers_plot"], result.layers, result.summary["layers"]["lens"])
+        files.write_json(paths["layers"], {"layers": result.layers, **result.summary.layers, **extra})
+        plots.plot_layers(paths["layers_plot"], result.layers, result.summary.layers["lens"])
         paths.update(lens_plots.plot_lens_figures(output_dir, _rows_by_lens(result)))
-    files.write_json(paths["audit"], result.summary)  # last: its presence marks a complete audit
+    files.write_json(paths["audit"], result.summary.to_json())  # last: its presence marks a complete audit
     result.files = paths
     return paths
 
@@ -355,12 +363,12 @@ def load_audit(directory: str | Path) -> AuditResult:
     directory = Path(directory)
     if not (directory / "audit.json").is_file():
         raise MRPUserError(f"{directory} holds no complete audit (audit.json missing); run `hf-mrp audit` into it")
-    summary = files.read_json(directory / "audit.json")
+    summary = AuditSummary.from_json(files.read_json(directory / "audit.json"))
     positions = files.read_parquet(directory / "positions.parquet")
     input_ids = files.read_npy(directory / "blocks.npy")
-    origin = summary["provenance"]
+    origin = summary.provenance
     mask = files.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
-    blocks = Blocks(input_ids, int(summary["n_positions"]), origin.get("data_source", ""),
+    blocks = Blocks(input_ids, int(summary.n_positions), origin.get("data_source", ""),
                     origin.get("tokenizer_sha256") or "", mask=mask)
     layers = files.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

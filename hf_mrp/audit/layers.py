@@ -12,6 +12,13 @@ from ..stats.intervals import percentile_interval
 
 INTERVAL_STATISTICS = ("spearman_fisher_vs_final_ce", "spearman_margin_vs_final_ce", "mean_kl_to_final")
 
+PERCENTILES = (5, 25, 50, 75, 95)  # the margin percentiles an audit reports, as p05 ... p95
+
+
+def margin_percentiles(margin: np.ndarray) -> dict[str, float]:
+    """{"p05": ..., "p95": ...}: the one percentile set of the audit summary and of every lens row."""
+    return {f"p{q:02d}": float(np.percentile(margin, q)) for q in PERCENTILES}
+
 
 def summarize_layers(per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.ndarray,
                      block_of: np.ndarray | None = None, n_resamples: int = 0, seed: int = 0) -> list[dict]:
@@ -29,7 +36,7 @@ def summarize_layers(per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.n
             {
                 "layer": int(layer),
                 "accuracy": float(columns["correct"].mean()),
-                "margin_percentiles": {f"p{q:02d}": float(np.percentile(margin, q)) for q in (5, 25, 50, 75, 95)},
+                "margin_percentiles": margin_percentiles(margin),
                 "spearman_fisher_vs_final_ce": float(spearmanr(columns["fisher_penalty"], final_ce).statistic),
                 "spearman_margin_vs_final_ce": float(spearmanr(columns["margin_penalty"], final_ce).statistic),
                 **lens_row(columns),

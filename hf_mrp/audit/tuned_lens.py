@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data import Blocks
-from ..errors import MRPUserError
+from ..errors import MRPUserError, require_number
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops.lens import AffineTranslators, final_distribution, kl_from_final
 from ..reporting import files
@@ -256,14 +256,15 @@ def train_tuned_lens(model: torch.nn.Module, blocks: Blocks, output_dir: str | P
 
 
 def _check_settings(settings: LensTrainingSettings) -> None:
+    for name in ("max_steps", "batch_positions", "chunk_size", "save_steps"):
+        require_number(name, getattr(settings, name), integer=True)
     for name in ("max_steps", "batch_positions", "chunk_size"):
-        value = getattr(settings, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MRPUserError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(settings.save_steps, int) or settings.save_steps < 0:
+        if getattr(settings, name) < 1:
+            raise MRPUserError(f"{name} must be a positive integer, got {getattr(settings, name)!r}")
+    if settings.save_steps < 0:
         raise MRPUserError(f"save_steps must be >= 0 (0: save at the end only), got {settings.save_steps!r}")
-    if not (isinstance(settings.learning_rate, (int, float)) and np.isfinite(settings.learning_rate)
-            and settings.learning_rate > 0):
+    require_number("learning_rate", settings.learning_rate)
+    if not settings.learning_rate > 0:
         raise MRPUserError(f"learning_rate must be a finite number > 0, got {settings.learning_rate!r}")
 
 

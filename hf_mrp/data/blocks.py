@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..arguments import DataArguments
-from ..errors import MRPUserError
+from ..errors import MRPUserError, require_number
+from ..ops.fused import IGNORE_INDEX
 from .sources import TextPieces, load_documents
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -82,7 +83,7 @@ class Blocks:
     def labels(self) -> np.ndarray:
         """Causal-LM labels: input ids, with -100 where a position is not evaluated (shifted by one)."""
         labels = self.input_ids.copy()
-        labels[:, 1:][~self.position_mask()] = -100
+        labels[:, 1:][~self.position_mask()] = IGNORE_INDEX
         return labels
 
     def fingerprint(self) -> str:
@@ -137,6 +138,16 @@ def tokenize_documents(tokenizer, documents: Iterable, max_tokens: int) -> Itera
                     return
 
 
+def check_block_settings(block_size: int, max_positions: int) -> None:
+    """The one check of a block size and a position count (DataArguments runs it at parse time, before any work)."""
+    for name, value in (("block_size", block_size), ("max_positions", max_positions)):
+        require_number(name, value, integer=True)
+    if block_size < 2:
+        raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {block_size}")
+    if max_positions <= 0:
+        raise MRPUserError(f"max_positions must be positive, got {max_positions}")
+
+
 def make_blocks(
     tokenizer,
     documents: Iterable,
@@ -147,13 +158,7 @@ def make_blocks(
     """Cut the token stream into consecutive blocks covering ``max_positions`` positions (fewer if the text ends)."""
     if isinstance(documents, (str, bytes)):
         raise MRPUserError("documents must be a list (or iterable) of texts, not one string; wrap it: [text]")
-    for name, value in (("block_size", block_size), ("max_positions", max_positions)):
-        if not _is_int(value):
-            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if block_size < 2:
-        raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {block_size}")
-    if max_positions <= 0:
-        raise MRPUserError(f"max_positions must be positive, got {max_positions}")
+    check_block_settings(block_size, max_positions)
     n_blocks = -(-max_positions // (block_size - 1))
     ids = np.fromiter(tokenize_documents(tokenizer, documents, n_blocks * block_size), dtype=np.int64)
     n_full = ids.size // block_size
@@ -175,10 +180,10 @@ def labeled_blocks(rows: list[list[int]], labels: list[list[int]], pad_id: int, 
                            "each as long as its row")
     width = max(2, max(len(row) for row in rows))
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), width), -100, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     for index, (row, label) in enumerate(zip(rows, labels)):
         ids[index, : len(row)], targets[index, : len(label)] = row, label
-    mask = targets[:, 1:] != -100
+    mask = targets[:, 1:] != IGNORE_INDEX
     return Blocks(ids, int(mask.sum()), source, mask=mask)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..arguments import ModelArguments, provenance
+from hf_mrp.compat import size_mismatch_line  # absolute: this module may move
+
 from ..errors import MRPUserError
 from ..hub_access import offline_when_unreachable
 from ..reporting.files import ensure_output_dir, read_json
@@ -100,7 +102,7 @@ def apply_adapter(model, adapter: Path):
         return PeftModel.from_pretrained(model, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
-        detail = next((line for line in lines if "size mismatch" in line), lines[0])
+        detail = size_mismatch_line(lines) or lines[0]
         named = _adapter_base(adapter)
         named = f" (its adapter_config.json names {named!r})" if named else ""
         raise MRPUserError(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from hf_mrp.compat import lm_eval_yaml_loader  # absolute: this module may move
+
 from ..errors import MRPUserError
 
 if TYPE_CHECKING:
@@ -88,9 +90,8 @@ def task_spec(manager: "TaskManager", name: str) -> str | dict[str, Any]:
     yaml_path = getattr(entry, "yaml_path", None)
     if yaml_path is None or "/lm_eval/tasks/" in Path(yaml_path).as_posix():
         return name
-    try:
-        from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval >= 0.4.10; older versions: no rewrite
-    except ImportError:
+    load_yaml = lm_eval_yaml_loader()
+    if load_yaml is None:  # lm-eval < 0.4.10: no rewrite
         return name
     config = load_yaml(yaml_path, resolve_func=True)
     data_files = (config.get("dataset_kwargs") or {}).get("data_files")

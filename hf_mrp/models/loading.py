@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..arguments import MODEL_DTYPES, ModelArguments
+from ..compat import asks_for_remote_code, lacks_backend_tokenizer
 from ..errors import MRPUserError
 from ..hub_access import hub_problem, is_hub_id, offline_when_unreachable
 
@@ -258,13 +259,13 @@ def _wrap_load_errors(load, source: str, what: str = "model"):
             f"({str(error).strip().splitlines()[0]}); copy or download the model again"
         ) from None
     except (OSError, ValueError) as error:
-        if "trust_remote_code" in str(error):
+        if asks_for_remote_code(error):
             raise MRPUserError(
                 f"model {source!r} ships its own Python code, which hf_mrp does not run by default; read that code, "
                 "and if you trust it pass --trust_remote_code true (Python: trust_remote_code=True)"
             ) from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "backend tokenizer" in first_line:
+        if lacks_backend_tokenizer(first_line):
             raise MRPUserError(
                 f"could not load the tokenizer of {source!r}: it has no usable tokenizer files (tokenizer.json, or "
                 f"the files a slow tokenizer needs with its package installed); save the model's tokenizer into it"

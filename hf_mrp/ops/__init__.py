@@ -1,12 +1,17 @@
-"""Pure tensor and numpy math: no transformers, peft or accelerate imports here.
+"""Pure torch and numpy math: no transformers, peft or accelerate imports here, so each piece can be tested
+against a naive reference and benchmarked in isolation.
 
-Everything the audits and the trainer compute per position lives in this package, so it can be
-tested against naive references and benchmarked in isolation.
+The per-position math of the audits and the trainers: decision statistics over the vocabulary in chunks
+(margins.py), the fused CE + MRP objective loss and its settings (fused.py, objectives.py), float32 head
+operands (precision.py), the model's logit transform (transform.py), the gap law (gap.py), the layer-wise
+lens (lens.py) and the objective's per-position target weights (targeting.py). The numbers computed from
+per-position tables already on disk (flips, intervals, calibration) are hf_mrp.stats'.
 """
 
 from .margins import decision_statistics, output_logits
-from .objectives import OBJECTIVES, entropy_penalty, fisher_penalty, margin_penalty
-from .fused import FusedSettings, MRPLossSums, mrp_loss_sums
+from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
+from .fused import IGNORE_INDEX, MRPLossSums, mrp_loss_sums
+from .settings import MRPSettings
 from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
 from .gap import GapFit, fit_gap_law
 
@@ -14,10 +19,10 @@ __all__ = [
     "decision_statistics",
     "output_logits",
     "OBJECTIVES",
-    "entropy_penalty",
     "fisher_penalty",
     "margin_penalty",
-    "FusedSettings",
+    "IGNORE_INDEX",
+    "MRPSettings",
     "MRPLossSums",
     "mrp_loss_sums",
     "LOGITS_PRECISIONS",

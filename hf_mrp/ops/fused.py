@@ -19,11 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from .margins import chunk_softmax
-from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
-from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
+from .objectives import fisher_penalty, margin_penalty
+from .precision import HeadOperands, autocast_off
+from .settings import NORMALIZATIONS, MRPSettings
 from .transform import IDENTITY, LogitTransform
 
-NORMALIZATIONS = ("gated", "valid")
+__all__ = ["IGNORE_INDEX", "NORMALIZATIONS", "MRPLossSums", "MRPSettings", "mrp_loss_sums"]
+
+IGNORE_INDEX = -100  # a label (target) that carries no loss, as in torch and transformers
 
 
 @dataclass
@@ -44,36 +47,6 @@ class MRPLossSums:
     n_gated: int = 0
     n_correct: int = 0
     entropy: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class FusedSettings:
-    """Everything `mrp_loss_sums` computes besides its tensors: one frozen object for the autograd Function."""
-
-    objective: str = "fisher"
-    lam: float = 0.0
-    tau: float = 1.0
-    top_k: int = 5
-    chunk_size: int = 1024
-    transform: LogitTransform = IDENTITY
-    normalization: str = "valid"
-    with_entropy: bool = False
-    label_smoothing: float = 0.0
-    precision: str = "float32"
-
-    def check(self) -> None:
-        """ValueError naming the bad setting (the trainers' configs refuse them earlier, as MRPUserError)."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {self.normalization!r}; choose one of "
-                             f"{', '.join(NORMALIZATIONS)}")
-        if self.precision not in LOGITS_PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(LOGITS_PRECISIONS)}")
-        if not self.lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
 
 @dataclass
@@ -103,7 +76,9 @@ def _chunk(
     head: HeadOperands,
     targets: torch.Tensor,
     weights: torch.Tensor | None,
-    settings: FusedSettings,
+    settings: MRPSettings,
+    transform: LogitTransform,
+    with_entropy: bool,
     need_grad: bool,
     need_rows_grad: bool,
 ) -> _ChunkResult:
@@ -116,13 +91,13 @@ def _chunk(
     their gradient stays [chunk x k], unscaled by lambda, so the caller can normalize it once the whole batch
     is known.
     """
-    transform, objective, lam = settings.transform, settings.objective, settings.lam
+    objective, lam = settings.objective, settings.lam
     logits = transform.cap_(head.logits(h))  # the logits the model emits
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
     smoothing = settings.label_smoothing
     logit_sum = logits.sum(-1) if smoothing else None  # before chunk_softmax shifts the buffer in place
     entropy = objective == "entropy" and lam != 0.0
-    keep_shifted = entropy or settings.with_entropy
+    keep_shifted = entropy or with_entropy
     parts = chunk_softmax(logits, targets, settings.top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
     top_values, top_ids, target_logit, peak, shifted, exp, total, log_total = parts
     nll = peak.squeeze(1) + log_total - target_logit
@@ -229,11 +204,11 @@ def _objective_factor(normalization: str, objective: str, n_valid: int, n_gated:
     return n_valid / n_gated if n_gated else 0.0
 
 
-def _fused_sums(hidden, weight, bias, targets, weights, settings: FusedSettings, needs):
+def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, needs):
     """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the seven sums and the combined gradients."""
     need_h, need_w, need_b = needs
     need_grad = need_h or need_w or need_b
-    head = HeadOperands(weight, bias, settings.transform, settings.precision)
+    head = HeadOperands(weight, bias, transform, settings.precision)
     lam, objective = settings.lam, settings.objective
     sparse = lam != 0.0 and objective != "entropy"
     grads = _Gradients(hidden, head, need_h, need_w, need_b, sparse) if need_grad else None
@@ -242,7 +217,7 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: FusedSettings,
         stop = start + settings.chunk_size
         h = hidden[start:stop].float()
         chunk = _chunk(h, head, targets[start:stop], None if weights is None else weights[start:stop].float(),
-                       settings, need_grad, need_w and objective == "fisher")
+                       settings, transform, with_entropy, need_grad, need_w and objective == "fisher")
         sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct,
                              chunk.entropy]).double()
         if need_grad:
@@ -259,10 +234,11 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: FusedSettings,
 
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, settings: FusedSettings):
+    def forward(ctx, hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy):
         needs = tuple(ctx.needs_input_grad[:3])
         with autocast_off(hidden, weight):
-            total, statistics, outputs = _fused_sums(hidden, weight, bias, targets, weights, settings, needs)
+            total, statistics, outputs = _fused_sums(hidden, weight, bias, targets, weights, settings, transform,
+                                                     with_entropy, needs)
         ctx.save_for_backward(*(g for g in outputs if g is not None))
         ctx.flags = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -276,50 +252,41 @@ class _FusedMRPLoss(torch.autograd.Function):
         outputs = []
         for flag, dtype in zip(ctx.flags, ctx.dtypes):
             outputs.append((next(saved) * grad_total.float()).to(dtype) if flag else None)
-        return (*outputs, None, None, None)
+        return (*outputs, None, None, None, None, None)
 
 
 def mrp_loss_sums(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
+    settings: MRPSettings = MRPSettings(),
     *,
     bias: torch.Tensor | None = None,
-    objective: str = "fisher",
-    lam: float = 0.0,
-    tau: float = 1.0,
-    top_k: int = 5,
-    chunk_size: int = 1024,
     position_weights: torch.Tensor | None = None,
     transform: LogitTransform = IDENTITY,
-    normalization: str = "valid",
     with_entropy: bool = False,
-    label_smoothing: float = 0.0,
-    precision: str = "float32",
 ) -> MRPLossSums:
-    """Summed CE + lam * objective over positions whose target is not -100.
+    """Summed CE + lam * objective over positions whose target is not -100 (``settings``: `MRPSettings`, checked
+    when built; a config's ``mrp_settings``).
 
     ``hidden`` [..., d] are final hidden states (after the final norm) already aligned with
     ``targets`` [...] (i.e. shifted); the logits are ``transform(hidden @ weight.T + bias)``, in float32
-    whatever autocast or the inputs' dtype (``precision="bfloat16"``: bf16 operands, float32 accumulation).
+    whatever autocast or the inputs' dtype (``settings.precision="bfloat16"``: bf16 operands, float32 accumulation).
     ``position_weights`` [...] optionally weight each position's objective term (e.g. to target token
-    classes); CE is never weighted. ``normalization='gated'`` scales the margin objective's sum by
+    classes); CE is never weighted. ``settings.normalization='gated'`` scales the margin objective's sum by
     n_valid / n_gated, so that once the caller divides by the valid positions it is the paper's mean over
     the gated positions (m < tau) of this call; 'valid' (and every other objective) leaves the sum as is.
-    ``label_smoothing`` eps makes the CE term transformers' ``LabelSmoother``'s: (1 - eps) * NLL + eps * the
+    ``settings.label_smoothing`` eps makes the CE term transformers' ``LabelSmoother``'s: (1 - eps) * NLL + eps * the
     mean over the vocabulary of -log p (``ce`` is then that smoothed sum).
     Divide the sums by the number of items (the Trainer's ``num_items_in_batch``) to get the loss.
     ``with_entropy`` also sums the predictive entropy (TRL's ``entropy`` metric).
     """
-    settings = FusedSettings(objective, float(lam), float(tau), int(top_k), int(chunk_size), transform,
-                             normalization, bool(with_entropy), float(label_smoothing), precision)
-    settings.check()
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    valid = flat_targets != -100
+    valid = flat_targets != IGNORE_INDEX
     flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
     weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
     total, ce, obj, margin, n_gated, n_correct, entropy = _FusedMRPLoss.apply(
-        flat_hidden, weight, bias, flat_targets, weights, settings)
+        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy))
     return MRPLossSums(total=total, ce=ce, objective=obj, margin=margin, n_positions=int(flat_targets.shape[0]),
                        n_gated=int(n_gated), n_correct=int(n_correct), entropy=entropy if with_entropy else None)

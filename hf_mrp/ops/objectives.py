@@ -1,7 +1,8 @@
 """The MRP objectives as per-position penalties (spec, section Refinement objectives).
 
 Each function maps one position's logits (or its top-k logits) to a penalty P_t; the loss adds
-lambda * sum_t P_t / n_valid to cross-entropy. Inputs are float32; all of it is differentiable
+lambda * sum_t P_t / n_valid to cross-entropy (the entropy objective is computed in the fused
+loss itself, fused.py, from the logits buffer it already holds). Inputs are float32; all of it is differentiable
 in the logit values (top-k indices carry no gradient) and, for Fisher, in the k rows of W.
 """
 
@@ -37,8 +38,3 @@ def fisher_penalty(top_values: torch.Tensor, top_rows: torch.Tensor) -> torch.Te
     pair_weight = probs[:, :, None] * probs[:, None, :] * off_diagonal
     return (pair_weight * distance).sum(dim=(1, 2))
 
-
-def entropy_penalty(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy H_t of softmax over the full vocabulary. [N, V] -> [N]."""
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)

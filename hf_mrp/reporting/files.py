@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from hf_mrp.compat import quotes_no_space  # absolute: this module may move
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -46,7 +48,7 @@ def is_no_space(error: BaseException) -> bool:
     """A full disk, as an OSError (ENOSPC) or as a writer's own error type that quotes it (safetensors)."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "No space left on device" in str(error) or "StorageFull" in str(error)
+    return quotes_no_space(error)
 
 
 def _megabytes(count: int) -> str:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..data.sources import EMBEDDED_CORPUS, LOCAL_FORMATS
 from . import files
 from .markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
+
+if TYPE_CHECKING:
+    from ..audit.summary import AuditSummary
 
 MRP_FIELDS = ("mrp_objective", "mrp_lambda", "mrp_margin_threshold", "mrp_top_k", "lora_r", "lora_alpha",
               "lora_target_modules", "lora_layers", "learning_rate", "max_steps", "per_device_train_batch_size",
               "gradient_accumulation_steps", "seed")
 EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_DATASET = "pydoc_data.topics"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".gguf")
+LOCAL_SUFFIXES = (*LOCAL_FORMATS, ".gguf")  # names of local files, never Hub ids
 STEP_FOLDER = re.compile(r"^comparison_step_(\d+)$")
 GROUPS = (("token class", "by_class"), ("frequency bucket", "by_bucket"), ("margin band (before)", "accuracy_by_margin_band"))
 
@@ -61,13 +65,13 @@ def base_model_note(model_name: str | None) -> str:
 
 def datasets_used(arguments: dict) -> list[str]:
     """The dataset named in the run's data arguments, or the embedded pydoc corpus."""
-    return [arguments.get("dataset") or EMBEDDED_DATASET]
+    return [arguments.get("dataset") or EMBEDDED_CORPUS]
 
 
 def _data_note(arguments: dict) -> str:
     dataset = arguments.get("dataset")
     if not dataset:
-        return (f"Data: `{EMBEDDED_DATASET}` (the pydoc topics that ship with CPython), "
+        return (f"Data: `{EMBEDDED_CORPUS}` (the pydoc topics that ship with CPython), "
                 f"{arguments.get('block_size', '?')}-token blocks; the audited blocks are held out from training "
                 f"unless `holdout` is false.")
     config = f", configuration `{arguments['dataset_config']}`" if arguments.get("dataset_config") else ""
@@ -75,7 +79,7 @@ def _data_note(arguments: dict) -> str:
             f"`{arguments.get('text_column', 'text')}`, {arguments.get('block_size', '?')}-token blocks.")
 
 
-def _geometry_rows(before: dict, after: dict) -> list[str]:
+def _geometry_rows(before: AuditSummary, after: AuditSummary) -> list[str]:
     def row(name: str, key) -> str:
         a, b = key(before), key(after)
         return f"| {name} | {a:.4f} | {b:.4f} | {b - a:+.4f} |"
@@ -83,13 +87,13 @@ def _geometry_rows(before: dict, after: dict) -> list[str]:
     return [
         "| quantity | before | after | change |",
         "|---|---|---|---|",
-        row("accuracy", lambda s: s["accuracy"]),
-        row("median margin", lambda s: s["margin_percentiles"]["p50"]),
-        row("Pr(m < 0.5)", lambda s: s["fraction_margin_lt_0_5"]),
-        row("gap coefficient alpha", lambda s: s["gap_fit"]["alpha"]),
-        row("gap fit R^2", lambda s: s["gap_fit"]["r_squared"]),
-        row("mean cross-entropy", lambda s: s["mean_cross_entropy"]),
-        row("ECE (15 bins)", lambda s: s["ece"]),
+        row("accuracy", lambda s: s.accuracy),
+        row("median margin", lambda s: s.median_margin),
+        row("Pr(m < 0.5)", lambda s: s.fraction_margin_lt_0_5),
+        row("gap coefficient alpha", lambda s: s.gap_fit.alpha),
+        row("gap fit R^2", lambda s: s.gap_fit.r_squared),
+        row("mean cross-entropy", lambda s: s.mean_cross_entropy),
+        row("ECE (15 bins)", lambda s: s.ece),
     ]
 
 
@@ -128,7 +132,7 @@ def evaluation_section(evaluations: list[tuple[int, dict]]) -> list[str]:
 
 def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
     base = hub_base_model(model_name)
-    hub_datasets = [name for name in datasets if name != EMBEDDED_DATASET and _is_hub_id(name)]
+    hub_datasets = [name for name in datasets if name != EMBEDDED_CORPUS and _is_hub_id(name)]
     return [
         "---",
         "library_name: peft",
@@ -142,8 +146,8 @@ def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
 def model_card(
     base_model: str | None,
     settings: dict,
-    before: dict,
-    after: dict,
+    before: AuditSummary,
+    after: AuditSummary,
     comparison_markdown: str = "",
     images: list[str] | None = None,
     data_arguments: dict | None = None,
@@ -181,7 +185,7 @@ def model_card(
         *[f"| {key} | {settings[key]} |" for key in MRP_FIELDS if key in settings],
         "",
         f"## Geometry before and {'now' if in_progress_step is not None else 'after'} "
-        f"({before['n_positions']} audited positions, float32 logits)",
+        f"({before.n_positions} audited positions, float32 logits)",
         "",
         *_geometry_rows(before, after),
         "",
@@ -201,10 +205,12 @@ def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str |
     output_dir = Path(output_dir)
     if not (output_dir / "audit_before" / "audit.json").is_file():
         return None
-    before = files.read_json(output_dir / "audit_before" / "audit.json")
+    from ..audit.summary import AuditSummary  # here: hf_mrp.audit imports hf_mrp.reporting
+
+    before = AuditSummary.from_json(files.read_json(output_dir / "audit_before" / "audit.json"))
     evaluations = evaluation_comparisons(output_dir)
     latest = output_dir / f"audit_step_{evaluations[-1][0]}" / "audit.json" if evaluations else None
-    after = files.read_json(latest) if latest is not None and latest.is_file() else before
-    provenance = before.get("provenance", {})
+    after = AuditSummary.from_json(files.read_json(latest)) if latest is not None and latest.is_file() else before
+    provenance = before.provenance
     return model_card(provenance.get("model"), settings, before, after,
                       data_arguments=provenance.get("arguments", {}), evaluations=evaluations, in_progress_step=step)

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".hf_mrp.lock"
 _HELD: dict[str, int] = {}  # folders this process holds -> nesting depth (the CLI locks before refine() does)
-FINISHED_MARKER = "training_log.json"  # refine writes it last
+TRAINING_LOG = "training_log.json"  # the Trainer's log history, which refine writes
+FINISHED_MARKER = TRAINING_LOG  # refine writes it last
 # What a finished refine run leaves beside its adapter: replaced (not reused) by --overwrite_output_dir.
 RUN_OUTPUTS = ("audit_before", "audit_after", "comparison", "audit_step_*", "comparison_step_*")
 

@@ -2,7 +2,8 @@
 
 Each plot reads the sweep's rows as results.json holds them: ``{"objective", "lambda", "control",
 "metrics": {name: {"mean", "ci": [low, high] or None, ...}}}``. The lambda = 0 control row starts
-every objective's curve. Error bars are the bootstrap confidence intervals over positions.
+every objective's curve. Error bars are the block-bootstrap confidence intervals (resampling whole audited
+blocks, sweep/aggregate.py) that results.json holds.
 """
 
 from __future__ import annotations

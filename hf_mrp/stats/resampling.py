@@ -82,12 +82,6 @@ def block_bootstrap_distribution(statistic: Callable[[np.ndarray], float | np.nd
                      for index in block_resamples(blocks, n_resamples, seed)])
 
 
-def block_bootstrap_ci(statistic: Callable[[np.ndarray], float | np.ndarray], blocks: BlockIndex,
-                       n_resamples: int = 1000, confidence: float = 0.95, seed: int | None = 0) -> Interval:
-    """Percentile interval of ``statistic`` under the block bootstrap (see the module docstring)."""
-    return percentile_interval(block_bootstrap_distribution(statistic, blocks, n_resamples, seed), confidence)
-
-
 def paired_interval(samples: np.ndarray, control_samples: np.ndarray, confidence: float = 0.95) -> Interval:
     """Percentile interval of ``samples - control_samples``: two bootstrap distributions drawn on the SAME
     resamples (axis 0), so the difference keeps the pairing. A run against itself gives a zero-width interval."""

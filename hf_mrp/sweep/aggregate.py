@@ -21,7 +21,7 @@ from .arguments import SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
 from .plan import CONTROL, RunSpec, control_name, row_keys, row_label
-from .statistics import RunData, load_run, row_means, run_statistics, shared_positions, with_attributable
+from .run_statistics import RunData, load_run, row_means, run_statistics, shared_positions, with_attributable
 
 
 def _spread(values: np.ndarray) -> dict:
@@ -71,14 +71,14 @@ def baseline_numbers(baseline: AuditResult) -> dict:
     summary = baseline.summary
     return {
         "dir": "baseline",
-        "n_positions": summary["n_positions"],
-        "accuracy": summary["accuracy"],
-        "median_margin": summary["margin_percentiles"]["p50"],
-        "pr_margin_lt_0_5": summary["fraction_margin_lt_0_5"],
-        "gap_alpha": summary["gap_fit"].get("alpha"),
-        "gap_r_squared": summary["gap_fit"].get("r_squared"),
-        "blocks_sha256": summary["provenance"].get("blocks_sha256"),
-        "model": summary["provenance"].get("model"),
+        "n_positions": summary.n_positions,
+        "accuracy": summary.accuracy,
+        "median_margin": summary.median_margin,
+        "pr_margin_lt_0_5": summary.fraction_margin_lt_0_5,
+        "gap_alpha": summary.gap_fit.alpha,
+        "gap_r_squared": summary.gap_fit.r_squared,
+        "blocks_sha256": summary.provenance.get("blocks_sha256"),
+        "model": summary.provenance.get("model"),
     }
 
 

@@ -94,7 +94,7 @@ def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], argu
                     "runs": [spec.name for spec in plan if spec.control],
                     "note": "cross-entropy only: same data, steps, adapter and seed as the runs of its seed"},
         "positions": {
-            "n": int(baseline.summary["n_positions"]),
+            "n": int(baseline.summary.n_positions),
             "holdout": bool(refine_args.holdout),
             "held_out_from_training": bool(refine_args.holdout),
             "block_size": int(baseline.blocks.block_size),

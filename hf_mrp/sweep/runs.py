@@ -127,7 +127,7 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
                 f"the baseline audit in {baseline_dir} is of other positions than these flags give (the data "
                 f"changed?); pass a new --output_dir, or delete {baseline_dir} and every run under runs/"
             )
-        print(f"baseline: reusing {baseline_dir} ({baseline.summary['n_positions']} positions)", flush=True)
+        print(f"baseline: reusing {baseline_dir} ({baseline.summary.n_positions} positions)", flush=True)
         return tokenizer, baseline
 
     shutil.rmtree(baseline_dir, ignore_errors=True)  # an interrupted audit (no audit.json) starts over

@@ -7,6 +7,7 @@ import logging
 from torch import nn
 
 from ..errors import MRPUserError
+from ..compat import peft_accepts_target, peft_all_linear
 from ..models import decoder_layers, output_head
 
 logger = logging.getLogger(__name__)
@@ -17,22 +18,12 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
     the decoder blocks, minus the modules PEFT refuses for the family (Mamba's out_proj, conv1d). Spelled out
     because PEFT refuses the string form together with ``layers_to_transform``."""
     from peft import LoraConfig, TaskType
-    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba, _maybe_include_all_linear_layers
 
-    probe = _maybe_include_all_linear_layers(LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules="all-linear"),
-                                             model)
+    probe = peft_all_linear(LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules="all-linear"), model)
     inside = {id(module) for module in decoder_layers(model).modules()}
     modules = dict(model.named_modules())
     names = {name.rsplit(".", 1)[-1] for name in probe.target_modules if id(modules.get(name)) in inside}
-    return sorted(name for name in names if _accepted_by_peft(_check_lora_target_modules_mamba, probe, model, name))
-
-
-def _accepted_by_peft(check, config, model: nn.Module, name: str) -> bool:
-    try:
-        check(config, model, name)
-    except ValueError:
-        return False
-    return True
+    return sorted(name for name in names if peft_accepts_target(probe, model, name))
 
 
 def _check_targets_exist(targets: list[str], model: nn.Module) -> None:

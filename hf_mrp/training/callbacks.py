@@ -41,9 +41,9 @@ def name_part(label: str) -> str:
 def headline_scalars(comparison: dict, after: AuditResult) -> dict[str, float]:
     """The numbers worth a curve: flips, margin change, head share, accuracy and the gap coefficient."""
     scalars = {f"audit/{key}": comparison[key] for key in HEADLINE if comparison.get(key) is not None}
-    scalars["audit/accuracy"] = after.summary["accuracy"]
-    scalars["audit/median_margin"] = after.summary["margin_percentiles"]["p50"]
-    alpha = after.summary["gap_fit"].get("alpha")
+    scalars["audit/accuracy"] = after.summary.accuracy
+    scalars["audit/median_margin"] = after.summary.median_margin
+    alpha = after.summary.gap_fit.alpha
     if alpha is not None:
         scalars["audit/gap_alpha"] = alpha
     if comparison.get("ece_after") is not None:

@@ -8,7 +8,6 @@ import copy
 import importlib.util
 import logging
 import math
-import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -18,9 +17,8 @@ from transformers import TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from ..arguments import parse_layer_spec
-from ..errors import MRPUserError
-from ..ops import LOGITS_PRECISIONS, OBJECTIVES
-from ..ops.fused import NORMALIZATIONS
+from ..errors import MRPUserError, require_number
+from ..ops import LOGITS_PRECISIONS, MRPSettings
 
 logger = logging.getLogger(__name__)
 
@@ -34,33 +32,45 @@ def _launched_without_accelerators(use_cpu: bool) -> bool:
                 or torch.backends.mps.is_available())
 
 
+DEFAULTS = MRPSettings()
+# the fields MRPSettings is built from (TrainingArguments' label_smoothing_factor too)
+SETTINGS_FIELDS = frozenset({"mrp_objective", "mrp_lambda", "mrp_margin_threshold", "mrp_top_k", "mrp_chunk_size",
+                             "mrp_margin_normalization", "label_smoothing_factor", "mrp_logits_precision"})
+
+
 @dataclass
 class MRPArguments:
     """The MRP objective's fields (loss = CE + mrp_lambda * L_objective, see docs/spec.md), mixed into
     `MRPConfig` and `MRPSFTConfig` ahead of their TrainingArguments base, so both read and check them alike."""
 
     mrp_objective: str = field(
-        default="fisher",
+        default=DEFAULTS.objective,
         metadata={"help": "Objective added to cross-entropy: 'margin' (maximize top-1 minus top-2 logit below "
                           "the threshold), 'fisher' (Fisher distance penalty over the top-k tokens, minimized) "
                           "or 'entropy' (full-vocabulary entropy)."},
     )
-    mrp_lambda: float = field(default=0.6, metadata={"help": "Weight of the objective (>= 0; 0 gives plain CE)."})
+    mrp_lambda: float = field(
+        default=DEFAULTS.lam, metadata={"help": "Weight of the objective (>= 0; 0 gives plain CE)."}
+    )
     mrp_margin_threshold: float = field(
-        default=1.0, metadata={"help": "tau: the margin objective only acts on positions with margin below tau (> 0)."}
+        default=DEFAULTS.tau,
+        metadata={"help": "tau: the margin objective only acts on positions with margin below tau (> 0)."},
     )
     mrp_margin_normalization: str = field(
-        default="gated",
+        default=DEFAULTS.normalization,
         metadata={"help": "How the margin objective is averaged: 'gated' divides it by the positions whose margin is "
                           "below tau (the paper's mean over gated positions, per micro-batch), 'valid' by all valid "
                           "positions like CE (exact under gradient accumulation). Other objectives: always 'valid'."},
     )
-    mrp_top_k: int = field(default=5, metadata={"help": "k: tokens in the Fisher objective (2 <= k <= vocab)."})
+    mrp_top_k: int = field(
+        default=DEFAULTS.top_k, metadata={"help": "k: tokens in the Fisher objective (2 <= k <= vocab)."}
+    )
     mrp_chunk_size: int = field(
-        default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."}
+        default=DEFAULTS.chunk_size,
+        metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."},
     )
     mrp_logits_precision: str = field(
-        default="float32",
+        default=DEFAULTS.precision,
         metadata={"help": "Precision of the fused loss' head matmuls: 'float32' (default: float32 logits and "
                           "gradients whatever bf16 / fp16 autocast or the model's dtype) or 'bfloat16' (opt-in, "
                           "speed over the float32 guarantee: h, W and the logits' gradient rounded to bfloat16 "
@@ -95,32 +105,23 @@ class MRPArguments:
 
     def _check_mrp_fields(self) -> None:
         """One clear line for each bad MRP field; the one check both configs (`MRPConfig`, `MRPSFTConfig`) run,
-        before their TrainingArguments base, so they refuse exactly the same settings with the same words."""
-        _check_finite_numbers(self, ("mrp_lambda", "mrp_margin_threshold", "label_smoothing_factor"))
-        _check_integers(self, ("mrp_top_k", "mrp_chunk_size"))
-        if self.mrp_objective not in OBJECTIVES:
-            raise MRPUserError(f"unknown mrp_objective {self.mrp_objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if not self.mrp_lambda >= 0:
-            raise MRPUserError(f"mrp_lambda must be >= 0 (0 gives plain cross-entropy), got {self.mrp_lambda}")
-        if self.mrp_margin_normalization not in NORMALIZATIONS:
-            raise MRPUserError(
-                f"unknown mrp_margin_normalization {self.mrp_margin_normalization!r}; choose one of "
-                f"{', '.join(NORMALIZATIONS)}"
-            )
-        if not self.mrp_margin_threshold > 0:
-            raise MRPUserError(f"mrp_margin_threshold (tau) must be > 0, got {self.mrp_margin_threshold}")
-        if self.mrp_top_k < 2:
-            raise MRPUserError(f"mrp_top_k must be at least 2 (a margin needs two tokens), got {self.mrp_top_k}")
-        if self.mrp_chunk_size < 1:
-            raise MRPUserError(f"mrp_chunk_size must be positive, got {self.mrp_chunk_size}")
-        if self.mrp_objective == "fisher":
-            check_fisher_memory(self.mrp_top_k, self.mrp_chunk_size, memory_limit(self.use_cpu))
-        if self.mrp_logits_precision not in LOGITS_PRECISIONS:
-            raise MRPUserError(f"unknown mrp_logits_precision {self.mrp_logits_precision!r}; choose one of "
-                               f"{', '.join(LOGITS_PRECISIONS)} (float32 is the default and the exact one)")
-        if not 0.0 <= self.label_smoothing_factor <= 1.0:
-            raise MRPUserError(f"label_smoothing_factor must be in [0, 1] (0: no smoothing), got "
-                               f"{self.label_smoothing_factor}")
+        before their TrainingArguments base, so they refuse exactly the same settings with the same words. Builds
+        ``mrp_settings``, the checked `MRPSettings` the loss takes whole (rebuilt, and checked, when a field
+        changes later)."""
+        settings = self._built_mrp_settings()
+        if settings.objective == "fisher":
+            check_fisher_memory(settings.top_k, settings.chunk_size, memory_limit(self.use_cpu))
+        self.mrp_settings = settings
+
+    def _built_mrp_settings(self) -> MRPSettings:
+        return MRPSettings(self.mrp_objective, self.mrp_lambda, self.mrp_margin_threshold, self.mrp_top_k,
+                           self.mrp_chunk_size, self.mrp_margin_normalization, self.label_smoothing_factor,
+                           self.mrp_logits_precision)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in SETTINGS_FIELDS and "mrp_settings" in self.__dict__:  # built already: build and check anew
+            self._check_mrp_fields()
 
 
 @dataclass
@@ -231,28 +232,12 @@ def _known_reporters(report_to: list[str]) -> list[str]:
 FISHER_LIVE_COPIES = 4  # [chunk x k x k x k] float32 tensors alive at once in ops.objectives.fisher_penalty
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_finite_numbers(config, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not _is_number(value) or not math.isfinite(value):
-            raise MRPUserError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-
-
-def _check_integers(config, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-
-
 def _check_numbers(config: MRPConfig) -> None:
     """Types and finiteness a command line cannot get wrong but Python callers can ('0.5', 2.5, inf)."""
-    _check_finite_numbers(config, ("lora_alpha", "learning_rate"))
-    _check_integers(config, ("lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"))
+    for name in ("lora_alpha", "learning_rate"):
+        require_number(name, getattr(config, name))
+    for name in ("lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        require_number(name, getattr(config, name), integer=True)
     if config.lora_layers is not None and not isinstance(config.lora_layers, str):
         raise MRPUserError(f"lora_layers must be a string such as '1,2', '20-29' or 'all', got "
                            f"{type(config.lora_layers).__name__} {config.lora_layers!r}")

@@ -12,37 +12,14 @@ FSDP / ZeRO-3 need W only while the head runs.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import compiled_inner, compiled_module_type
 from ..errors import MRPUserError
 from ..models import carrier, check_token_ids, head_replaced, logit_transform, vocab_size
-from ..ops import MRPLossSums, mrp_loss_sums
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class MRPLossSettings:
-    """What the loss needs from a config (`MRPConfig`, `MRPSFTConfig`)."""
-
-    objective: str = "fisher"
-    lam: float = 0.0
-    tau: float = 1.0
-    top_k: int = 5
-    chunk_size: int = 1024
-    normalization: str = "gated"
-    label_smoothing: float = 0.0
-    logits_precision: str = "float32"
-
-    @classmethod
-    def from_config(cls, args) -> "MRPLossSettings":
-        return cls(args.mrp_objective, float(args.mrp_lambda), float(args.mrp_margin_threshold), int(args.mrp_top_k),
-                   int(args.mrp_chunk_size), args.mrp_margin_normalization, float(args.label_smoothing_factor),
-                   args.mrp_logits_precision)
+from ..ops import IGNORE_INDEX, MRPLossSums, MRPSettings, mrp_loss_sums
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -55,7 +32,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, parallel):
             model = model.module
         elif isinstance(model, compiled):
-            model = model._orig_mod
+            model = compiled_inner(model)
         else:
             return model
 
@@ -65,16 +42,16 @@ def _wrapper_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     OptimizedModule only once their modules are imported (no such wrapper exists before, and a run without them
     never pays for importing them)."""
     engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
-    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    optimized = compiled_module_type()
     parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel) + ((engine,) if isinstance(engine, type) else ())
-    return parallel, (optimized,) if isinstance(optimized, type) else ()
+    return parallel, (optimized,) if optimized is not None else ()
 
 
 def forward_with_mrp_loss(
     model: nn.Module,
     inputs: dict,
     labels: torch.Tensor,
-    settings: MRPLossSettings,
+    settings: MRPSettings,
     *,
     position_weights: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
@@ -105,12 +82,8 @@ def forward_with_mrp_loss(
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         states = hidden if shift_labels is not None else hidden[:, :-1]
         aligned_targets, aligned_weights = _aligned_with(states, targets, weights)
-        result["sums"] = mrp_loss_sums(
-            states, weight, aligned_targets, bias=bias, objective=settings.objective, lam=settings.lam,
-            tau=settings.tau, top_k=settings.top_k, chunk_size=settings.chunk_size, position_weights=aligned_weights,
-            transform=transform, normalization=settings.normalization, with_entropy=with_entropy,
-            label_smoothing=settings.label_smoothing, precision=settings.logits_precision,
-        )
+        result["sums"] = mrp_loss_sums(states, weight, aligned_targets, settings, bias=bias,
+                                       position_weights=aligned_weights, transform=transform, with_entropy=with_entropy)
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
     with head_replaced(inner, compute):

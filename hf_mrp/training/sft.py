@@ -19,7 +19,7 @@ from transformers import TrainingArguments, set_seed
 
 from ..errors import MRPUserError
 from .config import MRPArguments, MRPConfig, check_training_settings
-from .loss import MRPLossSettings, forward_with_mrp_loss, without_logits
+from .loss import forward_with_mrp_loss, without_logits
 from .mrp_mixin import MRPTrainerMixin
 
 MIN_TRL = "1.16"
@@ -111,7 +111,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
         if labels is None and shift_labels is None:
             raise MRPUserError("the batch holds no labels; let MRPSFTTrainer prepare the dataset (its collator makes "
                                "them), or add a labels column (-100 = no loss)")
-        sums, outputs = forward_with_mrp_loss(model, inputs, labels, MRPLossSettings.from_config(self.args),
+        sums, outputs = forward_with_mrp_loss(model, inputs, labels, self.args.mrp_settings,
                                               shift_labels=shift_labels, with_entropy=True, with_logits=with_logits)
         loss = self._normalized_loss(sums, num_items_in_batch)
         if self.aux_loss_enabled:  # as SFTTrainer: a per-micro-batch mean, spread over the accumulation steps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from ..compat import tensorboard_writer, trackio_module, wandb_module
 from ..reporting.markdown import escape_cell, escape_token
 from ..reporting.markdown import table as markdown_table
 
@@ -54,16 +55,16 @@ def markdown(columns: list[str], rows: list[list]) -> str:
 
 
 def _log_trackio(callback, tables: dict[str, Table], step: int) -> bool:
-    if not getattr(callback, "_initialized", False):
+    trackio = trackio_module(callback)
+    if trackio is None:
         return False
-    trackio = callback._trackio
     record = {TABLE_PREFIX + name: trackio.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()}
     trackio.log({**record, "train/global_step": step})
     return True
 
 
 def _log_wandb(callback, tables: dict[str, Table], step: int) -> bool:
-    wandb = getattr(callback, "_wandb", None)
+    wandb = wandb_module(callback)
     if wandb is None or getattr(wandb, "run", None) is None:
         return False
     record = {TABLE_PREFIX + name: wandb.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()}
@@ -72,7 +73,7 @@ def _log_wandb(callback, tables: dict[str, Table], step: int) -> bool:
 
 
 def _log_tensorboard(callback, tables: dict[str, Table], step: int) -> bool:
-    writer = getattr(callback, "tb_writer", None)
+    writer = tensorboard_writer(callback)
     if writer is None:
         return False
     for name, (columns, rows) in tables.items():

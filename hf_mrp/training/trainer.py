@@ -23,13 +23,11 @@ from transformers import Trainer, default_data_collator, set_seed
 from ..errors import MRPUserError
 from .adapters import prepare_model
 from .config import MRPConfig
-from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss, without_logits
-from .dataset_checks import check_weights, streamed_columns
+from .loss import forward_with_mrp_loss, router_aux_loss, without_logits
+from .dataset_checks import WEIGHTS_COLUMN, check_weights, streamed_columns
 from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 
 __all__ = ["MRPTrainer", "METRICS", "SKIPPED_KEY", "WEIGHTS_COLUMN"]
-
-WEIGHTS_COLUMN = "mrp_weights"
 
 
 class MRPTrainer(MRPTrainerMixin, Trainer):
@@ -69,7 +67,7 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
         with_logits = self._logits_wanted(inputs, return_outputs)
         labels = inputs.pop("labels")
         weights = inputs.pop(WEIGHTS_COLUMN, None)
-        sums, outputs = forward_with_mrp_loss(model, inputs, labels, MRPLossSettings.from_config(self.args),
+        sums, outputs = forward_with_mrp_loss(model, inputs, labels, self.args.mrp_settings,
                                               position_weights=weights, with_logits=with_logits)
         loss = self._normalized_loss(sums, num_items_in_batch)
         aux = router_aux_loss(model, outputs)

@@ -57,4 +57,4 @@ class FlipAudit(evaluate.Metric):
         keys = ("w2r", "r2w", "net", "flip_ratio", "churn", "accuracy_before", "accuracy_after")
         if margins is not None and baseline_margins is not None:
             keys += ("median_margin_before", "median_margin_after", "median_margin_change")
-        return {key: numbers[key] for key in keys}
+        return {key: numbers.to_json()[key] for key in keys}

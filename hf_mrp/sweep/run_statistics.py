@@ -17,6 +17,7 @@ from ..audit.compare import check_same_positions, decoder_from_tokenizer
 from ..audit.geometry import AuditResult, load_audit
 from ..ops.gap import fit_gap_law
 from ..reporting import files
+from ..reporting.ownership import TRAINING_LOG
 from ..stats.flips import flip_numbers, none_to_nan
 from ..stats.token_classes import HEAD_BUCKET, target_buckets, target_class_codes
 from .metrics import METRIC_KEYS, PER_RUN_METRICS
@@ -65,7 +66,7 @@ def shared_positions(baseline: AuditResult, tokenizer) -> Shared:
 def load_run(spec: RunSpec, run_dir: Path, baseline: AuditResult) -> RunData:
     after = load_audit(run_dir / "audit_after")
     check_same_positions(baseline, after)
-    log = run_dir / "training_log.json"
+    log = run_dir / TRAINING_LOG
     steps = max((int(entry.get("step", 0)) for entry in files.read_json(log)), default=0) if log.is_file() else None
     seconds = files.read_json(run_dir / RUN_RECORD).get("seconds") if (run_dir / RUN_RECORD).is_file() else None
     return RunData(
@@ -90,14 +91,14 @@ def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | 
                                head, codes)
         fit = fit_gap_law(margin)
         values = {
-            **numbers,
-            "median_margin": numbers["median_margin_after"],
+            **numbers.to_json(),
+            "median_margin": numbers.median_margin_after,
             "pr_margin_lt_0_5": float(np.mean(margin < 0.5)),
             "gap_alpha": fit.alpha,
             "gap_r_squared": fit.r_squared,
-            "accuracy": numbers["accuracy_after"],
-            "structural_share": numbers["share_of_net"]["structural"],
-            **{f"net_{label}": net for label, net in numbers["net_by_class"].items()},
+            "accuracy": numbers.accuracy_after,
+            "structural_share": numbers.share_of_net["structural"],
+            **{f"net_{label}": net for label, net in numbers.net_by_class.items()},
         }
         table[row] = [none_to_nan(values[key]) for key, _, _ in PER_RUN_METRICS]
     return table
