@@ -3,7 +3,7 @@
 import json
 
 from hf_mrp.models import EMBEDDED_NAME
-from hf_mrp.reporting.model_card import evaluation_comparisons, hub_base_model, model_card
+from hf_mrp.research.reports.model_card import evaluation_comparisons, hub_base_model, model_card
 
 SUMMARY = {"n_positions": 10, "accuracy": 0.5, "margin_percentiles": {"p50": 1.0}, "fraction_margin_lt_0_5": 0.2,
            "gap_fit": {"alpha": 0.3, "r_squared": 0.9}, "mean_cross_entropy": 2.0, "ece": 0.05}

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from hf_mrp import cli
+from hf_mrp.research import cli
 from hf_mrp.errors import MRPUserError
-from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
-from hf_mrp.sweep import SweepArguments, plan_runs
-from hf_mrp.sweep.plan import with_audit_blocks
-from hf_mrp.sweep.paired import match_entropy
+from hf_mrp.research.commands.sweep import parse_arguments as parse_sweep_arguments
+from hf_mrp.research.sweep import SweepArguments, plan_runs
+from hf_mrp.research.sweep.plan import with_audit_blocks
+from hf_mrp.research.sweep.paired import match_entropy
 
 
 def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows():
@@ -113,7 +113,7 @@ def test_variant_sweep_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 
 def test_paired_difference_by_hand():
-    from hf_mrp.sweep.paired import paired_difference
+    from hf_mrp.research.sweep.paired import paired_difference
 
     rng = np.random.default_rng(0)
     point = np.array([[10.0, 0.5], [14.0, 0.6], [9.0, 0.4], [15.0, 0.7]])  # control s0, run s0, control s1, run s1

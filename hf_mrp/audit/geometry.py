@@ -23,8 +23,9 @@ from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_t
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
 from ..stats.calibration import expected_calibration_error
-from ..reporting import files, plots
-from ..arguments import MARGIN_DTYPES, parse_layer_spec
+from ..storage import files
+from ..reporting import plots
+from ..research.arguments import MARGIN_DTYPES, parse_layer_spec
 from ..reporting import lens_plots
 from .layers import layer_summary, summarize_layers
 

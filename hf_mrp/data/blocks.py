@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..arguments import DataArguments
+from ..research.arguments import DataArguments
 from ..errors import MRPUserError
 from .sources import TextPieces, load_documents
 

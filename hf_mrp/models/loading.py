@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..arguments import MODEL_DTYPES, ModelArguments
+from ..research.arguments import MODEL_DTYPES, ModelArguments
 from ..errors import MRPUserError
 from ..hub_access import hub_problem, is_hub_id, offline_when_unreachable
 

@@ -17,7 +17,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-from ..arguments import parse_layer_spec
+from ..research.arguments import parse_layer_spec
 from ..errors import MRPUserError
 from ..ops import LOGITS_PRECISIONS, OBJECTIVES
 from ..ops.fused import NORMALIZATIONS

@@ -1,0 +1,202 @@
+"""Argument dataclasses shared by `hf-mrp audit` and `examples/refine.py` (parsed by HfArgumentParser)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from ..errors import MRPUserError
+
+
+def _require_int(**values) -> None:
+    """Python callers get no type conversion from HfArgumentParser: refuse '32' for an int field by name."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MRPUserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
+def _optional_str(name: str, value):
+    """None, or the value as a string (a pathlib.Path is accepted for names that are paths)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    raise MRPUserError(f"{name} must be a string (a name or a path), got {type(value).__name__} {value!r}")
+
+
+_RANGE = re.compile(r"^(-?\d+)(?:\s*-\s*(-?\d+))?$")
+
+
+def parse_layer_spec(spec: str | list[int] | None, n_layers: int) -> list[int]:
+    """'all', '20-29', '3,5,7', '-1' or a list -> sorted 0-based layer indices, checked against the model."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return list(range(n_layers))
+        items: list[int] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            match = _RANGE.match(part)
+            if match is None:
+                raise MRPUserError(f"bad layer spec {spec!r}; use 'all', a range like '20-29' or a list like '3,5,7'")
+            low, high = match.group(1), match.group(2) or match.group(1)
+            items.extend(range(int(low), int(high) + 1))
+    else:
+        items = [int(i) for i in spec]
+    if not items:
+        raise MRPUserError(f"layer spec {spec!r} selects no layer; use 'all', '20-29' or '3,5,7'")
+    resolved = sorted({i + n_layers if i < 0 else i for i in items})
+    bad = [i for i in resolved if not 0 <= i < n_layers]
+    if bad:
+        raise MRPUserError(
+            f"layer index {bad[0]} is out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
+            "fix the layer spec"
+        )
+    return resolved
+
+
+def provenance(model_name: str, *argument_groups) -> dict:
+    """Model name, every argument, and package versions: enough to rerun the same audit."""
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    arguments = {}
+    for group in argument_groups:
+        arguments.update(dataclasses.asdict(group))
+    return {
+        "model": model_name,
+        "arguments": arguments,
+        "versions": {"hf_mrp": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+LENSES = ("logit", "tuned")
+
+
+def _check_lens(lens: str, lens_path: str | None, lens_bootstrap: int) -> None:
+    """--lens, --lens_path and --lens_bootstrap belong together: one line per wrong combination."""
+    if lens not in LENSES:
+        raise MRPUserError(f"unknown lens {lens!r} for --lens; choose one of {', '.join(LENSES)}")
+    if lens == "tuned" and lens_path is None:
+        raise MRPUserError("--lens tuned needs --lens_path, the folder written by `hf-mrp lens train`")
+    if lens == "logit" and lens_path is not None:
+        raise MRPUserError("--lens_path is read with --lens tuned only; add --lens tuned (or drop --lens_path)")
+    if lens_bootstrap < 0:
+        raise MRPUserError(f"lens_bootstrap must be >= 0 (0: no intervals), got {lens_bootstrap}")
+MARGIN_DTYPES = ("float32", "model")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load. Omit --model and --gguf_file for the embedded SmolLM2-135M-Instruct."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of a causal LM; default: the embedded SmolLM2."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A .gguf file (a path, or a file name inside --model); de-quantized on load."}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the model runs in: float32, bfloat16 or float16. Margins stay float32."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the model repository to run (off by default)."}
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base model in 4-bit NF4 through bitsandbytes (QLoRA); works on CPU too."},
+    )
+
+    def __post_init__(self) -> None:
+        self.model, self.gguf_file = _optional_str("model", self.model), _optional_str("gguf_file", self.gguf_file)
+        if self.model_dtype not in MODEL_DTYPES:
+            raise MRPUserError(f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}")
+        if self.load_in_4bit:
+            from ..models import require_bitsandbytes
+
+            require_bitsandbytes()
+
+
+@dataclass
+class DataArguments:
+    """Which text to evaluate or train on. Omit --dataset for the embedded pydoc corpus."""
+
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "datasets name or folder, or a local .txt/.jsonl/.json/.parquet/.csv file; "
+                          "default: pydoc_data.topics (ships with CPython)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "datasets configuration name."})
+    split: str = field(default="train", metadata={"help": "datasets split."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (jsonl/parquet/datasets)."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per block; a block holds block_size - 1 positions."})
+    max_positions: int = field(default=16384, metadata={"help": "Number of positions (predicted tokens) to evaluate."})
+    encoding: str = field(default="utf-8", metadata={"help": "Text encoding of a .txt --dataset (a Python codec name)."})
+    encoding_errors: str = field(
+        default="strict",
+        metadata={"help": "Bytes a .txt --dataset cannot decode: 'strict' (stop, naming the byte offset), "
+                          "'replace' (U+FFFD) or 'ignore' (drop them)."},
+    )
+
+    def __post_init__(self) -> None:
+        from ..data import check_encoding
+
+        check_encoding(self.encoding, self.encoding_errors)
+        self.dataset = _optional_str("dataset", self.dataset)
+        self.dataset_config = _optional_str("dataset_config", self.dataset_config)
+        _require_int(block_size=self.block_size, max_positions=self.max_positions)
+        if self.block_size < 2:
+            raise MRPUserError(f"block_size must be at least 2 (one input and one target token), got {self.block_size}")
+        if self.max_positions <= 0:
+            raise MRPUserError(f"max_positions must be positive, got {self.max_positions}")
+
+
+@dataclass
+class AuditArguments:
+    """How to audit."""
+
+    output_dir: str = field(default="outputs/audit", metadata={"help": "Folder for audit.json, positions.parquet, plots."})
+    chunk_size: int = field(default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk."})
+    batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
+    layers: str | None = field(
+        default=None, metadata={"help": "Logit lens over these 0-based layers: 'all', '20-29' or '3,5,7'."}
+    )
+    margin_dtype: str = field(
+        default="float32",
+        metadata={"help": "'float32' (spec) or 'model' (margins in the model dtype, to show the bf16 artifact)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished audit in --output_dir. Without it a folder holding one is refused."},
+    )
+    lens: str = field(
+        default="logit",
+        metadata={"help": "Layer-wise lens: 'logit' (each layer through the final norm and W) or 'tuned' (through "
+                          "the affine translators of `hf-mrp lens train` first; needs --lens_path; --layers "
+                          "defaults to the lens' layers)."},
+    )
+    lens_path: str | None = field(
+        default=None, metadata={"help": "Folder of a tuned lens written by `hf-mrp lens train` (with --lens tuned)."}
+    )
+    lens_bootstrap: int = field(
+        default=0,
+        metadata={"help": "Block-bootstrap resamples for 95% intervals of each layer's correlations and KL "
+                          "(0: none)."},
+    )
+
+    def __post_init__(self) -> None:
+        _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size, lens_bootstrap=self.lens_bootstrap)
+        self.layers = _optional_str("layers", self.layers)
+        self.lens_path = _optional_str("lens_path", self.lens_path)
+        _check_lens(self.lens, self.lens_path, self.lens_bootstrap)
+        if self.margin_dtype not in MARGIN_DTYPES:
+            raise MRPUserError(f"margin_dtype must be one of {', '.join(MARGIN_DTYPES)}, got {self.margin_dtype!r}")
+        if self.chunk_size < 1 or self.batch_size < 1:
+            raise MRPUserError(f"chunk_size and batch_size must be positive, got {self.chunk_size} and {self.batch_size}")
