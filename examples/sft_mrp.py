@@ -75,7 +75,7 @@ def assistant_blocks(tokenizer, chats: list[list[dict]]):
 def lora_config(model, args: ExampleArguments):
     from peft import LoraConfig
 
-    from hf_mrp.research.arguments import parse_layer_spec
+    from hf_mrp.models import parse_layer_spec
     from hf_mrp.models import decoder_layers
     from hf_mrp.training.adapters import decoder_linear_names
 
@@ -152,7 +152,7 @@ def run(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from hf_mrp.research.cli import Stopped, signals_stop_like_ctrl_c
-    from hf_mrp.research.parser import one_line
+    from hf_mrp.errors import one_line
     from hf_mrp.reporting.markdown import flip_summary_line
 
     try:

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from hf_mrp.research import cli
-from hf_mrp.storage.locks import LOCK_FILE, run_is_whole
+from hf_mrp.research.run_folders import run_is_whole
+from hf_mrp.storage.locks import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 REFINE = ["--block_size", "32", "--max_positions", "124", "--audit_positions", "31", "--max_steps", "2",

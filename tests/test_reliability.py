@@ -540,7 +540,7 @@ def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finish
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert _finite_adapter(out / "checkpoint-1")
     assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
-    from hf_mrp.storage.locks import run_is_whole
+    from hf_mrp.research.run_folders import run_is_whole
 
     assert not run_is_whole(out)
 

@@ -19,13 +19,12 @@ from tqdm.auto import tqdm
 
 from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError
-from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
+from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head, parse_layer_spec
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
 from ..stats.calibration import expected_calibration_error
 from ..storage import files
 from ..reporting import plots
-from ..research.arguments import MARGIN_DTYPES, parse_layer_spec
 from ..reporting import lens_plots
 from .layers import layer_summary, summarize_layers
 
@@ -40,6 +39,7 @@ POSITION_COLUMNS = (
 )
 LENS_COLUMNS = LENS_STATISTICS
 PERCENTILES = {"p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95}
+MARGIN_DTYPES = ("float32", "model")  # margins in float32 (the spec), or in the model dtype (the bf16 artifact)
 
 
 @dataclass

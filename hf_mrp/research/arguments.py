@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -26,38 +25,6 @@ def _optional_str(name: str, value):
     raise MRPUserError(f"{name} must be a string (a name or a path), got {type(value).__name__} {value!r}")
 
 
-_RANGE = re.compile(r"^(-?\d+)(?:\s*-\s*(-?\d+))?$")
-
-
-def parse_layer_spec(spec: str | list[int] | None, n_layers: int) -> list[int]:
-    """'all', '20-29', '3,5,7', '-1' or a list -> sorted 0-based layer indices, checked against the model."""
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
-            return list(range(n_layers))
-        items: list[int] = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            match = _RANGE.match(part)
-            if match is None:
-                raise MRPUserError(f"bad layer spec {spec!r}; use 'all', a range like '20-29' or a list like '3,5,7'")
-            low, high = match.group(1), match.group(2) or match.group(1)
-            items.extend(range(int(low), int(high) + 1))
-    else:
-        items = [int(i) for i in spec]
-    if not items:
-        raise MRPUserError(f"layer spec {spec!r} selects no layer; use 'all', '20-29' or '3,5,7'")
-    resolved = sorted({i + n_layers if i < 0 else i for i in items})
-    bad = [i for i in resolved if not 0 <= i < n_layers]
-    if bad:
-        raise MRPUserError(
-            f"layer index {bad[0]} is out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
-            "fix the layer spec"
-        )
-    return resolved
-
-
 def provenance(model_name: str, *argument_groups) -> dict:
     """Model name, every argument, and package versions: enough to rerun the same audit."""
     import torch
@@ -75,7 +42,6 @@ def provenance(model_name: str, *argument_groups) -> dict:
     }
 
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
 LENSES = ("logit", "tuned")
 
 
@@ -89,7 +55,6 @@ def _check_lens(lens: str, lens_path: str | None, lens_bootstrap: int) -> None:
         raise MRPUserError("--lens_path is read with --lens tuned only; add --lens tuned (or drop --lens_path)")
     if lens_bootstrap < 0:
         raise MRPUserError(f"lens_bootstrap must be >= 0 (0: no intervals), got {lens_bootstrap}")
-MARGIN_DTYPES = ("float32", "model")
 
 
 @dataclass
@@ -115,6 +80,8 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        from ..models.loading import MODEL_DTYPES
+
         self.model, self.gguf_file = _optional_str("model", self.model), _optional_str("gguf_file", self.gguf_file)
         if self.model_dtype not in MODEL_DTYPES:
             raise MRPUserError(f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}")
@@ -192,6 +159,8 @@ class AuditArguments:
     )
 
     def __post_init__(self) -> None:
+        from ..audit.geometry import MARGIN_DTYPES
+
         _require_int(chunk_size=self.chunk_size, batch_size=self.batch_size, lens_bootstrap=self.lens_bootstrap)
         self.layers = _optional_str("layers", self.layers)
         self.lens_path = _optional_str("lens_path", self.lens_path)

@@ -13,10 +13,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
-from ..data import check_block_fits, load_blocks_from_arguments
+from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
-from ..models import load_model_from_arguments
+from .loading import load_blocks_from_arguments, load_model_from_arguments
 from ..audit.geometry import AuditResult, run_audit
 
 AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
@@ -32,7 +32,7 @@ def holds_finished_audit(folder: str | Path) -> bool:
 
 def check_may_write_audit(folder: Path, overwrite: bool) -> None:
     """Refuse to write an audit over a finished one (or over a finished refine run) unless asked to."""
-    from ..storage.locks import check_may_write
+    from .run_folders import check_may_write
 
     check_may_write(folder, overwrite, None)
     if holds_finished_audit(folder) and not overwrite:

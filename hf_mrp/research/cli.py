@@ -8,8 +8,8 @@ import logging
 import sys
 
 from .commands import COMMANDS
-from ..errors import MRPUserError
-from .parser import MRPArgumentParser, one_line
+from ..errors import MRPUserError, one_line
+from .parser import MRPArgumentParser
 
 
 def run_command(command: str, argv: list[str]) -> None:

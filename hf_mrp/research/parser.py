@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from ..errors import MRPUserError
+from ..errors import MRPUserError, one_line
 
 _UNUSED = "Some specified arguments are not used by the HfArgumentParser: "
-
-
-def one_line(text: object) -> str:
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 class MRPArgumentParser(HfArgumentParser):

@@ -18,17 +18,18 @@ import numpy as np
 
 from .arguments import DataArguments, ModelArguments
 from .arguments import provenance
-from ..data import Blocks, check_block_fits, load_blocks_from_arguments
+from ..data import Blocks, check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
-from ..models import load_model_from_arguments
 from ..ops.targeting import check_targets, objective_weights
 from ..storage import files
-from ..storage.locks import check_may_write, forget_finished_run, is_main_process, owned_folder
+from ..storage.locks import is_main_process, owned_folder
 from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
 from ..training.divergence import TrainingDiverged, check_weights
 from ..training.trainer import WEIGHTS_COLUMN
+from .loading import load_blocks_from_arguments, load_model_from_arguments
+from .run_folders import check_may_write, forget_finished_run
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,10 @@
-"""Owned output folders: one run at a time writes into a folder, and a finished run is not replaced by accident.
+"""Owned output folders: one run at a time writes into a folder.
 
 A run holds an exclusive ``fcntl.flock`` on ``<folder>/.hf_mrp.lock`` for its lifetime; the file
 names the holder (pid, host, command, start time) so a second run into the folder stops at once with
 one line that says who owns it. The kernel drops the lock when the holder exits, however it exits
 (a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it. Taking the lock
 also sweeps the staging folders that killed runs left in and beside the folder (files.sweep_stale_staging).
-
-A folder "holds a finished run" when refine's last file, ``training_log.json``, is there; writing
-into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``). An `hf-mrp audit`
-folder is owned the same way (hf_mrp.research.audit_run): a finished audit (audit.json) is only replaced with
-``--overwrite_output_dir true``, and the new audit's files are swapped in together (files.swapped_folder).
 """
 
 from __future__ import annotations
@@ -32,9 +27,6 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".hf_mrp.lock"
 _HELD: dict[str, int] = {}  # folders this process holds -> nesting depth (the CLI locks before refine() does)
-FINISHED_MARKER = "training_log.json"  # refine writes it last
-# What a finished refine run leaves beside its adapter: replaced (not reused) by --overwrite_output_dir.
-RUN_OUTPUTS = ("audit_before", "audit_after", "comparison", "audit_step_*", "comparison_step_*")
 
 
 def redacted(command: str) -> str:
@@ -137,54 +129,3 @@ def is_main_process() -> bool:
     """Rank 0 of a distributed launch (torchrun and accelerate set RANK), or a process launched alone:
     the one process of a run that takes the lock."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def holds_finished_run(folder: str | Path) -> bool:
-    return (Path(folder) / FINISHED_MARKER).is_file()
-
-
-def check_may_write(folder: Path, overwrite: bool, resume) -> None:
-    """Refuse to write a new run over a finished one unless asked to (overwrite) or resuming it."""
-    if holds_finished_run(folder) and not overwrite and not resume:
-        raise MRPUserError(
-            f"output_dir {folder} holds a finished run ({FINISHED_MARKER}, adapter, audits); nothing was changed. "
-            f"Pass another --output_dir, or --overwrite_output_dir true to replace that run"
-        )
-
-
-def forget_finished_run(folder: Path) -> None:
-    """Before a new run overwrites a finished one: drop its finished marker first (so the folder never pairs
-    old and new files while claiming to be finished) and its audits (so none is reused as this run's baseline)."""
-    import shutil
-
-    (folder / FINISHED_MARKER).unlink(missing_ok=True)
-    for pattern in RUN_OUTPUTS:
-        for path in folder.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def audit_is_whole(folder: str | Path) -> bool:
-    """An audit folder whose files read back and agree with its audit.json (a sweep recomputes any other)."""
-    from ..audit.integrity import load_whole_audit
-
-    try:
-        load_whole_audit(folder)
-    except MRPUserError:
-        return False
-    return True
-
-
-def run_is_whole(run_dir: str | Path) -> bool:
-    """A finished refine folder whose files read back: the marker parses, the after-audit loads and agrees
-    with its table, the flip audit parses. Anything else counts as unfinished (a sweep redoes it)."""
-    from .files import read_json
-
-    run_dir = Path(run_dir)
-    if not holds_finished_run(run_dir) or not audit_is_whole(run_dir / "audit_after"):
-        return False
-    try:
-        read_json(run_dir / FINISHED_MARKER)
-        read_json(run_dir / "comparison" / "flip_audit.json")
-    except MRPUserError:
-        return False
-    return True

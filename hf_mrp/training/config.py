@@ -17,8 +17,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-from ..research.arguments import parse_layer_spec
 from ..errors import MRPUserError
+from ..models.layers import parse_layer_spec
 from ..ops import LOGITS_PRECISIONS, OBJECTIVES
 from ..ops.fused import NORMALIZATIONS
 

@@ -69,7 +69,8 @@ def training_blocks(tokenizer, data_args: DataArguments, holdout_positions: int)
     ``holdout_positions`` positions with the same data flags reads."""
     import numpy as np
 
-    from ...data import Blocks, load_blocks_from_arguments
+    from ...data import Blocks
+    from ..loading import load_blocks_from_arguments
 
     blocks = load_blocks_from_arguments(tokenizer, data_args, extra_positions=holdout_positions)
     per_block = blocks.block_size - 1
@@ -94,10 +95,11 @@ def _forget_lens(folder) -> None:
 def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensArguments) -> None:
     from accelerate import PartialState
 
-    from ..arguments import parse_layer_spec
+    from ...models import parse_layer_spec
     from ...audit.tuned_lens import train_tuned_lens
     from ...data import check_block_fits
-    from ...models import decoder_layers, load_model_from_arguments
+    from ...models import decoder_layers
+    from ..loading import load_model_from_arguments
     from ...storage.locks import is_main_process, owned_folder
 
     state = PartialState()  # joins the process group under torchrun / accelerate launch: ranks shard each step

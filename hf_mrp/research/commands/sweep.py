@@ -1,7 +1,8 @@
 """`hf-mrp sweep`: a dose-response sweep of MRP over objectives x lambdas x seeds, with controls.
 
-Flags the sweep does not know pass through to every run (the refine flags): its parser hands them on unparsed,
-and the command line is recorded with the results."""
+Flags the sweep does not know pass through to every run (the refine flags): its parser hands them on, they are
+parsed once here as `hf-mrp refine` parses them (into the runs' shared RunArguments), and the command line is
+recorded with the results."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Sequence
 
 from ...errors import MRPUserError
 from ..parser import MRPArgumentParser
-from ..sweep import SweepArguments, check_pass_through, run_sweep, summary_lines
+from ..sweep import RunArguments, SweepArguments, check_pass_through, run_sweep, summary_lines, with_audit_blocks
 from . import COMMANDS
+from .refine import parse_arguments as parse_refine_arguments
 
 FORWARDS_UNKNOWN_FLAGS = True
 EPILOG = ("Every other flag (model, data, --audit_positions, --holdout, MRPConfig / TrainingArguments such as "
@@ -34,8 +36,20 @@ def parse_arguments(argv: Sequence[str]) -> tuple[SweepArguments, list[str]]:
     return args, rest
 
 
+def parse_pass_through(refine_argv: Sequence[str], audit_blocks: int) -> RunArguments:
+    """The pass-through flags, parsed once as `hf-mrp refine` parses them (bad flags fail here, before any work,
+    as the refine parser's one-line MRPUserError); without --audit_positions each run audits ``audit_blocks``
+    whole blocks."""
+    check_pass_through(refine_argv)
+    shared = RunArguments(*parse_refine_arguments(list(refine_argv)))
+    if any(token.split("=", 1)[0] == "--audit_positions" for token in refine_argv):
+        return shared
+    return with_audit_blocks(shared, audit_blocks)
+
+
 def main(args: SweepArguments, refine_argv: list[str], argv: list[str]) -> None:
-    results = run_sweep(args, refine_argv, command="hf-mrp sweep " + shlex.join(argv))
+    shared = parse_pass_through(refine_argv, args.audit_blocks)
+    results = run_sweep(args, shared, command="hf-mrp sweep " + shlex.join(argv))
     print(f"sweep -> {args.output_dir}  ({len(results['runs'])} runs, results.md / results.json)")
     print("\n".join(summary_lines(results)))
     failed = [run["name"] for run in results.get("failed_runs", [])]

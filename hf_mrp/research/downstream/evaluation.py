@@ -161,7 +161,7 @@ def _device(name: str | None) -> str:
 def downstream_from_arguments(model_args: ModelArguments, downstream_args: DownstreamArguments) -> dict:
     """Check everything cheap first (lm-eval, adapter, tasks and their data), then load the model and run. Without a
     reachable Hub, tasks whose data is not cached fail in seconds (hub_access), before torch is even imported."""
-    from ...models import load_model_from_arguments
+    from ..loading import load_model_from_arguments
 
     require_lm_eval()
     resolve_adapter(downstream_args.adapter)

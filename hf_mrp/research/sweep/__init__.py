@@ -41,13 +41,15 @@ function `hf-mrp compare` uses.
 Modules: arguments.py (the sweep's own flags), plan.py (runs, names, variants, rows), runs.py (run arguments,
 settings, the shared baseline, one refinement per run), statistics.py (per-position data, per-run numbers),
 aggregate.py and paired.py (rows, intervals, paired differences), metrics.py (what each number is),
-report.py (results.md, plots, console summary), command.py (end to end). The `hf-mrp sweep` parser is
-hf_mrp/commands/sweep.py.
+report.py (results.md, plots, console summary), command.py (end to end). The `hf-mrp sweep` parser, which
+turns the pass-through flags into the runs' shared RunArguments, is hf_mrp/research/commands/sweep.py.
 """
 
 from .arguments import RESERVED_FLAGS, SweepArguments, check_pass_through
 from .command import run_sweep
 from .plan import RunSpec, plan_runs
 from .report import summary_lines
+from .runs import RunArguments, with_audit_blocks
 
-__all__ = ["RESERVED_FLAGS", "SweepArguments", "RunSpec", "check_pass_through", "plan_runs", "run_sweep", "summary_lines"]
+__all__ = ["RESERVED_FLAGS", "RunArguments", "SweepArguments", "RunSpec", "check_pass_through", "plan_runs", "run_sweep",
+           "summary_lines", "with_audit_blocks"]

@@ -13,14 +13,14 @@ import numpy as np
 
 from ...audit.geometry import AuditResult
 from ...errors import MRPUserError
-from ...storage.locks import run_is_whole
+from ..run_folders import run_is_whole
 from ...stats import BlockIndex, block_bootstrap_distribution
 from ...stats.flips import finite_or_none
 from ...stats.intervals import percentile_interval
 from .arguments import SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
-from .plan import CONTROL, RunSpec, control_name, row_keys, row_label
+from .plan import CONTROL, RunSpec, control_name, row_keys, row_label, variant_fields
 from .statistics import RunData, load_run, row_means, run_statistics, shared_positions, with_attributable
 
 
@@ -52,14 +52,15 @@ def _row_metrics(objective: str, member: Sequence[int], r: int, runs: Sequence[R
     return metrics
 
 
-def _run_entry(run: RunData, values: np.ndarray) -> dict:
+def _run_entry(run: RunData, values: np.ndarray, settings: dict) -> dict:
+    """``settings``: the RefineArguments fields of the run's variant (variant_fields)."""
     flip_audit = run.record["flip_audit"]
     spec = run.spec
     return {
         "name": spec.name, "objective": spec.objective, "train_objective": spec.train_objective,
         "lambda": spec.lam, "seed": spec.seed, "control": spec.control,
         "dir": f"runs/{spec.name}", "steps": run.record["steps"], "seconds": run.record["seconds"],
-        "variant": spec.variant, "flags": list(spec.flags),
+        "variant": spec.variant, "settings": settings,
         "control_run": None if spec.control else control_name(spec),
         "metrics": {key: finite_or_none(values[k]) for k, key in enumerate(METRIC_KEYS)},
         "flip_audit": {key: flip_audit.get(key) for key in ("w2r", "r2w", "net", "flip_ratio", "churn",
@@ -139,7 +140,7 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
     return {
         "rows": rows,
         "entropy_matched": matches,
-        "runs": [_run_entry(run, point_runs[i]) for i, run in enumerate(runs)],
+        "runs": [_run_entry(run, point_runs[i], variant_fields(args, run.spec.variant)) for i, run in enumerate(runs)],
         "missing_runs": [spec.name for spec in plan if spec not in finished and spec.name not in failed],
         "failed_runs": [{"name": name, "reason": reason} for name, reason in failed.items()],
         "baseline": baseline_numbers(baseline),

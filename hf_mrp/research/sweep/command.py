@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
-from typing import Sequence
 
 from ...audit.geometry import AuditResult
 from ...storage import files
-from ...storage.locks import owned_folder, run_is_whole
+from ...storage.locks import current_command, owned_folder
 from ...training.divergence import TrainingDiverged
+from ..run_folders import run_is_whole
 from .aggregate import aggregate
-from .arguments import SweepArguments, check_pass_through
+from .arguments import SweepArguments
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
-from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields, variant_flags, with_audit_blocks
+from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields
 from .report import markdown_report, write_plots
 from .runs import (
-    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, parse_pass_through,
-    record_settings, run_arguments, run_settings,
+    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, record_settings, run_arguments,
+    run_settings,
 )
 
 
-def run_sweep(args: SweepArguments, refine_argv: Sequence[str] = (), command: str | None = None) -> dict:
-    """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results."""
-    check_pass_through(refine_argv)
-    command = command or "hf-mrp sweep " + shlex.join(own_flags(args) + list(refine_argv))
+def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = None) -> dict:
+    """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results.
+
+    ``shared``: the settings every run starts from (`hf-mrp sweep` parses them from the pass-through flags, as
+    `hf-mrp refine` does); each run is ``shared`` with its own fields replaced (run_arguments). ``command``: what
+    results.json records (default: this process's command line)."""
+    command = command or current_command()
     sweep_dir = Path(args.output_dir)
     plan = plan_runs(args)
-    shared = parse_pass_through(with_audit_blocks(refine_argv, args.audit_blocks))
     arguments = {spec.name: run_arguments(shared, spec, sweep_dir / "runs" / spec.name,  # bad flags fail here,
                                           variant_fields(args, spec.variant)) for spec in plan}  # before any work
     sweep_dir = files.ensure_output_dir(sweep_dir)
@@ -120,11 +121,11 @@ def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], argu
         },
         "variants": {
             HEAD: {"objective": args.head_objective, "lambdas": args.head_lambdas,
-                   "flags": list(variant_flags(args, HEAD)),
+                   "settings": variant_fields(args, HEAD),
                    "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)"},
             TARGET: {"objective": args.target_objective, "lambdas": args.target_lambdas,
                      "classes": args.target_classes, "buckets": args.target_buckets,
-                     "flags": list(variant_flags(args, TARGET)),
+                     "settings": variant_fields(args, TARGET),
                      "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)"},
         },
         "entropy_lambdas": args.entropy_lambdas,
@@ -133,20 +134,4 @@ def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], argu
     }
 
 
-def own_flags(args: SweepArguments) -> list[str]:
-    """The sweep's own flags as a command line (the recorded command when none is given)."""
-    flags = ["--output_dir", args.output_dir, "--objectives", *args.objectives,
-             "--lambdas", *map(format_lambda, args.lambdas), "--seeds", *map(str, args.seeds),
-             "--n_bootstrap", str(args.n_bootstrap), "--audit_blocks", str(args.audit_blocks)]
-    if args.entropy_lambdas:
-        flags += ["--entropy_lambdas", *map(format_lambda, args.entropy_lambdas)]
-    if args.head_lambdas:
-        flags += ["--head_lambdas", *map(format_lambda, args.head_lambdas), "--head_objective", args.head_objective]
-    if args.target_lambdas:
-        flags += ["--target_lambdas", *map(format_lambda, args.target_lambdas), "--target_objective",
-                  args.target_objective, "--target_classes", *args.target_classes, "--target_buckets",
-                  *args.target_buckets]
-    return flags
-
-
-__all__ = ["run_sweep", "describe_sweep", "own_flags"]
+__all__ = ["run_sweep", "describe_sweep"]

@@ -1,13 +1,12 @@
 """The plan of a sweep: which runs (objective x lambda x seed, the controls, the variants), their names and
-flags, and the rows of the report they fall into."""
+settings, and the rows of the report they fall into."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from ..commands.refine import parse_arguments
 from .arguments import SweepArguments
 
 CONTROL = "control"
@@ -21,8 +20,7 @@ class RunSpec(NamedTuple):
     lam: float
     seed: int
     train_objective: str  # what --mrp_objective gets (the control's objective has weight 0)
-    variant: str = ""  # "", HEAD or TARGET
-    flags: tuple[str, ...] = ()  # the refine flags of the variant (variant_flags)
+    variant: str = ""  # "", HEAD or TARGET (its RefineArguments fields: variant_fields)
 
     @property
     def control(self) -> bool:
@@ -46,14 +44,6 @@ def variant_fields(args: SweepArguments, variant: str) -> dict:
         return {key: list(value) for key, value in (("mrp_target_classes", args.target_classes),
                                                     ("mrp_target_buckets", args.target_buckets)) if value}
     return {}
-
-
-def variant_flags(args: SweepArguments, variant: str) -> tuple[str, ...]:
-    """``variant_fields`` as the refine flags that set them (results.json names a run's variant by them)."""
-    flags = []
-    for key, value in variant_fields(args, variant).items():
-        flags += [f"--{key}", *(["true"] if value is True else value)]
-    return tuple(flags)
 
 
 def control_name(spec: RunSpec) -> str:
@@ -80,8 +70,7 @@ def plan_runs(args: SweepArguments) -> list[RunSpec]:
     for seed in args.seeds:
         for objective, lam, variant in row_keys(args):
             trained = args.control_objective if objective == CONTROL else objective  # the control's has weight 0
-            plan.append(RunSpec(run_name(objective, lam, seed, variant), objective, lam, seed, trained, variant,
-                                variant_flags(args, variant)))
+            plan.append(RunSpec(run_name(objective, lam, seed, variant), objective, lam, seed, trained, variant))
     return plan
 
 
@@ -95,14 +84,5 @@ def row_label(objective: str, lam: float, variant: str, args: SweepArguments) ->
     return name + (f" ({detail})" if detail else "")
 
 
-def with_audit_blocks(refine_argv: Sequence[str], audit_blocks: int) -> list[str]:
-    """``refine_argv`` plus ``--audit_positions`` for ``audit_blocks`` whole blocks, unless it is set already."""
-    argv = list(refine_argv)
-    if any(token.split("=", 1)[0] == "--audit_positions" for token in argv):
-        return argv
-    block_size = parse_arguments(argv)[1].block_size
-    return argv + ["--audit_positions", str(audit_blocks * (block_size - 1))]
-
-
-__all__ = ["CONTROL", "HEAD", "TARGET", "RunSpec", "format_lambda", "run_name", "variant_fields", "variant_flags",
-           "control_name", "row_keys", "plan_runs", "row_label", "with_audit_blocks"]
+__all__ = ["CONTROL", "HEAD", "TARGET", "RunSpec", "format_lambda", "run_name", "variant_fields",
+           "control_name", "row_keys", "plan_runs", "row_label"]

@@ -10,22 +10,22 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
 from ..arguments import DataArguments, ModelArguments, provenance
 from ...audit.geometry import AuditResult, load_audit
-from ..commands.refine import parse_arguments
 from ...errors import MRPUserError
-from ...models import load_model_from_arguments, load_tokenizer
+from ...models import load_tokenizer
 from ..refine import RefineArguments, refine, refine_blocks
 from ...storage import files
-from ...storage.locks import audit_is_whole
 from ...training import MRPConfig
 from ...training.adapters import prepare_model
 from ...training.callbacks import MRPAuditCallback
 from ...training.divergence import TrainingDiverged
+from ..loading import load_model_from_arguments
+from ..run_folders import audit_is_whole
 from .plan import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,11 @@ class RunArguments(NamedTuple):
     config: MRPConfig
 
 
-def parse_pass_through(refine_argv: Sequence[str]) -> RunArguments:
-    """The pass-through flags, parsed once as `hf-mrp refine` parses them (bad flags fail here, before any work,
-    as the refine parser's one-line MRPUserError)."""
-    return RunArguments(*parse_arguments(list(refine_argv)))
+def with_audit_blocks(shared: RunArguments, audit_blocks: int) -> RunArguments:
+    """``shared`` auditing ``audit_blocks`` whole blocks before and after each run (--audit_blocks, for flags that do
+    not set --audit_positions)."""
+    positions = audit_blocks * (shared.data.block_size - 1)
+    return shared._replace(refine=dataclasses.replace(shared.refine, audit_positions=positions))
 
 
 def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, variant: dict) -> RunArguments:
@@ -188,6 +189,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["RunArguments", "parse_pass_through", "run_arguments", "run_settings", "check_settings",
+__all__ = ["RunArguments", "with_audit_blocks", "run_arguments", "run_settings", "check_settings",
            "record_settings", "ensure_baseline", "execute_run", "failed_reason", "RUN_RECORD", "FAILED_RECORD",
            "SETTINGS_FILE"]
