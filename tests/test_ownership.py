@@ -285,7 +285,7 @@ AUDIT = ["--block_size", "32", "--max_positions", "62"]
 BOUNDARY_WRAPPER = """
 import os, signal, sys, time
 from pathlib import Path
-from hf_mrp.reporting import files
+from hf_mrp.storage import files
 
 count = [0]
 
