@@ -6,14 +6,14 @@
     torchrun --nproc_per_node 2 examples/refine.py         # 2 CPU processes (gloo)
 
 Every flag of `hf-mrp audit` (model and data) and every `MRPConfig` / `TrainingArguments` field is
-accepted; `python examples/refine.py --help` lists them. The pipeline itself is `hf_mrp.refine.refine`:
+accepted; `python examples/refine.py --help` lists them. The pipeline itself is `hf_mrp.research.refine.refine`:
 audit before -> `MRPTrainer(model, args=MRPConfig(...), train_dataset=...)` -> save adapter ->
 audit after on identical positions -> compare -> model card -> optional `--push_to_hub`.
 """
 
 import sys
 
-from hf_mrp.cli import main
+from hf_mrp.research.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["refine", *sys.argv[1:]]))  # same one-line errors as `hf-mrp refine`

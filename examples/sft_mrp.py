@@ -75,7 +75,7 @@ def assistant_blocks(tokenizer, chats: list[list[dict]]):
 def lora_config(model, args: ExampleArguments):
     from peft import LoraConfig
 
-    from hf_mrp.arguments import parse_layer_spec
+    from hf_mrp.models import parse_layer_spec
     from hf_mrp.models import decoder_layers
     from hf_mrp.training.adapters import decoder_linear_names
 
@@ -85,7 +85,7 @@ def lora_config(model, args: ExampleArguments):
 
 
 def parse(argv: list[str]):
-    from hf_mrp.parser import MRPArgumentParser
+    from hf_mrp.research.parser import MRPArgumentParser
     from hf_mrp.training.sft import MRPSFTConfig
 
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
@@ -151,8 +151,8 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_mrp.cli import Stopped, signals_stop_like_ctrl_c
-    from hf_mrp.parser import one_line
+    from hf_mrp.research.cli import Stopped, signals_stop_like_ctrl_c
+    from hf_mrp.errors import one_line
     from hf_mrp.reporting.markdown import flip_summary_line
 
     try:

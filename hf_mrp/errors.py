@@ -18,3 +18,8 @@ def require_number(name: str, value: object, *, integer: bool = False) -> None:
         raise MRPUserError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
     if not integer and not math.isfinite(value):
         raise MRPUserError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+
+
+def one_line(text: object) -> str:
+    """A message (a third-party one may span lines) as the one line a user error prints."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())

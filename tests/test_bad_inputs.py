@@ -1,6 +1,6 @@
 """The bad-input matrix: every user mistake hf_mrp knows of, in one place.
 
-CLI (`hf_mrp.cli.main`): returns 2, and the last stderr line is ONE line `hf-mrp <cmd>: error: ...` that
+CLI (`hf_mrp.research.cli.main`): returns 2, and the last stderr line is ONE line `hf-mrp <cmd>: error: ...` that
 names the fix; no traceback. Python API: raises `hf_mrp.errors.MRPUserError` whose message names the fix.
 
 Covered elsewhere and only referenced here (too heavy to repeat):
@@ -34,7 +34,7 @@ import torch
 
 from conftest import VOCAB, CharTokenizer, tiny_llama
 
-from hf_mrp import cli
+from hf_mrp.research import cli
 from hf_mrp.errors import MRPUserError
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
@@ -44,7 +44,7 @@ REFINE_SMALL = ["--block_size", "32", "--max_positions", "124", "--audit_positio
 
 
 LOCK_FILE = ".hf_mrp.lock"
-HOLD_LOCK = ("import sys, time\nfrom hf_mrp.reporting.ownership import owned_folder\n"
+HOLD_LOCK = ("import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
              "with owned_folder(sys.argv[1], 'hf-mrp refine --output_dir ' + sys.argv[1]):\n"
              "    print('held', flush=True)\n    time.sleep(600)\n")
 
@@ -472,8 +472,8 @@ def _stream(labels: bool = True, rows: int = 4):
 
 def _refine_api(world, folder):
     """refine() into a world folder, with flags that would otherwise run."""
-    from hf_mrp.commands.refine import parse_arguments
-    from hf_mrp.refine import refine
+    from hf_mrp.research.commands.refine import parse_arguments
+    from hf_mrp.research.refine import refine
 
     groups = parse_arguments([*REFINE_SMALL, "--model", world["MODEL"], "--output_dir", world[folder]])
     return refine(*groups)
@@ -506,7 +506,7 @@ def _trainer_on_a_quantized_gguf_model(t):
 def _four_bit_without_bitsandbytes(m):
     import importlib.util
 
-    from hf_mrp.arguments import ModelArguments
+    from hf_mrp.research.arguments import ModelArguments
 
     real_find_spec = importlib.util.find_spec
     m.setattr(importlib.util, "find_spec",
@@ -523,8 +523,8 @@ def _sft_config(tmp_path, **overrides):
 
 
 def _audit_api(world, folder):
-    from hf_mrp.arguments import AuditArguments, DataArguments, ModelArguments
-    from hf_mrp.audit.run import audit_from_arguments
+    from hf_mrp.research.arguments import AuditArguments, DataArguments, ModelArguments
+    from hf_mrp.research.audit_run import audit_from_arguments
 
     return audit_from_arguments(ModelArguments(model=world["MODEL"]), DataArguments(block_size=32, max_positions=31),
                                 AuditArguments(output_dir=world[folder]))
@@ -554,9 +554,9 @@ API_CASES = [
     ("blocks-float-ids", lambda w, t, m: _blocks(np.zeros((2, 8)), 5), "2-D integer array"),
     ("blocks-positions-out-of-range", lambda w, t, m: _blocks(n=10**6),
      "n_positions must be an integer in \\[0, 30\\]"),
-    ("data-arguments-str-int", lambda w, t, m: __import__("hf_mrp.arguments", fromlist=["x"]).DataArguments(
+    ("data-arguments-str-int", lambda w, t, m: __import__("hf_mrp.research.arguments", fromlist=["x"]).DataArguments(
         max_positions="100"), "max_positions must be an integer"),
-    ("model-arguments-model-type", lambda w, t, m: __import__("hf_mrp.arguments", fromlist=["x"]).ModelArguments(
+    ("model-arguments-model-type", lambda w, t, m: __import__("hf_mrp.research.arguments", fromlist=["x"]).ModelArguments(
         model=123), "model must be a string"),
     ("load-model-not-a-name", lambda w, t, m: __import__("hf_mrp.models", fromlist=["x"]).load_model_and_tokenizer(
         tiny_llama()), "model must be a Hub id or a path"),
@@ -610,9 +610,9 @@ API_CASES = [
     ("output-dir-is-a-file", lambda w, t, m: _run_audit(_blocks(), output_dir=w["FILE"]), "is a file"),
     ("output-dir-below-a-file", lambda w, t, m: _run_audit(_blocks(), output_dir=w["UNDER_FILE"]),
      "is a file, not a folder"),
-    ("read-npy-damaged", lambda w, t, m: __import__("hf_mrp.reporting.files", fromlist=["x"]).read_npy(
+    ("read-npy-damaged", lambda w, t, m: __import__("hf_mrp.storage.files", fromlist=["x"]).read_npy(
         _write(t, "blocks.npy", "not an array")), "cannot read .*blocks.npy \\(ValueError"),
-    ("read-json-not-json", lambda w, t, m: __import__("hf_mrp.reporting.files", fromlist=["x"]).read_json(
+    ("read-json-not-json", lambda w, t, m: __import__("hf_mrp.storage.files", fromlist=["x"]).read_json(
         _write(t, "x.json", "{nope")), "cannot read .*x.json \\(JSONDecodeError"),
     # the Hub
     ("push-without-network", lambda w, t, m: _push_offline(t, m),

@@ -15,7 +15,7 @@ from conftest import CharTokenizer, tiny_llama
 
 from hf_mrp.audit import load_audit
 from hf_mrp.audit.compare import compare_audits
-from hf_mrp.reporting.files import read_parquet
+from hf_mrp.storage.files import read_parquet
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
 
@@ -180,11 +180,11 @@ def test_two_process_audit_equals_one_process(tmp_path):
     args = ["audit", "--model", str(model_dir), "--block_size", "32", "--max_positions", "300", "--batch_size", "2",
             "--layers", "all"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "hf_mrp.cli", *args, "--output_dir", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "hf_mrp.research.cli", *args, "--output_dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          "-m", "hf_mrp.cli", *args, "--output_dir", str(tmp_path / "two")],
+                          "-m", "hf_mrp.research.cli", *args, "--output_dir", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = read_parquet(tmp_path / "one" / "positions.parquet"), read_parquet(tmp_path / "two" / "positions.parquet")

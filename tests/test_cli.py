@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from hf_mrp import cli
-from hf_mrp.commands import COMMANDS
+from hf_mrp.research import cli
+from hf_mrp.research.commands import COMMANDS
 
 
 def run_cli(args, capsys):
@@ -27,7 +27,7 @@ def test_audit_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "hf_mrp.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "hf_mrp.research.cli", "--help"], capture_output=True, text=True, check=True)
     assert "audit" in out.stdout
 
 

@@ -46,7 +46,7 @@ def test_fingerprint_tells_positions_apart():
 
 MEASURE_AUDIT = """
 import json, sys
-import hf_mrp.audit.run, hf_mrp.cli, transformers  # the libraries' own memory is not the data's
+import hf_mrp.research.audit_run, hf_mrp.research.cli, transformers  # the libraries' own memory is not the data's
 
 
 def status(key):
@@ -55,7 +55,7 @@ def status(key):
 
 
 before = status("VmRSS")
-code = hf_mrp.cli.main(sys.argv[1:])
+code = hf_mrp.research.cli.main(sys.argv[1:])
 print(json.dumps({"code": code, "extra_bytes": status("VmHWM") - before}))
 """
 

@@ -135,7 +135,7 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     saves the adapter and audits as one process without DeepSpeed does."""
     from safetensors.torch import load_file
 
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "examples" / "accelerate" / "zero3_cpu.yaml"), "--main_process_port", str(free_port()),

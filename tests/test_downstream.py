@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_mrp import cli, downstream, models
+from hf_mrp.research import cli, downstream
+from hf_mrp import models
 
 TASK_DIR = Path(__file__).resolve().parent / "data" / "downstream_tasks"
 TOY_TASKS = ["mrp_toy_choice", "mrp_toy_cloze"]

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from conftest import CharTokenizer, tiny_llama
 
-from hf_mrp.reporting.model_card import card_from_folder
+from hf_mrp.research.reports.model_card import card_from_folder
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback
 from hf_mrp.training.hub import HubPushCallback, push_folder
@@ -143,9 +143,9 @@ def test_an_unknown_hub_strategy_is_one_clear_error():
 
 
 def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp_path, monkeypatch):
-    from hf_mrp.arguments import DataArguments, ModelArguments
-    from hf_mrp.commands.refine import parse_arguments
-    from hf_mrp.refine import RefineArguments, refine
+    from hf_mrp.research.arguments import DataArguments, ModelArguments
+    from hf_mrp.research.commands.refine import parse_arguments
+    from hf_mrp.research.refine import RefineArguments, refine
 
     assert parse_arguments([])[3].report_to == ["tensorboard"]  # examples/refine.py logs to TensorBoard by default
     tracked = parse_arguments(["--report_to", "trackio", "--trackio_space_id", "you/mrp-dashboard"])[3]

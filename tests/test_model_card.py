@@ -5,7 +5,7 @@ import json
 from hf_mrp.audit.summary import AuditSummary
 from hf_mrp.models import EMBEDDED_NAME
 from hf_mrp.ops.gap import GapFit
-from hf_mrp.reporting.model_card import evaluation_comparisons, hub_base_model, model_card
+from hf_mrp.research.reports.model_card import evaluation_comparisons, hub_base_model, model_card
 
 SUMMARY = AuditSummary(
     provenance={}, n_positions=10, accuracy=0.5, margin_percentiles={"p50": 1.0}, mean_margin=1.1,

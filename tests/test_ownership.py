@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_mrp import cli
-from hf_mrp.reporting.ownership import LOCK_FILE, run_is_whole
+from hf_mrp.research import cli
+from hf_mrp.research.run_folders import run_is_whole
+from hf_mrp.storage.locks import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 REFINE = ["--block_size", "32", "--max_positions", "124", "--audit_positions", "31", "--max_steps", "2",
@@ -40,7 +41,7 @@ def _partial_files(folder: Path) -> list[str]:
 
 def _refine_process(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "hf_mrp.cli", "refine", "--model", str(model_dir),
+    return subprocess.Popen([sys.executable, "-m", "hf_mrp.research.cli", "refine", "--model", str(model_dir),
                              "--output_dir", str(out), *REFINE, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -73,7 +74,7 @@ def test_two_refines_into_one_folder_one_runs_the_other_stops_at_once(tiny_model
     assert code == 2 and "Traceback" not in err
     assert last.startswith("hf-mrp refine: error: output_dir")
     assert f"is in use by another run (pid {winner_pid} on" in last
-    assert "hf_mrp.cli refine" in last or "hf-mrp refine" in last  # the holder's command is named
+    assert "hf_mrp.research.cli refine" in last or "hf-mrp refine" in last  # the holder's command is named
     assert ended[losers[0]] < 10, ended  # the loser stops at once (its imports included)
     assert ended[losers[0]] < ended[winners[0]]
     # the survivor's files are whole: a finished run that reads back, an adapter that loads
@@ -89,9 +90,9 @@ def test_two_refines_into_one_folder_one_runs_the_other_stops_at_once(tiny_model
 
 def test_lock_dies_with_its_holder(tmp_path):
     """A killed run never leaves a stale lock: the kernel drops a flock when its holder exits."""
-    from hf_mrp.reporting.ownership import owned_folder
+    from hf_mrp.storage.locks import owned_folder
 
-    script = ("import sys, time\nfrom hf_mrp.reporting.ownership import owned_folder\n"
+    script = ("import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
               "with owned_folder(sys.argv[1], 'holder'):\n    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -109,7 +110,7 @@ def test_lock_dies_with_its_holder(tmp_path):
 
 
 def test_lock_file_never_holds_a_token(tmp_path):
-    from hf_mrp.reporting.ownership import owned_folder
+    from hf_mrp.storage.locks import owned_folder
 
     with owned_folder(tmp_path, "hf-mrp refine --hub_token hf_SECRET --hub_model_id a/b --x_token=hf_OTHER"):
         text = (tmp_path / LOCK_FILE).read_text()
@@ -284,7 +285,7 @@ AUDIT = ["--block_size", "32", "--max_positions", "62"]
 BOUNDARY_WRAPPER = """
 import os, signal, sys, time
 from pathlib import Path
-from hf_mrp.reporting import files
+from hf_mrp.storage import files
 
 count = [0]
 
@@ -310,7 +311,7 @@ def exchange(first, second):
     return done
 
 os.replace, files.exchange_paths = replace, exchange
-from hf_mrp.cli import main
+from hf_mrp.research.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 AUDIT_BOUNDARIES = 7  # blocks.npy, positions.parquet, gap_curve.png, margins.png, audit.json; exchange before, after
@@ -356,9 +357,9 @@ def test_a_finished_audit_is_replaced_only_with_overwrite_and_then_whole(tiny_mo
     assert _partial_files(out) == [] and _staging_beside(out) == []
     # the folder is still owned after the swap: its lock file is the one the run holds
     from hf_mrp.errors import MRPUserError
-    from hf_mrp.reporting.ownership import owned_folder
+    from hf_mrp.storage.locks import owned_folder
 
-    script = ("import sys, time\nfrom hf_mrp.reporting.ownership import owned_folder\n"
+    script = ("import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
               "with owned_folder(sys.argv[1], 'holder'):\n    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -405,7 +406,7 @@ def test_sigkill_at_every_file_boundary_leaves_one_whole_audit(tiny_model_dir, t
 
 
 def test_stale_staging_folders_of_dead_processes_are_swept_at_start(tmp_path):
-    from hf_mrp.reporting.ownership import owned_folder
+    from hf_mrp.storage.locks import owned_folder
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_mrp.reporting.paper_reference import PAPER_POSITIONS, PAPER_RUNS, paper_comparison_rows
+from hf_mrp.research.reports.paper_reference import PAPER_POSITIONS, PAPER_RUNS, paper_comparison_rows
 
 
 def entry(mean, ci=None):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_mrp import cli
-from hf_mrp.commands.refine import parse_arguments
+from hf_mrp.research import cli
+from hf_mrp.research.commands.refine import parse_arguments
 from hf_mrp.errors import MRPUserError
-from hf_mrp.presets import PAPER, resolve
+from hf_mrp.research.presets import PAPER, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 

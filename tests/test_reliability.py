@@ -28,7 +28,7 @@ from datasets import Dataset
 from conftest import VOCAB, assert_refuses_bad_checkpoints, tiny_llama
 
 from hf_mrp.errors import MRPUserError
-from hf_mrp.reporting import files
+from hf_mrp.storage import files
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
@@ -74,7 +74,7 @@ def _start_refine(model_dir: Path, output_dir: Path, *extra: str, wrapper: Path 
 
 def _refine_in_this_process(model_dir: Path, output_dir: Path) -> None:
     """The same run without a new interpreter (saves ~7 s of imports); one thread, like the subprocesses."""
-    from hf_mrp.commands import refine as refine_command
+    from hf_mrp.research.commands import refine as refine_command
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -372,7 +372,7 @@ def test_an_interrupted_audit_is_refused_by_load_audit_and_compare(tmp_path, mon
 
 
 def test_cli_ctrl_c_and_command_help(monkeypatch, capsys):
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     def interrupted(command, argv):
         raise KeyboardInterrupt
@@ -413,7 +413,7 @@ def _tiny_folder(folder: Path, tokenizer_from: Path | None = None, **save_kwargs
 
 
 def test_remote_code_is_opt_in(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from hf_mrp import cli
+    from hf_mrp.research import cli
     from hf_mrp.models import load_model_and_tokenizer
 
     calls = _capture_from_pretrained(monkeypatch)
@@ -480,7 +480,7 @@ def test_weights_load_from_safetensors_or_weights_only_pickles(tiny_model_dir, t
 
 
 def test_same_audit_arguments_give_byte_identical_files(tiny_model_dir, tmp_path, capsys):
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     args = ["audit", "--model", str(tiny_model_dir), "--block_size", "32", "--max_positions", "93",
             "--layers", "1-2", "--output_dir", str(tmp_path / "audit"), "--overwrite_output_dir", "true"]
@@ -517,7 +517,7 @@ def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finish
                                                                                     max_steps):
     """Learning rate 1e8: the second update makes the adapter NaN. The run stops with one line naming the step and
     the likely cause; the checkpoint saved after the NaN update is removed, the one before it is intact."""
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     out = tmp_path / "run"
     argv = ["refine", "--model", str(tiny_model_dir), "--output_dir", str(out), *REFINE_ARGS, "--learning_rate", "1e8",
@@ -540,7 +540,7 @@ def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finish
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert _finite_adapter(out / "checkpoint-1")
     assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
-    from hf_mrp.reporting.ownership import run_is_whole
+    from hf_mrp.research.run_folders import run_is_whole
 
     assert not run_is_whole(out)
 
@@ -566,7 +566,7 @@ def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, cap
     """lambda 1e38 overflows: that run fails (results.md says so, no row of zeros), its control is a finished row."""
     import json as json_module
 
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     out = tmp_path / "sweep"
     argv = ["sweep", "--output_dir", str(out), "--objectives", "margin", "--lambdas", "1e38", "--seeds", "0",
@@ -610,7 +610,7 @@ def test_sigterm_sighup_and_ctrl_c_print_one_line_and_leave_whole_files(tiny_mod
     the same one line, exit code 128 + the signal, the old audit byte-identical, no staging folder left."""
     from test_ownership import _boundary_process, _hashes, _staging_beside
 
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     old = tmp_path / "old"
     assert cli.main(["audit", "--model", str(tiny_model_dir), "--output_dir", str(old), "--block_size", "32",
@@ -638,7 +638,7 @@ def test_sigterm_sighup_and_ctrl_c_print_one_line_and_leave_whole_files(tiny_mod
 
 
 def test_signal_handlers_are_restored_and_a_second_signal_is_not_caught(monkeypatch, capsys):
-    from hf_mrp import cli
+    from hf_mrp.research import cli
 
     previous = signal.getsignal(signal.SIGTERM)
     seen = {}
@@ -670,7 +670,7 @@ def _without_network(tmp_path: Path, *argv: str) -> tuple[int, str, float]:
                HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT))
     env.pop("TRANSFORMERS_OFFLINE", None)
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "hf_mrp.cli", *argv], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-m", "hf_mrp.research.cli", *argv], capture_output=True, text=True, env=env,
                          timeout=120)
     return run.returncode, run.stderr, time.monotonic() - started
 

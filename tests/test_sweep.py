@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from hf_mrp import cli
+from hf_mrp.research import cli
 from hf_mrp.audit.compare import compare_audits, decoder_from_tokenizer
 from hf_mrp.audit.geometry import load_audit
 from hf_mrp.errors import MRPUserError
 from hf_mrp.models import load_tokenizer
 from hf_mrp.stats.token_classes import CLASSES
-from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
-from hf_mrp.sweep import SweepArguments, plan_runs
-from hf_mrp.sweep.metrics import METRIC_KEYS
-from hf_mrp.sweep.run_statistics import row_means, with_attributable
+from hf_mrp.research.commands.sweep import parse_arguments as parse_sweep_arguments
+from hf_mrp.research.sweep import SweepArguments, plan_runs
+from hf_mrp.research.sweep.metrics import METRIC_KEYS
+from hf_mrp.research.sweep.run_statistics import row_means, with_attributable
 
 
 def sweep_argv(model_dir, out, *extra):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from hf_mrp import cli
+from hf_mrp.research import cli
 from hf_mrp.errors import MRPUserError
-from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
-from hf_mrp.sweep import SweepArguments, plan_runs
-from hf_mrp.sweep.plan import with_audit_blocks
-from hf_mrp.sweep.paired import match_entropy
+from hf_mrp.research.commands.sweep import parse_arguments as parse_sweep_arguments, parse_pass_through
+from hf_mrp.research.sweep import SweepArguments, plan_runs
+from hf_mrp.research.sweep.plan import variant_fields
+from hf_mrp.research.sweep.paired import match_entropy
 
 
 def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows():
@@ -22,9 +22,10 @@ def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows()
     assert list(plan) == ["control_lam0_seed3", "control_head_lam0_seed3", "fisher_lam0.5_seed3",
                           "entropy_lam0.1_seed3", "entropy_lam1_seed3", "fisher_head_lam0.5_seed3",
                           "fisher_target_lam0.5_seed3"]
-    assert plan["control_head_lam0_seed3"].flags == plan["fisher_head_lam0.5_seed3"].flags == \
-        ("--train_lm_head", "true")
-    assert plan["fisher_target_lam0.5_seed3"].flags == ("--mrp_target_classes", "content", "entity")
+    settings = {name: variant_fields(args, spec.variant) for name, spec in plan.items()}
+    assert settings["control_head_lam0_seed3"] == settings["fisher_head_lam0.5_seed3"] == {"train_lm_head": True}
+    assert settings["fisher_target_lam0.5_seed3"] == {"mrp_target_classes": ["content", "entity"]}
+    assert settings["control_lam0_seed3"] == settings["fisher_lam0.5_seed3"] == {}
     for flag in ("--train_lm_head", "--mrp_target_classes"):
         with pytest.raises(MRPUserError, match="set by the sweep"):
             parse_sweep_arguments([flag, "true"])
@@ -33,9 +34,10 @@ def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows()
 
 
 def test_audit_blocks_default_to_64_whole_blocks_unless_positions_are_given():
-    assert with_audit_blocks(["--block_size", "32"], 64)[-2:] == ["--audit_positions", str(64 * 31)]
-    assert with_audit_blocks([], 64)[-1] == str(64 * 255)  # the refine default block size, 256
-    assert with_audit_blocks(["--audit_positions=100"], 64) == ["--audit_positions=100"]
+    assert parse_pass_through(["--block_size", "32"], 64).refine.audit_positions == 64 * 31
+    assert parse_pass_through([], 64).refine.audit_positions == 64 * 255  # the refine default block size, 256
+    assert parse_pass_through(["--audit_positions=100"], 64).refine.audit_positions == 100
+    assert parse_pass_through(["--audit_positions", "100", "--block_size", "32"], 64).refine.audit_positions == 100
 
 
 def test_match_entropy_picks_the_closest_median_margin_change():
@@ -113,7 +115,7 @@ def test_variant_sweep_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 
 def test_paired_difference_by_hand():
-    from hf_mrp.sweep.paired import paired_difference
+    from hf_mrp.research.sweep.paired import paired_difference
 
     rng = np.random.default_rng(0)
     point = np.array([[10.0, 0.5], [14.0, 0.6], [9.0, 0.4], [15.0, 0.7]])  # control s0, run s0, control s1, run s1

@@ -5,7 +5,7 @@ import pytest
 
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops.targeting import objective_weights
-from hf_mrp.refine import RefineArguments, training_dataset
+from hf_mrp.research.refine import RefineArguments, training_dataset
 
 TEXTS = {0: " ,", 1: " the", 2: " Paris", 3: " running", 4: "ing", 5: " 1984", 6: " café"}
 
@@ -53,7 +53,7 @@ def test_weights_travel_as_the_mrp_weights_column():
 
 
 def test_refine_flags_parse():
-    from hf_mrp.commands.refine import parse_arguments
+    from hf_mrp.research.commands.refine import parse_arguments
 
     refine_args = parse_arguments(["--mrp_target_classes", "content", "entity", "--mrp_target_buckets", "100+",
                                    "--train_lm_head", "true"])[2]
@@ -64,7 +64,7 @@ def test_refine_flags_parse():
 def test_head_peft_config_adds_the_head_and_needs_lora():
     from conftest import tiny_llama
 
-    from hf_mrp.refine import head_peft_config
+    from hf_mrp.research.refine import head_peft_config
     from hf_mrp.training import MRPConfig
 
     model = tiny_llama()

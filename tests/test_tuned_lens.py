@@ -15,7 +15,7 @@ import torch
 from conftest import VOCAB, tiny_llama
 from families import FAMILIES, build
 
-from hf_mrp.arguments import AuditArguments
+from hf_mrp.research.arguments import AuditArguments
 from hf_mrp.audit import run_audit
 from hf_mrp.audit.tuned_lens import LensTrainingSettings, load_tuned_lens, train_tuned_lens
 from hf_mrp.data import Blocks
@@ -138,7 +138,7 @@ def _cli(nproc: int, argv: list[str]) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(_free_port())] if nproc > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([*launcher, "-m", "hf_mrp.cli", *argv], capture_output=True, text=True, env=env, timeout=600,
+    run = subprocess.run([*launcher, "-m", "hf_mrp.research.cli", *argv], capture_output=True, text=True, env=env, timeout=600,
                          cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
 

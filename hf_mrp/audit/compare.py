@@ -19,7 +19,7 @@ from ..stats.calibration import expected_calibration_error
 from ..stats.flips import FlipNumbers, flip_numbers, flip_sign
 from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
 from ..reporting import flip_plots, plots
-from ..reporting.files import ensure_output_dir, write_json, write_text
+from ..storage.files import ensure_output_dir, write_json, write_text
 from ..reporting.markdown import markdown_summary
 from .geometry import AuditResult
 from .integrity import load_whole_audit

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError, require_number
-from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
+from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head, parse_layer_spec
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
 from ..stats.calibration import expected_calibration_error
-from ..reporting import files, plots
-from ..arguments import MARGIN_DTYPES, parse_layer_spec
+from ..storage import files
+from ..reporting import plots
 from ..reporting import lens_plots
 from .layers import layer_summary, margin_percentiles, summarize_layers
 from .summary import AuditSummary
@@ -39,6 +39,7 @@ POSITION_COLUMNS = (
     "target_logprob", "target_margin", "geometric_margin", "brier",
 )
 LENS_COLUMNS = LENS_STATISTICS
+MARGIN_DTYPES = ("float32", "model")  # margins in float32 (the spec), or in the model dtype (the bf16 artifact)
 
 
 @dataclass

@@ -76,7 +76,7 @@ def mixed_audit_error(directory: str | Path, detail: str) -> MRPUserError:
 def load_whole_audit(directory: str | Path) -> AuditResult:
     """An audit folder read back and checked (load_audit + check_audit_files); a folder whose files do not even
     load together is named an unfinished / mixed audit when that is what its files' times say."""
-    from ..parser import one_line
+    from ..errors import one_line
     from .geometry import load_audit
 
     try:

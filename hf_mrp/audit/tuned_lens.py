@@ -27,7 +27,7 @@ from ..data import Blocks
 from ..errors import MRPUserError, require_number
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops.lens import AffineTranslators, final_distribution, kl_from_final
-from ..reporting import files
+from ..storage import files
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Text -> deterministic token blocks: where text comes from (sources.py) and how it becomes blocks (blocks.py)."""
 
 from .blocks import (
-    DOCUMENT_SEPARATOR, Blocks, check_block_fits, context_window, labeled_blocks, load_blocks, load_blocks_from_arguments,
+    DOCUMENT_SEPARATOR, Blocks, check_block_fits, context_window, labeled_blocks, load_blocks,
     make_blocks, tokenize_documents, tokenizer_identity,
 )
 from .sources import (
@@ -11,5 +11,5 @@ from .sources import (
 __all__ = [
     "DOCUMENT_SEPARATOR", "EMBEDDED_CORPUS", "LOCAL_FORMATS", "PIECE_BYTES", "Blocks", "TextPieces", "check_block_fits",
     "check_encoding", "context_window", "embedded_corpus_documents", "labeled_blocks", "load_blocks",
-    "load_blocks_from_arguments", "load_documents", "make_blocks", "tokenize_documents", "tokenizer_identity",
+    "load_documents", "make_blocks", "tokenize_documents", "tokenizer_identity",
 ]

@@ -14,7 +14,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..arguments import DataArguments
 from ..errors import MRPUserError, require_number
 from ..ops.fused import IGNORE_INDEX
 from .sources import TextPieces, load_documents
@@ -201,16 +200,6 @@ def load_blocks(
     """The one entry point from data arguments to blocks (text files: ``encoding`` / ``encoding_errors``)."""
     documents, description = load_documents(dataset, dataset_config, split, text_column, encoding, encoding_errors)
     return make_blocks(tokenizer, documents, block_size, max_positions, description)
-
-
-def load_blocks_from_arguments(tokenizer, data_args: DataArguments, extra_positions: int = 0) -> Blocks:
-    """Blocks from the ``--dataset`` flags: the one place commands unpack them (``extra_positions``: a
-    held-out audit taken on top of ``--max_positions``)."""
-    return load_blocks(
-        tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
-        data_args.block_size, data_args.max_positions + extra_positions, data_args.encoding,
-        data_args.encoding_errors,
-    )
 
 
 def context_window(model) -> int | None:

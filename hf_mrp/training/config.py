@@ -16,8 +16,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-from ..arguments import parse_layer_spec
 from ..errors import MRPUserError, require_number
+from ..models.layers import parse_layer_spec
 from ..ops import LOGITS_PRECISIONS, MRPSettings
 
 logger = logging.getLogger(__name__)

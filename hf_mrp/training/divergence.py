@@ -3,7 +3,7 @@ batch after batch, stops with one line that names the step and the likely cause,
 as a finished run.
 
 The checks are cheap (one ``isfinite`` per trainable tensor, one flag agreed over all processes) and run at the
-start of every training step (`MRPTrainerMixin.training_step`) and once after training (`hf_mrp.refine`). A
+start of every training step (`MRPTrainerMixin.training_step`) and once after training (`hf_mrp.research.refine`). A
 checkpoint saved after the weights went non-finite cannot be resumed from; it is removed, so the output folder
 keeps only checkpoints of finite weights.
 """

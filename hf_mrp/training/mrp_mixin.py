@@ -4,7 +4,8 @@ Mixed in ahead of their `Trainer` base (``class MRPTrainer(MRPTrainerMixin, Trai
 ``super()`` call reaches that base: the loss normalized like the models' own CE, the exact
 position-weighted logging of ``loss_ce`` / ``loss_mrp`` / ``mean_margin`` across processes, the
 non-finite guard of a training step, the refusal of a missing or half-written checkpoint to resume from, and
-`MRPAuditCallback` attached ahead of the reporters.
+every callback that logs through its trainer (one with an ``attach(trainer)`` method, like `MRPAuditCallback`)
+attached ahead of the reporters.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
-from .callbacks import MRPAuditCallback
 from .checkpoints import check_resume_target
 from .loss import unwrap
 from .divergence import check_weights, count_nonfinite_batch
@@ -46,7 +46,7 @@ class MRPTrainerMixin:
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
         probe_logit_transform(unwrap(self.model))
         for callback in list(self.callback_handler.callbacks):
-            if isinstance(callback, MRPAuditCallback):
+            if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
                 self.callback_handler.callbacks.remove(callback)
                 callback.attach(self)
 

@@ -91,7 +91,7 @@ def _check_dataset(dataset, name: str, columns: bool = True) -> None:
     if missing:
         raise MRPUserError(
             f"{name} lacks the column(s) {', '.join(missing)} (it has: {', '.join(names) or 'none'}); "
-            "give it input_ids and labels (-100 = ignored), e.g. with hf_mrp.refine.training_dataset(ids)"
+            "give it input_ids and labels (-100 = ignored), e.g. with hf_mrp.research.refine.training_dataset(ids)"
         )
     if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise MRPUserError(f"{name} has no rows; pass at least one block of token ids")

@@ -1,0 +1,62 @@
+"""`hf-mrp refine` (and `python examples/refine.py`): audit, refine with MRPTrainer, audit again, compare."""
+
+from __future__ import annotations
+
+from ..arguments import DataArguments, ModelArguments
+from ...errors import MRPUserError
+from ..parser import MRPArgumentParser
+from ..presets import install_presets
+from ..refine import DEFAULTS, RefineArguments, refine
+from ...reporting.markdown import flip_summary_line
+from ...training import MRPConfig
+from . import COMMANDS
+
+ARGUMENT_TYPES = (ModelArguments, DataArguments, RefineArguments, MRPConfig)
+
+
+def make_parser(subparsers=None) -> MRPArgumentParser:
+    """The refine parser, with examples/refine.py's defaults; a standalone one when ``subparsers`` is None
+    (what the sweep parses each run's flags with)."""
+    if subparsers is None:
+        parser = MRPArgumentParser(ARGUMENT_TYPES, prog="hf-mrp refine")
+    else:
+        parser = subparsers.add_parser("refine", help=COMMANDS["refine"], description=COMMANDS["refine"],
+                                       dataclass_types=ARGUMENT_TYPES)
+    parser.set_defaults(**DEFAULTS)
+    return install_presets(parser)  # --preset paper: the paper's released settings as defaults
+
+
+def check_before_parsing(argv: list[str]) -> None:
+    """--mrp_top_k above the model's vocabulary, refused as such (MRPConfig, which cannot know the model, would
+    refuse a large k as a memory problem): the vocabulary is read from a local model's config.json."""
+    import argparse
+
+    from ...models.loading import local_vocab_size
+
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for flag in ("--mrp_top_k", "--model", "--gguf_file"):
+        peek.add_argument(flag)
+    try:
+        known, _ = peek.parse_known_args(argv)
+        top_k = int(known.mrp_top_k) if known.mrp_top_k is not None else None
+    except (argparse.ArgumentError, ValueError, SystemExit):
+        return  # the real parser names the problem
+    if top_k is None or known.gguf_file is not None:
+        return
+    vocab = local_vocab_size(known.model)
+    if vocab is not None and top_k > vocab:
+        name = known.model or "the embedded SmolLM2"
+        raise MRPUserError(f"mrp_top_k {top_k} exceeds the vocabulary of {name} ({vocab:,} tokens): the Fisher "
+                           f"objective's top-k must be at most that; pass --mrp_top_k {vocab} or less "
+                           f"(the paper uses 5)")
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RefineArguments, MRPConfig]:
+    check_before_parsing(argv)
+    return tuple(make_parser().parse_args_into_dataclasses(args=argv))
+
+
+def main(model_args: ModelArguments, data_args: DataArguments, refine_args: RefineArguments, config: MRPConfig) -> None:
+    comparison = refine(model_args, data_args, refine_args, config)
+    if comparison:
+        print(f"refined -> {config.output_dir}\n{flip_summary_line(comparison)}")

@@ -1,0 +1,139 @@
+"""What `hf-mrp sweep` parses itself (SweepArguments); every other flag passes through to each run."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ...errors import MRPUserError
+from ...ops import OBJECTIVES
+from ...ops.targeting import check_targets
+from ...stats.token_classes import BUCKETS, CLASSES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AUDIT_BLOCKS = 64
+# Flags the sweep sets for each run (flag -> the sweep flag to use instead).
+RESERVED_FLAGS = {
+    "--mrp_objective": "--objectives (and --control_objective)",
+    "--mrp_lambda": "--lambdas",
+    "--seed": "--seeds",
+    "--push_to_hub": "nothing: a sweep does not push; push a chosen run folder afterwards",
+    "--hub_model_id": "nothing: a sweep does not push; push a chosen run folder afterwards",
+    "--resume_from_checkpoint": "nothing: rerun the same command; finished runs are kept, unfinished ones redone",
+    "--overwrite_output_dir": "a new --output_dir (or delete a run's folder under runs/ to redo it)",
+    "--train_lm_head": "--head_lambdas (W-trainable rows, with their own controls)",
+    "--mrp_target_classes": "--target_lambdas with --target_classes",
+    "--mrp_target_buckets": "--target_lambdas with --target_buckets",
+}
+
+
+@dataclass
+class SweepArguments:
+    """What `hf-mrp sweep` itself parses; every other flag passes through to each run."""
+
+    output_dir: str = field(default="outputs/sweep", metadata={"help": "the sweep folder"})
+    objectives: list[str] = field(
+        default_factory=lambda: ["margin", "fisher", "entropy"],
+        metadata={"help": "objectives: margin, fisher, entropy"},
+    )
+    lambdas: list[float] = field(
+        default_factory=lambda: [0.15, 0.3, 0.6, 1.0],
+        metadata={"help": "objective weights > 0; the lambda = 0 control is always added"},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds"})
+    n_bootstrap: int = field(
+        default=1000, metadata={"help": "block-bootstrap resamples for the confidence intervals; 0: none"}
+    )
+    confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
+    bootstrap_seed: int = field(default=0, metadata={"help": "rng seed of the bootstrap"})
+    control_objective: str = field(
+        default="fisher",
+        metadata={"help": "objective name the control carries at weight 0 (MRPConfig needs one; the loss is plain "
+                          "cross-entropy either way)"},
+    )
+    aggregate_only: bool = field(
+        default=False, metadata={"help": "train nothing: recompute the results from the runs already finished"}
+    )
+    entropy_lambdas: list[float] | None = field(
+        default=None,
+        metadata={"help": "entropy's own lambda grid (default: --lambdas); the report matches each fisher lambda "
+                          "with the entropy lambda of the closest median margin change"},
+    )
+    head_lambdas: list[float] = field(
+        default_factory=list,
+        metadata={"help": "rows with the head W trainable too (--train_lm_head: LoRA + lm_head) at these lambdas, "
+                          "each seed with its own CE-only control of the same scope"},
+    )
+    head_objective: str = field(default="fisher", metadata={"help": "objective of the W-trainable rows"})
+    target_lambdas: list[float] = field(
+        default_factory=list,
+        metadata={"help": "targeted rows: the objective weighted to the targets of --target_classes / "
+                          "--target_buckets, at these lambdas"},
+    )
+    target_objective: str = field(default="fisher", metadata={"help": "objective of the targeted rows"})
+    target_classes: list[str] = field(
+        default_factory=lambda: ["content", "entity"],
+        metadata={"help": f"token classes the targeted rows aim at ({', '.join(CLASSES)}); the flag alone: no class",
+                  "nargs": "*"},
+    )
+    target_buckets: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"frequency buckets the targeted rows aim at ({', '.join(BUCKETS)}); none given: any bucket",
+                  "nargs": "*"},
+    )
+    audit_blocks: int = field(
+        default=DEFAULT_AUDIT_BLOCKS,
+        metadata={"help": "blocks audited before/after every run, unless --audit_positions is passed (64: about "
+                          "16K positions at --block_size 256)"},
+    )
+
+    def __post_init__(self) -> None:
+        self.objectives = list(dict.fromkeys(self.objectives))
+        self.seeds = [int(seed) for seed in dict.fromkeys(self.seeds)]
+        for name in self.objectives + [self.control_objective, self.head_objective, self.target_objective]:
+            if name not in OBJECTIVES:
+                raise MRPUserError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+        self.lambdas = _positive_lambdas(self.lambdas, "--lambdas")
+        if self.entropy_lambdas is not None:
+            self.entropy_lambdas = _positive_lambdas(self.entropy_lambdas, "--entropy_lambdas")
+        self.head_lambdas = _positive_lambdas(self.head_lambdas, "--head_lambdas")
+        self.target_lambdas = _positive_lambdas(self.target_lambdas, "--target_lambdas")
+        if not self.objectives or not self.lambdas or not self.seeds:
+            raise MRPUserError("a sweep needs at least one objective, one lambda > 0 and one seed")
+        try:
+            check_targets(self.target_classes, self.target_buckets)
+        except ValueError as error:
+            raise MRPUserError(f"{error} (--target_classes / --target_buckets)") from None
+        if self.target_lambdas and not (self.target_classes or self.target_buckets):
+            raise MRPUserError("--target_lambdas needs --target_classes or --target_buckets (what to aim at)")
+        if self.audit_blocks < 1:
+            raise MRPUserError(f"audit_blocks must be positive, got {self.audit_blocks}")
+        if self.n_bootstrap < 0:
+            raise MRPUserError(f"n_bootstrap must be >= 0 (0: no confidence intervals), got {self.n_bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise MRPUserError(f"confidence must be between 0 and 1, got {self.confidence}")
+
+
+def _positive_lambdas(values, flag: str) -> list[float]:
+    lambdas = [float(lam) for lam in dict.fromkeys(float(lam) for lam in values)]
+    bad = [lam for lam in lambdas if not (np.isfinite(lam) and lam >= 0)]
+    if bad:
+        raise MRPUserError(f"{flag} must be finite and >= 0, got {bad}")
+    if 0.0 in lambdas:
+        logger.warning("lambda 0 is the control every seed gets; dropping it from %s", flag)
+    return sorted(lam for lam in lambdas if lam > 0)
+
+
+def check_pass_through(refine_argv: Sequence[str]) -> None:
+    """Refuse a pass-through flag that the sweep sets for each run, naming the sweep flag to use instead."""
+    for token in refine_argv:
+        flag = token.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            raise MRPUserError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
+
+
+__all__ = ["SweepArguments", "RESERVED_FLAGS", "check_pass_through"]

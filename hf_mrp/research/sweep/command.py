@@ -1,0 +1,137 @@
+"""`hf-mrp sweep` from end to end: plan, run (or resume) every run, aggregate, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...audit.geometry import AuditResult
+from ...storage import files
+from ...storage.locks import current_command, owned_folder
+from ...training.divergence import TrainingDiverged
+from ..run_folders import run_is_whole
+from .aggregate import aggregate
+from .arguments import SweepArguments
+from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
+from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields
+from .report import markdown_report, write_plots
+from .runs import (
+    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, record_settings, run_arguments,
+    run_settings,
+)
+
+
+def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = None) -> dict:
+    """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results.
+
+    ``shared``: the settings every run starts from (`hf-mrp sweep` parses them from the pass-through flags, as
+    `hf-mrp refine` does); each run is ``shared`` with its own fields replaced (run_arguments). ``command``: what
+    results.json records (default: this process's command line)."""
+    command = command or current_command()
+    sweep_dir = Path(args.output_dir)
+    plan = plan_runs(args)
+    arguments = {spec.name: run_arguments(shared, spec, sweep_dir / "runs" / spec.name,  # bad flags fail here,
+                                          variant_fields(args, spec.variant)) for spec in plan}  # before any work
+    sweep_dir = files.ensure_output_dir(sweep_dir)
+    with owned_folder(sweep_dir, command):  # one sweep at a time per folder
+        return _run_owned_sweep(args, command, plan, sweep_dir, arguments)
+
+
+def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sweep_dir: Path,
+                     arguments: dict[str, RunArguments]) -> dict:
+    settings = run_settings(arguments[plan[0].name])  # the first control's: every run shares them
+    check_settings(sweep_dir, settings)
+    tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
+    record_settings(sweep_dir, settings, command)
+
+    executed, failed = [], {}
+    for number, spec in enumerate(plan, 1):
+        run_dir = sweep_dir / "runs" / spec.name
+        if run_is_whole(run_dir):
+            print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
+            continue
+        reason = failed_reason(run_dir)
+        if reason is not None:
+            failed[spec.name] = reason
+            print(f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}",
+                  flush=True)
+            continue
+        if args.aggregate_only:
+            print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
+            continue
+        if run_dir.exists():
+            print(f"[{number}/{len(plan)}] redoing unfinished run {spec.name} from scratch", flush=True)
+        print(f"[{number}/{len(plan)}] training {spec.name} (objective {spec.train_objective}, lambda "
+              f"{format_lambda(spec.lam)}, seed {spec.seed})", flush=True)
+        try:
+            seconds = execute_run(spec, arguments[spec.name], run_dir, sweep_dir / BASELINE)
+        except TrainingDiverged as error:
+            failed[spec.name] = str(error)
+            print(f"[{number}/{len(plan)}] FAILED {spec.name}: {error}", flush=True)
+            continue
+        executed.append(spec.name)
+        print(f"[{number}/{len(plan)}] finished {spec.name} in {seconds:.1f}s", flush=True)
+
+    results = {
+        **describe_sweep(args, command, plan, arguments[plan[0].name], baseline),
+        "executed_now": executed,
+        **aggregate(args, plan, sweep_dir, baseline, tokenizer, failed),
+    }
+    results["plots"] = write_plots(sweep_dir, results)
+    files.write_text(sweep_dir / "results.md", markdown_report(results))
+    files.write_json(sweep_dir / "results.json", results)  # last: its presence marks a complete report
+    return results
+
+
+def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], arguments: RunArguments,
+                   baseline: AuditResult) -> dict:
+    """The head of results.json: what was swept, over which positions, with which training and statistics."""
+    _, data_args, refine_args, config = arguments
+    return {
+        "command": command,
+        "objectives": args.objectives,
+        "lambdas": args.lambdas,
+        "seeds": args.seeds,
+        "control": {"objective": args.control_objective, "lambda": 0.0,
+                    "runs": [spec.name for spec in plan if spec.control],
+                    "note": "cross-entropy only: same data, steps, adapter and seed as the runs of its seed"},
+        "positions": {
+            "n": int(baseline.summary.n_positions),
+            "holdout": bool(refine_args.holdout),
+            "held_out_from_training": bool(refine_args.holdout),
+            "block_size": int(baseline.blocks.block_size),
+            "n_blocks": int(len(baseline.blocks.input_ids)),
+            "blocks_sha256": baseline.blocks.fingerprint(),
+            "source": baseline.blocks.source,
+        },
+        "training": {
+            "max_steps": config.max_steps, "num_train_epochs": config.num_train_epochs,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps, "learning_rate": config.learning_rate,
+            "block_size": data_args.block_size, "max_positions": data_args.max_positions,
+            "use_lora": config.use_lora, "lora_r": config.lora_r, "lora_layers": config.lora_layers,
+            "mrp_margin_normalization": getattr(config, "mrp_margin_normalization", None),
+        },
+        "bootstrap": {
+            "n_resamples": args.n_bootstrap, "confidence": args.confidence, "seed": args.bootstrap_seed,
+            "method": "percentile block (cluster) bootstrap: each resample draws the audited blocks with "
+                      "replacement and keeps every position of a drawn block; every run is resampled with the same "
+                      "blocks; a row's statistic is the mean over its seeds",
+            "paired": "vs_control and fisher_minus_entropy: differences taken on the same resample for both runs; "
+                      "seed_ci: Student t interval of the per-seed differences (n_seeds - 1 degrees of freedom)",
+        },
+        "variants": {
+            HEAD: {"objective": args.head_objective, "lambdas": args.head_lambdas,
+                   "settings": variant_fields(args, HEAD),
+                   "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)"},
+            TARGET: {"objective": args.target_objective, "lambdas": args.target_lambdas,
+                     "classes": args.target_classes, "buckets": args.target_buckets,
+                     "settings": variant_fields(args, TARGET),
+                     "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)"},
+        },
+        "entropy_lambdas": args.entropy_lambdas,
+        "spread": "over seeds: std (ddof = 1), min, max",
+        "metrics": {key: {"header": HEADERS[key], "description": DESCRIPTIONS[key]} for key in METRIC_KEYS},
+    }
+
+
+__all__ = ["run_sweep", "describe_sweep"]

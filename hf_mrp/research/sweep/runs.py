@@ -1,0 +1,194 @@
+"""Running a sweep's runs: their arguments, the settings a resumed sweep must match, the shared baseline audit,
+and one refinement per run (`hf_mrp.research.refine.refine`, in this process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..arguments import DataArguments, ModelArguments, provenance
+from ...audit.geometry import AuditResult, load_audit
+from ...errors import MRPUserError
+from ...models import load_tokenizer
+from ..refine import RefineArguments, refine, refine_blocks
+from ...storage import files
+from ...training import MRPConfig
+from ...training.adapters import prepare_model
+from ...training.callbacks import MRPAuditCallback
+from ...training.divergence import TrainingDiverged
+from ..loading import load_model_from_arguments
+from ..run_folders import audit_is_whole
+from .plan import RunSpec
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "sweep_settings.json"
+RUN_RECORD = "sweep_run.json"
+FAILED_RECORD = "sweep_failed.json"  # a run that diverged: counted as failed, never as a row of numbers
+BASELINE = "baseline"
+# Settings that do not change a run's numbers: a resumed sweep may differ in these.
+NEUTRAL_SETTINGS = {
+    "output_dir", "logging_dir", "run_name", "seed", "mrp_objective", "mrp_lambda", "audit_batch_size",
+    "disable_tqdm", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
+    "report_to", "log_level", "log_level_replica", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_private_repo", "hub_strategy", "save_strategy", "save_steps", "save_total_limit",
+    "dataloader_num_workers", "resume_from_checkpoint", "overwrite_output_dir",
+}
+
+
+class RunArguments(NamedTuple):
+    """The four argument groups of a run, as `hf-mrp refine` takes them."""
+
+    model: ModelArguments
+    data: DataArguments
+    refine: RefineArguments
+    config: MRPConfig
+
+
+def with_audit_blocks(shared: RunArguments, audit_blocks: int) -> RunArguments:
+    """``shared`` auditing ``audit_blocks`` whole blocks before and after each run (--audit_blocks, for flags that do
+    not set --audit_positions)."""
+    positions = audit_blocks * (shared.data.block_size - 1)
+    return shared._replace(refine=dataclasses.replace(shared.refine, audit_positions=positions))
+
+
+def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, variant: dict) -> RunArguments:
+    """One run's arguments: the parsed pass-through flags with the variant's fields and the run's own output
+    folder, objective, lambda and seed (the dataclasses rebuilt, so each checks its fields again)."""
+    try:
+        return shared._replace(
+            refine=dataclasses.replace(shared.refine, **variant),
+            config=dataclasses.replace(shared.config, output_dir=str(run_dir), mrp_objective=spec.train_objective,
+                                       mrp_lambda=float(spec.lam), seed=int(spec.seed)),
+        )
+    except MRPUserError:
+        raise
+    except ValueError as error:
+        raise MRPUserError(f"invalid flags for the runs: {str(error).splitlines()[0]}") from error
+
+
+def run_settings(arguments: RunArguments) -> dict:
+    """The pass-through settings that change a run's numbers (JSON-normalized)."""
+    settings = {}
+    for group in (arguments.model, arguments.data, arguments.refine):
+        settings.update(dataclasses.asdict(group))
+    settings.update(arguments.config.to_dict())
+    settings = {key: value for key, value in settings.items() if key not in NEUTRAL_SETTINGS}
+    return json.loads(json.dumps(settings, default=str, sort_keys=True))
+
+
+def check_settings(sweep_dir: Path, settings: dict) -> None:
+    """Refuse to resume a sweep with settings that would change its runs' numbers."""
+    path = sweep_dir / SETTINGS_FILE
+    if not path.is_file():
+        return
+    saved = files.read_json(path)["settings"]
+    differences = [
+        f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}"
+        for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
+    ]
+    if differences:
+        shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+        raise MRPUserError(
+            f"{sweep_dir} holds a sweep made with other run settings ({shown}); pass the same flags to resume it, "
+            f"or a new --output_dir"
+        )
+
+
+def record_settings(sweep_dir: Path, settings: dict, command: str) -> None:
+    """Written once the baseline exists (a first call that fails earlier may be retried with other flags)."""
+    path = sweep_dir / SETTINGS_FILE
+    if not path.is_file():
+        files.write_json(path, {"command": command, "settings": settings})
+
+
+def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, AuditResult]:
+    """(tokenizer, baseline audit): the shared "before" audit, computed once into ``sweep_dir / BASELINE``.
+
+    The model is prepared as the trainer prepares it (LoRA-wrapped: the zero-initialized adapter changes no
+    output; 4-bit models get the same k-bit preparation), on the trainer's device, and audited by the
+    MRPAuditCallback a run would use at train begin.
+    """
+    model_args, data_args, refine_args, config = arguments
+    baseline_dir = sweep_dir / BASELINE
+    if audit_is_whole(baseline_dir):  # a baseline whose files do not read back is computed again
+        tokenizer = load_tokenizer(model_args.model, model_args.gguf_file, model_args.trust_remote_code)
+        blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
+        baseline = load_audit(baseline_dir)
+        if baseline.blocks.fingerprint() != blocks.fingerprint():
+            raise MRPUserError(
+                f"the baseline audit in {baseline_dir} is of other positions than these flags give (the data "
+                f"changed?); pass a new --output_dir, or delete {baseline_dir} and every run under runs/"
+            )
+        print(f"baseline: reusing {baseline_dir} ({baseline.summary.n_positions} positions)", flush=True)
+        return tokenizer, baseline
+
+    shutil.rmtree(baseline_dir, ignore_errors=True)  # an interrupted audit (no audit.json) starts over
+    model, tokenizer, model_name = load_model_from_arguments(model_args)
+    blocks = refine_blocks(tokenizer, data_args, refine_args)[0]
+    print(f"baseline: auditing {blocks.n_positions} positions -> {baseline_dir}", flush=True)
+    model = prepare_model(model, config)
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        model = model.to(config.device)
+    start = time.perf_counter()
+    auditor = MRPAuditCallback(blocks, output_dir=sweep_dir, batch_size=refine_args.audit_batch_size,
+                               chunk_size=config.mrp_chunk_size,
+                               provenance=provenance(model_name, model_args, data_args, refine_args))
+    baseline = auditor.audit(model, BASELINE)
+    print(f"baseline: done in {time.perf_counter() - start:.1f}s", flush=True)
+    del model
+    free_memory()
+    return tokenizer, baseline
+
+
+def failed_reason(run_dir: Path) -> str | None:
+    """Why a run of an earlier call failed (it diverged), or None."""
+    path = run_dir / FAILED_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return str(files.read_json(path).get("reason") or "failed")
+    except MRPUserError:
+        return None  # a record cut short: the run counts as unfinished and is redone
+
+
+def execute_run(spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_dir: Path) -> float:
+    """One refinement of ``arguments`` (run_arguments), from scratch, into ``run_dir``; returns its wall time.
+
+    A run that diverges (TrainingDiverged) is recorded as failed in ``run_dir / FAILED_RECORD`` and raises again."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    try:
+        refine(*arguments, baseline_dir=baseline_dir)
+    except TrainingDiverged as error:
+        files.write_json(run_dir / FAILED_RECORD, {**spec._asdict(), "lambda": spec.lam, "reason": str(error),
+                                                   "seconds": time.perf_counter() - start})
+        free_memory()
+        raise
+    seconds = time.perf_counter() - start
+    if (run_dir / "audit_before").exists():
+        logger.warning("%s audited its own baseline instead of reusing %s (other blocks?)", run_dir, baseline_dir)
+    files.write_json(run_dir / RUN_RECORD, {**spec._asdict(), "lambda": spec.lam, "seconds": seconds})
+    free_memory()
+    return seconds
+
+
+def free_memory() -> None:
+    """Release a finished run's model before the next one loads (GPU caches too)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["RunArguments", "with_audit_blocks", "run_arguments", "run_settings", "check_settings",
+           "record_settings", "ensure_baseline", "execute_run", "failed_reason", "RUN_RECORD", "FAILED_RECORD",
+           "SETTINGS_FILE"]

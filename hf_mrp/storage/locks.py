@@ -1,0 +1,131 @@
+"""Owned output folders: one run at a time writes into a folder.
+
+A run holds an exclusive ``fcntl.flock`` on ``<folder>/.hf_mrp.lock`` for its lifetime; the file
+names the holder (pid, host, command, start time) so a second run into the folder stops at once with
+one line that says who owns it. The kernel drops the lock when the holder exits, however it exits
+(a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it. Taking the lock
+also sweeps the staging folders that killed runs left in and beside the folder (files.sweep_stale_staging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import MRPUserError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".hf_mrp.lock"
+_HELD: dict[str, int] = {}  # folders this process holds -> nesting depth (the CLI locks before refine() does)
+
+
+def redacted(command: str) -> str:
+    """The command with the value of every --*token* flag replaced by '***' (the lock file is readable by others)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command.split(" ", 1)[0]
+    hide_next = False
+    for index, word in enumerate(words):
+        flag = word.split("=", 1)[0]
+        if hide_next:
+            words[index], hide_next = "***", False
+        elif flag.startswith("-") and "token" in flag.lower():
+            if "=" in word:
+                words[index] = f"{flag}=***"
+            else:
+                hide_next = True
+    return shlex.join(words)
+
+
+def current_command() -> str:
+    """The command line of this process, as a user would type it again (tokens hidden)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("hf-mrp", "cli.py")):
+        argv[0] = "hf-mrp"
+    return redacted(shlex.join(argv)) if argv else "python"
+
+
+def _holder(handle, patience: float = 2.0) -> str:
+    """Who holds the lock, from what the holder writes into the lock file right after taking it (waiting
+    up to ``patience`` seconds for a holder that has just taken it)."""
+    record, deadline = {}, time.monotonic() + patience
+    while not record and time.monotonic() < deadline:
+        try:
+            handle.seek(0)
+            record = json.loads(handle.read() or "{}")
+        except (OSError, ValueError):
+            record = {}
+        if not record:
+            time.sleep(0.05)
+    if not record:
+        return "another process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
+    return f"pid {record.get('pid')} on {record.get('host')} since {started}: {record.get('command')}"
+
+
+@contextlib.contextmanager
+def owned_folder(folder: str | Path, command: str | None = None, active: bool = True) -> Iterator[Path]:
+    """Hold the folder's lock while the block runs; a second holder is refused with one line.
+
+    ``active=False`` (processes other than the main one of a distributed run) takes no lock. A folder
+    this process already holds is entered again without a second lock (flock would refuse it).
+    """
+    import fcntl
+
+    from .files import ensure_output_dir, sweep_stale_staging
+
+    folder = ensure_output_dir(folder)
+    key = str(folder.resolve())
+    if not active:
+        yield folder
+        return
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+        return
+    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise MRPUserError(
+                f"output_dir {folder} is in use by another run ({_holder(handle)}); wait for it to finish, "
+                f"or pass another --output_dir"
+            ) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "command": redacted(command) if command else current_command(), "started": time.time()}
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(record))
+        handle.flush()
+        for stale in sweep_stale_staging(folder):  # left by a run that was killed (SIGKILL, power loss)
+            logger.warning("removed %s, the staging folder of a run that was killed before it finished", stale)
+        _HELD[key] = 1
+        try:
+            yield folder
+        finally:
+            del _HELD[key]
+    finally:
+        handle.close()  # closing the file releases the lock
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun and accelerate set RANK), or a process launched alone:
+    the one process of a run that takes the lock."""
+    return os.environ.get("RANK", "0") == "0"
