@@ -35,8 +35,6 @@ def test_console_script_help():
                                                                              ["refine", "--preset", "paper", "--help"]])
 def test_every_command_prints_its_help(argv, capsys):
     """argparse %-formats each help string: a stray % in a field's help crashes --help."""
-    from hf_mrp import cli
-
     code = cli.main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err

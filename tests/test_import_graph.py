@@ -19,7 +19,7 @@ LAYERS = [
     ("hf_mrp.audit", 3), ("hf_mrp.training", 3), ("hf_mrp.metrics", 3),
     ("hf_mrp.data", 2), ("hf_mrp.models", 2), ("hf_mrp.reporting", 2),
     ("hf_mrp.ops", 1), ("hf_mrp.stats", 1),
-    ("hf_mrp.storage", 0), ("hf_mrp.errors", 0), ("hf_mrp.hub_access", 0),
+    ("hf_mrp.storage", 0), ("hf_mrp.errors", 0), ("hf_mrp.hub_access", 0), ("hf_mrp.compat", 0),
 ]
 # hf_mrp/__init__.py exports lazily (importlib, on first attribute access): it imports nothing when imported, and
 # `from hf_mrp import __version__` is safe from any layer.
