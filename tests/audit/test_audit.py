@@ -72,7 +72,7 @@ def test_logit_lens_layers(model, blocks, tmp_path):
 
 
 def test_bfloat16_model_keeps_float32_margins(blocks):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     model = tiny_llama().to(torch.bfloat16)
     exact = run_audit(model, blocks, progress=False)

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from families import FAMILIES, VOCAB, build
-
 from hf_mrp.audit import run_audit
 from hf_mrp.audit.geometry import collect_statistics
 from hf_mrp.audit.layers import summarize_layers
@@ -16,6 +14,8 @@ from hf_mrp.data import Blocks
 from hf_mrp.models import decoder_layers, final_norm, output_head
 from hf_mrp.ops import decision_statistics
 from hf_mrp.ops.lens import AffineTranslators, lens_statistics
+
+from helpers import FAMILIES, VOCAB, build
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

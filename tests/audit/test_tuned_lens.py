@@ -3,7 +3,6 @@ resuming and a 2-process run equal one uninterrupted process; bad lens folders a
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_llama
-from families import FAMILIES, build
-
 from hf_mrp.arguments import AuditArguments
 from hf_mrp.audit import run_audit
 from hf_mrp.audit.tuned_lens import LensTrainingSettings, load_tuned_lens, train_tuned_lens
 from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 
+from helpers import FAMILIES, VOCAB, build, tiny_llama
+
 pytestmark = pytest.mark.filterwarnings("ignore")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def random_blocks(rows: int, seed: int, length: int = 24) -> Blocks:
@@ -128,15 +126,9 @@ def test_training_steps_move_the_translators_on_every_family(tmp_path, family):
     assert all(p.requires_grad for p in model.parameters())  # the model's own flags are restored
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 def _cli(nproc: int, argv: list[str]) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(_free_port())] if nproc > 1 else [sys.executable]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+                if nproc > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([*launcher, "-m", "hf_mrp.cli", *argv], capture_output=True, text=True, env=env, timeout=600,
                          cwd=ROOT)

@@ -33,7 +33,7 @@ def test_embedded_corpus_is_pydoc(char_tokenizer):
 
 def test_local_files(tmp_path, char_tokenizer):
     (tmp_path / "a.txt").write_text("hello world " * 20)
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": "text number %d" % i}) for i in range(20)))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"text number {i}"}) for i in range(20)))
     assert load_blocks(char_tokenizer, str(tmp_path / "a.txt"), block_size=16, max_positions=30).n_positions == 30
     blocks = load_blocks(char_tokenizer, str(tmp_path / "a.jsonl"), text_column="body", block_size=16, max_positions=30)
     assert char_tokenizer.decode(blocks.input_ids[0]) == "text number 0\n\nt"
@@ -77,7 +77,7 @@ def test_audit_of_200_positions_from_a_40mb_text_file_reads_only_what_it_needs(t
         for _ in range(40 * 2**20 // len(line)):
             handle.write(line)
     assert big.stat().st_size > 40e6
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     start = time.perf_counter()
     run = subprocess.run(
         [sys.executable, "-c", MEASURE_AUDIT, "audit", "--model", str(tiny_model_dir), "--dataset", str(big),
@@ -103,7 +103,7 @@ def test_audit_of_200_positions_from_a_40mb_text_file_reads_only_what_it_needs(t
 
 
 class CountingTokenizer:
-    """Characters as ids (like conftest.CharTokenizer), recording every text it is asked to tokenize."""
+    """Characters as ids (like helpers.CharTokenizer), recording every text it is asked to tokenize."""
 
     def __init__(self):
         self.texts = []

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from families import FAMILIES, VOCAB, build
-from test_fused import naive_penalty
-
 from hf_mrp.audit.geometry import collect_statistics
 from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
+
+from helpers import FAMILIES, VOCAB, build, naive_penalty
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -1,7 +1,5 @@
 """The fused chunked CE + objective against a naive float64 autograd reference."""
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,28 +7,7 @@ import torch.nn.functional as F
 from hf_mrp.ops import mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 
-
-def naive_penalty(z, weight, objective, tau, k):
-    """Spec formulas written out with loops, in float64."""
-    values = []
-    for t in range(z.shape[0]):
-        top, ids = z[t].topk(k if objective == "fisher" else 2)
-        if objective == "margin":
-            m = top[0] - top[1]
-            values.append(-m if m < tau else z.new_zeros(()))
-        elif objective == "entropy":
-            p = torch.softmax(z[t], -1)
-            values.append(-(p * torch.log(p)).sum())
-        else:
-            p = torch.softmax(top, -1)
-            w = weight[ids] / weight[ids].norm(dim=-1, keepdim=True)
-            sigma = torch.diag(p) - torch.outer(p, p)
-            total = z.new_zeros(())
-            for i, j in itertools.permutations(range(k), 2):
-                u = torch.stack([(w[i] - w[j]) @ w[m] for m in range(k)])
-                total = total + p[i] * p[j] * torch.sqrt(torch.clamp(u @ sigma @ u, min=1e-8))
-            values.append(total)
-    return torch.stack(values)
+from helpers import naive_penalty
 
 
 def naive_total(hidden, weight, bias, targets, objective, lam, tau, k):

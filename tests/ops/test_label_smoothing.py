@@ -8,14 +8,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LabelSmoother
 
-from conftest import tiny_llama
-from test_fused import naive_penalty
-from test_trainer import batch, config, dataset
-
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops import mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 from hf_mrp.training import MRPTrainer
+
+from helpers import batch, config, dataset, naive_penalty, tiny_llama
 
 EPS = 0.1
 
@@ -103,11 +101,12 @@ def test_mrp_sft_trainer_smooths_as_sft_trainer(tiny_model_dir, tmp_path):
     """The loss equals SFTTrainer's (its label smoother over full float32 logits) to 1e-6; every gradient equals the
     float64 LabelSmoother's (SFTTrainer's own float32 autograd is farther from it: 4e-5 on the final norm)."""
     pytest.importorskip("trl")
-    from test_sft import first_batch, loss_and_grads, setup
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer
+
+    from helpers import first_batch, loss_and_grads, setup
 
     tokenizer, model, data, common = setup(tiny_model_dir, tmp_path, "assistant_only")
     common["label_smoothing_factor"] = EPS

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_llama
-from test_trainer import batch, config, dataset
-
 from hf_mrp.audit.geometry import _batch_statistics
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops import decision_statistics, mrp_loss_sums, precision
 from hf_mrp.ops.transform import LogitTransform
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.loss import MRPLossSettings, forward_with_mrp_loss
+
+from helpers import VOCAB, batch, config, dataset, tiny_llama
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 TRANSFORMS = {"plain": LogitTransform(), "scale+softcap": LogitTransform(scale=0.5, softcap=6.0)}
@@ -242,12 +241,13 @@ def test_mrp_sft_trainer_under_trl_default_bf16_logs_sft_trainer_float32_head_lo
     SFTTrainer with TRL's own float32 head (``cast_lm_head_to_fp32``) to 1e-5, on the same model copy and seed.
     (SFTTrainer's default head computes its logits in the autocast dtype, bf16: about 1e-4 relative away.)"""
     pytest.importorskip("trl")
-    from test_sft import CHATML_GENERATION_TEMPLATE, chat_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer
+    from hf_mrp.training.sft import CHATML_GENERATION_TEMPLATE, MRPSFTConfig, MRPSFTTrainer
+
+    from helpers import chat_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = CHATML_GENERATION_TEMPLATE

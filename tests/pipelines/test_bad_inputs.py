@@ -32,10 +32,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, CharTokenizer, tiny_llama
-
 from hf_mrp import cli
 from hf_mrp.errors import MRPUserError
+
+from helpers import VOCAB, CharTokenizer, tiny_llama
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 SMALL = ["--block_size", "32", "--max_positions", "62"]
@@ -345,6 +345,7 @@ def _case_ids(cases):
 
 
 @pytest.mark.parametrize("case, argv, message", CLI_CASES, ids=_case_ids(CLI_CASES))
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_cli_user_error_is_one_line(world, tmp_path, capsys, case, argv, message):
     argv = [world.get(arg, arg) for arg in argv]
     message = message.replace("LOCK_HOLDER", world["LOCK_HOLDER"])
@@ -700,6 +701,7 @@ API_CASES = [
 
 
 @pytest.mark.parametrize("case, call, message", API_CASES, ids=_case_ids(API_CASES))
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_api_user_error_names_the_fix(world, tmp_path, monkeypatch, case, call, message):
     before = snapshot(Path(world["ROOT"]))
     with pytest.raises(MRPUserError, match=message) as raised:
@@ -743,11 +745,12 @@ EXAMPLE_CASES = [
 
 
 @pytest.mark.parametrize("argv, message", EXAMPLE_CASES, ids=[" ".join(case[0]) for case in EXAMPLE_CASES])
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_sft_example_refuses_meaningless_counts_in_one_line(world, tmp_path, capsys, argv, message):
     pytest.importorskip("trl")
     import importlib.util as importing
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "sft_mrp.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "sft_mrp.py"
     spec = importing.spec_from_file_location("sft_mrp_bad_inputs", path)
     example = importing.module_from_spec(spec)
     sys.modules[spec.name] = example  # its dataclasses look their module up

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 SCRIPTS = ["bench_loss.py", "bench_train_step.py", "bench_audit.py", "bench_memory.py", "bench_compile.py"]

@@ -1,15 +1,15 @@
 """examples/refine.py under torchrun with 2 CPU processes (gloo) logs the same losses as 1 process."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> list[dict]:

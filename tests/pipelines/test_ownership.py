@@ -23,7 +23,7 @@ import pytest
 from hf_mrp import cli
 from hf_mrp.reporting.ownership import LOCK_FILE, run_is_whole
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFINE = ["--block_size", "32", "--max_positions", "124", "--audit_positions", "31", "--max_steps", "2",
           "--lora_layers", "1-2", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
 SAVED = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -81,7 +81,7 @@ def test_two_refines_into_one_folder_one_runs_the_other_stops_at_once(tiny_model
     assert len(json.loads((out / "training_log.json").read_text())) >= 1
     from peft import PeftModel
 
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     PeftModel.from_pretrained(tiny_llama(vocab=49152), out)
     assert _partial_files(out) == []

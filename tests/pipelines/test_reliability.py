@@ -25,12 +25,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import VOCAB, assert_refuses_bad_checkpoints, tiny_llama
-
 from hf_mrp.errors import MRPUserError
 from hf_mrp.reporting import files
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import VOCAB, assert_refuses_bad_checkpoints, free_port, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 REFINE_ARGS = [
     "--block_size", "32", "--max_positions", "248", "--audit_positions", "62", "--max_steps", "6",
@@ -288,7 +288,7 @@ import json, os, sys
 import numpy as np, torch
 from datasets import Dataset
 sys.path.insert(0, {tests!r})
-from conftest import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_llama
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 ids = np.random.default_rng(0).integers(0, VOCAB, size=(4, 12))
@@ -657,16 +657,8 @@ def test_signal_handlers_are_restored_and_a_second_signal_is_not_caught(monkeypa
 # ---------------------------------------------------------------- issue 22: no network fails in seconds
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # closed once the socket is: connections to it are refused
-
-
 def _without_network(tmp_path: Path, *argv: str) -> tuple[int, str, float]:
-    env = _env(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+    env = _env(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
                HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT))
     env.pop("TRANSFORMERS_OFFLINE", None)
     started = time.monotonic()

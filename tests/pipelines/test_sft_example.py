@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sft_mrp.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sft_mrp.py"
 
 
 def load_example():

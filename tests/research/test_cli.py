@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-
 from hf_mrp import cli
 
 
@@ -30,10 +29,10 @@ def test_console_script_help():
 
 
 def test_compare_command(tmp_path, capsys, blocks):
-    from conftest import tiny_llama
-
     from hf_mrp.audit import run_audit
     from hf_mrp.data import Blocks
+
+    from helpers import tiny_llama
 
     run_audit(tiny_llama(seed=0), blocks, output_dir=tmp_path / "before", progress=False)
     run_audit(tiny_llama(seed=1), blocks, output_dir=tmp_path / "after", progress=False)

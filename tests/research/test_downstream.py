@@ -13,7 +13,7 @@ import torch
 
 from hf_mrp import cli, downstream, models
 
-TASK_DIR = Path(__file__).resolve().parent / "data" / "downstream_tasks"
+TASK_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "downstream_tasks"
 TOY_TASKS = ["mrp_toy_choice", "mrp_toy_cloze"]
 VOCAB = 49152  # the SmolLM2 tokenizer's vocabulary
 REAL_TASK_MANAGER = downstream.task_manager
@@ -92,7 +92,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tokenizer):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     folder = tmp_path_factory.mktemp("base")
     tiny_llama(vocab=VOCAB).save_pretrained(folder)
@@ -104,7 +104,7 @@ def save_adapter(folder: Path, lora_b_scale: float) -> Path:
     """A LoRA adapter on q/v of the tiny model; lora_b_scale 0 is PEFT's identity initialisation."""
     from peft import LoraConfig, get_peft_model
 
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(tiny_llama(vocab=VOCAB), config)
@@ -130,10 +130,11 @@ def identity_adapter_dir(tmp_path_factory):
 # ---------------------------------------------------------------- the adapter is applied, and only then
 
 @needs_lm_eval
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_adapter_changes_loglikelihoods_and_an_identity_adapter_changes_nothing(
     manager, tokenizer, adapter_dir, identity_adapter_dir
 ):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     model = tiny_llama(vocab=VOCAB)
     ids = torch.arange(5, 17)[None]
@@ -159,6 +160,7 @@ def test_adapter_changes_loglikelihoods_and_an_identity_adapter_changes_nothing(
 
 
 @needs_lm_eval
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_cli_writes_json_markdown_and_one_summary_line(base_dir, adapter_dir, cached_index, tmp_path, monkeypatch,
                                                         capsys):
     monkeypatch.chdir(tmp_path)  # data_files in the YAMLs are relative: read next to the YAML, not from here
@@ -197,6 +199,7 @@ def test_cli_writes_json_markdown_and_one_summary_line(base_dir, adapter_dir, ca
         ("zero_limit", "limit must be a positive number"),
     ],
 )
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_user_errors_are_one_line(case, message, base_dir, adapter_dir, cached_index, tmp_path, monkeypatch, capsys):
     args = {"adapter": str(adapter_dir), "tasks": "mrp_toy_choice", "include_path": str(TASK_DIR)}
     if case == "no_adapter":

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from conftest import CharTokenizer, tiny_llama
-
 from hf_mrp.reporting.model_card import card_from_folder
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback
 from hf_mrp.training.hub import HubPushCallback, push_folder
+
+from helpers import CharTokenizer, tiny_llama
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 MODEL_FILES = {"adapter_config.json", "adapter_model.safetensors"}

@@ -12,7 +12,7 @@ from hf_mrp.commands.refine import parse_arguments
 from hf_mrp.errors import MRPUserError
 from hf_mrp.presets import PAPER, resolve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_examples_config_is_the_built_in_preset():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 
 
@@ -40,7 +40,7 @@ def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_
 
     from peft import PeftModel
 
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     model = PeftModel.from_pretrained(tiny_llama(vocab=49152), out).eval()
     ids = torch.arange(10)[None]

@@ -8,10 +8,10 @@ import pytest
 from hf_mrp import cli
 from hf_mrp.audit.compare import compare_audits, decoder_from_tokenizer
 from hf_mrp.audit.geometry import load_audit
+from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
 from hf_mrp.errors import MRPUserError
 from hf_mrp.models import load_tokenizer
 from hf_mrp.stats.token_classes import CLASSES
-from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
 from hf_mrp.sweep import SweepArguments, plan_runs
 from hf_mrp.sweep.metrics import METRIC_KEYS
 from hf_mrp.sweep.statistics import row_means, with_attributable

@@ -8,11 +8,11 @@ import pytest
 from safetensors.torch import load_file
 
 from hf_mrp import cli
-from hf_mrp.errors import MRPUserError
 from hf_mrp.commands.sweep import parse_arguments as parse_sweep_arguments
+from hf_mrp.errors import MRPUserError
 from hf_mrp.sweep import SweepArguments, plan_runs
-from hf_mrp.sweep.plan import with_audit_blocks
 from hf_mrp.sweep.paired import match_entropy
+from hf_mrp.sweep.plan import with_audit_blocks
 
 
 def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows():
@@ -82,7 +82,7 @@ def test_variant_sweep_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert set(rows) == {("control", 0.0, ""), ("control", 0.0, "head"), ("fisher", 1.0, ""), ("entropy", 4.0, ""),
                          ("fisher", 1.0, "head"), ("fisher", 1.0, "target")}
     assert rows[("control", 0.0, "")]["vs_control"] is None
-    for (objective, lam, variant), row in rows.items():
+    for (objective, _lam, _variant), row in rows.items():
         if objective == "control":
             continue
         for key in ("net", "w2r", "accuracy", "median_margin_change", "net_content", "net_entity"):

@@ -5,7 +5,11 @@ import pytest
 from scipy import stats
 
 from hf_mrp.stats.intervals import (
-    Interval, bootstrap_ci, bootstrap_distribution, percentile_interval, resample_indices,
+    Interval,
+    bootstrap_ci,
+    bootstrap_distribution,
+    percentile_interval,
+    resample_indices,
 )
 
 

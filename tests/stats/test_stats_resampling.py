@@ -4,10 +4,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hf_mrp.stats.intervals import bootstrap_ci
 from hf_mrp.stats import (
-    BlockIndex, block_bootstrap_ci, block_bootstrap_distribution, block_resamples, paired_interval, seed_t_interval,
+    BlockIndex,
+    block_bootstrap_ci,
+    block_bootstrap_distribution,
+    block_resamples,
+    paired_interval,
+    seed_t_interval,
 )
+from hf_mrp.stats.intervals import bootstrap_ci
 
 
 def test_block_index_groups_positions_and_concatenates_drawn_blocks():

@@ -23,8 +23,8 @@ import torch
 from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from conftest import VOCAB, tiny_llama  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # tests/: the shared helpers
+from helpers import VOCAB, tiny_llama  # noqa: E402
 
 STEPS, ROWS, PER_PROCESS = 3, 4, 2  # 4 rows = one global batch of 2 processes x 2 rows: every step sees all rows
 CASES = {  # case: (trainer, ZeRO stage, what trains)

@@ -14,13 +14,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import VOCAB, tiny_llama  # noqa: E402
-
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/: the shared helpers
 from hf_mrp.audit.geometry import collect_statistics  # noqa: E402
 from hf_mrp.data import Blocks  # noqa: E402
 from hf_mrp.models import decoder_layers  # noqa: E402
 from hf_mrp.training import MRPConfig, MRPTrainer  # noqa: E402
+
+from helpers import VOCAB, tiny_llama  # noqa: E402
 
 
 def trainer_for(output_dir: str, mode: str, shard: bool) -> MRPTrainer:

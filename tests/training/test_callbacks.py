@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from conftest import CharTokenizer, tiny_llama
-
 from hf_mrp.audit import load_audit
 from hf_mrp.audit.compare import compare_audits
 from hf_mrp.reporting.files import read_parquet
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import CharTokenizer, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_blocks(seed=1):
@@ -169,6 +169,7 @@ def test_callback_refuses_a_foreign_baseline_and_needs_its_trainer(blocks, tmp_p
         trainer.train()
 
 
+@pytest.mark.integration  # the embedded model's tokenizer
 def test_two_process_audit_equals_one_process(tmp_path):
     from transformers import AutoTokenizer
 

@@ -16,11 +16,10 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from conftest import VOCAB, tiny_llama
-from helpers import tiny_tokenizer
-
 from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
+
+from helpers import VOCAB, tiny_llama, tiny_tokenizer
 
 STEPS = 3
 LENGTH = 12

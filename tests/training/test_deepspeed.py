@@ -5,7 +5,6 @@ launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/deepspeed_worke
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,13 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from deepspeed_worker import AUDIT_KEYS, CASES, STEPS, run_case  # noqa: E402
 
+from helpers import free_port  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
 
-
-def free_port() -> int:
-    """A port no process listens on now (accelerate launch would take the fixed 29500 of other runs)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(command: list[str], timeout: int = 300) -> str:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
-from conftest import VOCAB, tiny_llama
-
 from hf_mrp.training import MRPConfig, MRPTrainer
+
+from helpers import VOCAB, tiny_llama
 
 
 @pytest.mark.parametrize("objective, flash_kwargs", [("fisher", False), ("entropy", False), ("fisher", True)])

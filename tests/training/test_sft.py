@@ -5,60 +5,21 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import assert_refuses_bad_checkpoints  # noqa: E402
-from test_fused import naive_penalty  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_mrp.errors import MRPUserError  # noqa: E402
 from hf_mrp.training.callbacks import MRPAuditCallback  # noqa: E402
-from hf_mrp.training.sft import CHATML_GENERATION_TEMPLATE, MRPSFTConfig, MRPSFTTrainer  # noqa: E402
+from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer  # noqa: E402
 
-QUESTIONS = ["What is a list?", "Define a tuple.", "What does yield do?", "Explain import.", "What is None?",
-             "What is a dict?"]
-ANSWERS = ["An ordered mutable sequence.", "An immutable sequence of items.", "It makes a generator function.",
-           "It loads a module by name.", "The null object of Python.", "A mapping from keys to values."]
-
-MODES = {
-    "assistant_only": ("messages", {"assistant_only_loss": True}),
-    "completion_only": ("prompt_completion", {"completion_only_loss": True}),
-    "packed_padding_free": ("messages", {"assistant_only_loss": True, "packing": True, "packing_strategy": "bfd",
-                                         "max_length": 96}),
-}
-
-
-def chat_dataset(kind: str):
-    from datasets import Dataset
-
-    if kind == "messages":  # two-turn conversations: the first assistant turn is context, both carry loss
-        rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a},
-                 {"role": "user", "content": "Shorter?"}, {"role": "assistant", "content": a.split()[0]}]
-                for q, a in zip(QUESTIONS, ANSWERS)]
-        return Dataset.from_dict({"messages": rows})
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS],
-                              "completion": [[{"role": "assistant", "content": a}] for a in ANSWERS]})
-
-
-def setup(folder, tmp_path, mode: str):
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(folder).train()
-    kind, options = MODES[mode]
-    common = dict(per_device_train_batch_size=3, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
-                  learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=0, **options)
-    return tokenizer, model, chat_dataset(kind), common
-
-
-def first_batch(trainer):
-    batch = next(iter(trainer.get_train_dataloader()))
-    return batch, batch["labels"][:, 1:].ne(-100).sum()
-
-
-def loss_and_grads(trainer, model, batch, items):
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+from helpers import (  # noqa: E402
+    ANSWERS,
+    MODES,
+    assert_refuses_bad_checkpoints,
+    first_batch,
+    loss_and_grads,
+    naive_penalty,
+    setup,
+)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -26,10 +26,10 @@ from peft import LoraConfig, PromptTuningConfig, TaskType  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from test_sft import chat_dataset  # noqa: E402
-
 from hf_mrp.errors import MRPUserError  # noqa: E402
 from hf_mrp.training.sft import CHATML_GENERATION_TEMPLATE, MRPSFTConfig, MRPSFTTrainer  # noqa: E402
+
+from helpers import chat_dataset  # noqa: E402
 
 STEPS = 3
 

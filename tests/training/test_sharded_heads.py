@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_llama
-
 from hf_mrp.audit.geometry import collect_statistics
 from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
+
+from helpers import VOCAB, tiny_llama
 
 HERE = Path(__file__).resolve().parent
 

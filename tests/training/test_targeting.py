@@ -62,10 +62,10 @@ def test_refine_flags_parse():
 
 
 def test_head_peft_config_adds_the_head_and_needs_lora():
-    from conftest import tiny_llama
-
     from hf_mrp.refine import head_peft_config
     from hf_mrp.training import MRPConfig
+
+    from helpers import tiny_llama
 
     model = tiny_llama()
     config = MRPConfig(output_dir="unused", lora_layers="1-2", use_cpu=True, report_to="none")

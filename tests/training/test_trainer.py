@@ -4,35 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 
-from conftest import VOCAB, tiny_llama
-from test_fused import naive_penalty
+from hf_mrp.training import MRPTrainer
 
-from hf_mrp.training import MRPConfig, MRPTrainer
-
-
-def config(tmp_path, **overrides) -> MRPConfig:
-    values = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", use_cpu=True,
-                  max_steps=1, logging_steps=1, per_device_train_batch_size=4, seed=0, disable_tqdm=True)
-    values.update(overrides)
-    return MRPConfig(**values)
-
-
-def batch(rows=4, length=12, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = torch.as_tensor(rng.integers(0, VOCAB, size=(rows, length)))
-    labels = ids.clone()
-    for row in range(rows):  # a different number of ignored labels in each row
-        labels[row, : 1 + 2 * row] = -100
-    return {"input_ids": ids, "labels": labels}
-
-
-def dataset(rows=4, length=12, seed=0, weights=None) -> Dataset:
-    data = {key: value.tolist() for key, value in batch(rows, length, seed).items()}
-    if weights is not None:
-        data["mrp_weights"] = weights
-    return Dataset.from_dict(data)
+from helpers import batch, config, dataset, naive_penalty, tiny_llama
 
 
 def reference_loss(model, inputs, objective, lam, tau=1.0, k=5, normalization="gated"):
