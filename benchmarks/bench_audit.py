@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import interleaved_medians, machine, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -16,11 +16,10 @@ import tempfile
 import time
 
 import torch
+from common import machine
 from datasets import Dataset
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-from common import machine
 
 from hf_mrp.training import MRPConfig, MRPTrainer
 

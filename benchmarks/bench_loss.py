@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 import torch.nn.functional as F
-
 from common import interleaved_medians, machine, report
-from hf_mrp.ops import fisher_penalty, margin_penalty, mrp_loss_sums
+
+from hf_mrp.ops import margin_penalty, mrp_loss_sums
 
 
 def naive_fisher(z: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -68,7 +67,7 @@ def main() -> None:
         cases[f"naive CE + {objective}"] = naive(objective)
         cases[f"fused CE + {objective} (hf_mrp)"] = fused(objective)
     print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, W frozen")
-    report("median of %d, interleaved" % args.repeats, interleaved_medians(cases, args.repeats), "plain CE (full logits)")
+    report(f"median of {args.repeats}, interleaved", interleaved_medians(cases, args.repeats), "plain CE (full logits)")
 
 
 if __name__ == "__main__":

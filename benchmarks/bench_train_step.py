@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import interleaved_medians, machine, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import DataArguments, ModelArguments
-from .arguments import provenance
+from .arguments import DataArguments, ModelArguments, provenance
 from .data import Blocks, check_block_fits, load_blocks_from_arguments
 from .data.sources import check_data_flags_apply
 from .errors import MRPUserError

@@ -6,20 +6,20 @@ sections. Only numpy is used: the inputs are two per-position tables already on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..errors import MRPUserError
-from ..stats.calibration import expected_calibration_error
-from ..stats.flips import flip_numbers, flip_sign
-from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
 from ..reporting import flip_plots, plots
 from ..reporting.files import ensure_output_dir, write_json, write_text
 from ..reporting.markdown import markdown_summary
+from ..stats.calibration import expected_calibration_error
+from ..stats.flips import flip_numbers, flip_sign
+from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
 from .geometry import AuditResult
 from .integrity import load_whole_audit
 
@@ -47,7 +47,7 @@ class Pair:
     top2_after: np.ndarray
 
     @classmethod
-    def from_audits(cls, before: AuditResult, after: AuditResult) -> "Pair":
+    def from_audits(cls, before: AuditResult, after: AuditResult) -> Pair:
         b, a = before.positions, after.positions
         return cls(
             np.asarray(b["target_id"], dtype=np.int64),

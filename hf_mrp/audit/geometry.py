@@ -17,15 +17,14 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from ..arguments import MARGIN_DTYPES, parse_layer_spec
 from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
+from ..reporting import files, lens_plots, plots
 from ..stats.calibration import expected_calibration_error
-from ..reporting import files, plots
-from ..arguments import MARGIN_DTYPES, parse_layer_spec
-from ..reporting import lens_plots
 from .layers import layer_summary, summarize_layers
 
 if TYPE_CHECKING:
@@ -244,7 +243,7 @@ def run_audit(
     layers: str | list[int] | None = None,
     provenance: dict | None = None,
     progress: bool = True,
-    lens: "TunedLens | None" = None,
+    lens: TunedLens | None = None,
     lens_bootstrap: int = 0,
 ) -> AuditResult:
     """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given.

@@ -7,8 +7,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from ..ops import fit_gap_law
-from ..stats.resampling import BlockIndex, block_bootstrap_distribution
 from ..stats.intervals import percentile_interval
+from ..stats.resampling import BlockIndex, block_bootstrap_distribution
 
 INTERVAL_STATISTICS = ("spearman_fisher_vs_final_ce", "spearman_margin_vs_final_ce", "mean_kl_to_final")
 

@@ -119,7 +119,7 @@ def collect_lens_inputs(model: torch.nn.Module, blocks: Blocks, layers: list[int
             captured: dict[int, torch.Tensor] = {}
             hooks = [blocks_out[layer].register_forward_hook(_capture(captured, layer)) for layer in layers]
 
-            def compute(hidden, weight, bias):
+            def compute(hidden, weight, bias, batch_mask=batch_mask):  # bound now: called within this iteration
                 finals.append(hidden[:, :-1][batch_mask])
                 return carrier(hidden)
 

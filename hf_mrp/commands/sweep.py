@@ -6,7 +6,7 @@ and the command line is recorded with the results."""
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import MRPUserError
 from ..parser import MRPArgumentParser

@@ -8,8 +8,8 @@ so nothing past what the tokenizer consumes is read.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import MRPUserError
 
@@ -267,7 +267,8 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
         problem = _table_files_problem(path) if path.exists() else None
         if problem:
             raise MRPUserError(f"cannot load {dataset}: {problem}") from error
+        first_line = str(error).splitlines()[0] if str(error) else ""
         raise MRPUserError(
-            f"could not load dataset {dataset!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"could not load dataset {dataset!r} ({type(error).__name__}: {first_line}); "
             "pass a local .txt/.jsonl/.parquet file, a dataset folder, or a name reachable from this machine"
         ) from error

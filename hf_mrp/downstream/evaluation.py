@@ -6,9 +6,10 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from ..arguments import ModelArguments, provenance
 from ..errors import MRPUserError

@@ -4,8 +4,9 @@ as downstream.json / downstream.md and one summary line. Pure: no lm-eval import
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..reporting.files import write_json, write_text
 from ..reporting.markdown import escape_cell, fmt_number, table

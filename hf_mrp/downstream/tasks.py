@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MRPUserError
 
@@ -53,7 +54,7 @@ def resolve_adapter(path: str | Path) -> Path:
     return folder
 
 
-def task_manager(include_path: str | None) -> "TaskManager":
+def task_manager(include_path: str | None) -> TaskManager:
     """lm-eval's task index (built-in tasks plus ``include_path``); indexing takes ~5 s."""
     from lm_eval.tasks import TaskManager
 
@@ -62,7 +63,7 @@ def task_manager(include_path: str | None) -> "TaskManager":
     return TaskManager(include_path=include_path)
 
 
-def check_task_names(manager: "TaskManager", names: Sequence[str]) -> None:
+def check_task_names(manager: TaskManager, names: Sequence[str]) -> None:
     """Fail on unknown names before the model loads, suggesting the nearest known ones."""
     known = set(manager.all_tasks)
     for name in names:
@@ -77,7 +78,7 @@ def check_task_names(manager: "TaskManager", names: Sequence[str]) -> None:
 
 # ---------------------------------------------------------------- tasks and data
 
-def task_spec(manager: "TaskManager", name: str) -> str | dict[str, Any]:
+def task_spec(manager: TaskManager, name: str) -> str | dict[str, Any]:
     """``name``, or its full config with relative data_files made absolute against the YAML's folder.
 
     lm-eval hands data_files to datasets as written, so relative paths would be read from the
@@ -196,7 +197,7 @@ def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> Task
     return TaskSet(names, manager, load_tasks(manager, names))
 
 
-def load_tasks(manager: "TaskManager", names: Sequence[str]) -> list:
+def load_tasks(manager: TaskManager, names: Sequence[str]) -> list:
     """Build every task and load its data, naming the task whose data fails."""
     tasks = []
     for name in names:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -217,7 +217,7 @@ def vocab_size(model: nn.Module) -> int:
         return int(weight.shape[0])
     if len(getattr(weight, "ds_shape", ())) == 2:
         return int(weight.ds_shape[0])
-    return int(getattr(_text_config(model), "vocab_size"))
+    return int(_text_config(model).vocab_size)
 
 
 def _text_config(model: nn.Module):

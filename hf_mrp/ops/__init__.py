@@ -4,11 +4,11 @@ Everything the audits and the trainer compute per position lives in this package
 tested against naive references and benchmarked in isolation.
 """
 
+from .fused import FusedSettings, MRPLossSums, mrp_loss_sums
+from .gap import GapFit, fit_gap_law
 from .margins import decision_statistics, output_logits
 from .objectives import OBJECTIVES, entropy_penalty, fisher_penalty, margin_penalty
-from .fused import FusedSettings, MRPLossSums, mrp_loss_sums
 from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
-from .gap import GapFit, fit_gap_law
 
 __all__ = [
     "decision_statistics",

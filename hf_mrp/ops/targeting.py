@@ -13,7 +13,7 @@ audited blocks: same rule, the data the numbers are about). Pure numpy.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -3,8 +3,8 @@ a layer x statistic heatmap and per-layer curves (PNG, written atomically)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

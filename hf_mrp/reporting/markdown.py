@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 MARKDOWN_SPECIALS = "\\`*_[]<>|#"
 TOP_TOKEN_ROWS = 10

@@ -166,8 +166,8 @@ def model_card(
         lines += [f"**Training in progress: step {in_progress_step} of {settings.get('max_steps')}.** This card "
                   "and the files are updated at each save; the final push replaces them.", ""]
     lines += [
-        f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: cross-entropy plus "
-        f"lambda x the `{settings.get('mrp_objective')}` objective. Load it with "
+        f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: "
+        f"cross-entropy plus lambda x the `{settings.get('mrp_objective')}` objective. Load it with "
         "`PeftModel.from_pretrained(base_model, this_repo)`.",
         "",
         base_model_note(base_model),

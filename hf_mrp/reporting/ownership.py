@@ -23,8 +23,8 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import MRPUserError
 

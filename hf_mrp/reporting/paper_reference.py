@@ -53,8 +53,7 @@ def _ours(row: dict, quantity: str, n_positions: int, baseline_accuracy: float) 
     if quantity == "accuracy_change":
         entry = metrics.get("accuracy")
         value, ci = _scaled(entry, 1.0)
-        shift = (lambda v: None if v is None else v - baseline_accuracy)
-        return _cell(shift(value), None if ci is None else [ci[0] - baseline_accuracy, ci[1] - baseline_accuracy],
+        return _cell(None if value is None else value - baseline_accuracy, None if ci is None else [ci[0] - baseline_accuracy, ci[1] - baseline_accuracy],
                      quantity), _cell(*_scaled(paired.get("accuracy"), 1.0), quantity)
     return _cell(*_scaled(metrics.get(quantity), 1.0), quantity), _cell(*_scaled(paired.get(quantity), 1.0), quantity)
 

@@ -7,8 +7,8 @@ every objective's curve. Error bars are the bootstrap confidence intervals over 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -8,7 +8,11 @@ the sweep and MRPAuditCallback (through compare) take every flip number from her
 
 from .flips import finite_or_none, flip_numbers, flip_sign, median_margin_change, none_to_nan, ratio
 from .resampling import (
-    BlockIndex, block_bootstrap_ci, block_bootstrap_distribution, block_resamples, paired_interval,
+    BlockIndex,
+    block_bootstrap_ci,
+    block_bootstrap_distribution,
+    block_resamples,
+    paired_interval,
     seed_t_interval,
 )
 

@@ -17,7 +17,8 @@ differences (net of a run minus net of its control) keep their pairing.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -16,8 +16,8 @@ seeds, the spread of the per-seed paired differences gives a Student t interval.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class BlockIndex:
     sizes: np.ndarray
 
     @classmethod
-    def from_labels(cls, block_of: np.ndarray) -> "BlockIndex":
+    def from_labels(cls, block_of: np.ndarray) -> BlockIndex:
         """From one block label per position (any integers; positions of a block need not be adjacent)."""
         labels = np.asarray(block_of)
         if labels.ndim != 1 or labels.size == 0:

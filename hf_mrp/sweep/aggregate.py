@@ -6,8 +6,8 @@ results.json. A run that diverged is a failed run: left out of every row, listed
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..audit.geometry import AuditResult
 from ..reporting import files
@@ -16,8 +16,16 @@ from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
 from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields, variant_flags, with_audit_blocks
 from .report import markdown_report, write_plots
 from .runs import (
-    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, parse_pass_through,
-    record_settings, run_arguments, run_settings,
+    BASELINE,
+    RunArguments,
+    check_settings,
+    ensure_baseline,
+    execute_run,
+    failed_reason,
+    parse_pass_through,
+    record_settings,
+    run_arguments,
+    run_settings,
 )
 
 

@@ -13,7 +13,7 @@ margin change is closest to Fisher's; the report then shows the paired differenc
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

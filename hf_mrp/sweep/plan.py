@@ -3,7 +3,8 @@ flags, and the rows of the report they fall into."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

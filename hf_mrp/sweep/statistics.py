@@ -7,9 +7,9 @@ baseline's and the run's per-position columns (indexed by a block-bootstrap resa
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

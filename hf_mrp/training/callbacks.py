@@ -102,7 +102,7 @@ class MRPAuditCallback(TrainerCallback):
         self.comparison: dict | None = None
         self._pending_baseline_log: dict[str, float] | None = None
 
-    def attach(self, trainer) -> "MRPAuditCallback":
+    def attach(self, trainer) -> MRPAuditCallback:
         """Register with a (plain or MRP) Trainer, ahead of the reporters so its logs reach them."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -73,12 +72,12 @@ class MRPArguments:
         """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
         return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
 
-    def __copy__(self) -> "MRPArguments":  # copies keep the token: only pickles drop it
+    def __copy__(self) -> MRPArguments:  # copies keep the token: only pickles drop it
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
 
-    def __deepcopy__(self, memo: dict) -> "MRPArguments":
+    def __deepcopy__(self, memo: dict) -> MRPArguments:
         new = object.__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))

@@ -173,8 +173,8 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     except Exception as error:  # offline, DNS, auth, HTTP: the local files are complete either way
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MRPUserError(
-            f"push to the Hub repo {repo_id!r} failed ({type(error).__name__}: {reason}); nothing is lost: the adapter, "
-            f"model card and audits are in {folder}. Push them later from a machine with network and a token: "
+            f"push to the Hub repo {repo_id!r} failed ({type(error).__name__}: {reason}); nothing is lost: the "
+            f"adapter, model card and audits are in {folder}. Push them later from a machine with network and a token: "
             f"`hf upload {repo_id} {folder}`"
         ) from None
     return str(getattr(commit, "commit_url", commit))

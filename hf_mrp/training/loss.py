@@ -39,7 +39,7 @@ class MRPLossSettings:
     logits_precision: str = "float32"
 
     @classmethod
-    def from_config(cls, args) -> "MRPLossSettings":
+    def from_config(cls, args) -> MRPLossSettings:
         return cls(args.mrp_objective, float(args.mrp_lambda), float(args.mrp_margin_threshold), int(args.mrp_top_k),
                    int(args.mrp_chunk_size), args.mrp_margin_normalization, float(args.label_smoothing_factor),
                    args.mrp_logits_precision)

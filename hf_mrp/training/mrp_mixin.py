@@ -18,8 +18,8 @@ from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
 from .callbacks import MRPAuditCallback
 from .checkpoints import check_resume_target
-from .loss import unwrap
 from .divergence import check_weights, count_nonfinite_batch
+from .loss import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ class MRPTrainerMixin:
     """Loss normalization, recording, the non-finite guard and logging shared by the MRP trainers."""
 
     def _init_mrp_state(self) -> None:
-        """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid shifted positions / num_items_in_batch, like
-        the models' own CE: the Trainer counts those items (over labels[..., 1:]) and skips its own GA rescaling."""
+        """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid
+        shifted positions / num_items_in_batch, like the models' own CE: the Trainer counts those items (over
+        labels[..., 1:]) and skips its own GA rescaling."""
         vocab = vocab_size(self.model)
         if self.args.mrp_top_k > vocab:
             raise MRPUserError(f"mrp_top_k ({self.args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")

@@ -23,8 +23,8 @@ from transformers import Trainer, default_data_collator, set_seed
 from ..errors import MRPUserError
 from .adapters import prepare_model
 from .config import MRPConfig
-from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss, without_logits
 from .dataset_checks import check_weights, streamed_columns
+from .loss import MRPLossSettings, forward_with_mrp_loss, router_aux_loss, without_logits
 from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 
 __all__ = ["MRPTrainer", "METRICS", "SKIPPED_KEY", "WEIGHTS_COLUMN"]
