@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import MRPUserError
 
@@ -67,7 +68,8 @@ def current_command() -> str:
 def _holder(handle, patience: float = 2.0) -> str:
     """Who holds the lock, from what the holder writes into the lock file right after taking it (waiting
     up to ``patience`` seconds for a holder that has just taken it)."""
-    record, deadline = {}, time.monotonic() + patience
+    record: dict[str, Any] = {}
+    deadline = time.monotonic() + patience
     while not record and time.monotonic() < deadline:
         try:
             handle.seek(0)

@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainingArguments
@@ -33,8 +34,14 @@ def _launched_without_accelerators(use_cpu: bool) -> bool:
                 or torch.backends.mps.is_available())
 
 
+if TYPE_CHECKING:  # the type checker sees the TrainingArguments fields the mixin reads; at run time a plain base
+    _ArgumentsBase = TrainingArguments
+else:
+    _ArgumentsBase = object
+
+
 @dataclass
-class MRPArguments:
+class MRPArguments(_ArgumentsBase):
     """The MRP objective's fields (loss = CE + mrp_lambda * L_objective, see docs/spec.md), mixed into
     `MRPConfig` and `MRPSFTConfig` ahead of their TrainingArguments base, so both read and check them alike."""
 

@@ -60,7 +60,8 @@ def drop_checkpoints_after(output_dir: str | Path, last_finite_step: int, step: 
 def diverged(trainer, step: int, problem: str, last_finite_step: int) -> TrainingDiverged:
     """The one-line failure: the step, what went non-finite, the likely cause, and what is (not) on disk."""
     args = trainer.args
-    removed, kept = ([], None)
+    removed: list[str] = []
+    kept: str | None = None
     if trainer.is_world_process_zero():
         removed, kept = drop_checkpoints_after(args.output_dir, last_finite_step, trainer.state.global_step)
     kept_text = (f"the last finite checkpoint is {kept}" if kept else "no checkpoint of finite weights was saved")

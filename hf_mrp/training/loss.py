@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     parallel, compiled = _wrapper_types()
     while True:
         if isinstance(model, parallel):
-            model = model.module
+            model = model.module  # type: ignore[assignment]  # torch types Module.__getattr__ as Tensor | Module
         elif isinstance(model, compiled):
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]  # the same
         else:
             return model
 
@@ -80,7 +81,7 @@ def forward_with_mrp_loss(
     shift_labels: torch.Tensor | None = None,
     with_entropy: bool = False,
     with_logits: bool = False,
-) -> tuple[MRPLossSums, object]:
+) -> tuple[MRPLossSums, Any]:
     """Run ``model(**inputs)`` with the MRP loss sums computed in its head; returns (sums, outputs).
 
     ``labels`` are aligned with ``input_ids`` (position t predicts ``labels[t + 1]``; -100 = ignored), or

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,9 +27,20 @@ logger = logging.getLogger(__name__)
 METRICS = ("loss_ce", "loss_mrp", "mean_margin")
 SKIPPED_KEY = "nonfinite_skipped"
 
+if TYPE_CHECKING:  # the type checker sees the Trainer the mixin is mixed ahead of; at run time a plain base
+    from transformers import Trainer as _TrainerBase
 
-class MRPTrainerMixin:
+    from .config import MRPConfig
+else:
+    _TrainerBase = object
+
+
+class MRPTrainerMixin(_TrainerBase):
     """Loss normalization, recording, the non-finite guard and logging shared by the MRP trainers."""
+
+    if TYPE_CHECKING:  # what Trainer.__init__ has set before any method here runs
+        model: torch.nn.Module
+        args: MRPConfig  # or MRPSFTConfig: the same MRP fields
 
     def _init_mrp_state(self) -> None:
         """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid
@@ -39,11 +51,11 @@ class MRPTrainerMixin:
             raise MRPUserError(f"mrp_top_k ({self.args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._mrp_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._mrp_sums: dict[str, defaultdict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._guard_nonfinite = False  # on while training_step runs compute_loss
         self._skip_batch = False  # set by compute_loss: this micro-batch's loss was not finite (on some rank)
         self._nonfinite_skipped = 0  # skipped micro-batches in this process's training
-        self._skipped_before = None  # the count logged before a resume (read from the restored log history)
+        self._skipped_before: int | None = None  # the count logged before a resume (read from the restored log history)
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
         probe_logit_transform(unwrap(self.model))
         for callback in list(self.callback_handler.callbacks):

@@ -60,6 +60,7 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
+        assert self._signature_columns is not None  # the call above has set them
         for column in ("labels", WEIGHTS_COLUMN):
             if column not in self._signature_columns:  # else remove_unused_columns would drop them
                 self._signature_columns.append(column)
