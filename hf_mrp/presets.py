@@ -113,7 +113,7 @@ def install_presets(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="Flag defaults from a named preset or a .yaml / .json file; explicit flags win. "
                              f"paper (the paper's released run files): {describe(PAPER)} ('auto': bf16 where "
                              "supported). `--preset paper --help` shows them as the defaults.")
-    parser.__class__ = _preset_parser_class(type(parser))
+    parser.__class__ = _preset_parser_class(type(parser))  # type: ignore[arg-type]  # typeshed: a class is Hashable
     return parser
 
 

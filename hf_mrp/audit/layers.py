@@ -75,7 +75,8 @@ def layer_intervals(per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.nd
         lambda index: _interval_statistics(per_layer, final_ce, index, layers), BlockIndex.from_labels(block_of),
         n_resamples, seed)
     interval = percentile_interval(samples)
-    return [{name: [float(interval.low[i, j]), float(interval.high[i, j])]
+    low, high = np.asarray(interval.low), np.asarray(interval.high)  # [layers x statistics]
+    return [{name: [float(low[i, j]), float(high[i, j])]
              for j, name in enumerate(INTERVAL_STATISTICS)} for i in range(len(layers))]
 
 

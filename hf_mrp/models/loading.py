@@ -164,7 +164,7 @@ def gguf_location(model: str | None, gguf_file: str) -> tuple[str, str, str]:
     path = Path(gguf_file)
     inside = model is not None and not path.is_absolute() and (
         (Path(model).is_dir() and (Path(model) / gguf_file).is_file()) or not (Path(model).is_dir() or path.is_file()))
-    if inside:
+    if inside and model is not None:
         return model, gguf_file, f"{model.rstrip('/')}/{gguf_file}"
     if not path.is_file():
         where = f" (nor in --model {model})" if model is not None and Path(model).is_dir() else ""
@@ -213,7 +213,8 @@ def _use_safetensors(source: str) -> bool | None:
 
 
 def _warn_if_tokenizer_exceeds_vocab(model: nn.Module, tokenizer, source: str) -> None:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
     rows = getattr(embeddings, "num_embeddings", None)
     size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     if rows is not None and size is not None and size > rows:

@@ -33,6 +33,8 @@ class LogitTransform:
 
     def cap_derivative(self, capped: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """d softcap(z) / dz from the capped values themselves: 1 - (capped / c)^2."""
+        if self.softcap is None:
+            raise ValueError("cap_derivative needs a soft cap (softcap is None)")
         c = float(self.softcap)
         out = torch.div(capped, c, out=out)
         return out.square_().neg_().add_(1.0)

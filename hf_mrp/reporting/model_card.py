@@ -25,7 +25,9 @@ GROUPS = (("token class", "by_class"), ("frequency bucket", "by_bucket"), ("marg
 
 
 def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and HUB_ID.match(name) is not None and not name.endswith(LOCAL_SUFFIXES) \
+    if not name:
+        return False
+    return HUB_ID.match(name) is not None and not name.endswith(LOCAL_SUFFIXES) \
         and not Path(name).exists()
 
 
@@ -126,7 +128,7 @@ def evaluation_section(evaluations: list[tuple[int, dict]]) -> list[str]:
     return lines
 
 
-def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
+def _yaml_header(model_name: str | None, datasets: list[str]) -> list[str]:
     base = hub_base_model(model_name)
     hub_datasets = [name for name in datasets if name != EMBEDDED_DATASET and _is_hub_id(name)]
     return [

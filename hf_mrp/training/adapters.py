@@ -21,6 +21,7 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 
     probe = _maybe_include_all_linear_layers(LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules="all-linear"),
                                              model)
+    assert isinstance(probe, LoraConfig) and probe.target_modules is not None  # given back, the targets resolved
     inside = {id(module) for module in decoder_layers(model).modules()}
     modules = dict(model.named_modules())
     names = {name.rsplit(".", 1)[-1] for name in probe.target_modules if id(modules.get(name)) in inside}
@@ -110,5 +111,7 @@ def prepare_model(model: nn.Module, args, peft_config=None) -> nn.Module:
             f"{type(model).__name__} ({' '.join(decoder_linear_names(model)) or 'none found'}) or 'all-linear'"
         ) from error
     if args.gradient_checkpointing:
-        model.enable_input_require_grads()  # PEFT + checkpointing: inputs must carry grad for the adapters
+        # PEFT + checkpointing: inputs must carry grad for the adapters (ignore: torch types a Module attribute
+        # as Tensor | Module, so no method of a model is callable to mypy)
+        model.enable_input_require_grads()  # type: ignore[operator]
     return model
