@@ -15,6 +15,7 @@ float32 accumulation); the gradients are handed back in the dtypes of the hidden
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,8 +127,8 @@ def _chunk(
     parts = chunk_softmax(logits, targets, settings.top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
     top_values, top_ids, target_logit, peak, shifted, exp, total, log_total = parts
     nll = peak.squeeze(1) + log_total - target_logit
-    ce = (nll if not smoothing else _label_smoothed(nll, peak.squeeze(1) + log_total, logit_sum, smoothing,
-                                                                head.vocab)).sum()
+    ce = (nll if logit_sum is None else _label_smoothed(nll, peak.squeeze(1) + log_total, logit_sum, smoothing,
+                                                                    head.vocab)).sum()
     margins = top_values[:, 0] - top_values[:, 1]
     n_gated = (margins < settings.tau).sum()
     n_correct = (top_ids[:, 0] == targets).sum()
@@ -139,21 +140,23 @@ def _chunk(
             rows = head.rows(top_ids).detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
             objective_sum = _top_k_objective(values, rows, objective, settings.tau, weights)
             if need_grad and objective_sum.requires_grad:
-                grads = torch.autograd.grad(objective_sum, [values] + ([rows] if need_rows_grad else []))
+                grads = torch.autograd.grad(objective_sum, [values] + ([rows] if rows is not None and need_rows_grad else []))
                 grad_top = grads[0]
                 grad_rows = grads[1] if need_rows_grad else None
         objective_sum = objective_sum.detach()
         if grad_top is not None and cap_slope is not None:
             grad_top = grad_top * cap_slope.gather(1, top_ids)
     entropy_values = parts.entropy() if keep_shifted else None
-    entropy_sum = entropy_values.sum() if keep_shifted else torch.zeros((), device=h.device)
+    entropy_sum = entropy_values.sum() if entropy_values is not None else torch.zeros((), device=h.device)
     if entropy:
+        assert entropy_values is not None  # the entropy objective keeps the shifted logits
         objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()
     if not need_grad:
         return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, None, top_ids, None,
                             None)
     grad = exp.div_(total[:, None])  # softmax p, in place
     if entropy:  # dH/dz = -p (log p + H):  grad = p * (1 - lam * w * (log p + H))
+        assert entropy_values is not None
         scale = lam if weights is None else lam * weights[:, None]
         factor = shifted.sub_((log_total - entropy_values)[:, None]).mul_(-scale).add_(1.0)
         grad.mul_(factor)
@@ -179,7 +182,7 @@ class _Gradients:
 
     def __init__(self, hidden: torch.Tensor, head: HeadOperands, need_h: bool, need_w: bool, need_b: bool,
                  sparse_objective: bool) -> None:
-        f32 = dict(dtype=torch.float32, device=hidden.device)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=hidden.device)
         shape_w, shape_b = (head.vocab, head.width), (head.vocab,)
         self.h = torch.empty(hidden.shape, **f32) if need_h else None
         self.w = torch.zeros(shape_w, **f32) if need_w else None
@@ -189,12 +192,14 @@ class _Gradients:
         self.b_obj = torch.zeros(shape_b, **f32) if need_b and sparse_objective else None
 
     def add_chunk(self, start: int, stop: int, h: torch.Tensor, head: HeadOperands, chunk: _ChunkResult) -> None:
+        grad_logits = chunk.grad_logits
+        assert grad_logits is not None  # gradients are only added for chunks computed with need_grad
         if self.h is not None:
-            self.h[start:stop] = head.hidden_grad(chunk.grad_logits)
+            self.h[start:stop] = head.hidden_grad(grad_logits)
         if self.w is not None:
-            head.add_weight_grad(self.w, chunk.grad_logits, h)
+            head.add_weight_grad(self.w, grad_logits, h)
         if self.b is not None:
-            self.b += chunk.grad_logits.sum(0)
+            self.b += grad_logits.sum(0)
         if chunk.grad_top is None:
             return
         ids = chunk.top_ids.reshape(-1)
@@ -245,13 +250,13 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: FusedSettings,
                        settings, need_grad, need_w and objective == "fisher")
         sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct,
                              chunk.entropy]).double()
-        if need_grad:
+        if grads is not None:
             grads.add_chunk(start, stop, h, head, chunk)
         del chunk
     ce, obj, margin, n_gated, n_correct, entropy = sums.unbind()
     factor = _objective_factor(settings.normalization, objective, hidden.shape[0], int(n_gated))
     obj = obj * factor
-    outputs = grads.combine(lam * factor if sparse else 0.0, head.scale) if need_grad else [None] * 3
+    outputs = grads.combine(lam * factor if sparse else 0.0, head.scale) if grads is not None else [None] * 3
     total = (ce + lam * obj).float()
     statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
     return total, statistics, outputs
