@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import MRPUserError
 
@@ -47,6 +48,7 @@ PAPER: dict = {
     "mrp_top_k": 5,
 }
 PRESETS = {"paper": PAPER}
+ParserT = TypeVar("ParserT", bound=argparse.ArgumentParser)  # install_presets hands back the parser it was given
 
 
 def bf16_supported() -> bool:
@@ -107,7 +109,7 @@ def describe(values: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in values.items())
 
 
-def install_presets(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def install_presets(parser: ParserT) -> ParserT:
     """Give ``parser`` a ``--preset`` flag whose values become the defaults before the flags are parsed."""
     parser.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME_OR_FILE",
                         help="Flag defaults from a named preset or a .yaml / .json file; explicit flags win. "
