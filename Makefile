@@ -29,9 +29,9 @@ audit: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The fast tier: everything that needs no embedded SmolLM2 model (about a minute); `make test` runs it all.
+# The fast tier: no embedded SmolLM2 model, no launched processes (about a minute); `make test` runs everything.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 # Lint (ruff: rules in pyproject.toml), the format check, and the type check (mypy on hf_mrp); CI runs all three.
 lint: install

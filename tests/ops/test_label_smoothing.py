@@ -64,6 +64,7 @@ def test_compute_loss_gradient_equals_float64_trainer_label_smoother(tmp_path):
         torch.testing.assert_close(parameter.grad.double(), references[name].grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # two training runs
 def test_mrp_trainer_at_lambda_zero_trains_as_the_plain_trainer_with_label_smoothing(tmp_path):
     """Same model copy and seed, 3 optimizer steps of 2 accumulated micro-batches each: the same logged losses (1e-6)
     and the same trained weights."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each benchmark script in its own process
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 

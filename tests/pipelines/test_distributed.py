@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # torchrun / accelerate launch processes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

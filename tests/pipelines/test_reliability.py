@@ -308,6 +308,7 @@ with open(os.path.join({out!r}, f"log_rank{{rank}}.json"), "w") as handle:
 """
 
 
+@pytest.mark.slow  # torchrun processes
 def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(tmp_path):
     """2 CPU processes (gloo): one meets a NaN batch, both skip it, nothing hangs, replicas stay equal."""
     script = tmp_path / "ddp_nan.py"

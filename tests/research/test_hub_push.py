@@ -85,6 +85,7 @@ def folders(files) -> set[str]:
 
 
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "end"])
+@pytest.mark.slow  # training runs with pushes
 def test_each_hub_strategy_pushes_adapter_audits_and_event_files_at_each_save(blocks, tmp_path, monkeypatch, strategy):
     out, hub = tmp_path / "run", RecordingHub()
     push = train_with_pushes(blocks, out, strategy, hub, monkeypatch)
@@ -122,6 +123,7 @@ def test_each_hub_strategy_pushes_adapter_audits_and_event_files_at_each_save(bl
     assert not any(name.startswith("checkpoint-") or name.endswith("training_args.bin") for name in final)
 
 
+@pytest.mark.slow  # training runs with pushes
 def test_a_failed_push_mid_training_neither_stops_training_nor_loses_a_local_file(blocks, tmp_path, monkeypatch):
     out = tmp_path / "run"
     hub = RecordingHub(fail_uploads=(0,), watch=out)

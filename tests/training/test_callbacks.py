@@ -91,6 +91,7 @@ def expected_by_step(out: Path) -> dict[int, dict[str, float]]:
     return expected
 
 
+@pytest.mark.slow  # trains and reads every reporter back
 def test_every_breakdown_scalar_reaches_tensorboard_and_trackio_with_the_values_on_disk(
     blocks, tmp_path, monkeypatch, trackio_store
 ):

@@ -18,6 +18,8 @@ from hf_mrp.training import MRPConfig, MRPTrainer
 
 from helpers import VOCAB, tiny_llama
 
+pytestmark = pytest.mark.slow  # torchrun processes
+
 HERE = Path(__file__).resolve().parent
 
 
