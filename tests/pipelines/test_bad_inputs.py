@@ -5,9 +5,9 @@ names the fix; no traceback. Python API: raises `hf_mrp.errors.MRPUserError` who
 
 Covered elsewhere and only referenced here (too heavy to repeat):
 - push without network after a full refine run (here: `push_folder` alone, offline):
-  tests/test_refine.py::test_refine_saves_everything_then_reports_a_failed_push
+  tests/research/test_refine.py::test_refine_saves_everything_then_reports_a_failed_push
 - resume from a missing / cut-short checkpoint, and `resume_from_checkpoint=True` without one:
-  tests/test_reliability.py::test_resume_from_a_missing_or_incomplete_checkpoint_is_refused
+  tests/pipelines/test_reliability.py::test_resume_from_a_missing_or_incomplete_checkpoint_is_refused
 
 Every case also checks what is on disk afterwards: every file the cases can see (the `world`: models, data,
 audit folders, a finished refine run) is byte-identical, and the case left no partial or temporary file and,

@@ -1,7 +1,7 @@
 """Reliability: resume after a kill, non-finite batches, atomic outputs, safe loading, determinism.
 
 The refine runs here are `examples/refine.py` subprocesses on a tiny Llama saved with the embedded
-SmolLM2 tokenizer (the pattern of tests/test_refine.py), one thread each, so that they can run side
+SmolLM2 tokenizer (the pattern of tests/research/test_refine.py), one thread each, so that they can run side
 by side and still be bit-for-bit comparable.
 """
 

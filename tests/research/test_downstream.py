@@ -1,4 +1,4 @@
-"""`hf-mrp downstream` offline: local lm-eval tasks (tests/data/downstream_tasks), a tiny base model, and
+"""`hf-mrp downstream` offline: local lm-eval tasks (tests/fixtures/downstream_tasks), a tiny base model, and
 LoRA adapters with nonzero and zero lora_B, so we can see that the adapter is really applied."""
 
 from __future__ import annotations

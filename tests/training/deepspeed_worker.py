@@ -1,4 +1,4 @@
-"""hf_mrp's trainers under a real DeepSpeed engine: run by tests/test_deepspeed.py under
+"""hf_mrp's trainers under a real DeepSpeed engine: run by tests/training/test_deepspeed.py under
 `python -m torch.distributed.run --nproc_per_node 2` with DS_ACCELERATOR=cpu (gloo CPU processes).
 
 Each case trains a tiny model for a few steps and records, on every process, what the test compares with one

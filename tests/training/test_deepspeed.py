@@ -1,6 +1,6 @@
 """hf_mrp under a real DeepSpeed engine (ZeRO-3 and ZeRO-2 on 2 gloo CPU processes, DS_ACCELERATOR=cpu) against one
 process without DeepSpeed: MRPTrainer and MRPSFTTrainer with LoRA, a trained output head, and examples/refine.py
-launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/deepspeed_worker.py."""
+launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/training/deepspeed_worker.py."""
 
 import contextlib
 import json

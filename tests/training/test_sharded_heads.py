@@ -1,6 +1,6 @@
 """Sharded output heads: FSDP2 on 2 gloo CPU processes, and DeepSpeed ZeRO-3's parameter life cycle
 (W has numel 0 outside the head's own forward, gathered inside it), against unsharded runs. The real DeepSpeed
-engine (ZeRO-3 and ZeRO-2, a trained head included): tests/test_deepspeed.py."""
+engine (ZeRO-3 and ZeRO-2, a trained head included): tests/training/test_deepspeed.py."""
 
 import os
 import re
@@ -82,7 +82,7 @@ def test_zero3_life_cycle_loss_gradients_and_audit_equal_the_unsharded_run(tmp_p
 
 
 def test_unwrap_reads_the_model_inside_compile_and_data_parallel_wrappers():
-    """The DeepSpeed engine: tests/test_deepspeed.py (the real one)."""
+    """The DeepSpeed engine: tests/training/test_deepspeed.py (the real one)."""
     from hf_mrp.training.loss import unwrap
 
     model = tiny_llama()
