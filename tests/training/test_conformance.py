@@ -152,6 +152,7 @@ CASES = cases()
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow  # two training runs per option
 def test_mrp_trainer_at_lambda_zero_is_the_plain_trainer(tmp_path, name):
     options, build, kwargs, tolerance = CASES[name]
     model = build()
@@ -215,6 +216,7 @@ def compiled_run(trainer_class, args_class, tmp_path, steps: int) -> tuple[list[
     return losses, graphs
 
 
+@pytest.mark.slow  # torch.compile
 def test_torch_compile_compiles_once_not_every_step(tmp_path):
     """The head swap hands dynamo the same (opaque) callable every step: the graphs compiled for 2 steps are all
     there are after 5 (before, the swapped forward recompiled the decoder at each step)."""
