@@ -4,7 +4,12 @@ Llama most tests train (`tiny_llama`, a preset of `build`), and two offline toke
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,6 +20,7 @@ if TYPE_CHECKING:
 
     from hf_mrp.training import MRPConfig
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 VOCAB = 97
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -218,6 +224,72 @@ def tiny_tokenizer(vocab: int = VOCAB):
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+# ---------------------------------------------------------------- audits killed at a file boundary
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the lock file, by relative path."""
+    from hf_mrp.reporting.ownership import LOCK_FILE
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
+TINY_AUDIT = ["--block_size", "32", "--max_positions", "62"]
+
+
+# Runs `hf-mrp ARGS` in this interpreter, SIGKILLing itself (or pausing, with $PAUSE_MARKER) at the $KILL_AT-th file
+# boundary of the audit's write: after each file lands in the staging folder, before and after the exchange.
+BOUNDARY_WRAPPER = """
+import os, signal, sys, time
+from pathlib import Path
+from hf_mrp.reporting import files
+
+count = [0]
+
+def boundary(what):
+    count[0] += 1
+    if count[0] == int(os.environ["KILL_AT"]):
+        if os.environ.get("PAUSE_MARKER"):
+            Path(os.environ["PAUSE_MARKER"]).write_text(what)
+            time.sleep(600)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace, real_exchange = os.replace, files.exchange_paths
+
+def replace(source, target, *args, **kwargs):
+    real_replace(source, target, *args, **kwargs)
+    if ".staging-" in str(target):
+        boundary("wrote " + Path(target).name)
+
+def exchange(first, second):
+    boundary("before the exchange")
+    done = real_exchange(first, second)
+    boundary("after the exchange")
+    return done
+
+os.replace, files.exchange_paths = replace, exchange
+from hf_mrp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *extra: str,
+                      marker: Path | None = None):
+    """`hf-mrp audit` of ``model_dir`` into ``out`` in a process that SIGKILLs itself (or pauses, with ``marker``)
+    at the ``kill_at``-th file boundary of the audit's write."""
+    wrapper = tmp_path / "boundary.py"
+    wrapper.write_text(BOUNDARY_WRAPPER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "KILL_AT": str(kill_at), **({"PAUSE_MARKER": str(marker)} if marker else {})}
+    return subprocess.Popen([sys.executable, str(wrapper), "audit", "--model", str(model_dir), "--output_dir", str(out),
+                             *TINY_AUDIT, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def staging_beside(folder: Path) -> list[str]:
+    """The staging folders left beside ``folder`` (a killed write leaves one; the next run sweeps it)."""
+    return sorted(p.name for p in folder.parent.glob(f".{folder.name}.staging-*"))
 
 
 def free_port() -> int:

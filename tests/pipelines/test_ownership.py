@@ -23,15 +23,12 @@ import pytest
 from hf_mrp import cli
 from hf_mrp.reporting.ownership import LOCK_FILE, run_is_whole
 
+from helpers import TINY_AUDIT, boundary_process, file_hashes, staging_beside
+
 ROOT = Path(__file__).resolve().parents[2]
 REFINE = ["--block_size", "32", "--max_positions", "124", "--audit_positions", "31", "--max_steps", "2",
           "--lora_layers", "1-2", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
 SAVED = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def _partial_files(folder: Path) -> list[str]:
@@ -200,13 +197,13 @@ def test_a_really_full_small_filesystem_during_the_adapter_save(finished_run, ti
         for name in SAVED:  # the previous run's adapter and tokenizer, as a finished run holds them
             shutil.copy(finished_run / name, out / name)
         (out / "training_log.json").write_text("[]")
-        previous = _hashes(out)
+        previous = file_hashes(out)
         argv = ["refine", "--model", str(tiny_model_dir), "--output_dir", str(out), *REFINE,
                 "--overwrite_output_dir", "true"]
         code = cli.main(argv)
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert code == 2 and "no space left on device" in last, last
-        now = _hashes(out)
+        now = file_hashes(out)
         assert {name: now.get(name) for name in SAVED} == {name: previous[name] for name in SAVED}
         assert _partial_files(out) == []
     finally:
@@ -278,60 +275,11 @@ def test_sweep_redoes_a_run_whose_files_are_unreadable(tiny_model_dir, tmp_path,
 
 # ---------------------------------------------------------------- issue 22: audit folders owned like refine folders
 
-AUDIT = ["--block_size", "32", "--max_positions", "62"]
-# Runs `hf-mrp ARGS` in this interpreter, SIGKILLing itself (or pausing, with $PAUSE_MARKER) at the $KILL_AT-th file
-# boundary of the audit's write: after each file lands in the staging folder, before and after the exchange.
-BOUNDARY_WRAPPER = """
-import os, signal, sys, time
-from pathlib import Path
-from hf_mrp.reporting import files
-
-count = [0]
-
-def boundary(what):
-    count[0] += 1
-    if count[0] == int(os.environ["KILL_AT"]):
-        if os.environ.get("PAUSE_MARKER"):
-            Path(os.environ["PAUSE_MARKER"]).write_text(what)
-            time.sleep(600)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-real_replace, real_exchange = os.replace, files.exchange_paths
-
-def replace(source, target, *args, **kwargs):
-    real_replace(source, target, *args, **kwargs)
-    if ".staging-" in str(target):
-        boundary("wrote " + Path(target).name)
-
-def exchange(first, second):
-    boundary("before the exchange")
-    done = real_exchange(first, second)
-    boundary("after the exchange")
-    return done
-
-os.replace, files.exchange_paths = replace, exchange
-from hf_mrp.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 AUDIT_BOUNDARIES = 7  # blocks.npy, positions.parquet, gap_curve.png, margins.png, audit.json; exchange before, after
 
 
 def _audit(model_dir: Path, out: Path, *extra: str) -> int:
-    return cli.main(["audit", "--model", str(model_dir), "--output_dir", str(out), *AUDIT, *extra])
-
-
-def _boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *extra: str,
-                      marker: Path | None = None):
-    wrapper = tmp_path / "boundary.py"
-    wrapper.write_text(BOUNDARY_WRAPPER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "KILL_AT": str(kill_at), **({"PAUSE_MARKER": str(marker)} if marker else {})}
-    return subprocess.Popen([sys.executable, str(wrapper), "audit", "--model", str(model_dir), "--output_dir", str(out),
-                             *AUDIT, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _staging_beside(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.parent.glob(f".{folder.name}.staging-*"))
+    return cli.main(["audit", "--model", str(model_dir), "--output_dir", str(out), *TINY_AUDIT, *extra])
 
 
 def test_a_finished_audit_is_replaced_only_with_overwrite_and_then_whole(tiny_model_dir, tmp_path, capsys):
@@ -340,20 +288,20 @@ def test_a_finished_audit_is_replaced_only_with_overwrite_and_then_whole(tiny_mo
     out = tmp_path / "audit"
     assert _audit(tiny_model_dir, out, "--layers", "1-2") == 0
     (out / "notes.txt").write_text("the user's own file")
-    before = _hashes(out)
+    before = file_hashes(out)
     capsys.readouterr()
     assert _audit(tiny_model_dir, out, "--max_positions", "93") == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"hf-mrp audit: error: output_dir {out} holds a finished audit (audit.json, positions.parquet, "
                     f"blocks.npy); nothing was changed. Pass another --output_dir, or --overwrite_output_dir true to "
                     f"replace that audit")
-    assert _hashes(out) == before
+    assert file_hashes(out) == before
     assert _audit(tiny_model_dir, out, "--max_positions", "93", "--overwrite_output_dir", "true") == 0
     audit = load_whole_audit(out)
     assert audit.summary["n_positions"] == 93 and audit.layers is None
     assert not (out / "layers.json").exists() and not (out / "layers.png").exists()  # the old audit's, not kept
     assert (out / "notes.txt").read_text() == "the user's own file"
-    assert _partial_files(out) == [] and _staging_beside(out) == []
+    assert _partial_files(out) == [] and staging_beside(out) == []
     # the folder is still owned after the swap: its lock file is the one the run holds
     from hf_mrp.errors import MRPUserError
     from hf_mrp.reporting.ownership import owned_folder
@@ -381,11 +329,11 @@ def test_sigkill_at_every_file_boundary_leaves_one_whole_audit(tiny_model_dir, t
 
     old = tmp_path / "old"
     assert _audit(tiny_model_dir, old) == 0
-    old_files = _hashes(old)
+    old_files = file_hashes(old)
     folders = {k: tmp_path / f"killed_at_{k}" for k in range(1, AUDIT_BOUNDARIES + 1)}
     for folder in folders.values():
         shutil.copytree(old, folder)
-    processes = {k: _boundary_process(tmp_path, tiny_model_dir, folder, k, "--max_positions", "93",
+    processes = {k: boundary_process(tmp_path, tiny_model_dir, folder, k, "--max_positions", "93",
                                       "--overwrite_output_dir", "true") for k, folder in folders.items()}
     for k, process in processes.items():
         _, err = process.communicate(timeout=300)
@@ -393,15 +341,15 @@ def test_sigkill_at_every_file_boundary_leaves_one_whole_audit(tiny_model_dir, t
     for k, folder in folders.items():
         audit = load_whole_audit(folder)  # whole: its files agree with its audit.json
         if k < AUDIT_BOUNDARIES:
-            assert _hashes(folder) == old_files, k  # the old audit, byte for byte
+            assert file_hashes(folder) == old_files, k  # the old audit, byte for byte
         else:
-            assert audit.summary["n_positions"] == 93 and _hashes(folder) != old_files
+            assert audit.summary["n_positions"] == 93 and file_hashes(folder) != old_files
         compare_dirs(folder, folder, tmp_path / f"cmp_{k}")
         assert (tmp_path / f"cmp_{k}" / "flip_audit.json").is_file()
-        assert _staging_beside(folder), k  # SIGKILL runs no clean-up ...
+        assert staging_beside(folder), k  # SIGKILL runs no clean-up ...
     folder = folders[3]
     assert _audit(tiny_model_dir, folder, "--overwrite_output_dir", "true") == 0
-    assert _staging_beside(folder) == [] and load_whole_audit(folder).summary["n_positions"] == 62  # ... the next does
+    assert staging_beside(folder) == [] and load_whole_audit(folder).summary["n_positions"] == 62  # ... the next does
 
 
 def test_stale_staging_folders_of_dead_processes_are_swept_at_start(tmp_path):

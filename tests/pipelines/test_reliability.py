@@ -609,32 +609,32 @@ INTERRUPTED = "interrupted (report files on disk are whole: each is written atom
 def test_sigterm_sighup_and_ctrl_c_print_one_line_and_leave_whole_files(tiny_model_dir, tmp_path):
     """An audit into a finished audit folder, stopped by each signal while its second file is in the staging folder:
     the same one line, exit code 128 + the signal, the old audit byte-identical, no staging folder left."""
-    from test_ownership import _boundary_process, _hashes, _staging_beside
-
     from hf_mrp import cli
+
+    from helpers import boundary_process, file_hashes, staging_beside
 
     old = tmp_path / "old"
     assert cli.main(["audit", "--model", str(tiny_model_dir), "--output_dir", str(old), "--block_size", "32",
                      "--max_positions", "62"]) == 0
-    old_files = _hashes(old)
+    old_files = file_hashes(old)
     runs = {}
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         folder, marker = tmp_path / signum.name, tmp_path / f"{signum.name}.paused"
         shutil.copytree(old, folder)
-        runs[signum] = (folder, marker, _boundary_process(tmp_path, tiny_model_dir, folder, 2, "--max_positions", "93",
+        runs[signum] = (folder, marker, boundary_process(tmp_path, tiny_model_dir, folder, 2, "--max_positions", "93",
                                                           "--overwrite_output_dir", "true", marker=marker))
     for signum, (folder, marker, process) in runs.items():
         deadline = time.monotonic() + 300
         while not marker.exists():
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
             time.sleep(0.1)
-        assert marker.read_text() == "wrote positions.parquet" and _staging_beside(folder)
+        assert marker.read_text() == "wrote positions.parquet" and staging_beside(folder)
         process.send_signal(signum)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 128 + signum, (signum, err[-2000:])
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1] == f"hf-mrp audit: {INTERRUPTED}"
-        assert _hashes(folder) == old_files and _staging_beside(folder) == []
+        assert file_hashes(folder) == old_files and staging_beside(folder) == []
         assert not [p for p in folder.rglob(".*") if p.name != ".hf_mrp.lock"]
 
 
