@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run audit test bench clean
+.PHONY: install run audit test test-fast lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ audit: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The fast tier: no embedded SmolLM2 model, no launched processes (about a minute); `make test` runs everything.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+# Lint (ruff: rules in pyproject.toml), the format check, and the type check (mypy on hf_mrp); CI runs all three.
+lint: install
+	$(BIN)/ruff check hf_mrp tests examples benchmarks
+	$(BIN)/ruff format --check hf_mrp tests examples benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) outputs

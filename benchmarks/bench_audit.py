@@ -1,7 +1,7 @@
 """The float32 audit vs a plain forward pass (logits) over the same tokens.
 
-    python benchmarks/bench_audit.py           # embedded SmolLM2, 8 blocks x 512 tokens
-    python benchmarks/bench_audit.py --smoke
+python benchmarks/bench_audit.py           # embedded SmolLM2, 8 blocks x 512 tokens
+python benchmarks/bench_audit.py --smoke
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import interleaved_medians, machine, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -28,7 +27,7 @@ def main() -> None:
     from hf_mrp.models import load_model_and_tokenizer
 
     if args.smoke:
-        from conftest import tiny_llama
+        from helpers import tiny_llama
 
         model, shape = tiny_llama(), (4, 32)
     else:
@@ -46,9 +45,11 @@ def main() -> None:
         collect_statistics(model, blocks, batch_size=shape[0], progress=False)
 
     print(f"machine: {machine()}\n{shape[0]} x {shape[1]} tokens, vocab {model.config.vocab_size}")
-    report(f"median of {args.repeats}, interleaved",
-           interleaved_medians({"plain forward (logits)": forward, "float32 audit": audit}, args.repeats),
-           "plain forward (logits)")
+    report(
+        f"median of {args.repeats}, interleaved",
+        interleaved_medians({"plain forward (logits)": forward, "float32 audit": audit}, args.repeats),
+        "plain forward (logits)",
+    )
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import tempfile
 import time
 
 import torch
+from common import machine
 from datasets import Dataset
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-from common import machine
 
 from hf_mrp.training import MRPConfig, MRPTrainer
 
@@ -42,8 +41,17 @@ def train(trainer_class, args_class, model, options: dict, extra: dict, data: Da
     counters.clear()
     timer = StepTimes()
     with tempfile.TemporaryDirectory() as folder:
-        args = args_class(output_dir=folder, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                          per_device_train_batch_size=4, logging_steps=10**6, **options, **extra)
+        args = args_class(
+            output_dir=folder,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            logging_steps=10**6,
+            **options,
+            **extra,
+        )
         trainer_class(model=copy.deepcopy(model), args=args, train_dataset=data, callbacks=[timer]).train()
     return int(counters["stats"]["unique_graphs"]), statistics.median(timer.times[2:])
 
@@ -61,8 +69,16 @@ def main() -> None:
     if cli.smoke:
         cli.steps, cli.backend, cli.hidden, cli.layers, cli.vocab, cli.length = 4, "eager", 32, 2, 97, 16
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=cli.vocab, hidden_size=cli.hidden, intermediate_size=4 * cli.hidden,
-                                         num_hidden_layers=cli.layers, num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cli.vocab,
+            hidden_size=cli.hidden,
+            intermediate_size=4 * cli.hidden,
+            num_hidden_layers=cli.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     ids = torch.randint(0, cli.vocab, (64, cli.length)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     options = {"max_steps": cli.steps, "torch_compile": True, "torch_compile_backend": cli.backend}
@@ -72,8 +88,9 @@ def main() -> None:
         "MRPTrainer lambda 0": (MRPTrainer, MRPConfig, {"mrp_lambda": 0.0, "use_lora": False}),
         "MRPTrainer Fisher 0.6": (MRPTrainer, MRPConfig, {"mrp_lambda": 0.6, "use_lora": False}),
     }
-    results = {name: train(cls, args_class, model, options, extra, data) for name, (cls, args_class, extra)
-               in runs.items()}
+    results = {
+        name: train(cls, args_class, model, options, extra, data) for name, (cls, args_class, extra) in runs.items()
+    }
     base = results["plain Trainer (model's own CE)"][1]
     for name, (graphs, seconds) in results.items():
         print(f"  {name:32s} graphs {graphs:3d}   {seconds * 1000:8.1f} ms/step   {seconds / base:5.3f}x plain")

@@ -1,28 +1,27 @@
 """Loss forward + backward from hidden states: plain CE vs naive MRP vs hf_mrp's fused chunked loss.
 
-    python benchmarks/bench_loss.py                 # B=4, T=512, V=49,152, d=576 (SmolLM2's head)
-    python benchmarks/bench_loss.py --smoke         # tiny sizes, seconds (what CI runs)
+python benchmarks/bench_loss.py                 # B=4, T=512, V=49,152, d=576 (SmolLM2's head)
+python benchmarks/bench_loss.py --smoke         # tiny sizes, seconds (what CI runs)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 import torch.nn.functional as F
-
 from common import interleaved_medians, machine, report
-from hf_mrp.ops import MRPSettings, fisher_penalty, margin_penalty, mrp_loss_sums
+
+from hf_mrp.ops import MRPSettings, margin_penalty, mrp_loss_sums
 
 
 def naive_fisher(z: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
     """The paper's style: full float32 logits, top-k, einsums over [N, k, k, d]."""
     values, ids = z.topk(k, dim=-1)
     p = torch.softmax(values, -1)
-    w = F.normalize(weight[ids], dim=-1)                        # [N, k, d]
-    diff = w[:, :, None, :] - w[:, None, :, :]                  # [N, k, k, d]
-    u = torch.einsum("nijd,nmd->nijm", diff, w)                 # [N, k, k, k]
+    w = F.normalize(weight[ids], dim=-1)  # [N, k, d]
+    diff = w[:, :, None, :] - w[:, None, :, :]  # [N, k, k, d]
+    u = torch.einsum("nijd,nmd->nijm", diff, w)  # [N, k, k, k]
     sigma = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     d2 = torch.einsum("nijm,nml,nijl->nij", u, sigma, u)
     d = d2.clamp_min(1e-8).sqrt()
@@ -55,13 +54,16 @@ def main() -> None:
             else:
                 extra = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1).mean()
             (ce + 0.6 * extra).backward()
+
         return run
 
     def fused(objective):
         def run():
-            sums = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective=objective, lam=0.6,
-                                 normalization="valid"))
+            sums = mrp_loss_sums(
+                hidden, weight, targets, MRPSettings(objective=objective, lam=0.6, normalization="valid")
+            )
             (sums.total / n).backward()
+
         return run
 
     cases = {"plain CE (full logits)": plain_ce}
@@ -69,7 +71,7 @@ def main() -> None:
         cases[f"naive CE + {objective}"] = naive(objective)
         cases[f"fused CE + {objective} (hf_mrp)"] = fused(objective)
     print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, W frozen")
-    report("median of %d, interleaved" % args.repeats, interleaved_medians(cases, args.repeats), "plain CE (full logits)")
+    report(f"median of {args.repeats}, interleaved", interleaved_medians(cases, args.repeats), "plain CE (full logits)")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def measure(path: str, positions: int, vocab: int, dim: int, chunk: int) -> floa
         logits = hidden @ weight.T  # the model's lm_head output, then its ForCausalLMLoss (upcast + CE)
         F.cross_entropy(logits.float(), targets).backward()
     else:
-        sums = mrp_loss_sums(hidden, weight, targets, MRPSettings(objective="fisher", lam=0.6, chunk_size=chunk,
-                             normalization="valid"))
+        sums = mrp_loss_sums(
+            hidden, weight, targets, MRPSettings(objective="fisher", lam=0.6, chunk_size=chunk, normalization="valid")
+        )
         (sums.total / positions).backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
 
@@ -65,8 +66,12 @@ def main() -> None:
     results = {"vocab": vocab, "dim": dim, "chunk": chunk, "ce": {}, "fused": {}}
     for path, points in (("ce", ce_points), ("fused", fused_points)):
         for n in points:
-            out = subprocess.run([sys.executable, __file__, "--point", path, str(n), str(vocab), str(dim), str(chunk)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--point", path, str(n), str(vocab), str(dim), str(chunk)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[path][n] = float(out.stdout.strip().splitlines()[-1])
             print(f"{path:6s} positions {n:6d}: peak +{results[path][n]:9.1f} MB", flush=True)
     # the CE path grows linearly (logits, their log-softmax and gradient): extrapolate to 4 x 2048
@@ -75,8 +80,10 @@ def main() -> None:
     target = 8192 if not args.smoke else fused_points[-1]
     ce_at_target = results["ce"][xs[-1]] + slope * (target - xs[-1])
     fused_at_target = results["fused"][max(results["fused"])]
-    print(f"\nat {target} positions: model's own CE path ~{ce_at_target:,.0f} MB (linear extrapolation, "
-          f"{slope:.2f} MB/position), fused {fused_at_target:,.0f} MB: {fused_at_target / ce_at_target:.3f}x")
+    print(
+        f"\nat {target} positions: model's own CE path ~{ce_at_target:,.0f} MB (linear extrapolation, "
+        f"{slope:.2f} MB/position), fused {fused_at_target:,.0f} MB: {fused_at_target / ce_at_target:.3f}x"
+    )
     print(json.dumps(results))
     if not args.smoke:
         import matplotlib
@@ -86,8 +93,14 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(xs, [results["ce"][x] for x in xs], "o-", label="model's own CE (full logits)")
-        ax.plot([xs[-1], target], [results["ce"][xs[-1]], ce_at_target], "o:", color="C0", alpha=0.5,
-                label="CE, extrapolated (does not fit in 24 GB)")
+        ax.plot(
+            [xs[-1], target],
+            [results["ce"][xs[-1]], ce_at_target],
+            "o:",
+            color="C0",
+            alpha=0.5,
+            label="CE, extrapolated (does not fit in 24 GB)",
+        )
         fx = sorted(results["fused"])
         ax.plot(fx, [results["fused"][x] for x in fx], "s-", label="hf_mrp fused CE + Fisher")
         ax.set_xlabel("positions")

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import interleaved_medians, machine, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -22,7 +21,7 @@ def build(smoke: bool):
     from hf_mrp.models import load_model_and_tokenizer
 
     if smoke:
-        from conftest import tiny_llama
+        from helpers import tiny_llama
 
         return tiny_llama(layers=3), "1-2", (2, 32)
     model, _, _ = load_model_and_tokenizer()
@@ -37,8 +36,9 @@ def main() -> None:
     from hf_mrp.training import MRPConfig, MRPTrainer
 
     model, layers, (batch, length) = build(args.smoke)
-    config = MRPConfig(output_dir="/tmp/hf_mrp_bench", report_to="none", use_cpu=True, lora_layers=layers,
-                       disable_tqdm=True)
+    config = MRPConfig(
+        output_dir="/tmp/hf_mrp_bench", report_to="none", use_cpu=True, lora_layers=layers, disable_tqdm=True
+    )
     trainer = MRPTrainer(model=model, args=config)
     peft_model = trainer.model.train()
     vocab = model.config.vocab_size
@@ -54,6 +54,7 @@ def main() -> None:
             trainer.args.mrp_objective = objective
             trainer.compute_loss(peft_model, inputs).backward()
             peft_model.zero_grad(set_to_none=True)
+
         return run
 
     cases = {"model's own CE": own_ce, **{f"MRP {o} (lambda 0.6)": mrp(o) for o in ("fisher", "margin", "entropy")}}

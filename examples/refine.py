@@ -1,6 +1,6 @@
 """Refine a causal LM's decision geometry with MRP and audit it before and after.
 
-    python examples/refine.py                              # embedded SmolLM2, Fisher, lambda 0.6, < 10 min on 2 CPU cores
+    python examples/refine.py                            # embedded SmolLM2, Fisher, lambda 0.6, < 10 min on 2 CPU cores
     accelerate launch examples/refine.py --mrp_objective margin --mrp_lambda 0.3
     accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/refine.py --model Qwen/Qwen2.5-0.5B
     torchrun --nproc_per_node 2 examples/refine.py         # 2 CPU processes (gloo)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,15 @@ def offline_when_unreachable(source: str | None = None) -> Iterator[None]:
 
     from huggingface_hub import constants
 
-    if (source is not None and not is_hub_id(source)) or constants.HF_HUB_OFFLINE or hub_problem() is None:
+    local = (source is not None and not is_hub_id(source)) or constants.HF_HUB_OFFLINE
+    problem = None if local else hub_problem()
+    if problem is None:
         yield
         return
-    logger.warning("the Hub cannot be reached (%s): reading from the local cache only", hub_problem())
-    datasets_config = sys.modules.get("datasets.config")
+    logger.warning("the Hub cannot be reached (%s): reading from the local cache only", problem)
+    datasets_config: Any = sys.modules.get("datasets.config")  # a module whose flag is set below, when imported
     saved = constants.HF_HUB_OFFLINE, getattr(datasets_config, "HF_HUB_OFFLINE", None)
-    _FORCED_OFFLINE.append(hub_problem())
+    _FORCED_OFFLINE.append(problem)
     constants.HF_HUB_OFFLINE = True
     if datasets_config is not None:
         datasets_config.HF_HUB_OFFLINE = True

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama models (seconds) and a character-level tokenizer."""
+"""Shared fixtures (helpers live in helpers.py): a tiny random Llama, a character tokenizer, random blocks, a
+saved tiny model folder; and the `integration` marker for every test that needs the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -9,35 +10,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
 import pytest
-import torch
 
 from hf_mrp.data import Blocks
 
-VOCAB = 97
+from helpers import VOCAB, CharTokenizer, tiny_llama
+
+EMBEDDED_FIXTURES = {"tiny_model_dir"}  # fixtures that load the embedded model's tokenizer
 
 
-class CharTokenizer:
-    """A deterministic stand-in tokenizer: one id per character (enough for the data pipeline)."""
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [ord(c) if ord(c) < 128 else 63 for c in text]}
-
-    def decode(self, ids) -> str:
-        return "".join(chr(i) for i in ids)
-
-
-def tiny_llama(seed: int = 0, tie: bool = False, layers: int = 3, vocab: int = VOCAB):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # a larger logit scale than the default init, so margins spread out
-        model.lm_head.weight.mul_(20.0)
-    return model
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses an embedded-model fixture is an `integration` test (not in the fast tier)."""
+    for item in items:
+        if EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
@@ -68,19 +53,3 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(vocab=49152).save_pretrained(folder)
     AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
     return folder
-
-
-def assert_refuses_bad_checkpoints(trainer, output_dir) -> None:
-    """A trainer refuses, with the fix, a missing checkpoint folder, a half-written one, and `True` with none."""
-    import pytest
-
-    from hf_mrp.errors import MRPUserError
-
-    with pytest.raises(MRPUserError, match="is not a folder"):
-        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-9"))
-    (output_dir / "checkpoint-4").mkdir()
-    (output_dir / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
-    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete.*no complete checkpoint"):
-        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-4"))
-    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
-        trainer.train(resume_from_checkpoint=True)

@@ -1,8 +1,341 @@
-"""Shared test helpers (import them: ``from helpers import ...``); fixtures stay in conftest.py."""
+"""Shared test helpers (import them: ``from helpers import ...``; tests/ is on pytest's path); fixtures stay in
+conftest.py. One tiny-model builder (`build`, every decoder family from its config, offline, seconds), the tiny
+Llama most tests train (`tiny_llama`, a preset of `build`), and two offline tokenizers."""
 
 from __future__ import annotations
 
-from conftest import VOCAB
+import hashlib
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from hf_mrp.training import MRPConfig
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+VOCAB = 97
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _family_specs() -> dict[str, tuple[str, str, dict]]:
+    """name -> (config class, model class, config kwargs), all classes from transformers."""
+    return {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", SMALL),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", SMALL),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**SMALL, "head_dim": 8}),
+        "qwen3_5": (
+            "Qwen3_5TextConfig",
+            "Qwen3_5ForCausalLM",
+            {
+                **SMALL,
+                "head_dim": 8,
+                "linear_key_head_dim": 8,
+                "linear_value_head_dim": 8,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "layer_types": ["linear_attention", "full_attention"],
+            },
+        ),
+        "gemma2": (
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            {**SMALL, "head_dim": 8, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 50.0},
+        ),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**SMALL, "head_dim": 8, "final_logit_softcapping": 4.0}),
+        "cohere": ("CohereConfig", "CohereForCausalLM", {**SMALL, "logit_scale": 0.3}),
+        "granite": ("GraniteConfig", "GraniteForCausalLM", {**SMALL, "logits_scaling": 4.0}),
+        "gpt2": (
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            dict(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                bos_token_id=1,
+                eos_token_id=2,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            ),
+        ),
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**SMALL, "hidden_dropout": 0.0, "attention_dropout": 0.0}),
+        "phi": ("PhiConfig", "PhiForCausalLM", {**SMALL, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
+        "opt": (
+            "OPTConfig",
+            "OPTForCausalLM",
+            dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+                dropout=0.0,
+                pad_token_id=1,
+                bos_token_id=2,
+                eos_token_id=2,
+            ),
+        ),
+        "mixtral": (
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            {
+                **SMALL,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "output_router_logits": True,
+                "router_aux_loss_coef": 0.02,
+            },
+        ),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", SMALL),
+        "mamba": (
+            "MambaConfig",
+            "MambaForCausalLM",
+            dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                state_size=4,
+                num_hidden_layers=2,
+                expand=2,
+                conv_kernel=4,
+                pad_token_id=0,
+                use_mambapy=True,
+            ),
+        ),
+    }
+
+
+FAMILIES = sorted(_family_specs())
+
+
+def build(
+    family: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    *,
+    head_scale: float = 10.0,
+    scale_tied_head: bool = False,
+    **config_overrides,
+):
+    """A tiny random model of ``family`` in eval mode, its output head scaled by ``head_scale`` so margins spread
+    out (a tied head only with ``scale_tied_head``: that scales the input embeddings too). ``config_overrides``
+    replace the family's config keywords (``vocab_size``, ``num_hidden_layers``, ``tie_word_embeddings`` ...)."""
+    import transformers
+
+    config_name, model_name, kwargs = _family_specs()[family]
+    config = getattr(transformers, config_name)(**{**kwargs, **config_overrides})
+    if family == "mixtral":
+        config._experts_implementation = "eager"  # grouped_mm has no float64 kernel (the float64 references)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).to(dtype).eval()
+    head = model.get_output_embeddings()
+    if scale_tied_head or head.weight is not model.get_input_embeddings().weight:
+        with torch.no_grad():
+            head.weight.mul_(head_scale)
+    return model
+
+
+def tiny_llama(seed: int = 0, tie: bool = False, layers: int = 3, vocab: int = VOCAB):
+    """The tiny Llama most tests train: 3 layers, 128 positions, head weights x20 (tied or not)."""
+    return build(
+        "llama",
+        seed,
+        head_scale=20.0,
+        scale_tied_head=True,
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        tie_word_embeddings=tie,
+        max_position_embeddings=128,
+    )
+
+
+# ---------------------------------------------------------------- shared references and data
+
+
+def naive_penalty(z, weight, objective, tau, k):
+    """Spec formulas written out with loops, in float64."""
+    values = []
+    for t in range(z.shape[0]):
+        top, ids = z[t].topk(k if objective == "fisher" else 2)
+        if objective == "margin":
+            m = top[0] - top[1]
+            values.append(-m if m < tau else z.new_zeros(()))
+        elif objective == "entropy":
+            p = torch.softmax(z[t], -1)
+            values.append(-(p * torch.log(p)).sum())
+        else:
+            p = torch.softmax(top, -1)
+            w = weight[ids] / weight[ids].norm(dim=-1, keepdim=True)
+            sigma = torch.diag(p) - torch.outer(p, p)
+            total = z.new_zeros(())
+            for i, j in itertools.permutations(range(k), 2):
+                u = torch.stack([(w[i] - w[j]) @ w[m] for m in range(k)])
+                total = total + p[i] * p[j] * torch.sqrt(torch.clamp(u @ sigma @ u, min=1e-8))
+            values.append(total)
+    return torch.stack(values)
+
+
+def config(tmp_path, **overrides) -> MRPConfig:
+    """A one-step CPU MRPConfig writing nothing but its output folder under ``tmp_path``."""
+    from hf_mrp.training import MRPConfig
+
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        max_steps=1,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return MRPConfig(**values)
+
+
+def batch(rows=4, length=12, seed=0):
+    """Random ids with a different number of ignored (-100) labels in each row."""
+    rng = np.random.default_rng(seed)
+    ids = torch.as_tensor(rng.integers(0, VOCAB, size=(rows, length)))
+    labels = ids.clone()
+    for row in range(rows):  # a different number of ignored labels in each row
+        labels[row, : 1 + 2 * row] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def dataset(rows=4, length=12, seed=0, weights=None) -> Dataset:
+    """`batch` as a `datasets.Dataset`, with optional per-position MRP weights."""
+    from datasets import Dataset
+
+    data = {key: value.tolist() for key, value in batch(rows, length, seed).items()}
+    if weights is not None:
+        data["mrp_weights"] = weights
+    return Dataset.from_dict(data)
+
+
+QUESTIONS = [
+    "What is a list?",
+    "Define a tuple.",
+    "What does yield do?",
+    "Explain import.",
+    "What is None?",
+    "What is a dict?",
+]
+
+
+ANSWERS = [
+    "An ordered mutable sequence.",
+    "An immutable sequence of items.",
+    "It makes a generator function.",
+    "It loads a module by name.",
+    "The null object of Python.",
+    "A mapping from keys to values.",
+]
+
+
+MODES = {
+    "assistant_only": ("messages", {"assistant_only_loss": True}),
+    "completion_only": ("prompt_completion", {"completion_only_loss": True}),
+    "packed_padding_free": (
+        "messages",
+        {"assistant_only_loss": True, "packing": True, "packing_strategy": "bfd", "max_length": 96},
+    ),
+}
+
+
+def chat_dataset(kind: str):
+    """Six short Python Q&As as conversations (``messages``) or prompt-completion rows."""
+    from datasets import Dataset
+
+    if kind == "messages":  # two-turn conversations: the first assistant turn is context, both carry loss
+        rows = [
+            [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": "Shorter?"},
+                {"role": "assistant", "content": a.split()[0]},
+            ]
+            for q, a in zip(QUESTIONS, ANSWERS)
+        ]
+        return Dataset.from_dict({"messages": rows})
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": q}] for q in QUESTIONS],
+            "completion": [[{"role": "assistant", "content": a}] for a in ANSWERS],
+        }
+    )
+
+
+def setup(folder, tmp_path, mode: str):
+    """Tokenizer (ChatML template), model, data and common SFT settings for one of the `MODES`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_mrp.training.sft import CHATML_GENERATION_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(folder).train()
+    kind, options = MODES[mode]
+    common = dict(
+        per_device_train_batch_size=3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        **options,
+    )
+    return tokenizer, model, chat_dataset(kind), common
+
+
+def first_batch(trainer):
+    """The first training batch and its number of loss positions."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    return batch, batch["labels"][:, 1:].ne(-100).sum()
+
+
+def loss_and_grads(trainer, model, batch, items):
+    """One compute_loss and backward: the loss and every parameter's gradient."""
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+class CharTokenizer:
+    """A deterministic stand-in tokenizer: one id per character (enough for the data pipeline)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) if ord(c) < 128 else 63 for c in text]}
+
+    def decode(self, ids) -> str:
+        return "".join(chr(i) for i in ids)
 
 
 def tiny_tokenizer(vocab: int = VOCAB):
@@ -15,3 +348,119 @@ def tiny_tokenizer(vocab: int = VOCAB):
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+# ---------------------------------------------------------------- audits killed at a file boundary
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the lock file, by relative path."""
+    from hf_mrp.storage.locks import LOCK_FILE
+
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
+
+
+TINY_AUDIT = ["--block_size", "32", "--max_positions", "62"]
+
+
+# Runs `hf-mrp ARGS` in this interpreter, SIGKILLing itself (or pausing, with $PAUSE_MARKER) at the $KILL_AT-th file
+# boundary of the audit's write: after each file lands in the staging folder, before and after the exchange.
+BOUNDARY_WRAPPER = """
+import os, signal, sys, time
+from pathlib import Path
+from hf_mrp.storage import files
+
+count = [0]
+
+def boundary(what):
+    count[0] += 1
+    if count[0] == int(os.environ["KILL_AT"]):
+        if os.environ.get("PAUSE_MARKER"):
+            Path(os.environ["PAUSE_MARKER"]).write_text(what)
+            time.sleep(600)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace, real_exchange = os.replace, files.exchange_paths
+
+def replace(source, target, *args, **kwargs):
+    real_replace(source, target, *args, **kwargs)
+    if ".staging-" in str(target):
+        boundary("wrote " + Path(target).name)
+
+def exchange(first, second):
+    boundary("before the exchange")
+    done = real_exchange(first, second)
+    boundary("after the exchange")
+    return done
+
+os.replace, files.exchange_paths = replace, exchange
+from hf_mrp.research.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *extra: str, marker: Path | None = None):
+    """`hf-mrp audit` of ``model_dir`` into ``out`` in a process that SIGKILLs itself (or pauses, with ``marker``)
+    at the ``kill_at``-th file boundary of the audit's write."""
+    wrapper = tmp_path / "boundary.py"
+    wrapper.write_text(BOUNDARY_WRAPPER)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "KILL_AT": str(kill_at),
+        **({"PAUSE_MARKER": str(marker)} if marker else {}),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(wrapper),
+            "audit",
+            "--model",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            *TINY_AUDIT,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def staging_beside(folder: Path) -> list[str]:
+    """The staging folders left beside ``folder`` (a killed write leaves one; the next run sweeps it)."""
+    return sorted(p.name for p in folder.parent.glob(f".{folder.name}.staging-*"))
+
+
+def free_port() -> int:
+    """A port no process listens on now: the OS picks it (for `accelerate launch --main_process_port`, and as a
+    refused address once the probe closes). torchrun takes `--standalone` instead (its own free port)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def assert_refuses_bad_checkpoints(trainer, output_dir) -> None:
+    """A trainer refuses, with the fix, a missing checkpoint folder, a half-written one, and `True` with none."""
+    import pytest
+
+    from hf_mrp.errors import MRPUserError
+
+    with pytest.raises(MRPUserError, match="is not a folder"):
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-9"))
+    (output_dir / "checkpoint-4").mkdir()
+    (output_dir / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
+    with pytest.raises(MRPUserError, match="checkpoint .*checkpoint-4 is incomplete.*no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-4"))
+    with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)

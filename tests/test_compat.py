@@ -20,8 +20,15 @@ from hf_mrp import compat
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -114,8 +121,9 @@ def test_a_full_disk_quoted_by_safetensors_is_recognized(tmp_path, monkeypatch):
 def test_transformers_asks_for_trust_remote_code_in_its_words(tmp_path):
     from transformers import AutoConfig
 
-    (tmp_path / "config.json").write_text('{"model_type": "no_such_family", "auto_map": {"AutoConfig": '
-                                          '"custom.CustomConfig"}}')
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "no_such_family", "auto_map": {"AutoConfig": "custom.CustomConfig"}}'
+    )
     with pytest.raises((OSError, ValueError)) as error:
         AutoConfig.from_pretrained(str(tmp_path), trust_remote_code=False)
     assert compat.asks_for_remote_code(error.value), str(error.value)

@@ -14,12 +14,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_mrp"
 HARNESS = "hf_mrp.research"
 # Lowest layer first; a module may import its own layer or a lower one. The first matching prefix wins.
 LAYERS = [
-    ("hf_mrp.research.cli", 5), ("hf_mrp.research.commands", 5),  # the commands parse flags and call the pipelines
+    ("hf_mrp.research.cli", 5),
+    ("hf_mrp.research.commands", 5),  # the commands parse flags and call the pipelines
     ("hf_mrp.research", 4),
-    ("hf_mrp.audit", 3), ("hf_mrp.training", 3), ("hf_mrp.metrics", 3),
-    ("hf_mrp.data", 2), ("hf_mrp.models", 2), ("hf_mrp.reporting", 2),
-    ("hf_mrp.ops", 1), ("hf_mrp.stats", 1),
-    ("hf_mrp.storage", 0), ("hf_mrp.errors", 0), ("hf_mrp.hub_access", 0), ("hf_mrp.compat", 0),
+    ("hf_mrp.audit", 3),
+    ("hf_mrp.training", 3),
+    ("hf_mrp.metrics", 3),
+    ("hf_mrp.data", 2),
+    ("hf_mrp.models", 2),
+    ("hf_mrp.reporting", 2),
+    ("hf_mrp.ops", 1),
+    ("hf_mrp.stats", 1),
+    ("hf_mrp.storage", 0),
+    ("hf_mrp.errors", 0),
+    ("hf_mrp.hub_access", 0),
+    ("hf_mrp.compat", 0),
 ]
 # hf_mrp/__init__.py exports lazily (importlib, on first attribute access): it imports nothing when imported, and
 # `from hf_mrp import __version__` is safe from any layer.
@@ -91,7 +100,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 cycle = visit(target)
                 if cycle:
@@ -124,8 +133,12 @@ def test_no_circle_among_the_modules():
 def test_every_import_points_down_the_layers():
     graph = import_graph()
     assert {name: layer(name) for name in graph}  # every module has a layer
-    upward = sorted(f"{source} (layer {layer(source)}) -> {target} (layer {layer(target)})"
-                    for source, targets in graph.items() for target in targets if layer(target) > layer(source))
+    upward = sorted(
+        f"{source} (layer {layer(source)}) -> {target} (layer {layer(target)})"
+        for source, targets in graph.items()
+        for target in targets
+        if layer(target) > layer(source)
+    )
     assert upward == []
 
 
@@ -133,16 +146,23 @@ def test_no_plugin_module_imports_the_harness():
     graph = import_graph()
     plugin = [name for name in graph if not (name == HARNESS or name.startswith(HARNESS + "."))]
     assert "hf_mrp.training.trainer" in plugin and "hf_mrp.audit.geometry" in plugin
-    offending = sorted(f"{name} -> {target}" for name in plugin for target in graph[name]
-                       if target == HARNESS or target.startswith(HARNESS + "."))
+    offending = sorted(
+        f"{name} -> {target}"
+        for name in plugin
+        for target in graph[name]
+        if target == HARNESS or target.startswith(HARNESS + ".")
+    )
     assert offending == []
 
 
 def test_training_with_mrp_trainer_imports_no_harness_module():
-    script = ("import json, sys\nimport hf_mrp\nfrom hf_mrp import MRPTrainer, MRPConfig, run_audit, compare_audits\n"
-              "print(json.dumps(sorted(name for name in sys.modules if name.startswith('hf_mrp'))))")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         cwd=PACKAGE.parent, timeout=300)
+    script = (
+        "import json, sys\nimport hf_mrp\nfrom hf_mrp import MRPTrainer, MRPConfig, run_audit, compare_audits\n"
+        "print(json.dumps(sorted(name for name in sys.modules if name.startswith('hf_mrp'))))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=PACKAGE.parent, timeout=300
+    )
     loaded = json.loads(run.stdout.strip().splitlines()[-1])
     assert "hf_mrp.training.trainer" in loaded  # the import did happen
     assert [name for name in loaded if name == HARNESS or name.startswith(HARNESS + ".")] == []

@@ -5,6 +5,16 @@ from .geometry import AuditResult, collect_statistics, load_audit, run_audit, su
 from .tuned_lens import LensTrainingSettings, TunedLens, load_tuned_lens, train_tuned_lens
 
 __all__ = [
-    "AuditResult", "LensTrainingSettings", "TunedLens", "collect_statistics", "compare_audits", "compare_dirs",
-    "load_audit", "load_tuned_lens", "run_audit", "summarize_positions", "train_tuned_lens", "write_audit",
+    "AuditResult",
+    "LensTrainingSettings",
+    "TunedLens",
+    "collect_statistics",
+    "compare_audits",
+    "compare_dirs",
+    "load_audit",
+    "load_tuned_lens",
+    "run_audit",
+    "summarize_positions",
+    "train_tuned_lens",
+    "write_audit",
 ]

@@ -7,20 +7,20 @@ sections. No model runs here: the inputs are two per-position tables already on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..errors import MRPUserError
+from ..reporting import flip_plots, plots
+from ..reporting.markdown import markdown_summary
 from ..stats.calibration import expected_calibration_error
 from ..stats.flips import FlipNumbers, flip_numbers, flip_sign
 from ..stats.token_classes import BUCKETS, CLASSES, HEAD_BUCKET, target_buckets, target_class_codes
-from ..reporting import flip_plots, plots
 from ..storage.files import ensure_output_dir, write_json, write_text
-from ..reporting.markdown import markdown_summary
 from .geometry import AuditResult
 from .integrity import load_whole_audit
 
@@ -48,14 +48,18 @@ class Pair:
     top2_after: np.ndarray
 
     @classmethod
-    def from_audits(cls, before: AuditResult, after: AuditResult) -> "Pair":
+    def from_audits(cls, before: AuditResult, after: AuditResult) -> Pair:
         b, a = before.positions, after.positions
         return cls(
             np.asarray(b["target_id"], dtype=np.int64),
-            np.asarray(b["correct"]).astype(bool), np.asarray(a["correct"]).astype(bool),
-            np.asarray(b["margin"], dtype=np.float64), np.asarray(a["margin"], dtype=np.float64),
-            np.asarray(b["top1_id"], dtype=np.int64), np.asarray(a["top1_id"], dtype=np.int64),
-            np.asarray(b["top2_id"], dtype=np.int64), np.asarray(a["top2_id"], dtype=np.int64),
+            np.asarray(b["correct"]).astype(bool),
+            np.asarray(a["correct"]).astype(bool),
+            np.asarray(b["margin"], dtype=np.float64),
+            np.asarray(a["margin"], dtype=np.float64),
+            np.asarray(b["top1_id"], dtype=np.int64),
+            np.asarray(a["top1_id"], dtype=np.int64),
+            np.asarray(b["top2_id"], dtype=np.int64),
+            np.asarray(a["top2_id"], dtype=np.int64),
         )
 
     @cached_property
@@ -65,8 +69,16 @@ class Pair:
 
     def numbers(self, head: np.ndarray, class_code: np.ndarray | None) -> FlipNumbers:
         """The headline flip numbers (hf_mrp.stats.flips, the sweep's too)."""
-        return flip_numbers(self.correct_before, self.correct_after, self.margin_before, self.margin_after,
-                            self.top1_before, self.top1_after, head, class_code)
+        return flip_numbers(
+            self.correct_before,
+            self.correct_after,
+            self.margin_before,
+            self.margin_after,
+            self.top1_before,
+            self.top1_after,
+            head,
+            class_code,
+        )
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -107,7 +119,10 @@ def flip_summary(pair: Pair, numbers: FlipNumbers) -> dict:
     """Corrections, collateral damage, their ratio, top-1 churn and runner-up rotation."""
     rotated = (pair.top1_before == pair.top1_after) & (pair.top2_before != pair.top2_after)
     return {
-        "w2r": numbers.w2r, "r2w": numbers.r2w, "net": numbers.net, "flip_ratio": numbers.flip_ratio,
+        "w2r": numbers.w2r,
+        "r2w": numbers.r2w,
+        "net": numbers.net,
+        "flip_ratio": numbers.flip_ratio,
         "churn": numbers.churn,
         "runner_up_rotation": rotation_summary(pair, rotated),
         "accuracy_before": numbers.accuracy_before,
@@ -171,8 +186,10 @@ def own_margin_bands(pair: Pair) -> dict:
 
 def frequency_breakdown(pair: Pair, bucket: np.ndarray, numbers: FlipNumbers) -> dict:
     """Flips by the target's count among all tokens of the blocks, and the head share net(100+)/net(all)."""
-    return {"by_bucket": {label: group_flips(pair, bucket == label) for label in BUCKETS},
-            "head_share": numbers.head_share}
+    return {
+        "by_bucket": {label: group_flips(pair, bucket == label) for label in BUCKETS},
+        "head_share": numbers.head_share,
+    }
 
 
 def _decode_all(ids: np.ndarray, decode: Callable[[int], str]) -> dict[int, str]:
@@ -182,8 +199,10 @@ def _decode_all(ids: np.ndarray, decode: Callable[[int], str]) -> dict[int, str]
 
 def class_breakdown(pair: Pair, class_code: np.ndarray, numbers: FlipNumbers) -> dict:
     """Flips by token class of the decoded target, with each class's share of the overall net."""
-    return {label: {**group_flips(pair, class_code == c), "share_of_net": numbers.share_of_net[label]}
-            for c, label in enumerate(CLASSES)}
+    return {
+        label: {**group_flips(pair, class_code == c), "share_of_net": numbers.share_of_net[label]}
+        for c, label in enumerate(CLASSES)
+    }
 
 
 def token_extremes(pair: Pair, texts: dict[int, str] | None, limit: int = 20) -> dict:
@@ -197,8 +216,13 @@ def token_extremes(pair: Pair, texts: dict[int, str] | None, limit: int = 20) ->
     def rows(order: np.ndarray, keep: np.ndarray) -> list[dict]:
         chosen = [i for i in order if keep[i]][:limit]
         return [
-            {"token_id": int(ids[i]), "token": texts[int(ids[i])] if texts is not None else None,
-             "w2r": int(w2r[i]), "r2w": int(r2w[i]), "net": int(net[i])}
+            {
+                "token_id": int(ids[i]),
+                "token": texts[int(ids[i])] if texts is not None else None,
+                "w2r": int(w2r[i]),
+                "r2w": int(r2w[i]),
+                "net": int(net[i]),
+            }
             for i in chosen
         ]
 
@@ -262,17 +286,27 @@ def write_comparison(result: dict, before: AuditResult, after: AuditResult, outp
     }
     write_text(files["markdown"], markdown_summary(result))
     plots.plot_margin_histograms(
-        files["margins"], {"before": before.positions["margin"], "after": after.positions["margin"]},
+        files["margins"],
+        {"before": before.positions["margin"], "after": after.positions["margin"]},
         title="Decision margins, before vs after",
     )
-    plots.plot_gap_curves(files["gap_curves"], {"before": before.summary.gap_fit.to_dict(),
-                                                "after": after.summary.gap_fit.to_dict()})
-    flip_plots.plot_net_bars(files["net_by_bucket"], result["by_bucket"], "Flips by target frequency bucket",
-                             "count of the target token in the blocks")
+    plots.plot_gap_curves(
+        files["gap_curves"], {"before": before.summary.gap_fit.to_dict(), "after": after.summary.gap_fit.to_dict()}
+    )
+    flip_plots.plot_net_bars(
+        files["net_by_bucket"],
+        result["by_bucket"],
+        "Flips by target frequency bucket",
+        "count of the target token in the blocks",
+    )
     if result.get("by_class") is not None:
         files["net_by_class"] = output_dir / "net_by_class.png"
-        flip_plots.plot_net_bars(files["net_by_class"], result["by_class"], "Flips by target token class",
-                                 "class of the decoded target token")
+        flip_plots.plot_net_bars(
+            files["net_by_class"],
+            result["by_class"],
+            "Flips by target token class",
+            "class of the decoded target token",
+        )
     write_json(files["json"], result)
     return files
 

@@ -22,10 +22,9 @@ from ..errors import MRPUserError, require_number
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head, parse_layer_spec
 from ..ops import decision_statistics, fit_gap_law
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
+from ..reporting import lens_plots, plots
 from ..stats.calibration import expected_calibration_error
 from ..storage import files
-from ..reporting import plots
-from ..reporting import lens_plots
 from .layers import layer_summary, margin_percentiles, summarize_layers
 from .summary import AuditSummary
 
@@ -35,8 +34,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POSITION_COLUMNS = (
-    "block", "position", "target_id", "top1_id", "top2_id", "margin", "correct", "entropy", "p_top1",
-    "target_logprob", "target_margin", "geometric_margin", "brier",
+    "block",
+    "position",
+    "target_id",
+    "top1_id",
+    "top2_id",
+    "margin",
+    "correct",
+    "entropy",
+    "p_top1",
+    "target_logprob",
+    "target_margin",
+    "geometric_margin",
+    "brier",
 )
 LENS_COLUMNS = LENS_STATISTICS
 MARGIN_DTYPES = ("float32", "model")  # margins in float32 (the spec), or in the model dtype (the bf16 artifact)
@@ -99,8 +109,9 @@ def collect_statistics(
             ids = torch.as_tensor(blocks.input_ids[chosen], device=device)
             batch_mask = torch.as_tensor(mask[chosen], device=device)
             targets = ids[:, 1:][batch_mask]
-            stats, lens = _batch_statistics(model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size,
-                                            translators)
+            stats, lens = _batch_statistics(
+                model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size, translators
+            )
             if batch is None:
                 continue
             block_index, position = np.nonzero(mask[batch])
@@ -161,11 +172,15 @@ def _batch_statistics(
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         final = hidden[:, :-1][batch_mask]
-        found["final"] = decision_statistics(final, weight, targets, bias, chunk_size=chunk_size,
-                                             margin_dtype=margin_torch_dtype, transform=transform)
+        found["final"] = decision_statistics(
+            final, weight, targets, bias, chunk_size=chunk_size, margin_dtype=margin_torch_dtype, transform=transform
+        )
         states = {key: lens_states(hidden, key) for key in _lens_keys(layers, translators)}
-        found["lens"] = lens_statistics(final, states, weight, targets, bias, chunk_size=chunk_size,
-                                        transform=transform) if states else {}
+        found["lens"] = (
+            lens_statistics(final, states, weight, targets, bias, chunk_size=chunk_size, transform=transform)
+            if states
+            else {}
+        )
         return carrier(hidden)
 
     try:
@@ -258,7 +273,7 @@ def run_audit(
     layers: str | list[int] | None = None,
     provenance: dict | None = None,
     progress: bool = True,
-    lens: "TunedLens | None" = None,
+    lens: TunedLens | None = None,
     lens_bootstrap: int = 0,
 ) -> AuditResult:
     """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given.
@@ -281,8 +296,14 @@ def run_audit(
         lens.check_layers(layer_list, n_layers)
         lens.check_disjoint(blocks)
     positions, per_layer = collect_statistics(
-        model, blocks, batch_size=batch_size, chunk_size=chunk_size, margin_dtype=margin_dtype,
-        layers=layer_list, progress=progress, translators=None if lens is None else lens.translators,
+        model,
+        blocks,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        margin_dtype=margin_dtype,
+        layers=layer_list,
+        progress=progress,
+        translators=None if lens is None else lens.translators,
     )
     summary = {
         "provenance": {
@@ -308,8 +329,9 @@ def run_audit(
         summary["layers"] = layer_summary(layer_rows, "logit" if lens is None else "tuned")
         if lens is not None:
             summary["layers"]["lens_path"] = lens.config.get("path")
-            summary["layers"]["lens_training"] = {key: lens.config["training"][key] for key in
-                                                  ("data_source", "n_positions", "blocks_sha256")}
+            summary["layers"]["lens_training"] = {
+                key: lens.config["training"][key] for key in ("data_source", "n_positions", "blocks_sha256")
+            }
     result = AuditResult(AuditSummary(**summary), positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
         rank, world = _process_rank_and_world()
@@ -369,7 +391,12 @@ def load_audit(directory: str | Path) -> AuditResult:
     input_ids = files.read_npy(directory / "blocks.npy")
     origin = summary.provenance
     mask = files.read_npy(directory / "mask.npy") if (directory / "mask.npy").is_file() else None
-    blocks = Blocks(input_ids, int(summary.n_positions), origin.get("data_source", ""),
-                    origin.get("tokenizer_sha256") or "", mask=mask)
+    blocks = Blocks(
+        input_ids,
+        int(summary.n_positions),
+        origin.get("data_source", ""),
+        origin.get("tokenizer_sha256") or "",
+        mask=mask,
+    )
     layers = files.read_json(directory / "layers.json")["layers"] if (directory / "layers.json").is_file() else None
     return AuditResult(summary, positions, blocks, layers)

@@ -25,21 +25,31 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
     elif rows and "correct" in positions and summary.accuracy is not None:
         accuracy = float(np.asarray(positions["correct"]).astype(bool).mean())
         mean_margin = float(np.asarray(positions["margin"], dtype=np.float64).mean())
-        if accuracy != summary.accuracy or (summary.mean_margin is not None
-                                            and not np.isclose(mean_margin, summary.mean_margin, rtol=1e-12)):
+        if accuracy != summary.accuracy or (
+            summary.mean_margin is not None and not np.isclose(mean_margin, summary.mean_margin, rtol=1e-12)
+        ):
             problems.append("the values in positions.parquet differ from the accuracy / mean margin audit.json records")
     shape = (origin.get("n_blocks"), origin.get("block_size"))
     if None not in shape and tuple(audit.blocks.input_ids.shape) != shape:
-        problems.append(f"blocks.npy holds {audit.blocks.input_ids.shape[0]} x {audit.blocks.block_size} blocks but "
-                        f"audit.json says {shape[0]} x {shape[1]}")
+        problems.append(
+            f"blocks.npy holds {audit.blocks.input_ids.shape[0]} x {audit.blocks.block_size} blocks but "
+            f"audit.json says {shape[0]} x {shape[1]}"
+        )
     elif origin.get("blocks_sha256") not in (None, audit.blocks.fingerprint()):
         problems.append("blocks.npy differs from the blocks audit.json records (sha256)")
     return problems
 
 
 # The order in which geometry.write_audit writes an audit's files (audit.json last).
-WRITE_ORDER = ("blocks.npy", "mask.npy", "positions.parquet", "gap_curve.png", "margins.png", "layers.json",
-               "layers.png")
+WRITE_ORDER = (
+    "blocks.npy",
+    "mask.npy",
+    "positions.parquet",
+    "gap_curve.png",
+    "margins.png",
+    "layers.json",
+    "layers.png",
+)
 
 
 def written_after_marker(directory: str | Path) -> list[str]:
@@ -49,8 +59,9 @@ def written_after_marker(directory: str | Path) -> list[str]:
         marker = (directory / "audit.json").stat().st_mtime_ns
     except OSError:
         return []
-    return [name for name in WRITE_ORDER if (directory / name).is_file()
-            and (directory / name).stat().st_mtime_ns > marker]
+    return [
+        name for name in WRITE_ORDER if (directory / name).is_file() and (directory / name).stat().st_mtime_ns > marker
+    ]
 
 
 def is_interrupted_rewrite(directory: str | Path) -> bool:

@@ -7,8 +7,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from ..ops import fit_gap_law
-from ..stats.resampling import BlockIndex, block_bootstrap_distribution
 from ..stats.intervals import percentile_interval
+from ..stats.resampling import BlockIndex, block_bootstrap_distribution
 
 INTERVAL_STATISTICS = ("spearman_fisher_vs_final_ce", "spearman_margin_vs_final_ce", "mean_kl_to_final")
 
@@ -20,8 +20,13 @@ def margin_percentiles(margin: np.ndarray) -> dict[str, float]:
     return {f"p{q:02d}": float(np.percentile(margin, q)) for q in PERCENTILES}
 
 
-def summarize_layers(per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.ndarray,
-                     block_of: np.ndarray | None = None, n_resamples: int = 0, seed: int = 0) -> list[dict]:
+def summarize_layers(
+    per_layer: dict[int, dict[str, np.ndarray]],
+    final_ce: np.ndarray,
+    block_of: np.ndarray | None = None,
+    n_resamples: int = 0,
+    seed: int = 0,
+) -> list[dict]:
     """Per layer: accuracy, margin percentiles, Spearman(layer penalty, final-layer CE) over positions, then the
     lens statistics (KL to the final layer, top-1 agreement with it, the target's rank, entropy, CE, gap fit).
 
@@ -57,33 +62,55 @@ def lens_row(columns: dict[str, np.ndarray]) -> dict:
     return {
         "mean_kl_to_final": float(columns["kl_to_final"].astype(np.float64).mean()),
         "agreement_with_final": float(columns["agrees_with_final"].mean()),
-        "target_rank": {"median": float(np.median(rank)), "top1_rate": float((rank <= 1).mean()),
-                        "top5_rate": float((rank <= 5).mean())},
+        "target_rank": {
+            "median": float(np.median(rank)),
+            "top1_rate": float((rank <= 1).mean()),
+            "top5_rate": float((rank <= 5).mean()),
+        },
         "mean_entropy": float(columns["entropy"].astype(np.float64).mean()),
         "mean_cross_entropy": float(-columns["target_logprob"].astype(np.float64).mean()),
         "gap_fit": fit,
     }
 
 
-def _interval_statistics(per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.ndarray, index: np.ndarray,
-                         layers: list[int]) -> np.ndarray:
+def _interval_statistics(
+    per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.ndarray, index: np.ndarray, layers: list[int]
+) -> np.ndarray:
     """[layers x INTERVAL_STATISTICS] on the positions ``index`` of one resample."""
     ce = final_ce[index]
-    return np.array([[spearmanr(per_layer[layer]["fisher_penalty"][index], ce).statistic,
-                      spearmanr(per_layer[layer]["margin_penalty"][index], ce).statistic,
-                      per_layer[layer]["kl_to_final"][index].astype(np.float64).mean()] for layer in layers])
+    return np.array(
+        [
+            [
+                spearmanr(per_layer[layer]["fisher_penalty"][index], ce).statistic,
+                spearmanr(per_layer[layer]["margin_penalty"][index], ce).statistic,
+                per_layer[layer]["kl_to_final"][index].astype(np.float64).mean(),
+            ]
+            for layer in layers
+        ]
+    )
 
 
-def layer_intervals(per_layer: dict[int, dict[str, np.ndarray]], final_ce: np.ndarray, block_of: np.ndarray,
-                    n_resamples: int, seed: int = 0) -> list[dict[str, list[float]]]:
+def layer_intervals(
+    per_layer: dict[int, dict[str, np.ndarray]],
+    final_ce: np.ndarray,
+    block_of: np.ndarray,
+    n_resamples: int,
+    seed: int = 0,
+) -> list[dict[str, list[float]]]:
     """For each layer (sorted), {statistic: [low, high]}: 95% percentile intervals under the block bootstrap."""
     layers = sorted(per_layer)
     samples = block_bootstrap_distribution(
-        lambda index: _interval_statistics(per_layer, final_ce, index, layers), BlockIndex.from_labels(block_of),
-        n_resamples, seed)
+        lambda index: _interval_statistics(per_layer, final_ce, index, layers),
+        BlockIndex.from_labels(block_of),
+        n_resamples,
+        seed,
+    )
     interval = percentile_interval(samples)
-    return [{name: [float(interval.low[i, j]), float(interval.high[i, j])]
-             for j, name in enumerate(INTERVAL_STATISTICS)} for i in range(len(layers))]
+    low, high = np.asarray(interval.low), np.asarray(interval.high)  # [layers x statistics]
+    return [
+        {name: [float(low[i, j]), float(high[i, j])] for j, name in enumerate(INTERVAL_STATISTICS)}
+        for i in range(len(layers))
+    ]
 
 
 def layer_summary(rows: list[dict], lens: str) -> dict:

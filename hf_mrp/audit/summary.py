@@ -46,11 +46,13 @@ class AuditSummary:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "AuditSummary":
+    def from_json(cls, data: dict[str, Any]) -> AuditSummary:
         names = [field.name for field in dataclasses.fields(cls)]
         missing = [name for name in names[:-1] if name not in data]
         if missing:
-            raise MRPUserError(f"audit.json lacks {', '.join(missing)}: it was not written by this hf_mrp; run "
-                               "`hf-mrp audit` again into a new folder")
+            raise MRPUserError(
+                f"audit.json lacks {', '.join(missing)}: it was not written by this hf_mrp; run "
+                "`hf-mrp audit` again into a new folder"
+            )
         values = {name: data[name] for name in names if name in data}
         return cls(**{**values, "gap_fit": GapFit(**data["gap_fit"])})

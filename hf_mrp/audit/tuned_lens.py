@@ -65,8 +65,10 @@ class TunedLens:
         mine = {"num_hidden_layers": n_layers, "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0])}
         theirs = {key: self.config.get(key) for key in mine}
         if mine != theirs:
-            raise MRPUserError(f"the tuned lens at {self.config.get('path')} was trained for a model with {theirs}, "
-                               f"this one has {mine}; train a lens for this model with `hf-mrp lens train`")
+            raise MRPUserError(
+                f"the tuned lens at {self.config.get('path')} was trained for a model with {theirs}, "
+                f"this one has {mine}; train a lens for this model with `hf-mrp lens train`"
+            )
 
     def check_disjoint(self, blocks: Blocks) -> None:
         """Refuse an audit of positions the lens was trained on (a block identical to a training block)."""
@@ -76,13 +78,16 @@ class TunedLens:
             raise MRPUserError(
                 f"{len(shared)} of the audited blocks (the first: block {shared[0]}) are among the tuned lens' "
                 "training blocks; audit other positions, or train the lens with a larger --holdout_positions "
-                "(at least the audit's --max_positions) so that its training positions follow the audited ones")
+                "(at least the audit's --max_positions) so that its training positions follow the audited ones"
+            )
 
     def check_layers(self, layers: list[int], n_layers: int) -> None:
         missing = [layer for layer in layers if layer != n_layers - 1 and layer not in self.layers]
         if missing:
-            raise MRPUserError(f"the tuned lens has no translator for layer {missing[0]} (it has layers "
-                               f"{_spans(self.layers)}); audit those layers or retrain with --layers covering them")
+            raise MRPUserError(
+                f"the tuned lens has no translator for layer {missing[0]} (it has layers "
+                f"{_spans(self.layers)}); audit those layers or retrain with --layers covering them"
+            )
 
 
 def _spans(layers: list[int]) -> str:
@@ -102,8 +107,12 @@ def translated_layers(n_layers: int, layers: list[int] | None) -> list[int]:
 
 
 @torch.no_grad()
-def collect_lens_inputs(model: torch.nn.Module, blocks: Blocks, layers: list[int], batch_size: int = 8,
-                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
+def collect_lens_inputs(
+    model: torch.nn.Module,
+    blocks: Blocks,
+    layers: list[int],
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
     """(final normed hidden states [N, d], each layer's raw hidden states {l: [N, d]}, targets [N]) at the
     evaluated positions of ``blocks``, in block order, from forwards whose head is replaced (no logits formed)."""
     device = next(model.parameters()).device
@@ -119,7 +128,7 @@ def collect_lens_inputs(model: torch.nn.Module, blocks: Blocks, layers: list[int
             captured: dict[int, torch.Tensor] = {}
             hooks = [blocks_out[layer].register_forward_hook(_capture(captured, layer)) for layer in layers]
 
-            def compute(hidden, weight, bias):
+            def compute(hidden, weight, bias, batch_mask=batch_mask):  # bound now: called within this iteration
                 finals.append(hidden[:, :-1][batch_mask])
                 return carrier(hidden)
 
@@ -168,8 +177,9 @@ class _LensObjective:
         self.norm = final_norm(model)
         self.transform = logit_transform(model)
         weight, bias = output_head(model)
-        self.weight32, self.bias32 = (t.detach() if t is not None else None
-                                      for t in self.transform.scaled_head(weight, bias))
+        self.weight32, self.bias32 = (
+            t.detach() if t is not None else None for t in self.transform.scaled_head(weight, bias)
+        )
         self.translators, self.final_hidden, self.layer_hidden = translators, final_hidden, layer_hidden
         self.chunk_size = chunk_size
 
@@ -201,9 +211,18 @@ def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def train_tuned_lens(model: torch.nn.Module, blocks: Blocks, output_dir: str | Path, *, model_name: str,
-                     layers: list[int] | None = None, settings: LensTrainingSettings | None = None,
-                     holdout_positions: int = 0, batch_size: int = 8, progress: bool = True) -> TunedLens:
+def train_tuned_lens(
+    model: torch.nn.Module,
+    blocks: Blocks,
+    output_dir: str | Path,
+    *,
+    model_name: str,
+    layers: list[int] | None = None,
+    settings: LensTrainingSettings | None = None,
+    holdout_positions: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TunedLens:
     """Fit one identity-initialized affine translator per layer on ``blocks`` (the training positions) and save
     the lens into ``output_dir``; a folder holding a lens of the same training set-up resumes from its step."""
     settings = settings or LensTrainingSettings()
@@ -222,8 +241,12 @@ def train_tuned_lens(model: torch.nn.Module, blocks: Blocks, output_dir: str | P
     optimizer = torch.optim.Adam(translators.parameters(), lr=settings.learning_rate)
     start_step, log = _resume(output_dir, config, translators, optimizer)
     if start_step >= settings.max_steps:
-        logger.warning("the tuned lens in %s is trained to step %d already (--max_steps %d)", output_dir, start_step,
-                       settings.max_steps)
+        logger.warning(
+            "the tuned lens in %s is trained to step %d already (--max_steps %d)",
+            output_dir,
+            start_step,
+            settings.max_steps,
+        )
         return TunedLens(translators, {**config, "step": start_step, "log": log, "path": str(output_dir)})
     rank, world = _rank_and_world()
     began = time.perf_counter()
@@ -242,13 +265,23 @@ def train_tuned_lens(model: torch.nn.Module, blocks: Blocks, output_dir: str | P
                 _all_reduce_sum([p.grad for p in translators.parameters()] + [totals])
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
-            log.append({"step": step + 1, "mean_kl": float(totals.mean()) / len(index),
-                        "kl_by_layer": [float(v) / len(index) for v in totals]})
+            log.append(
+                {
+                    "step": step + 1,
+                    "mean_kl": float(totals.mean()) / len(index),
+                    "kl_by_layer": [float(v) / len(index) for v in totals],
+                }
+            )
             done = step + 1
             if done == settings.max_steps or (settings.save_steps and done % settings.save_steps == 0):
                 seconds = time.perf_counter() - began
-                _save(output_dir, translators, optimizer, {**config, "step": done, "log": log, "seconds": seconds},
-                      rank == 0)
+                _save(
+                    output_dir,
+                    translators,
+                    optimizer,
+                    {**config, "step": done, "log": log, "seconds": seconds},
+                    rank == 0,
+                )
     finally:
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
@@ -268,8 +301,15 @@ def _check_settings(settings: LensTrainingSettings) -> None:
         raise MRPUserError(f"learning_rate must be a finite number > 0, got {settings.learning_rate!r}")
 
 
-def _new_config(model_name: str, n_layers: int, weight: torch.Tensor, layers: list[int], blocks: Blocks,
-                settings: LensTrainingSettings, holdout_positions: int) -> dict:
+def _new_config(
+    model_name: str,
+    n_layers: int,
+    weight: torch.Tensor,
+    layers: list[int],
+    blocks: Blocks,
+    settings: LensTrainingSettings,
+    holdout_positions: int,
+) -> dict:
     return {
         "format": FORMAT,
         "model": model_name,
@@ -300,11 +340,14 @@ def _resume(output_dir: Path, config: dict, translators: AffineTranslators, opti
         return 0, []
     saved = files.read_json(output_dir / CONFIG_FILE)
     differs = [key for key in SAME_SETUP if saved.get(key) != config[key]]
-    differs += [f"settings.{key}" for key in SAME_SETTINGS
-                if saved.get("settings", {}).get(key) != config["settings"][key]]
+    differs += [
+        f"settings.{key}" for key in SAME_SETTINGS if saved.get("settings", {}).get(key) != config["settings"][key]
+    ]
     if differs:
-        raise MRPUserError(f"{output_dir} holds a tuned lens trained with other settings ({', '.join(differs)} "
-                           "differ); choose another --output_dir, or pass --overwrite_output_dir true to start afresh")
+        raise MRPUserError(
+            f"{output_dir} holds a tuned lens trained with other settings ({', '.join(differs)} "
+            "differ); choose another --output_dir, or pass --overwrite_output_dir true to start afresh"
+        )
     step = int(saved["step"])
     _load_translators(output_dir, translators, step)
     _load_optimizer(output_dir, optimizer, step)
@@ -319,12 +362,19 @@ def _save(output_dir: Path, translators: AffineTranslators, optimizer, config: d
 
     metadata = {"step": str(config["step"]), "format": FORMAT}
     state = optimizer.state_dict()["state"]
-    tensors = {f"state.{i}.{name}": value.detach().cpu().contiguous().reshape(-1) if value.dim() == 0 else
-               value.detach().cpu().contiguous() for i, entry in state.items() for name, value in entry.items()}
+    tensors = {
+        f"state.{i}.{name}": value.detach().cpu().contiguous().reshape(-1)
+        if value.dim() == 0
+        else value.detach().cpu().contiguous()
+        for i, entry in state.items()
+        for name, value in entry.items()
+    }
     files.write_with(output_dir / OPTIMIZER_FILE, lambda path: save_file(tensors, str(path), metadata=metadata))
-    weights = {f"{kind}.{layer}": tensor.detach().cpu().contiguous()
-               for kind, group in (("weight", translators.weights), ("bias", translators.biases))
-               for layer, tensor in zip(translators.layers, group)}
+    weights = {
+        f"{kind}.{layer}": tensor.detach().cpu().contiguous()
+        for kind, group in (("weight", translators.weights), ("bias", translators.biases))
+        for layer, tensor in zip(translators.layers, group)
+    }
     files.write_with(output_dir / LENS_FILE, lambda path: save_file(weights, str(path), metadata=metadata))
     files.write_json(output_dir / CONFIG_FILE, {key: value for key, value in config.items() if key != "path"})
 
@@ -333,13 +383,17 @@ def _read_tensors(path: Path, step: int | None) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise MRPUserError(f"{path} is missing: the tuned lens folder {path.parent} is incomplete; train it again "
-                           "with `hf-mrp lens train --output_dir` that folder")
+        raise MRPUserError(
+            f"{path} is missing: the tuned lens folder {path.parent} is incomplete; train it again "
+            "with `hf-mrp lens train --output_dir` that folder"
+        )
     with safe_open(str(path), framework="pt") as handle:
         saved_step = (handle.metadata() or {}).get("step")
         if step is not None and saved_step != str(step):
-            raise MRPUserError(f"{path} is from step {saved_step}, {CONFIG_FILE} from step {step}: a save was cut "
-                               "short; rerun `hf-mrp lens train` into the folder with --overwrite_output_dir true")
+            raise MRPUserError(
+                f"{path} is from step {saved_step}, {CONFIG_FILE} from step {step}: a save was cut "
+                "short; rerun `hf-mrp lens train` into the folder with --overwrite_output_dir true"
+            )
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
@@ -350,8 +404,10 @@ def _load_translators(folder: Path, translators: AffineTranslators, step: int | 
             for layer, parameter in zip(translators.layers, group):
                 key = f"{kind}.{layer}"
                 if key not in tensors or tensors[key].shape != parameter.shape:
-                    raise MRPUserError(f"{folder / LENS_FILE} has no {tuple(parameter.shape)} tensor {key!r}: it does "
-                                       f"not match {CONFIG_FILE}; train the lens again")
+                    raise MRPUserError(
+                        f"{folder / LENS_FILE} has no {tuple(parameter.shape)} tensor {key!r}: it does "
+                        f"not match {CONFIG_FILE}; train the lens again"
+                    )
                 parameter.copy_(tensors[key])
 
 
@@ -368,8 +424,10 @@ def load_tuned_lens(path: str | Path, device: torch.device | str = "cpu") -> Tun
     """A lens folder written by `hf-mrp lens train` (or ``train_tuned_lens``), checked to be whole."""
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file():
-        raise MRPUserError(f"{folder} holds no tuned lens ({CONFIG_FILE} missing); train one with "
-                           f"`hf-mrp lens train --output_dir {folder}`")
+        raise MRPUserError(
+            f"{folder} holds no tuned lens ({CONFIG_FILE} missing); train one with "
+            f"`hf-mrp lens train --output_dir {folder}`"
+        )
     config = files.read_json(folder / CONFIG_FILE)
     if config.get("format") != FORMAT or not config.get("layers"):
         raise MRPUserError(f"{folder / CONFIG_FILE} is not a tuned lens config written by hf_mrp")

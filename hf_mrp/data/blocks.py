@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TypeGuard
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
 
-def _is_int(value) -> bool:
+def _is_int(value) -> TypeGuard[int]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -175,8 +176,10 @@ def labeled_blocks(rows: list[list[int]], labels: list[list[int]], pad_id: int, 
     label is not -100 (e.g. the assistant turns), right-padded with ``pad_id`` (padding is never evaluated and,
     coming last, never attended to by an evaluated position)."""
     if len(rows) != len(labels) or not rows or any(len(r) != len(y) for r, y in zip(rows, labels)):
-        raise MRPUserError("labeled_blocks needs one label row (-100 = not evaluated) per non-empty row of token ids, "
-                           "each as long as its row")
+        raise MRPUserError(
+            "labeled_blocks needs one label row (-100 = not evaluated) per non-empty row of token ids, "
+            "each as long as its row"
+        )
     width = max(2, max(len(row) for row in rows))
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)

@@ -8,8 +8,8 @@ so nothing past what the tokenizer consumes is read.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import MRPUserError
 
@@ -59,7 +59,7 @@ class TextPieces:
                     yield piece
 
     def _decode_error(self, offset: int, error: UnicodeDecodeError) -> MRPUserError:
-        bad = error.object[error.start:error.start + 1].hex()
+        bad = error.object[error.start : error.start + 1].hex()
         return MRPUserError(
             f"cannot read {self.path} as {self.encoding}: invalid byte 0x{bad} at byte offset {offset} "
             f"({error.reason}); "
@@ -118,34 +118,59 @@ def load_documents(
 
 def check_data_flags_apply(data_args) -> None:
     """`check_flags_apply` for the ``--dataset`` flags (DataArguments): what commands check before loading a model."""
-    check_flags_apply(data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
-                      data_args.encoding, data_args.encoding_errors)
+    check_flags_apply(
+        data_args.dataset,
+        data_args.dataset_config,
+        data_args.split,
+        data_args.text_column,
+        data_args.encoding,
+        data_args.encoding_errors,
+    )
 
 
-def check_flags_apply(dataset, dataset_config: str | None, split: str, text_column: str, encoding: str,
-                      encoding_errors: str) -> None:
+def check_flags_apply(
+    dataset, dataset_config: str | None, split: str, text_column: str, encoding: str, encoding_errors: str
+) -> None:
     """Refuse a data flag that cannot apply to the chosen input (it would be silently ignored): --text_column,
     --split and --dataset_config for a .txt file or the embedded corpus, --encoding / --encoding_errors for anything
     but a .txt file, --split and --dataset_config for a local table file."""
     path = Path(str(dataset)) if dataset is not None else None
     text_file = path is not None and path.suffix.lower() == ".txt"
     local_file = path is not None and path.suffix.lower() in LOCAL_FORMATS
-    source = ("the embedded corpus (no --dataset)" if path is None else
-              f"the .txt file {dataset}" if text_file else f"the data file {dataset}" if local_file else None)
-    given = {"--dataset_config": dataset_config is not None, "--split": split != "train",
-             "--text_column": text_column != "text",
-             "--encoding": codecs.lookup(encoding).name != "utf-8", "--encoding_errors": encoding_errors != "strict"}
-    applies = {"--dataset_config": not local_file and path is not None, "--split": not local_file and path is not None,
-               "--text_column": path is not None and not text_file,
-               "--encoding": text_file, "--encoding_errors": text_file}
+    source = (
+        "the embedded corpus (no --dataset)"
+        if path is None
+        else f"the .txt file {dataset}"
+        if text_file
+        else f"the data file {dataset}"
+        if local_file
+        else None
+    )
+    given = {
+        "--dataset_config": dataset_config is not None,
+        "--split": split != "train",
+        "--text_column": text_column != "text",
+        "--encoding": codecs.lookup(encoding).name != "utf-8",
+        "--encoding_errors": encoding_errors != "strict",
+    }
+    applies = {
+        "--dataset_config": not local_file and path is not None,
+        "--split": not local_file and path is not None,
+        "--text_column": path is not None and not text_file,
+        "--encoding": text_file,
+        "--encoding_errors": text_file,
+    }
     wrong = [flag for flag in given if given[flag] and not applies[flag]]
     if not wrong:
         return
     if wrong[0] in ("--encoding", "--encoding_errors"):
         what = f"{source or f'the dataset {dataset}'}, which datasets reads itself" if path is not None else source
         raise MRPUserError(f"{wrong[0]} applies to .txt files only, not to {what}; drop it")
-    why = ("it has one text and no columns, splits or configurations" if path is None or text_file else
-           "a local file is one split ('train') with no configurations")
+    why = (
+        "it has one text and no columns, splits or configurations"
+        if path is None or text_file
+        else "a local file is one split ('train') with no configurations"
+    )
     raise MRPUserError(f"{wrong[0]} cannot apply to {source}: {why}; drop it, or pass a --dataset it applies to")
 
 
@@ -171,8 +196,13 @@ def _folder_problem(folder: Path) -> str | None:
 def _table_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_FORMATS
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in LOCAL_FORMATS
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
 
 
 def _first_bad_json_line(path: Path) -> str | None:
@@ -192,8 +222,10 @@ def _first_bad_json_line(path: Path) -> str | None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                return (f"line {number} of {path} is not valid JSON ({error.msg} at character {error.pos + 1}); "
-                        f"fix or remove that line")
+                return (
+                    f"line {number} of {path} is not valid JSON ({error.msg} at character {error.pos + 1}); "
+                    f"fix or remove that line"
+                )
             if not isinstance(row, dict):
                 return f"line {number} of {path} is a JSON {type(row).__name__}, not an object of columns; fix it"
     return None
@@ -235,10 +267,15 @@ def _table_files_problem(path: Path) -> str | None:
     columns = {file: _columns_of(file) for file in tables}
     distinct = {cols for cols in columns.values() if cols is not None}
     if len(distinct) > 1:
-        shown = "; ".join(f"{file.relative_to(path)}: {', '.join(cols)}" for file, cols in list(columns.items())[:6]
-                          if cols is not None)
-        return (f"its files have different columns ({shown}); the files of one folder must share their columns: "
-                f"split them into folders, or pass one file")
+        shown = "; ".join(
+            f"{file.relative_to(path)}: {', '.join(cols)}"
+            for file, cols in list(columns.items())[:6]
+            if cols is not None
+        )
+        return (
+            f"its files have different columns ({shown}); the files of one folder must share their columns: "
+            f"split them into folders, or pass one file"
+        )
     return None
 
 
@@ -258,8 +295,10 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
             return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
         problem = _folder_problem(path) if path.is_dir() else None
         if problem:
-            raise MRPUserError(f"cannot use the folder {dataset} as a dataset: {problem}; pass one data file, "
-                               f"or a folder of files of one format")
+            raise MRPUserError(
+                f"cannot use the folder {dataset} as a dataset: {problem}; pass one data file, "
+                f"or a folder of files of one format"
+            )
         return datasets.load_dataset(dataset, dataset_config, split=split)
     except MRPUserError:
         raise
@@ -267,7 +306,8 @@ def _load_dataset(dataset: str, dataset_config: str | None, split: str, path: Pa
         problem = _table_files_problem(path) if path.exists() else None
         if problem:
             raise MRPUserError(f"cannot load {dataset}: {problem}") from error
+        first_line = str(error).splitlines()[0] if str(error) else ""
         raise MRPUserError(
-            f"could not load dataset {dataset!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"could not load dataset {dataset!r} ({type(error).__name__}: {first_line}); "
             "pass a local .txt/.jsonl/.parquet file, a dataset folder, or a name reachable from this machine"
         ) from error

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ from ..ops.transform import LogitTransform
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W, b) of the output embedding (lm_head); W is V x d."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # a method: nn.Module stubs type attributes as tensors
+    head = get_head() if get_head is not None else None
     if head is None or getattr(head, "weight", None) is None:
         raise MRPUserError(
             f"{type(model).__name__} has no output embeddings (lm_head); hf_mrp needs a causal LM "
@@ -42,20 +43,25 @@ def check_token_ids(
             "id), or call model.resize_token_embeddings(len(tokenizer)) before training"
         )
     if low < 0:
-        fix = ("pad input_ids with a real token id and mark ignored positions with -100 in labels"
-               if ignore_index is None else f"use {ignore_index} for ignored positions")
+        fix = (
+            "pad input_ids with a real token id and mark ignored positions with -100 in labels"
+            if ignore_index is None
+            else f"use {ignore_index} for ignored positions"
+        )
         raise MRPUserError(f"{what} hold the negative token id {low}; {fix}")
 
 
 def _check_input_ids_hook(module: nn.Module, args: tuple) -> None:
     if args:
-        rows = getattr(module, "num_embeddings", None) or module.weight.shape[0]
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # an embedding's weight (a Parameter)
+        rows = getattr(module, "num_embeddings", None) or weight.shape[0]
         check_token_ids(args[0], int(rows))
 
 
 def _output_head_module(model: nn.Module) -> nn.Module:
-    output_head(model)
-    head = model.get_output_embeddings()
+    output_head(model)  # checks that there is one
+    head = model.get_output_embeddings()  # type: ignore[operator]  # torch stubs: a Module attribute is Tensor | Module
     if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
         raise MRPUserError(
             "the output head (lm_head) carries a LoRA adapter, whose delta the fused MRP loss would not see; adapt "
@@ -77,7 +83,9 @@ class _HeadDispatch:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.compute is None:  # reached outside head_replaced (a copy of the model kept the attribute)
             return type(self.head).forward(self.head, hidden)
-        return self.compute(hidden, self.head.weight, getattr(self.head, "bias", None))
+        weight = self.head.weight
+        assert isinstance(weight, torch.Tensor)
+        return self.compute(hidden, weight, getattr(self.head, "bias", None))
 
 
 _DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, _HeadDispatch] = weakref.WeakKeyDictionary()
@@ -95,7 +103,8 @@ def head_replaced(model: nn.Module, compute: Callable[[torch.Tensor, torch.Tenso
     model fails with a clear message, not an index error.
     """
     head = _output_head_module(model)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
     hook = embeddings.register_forward_pre_hook(_check_input_ids_hook) if isinstance(embeddings, nn.Module) else None
     dispatch = _DISPATCHERS.get(head)
     if dispatch is None:
@@ -178,15 +187,20 @@ def _verify_logit_transform(model: nn.Module, transform: LogitTransform) -> None
 
     on_accelerator = device.type not in ("cpu", "meta")
     devices, device_type = ([device], device.type) if on_accelerator else ([], None)
-    with torch.random.fork_rng(devices=devices, device_type=device_type), _eval_mode(model), \
-            head_replaced(model, compute):
+    with (
+        torch.random.fork_rng(devices=devices, device_type=device_type),
+        _eval_mode(model),
+        head_replaced(model, compute),
+    ):
         emitted = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False).logits
     name = type(model).__name__
     if not seen:
         raise MRPUserError(f"{name} never called its output head (lm_head) in its forward; hf_mrp cannot measure it")
     expected = transform.apply(probe.double())
-    if emitted is None or emitted.shape != expected.shape or not torch.allclose(
-        emitted.double(), expected, rtol=1e-4, atol=1e-3
+    if (
+        emitted is None
+        or emitted.shape != expected.shape
+        or not torch.allclose(emitted.double(), expected, rtol=1e-4, atol=1e-3)
     ):
         raise MRPUserError(
             f"{name} transforms its head's output in a way hf_mrp cannot reproduce (expected {transform.describe()}); "
@@ -215,15 +229,17 @@ def vocab_size(model: nn.Module) -> int:
     weight = output_head(model)[0]
     if weight.dim() == 2 and weight.shape[0]:
         return int(weight.shape[0])
-    if len(getattr(weight, "ds_shape", ())) == 2:
-        return int(weight.ds_shape[0])
-    return int(getattr(_text_config(model), "vocab_size"))
+    ds_shape: tuple[int, ...] = getattr(weight, "ds_shape", ())  # set by DeepSpeed ZeRO-3 on partitioned params
+    if len(ds_shape) == 2:
+        return int(ds_shape[0])
+    return int(_text_config(model).vocab_size)
 
 
 def _text_config(model: nn.Module):
     """The config that holds the language model's settings (a multimodal config's text part)."""
     config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if get_text_config is not None else config
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -237,7 +253,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied after the last decoder layer (needed by the logit lens)."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    get_decoder = getattr(model, "get_decoder", None)
+    backbone = get_decoder() if get_decoder is not None else model.base_model
     for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f"):
         module = getattr(backbone, name, None)
         if isinstance(module, nn.Module):

@@ -87,7 +87,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def require_bitsandbytes() -> None:
     """4-bit loading needs bitsandbytes; say how to get it before anything is loaded."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise MRPUserError("4-bit loading (QLoRA) needs bitsandbytes; install it with `pip install \"hf_mrp[qlora]\"`")
+        raise MRPUserError('4-bit loading (QLoRA) needs bitsandbytes; install it with `pip install "hf_mrp[qlora]"`')
 
 
 def four_bit_config(compute_dtype: torch.dtype):
@@ -96,7 +96,9 @@ def four_bit_config(compute_dtype: torch.dtype):
 
     require_bitsandbytes()
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
 
@@ -131,8 +133,10 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype)
     if gguf_file is not None:
         if load_in_4bit:
-            raise MRPUserError("--load_in_4bit cannot apply to a --gguf_file model (it is de-quantized to "
-                               "--model_dtype on load); drop one of them")
+            raise MRPUserError(
+                "--load_in_4bit cannot apply to a --gguf_file model (it is de-quantized to "
+                "--model_dtype on load); drop one of them"
+            )
         folder, name, shown = gguf_location(model, gguf_file)
         loaded = _wrap_load_errors(lambda: _load_gguf(folder, name, torch_dtype), shown)
         tokenizer = load_tokenizer(model, gguf_file, trust_remote_code)
@@ -155,22 +159,38 @@ def gguf_location(model: str | None, gguf_file: str) -> tuple[str, str, str]:
     """(folder, file name, the name to show) of a --gguf_file: a path (alone, or an existing file), or the name of a
     file inside --model; shown as given, never joined onto --model when it is a path."""
     path = Path(gguf_file)
-    inside = model is not None and not path.is_absolute() and (
-        (Path(model).is_dir() and (Path(model) / gguf_file).is_file()) or not (Path(model).is_dir() or path.is_file()))
-    if inside:
+    inside = (
+        model is not None
+        and not path.is_absolute()
+        and (
+            (Path(model).is_dir() and (Path(model) / gguf_file).is_file())
+            or not (Path(model).is_dir() or path.is_file())
+        )
+    )
+    if inside and model is not None:
         return model, gguf_file, f"{model.rstrip('/')}/{gguf_file}"
     if not path.is_file():
         where = f" (nor in --model {model})" if model is not None and Path(model).is_dir() else ""
         raise MRPUserError(f"GGUF file not found: {gguf_file}{where}; pass the path of an existing .gguf file")
     if model is not None and not Path(model).is_dir():
-        raise MRPUserError(f"--model {model} cannot apply to --gguf_file {gguf_file}, a local file (its weights and "
-                           f"tokenizer come from that file): drop --model, or pass --gguf_file as a file name inside "
-                           f"the Hub repo {model}")
+        raise MRPUserError(
+            f"--model {model} cannot apply to --gguf_file {gguf_file}, a local file (its weights and "
+            f"tokenizer come from that file): drop --model, or pass --gguf_file as a file name inside "
+            f"the Hub repo {model}"
+        )
     return str(path.parent), path.name, gguf_file
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
 
 
 def check_tokenizer_files(source: str) -> None:
@@ -206,13 +226,17 @@ def _use_safetensors(source: str) -> bool | None:
 
 
 def _warn_if_tokenizer_exceeds_vocab(model: nn.Module, tokenizer, source: str) -> None:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
     rows = getattr(embeddings, "num_embeddings", None)
     size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     if rows is not None and size is not None and size > rows:
         logger.warning(
             "the tokenizer of %s has %d tokens but the model only %d embeddings: token ids >= %d will be refused",
-            source, size, rows, rows,
+            source,
+            size,
+            rows,
+            rows,
         )
 
 
@@ -226,8 +250,9 @@ def load_tokenizer(model: str | None = None, gguf_file: str | None = None, trust
     source = str(embedded_model_dir()) if model is None else model
     check_tokenizer_files(source)
     with offline_when_unreachable(source):
-        return _wrap_load_errors(lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
-                                 source, "tokenizer")
+        return _wrap_load_errors(
+            lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source, "tokenizer"
+        )
 
 
 def _wrap_load_errors(load, source: str, what: str = "model"):

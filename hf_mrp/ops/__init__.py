@@ -8,12 +8,12 @@ lens (lens.py) and the objective's per-position target weights (targeting.py). T
 per-position tables already on disk (flips, intervals, calibration) are hf_mrp.stats'.
 """
 
+from .fused import IGNORE_INDEX, MRPLossSums, mrp_loss_sums
+from .gap import GapFit, fit_gap_law
 from .margins import decision_statistics, output_logits
 from .objectives import OBJECTIVES, fisher_penalty, margin_penalty
-from .fused import IGNORE_INDEX, MRPLossSums, mrp_loss_sums
-from .settings import MRPSettings
 from .precision import LOGITS_PRECISIONS, HeadOperands, autocast_off
-from .gap import GapFit, fit_gap_law
+from .settings import MRPSettings
 
 __all__ = [
     "decision_statistics",

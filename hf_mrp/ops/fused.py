@@ -15,6 +15,7 @@ float32 accumulation); the gradients are handed back in the dtypes of the hidden
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +24,8 @@ from .objectives import fisher_penalty, margin_penalty
 from .precision import HeadOperands, autocast_off
 from .settings import NORMALIZATIONS, MRPSettings
 from .transform import IDENTITY, LogitTransform
+
+DEFAULT_SETTINGS = MRPSettings()  # the MRP config fields' defaults
 
 __all__ = ["IGNORE_INDEX", "NORMALIZATIONS", "MRPLossSums", "MRPSettings", "mrp_loss_sums"]
 
@@ -101,8 +104,11 @@ def _chunk(
     parts = chunk_softmax(logits, targets, settings.top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
     top_values, top_ids, target_logit, peak, shifted, exp, total, log_total = parts
     nll = peak.squeeze(1) + log_total - target_logit
-    ce = (nll if not smoothing else _label_smoothed(nll, peak.squeeze(1) + log_total, logit_sum, smoothing,
-                                                                head.vocab)).sum()
+    ce = (
+        nll
+        if logit_sum is None
+        else _label_smoothed(nll, peak.squeeze(1) + log_total, logit_sum, smoothing, head.vocab)
+    ).sum()
     margins = top_values[:, 0] - top_values[:, 1]
     n_gated = (margins < settings.tau).sum()
     n_correct = (top_ids[:, 0] == targets).sum()
@@ -114,21 +120,26 @@ def _chunk(
             rows = head.rows(top_ids).detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
             objective_sum = _top_k_objective(values, rows, objective, settings.tau, weights)
             if need_grad and objective_sum.requires_grad:
-                grads = torch.autograd.grad(objective_sum, [values] + ([rows] if need_rows_grad else []))
+                grads = torch.autograd.grad(
+                    objective_sum, [values] + ([rows] if rows is not None and need_rows_grad else [])
+                )
                 grad_top = grads[0]
                 grad_rows = grads[1] if need_rows_grad else None
         objective_sum = objective_sum.detach()
         if grad_top is not None and cap_slope is not None:
             grad_top = grad_top * cap_slope.gather(1, top_ids)
     entropy_values = parts.entropy() if keep_shifted else None
-    entropy_sum = entropy_values.sum() if keep_shifted else torch.zeros((), device=h.device)
+    entropy_sum = entropy_values.sum() if entropy_values is not None else torch.zeros((), device=h.device)
     if entropy:
+        assert entropy_values is not None  # the entropy objective keeps the shifted logits
         objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()
     if not need_grad:
-        return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, None, top_ids, None,
-                            None)
+        return _ChunkResult(
+            ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, None, top_ids, None, None
+        )
     grad = exp.div_(total[:, None])  # softmax p, in place
     if entropy:  # dH/dz = -p (log p + H):  grad = p * (1 - lam * w * (log p + H))
+        assert entropy_values is not None
         scale = lam if weights is None else lam * weights[:, None]
         factor = shifted.sub_((log_total - entropy_values)[:, None]).mul_(-scale).add_(1.0)
         grad.mul_(factor)
@@ -138,12 +149,14 @@ def _chunk(
         grad.sub_(smoothing / head.vocab)
     if cap_slope is not None:
         grad.mul_(cap_slope)
-    return _ChunkResult(ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, grad, top_ids, grad_top,
-                        grad_rows)
+    return _ChunkResult(
+        ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, grad, top_ids, grad_top, grad_rows
+    )
 
 
-def _label_smoothed(nll: torch.Tensor, log_norm: torch.Tensor, logit_sum: torch.Tensor, eps: float,
-                    vocab: int) -> torch.Tensor:
+def _label_smoothed(
+    nll: torch.Tensor, log_norm: torch.Tensor, logit_sum: torch.Tensor, eps: float, vocab: int
+) -> torch.Tensor:
     """transformers' LabelSmoother per position, in closed form: (1 - eps) * (-log p_y) + eps * mean_j (-log p_j),
     where mean_j (-log p_j) = log Z - mean_j z_j over the V emitted logits."""
     return (1.0 - eps) * nll + eps * (log_norm - logit_sum / vocab)
@@ -152,9 +165,10 @@ def _label_smoothed(nll: torch.Tensor, log_norm: torch.Tensor, logit_sum: torch.
 class _Gradients:
     """Float32 gradient accumulators for h, W and b: the CE part and the (lambda-free) top-k objective part."""
 
-    def __init__(self, hidden: torch.Tensor, head: HeadOperands, need_h: bool, need_w: bool, need_b: bool,
-                 sparse_objective: bool) -> None:
-        f32 = dict(dtype=torch.float32, device=hidden.device)
+    def __init__(
+        self, hidden: torch.Tensor, head: HeadOperands, need_h: bool, need_w: bool, need_b: bool, sparse_objective: bool
+    ) -> None:
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=hidden.device)
         shape_w, shape_b = (head.vocab, head.width), (head.vocab,)
         self.h = torch.empty(hidden.shape, **f32) if need_h else None
         self.w = torch.zeros(shape_w, **f32) if need_w else None
@@ -164,12 +178,14 @@ class _Gradients:
         self.b_obj = torch.zeros(shape_b, **f32) if need_b and sparse_objective else None
 
     def add_chunk(self, start: int, stop: int, h: torch.Tensor, head: HeadOperands, chunk: _ChunkResult) -> None:
+        grad_logits = chunk.grad_logits
+        assert grad_logits is not None  # gradients are only added for chunks computed with need_grad
         if self.h is not None:
-            self.h[start:stop] = head.hidden_grad(chunk.grad_logits)
+            self.h[start:stop] = head.hidden_grad(grad_logits)
         if self.w is not None:
-            head.add_weight_grad(self.w, chunk.grad_logits, h)
+            head.add_weight_grad(self.w, grad_logits, h)
         if self.b is not None:
-            self.b += chunk.grad_logits.sum(0)
+            self.b += grad_logits.sum(0)
         if chunk.grad_top is None:
             return
         ids = chunk.top_ids.reshape(-1)
@@ -186,8 +202,11 @@ class _Gradients:
     def combine(self, lam: float, scale: float) -> list[torch.Tensor | None]:
         """CE part + lam * objective part; W and b gradients through W' = scale * W."""
         out = []
-        for total, objective, head_param in ((self.h, self.h_obj, False), (self.w, self.w_obj, True),
-                                             (self.b, self.b_obj, True)):
+        for total, objective, head_param in (
+            (self.h, self.h_obj, False),
+            (self.w, self.w_obj, True),
+            (self.b, self.b_obj, True),
+        ):
             if total is not None and objective is not None and lam != 0.0:
                 total.add_(objective, alpha=lam)
             if total is not None and head_param and scale != 1.0:
@@ -216,17 +235,27 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, t
     for start in range(0, hidden.shape[0], settings.chunk_size):
         stop = start + settings.chunk_size
         h = hidden[start:stop].float()
-        chunk = _chunk(h, head, targets[start:stop], None if weights is None else weights[start:stop].float(),
-                       settings, transform, with_entropy, need_grad, need_w and objective == "fisher")
-        sums += torch.stack([chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct,
-                             chunk.entropy]).double()
-        if need_grad:
+        chunk = _chunk(
+            h,
+            head,
+            targets[start:stop],
+            None if weights is None else weights[start:stop].float(),
+            settings,
+            transform,
+            with_entropy,
+            need_grad,
+            need_w and objective == "fisher",
+        )
+        sums += torch.stack(
+            [chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct, chunk.entropy]
+        ).double()
+        if grads is not None:
             grads.add_chunk(start, stop, h, head, chunk)
         del chunk
     ce, obj, margin, n_gated, n_correct, entropy = sums.unbind()
     factor = _objective_factor(settings.normalization, objective, hidden.shape[0], int(n_gated))
     obj = obj * factor
-    outputs = grads.combine(lam * factor if sparse else 0.0, head.scale) if need_grad else [None] * 3
+    outputs = grads.combine(lam * factor if sparse else 0.0, head.scale) if grads is not None else [None] * 3
     total = (ce + lam * obj).float()
     statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
     return total, statistics, outputs
@@ -237,8 +266,9 @@ class _FusedMRPLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy):
         needs = tuple(ctx.needs_input_grad[:3])
         with autocast_off(hidden, weight):
-            total, statistics, outputs = _fused_sums(hidden, weight, bias, targets, weights, settings, transform,
-                                                     with_entropy, needs)
+            total, statistics, outputs = _fused_sums(
+                hidden, weight, bias, targets, weights, settings, transform, with_entropy, needs
+            )
         ctx.save_for_backward(*(g for g in outputs if g is not None))
         ctx.flags = needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -259,7 +289,7 @@ def mrp_loss_sums(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    settings: MRPSettings = MRPSettings(),
+    settings: MRPSettings = DEFAULT_SETTINGS,
     *,
     bias: torch.Tensor | None = None,
     position_weights: torch.Tensor | None = None,
@@ -287,6 +317,15 @@ def mrp_loss_sums(
     flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
     weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
     total, ce, obj, margin, n_gated, n_correct, entropy = _FusedMRPLoss.apply(
-        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy))
-    return MRPLossSums(total=total, ce=ce, objective=obj, margin=margin, n_positions=int(flat_targets.shape[0]),
-                       n_gated=int(n_gated), n_correct=int(n_correct), entropy=entropy if with_entropy else None)
+        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy)
+    )
+    return MRPLossSums(
+        total=total,
+        ce=ce,
+        objective=obj,
+        margin=margin,
+        n_positions=int(flat_targets.shape[0]),
+        n_gated=int(n_gated),
+        n_correct=int(n_correct),
+        entropy=entropy if with_entropy else None,
+    )

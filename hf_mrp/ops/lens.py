@@ -16,13 +16,30 @@ from .objectives import fisher_penalty, margin_penalty
 from .precision import autocast_off
 from .transform import IDENTITY, LogitTransform
 
-LENS_STATISTICS = ("margin", "correct", "fisher_penalty", "margin_penalty", "kl_to_final", "agrees_with_final",
-                   "target_rank", "entropy", "target_logprob")
+LENS_STATISTICS = (
+    "margin",
+    "correct",
+    "fisher_penalty",
+    "margin_penalty",
+    "kl_to_final",
+    "agrees_with_final",
+    "target_rank",
+    "entropy",
+    "target_logprob",
+)
 
 
-def _layer_chunk(logits: torch.Tensor, exp_buffer: torch.Tensor, final_probs: torch.Tensor,
-                 final_entropy: torch.Tensor, final_top1: torch.Tensor, targets: torch.Tensor,
-                 weight32: torch.Tensor, top_k: int, tau: float) -> dict[str, torch.Tensor]:
+def _layer_chunk(
+    logits: torch.Tensor,
+    exp_buffer: torch.Tensor,
+    final_probs: torch.Tensor,
+    final_entropy: torch.Tensor,
+    final_top1: torch.Tensor,
+    targets: torch.Tensor,
+    weight32: torch.Tensor,
+    top_k: int,
+    tau: float,
+) -> dict[str, torch.Tensor]:
     """One layer's statistics on one chunk of transformed float32 ``logits`` (overwritten, as is ``exp_buffer``).
 
     KL(p_f || p_l) = sum p_f log p_f - sum p_f log p_l = log S_l - sum p_f (z_l - max_l) - H_f, with
@@ -55,8 +72,9 @@ def _layer_chunk(logits: torch.Tensor, exp_buffer: torch.Tensor, final_probs: to
     }
 
 
-def _final_chunk(logits: torch.Tensor, probs_out: torch.Tensor,
-                 scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _final_chunk(
+    logits: torch.Tensor, probs_out: torch.Tensor, scratch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p_f into ``probs_out``, H_f, top-1 id) of the final layer's transformed logits (``logits`` is overwritten).
     H_f = log S - sum p_f (z - max): the same arithmetic as a layer's cross term, so KL(final || final) is 0."""
     peak, top1 = logits.topk(1, dim=-1)  # topk, as a layer's top-1 is taken: ties resolve alike
@@ -69,8 +87,13 @@ def _final_chunk(logits: torch.Tensor, probs_out: torch.Tensor,
     return probs, entropy, top1
 
 
-def _head_logits(states: torch.Tensor, weight32: torch.Tensor, bias32: torch.Tensor | None,
-                 transform: LogitTransform, out: torch.Tensor) -> torch.Tensor:
+def _head_logits(
+    states: torch.Tensor,
+    weight32: torch.Tensor,
+    bias32: torch.Tensor | None,
+    transform: LogitTransform,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """T(h W^T + b) in float32 into ``out``, exactly as ``decision_statistics`` computes it."""
     logits = torch.mm(states.float(), weight32.T, out=out)
     if bias32 is not None:
@@ -99,15 +122,23 @@ def lens_statistics(
     probabilities of a chunk are computed once and compared with every layer's.
     """
     if final_hidden.dim() != 2 or targets.dim() != 1 or final_hidden.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(final_hidden.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"expected hidden [N, d] and targets [N], got {tuple(final_hidden.shape)} and {tuple(targets.shape)}"
+        )
     with autocast_off(final_hidden, weight):  # float32 logits whatever the caller's autocast
         return _lens_statistics(final_hidden, layer_hidden, weight, targets, bias, chunk_size, top_k, tau, transform)
 
 
 def _lens_statistics(
-    final_hidden: torch.Tensor, layer_hidden: dict[int, torch.Tensor], weight: torch.Tensor, targets: torch.Tensor,
-    bias: torch.Tensor | None, chunk_size: int, top_k: int, tau: float, transform: LogitTransform,
+    final_hidden: torch.Tensor,
+    layer_hidden: dict[int, torch.Tensor],
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk_size: int,
+    top_k: int,
+    tau: float,
+    transform: LogitTransform,
 ) -> dict[int, dict[str, torch.Tensor]]:
     weight32, bias32 = transform.scaled_head(weight, bias)
     n_positions = final_hidden.shape[0]
@@ -122,10 +153,24 @@ def _lens_statistics(
         final_probs, final_entropy, final_top1 = _final_chunk(final_logits, probs_buffer[:n], exp_buffer[:n])
         for layer, states in layer_hidden.items():
             logits = _head_logits(states[start:stop], weight32, bias32, transform, logits_buffer[:n])
-            parts[layer].append(_layer_chunk(logits, exp_buffer[:n], final_probs, final_entropy, final_top1,
-                                             targets[start:stop], weight32, top_k, tau))
-    return {layer: {key: torch.cat([chunk[key] for chunk in chunks]) for key in LENS_STATISTICS}
-            for layer, chunks in parts.items() if chunks}
+            parts[layer].append(
+                _layer_chunk(
+                    logits,
+                    exp_buffer[:n],
+                    final_probs,
+                    final_entropy,
+                    final_top1,
+                    targets[start:stop],
+                    weight32,
+                    top_k,
+                    tau,
+                )
+            )
+    return {
+        layer: {key: torch.cat([chunk[key] for chunk in chunks]) for key in LENS_STATISTICS}
+        for layer, chunks in parts.items()
+        if chunks
+    }
 
 
 class AffineTranslators(nn.Module):
@@ -146,8 +191,9 @@ class AffineTranslators(nn.Module):
         """Layer ``layer``'s states through its translator, computed in float32 and returned in their dtype."""
         i = self.index(layer)
         h = hidden.float()
-        return (h + torch.addmm(self.biases[i], h.reshape(-1, h.shape[-1]), self.weights[i].T).reshape(h.shape)
-                ).to(hidden.dtype)
+        return (h + torch.addmm(self.biases[i], h.reshape(-1, h.shape[-1]), self.weights[i].T).reshape(h.shape)).to(
+            hidden.dtype
+        )
 
 
 def final_distribution(final_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +203,9 @@ def final_distribution(final_logits: torch.Tensor) -> tuple[torch.Tensor, torch.
     return probs, (probs * log_probs).sum(-1)
 
 
-def kl_from_final(final_probs: torch.Tensor, final_neg_entropy: torch.Tensor,
-                  lens_logits: torch.Tensor) -> torch.Tensor:
+def kl_from_final(
+    final_probs: torch.Tensor, final_neg_entropy: torch.Tensor, lens_logits: torch.Tensor
+) -> torch.Tensor:
     """Per position KL(p_f || softmax(lens_logits)) = sum p_f log p_f - sum p_f log p_l, differentiable in
     ``lens_logits`` (the tuned lens' training loss; its gradient is p_l - p_f)."""
     return final_neg_entropy - (final_probs * torch.log_softmax(lens_logits, dim=-1)).sum(-1)

@@ -15,9 +15,7 @@ from .precision import HeadOperands, autocast_off
 from .transform import IDENTITY, LogitTransform
 
 
-def output_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def output_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """z = h W^T (+ b) in the dtype of ``weight``, as the caller's autocast state computes it."""
     logits = hidden.to(weight.dtype) @ weight.T
     if bias is not None:
@@ -44,8 +42,13 @@ class ChunkSoftmax(NamedTuple):
         return self.log_total - product.sum(-1) / self.total
 
 
-def chunk_softmax(logits: torch.Tensor, targets: torch.Tensor, top_k: int, exp_out: torch.Tensor | None = None,
-                  keep_shifted: bool = True) -> ChunkSoftmax:
+def chunk_softmax(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    top_k: int,
+    exp_out: torch.Tensor | None = None,
+    keep_shifted: bool = True,
+) -> ChunkSoftmax:
     """Top-k, target logit and log-sum-exp of one chunk, in place: ``logits`` becomes z - max. The
     exponentials go to ``exp_out`` when given, else to a new tensor, or over ``logits`` itself when
     ``keep_shifted`` is False (one [chunk x V] buffer: the caller needs no z - max afterwards)."""
@@ -124,15 +127,25 @@ def decision_statistics(
     with threshold ``tau``) used by the logit lens. ``transform`` is the model's own scaling / soft cap.
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected hidden [N, d] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected hidden [N, d] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     with autocast_off(hidden, weight):
-        return _decision_statistics(hidden, HeadOperands(weight, bias, transform), targets, chunk_size, margin_dtype,
-                                    top_k, tau, transform)
+        return _decision_statistics(
+            hidden, HeadOperands(weight, bias, transform), targets, chunk_size, margin_dtype, top_k, tau, transform
+        )
 
 
-def _decision_statistics(hidden: torch.Tensor, head: HeadOperands, targets: torch.Tensor, chunk_size: int,
-                         margin_dtype: torch.dtype, top_k: int, tau: float,
-                         transform: LogitTransform) -> dict[str, torch.Tensor]:
+def _decision_statistics(
+    hidden: torch.Tensor,
+    head: HeadOperands,
+    targets: torch.Tensor,
+    chunk_size: int,
+    margin_dtype: torch.dtype,
+    top_k: int,
+    tau: float,
+    transform: LogitTransform,
+) -> dict[str, torch.Tensor]:
     rows = min(chunk_size, hidden.shape[0])
     low_weight, low_bias = head.low_precision_weight(margin_dtype) if margin_dtype != torch.float32 else (None, None)
     logits_buffer = hidden.new_empty((rows, head.vocab), dtype=torch.float32)
@@ -143,8 +156,9 @@ def _decision_statistics(hidden: torch.Tensor, head: HeadOperands, targets: torc
         n = h.shape[0]
         logits = head.logits(h, out=logits_buffer[:n])
         raw_top2 = logits.topk(2, dim=-1).values if transform.softcap is not None else None
-        stats = _chunk_statistics(transform.cap_(logits), exp_buffer[:n], targets[start : start + chunk_size],
-                                  head, top_k, tau, raw_top2)
+        stats = _chunk_statistics(
+            transform.cap_(logits), exp_buffer[:n], targets[start : start + chunk_size], head, top_k, tau, raw_top2
+        )
         if low_weight is not None:
             low = transform.cap_(output_logits(h.to(margin_dtype), low_weight, low_bias))
             top = low.topk(2, dim=-1).values

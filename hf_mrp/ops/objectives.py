@@ -37,4 +37,3 @@ def fisher_penalty(top_values: torch.Tensor, top_rows: torch.Tensor) -> torch.Te
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=probs.device)
     pair_weight = probs[:, :, None] * probs[:, None, :] * off_diagonal
     return (pair_weight * distance).sum(dim=(1, 2))
-

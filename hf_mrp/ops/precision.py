@@ -51,8 +51,9 @@ class HeadOperands:
     [positions x vocab] matmuls of a chunk; ``rows`` gathers the k rows the top-k objectives and statistics read.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
-                 precision: str = "float32") -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform, precision: str = "float32"
+    ) -> None:
         if precision not in LOGITS_PRECISIONS:
             raise ValueError(f"unknown logits precision {precision!r}; choose one of {', '.join(LOGITS_PRECISIONS)}")
         self.weight, self.scale, self.precision = weight, float(transform.scale), precision

@@ -32,26 +32,37 @@ class MRPSettings:
     precision: str = "float32"  # mrp_logits_precision
 
     def __post_init__(self) -> None:
-        for name, value in (("mrp_lambda", self.lam), ("mrp_margin_threshold", self.tau),
-                            ("label_smoothing_factor", self.label_smoothing)):
+        for name, value in (
+            ("mrp_lambda", self.lam),
+            ("mrp_margin_threshold", self.tau),
+            ("label_smoothing_factor", self.label_smoothing),
+        ):
             require_number(name, value)
         for name, value in (("mrp_top_k", self.top_k), ("mrp_chunk_size", self.chunk_size)):
             require_number(name, value, integer=True)
         self._check_choices()
         self._check_ranges()
-        for name, kind in (("lam", float), ("tau", float), ("label_smoothing", float), ("top_k", int),
-                           ("chunk_size", int)):  # numpy scalars and ints for floats: plain Python numbers
+        for name, kind in (
+            ("lam", float),
+            ("tau", float),
+            ("label_smoothing", float),
+            ("top_k", int),
+            ("chunk_size", int),
+        ):  # numpy scalars and ints for floats: plain Python numbers
             object.__setattr__(self, name, kind(getattr(self, name)))
 
     def _check_choices(self) -> None:
         if self.objective not in OBJECTIVES:
             raise MRPUserError(f"unknown mrp_objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.normalization not in NORMALIZATIONS:
-            raise MRPUserError(f"unknown mrp_margin_normalization {self.normalization!r}; choose one of "
-                               f"{', '.join(NORMALIZATIONS)}")
+            raise MRPUserError(
+                f"unknown mrp_margin_normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}"
+            )
         if self.precision not in LOGITS_PRECISIONS:
-            raise MRPUserError(f"unknown mrp_logits_precision {self.precision!r}; choose one of "
-                               f"{', '.join(LOGITS_PRECISIONS)} (float32 is the default and the exact one)")
+            raise MRPUserError(
+                f"unknown mrp_logits_precision {self.precision!r}; choose one of "
+                f"{', '.join(LOGITS_PRECISIONS)} (float32 is the default and the exact one)"
+            )
 
     def _check_ranges(self) -> None:
         if not self.lam >= 0:
@@ -63,5 +74,6 @@ class MRPSettings:
         if self.chunk_size < 1:
             raise MRPUserError(f"mrp_chunk_size must be positive, got {self.chunk_size}")
         if not 0.0 <= self.label_smoothing <= 1.0:
-            raise MRPUserError(f"label_smoothing_factor must be in [0, 1] (0: no smoothing), got "
-                               f"{self.label_smoothing}")
+            raise MRPUserError(
+                f"label_smoothing_factor must be in [0, 1] (0: no smoothing), got {self.label_smoothing}"
+            )

@@ -13,7 +13,7 @@ audited blocks: same rule, the data the numbers are about). Pure numpy.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,8 +28,9 @@ def check_targets(classes: Sequence[str] | None, buckets: Sequence[str] | None) 
             raise ValueError(f"unknown token {kind} {', '.join(map(repr, unknown))}; choose from {', '.join(valid)}")
 
 
-def targeted_tokens(ids: np.ndarray, decode: Callable[[int], str], classes: Sequence[str] | None,
-                    buckets: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+def targeted_tokens(
+    ids: np.ndarray, decode: Callable[[int], str], classes: Sequence[str] | None, buckets: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(distinct token ids of ``ids``, whether each is targeted): class of the decoded token, bucket of its
     count in ``ids``."""
     check_targets(classes, buckets)
@@ -42,8 +43,13 @@ def targeted_tokens(ids: np.ndarray, decode: Callable[[int], str], classes: Sequ
     return tokens, keep
 
 
-def objective_weights(ids: np.ndarray, decode: Callable[[int], str], classes: Sequence[str] | None = None,
-                      buckets: Sequence[str] | None = None, untargeted_weight: float = 0.0) -> np.ndarray:
+def objective_weights(
+    ids: np.ndarray,
+    decode: Callable[[int], str],
+    classes: Sequence[str] | None = None,
+    buckets: Sequence[str] | None = None,
+    untargeted_weight: float = 0.0,
+) -> np.ndarray:
     """float32 weights shaped like ``ids`` (the training blocks): 1 where the token is targeted, else
     ``untargeted_weight``. With neither classes nor buckets every weight is 1 (no targeting)."""
     if not 0.0 <= untargeted_weight <= 1.0:

@@ -25,9 +25,7 @@ class LogitTransform:
     def is_identity(self) -> bool:
         return self.scale == 1.0 and self.softcap is None
 
-    def scaled_head(
-        self, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scaled_head(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scale * W, scale * b) in float32, for the lens passes that read the whole W once per audit."""
         weight32, bias32 = weight.float(), None if bias is None else bias.float()
         if self.scale != 1.0:
@@ -43,6 +41,8 @@ class LogitTransform:
 
     def cap_derivative(self, capped: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """d softcap(z) / dz from the capped values themselves: 1 - (capped / c)^2."""
+        if self.softcap is None:
+            raise ValueError("cap_derivative needs a soft cap (softcap is None)")
         c = float(self.softcap)
         out = torch.div(capped, c, out=out)
         return out.square_().neg_().add_(1.0)

@@ -3,8 +3,8 @@ a layer x statistic heatmap and per-layer curves (PNG, written atomically)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -44,8 +44,15 @@ def plot_lens_heatmap(path: str | Path, rows_by_lens: dict[str, Sequence[dict]])
         ax.imshow((matrix - low) / span, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=5.5,
-                        color="white" if (value - low[j]) / span[j] < 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=5.5,
+                    color="white" if (value - low[j]) / span[j] < 0.5 else "black",
+                )
         ax.set_xticks(range(len(STATISTICS)), [label for label, _ in STATISTICS], rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(matrix)), [str(row["layer"]) for row in rows_by_lens[lens]], fontsize=6)
         ax.set_ylabel("layer")
@@ -64,10 +71,14 @@ CURVES: list[tuple[str, list[tuple[str, str | None]], bool]] = [
     ("median margin", [("median margin", None)], False),
 ]
 _VALUES: dict[str, Callable[[dict], float]] = {
-    "KL": lambda row: row["mean_kl_to_final"], "agreement": lambda row: row["agreement_with_final"],
-    "top-1": lambda row: row["target_rank"]["top1_rate"], "top-5": lambda row: row["target_rank"]["top5_rate"],
-    "CE": lambda row: row["mean_cross_entropy"], "entropy": lambda row: row["mean_entropy"],
-    "Fisher": lambda row: row["spearman_fisher_vs_final_ce"], "margin": lambda row: row["spearman_margin_vs_final_ce"],
+    "KL": lambda row: row["mean_kl_to_final"],
+    "agreement": lambda row: row["agreement_with_final"],
+    "top-1": lambda row: row["target_rank"]["top1_rate"],
+    "top-5": lambda row: row["target_rank"]["top5_rate"],
+    "CE": lambda row: row["mean_cross_entropy"],
+    "entropy": lambda row: row["mean_entropy"],
+    "Fisher": lambda row: row["spearman_fisher_vs_final_ce"],
+    "margin": lambda row: row["spearman_margin_vs_final_ce"],
     "median margin": lambda row: row["margin_percentiles"]["p50"],
 }
 _STYLES = ("-", "--", ":")
@@ -83,12 +94,19 @@ def plot_lens_curves(path: str | Path, rows_by_lens: dict[str, Sequence[dict]]) 
             for style, (name, interval_key) in zip(_STYLES, series):
                 values = [_VALUES[name](row) for row in rows]
                 label = lens if len(series) == 1 else f"{lens}: {name}"
-                ax.plot(layers, values, _STYLES[0] if len(series) == 1 else style, color=f"C{color}", marker=".",
-                        label=label)
+                ax.plot(
+                    layers,
+                    values,
+                    _STYLES[0] if len(series) == 1 else style,
+                    color=f"C{color}",
+                    marker=".",
+                    label=label,
+                )
                 bands = [row.get("intervals", {}).get(interval_key) for row in rows] if interval_key else []
                 if bands and all(band is not None for band in bands):
-                    ax.fill_between(layers, [b[0] for b in bands], [b[1] for b in bands], color=f"C{color}",
-                                    alpha=0.2, lw=0)
+                    ax.fill_between(
+                        layers, [b[0] for b in bands], [b[1] for b in bands], color=f"C{color}", alpha=0.2, lw=0
+                    )
         if log_scale:
             ax.set_yscale("symlog", linthresh=1e-3)
         if title.startswith("Spearman"):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 MARKDOWN_SPECIALS = "\\`*_[]<>|#"
 TOP_TOKEN_ROWS = 10
@@ -66,11 +67,18 @@ def _headline(result: dict) -> str:
     rows = []
     for name in ("before", "after"):
         fit = result.get(f"gap_fit_{name}") or {}
-        rows.append([
-            name, fmt_percent(result[f"accuracy_{name}"], 2), fmt_number(result[f"median_margin_{name}"]),
-            fmt_number(fit.get("alpha")), fmt_number(fit.get("beta")), fmt_number(fit.get("r_squared"), 4),
-            fmt_number(result[f"ece_{name}"], 4), fmt_number(result[f"brier_{name}"], 4),
-        ])
+        rows.append(
+            [
+                name,
+                fmt_percent(result[f"accuracy_{name}"], 2),
+                fmt_number(result[f"median_margin_{name}"]),
+                fmt_number(fit.get("alpha")),
+                fmt_number(fit.get("beta")),
+                fmt_number(fit.get("r_squared"), 4),
+                fmt_number(result[f"ece_{name}"], 4),
+                fmt_number(result[f"brier_{name}"], 4),
+            ]
+        )
     header = ["", "accuracy", "median margin", "gap alpha", "gap beta", "gap R^2", "ECE", "Brier"]
     return table(header, rows)
 
@@ -78,15 +86,33 @@ def _headline(result: dict) -> str:
 def _flips(result: dict) -> str:
     rotation, expansion = result["runner_up_rotation"], result["expansion"]
     row = [
-        fmt_count(result["w2r"]), fmt_count(result["r2w"]), fmt_count(result["net"]), fmt_ratio(result["flip_ratio"]),
-        fmt_percent(result["churn"]), fmt_percent(rotation["share"]), fmt_percent(rotation["widened_share"]),
-        fmt_number(rotation.get("mean_margin_change")), fmt_percent(result["median_margin_change"], signed=True),
+        fmt_count(result["w2r"]),
+        fmt_count(result["r2w"]),
+        fmt_count(result["net"]),
+        fmt_ratio(result["flip_ratio"]),
+        fmt_percent(result["churn"]),
+        fmt_percent(rotation["share"]),
+        fmt_percent(rotation["widened_share"]),
+        fmt_number(rotation.get("mean_margin_change")),
+        fmt_percent(result["median_margin_change"], signed=True),
         fmt_percent(expansion["share_wider"]),
-        fmt_number(expansion["mean_change"]), fmt_percent(result.get("head_share")),
+        fmt_number(expansion["mean_change"]),
+        fmt_percent(result.get("head_share")),
     ]
-    header = ["W->R", "R->W", "net", "flip ratio", "churn", "runner-up rotation", "rotated & widened",
-              "rotated: mean margin change", "median margin change", "wider margins", "mean margin change",
-              "head share (100+)"]
+    header = [
+        "W->R",
+        "R->W",
+        "net",
+        "flip ratio",
+        "churn",
+        "runner-up rotation",
+        "rotated & widened",
+        "rotated: mean margin change",
+        "median margin change",
+        "wider margins",
+        "mean margin change",
+        "head share (100+)",
+    ]
     return table(header, [row])
 
 
@@ -95,8 +121,13 @@ def _group_table(groups: dict, first_column: str, share: bool = False) -> str:
     header += ["accuracy before", "accuracy after"]
     rows = []
     for label, group in groups.items():
-        row = [escape_cell(str(label)), fmt_count(group["n"]), fmt_count(group["w2r"]), fmt_count(group["r2w"]),
-               fmt_count(group["net"])]
+        row = [
+            escape_cell(str(label)),
+            fmt_count(group["n"]),
+            fmt_count(group["w2r"]),
+            fmt_count(group["r2w"]),
+            fmt_count(group["net"]),
+        ]
         row += [fmt_percent(group.get("share_of_net"))] if share else []
         row += [fmt_percent(group["accuracy_before"], 2), fmt_percent(group["accuracy_after"], 2)]
         rows.append(row)
@@ -104,14 +135,24 @@ def _group_table(groups: dict, first_column: str, share: bool = False) -> str:
 
 
 def _own_band_table(bands: dict) -> str:
-    rows = [[escape_cell(str(label)), fmt_count(band["n_before"]), fmt_percent(band["accuracy_before"], 2),
-             fmt_count(band["n_after"]), fmt_percent(band["accuracy_after"], 2)] for label, band in bands.items()]
+    rows = [
+        [
+            escape_cell(str(label)),
+            fmt_count(band["n_before"]),
+            fmt_percent(band["accuracy_before"], 2),
+            fmt_count(band["n_after"]),
+            fmt_percent(band["accuracy_after"], 2),
+        ]
+        for label, band in bands.items()
+    ]
     return table(["margin band", "n before", "accuracy before", "n after", "accuracy after"], rows)
 
 
 def _token_table(entries: list[dict]) -> str:
-    rows = [[escape_token(e["token"]), str(e["token_id"]), fmt_count(e["w2r"]), fmt_count(e["r2w"]),
-             fmt_count(e["net"])] for e in entries[:TOP_TOKEN_ROWS]]
+    rows = [
+        [escape_token(e["token"]), str(e["token_id"]), fmt_count(e["w2r"]), fmt_count(e["r2w"]), fmt_count(e["net"])]
+        for e in entries[:TOP_TOKEN_ROWS]
+    ]
     return table(["token", "id", "W->R", "R->W", "net"], rows) if rows else "(none)"
 
 
@@ -132,12 +173,17 @@ def markdown_summary(result: dict, heading: str = "##") -> str:
         _group_table(result["accuracy_by_margin_band"], "margin band"),
     ]
     if result.get("accuracy_by_own_margin_band") is not None:
-        parts += [f"{sub} By each model's own margin band (the paper's convention)",
-                  "Each audit grouped by its own margins, so a band holds different positions before and after.",
-                  _own_band_table(result["accuracy_by_own_margin_band"])]
+        parts += [
+            f"{sub} By each model's own margin band (the paper's convention)",
+            "Each audit grouped by its own margins, so a band holds different positions before and after.",
+            _own_band_table(result["accuracy_by_own_margin_band"]),
+        ]
     parts += [
-        *([f"{sub} By token class of the target", _group_table(result["by_class"], "class", share=True)]
-          if result.get("by_class") is not None else []),
+        *(
+            [f"{sub} By token class of the target", _group_table(result["by_class"], "class", share=True)]
+            if result.get("by_class") is not None
+            else []
+        ),
         f"{sub} By frequency of the target in the blocks",
         _group_table(result["by_bucket"], "count bucket"),
         f"{sub} Largest per-token net gains",

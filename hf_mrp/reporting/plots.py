@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,8 +38,13 @@ def plot_gap_curves(path: str | Path, fits: dict[str, dict], title: str = "Expre
         eps, eta = curve[:, 0], curve[:, 1]
         ax.loglog(eps, eta, "o", ms=3.5, color=color, label=f"{label}: eta(eps)")
         if fit.get("beta") is not None:
-            ax.loglog(eps, 10 ** (fit["beta"] * np.log10(eps) + fit["intercept"]), "-", color=color,
-                      label=f"{label}: fit beta={fit['beta']:.3f}, R^2={fit['r_squared']:.4f}")
+            ax.loglog(
+                eps,
+                10 ** (fit["beta"] * np.log10(eps) + fit["intercept"]),
+                "-",
+                color=color,
+                label=f"{label}: fit beta={fit['beta']:.3f}, R^2={fit['r_squared']:.4f}",
+            )
             ax.loglog(eps, fit["alpha"] * eps, ":", color=color, label=f"{label}: alpha*eps, alpha={fit['alpha']:.3f}")
     from matplotlib.ticker import NullFormatter
 

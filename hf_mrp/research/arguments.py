@@ -75,7 +75,9 @@ class ModelArguments:
 
         self.model, self.gguf_file = _optional_str("model", self.model), _optional_str("gguf_file", self.gguf_file)
         if self.model_dtype not in MODEL_DTYPES:
-            raise MRPUserError(f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}")
+            raise MRPUserError(
+                f"unknown dtype {self.model_dtype!r} for --model_dtype; choose one of {', '.join(MODEL_DTYPES)}"
+            )
         if self.load_in_4bit:
             from ..models import require_bitsandbytes
 
@@ -88,19 +90,25 @@ class DataArguments:
 
     dataset: str | None = field(
         default=None,
-        metadata={"help": "datasets name or folder, or a local .txt/.jsonl/.json/.parquet/.csv file; "
-                          "default: pydoc_data.topics (ships with CPython)."},
+        metadata={
+            "help": "datasets name or folder, or a local .txt/.jsonl/.json/.parquet/.csv file; "
+            "default: pydoc_data.topics (ships with CPython)."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "datasets configuration name."})
     split: str = field(default="train", metadata={"help": "datasets split."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (jsonl/parquet/datasets)."})
     block_size: int = field(default=512, metadata={"help": "Tokens per block; a block holds block_size - 1 positions."})
     max_positions: int = field(default=16384, metadata={"help": "Number of positions (predicted tokens) to evaluate."})
-    encoding: str = field(default="utf-8", metadata={"help": "Text encoding of a .txt --dataset (a Python codec name)."})
+    encoding: str = field(
+        default="utf-8", metadata={"help": "Text encoding of a .txt --dataset (a Python codec name)."}
+    )
     encoding_errors: str = field(
         default="strict",
-        metadata={"help": "Bytes a .txt --dataset cannot decode: 'strict' (stop, naming the byte offset), "
-                          "'replace' (U+FFFD) or 'ignore' (drop them)."},
+        metadata={
+            "help": "Bytes a .txt --dataset cannot decode: 'strict' (stop, naming the byte offset), "
+            "'replace' (U+FFFD) or 'ignore' (drop them)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -117,7 +125,9 @@ class DataArguments:
 class AuditArguments:
     """How to audit."""
 
-    output_dir: str = field(default="outputs/audit", metadata={"help": "Folder for audit.json, positions.parquet, plots."})
+    output_dir: str = field(
+        default="outputs/audit", metadata={"help": "Folder for audit.json, positions.parquet, plots."}
+    )
     chunk_size: int = field(default=1024, metadata={"help": "Positions per float32 [chunk x vocab] logits chunk."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
     layers: str | None = field(
@@ -133,17 +143,20 @@ class AuditArguments:
     )
     lens: str = field(
         default="logit",
-        metadata={"help": "Layer-wise lens: 'logit' (each layer through the final norm and W) or 'tuned' (through "
-                          "the affine translators of `hf-mrp lens train` first; needs --lens_path; --layers "
-                          "defaults to the lens' layers)."},
+        metadata={
+            "help": "Layer-wise lens: 'logit' (each layer through the final norm and W) or 'tuned' (through "
+            "the affine translators of `hf-mrp lens train` first; needs --lens_path; --layers "
+            "defaults to the lens' layers)."
+        },
     )
     lens_path: str | None = field(
         default=None, metadata={"help": "Folder of a tuned lens written by `hf-mrp lens train` (with --lens tuned)."}
     )
     lens_bootstrap: int = field(
         default=0,
-        metadata={"help": "Block-bootstrap resamples for 95 percent intervals of each layer's correlations and KL "
-                          "(0: none)."},
+        metadata={
+            "help": "Block-bootstrap resamples for 95 percent intervals of each layer's correlations and KL (0: none)."
+        },
     )
 
     def __post_init__(self) -> None:

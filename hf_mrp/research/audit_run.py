@@ -12,18 +12,28 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
+from ..audit.geometry import AuditResult, run_audit
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
+from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
-from ..audit.geometry import AuditResult, run_audit
 
 AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
 # Every file an audit may write: none of them outlives the audit that replaces it (a stale layers.json or mask.npy
 # beside a new audit.json would describe another audit).
-AUDIT_FILES = ("blocks.npy", "mask.npy", "positions.parquet", "gap_curve.png", "margins.png", "layers.json",
-               "layers.png", "lens_heatmap.png", "lens_curves.png", AUDIT_MARKER)
+AUDIT_FILES = (
+    "blocks.npy",
+    "mask.npy",
+    "positions.parquet",
+    "gap_curve.png",
+    "margins.png",
+    "layers.json",
+    "layers.png",
+    "lens_heatmap.png",
+    "lens_curves.png",
+    AUDIT_MARKER,
+)
 
 
 def holds_finished_audit(folder: str | Path) -> bool:
@@ -53,7 +63,9 @@ def _shared_staging(staging: Path | None) -> Path:
     return Path(names[0])
 
 
-def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, audit_args: AuditArguments) -> AuditResult:
+def audit_from_arguments(
+    model_args: ModelArguments, data_args: DataArguments, audit_args: AuditArguments
+) -> AuditResult:
     """Load the model and blocks, audit them and write the files to ``audit_args.output_dir``."""
     from accelerate import PartialState
 
@@ -79,9 +91,16 @@ def audit_from_arguments(model_args: ModelArguments, data_args: DataArguments, a
         writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(None)
         with writing as staging:
             result = run_audit(
-                model, blocks, output_dir=_shared_staging(staging), batch_size=audit_args.batch_size,
-                chunk_size=audit_args.chunk_size, margin_dtype=audit_args.margin_dtype, layers=audit_args.layers,
-                provenance=origin, lens=lens, lens_bootstrap=audit_args.lens_bootstrap,
+                model,
+                blocks,
+                output_dir=_shared_staging(staging),
+                batch_size=audit_args.batch_size,
+                chunk_size=audit_args.chunk_size,
+                margin_dtype=audit_args.margin_dtype,
+                layers=audit_args.layers,
+                provenance=origin,
+                lens=lens,
+                lens_bootstrap=audit_args.lens_bootstrap,
             )
         result.files = {key: folder / path.name for key, path in result.files.items()}
     result.seconds = time.perf_counter() - start

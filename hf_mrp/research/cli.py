@@ -7,8 +7,8 @@ import importlib
 import logging
 import sys
 
-from .commands import COMMANDS
 from ..errors import MRPUserError, one_line
+from .commands import COMMANDS
 from .parser import MRPArgumentParser
 
 
@@ -103,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"hf-mrp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} "
-              "(`hf-mrp --help` describes them)", file=sys.stderr)
+        print(
+            f"hf-mrp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} "
+            "(`hf-mrp --help` describes them)",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -114,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-mrp {command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        print(f"hf-mrp {command}: interrupted (report files on disk are whole: each is written atomically)",
-              file=sys.stderr)
+        print(
+            f"hf-mrp {command}: interrupted (report files on disk are whole: each is written atomically)",
+            file=sys.stderr,
+        )
         return 128 + (stop.signum if isinstance(stop, Stopped) else 2)
     except SystemExit as stop:  # --help of a command, or a handler's sys.exit
         if stop.code is None or isinstance(stop.code, int):

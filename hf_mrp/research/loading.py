@@ -13,7 +13,10 @@ from .arguments import DataArguments, ModelArguments
 def load_model_from_arguments(model_args: ModelArguments):
     """(model, tokenizer, name) from the ``--model`` flags: the one place commands unpack them."""
     return load_model_and_tokenizer(
-        model_args.model, model_args.gguf_file, model_args.model_dtype, model_args.trust_remote_code,
+        model_args.model,
+        model_args.gguf_file,
+        model_args.model_dtype,
+        model_args.trust_remote_code,
         model_args.load_in_4bit,
     )
 
@@ -22,7 +25,13 @@ def load_blocks_from_arguments(tokenizer, data_args: DataArguments, extra_positi
     """Blocks from the ``--dataset`` flags: the one place commands unpack them (``extra_positions``: a
     held-out audit taken on top of ``--max_positions``)."""
     return load_blocks(
-        tokenizer, data_args.dataset, data_args.dataset_config, data_args.split, data_args.text_column,
-        data_args.block_size, data_args.max_positions + extra_positions, data_args.encoding,
+        tokenizer,
+        data_args.dataset,
+        data_args.dataset_config,
+        data_args.split,
+        data_args.text_column,
+        data_args.block_size,
+        data_args.max_positions + extra_positions,
+        data_args.encoding,
         data_args.encoding_errors,
     )

@@ -48,5 +48,5 @@ class MRPArgumentParser(HfArgumentParser):
         except ValueError as failure:  # raised while turning flags into arguments: a flag is wrong
             message = one_line(failure)
             if message.startswith(_UNUSED):
-                message = "unrecognized arguments: " + message[len(_UNUSED):]
+                message = "unrecognized arguments: " + message[len(_UNUSED) :]
             raise MRPUserError(f"{message}; {self._hint()}") from failure

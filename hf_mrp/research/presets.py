@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import MRPUserError
 
@@ -80,8 +81,9 @@ def read_preset(name: str) -> dict:
         return dict(PRESETS[name])
     path = Path(name)
     if path.suffix not in (".yaml", ".yml", ".json") or not path.is_file():
-        raise MRPUserError(f"unknown preset {name!r}; choose {', '.join(PRESETS)} or a .yaml / .json file of "
-                           "flag: value lines")
+        raise MRPUserError(
+            f"unknown preset {name!r}; choose {', '.join(PRESETS)} or a .yaml / .json file of flag: value lines"
+        )
     import yaml
 
     try:
@@ -116,13 +118,20 @@ def describe(values: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in values.items())
 
 
-def install_presets(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+ParserT = TypeVar("ParserT", bound=argparse.ArgumentParser)  # install_presets hands back the parser it was given
+
+
+def install_presets(parser: ParserT) -> ParserT:
     """Give ``parser`` a ``--preset`` flag whose values become the defaults before the flags are parsed."""
-    parser.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME_OR_FILE",
-                        help="Flag defaults from a named preset or a .yaml / .json file; explicit flags win. "
-                             f"paper (the paper's released run files): {describe(PAPER)} ('auto': bf16 where "
-                             "supported). `--preset paper --help` shows them as the defaults.")
-    parser.__class__ = _preset_parser_class(type(parser))
+    parser.add_argument(
+        "--preset",
+        default=argparse.SUPPRESS,
+        metavar="NAME_OR_FILE",
+        help="Flag defaults from a named preset or a .yaml / .json file; explicit flags win. "
+        f"paper (the paper's released run files): {describe(PAPER)} ('auto': bf16 where "
+        "supported). `--preset paper --help` shows them as the defaults.",
+    )
+    parser.__class__ = _preset_parser_class(type(parser))  # type: ignore[arg-type]  # typeshed: a class is Hashable
     return parser
 
 

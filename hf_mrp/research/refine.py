@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import DataArguments, ModelArguments
-from .arguments import provenance
 from ..audit.summary import AuditSummary
 from ..data import Blocks, check_block_fits
 from ..data.sources import check_data_flags_apply
@@ -29,6 +27,7 @@ from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
 from ..training.dataset_checks import WEIGHTS_COLUMN
 from ..training.divergence import TrainingDiverged
+from .arguments import DataArguments, ModelArguments, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
 from .run_folders import TRAINING_LOG, check_may_write, forget_finished_run
 
@@ -37,9 +36,22 @@ logger = logging.getLogger(__name__)
 # What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
 # the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
 DEFAULTS = dict(
-    output_dir="outputs/refine", block_size=256, max_positions=61200, mrp_objective="fisher", mrp_lambda=0.6,
-    lora_layers="20-29", lora_r=16, lora_alpha=32, learning_rate=2e-4, max_steps=60, per_device_train_batch_size=4,
-    logging_steps=10, save_strategy="no", report_to="tensorboard", seed=0, lr_scheduler_type="constant",
+    output_dir="outputs/refine",
+    block_size=256,
+    max_positions=61200,
+    mrp_objective="fisher",
+    mrp_lambda=0.6,
+    lora_layers="20-29",
+    lora_r=16,
+    lora_alpha=32,
+    learning_rate=2e-4,
+    max_steps=60,
+    per_device_train_batch_size=4,
+    logging_steps=10,
+    save_strategy="no",
+    report_to="tensorboard",
+    seed=0,
+    lr_scheduler_type="constant",
 )
 
 
@@ -55,36 +67,46 @@ class RefineArguments:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace a finished run in --output_dir (its adapter, audits and card). Without it "
-                          "a folder holding a finished run is refused (a resume with --resume_from_checkpoint "
-                          "is allowed)."},
+        metadata={
+            "help": "Replace a finished run in --output_dir (its adapter, audits and card). Without it "
+            "a folder holding a finished run is refused (a resume with --resume_from_checkpoint "
+            "is allowed)."
+        },
     )
     mrp_target_classes: list[str] | None = field(
         default=None,
-        metadata={"help": "Aim the objective at targets of these token classes (structural numeric function entity "
-                          "content other); other positions get --mrp_untargeted_weight. Default: all positions."},
+        metadata={
+            "help": "Aim the objective at targets of these token classes (structural numeric function entity "
+            "content other); other positions get --mrp_untargeted_weight. Default: all positions."
+        },
     )
     mrp_target_buckets: list[str] | None = field(
         default=None,
-        metadata={"help": "Aim the objective at targets in these frequency buckets of the training blocks (1 2-4 "
-                          "5-19 20-99 100+); combined with --mrp_target_classes by AND. Default: all."},
+        metadata={
+            "help": "Aim the objective at targets in these frequency buckets of the training blocks (1 2-4 "
+            "5-19 20-99 100+); combined with --mrp_target_classes by AND. Default: all."
+        },
     )
     mrp_untargeted_weight: float = field(
-        default=0.0, metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never "
-                                       "weighted)."},
+        default=0.0,
+        metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never weighted)."},
     )
     train_lm_head: bool = field(
         default=False,
-        metadata={"help": "Also train the output head W (lm_head, through PEFT modules_to_save; a tied head gets "
-                          "its own trainable copy, the input embeddings stay frozen). Needs use_lora."},
+        metadata={
+            "help": "Also train the output head W (lm_head, through PEFT modules_to_save; a tied head gets "
+            "its own trainable copy, the input embeddings stay frozen). Needs use_lora."
+        },
     )
 
     def __post_init__(self) -> None:
         if self.audit_positions <= 0:
             raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
         if self.audit_batch_size < 1:
-            raise MRPUserError(f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
-                               f"{self.audit_batch_size}")
+            raise MRPUserError(
+                f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
+                f"{self.audit_batch_size}"
+            )
         try:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:
@@ -106,8 +128,9 @@ def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[B
             f"the data has {len(blocks.input_ids)} blocks, not enough for {n_audit} audit blocks plus training; "
             "pass more text, a larger --max_positions, fewer --audit_positions, or --holdout false"
         )
-    audit = Blocks(blocks.input_ids[:n_audit], min(audit_positions, n_audit * per_block), blocks.source,
-                   blocks.tokenizer)
+    audit = Blocks(
+        blocks.input_ids[:n_audit], min(audit_positions, n_audit * per_block), blocks.source, blocks.tokenizer
+    )
     train = blocks.input_ids[n_audit:] if holdout else blocks.input_ids
     return audit, train
 
@@ -134,13 +157,19 @@ def target_weights(train_ids: np.ndarray, tokenizer, refine_args: RefineArgument
         return None
     from ..audit.compare import decoder_from_tokenizer
 
-    weights = objective_weights(train_ids, decoder_from_tokenizer(tokenizer), refine_args.mrp_target_classes,
-                                refine_args.mrp_target_buckets, refine_args.mrp_untargeted_weight)
+    weights = objective_weights(
+        train_ids,
+        decoder_from_tokenizer(tokenizer),
+        refine_args.mrp_target_classes,
+        refine_args.mrp_target_buckets,
+        refine_args.mrp_untargeted_weight,
+    )
     targeted = float(np.mean(weights == 1.0))
     logger.info("targeting: %.1f%% of the training tokens are targeted", 100 * targeted)
     if targeted == 0.0:
-        raise MRPUserError("no training token is of the targeted classes/buckets; widen --mrp_target_classes / "
-                           "--mrp_target_buckets")
+        raise MRPUserError(
+            "no training token is of the targeted classes/buckets; widen --mrp_target_classes / --mrp_target_buckets"
+        )
     return weights
 
 
@@ -149,8 +178,10 @@ def head_peft_config(model, config: MRPConfig):
     from ..training.adapters import lora_config_from_args
 
     if not config.use_lora:
-        raise MRPUserError("--train_lm_head adds W to a LoRA adapter; without LoRA (--use_lora false) the whole "
-                           "model, W included, trains already: drop --train_lm_head")
+        raise MRPUserError(
+            "--train_lm_head adds W to a LoRA adapter; without LoRA (--use_lora false) the whole "
+            "model, W included, trains already: drop --train_lm_head"
+        )
     head = model.get_output_embeddings()
     name = next(name for name, module in model.named_modules() if module is head)
     peft_config = lora_config_from_args(config, model)
@@ -188,21 +219,33 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     check_block_fits(model, data_args.block_size)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
     origin = provenance(model_name, model_args, data_args, refine_args)
-    audit = MRPAuditCallback(audit_blocks, tokenizer=tokenizer, batch_size=refine_args.audit_batch_size,
-                             chunk_size=config.mrp_chunk_size, baseline_dir=baseline_dir, provenance=origin)
+    audit = MRPAuditCallback(
+        audit_blocks,
+        tokenizer=tokenizer,
+        batch_size=refine_args.audit_batch_size,
+        chunk_size=config.mrp_chunk_size,
+        baseline_dir=baseline_dir,
+        provenance=origin,
+    )
     repo_id = config.hub_model_id or output_dir.name
     hub = hub_callback(config, repo_id) if push else None
     evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
     peft_config = head_peft_config(model, config) if refine_args.train_lm_head else None
-    trainer = MRPTrainer(model=model, args=config, peft_config=peft_config,
-                         train_dataset=training_dataset(train_ids, target_weights(train_ids, tokenizer, refine_args)),
-                         eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
-                         processing_class=tokenizer, callbacks=[audit, *filter(None, [hub])])
+    trainer = MRPTrainer(
+        model=model,
+        args=config,
+        peft_config=peft_config,
+        train_dataset=training_dataset(train_ids, target_weights(train_ids, tokenizer, refine_args)),
+        eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
+        processing_class=tokenizer,
+        callbacks=[audit, *filter(None, [hub])],
+    )
     train_to_finite_weights(trainer, output_dir, config.resume_from_checkpoint)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
-        write_run_files(output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary,
-                        audit.comparison)
+        write_run_files(
+            output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary, audit.comparison
+        )
         files.write_json(output_dir / TRAINING_LOG, trainer.state.log_history)  # last: marks a finished run
         if push:
             from ..training.hub import push_folder
@@ -228,13 +271,20 @@ def train_to_finite_weights(trainer, output_dir: Path, resume_from_checkpoint) -
 
 def hub_callback(config: MRPConfig, repo_id: str):
     """Pushes during training at each save, by ``config.hub_strategy`` (hub.HubPushCallback)."""
-    from .reports.model_card import card_from_folder
     from ..training.hub import HubPushCallback
+    from .reports.model_card import card_from_folder
 
     settings = config.to_dict()  # token-free
-    return HubPushCallback(repo_id, config.output_dir, config.hub_token, config.hub_private_repo, config.hub_strategy,
-                           config.hub_revision, config.hub_always_push,
-                           card=lambda folder, step: card_from_folder(folder, settings, step))
+    return HubPushCallback(
+        repo_id,
+        config.output_dir,
+        config.hub_token,
+        config.hub_private_repo,
+        config.hub_strategy,
+        config.hub_revision,
+        config.hub_always_push,
+        card=lambda folder, step: card_from_folder(folder, settings, step),
+    )
 
 
 def save_size(model, tokenizer) -> int:
@@ -262,8 +312,13 @@ def save_adapter(trainer, tokenizer, output_dir: Path) -> None:
 
 
 def write_run_files(
-    output_dir: Path, model_name: str, config: MRPConfig, origin: dict, before: AuditSummary, after: AuditSummary,
-    comparison: dict
+    output_dir: Path,
+    model_name: str,
+    config: MRPConfig,
+    origin: dict,
+    before: AuditSummary,
+    after: AuditSummary,
+    comparison: dict,
 ) -> None:
     """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
     from ..reporting.markdown import markdown_summary
@@ -273,8 +328,16 @@ def write_run_files(
     files.write_json(output_dir / "mrp_config.json", settings)
     files.write_json(output_dir / "run_arguments.json", origin)
     images = [p.relative_to(output_dir).as_posix() for p in sorted((output_dir / "comparison").glob("*.png"))]
-    card = model_card(model_name, settings, before, after, markdown_summary(comparison, heading="###"), images,
-                      data_arguments=origin.get("arguments", {}), evaluations=evaluation_comparisons(output_dir))
+    card = model_card(
+        model_name,
+        settings,
+        before,
+        after,
+        markdown_summary(comparison, heading="###"),
+        images,
+        data_arguments=origin.get("arguments", {}),
+        evaluations=evaluation_comparisons(output_dir),
+    )
     files.write_text(output_dir / "README.md", card)
 
 

@@ -7,14 +7,33 @@ the sweep and MRPAuditCallback (through compare) take every flip number from her
 """
 
 from .flips import (
-    FlipNumbers, finite_or_none, flip_numbers, flip_sign, none_to_nan, ratio, relative_median_margin_change,
+    FlipNumbers,
+    finite_or_none,
+    flip_numbers,
+    flip_sign,
+    none_to_nan,
+    ratio,
+    relative_median_margin_change,
 )
 from .resampling import (
-    BlockIndex, block_bootstrap_distribution, block_resamples, paired_interval,
+    BlockIndex,
+    block_bootstrap_distribution,
+    block_resamples,
+    paired_interval,
     seed_t_interval,
 )
 
-__all__ = ["BlockIndex", "block_bootstrap_distribution", "block_resamples",
-           "paired_interval", "seed_t_interval", "FlipNumbers", "flip_numbers", "flip_sign",
-           "relative_median_margin_change", "ratio",
-           "finite_or_none", "none_to_nan"]
+__all__ = [
+    "BlockIndex",
+    "block_bootstrap_distribution",
+    "block_resamples",
+    "paired_interval",
+    "seed_t_interval",
+    "FlipNumbers",
+    "flip_numbers",
+    "flip_sign",
+    "relative_median_margin_change",
+    "ratio",
+    "finite_or_none",
+    "none_to_nan",
+]

@@ -75,9 +75,16 @@ class FlipNumbers:
         return data
 
 
-def flip_numbers(correct_before: np.ndarray, correct_after: np.ndarray, margin_before: np.ndarray,
-                 margin_after: np.ndarray, top1_before: np.ndarray, top1_after: np.ndarray, head: np.ndarray,
-                 class_code: np.ndarray | None = None) -> FlipNumbers:
+def flip_numbers(
+    correct_before: np.ndarray,
+    correct_after: np.ndarray,
+    margin_before: np.ndarray,
+    margin_after: np.ndarray,
+    top1_before: np.ndarray,
+    top1_after: np.ndarray,
+    head: np.ndarray,
+    class_code: np.ndarray | None = None,
+) -> FlipNumbers:
     """Every flip number of one before/after pair of the same positions.
 
     ``head``: whether each position's target is in the 100+ frequency bucket; ``class_code``: index into
@@ -108,5 +115,12 @@ def flip_numbers(correct_before: np.ndarray, correct_after: np.ndarray, margin_b
     return numbers
 
 
-__all__ = ["ratio", "finite_or_none", "none_to_nan", "flip_sign", "relative_median_margin_change", "FlipNumbers",
-           "flip_numbers"]
+__all__ = [
+    "ratio",
+    "finite_or_none",
+    "none_to_nan",
+    "flip_sign",
+    "relative_median_margin_change",
+    "FlipNumbers",
+    "flip_numbers",
+]

@@ -16,8 +16,8 @@ seeds, the spread of the per-seed paired differences gives a Student t interval.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class BlockIndex:
     sizes: np.ndarray
 
     @classmethod
-    def from_labels(cls, block_of: np.ndarray) -> "BlockIndex":
+    def from_labels(cls, block_of: np.ndarray) -> BlockIndex:
         """From one block label per position (any integers; positions of a block need not be adjacent)."""
         labels = np.asarray(block_of)
         if labels.ndim != 1 or labels.size == 0:
@@ -71,15 +71,17 @@ def block_resamples(blocks: BlockIndex, n_resamples: int, seed: int | None = 0) 
             yield blocks.positions_of(drawn)
 
 
-def block_bootstrap_distribution(statistic: Callable[[np.ndarray], float | np.ndarray], blocks: BlockIndex,
-                                 n_resamples: int, seed: int | None = 0) -> np.ndarray:
+def block_bootstrap_distribution(
+    statistic: Callable[[np.ndarray], float | np.ndarray], blocks: BlockIndex, n_resamples: int, seed: int | None = 0
+) -> np.ndarray:
     """``statistic(position_indices)`` on each block resample: ``[n_resamples]`` or ``[n_resamples, ...]``.
 
     One stream drives every number a statistic returns, so differences between its entries (a run and
     its control) are paired: both are computed on the same resampled blocks.
     """
-    return np.stack([np.asarray(statistic(index), dtype=np.float64)
-                     for index in block_resamples(blocks, n_resamples, seed)])
+    return np.stack(
+        [np.asarray(statistic(index), dtype=np.float64) for index in block_resamples(blocks, n_resamples, seed)]
+    )
 
 
 def paired_interval(samples: np.ndarray, control_samples: np.ndarray, confidence: float = 0.95) -> Interval:
@@ -87,8 +89,9 @@ def paired_interval(samples: np.ndarray, control_samples: np.ndarray, confidence
     resamples (axis 0), so the difference keeps the pairing. A run against itself gives a zero-width interval."""
     samples, control_samples = np.asarray(samples, np.float64), np.asarray(control_samples, np.float64)
     if samples.shape != control_samples.shape:
-        raise ValueError(f"paired bootstrap samples must have one shape, got {samples.shape} and "
-                         f"{control_samples.shape}")
+        raise ValueError(
+            f"paired bootstrap samples must have one shape, got {samples.shape} and {control_samples.shape}"
+        )
     return percentile_interval(samples - control_samples, confidence)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 CLASSES = ("structural", "numeric", "function", "entity", "content", "other")
-PAPER_CLASS_NAMES = dict(zip(CLASSES, ("structural", "numeric", "function_word", "entity_like", "content_word",
-                                       "fragment_other")))
+PAPER_CLASS_NAMES = dict(
+    zip(CLASSES, ("structural", "numeric", "function_word", "entity_like", "content_word", "fragment_other"))
+)
 BUCKETS = ("1", "2-4", "5-19", "20-99", "100+")
 BUCKET_LOWER_EDGES = (2, 5, 20, 100)  # a count c falls in bucket searchsorted(edges, c, side="right")
 HEAD_BUCKET = "100+"  # the head share is net(targets in this bucket) / net
@@ -31,14 +32,16 @@ ENTITY = re.compile(r"[A-Z][A-Za-z]+\Z|[A-Z]{2,}\Z")  # capitalized word, or an 
 
 # The paper's 118 function words, as listed there ("it's" included: it can never match, since only
 # ASCII-letter tokens are looked up, but the list is kept whole).
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
     a an the and or but if then than that this these those to of in on at by for from with without about
     over under through into onto off up down out as is are was were be been being am do does did doing
     have has had having can could will would shall should may might must not no nor so because while
     where when who whom whose which what why how it its it's he him his she her hers they them their
     theirs we us our ours you your yours i me my mine there here also more most some any each every all
     both either neither few many much such own same other
-""".split())
+""".split()
+)
 
 
 def is_structural(text: str) -> bool:

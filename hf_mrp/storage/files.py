@@ -11,8 +11,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -248,8 +249,11 @@ def write_parquet(path: str | Path, columns: dict[str, np.ndarray]) -> None:
 def _unreadable(path: Path, error: Exception) -> Exception:
     from ..errors import MRPUserError
 
-    reason = "it is missing" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: " + (
-        str(error).strip().splitlines()[0] if str(error).strip() else "unreadable")
+    reason = (
+        "it is missing"
+        if isinstance(error, FileNotFoundError)
+        else f"{type(error).__name__}: " + (str(error).strip().splitlines()[0] if str(error).strip() else "unreadable")
+    )
     return MRPUserError(
         f"cannot read {path} ({reason}); the folder is incomplete or was changed by hand: write it again "
         "(rerun the command that made it) or pass another folder"
@@ -292,7 +296,7 @@ def ensure_output_dir(path: str | Path) -> Path:
     from ..errors import MRPUserError
 
     if path is None or not str(path).strip():
-        raise MRPUserError(f"output_dir is empty ({str(path)!r}); pass a folder path (\".\" for the current folder)")
+        raise MRPUserError(f'output_dir is empty ({str(path)!r}); pass a folder path ("." for the current folder)')
     if "\0" in str(path):
         raise MRPUserError(f"output_dir {str(path)!r} holds a NUL byte; pass a folder path")
     path = Path(path)

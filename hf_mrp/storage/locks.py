@@ -18,8 +18,9 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from ..errors import MRPUserError
 
@@ -59,7 +60,8 @@ def current_command() -> str:
 def _holder(handle, patience: float = 2.0) -> str:
     """Who holds the lock, from what the holder writes into the lock file right after taking it (waiting
     up to ``patience`` seconds for a holder that has just taken it)."""
-    record, deadline = {}, time.monotonic() + patience
+    record: dict[str, Any] = {}
+    deadline = time.monotonic() + patience
     while not record and time.monotonic() < deadline:
         try:
             handle.seek(0)
@@ -108,8 +110,12 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
                 f"output_dir {folder} is in use by another run ({_holder(handle)}); wait for it to finish, "
                 f"or pass another --output_dir"
             ) from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "command": redacted(command) if command else current_command(), "started": time.time()}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": redacted(command) if command else current_command(),
+            "started": time.time(),
+        }
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(record))

@@ -6,8 +6,8 @@ import logging
 
 from torch import nn
 
-from ..errors import MRPUserError
 from ..compat import peft_accepts_target, peft_all_linear
+from ..errors import MRPUserError
 from ..models import decoder_layers, output_head
 
 logger = logging.getLogger(__name__)
@@ -101,5 +101,7 @@ def prepare_model(model: nn.Module, args, peft_config=None) -> nn.Module:
             f"{type(model).__name__} ({' '.join(decoder_linear_names(model)) or 'none found'}) or 'all-linear'"
         ) from error
     if args.gradient_checkpointing:
-        model.enable_input_require_grads()  # PEFT + checkpointing: inputs must carry grad for the adapters
+        # PEFT + checkpointing: inputs must carry grad for the adapters (ignore: torch types a Module attribute
+        # as Tensor | Module, so no method of a model is callable to mypy)
+        model.enable_input_require_grads()  # type: ignore[operator]
     return model

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
@@ -22,6 +23,9 @@ from ..audit.geometry import AuditResult, load_audit, run_audit
 from ..data import Blocks
 from ..errors import MRPUserError
 from .tables import flip_tables, log_tables
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -96,26 +100,49 @@ class MRPAuditCallback(TrainerCallback):
         self.baseline_dir = None if baseline_dir is None else Path(baseline_dir)
         self.provenance = provenance or {}
         self.audit_on_evaluate = audit_on_evaluate
-        self.trainer = None
+        self.trainer: Trainer | None = None
         self.baseline: AuditResult | None = None
         self.latest: AuditResult | None = None
         self.comparison: dict | None = None
         self._pending_baseline_log: dict[str, float] | None = None
 
-    def attach(self, trainer) -> "MRPAuditCallback":
+    def attach(self, trainer) -> MRPAuditCallback:
         """Register with a (plain or MRP) Trainer, ahead of the reporters so its logs reach them."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.callback_handler.callbacks.insert(0, self)
         return self
 
+    def _attached(self) -> Trainer:
+        if self.trainer is None:
+            raise MRPUserError(
+                "MRPAuditCallback logs through its trainer: use MRPTrainer(callbacks=[...]) "
+                "or callback.attach(trainer) for a plain Trainer"
+            )
+        return self.trainer
+
+    def _folder(self, name: str) -> Path:
+        if self.output_dir is None:
+            raise MRPUserError(
+                "MRPAuditCallback has no output_dir yet: pass output_dir=..., or let training start "
+                "(it then writes under the Trainer's output_dir)"
+            )
+        return self.output_dir / name
+
     def audit(self, model, folder: str) -> AuditResult:
         """Audit ``model`` on the blocks into ``output_dir / folder`` (the sweep's shared baseline is one too)."""
-        return run_audit(model, self.blocks, output_dir=self.output_dir / folder, batch_size=self.batch_size,
-                         chunk_size=self.chunk_size, provenance=self.provenance, progress=False)
+        return run_audit(
+            model,
+            self.blocks,
+            output_dir=self._folder(folder),
+            batch_size=self.batch_size,
+            chunk_size=self.chunk_size,
+            provenance=self.provenance,
+            progress=False,
+        )
 
     def _cached_baseline(self) -> AuditResult | None:
-        for folder in filter(None, (self.baseline_dir, self.output_dir / "audit_before")):
+        for folder in filter(None, (self.baseline_dir, self._folder("audit_before"))):
             if (folder / "audit.json").is_file():
                 cached = load_audit(folder)
                 if cached.blocks.fingerprint() == self.blocks.fingerprint():
@@ -124,9 +151,7 @@ class MRPAuditCallback(TrainerCallback):
         return None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.trainer is None:
-            raise MRPUserError("MRPAuditCallback logs through its trainer: use MRPTrainer(callbacks=[...]) "
-                               "or callback.attach(trainer) for a plain Trainer")
+        self._attached()
         self.output_dir = self.output_dir or Path(args.output_dir)
         self.baseline = self._cached_baseline()
         if self.baseline is None:
@@ -138,7 +163,8 @@ class MRPAuditCallback(TrainerCallback):
             self.baseline = self.audit(model, "audit_before")
         if state.global_step == 0:  # step 0: the baseline against itself (no flips by definition)
             self._pending_baseline_log = audit_scalars(
-                compare_audits(self.baseline, self.baseline, self.decode), self.baseline)
+                compare_audits(self.baseline, self.baseline, self.decode), self.baseline
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._flush_baseline_log()
@@ -147,7 +173,7 @@ class MRPAuditCallback(TrainerCallback):
         """Log the step-0 scalars once every reporter has run its own on_train_begin (set its log dir)."""
         if self._pending_baseline_log is not None:
             scalars, self._pending_baseline_log = self._pending_baseline_log, None
-            self.trainer.log(scalars)
+            self._attached().log(scalars)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self.audit_on_evaluate and self.baseline is not None:
@@ -159,11 +185,12 @@ class MRPAuditCallback(TrainerCallback):
         self._audit_compare_log(model, "audit_after", "comparison")
 
     def _audit_compare_log(self, model, audit_folder: str, comparison_folder: str) -> None:
+        trainer, baseline = self._attached(), self.baseline
+        assert baseline is not None  # taken (or read) in on_train_begin
         self.latest = self.audit(model, audit_folder)
-        self.comparison = compare_audits(self.baseline, self.latest, self.decode)
-        if self.trainer.is_world_process_zero():
-            write_comparison(self.comparison, self.baseline, self.latest, self.output_dir / comparison_folder)
-        self.trainer.log(audit_scalars(self.comparison, self.latest))
-        if self.trainer.is_world_process_zero():
-            log_tables(self.trainer.callback_handler.callbacks, flip_tables(self.comparison),
-                       self.trainer.state.global_step)
+        self.comparison = compare_audits(baseline, self.latest, self.decode)
+        if trainer.is_world_process_zero():
+            write_comparison(self.comparison, baseline, self.latest, self._folder(comparison_folder))
+        trainer.log(audit_scalars(self.comparison, self.latest))
+        if trainer.is_world_process_zero():
+            log_tables(trainer.callback_handler.callbacks, flip_tables(self.comparison), trainer.state.global_step)

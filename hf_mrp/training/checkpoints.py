@@ -42,8 +42,11 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 def _check_checkpoint(folder: Path, output_dir: Path) -> None:
     """A checkpoint to resume from must be a folder whose trainer_state.json (written last) is whole."""
     available = complete_checkpoints(output_dir)
-    hint = (f"complete checkpoints in {output_dir}: {', '.join(p.name for p in available)}" if available
-            else f"{output_dir} holds no complete checkpoint; train from scratch (drop --resume_from_checkpoint)")
+    hint = (
+        f"complete checkpoints in {output_dir}: {', '.join(p.name for p in available)}"
+        if available
+        else f"{output_dir} holds no complete checkpoint; train from scratch (drop --resume_from_checkpoint)"
+    )
     if not folder.is_dir():
         raise MRPUserError(
             f"resume_from_checkpoint {str(folder)!r} is not a folder; pass a checkpoint-N folder ({hint})"

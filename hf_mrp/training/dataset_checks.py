@@ -54,4 +54,3 @@ def check_weights(dataset, name: str, batch: int = 256) -> None:
                     f"(0 leaves a position out of the objective)"
                 )
         row += len(rows[WEIGHTS_COLUMN])
-

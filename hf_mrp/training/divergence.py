@@ -60,10 +60,11 @@ def drop_checkpoints_after(output_dir: str | Path, last_finite_step: int, step: 
 def diverged(trainer, step: int, problem: str, last_finite_step: int) -> TrainingDiverged:
     """The one-line failure: the step, what went non-finite, the likely cause, and what is (not) on disk."""
     args = trainer.args
-    removed, kept = ([], None)
+    removed: list[str] = []
+    kept: str | None = None
     if trainer.is_world_process_zero():
         removed, kept = drop_checkpoints_after(args.output_dir, last_finite_step, trainer.state.global_step)
-    kept_text = (f"the last finite checkpoint is {kept}" if kept else "no checkpoint of finite weights was saved")
+    kept_text = f"the last finite checkpoint is {kept}" if kept else "no checkpoint of finite weights was saved"
     if removed:
         kept_text += f" ({', '.join(removed)}, saved after the weights went non-finite, was removed)"
     return TrainingDiverged(
@@ -81,8 +82,11 @@ def check_weights(trainer) -> None:
     if not weights_are_finite(trainer):
         last = getattr(trainer, "_finite_weights_step", None)
         last = step - 1 if last is None else last
-        problem = ("its update made the trainable weights non-finite (NaN/inf)" if step else
-                   "the trainable weights are not finite (NaN/inf) before the first update")
+        problem = (
+            "its update made the trainable weights non-finite (NaN/inf)"
+            if step
+            else "the trainable weights are not finite (NaN/inf) before the first update"
+        )
         raise diverged(trainer, step, problem, last)
     trainer._finite_weights_step = step
 
@@ -93,9 +97,20 @@ def count_nonfinite_batch(trainer, skipped: bool) -> None:
     limit = MAX_NONFINITE_STEPS * max(int(trainer.args.gradient_accumulation_steps), 1)
     if trainer._consecutive_nonfinite >= limit:
         step = trainer.state.global_step
-        raise diverged(trainer, step + 1, f"the loss or the MRP objective was not finite (NaN/inf) for {limit} batches "
-                                          f"in a row ({MAX_NONFINITE_STEPS} steps)", step)
+        raise diverged(
+            trainer,
+            step + 1,
+            f"the loss or the MRP objective was not finite (NaN/inf) for {limit} batches "
+            f"in a row ({MAX_NONFINITE_STEPS} steps)",
+            step,
+        )
 
 
-__all__ = ["MAX_NONFINITE_STEPS", "TrainingDiverged", "check_weights", "count_nonfinite_batch", "weights_are_finite",
-           "drop_checkpoints_after"]
+__all__ = [
+    "MAX_NONFINITE_STEPS",
+    "TrainingDiverged",
+    "check_weights",
+    "count_nonfinite_batch",
+    "weights_are_finite",
+    "drop_checkpoints_after",
+]

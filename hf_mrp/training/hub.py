@@ -57,8 +57,11 @@ def _copy_tree(source: Path, target: Path, keep=lambda path: True) -> None:
 
 def model_files(checkpoint: Path) -> list[Path]:
     """The files of a checkpoint that make up the model (adapter, config, tokenizer): no trainer state."""
-    return [p for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name not in NEVER_PUSHED
-            and not p.name.startswith(("rng_state", "."))]
+    return [
+        p
+        for p in sorted(checkpoint.iterdir())
+        if p.is_file() and p.name not in NEVER_PUSHED and not p.name.startswith(("rng_state", "."))
+    ]
 
 
 def tensorboard_dir(output_dir: Path) -> Path:
@@ -93,9 +96,17 @@ class HubPushCallback(TrainerCallback):
     ``card``: a function (output_dir, step) -> model card Markdown or None, for the pushed README.md.
     """
 
-    def __init__(self, repo_id: str, output_dir: str | Path | None = None, token: str | None = None,
-                 private: bool | None = None, hub_strategy: str = "every_save", revision: str | None = None,
-                 always_push: bool = False, card=None):
+    def __init__(
+        self,
+        repo_id: str,
+        output_dir: str | Path | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+        hub_strategy: str = "every_save",
+        revision: str | None = None,
+        always_push: bool = False,
+        card=None,
+    ):
         strategy = str(getattr(hub_strategy, "value", hub_strategy))
         if strategy not in STRATEGIES:
             raise MRPUserError(f"unknown hub_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -144,8 +155,9 @@ class HubPushCallback(TrainerCallback):
             if not self._repo_ready:
                 api.create_repo(self.repo_id, private=self.private, exist_ok=True)
                 self._repo_ready = True
-            api.upload_folder(folder_path=str(staging), repo_id=self.repo_id, commit_message=message,
-                              revision=self.revision)
+            api.upload_folder(
+                folder_path=str(staging), repo_id=self.repo_id, commit_message=message, revision=self.revision
+            )
             self.pushed.append(step)
         except Exception as error:  # offline, DNS, auth, HTTP: training goes on, local files are untouched
             self._record_failure(step, error)
@@ -167,14 +179,16 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, ignore_patterns=FINAL_IGNORE,
+            folder_path=str(folder),
+            repo_id=repo_id,
+            ignore_patterns=FINAL_IGNORE,
             commit_message="hf_mrp: margin-refined adapter with geometry audits",
         )
     except Exception as error:  # offline, DNS, auth, HTTP: the local files are complete either way
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MRPUserError(
-            f"push to the Hub repo {repo_id!r} failed ({type(error).__name__}: {reason}); nothing is lost: the adapter, "
-            f"model card and audits are in {folder}. Push them later from a machine with network and a token: "
+            f"push to the Hub repo {repo_id!r} failed ({type(error).__name__}: {reason}); nothing is lost: the "
+            f"adapter, model card and audits are in {folder}. Push them later from a machine with network and a token: "
             f"`hf upload {repo_id} {folder}`"
         ) from None
     return str(getattr(commit, "commit_url", commit))

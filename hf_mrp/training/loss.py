@@ -12,6 +12,8 @@ FSDP / ZeRO-3 need W only while the head runs.
 from __future__ import annotations
 
 import sys
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     parallel, compiled = _wrapper_types()
     while True:
         if isinstance(model, parallel):
-            model = model.module
+            model = model.module  # type: ignore[assignment]  # torch types Module.__getattr__ as Tensor | Module
         elif isinstance(model, compiled):
             model = compiled_inner(model)
         else:
@@ -57,7 +59,7 @@ def forward_with_mrp_loss(
     shift_labels: torch.Tensor | None = None,
     with_entropy: bool = False,
     with_logits: bool = False,
-) -> tuple[MRPLossSums, object]:
+) -> tuple[MRPLossSums, Any]:
     """Run ``model(**inputs)`` with the MRP loss sums computed in its head; returns (sums, outputs).
 
     ``labels`` are aligned with ``input_ids`` (position t predicts ``labels[t + 1]``; -100 = ignored), or
@@ -73,8 +75,11 @@ def forward_with_mrp_loss(
     """
     inner = unwrap(model)
     targets = shift_labels if shift_labels is not None else labels[:, 1:]
-    weights = None if position_weights is None else (position_weights if shift_labels is not None
-                                                      else position_weights[:, 1:])
+    weights = (
+        None
+        if position_weights is None
+        else (position_weights if shift_labels is not None else position_weights[:, 1:])
+    )
     check_token_ids(targets, vocab_size(inner), what="labels", ignore_index=IGNORE_INDEX)
     transform = logit_transform(inner)
     result: dict[str, MRPLossSums] = {}
@@ -82,8 +87,16 @@ def forward_with_mrp_loss(
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         states = hidden if shift_labels is not None else hidden[:, :-1]
         aligned_targets, aligned_weights = _aligned_with(states, targets, weights)
-        result["sums"] = mrp_loss_sums(states, weight, aligned_targets, settings, bias=bias,
-                                       position_weights=aligned_weights, transform=transform, with_entropy=with_entropy)
+        result["sums"] = mrp_loss_sums(
+            states,
+            weight,
+            aligned_targets,
+            settings,
+            bias=bias,
+            position_weights=aligned_weights,
+            transform=transform,
+            with_entropy=with_entropy,
+        )
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
     with head_replaced(inner, compute):

@@ -12,37 +12,50 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
 from .checkpoints import check_resume_target
-from .loss import unwrap
 from .divergence import check_weights, count_nonfinite_batch
+from .loss import unwrap
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("loss_ce", "loss_mrp", "mean_margin")
 SKIPPED_KEY = "nonfinite_skipped"
 
+if TYPE_CHECKING:  # the type checker sees the Trainer the mixin is mixed ahead of; at run time a plain base
+    from transformers import Trainer as _TrainerBase
 
-class MRPTrainerMixin:
+    from .config import MRPConfig
+else:
+    _TrainerBase = object
+
+
+class MRPTrainerMixin(_TrainerBase):
     """Loss normalization, recording, the non-finite guard and logging shared by the MRP trainers."""
 
+    if TYPE_CHECKING:  # what Trainer.__init__ has set before any method here runs
+        model: torch.nn.Module
+        args: MRPConfig  # or MRPSFTConfig: the same MRP fields
+
     def _init_mrp_state(self) -> None:
-        """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid shifted positions / num_items_in_batch, like
-        the models' own CE: the Trainer counts those items (over labels[..., 1:]) and skips its own GA rescaling."""
+        """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid
+        shifted positions / num_items_in_batch, like the models' own CE: the Trainer counts those items (over
+        labels[..., 1:]) and skips its own GA rescaling."""
         vocab = vocab_size(self.model)
         if self.args.mrp_top_k > vocab:
             raise MRPUserError(f"mrp_top_k ({self.args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._mrp_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._mrp_sums: dict[str, defaultdict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._guard_nonfinite = False  # on while training_step runs compute_loss
         self._skip_batch = False  # set by compute_loss: this micro-batch's loss was not finite (on some rank)
         self._nonfinite_skipped = 0  # skipped micro-batches in this process's training
-        self._skipped_before = None  # the count logged before a resume (read from the restored log history)
+        self._skipped_before: int | None = None  # the count logged before a resume (read from the restored log history)
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
         probe_logit_transform(unwrap(self.model))
         for callback in list(self.callback_handler.callbacks):
@@ -96,8 +109,13 @@ class MRPTrainerMixin:
         parts = torch.stack([sums.ce.detach(), sums.objective.detach(), loss.detach().float()])
         nonfinite = (~torch.isfinite(parts)).any().double()
         local = torch.stack(
-            [sums.ce.detach().double(), sums.objective.detach().double(), sums.margin.detach().double(),
-             torch.tensor(float(sums.n_positions), device=sums.ce.device, dtype=torch.float64), nonfinite]
+            [
+                sums.ce.detach().double(),
+                sums.objective.detach().double(),
+                sums.margin.detach().double(),
+                torch.tensor(float(sums.n_positions), device=sums.ce.device, dtype=torch.float64),
+                nonfinite,
+            ]
         )
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         mode = "train" if self.model.training else "eval"
@@ -112,8 +130,12 @@ class MRPTrainerMixin:
         """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix, and
         failing (divergence.TrainingDiverged) when the final weights are not finite."""
         check_resume_target(resume_from_checkpoint, self.args.output_dir)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        output = super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
         check_weights(self)  # the last update too: a run that ends with non-finite weights is no success
         return output
 
@@ -148,7 +170,9 @@ class MRPTrainerMixin:
             logger.warning(
                 "step %d: the loss or the MRP objective of a training batch is not finite (NaN/inf); skipped it "
                 "(no gradient from it), %d skipped so far. Check the data (e.g. mrp_weights), the learning rate "
-                "and mrp_lambda", self.state.global_step + 1, self._skipped_total(),
+                "and mrp_lambda",
+                self.state.global_step + 1,
+                self._skipped_total(),
             )
         return torch.zeros_like(loss)
 

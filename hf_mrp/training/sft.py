@@ -56,8 +56,10 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
         super().__post_init__()
         check_training_settings(self)
         if self.loss_type != "nll":
-            raise MRPUserError(f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
-                               "replace that CE: use loss_type='nll' (the default)")
+            raise MRPUserError(
+                f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
+                "replace that CE: use loss_type='nll' (the default)"
+            )
 
 
 def as_mrp_sft_config(args: TrainingArguments) -> MRPSFTConfig:
@@ -66,11 +68,14 @@ def as_mrp_sft_config(args: TrainingArguments) -> MRPSFTConfig:
     if isinstance(args, MRPSFTConfig):
         return args
     if isinstance(args, MRPConfig):
-        raise MRPUserError("MRPSFTTrainer takes MRPSFTConfig (adapters come from peft_config), not MRPTrainer's "
-                           "MRPConfig: build MRPSFTConfig(...) with the same mrp_* values")
+        raise MRPUserError(
+            "MRPSFTTrainer takes MRPSFTConfig (adapters come from peft_config), not MRPTrainer's "
+            "MRPConfig: build MRPSFTConfig(...) with the same mrp_* values"
+        )
     if not isinstance(args, TrainingArguments):
-        raise MRPUserError(f"MRPSFTTrainer needs args=MRPSFTConfig(...) or TrainingArguments, got "
-                           f"{type(args).__name__}")
+        raise MRPUserError(
+            f"MRPSFTTrainer needs args=MRPSFTConfig(...) or TrainingArguments, got {type(args).__name__}"
+        )
     values = args.to_dict()
     for key in values:
         if key.endswith("_token"):  # to_dict masks these (hub_token, SFTConfig's eos_token / pad_token)
@@ -91,14 +96,17 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             args = MRPSFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MRP-SFT")
         args = as_mrp_sft_config(args)
         if kwargs.get("compute_loss_func") is not None:
-            raise MRPUserError("MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); "
-                               "drop compute_loss_func")
+            raise MRPUserError(
+                "MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); drop compute_loss_func"
+            )
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
         super().__init__(model, args=args, **kwargs)
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
-            raise MRPUserError("MRPSFTTrainer does not support sequence parallelism (sp_size > 1): its loss reduction "
-                               "is TRL's own fused head; use data parallelism or FSDP2")
+            raise MRPUserError(
+                "MRPSFTTrainer does not support sequence parallelism (sp_size > 1): its loss reduction "
+                "is TRL's own fused head; use data parallelism or FSDP2"
+            )
         self._init_mrp_state()
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -109,10 +117,19 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             inputs["output_router_logits"] = True
         labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
         if labels is None and shift_labels is None:
-            raise MRPUserError("the batch holds no labels; let MRPSFTTrainer prepare the dataset (its collator makes "
-                               "them), or add a labels column (-100 = no loss)")
-        sums, outputs = forward_with_mrp_loss(model, inputs, labels, self.args.mrp_settings,
-                                              shift_labels=shift_labels, with_entropy=True, with_logits=with_logits)
+            raise MRPUserError(
+                "the batch holds no labels; let MRPSFTTrainer prepare the dataset (its collator makes "
+                "them), or add a labels column (-100 = no loss)"
+            )
+        sums, outputs = forward_with_mrp_loss(
+            model,
+            inputs,
+            labels,
+            self.args.mrp_settings,
+            shift_labels=shift_labels,
+            with_entropy=True,
+            with_logits=with_logits,
+        )
         loss = self._normalized_loss(sums, num_items_in_batch)
         if self.aux_loss_enabled:  # as SFTTrainer: a per-micro-batch mean, spread over the accumulation steps
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
@@ -125,15 +142,17 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
 
     def _reduced(self, values: list[float], device: torch.device) -> list[float]:
         local = torch.tensor(values, dtype=torch.float64, device=device)
-        return (self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1
-                else local).tolist()
+        return (
+            self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        ).tolist()
 
     def _record_sft_metrics(self, mode: str, sums, inputs: dict, outputs) -> None:
         """TRL's metrics from the fused pass: entropy and top-1 accuracy over the loss positions (a mean per
         micro-batch over all processes, as SFTTrainer logs them) and the running count of input tokens."""
         device = sums.ce.device
         entropy, correct, valid = self._reduced(
-            [float(sums.entropy), float(sums.n_correct), float(sums.n_positions)], device)
+            [float(sums.entropy), float(sums.n_correct), float(sums.n_positions)], device
+        )
         self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
         if mode == "train":

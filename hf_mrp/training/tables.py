@@ -43,6 +43,7 @@ def flip_tables(comparison: dict) -> dict[str, Table]:
 
 def markdown(columns: list[str], rows: list[list]) -> str:
     """A table as Markdown (TensorBoard's Text tab renders it)."""
+
     def cell(column: str, value) -> str:
         if column == "token":
             return escape_token(value)
@@ -58,7 +59,9 @@ def _log_trackio(callback, tables: dict[str, Table], step: int) -> bool:
     trackio = trackio_module(callback)
     if trackio is None:
         return False
-    record = {TABLE_PREFIX + name: trackio.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()}
+    record = {
+        TABLE_PREFIX + name: trackio.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()
+    }
     trackio.log({**record, "train/global_step": step})
     return True
 

@@ -23,8 +23,8 @@ from transformers import Trainer, default_data_collator, set_seed
 from ..errors import MRPUserError
 from .adapters import prepare_model
 from .config import MRPConfig
-from .loss import forward_with_mrp_loss, router_aux_loss, without_logits
 from .dataset_checks import WEIGHTS_COLUMN, check_weights, streamed_columns
+from .loss import forward_with_mrp_loss, router_aux_loss, without_logits
 from .mrp_mixin import METRICS, SKIPPED_KEY, MRPTrainerMixin
 
 __all__ = ["MRPTrainer", "METRICS", "SKIPPED_KEY", "WEIGHTS_COLUMN"]
@@ -47,8 +47,10 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
                 "hf_mrp.load_model_and_tokenizer(name) or AutoModelForCausalLM.from_pretrained(name)"
             )
         if kwargs.get("compute_loss_func") is not None:
-            raise MRPUserError("MRPTrainer computes its own loss (CE + mrp_lambda * objective, in the output head); "
-                               "drop compute_loss_func, or use transformers.Trainer for a loss of your own")
+            raise MRPUserError(
+                "MRPTrainer computes its own loss (CE + mrp_lambda * objective, in the output head); "
+                "drop compute_loss_func, or use transformers.Trainer for a loss of your own"
+            )
         for name in ("train_dataset", "eval_dataset"):
             _check_dataset(kwargs.get(name), name, columns=data_collator is None)
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
@@ -58,6 +60,7 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
+        assert self._signature_columns is not None  # the call above has set them
         for column in ("labels", WEIGHTS_COLUMN):
             if column not in self._signature_columns:  # else remove_unused_columns would drop them
                 self._signature_columns.append(column)
@@ -67,8 +70,9 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
         with_logits = self._logits_wanted(inputs, return_outputs)
         labels = inputs.pop("labels")
         weights = inputs.pop(WEIGHTS_COLUMN, None)
-        sums, outputs = forward_with_mrp_loss(model, inputs, labels, self.args.mrp_settings,
-                                              position_weights=weights, with_logits=with_logits)
+        sums, outputs = forward_with_mrp_loss(
+            model, inputs, labels, self.args.mrp_settings, position_weights=weights, with_logits=with_logits
+        )
         loss = self._normalized_loss(sums, num_items_in_batch)
         aux = router_aux_loss(model, outputs)
         if aux is not None:

@@ -49,10 +49,13 @@ class FlipAudit(evaluate.Metric):
         after, before, target = (np.asarray(x, dtype=np.int64) for x in (predictions, baseline_predictions, references))
         zeros = np.zeros(target.shape)
         numbers = flip_numbers(
-            before == target, after == target,
+            before == target,
+            after == target,
             zeros if baseline_margins is None else np.asarray(baseline_margins, dtype=np.float64),
             zeros if margins is None else np.asarray(margins, dtype=np.float64),
-            before, after, head=np.zeros(target.shape, dtype=bool),
+            before,
+            after,
+            head=np.zeros(target.shape, dtype=bool),
         )
         keys = ("w2r", "r2w", "net", "flip_ratio", "churn", "accuracy_before", "accuracy_after")
         if margins is not None and baseline_margins is not None:

@@ -10,8 +10,12 @@ from . import COMMANDS
 
 
 def make_parser(subparsers):
-    return subparsers.add_parser("audit", help=COMMANDS["audit"], description=COMMANDS["audit"],
-                                 dataclass_types=(ModelArguments, DataArguments, AuditArguments))
+    return subparsers.add_parser(
+        "audit",
+        help=COMMANDS["audit"],
+        description=COMMANDS["audit"],
+        dataclass_types=(ModelArguments, DataArguments, AuditArguments),
+    )
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, audit_args: AuditArguments) -> None:
@@ -28,7 +32,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, audit_args: Audit
         f"({fit.fit_points} points)  unique margins {s.n_unique_margins}"
     )
     if s.layers is not None:
-        print(f"{s.layers['lens']} lens: layers with negative Fisher-penalty vs CE correlation: "
-              f"{s.layers['negative_fisher_correlation']}")
-        print("KL(final || layer) by layer: " + " ".join(f"{row['layer']}:{row['mean_kl_to_final']:.3f}"
-                                                         for row in result.layers))
+        print(
+            f"{s.layers['lens']} lens: layers with negative Fisher-penalty vs CE correlation: "
+            f"{s.layers['negative_fisher_correlation']}"
+        )
+        print(
+            "KL(final || layer) by layer: "
+            + " ".join(f"{row['layer']}:{row['mean_kl_to_final']:.3f}" for row in result.layers)
+        )

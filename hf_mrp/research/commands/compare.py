@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ...audit.compare import compare_dirs
 from ...models import EMBEDDED_NAME, embedded_model_dir, load_tokenizer
-from ...storage.files import read_json
 from ...reporting.markdown import flip_summary_line
+from ...storage.files import read_json
 from ...storage.locks import owned_folder
 from . import COMMANDS
 
@@ -22,14 +22,17 @@ class CompareArguments:
     output_dir: str = field(metadata={"help": "folder for flip_audit.json, flip_audit.md and the plots"})
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "model id or folder whose tokenizer decodes tokens for the class breakdown; default: the "
-                          "model named in the audits' provenance when it is a local folder"},
+        metadata={
+            "help": "model id or folder whose tokenizer decodes tokens for the class breakdown; default: the "
+            "model named in the audits' provenance when it is a local folder"
+        },
     )
 
 
 def make_parser(subparsers):
-    return subparsers.add_parser("compare", help=COMMANDS["compare"], description=COMMANDS["compare"],
-                                 dataclass_types=(CompareArguments,))
+    return subparsers.add_parser(
+        "compare", help=COMMANDS["compare"], description=COMMANDS["compare"], dataclass_types=(CompareArguments,)
+    )
 
 
 def main(args: CompareArguments) -> None:

@@ -11,8 +11,12 @@ from . import COMMANDS
 
 
 def make_parser(subparsers):
-    return subparsers.add_parser("downstream", help=COMMANDS["downstream"], description=COMMANDS["downstream"],
-                                 dataclass_types=(ModelArguments, DownstreamArguments))
+    return subparsers.add_parser(
+        "downstream",
+        help=COMMANDS["downstream"],
+        description=COMMANDS["downstream"],
+        dataclass_types=(ModelArguments, DownstreamArguments),
+    )
 
 
 def main(model_args: ModelArguments, downstream_args: DownstreamArguments) -> None:

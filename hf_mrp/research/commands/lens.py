@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..arguments import DataArguments, ModelArguments
 from ...errors import MRPUserError, require_number
+from ..arguments import DataArguments, ModelArguments
 from . import COMMANDS
 
 ACTIONS = ("train",)
@@ -19,47 +19,75 @@ class LensArguments:
     action: str = field(default="train", metadata={"positional": True, "help": "What to do: train."})
     output_dir: str = field(default="outputs/lens", metadata={"help": "Folder for lens.safetensors and its config."})
     layers: str | None = field(
-        default=None, metadata={"help": "0-based layers to translate: 'all' (default; the last layer needs none), "
-                                        "'20-29' or '3,5,7'."},
+        default=None,
+        metadata={
+            "help": "0-based layers to translate: 'all' (default; the last layer needs none), '20-29' or '3,5,7'."
+        },
     )
     holdout_positions: int = field(
         default=16384,
-        metadata={"help": "Positions at the start of the data left out of training: those an audit with the same "
-                          "data flags and --max_positions up to this many evaluates (disjoint from the lens' own)."},
+        metadata={
+            "help": "Positions at the start of the data left out of training: those an audit with the same "
+            "data flags and --max_positions up to this many evaluates (disjoint from the lens' own)."
+        },
     )
     max_steps: int = field(default=60, metadata={"help": "Adam steps (constant learning rate)."})
     batch_positions: int = field(default=128, metadata={"help": "Training positions per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam's learning rate for the translators."})
     seed: int = field(default=0, metadata={"help": "Seed of each step's position draw."})
-    save_steps: int = field(default=25, metadata={"help": "Save (and allow resuming) every this many steps; 0: at "
-                                                          "the end only. A rerun into the folder resumes."})
+    save_steps: int = field(
+        default=25,
+        metadata={
+            "help": "Save (and allow resuming) every this many steps; 0: at "
+            "the end only. A rerun into the folder resumes."
+        },
+    )
     chunk_size: int = field(default=256, metadata={"help": "Positions per float32 [chunk x vocab] chunk of the loss."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass when reading hidden states."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh in a folder holding a lens trained with other settings."},
+        default=False,
+        metadata={"help": "Start afresh in a folder holding a lens trained with other settings."},
     )
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise MRPUserError(f"unknown lens action {self.action!r}; use `hf-mrp lens train`")
-        for name in ("holdout_positions", "max_steps", "batch_positions", "save_steps", "chunk_size", "batch_size",
-                     "seed"):
+        for name in (
+            "holdout_positions",
+            "max_steps",
+            "batch_positions",
+            "save_steps",
+            "chunk_size",
+            "batch_size",
+            "seed",
+        ):
             require_number(name, getattr(self, name), integer=True)
         if self.holdout_positions < 0 or self.batch_size < 1:
-            raise MRPUserError(f"holdout_positions must be >= 0 and batch_size >= 1, got {self.holdout_positions} "
-                               f"and {self.batch_size}")
+            raise MRPUserError(
+                f"holdout_positions must be >= 0 and batch_size >= 1, got {self.holdout_positions} "
+                f"and {self.batch_size}"
+            )
 
     def settings(self):
         from ...audit.tuned_lens import LensTrainingSettings
 
-        return LensTrainingSettings(max_steps=self.max_steps, batch_positions=self.batch_positions,
-                                    learning_rate=self.learning_rate, seed=self.seed, save_steps=self.save_steps,
-                                    chunk_size=self.chunk_size)
+        return LensTrainingSettings(
+            max_steps=self.max_steps,
+            batch_positions=self.batch_positions,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+            save_steps=self.save_steps,
+            chunk_size=self.chunk_size,
+        )
 
 
 def make_parser(subparsers):
-    parser = subparsers.add_parser("lens", help=COMMANDS["lens"], description=COMMANDS["lens"],
-                                   dataclass_types=(ModelArguments, DataArguments, LensArguments))
+    parser = subparsers.add_parser(
+        "lens",
+        help=COMMANDS["lens"],
+        description=COMMANDS["lens"],
+        dataclass_types=(ModelArguments, DataArguments, LensArguments),
+    )
     parser.set_defaults(max_positions=4096)  # training positions: a CPU-sized default
     return parser
 
@@ -77,10 +105,13 @@ def training_blocks(tokenizer, data_args: DataArguments, holdout_positions: int)
     skipped = -(-holdout_positions // per_block)
     remaining = blocks.n_positions - skipped * per_block
     if remaining <= 0:
-        raise MRPUserError(f"the data has {blocks.n_positions} positions, all within the {holdout_positions} held-out "
-                           "ones; pass more text, or a smaller --holdout_positions")
-    return Blocks(np.asarray(blocks.input_ids[skipped:]), min(remaining, data_args.max_positions), blocks.source,
-                  blocks.tokenizer)
+        raise MRPUserError(
+            f"the data has {blocks.n_positions} positions, all within the {holdout_positions} held-out "
+            "ones; pass more text, or a smaller --holdout_positions"
+        )
+    return Blocks(
+        np.asarray(blocks.input_ids[skipped:]), min(remaining, data_args.max_positions), blocks.source, blocks.tokenizer
+    )
 
 
 def _forget_lens(folder) -> None:
@@ -95,12 +126,11 @@ def _forget_lens(folder) -> None:
 def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensArguments) -> None:
     from accelerate import PartialState
 
-    from ...models import parse_layer_spec
     from ...audit.tuned_lens import train_tuned_lens
     from ...data import check_block_fits
-    from ...models import decoder_layers
-    from ..loading import load_model_from_arguments
+    from ...models import decoder_layers, parse_layer_spec
     from ...storage.locks import is_main_process, owned_folder
+    from ..loading import load_model_from_arguments
 
     state = PartialState()  # joins the process group under torchrun / accelerate launch: ranks shard each step
     settings = lens_args.settings()
@@ -114,14 +144,23 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
             _forget_lens(lens_args.output_dir)
         state.wait_for_everyone()
         start = time.perf_counter()
-        lens = train_tuned_lens(model, blocks, lens_args.output_dir, model_name=name, layers=layers,
-                                settings=settings, holdout_positions=lens_args.holdout_positions,
-                                batch_size=lens_args.batch_size)
+        lens = train_tuned_lens(
+            model,
+            blocks,
+            lens_args.output_dir,
+            model_name=name,
+            layers=layers,
+            settings=settings,
+            holdout_positions=lens_args.holdout_positions,
+            batch_size=lens_args.batch_size,
+        )
     if not state.is_main_process:
         return
     log = lens.config["log"]
     first, last = (log[0]["mean_kl"], log[-1]["mean_kl"]) if log else (float("nan"), float("nan"))
     reached = log[-1]["step"] if log else 0
-    print(f"tuned lens for layers {lens.layers[0]}-{lens.layers[-1]} on {blocks.n_positions} positions, "
-          f"{settings.max_steps} steps in {time.perf_counter() - start:.1f}s -> {lens_args.output_dir}\n"
-          f"training KL(final || layer), mean over layers: step 1 {first:.4f} -> step {reached} {last:.4f}")
+    print(
+        f"tuned lens for layers {lens.layers[0]}-{lens.layers[-1]} on {blocks.n_positions} positions, "
+        f"{settings.max_steps} steps in {time.perf_counter() - start:.1f}s -> {lens_args.output_dir}\n"
+        f"training KL(final || layer), mean over layers: step 1 {first:.4f} -> step {reached} {last:.4f}"
+    )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..arguments import DataArguments, ModelArguments
 from ...errors import MRPUserError
+from ...reporting.markdown import flip_summary_line
+from ...training import MRPConfig
+from ..arguments import DataArguments, ModelArguments
 from ..parser import MRPArgumentParser
 from ..presets import install_presets
 from ..refine import DEFAULTS, RefineArguments, refine
-from ...reporting.markdown import flip_summary_line
-from ...training import MRPConfig
 from . import COMMANDS
 
 ARGUMENT_TYPES = (ModelArguments, DataArguments, RefineArguments, MRPConfig)
@@ -20,8 +20,9 @@ def make_parser(subparsers=None) -> MRPArgumentParser:
     if subparsers is None:
         parser = MRPArgumentParser(ARGUMENT_TYPES, prog="hf-mrp refine")
     else:
-        parser = subparsers.add_parser("refine", help=COMMANDS["refine"], description=COMMANDS["refine"],
-                                       dataclass_types=ARGUMENT_TYPES)
+        parser = subparsers.add_parser(
+            "refine", help=COMMANDS["refine"], description=COMMANDS["refine"], dataclass_types=ARGUMENT_TYPES
+        )
     parser.set_defaults(**DEFAULTS)
     return install_presets(parser)  # --preset paper: the paper's released settings as defaults
 
@@ -46,9 +47,11 @@ def check_before_parsing(argv: list[str]) -> None:
     vocab = local_vocab_size(known.model)
     if vocab is not None and top_k > vocab:
         name = known.model or "the embedded SmolLM2"
-        raise MRPUserError(f"mrp_top_k {top_k} exceeds the vocabulary of {name} ({vocab:,} tokens): the Fisher "
-                           f"objective's top-k must be at most that; pass --mrp_top_k {vocab} or less "
-                           f"(the paper uses 5)")
+        raise MRPUserError(
+            f"mrp_top_k {top_k} exceeds the vocabulary of {name} ({vocab:,} tokens): the Fisher "
+            f"objective's top-k must be at most that; pass --mrp_top_k {vocab} or less "
+            f"(the paper uses 5)"
+        )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RefineArguments, MRPConfig]:

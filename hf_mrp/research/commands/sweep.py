@@ -7,7 +7,7 @@ recorded with the results."""
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from ...errors import MRPUserError
 from ..parser import MRPArgumentParser
@@ -16,9 +16,11 @@ from . import COMMANDS
 from .refine import parse_arguments as parse_refine_arguments
 
 FORWARDS_UNKNOWN_FLAGS = True
-EPILOG = ("Every other flag (model, data, --audit_positions, --holdout, MRPConfig / TrainingArguments such as "
-          "--max_steps, --lora_layers, --learning_rate, --block_size) passes through to every run, with the defaults "
-          "of examples/refine.py; `hf-mrp refine --help` lists them.")
+EPILOG = (
+    "Every other flag (model, data, --audit_positions, --holdout, MRPConfig / TrainingArguments such as "
+    "--max_steps, --lora_layers, --learning_rate, --block_size) passes through to every run, with the defaults "
+    "of examples/refine.py; `hf-mrp refine --help` lists them."
+)
 
 
 def make_parser(subparsers=None) -> MRPArgumentParser:
@@ -54,5 +56,7 @@ def main(args: SweepArguments, refine_argv: list[str], argv: list[str]) -> None:
     print("\n".join(summary_lines(results)))
     failed = [run["name"] for run in results.get("failed_runs", [])]
     if failed:
-        raise MRPUserError(f"{len(failed)} of {len(results['runs']) + len(failed)} runs failed (diverged): "
-                           f"{', '.join(failed)}; results.md lists them and why, the rows hold only the finished runs")
+        raise MRPUserError(
+            f"{len(failed)} of {len(results['runs']) + len(failed)} runs failed (diverged): "
+            f"{', '.join(failed)}; results.md lists them and why, the rows hold only the finished runs"
+        )

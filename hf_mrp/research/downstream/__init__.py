@@ -9,16 +9,50 @@ lm-evaluation-harness is an optional dependency (``pip install "hf_mrp[eval]"``)
 only inside the functions that need it, so ``import hf_mrp.research.downstream`` always works.
 """
 
-from .evaluation import BOOTSTRAP_ITERS, DownstreamArguments, apply_adapter, compare_downstream, downstream_from_arguments
+from .evaluation import (
+    BOOTSTRAP_ITERS,
+    DownstreamArguments,
+    apply_adapter,
+    compare_downstream,
+    downstream_from_arguments,
+)
 from .report import (
-    METRIC_PREFERENCE, METRIC_RULE, build_report, mean_row, metric_values, report_markdown, select_metric, stderr_values,
-    summary_line, task_row, write_report,
+    METRIC_PREFERENCE,
+    METRIC_RULE,
+    build_report,
+    mean_row,
+    metric_values,
+    report_markdown,
+    select_metric,
+    stderr_values,
+    summary_line,
+    task_row,
+    write_report,
 )
 from .tasks import DEFAULT_TASKS, TaskSet, load_tasks, parse_task_names, prepare_tasks, require_lm_eval, task_manager
 
 __all__ = [
-    "BOOTSTRAP_ITERS", "DEFAULT_TASKS", "METRIC_PREFERENCE", "METRIC_RULE", "DownstreamArguments", "TaskSet",
-    "apply_adapter", "build_report", "compare_downstream", "downstream_from_arguments", "load_tasks", "mean_row",
-    "metric_values", "parse_task_names", "prepare_tasks", "report_markdown", "require_lm_eval", "select_metric",
-    "stderr_values", "summary_line", "task_manager", "task_row", "write_report",
+    "BOOTSTRAP_ITERS",
+    "DEFAULT_TASKS",
+    "METRIC_PREFERENCE",
+    "METRIC_RULE",
+    "DownstreamArguments",
+    "TaskSet",
+    "apply_adapter",
+    "build_report",
+    "compare_downstream",
+    "downstream_from_arguments",
+    "load_tasks",
+    "mean_row",
+    "metric_values",
+    "parse_task_names",
+    "prepare_tasks",
+    "report_markdown",
+    "require_lm_eval",
+    "select_metric",
+    "stderr_values",
+    "summary_line",
+    "task_manager",
+    "task_row",
+    "write_report",
 ]

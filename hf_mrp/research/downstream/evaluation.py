@@ -6,15 +6,16 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
-from ..arguments import ModelArguments, provenance
 from ...compat import size_mismatch_line
 from ...errors import MRPUserError
 from ...hub_access import offline_when_unreachable
 from ...storage.files import ensure_output_dir, read_json
+from ..arguments import ModelArguments, provenance
 from .report import build_report, write_report
 from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval, resolve_adapter
 
@@ -28,18 +29,20 @@ class DownstreamArguments:
     """What to evaluate. --model / --gguf_file (ModelArguments) choose the base model, as in `hf-mrp audit`."""
 
     adapter: str = field(
-        metadata={"help": "Folder of a PEFT adapter for the base model (adapter_config.json inside), "
-                          "e.g. the output_dir of examples/refine.py."}
+        metadata={
+            "help": "Folder of a PEFT adapter for the base model (adapter_config.json inside), "
+            "e.g. the output_dir of examples/refine.py."
+        }
     )
     tasks: list[str] = field(
         default_factory=lambda: list(DEFAULT_TASKS),
-        metadata={"help": "lm-eval task names (space- or comma-separated); default: the paper's six "
-                          "zero-shot tasks."},
+        metadata={"help": "lm-eval task names (space- or comma-separated); default: the paper's six zero-shot tasks."},
     )
     include_path: str | None = field(
         default=None,
-        metadata={"help": "Folder of extra lm-eval task YAMLs; relative data_files in them are read from "
-                          "the YAML's folder."},
+        metadata={
+            "help": "Folder of extra lm-eval task YAMLs; relative data_files in them are read from the YAML's folder."
+        },
     )
     limit: int | None = field(default=None, metadata={"help": "Examples per task (quick runs); default: all."})
     batch_size: int = field(default=8, metadata={"help": "Requests per forward pass."})
@@ -66,8 +69,13 @@ def evaluate(model, tokenizer, task_set: TaskSet, limit: int | None, batch_size:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with _quiet_stdout(), _single_process_bootstrap():
         return simple_evaluate(
-            model=lm, tasks=task_set.tasks, num_fewshot=0, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS,
-            log_samples=False, task_manager=task_set.manager,
+            model=lm,
+            tasks=task_set.tasks,
+            num_fewshot=0,
+            limit=limit,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=False,
+            task_manager=task_set.manager,
         )
 
 
@@ -147,8 +155,12 @@ def compare_downstream(
         tuned_model.unload()
     origin = dict(provenance or {})
     origin.setdefault("model", getattr(model, "name_or_path", None))
-    origin.update(adapter=str(adapter), adapter_base_model=_adapter_base(adapter), tasks=task_set.names,
-                  seconds=round(time.perf_counter() - start, 2))
+    origin.update(
+        adapter=str(adapter),
+        adapter_base_model=_adapter_base(adapter),
+        tasks=task_set.names,
+        seconds=round(time.perf_counter() - start, 2),
+    )
     origin["versions"] = {**origin.get("versions", {}), "lm_eval": lm_eval_version}
     return build_report(base, tuned, origin)
 
@@ -173,8 +185,13 @@ def downstream_from_arguments(model_args: ModelArguments, downstream_args: Downs
     if not model_args.load_in_4bit:  # bitsandbytes places 4-bit weights itself
         model.to(_device(downstream_args.device))
     report = compare_downstream(
-        model, tokenizer, downstream_args.adapter, task_set, limit=downstream_args.limit,
-        batch_size=downstream_args.batch_size, provenance=provenance(name, model_args, downstream_args),
+        model,
+        tokenizer,
+        downstream_args.adapter,
+        task_set,
+        limit=downstream_args.limit,
+        batch_size=downstream_args.batch_size,
+        provenance=provenance(name, model_args, downstream_args),
     )
     write_report(report, downstream_args.output_dir)
     return report

@@ -4,11 +4,12 @@ as downstream.json / downstream.md and one summary line. Pure: no lm-eval import
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ...storage.files import write_json, write_text
 from ...reporting.markdown import escape_cell, fmt_number, table
+from ...storage.files import write_json, write_text
 
 METRIC_PREFERENCE = ("acc_norm", "acc", "mc2", "mc1")
 METRIC_RULE = "acc_norm, else acc, else mc2, else mc1"
@@ -93,27 +94,44 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """downstream.md: one row per task and the mean, deltas signed, in points of the metric."""
     fmt_delta = lambda value: "n/a" if value is None else f"{value:+.4f}"  # noqa: E731
     rows = [
-        [escape_cell(name), escape_cell(row["metric"] or "n/a"), fmt_number(row["base"], 4),
-         fmt_number(row["adapter"], 4), fmt_delta(row["delta"]), fmt_number(row["base_stderr"], 4),
-         str(row["n_samples"] or "n/a")]
+        [
+            escape_cell(name),
+            escape_cell(row["metric"] or "n/a"),
+            fmt_number(row["base"], 4),
+            fmt_number(row["adapter"], 4),
+            fmt_delta(row["delta"]),
+            fmt_number(row["base_stderr"], 4),
+            str(row["n_samples"] or "n/a"),
+        ]
         for name, row in report["tasks"].items()
     ]
     mean = report["mean"]
-    rows.append([f"**mean ({_tasks(mean['n_tasks'])})**", "", fmt_number(mean["base"], 4),
-                 fmt_number(mean["adapter"], 4), fmt_delta(mean["delta"]), "", ""])
+    rows.append(
+        [
+            f"**mean ({_tasks(mean['n_tasks'])})**",
+            "",
+            fmt_number(mean["base"], 4),
+            fmt_number(mean["adapter"], 4),
+            fmt_delta(mean["delta"]),
+            "",
+            "",
+        ]
+    )
     origin = report["provenance"]
-    return "\n".join([
-        "# Downstream invariance: base vs base + adapter",
-        "",
-        f"- base model: {escape_cell(str(origin.get('model')))}",
-        f"- adapter: {escape_cell(str(origin.get('adapter')))}",
-        f"- lm-evaluation-harness {origin.get('versions', {}).get('lm_eval')}, zero-shot, "
-        f"limit {origin.get('arguments', {}).get('limit') or 'none'}",
-        f"- metric per task: {METRIC_RULE}; delta = adapter - base",
-        "",
-        table(["task", "metric", "base", "adapter", "delta", "base stderr", "examples"], rows),
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Downstream invariance: base vs base + adapter",
+            "",
+            f"- base model: {escape_cell(str(origin.get('model')))}",
+            f"- adapter: {escape_cell(str(origin.get('adapter')))}",
+            f"- lm-evaluation-harness {origin.get('versions', {}).get('lm_eval')}, zero-shot, "
+            f"limit {origin.get('arguments', {}).get('limit') or 'none'}",
+            f"- metric per task: {METRIC_RULE}; delta = adapter - base",
+            "",
+            table(["task", "metric", "base", "adapter", "delta", "base stderr", "examples"], rows),
+            "",
+        ]
+    )
 
 
 def _tasks(count: int) -> str:
@@ -126,8 +144,10 @@ def summary_line(report: Mapping[str, Any]) -> str:
     if mean["n_tasks"] == 0:
         return "no task reported acc_norm, acc, mc2 or mc1; see downstream.json for the metrics lm-eval gave"
     parts = [f"{name} {row['delta']:+.4f}" for name, row in report["tasks"].items() if row["delta"] is not None]
-    return (f"mean delta {mean['delta']:+.4f} over {_tasks(mean['n_tasks'])} "
-            f"(base {mean['base']:.4f} -> adapter {mean['adapter']:.4f}): " + ", ".join(parts))
+    return (
+        f"mean delta {mean['delta']:+.4f} over {_tasks(mean['n_tasks'])} "
+        f"(base {mean['base']:.4f} -> adapter {mean['adapter']:.4f}): " + ", ".join(parts)
+    )
 
 
 def write_report(report: Mapping[str, Any], output_dir: str | Path) -> None:

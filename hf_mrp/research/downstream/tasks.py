@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...compat import lm_eval_yaml_loader
 from ...errors import MRPUserError
@@ -46,15 +47,19 @@ def resolve_adapter(path: str | Path) -> Path:
     """The adapter folder, checked before the model loads so a typo costs nothing."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise MRPUserError(f"adapter folder not found: {path}; pass the folder a refine run wrote "
-                           "(e.g. --adapter outputs/refine, which holds adapter_config.json)")
+        raise MRPUserError(
+            f"adapter folder not found: {path}; pass the folder a refine run wrote "
+            "(e.g. --adapter outputs/refine, which holds adapter_config.json)"
+        )
     if not (folder / "adapter_config.json").is_file():
-        raise MRPUserError(f"{path} has no adapter_config.json, so it is not a PEFT adapter folder; pass the "
-                           "output_dir of examples/refine.py or a folder written by PeftModel.save_pretrained")
+        raise MRPUserError(
+            f"{path} has no adapter_config.json, so it is not a PEFT adapter folder; pass the "
+            "output_dir of examples/refine.py or a folder written by PeftModel.save_pretrained"
+        )
     return folder
 
 
-def task_manager(include_path: str | None) -> "TaskManager":
+def task_manager(include_path: str | None) -> TaskManager:
     """lm-eval's task index (built-in tasks plus ``include_path``); indexing takes ~5 s."""
     from lm_eval.tasks import TaskManager
 
@@ -63,7 +68,7 @@ def task_manager(include_path: str | None) -> "TaskManager":
     return TaskManager(include_path=include_path)
 
 
-def check_task_names(manager: "TaskManager", names: Sequence[str]) -> None:
+def check_task_names(manager: TaskManager, names: Sequence[str]) -> None:
     """Fail on unknown names before the model loads, suggesting the nearest known ones."""
     known = set(manager.all_tasks)
     for name in names:
@@ -78,7 +83,8 @@ def check_task_names(manager: "TaskManager", names: Sequence[str]) -> None:
 
 # ---------------------------------------------------------------- tasks and data
 
-def task_spec(manager: "TaskManager", name: str) -> str | dict[str, Any]:
+
+def task_spec(manager: TaskManager, name: str) -> str | dict[str, Any]:
     """``name``, or its full config with relative data_files made absolute against the YAML's folder.
 
     lm-eval hands data_files to datasets as written, so relative paths would be read from the
@@ -169,7 +175,8 @@ def _hub_dataset_is_cached(dataset: str) -> bool:
 
     datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"  # without datasets
     return (Path(datasets_cache) / dataset.replace("/", "___")).exists() or (
-        Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists()
+        Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
+    ).exists()
 
 
 def check_task_data_reachable(names: Sequence[str], hub_problem: str) -> None:
@@ -179,8 +186,10 @@ def check_task_data_reachable(names: Sequence[str], hub_problem: str) -> None:
         yaml_path = _builtin_task_yaml(name)
         dataset = _dataset_path(yaml_path) if yaml_path is not None else None
         if dataset is not None and not Path(dataset).exists() and not _hub_dataset_is_cached(dataset):
-            raise MRPUserError(f"task {name!r} needs its dataset {dataset!r} from the Hub ({hub_problem}), and it is "
-                               f"not in the local cache, but {OFFLINE_HINT} (or run where the Hub is reachable)")
+            raise MRPUserError(
+                f"task {name!r} needs its dataset {dataset!r} from the Hub ({hub_problem}), and it is "
+                f"not in the local cache, but {OFFLINE_HINT} (or run where the Hub is reachable)"
+            )
 
 
 def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> TaskSet:
@@ -196,7 +205,7 @@ def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> Task
     return TaskSet(names, manager, load_tasks(manager, names))
 
 
-def load_tasks(manager: "TaskManager", names: Sequence[str]) -> list:
+def load_tasks(manager: TaskManager, names: Sequence[str]) -> list:
     """Build every task and load its data, naming the task whose data fails."""
     tasks = []
     for name in names:
@@ -215,11 +224,15 @@ def _data_error(name: str, error: BaseException) -> MRPUserError | None:
     """A one-line fix for data that cannot be loaded, or None for errors that are not the user's to fix."""
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if _is_network_error(error):
-        return MRPUserError(f"task {name!r} needs its dataset from the Hub ({first_line}), but {OFFLINE_HINT} "
-                            "(or run where the Hub is reachable, or with the dataset already in the datasets cache)")
+        return MRPUserError(
+            f"task {name!r} needs its dataset from the Hub ({first_line}), but {OFFLINE_HINT} "
+            "(or run where the Hub is reachable, or with the dataset already in the datasets cache)"
+        )
     if isinstance(error, FileNotFoundError):
-        return MRPUserError(f"task {name!r}: data not found ({first_line}); check dataset_path and "
-                            "dataset_kwargs.data_files in its YAML")
+        return MRPUserError(
+            f"task {name!r}: data not found ({first_line}); check dataset_path and "
+            "dataset_kwargs.data_files in its YAML"
+        )
     return None
 
 

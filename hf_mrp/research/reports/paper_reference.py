@@ -14,17 +14,32 @@ PAPER_MODEL = "Qwen3.5-4B-Base (full model, 256,577 WikiText-103 positions, in-s
 PAPER_RUNS: dict[tuple[str, float], dict[str, float]] = {
     ("fisher", 0.15): {"w2r": 16_195, "r2w": 5_317, "median_margin_change": 0.139},
     ("fisher", 0.3): {"w2r": 16_256, "r2w": 5_298, "median_margin_change": 0.184},
-    ("fisher", 0.6): {"w2r": 16_327, "r2w": 5_356, "median_margin_change": 1.316914 / 1.030457 - 1.0,
-                      "accuracy_change": 0.513849643576782 - 0.471090549815455, "structural_share": 7_231 / 10_971},
-    ("fisher", 1.0): {"w2r": 14_912, "r2w": 4_994, "median_margin_change": 1.350311 / 1.030457 - 1.0,
-                      "accuracy_change": 0.5097456124282379 - 0.471090549815455, "structural_share": 7_001 / 9_918},
+    ("fisher", 0.6): {
+        "w2r": 16_327,
+        "r2w": 5_356,
+        "median_margin_change": 1.316914 / 1.030457 - 1.0,
+        "accuracy_change": 0.513849643576782 - 0.471090549815455,
+        "structural_share": 7_231 / 10_971,
+    },
+    ("fisher", 1.0): {
+        "w2r": 14_912,
+        "r2w": 4_994,
+        "median_margin_change": 1.350311 / 1.030457 - 1.0,
+        "accuracy_change": 0.5097456124282379 - 0.471090549815455,
+        "structural_share": 7_001 / 9_918,
+    },
     ("margin", 0.1): {"r2w": 5_716},
     ("margin", 0.3): {"r2w": 7_910},
     ("margin", 1.0): {"r2w": 39_108},
 }
 QUANTITIES = ("w2r", "r2w", "median_margin_change", "accuracy_change", "structural_share")
-LABELS = {"w2r": "W->R per 1,000", "r2w": "R->W per 1,000", "median_margin_change": "median margin change",
-          "accuracy_change": "accuracy change", "structural_share": "structural share of net"}
+LABELS = {
+    "w2r": "W->R per 1,000",
+    "r2w": "R->W per 1,000",
+    "median_margin_change": "median margin change",
+    "accuracy_change": "accuracy change",
+    "structural_share": "structural share of net",
+}
 
 
 def _scaled(entry: dict | None, scale: float) -> tuple[float | None, list[float] | None]:
@@ -37,8 +52,11 @@ def _scaled(entry: dict | None, scale: float) -> tuple[float | None, list[float]
 def _cell(value: float | None, ci: list[float] | None, quantity: str) -> str:
     if value is None:
         return "n/a"
-    formats = {"median_margin_change": lambda v: f"{100 * v:+.1f}%", "accuracy_change": lambda v: f"{100 * v:+.2f} pp",
-               "structural_share": lambda v: f"{100 * v:.1f}%"}
+    formats = {
+        "median_margin_change": lambda v: f"{100 * v:+.1f}%",
+        "accuracy_change": lambda v: f"{100 * v:+.2f} pp",
+        "structural_share": lambda v: f"{100 * v:.1f}%",
+    }
     fmt = formats.get(quantity, lambda v: f"{v:.1f}")
     return fmt(value) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
@@ -48,14 +66,17 @@ def _ours(row: dict, quantity: str, n_positions: int, baseline_accuracy: float) 
     metrics, paired = row["metrics"], row.get("vs_control") or {}
     if quantity in ("w2r", "r2w"):
         scale = 1000.0 / n_positions
-        return _cell(*_scaled(metrics.get(quantity), scale), quantity), \
-            _cell(*_scaled(paired.get(quantity), scale), quantity)
+        return _cell(*_scaled(metrics.get(quantity), scale), quantity), _cell(
+            *_scaled(paired.get(quantity), scale), quantity
+        )
     if quantity == "accuracy_change":
         entry = metrics.get("accuracy")
         value, ci = _scaled(entry, 1.0)
-        shift = (lambda v: None if v is None else v - baseline_accuracy)
-        return _cell(shift(value), None if ci is None else [ci[0] - baseline_accuracy, ci[1] - baseline_accuracy],
-                     quantity), _cell(*_scaled(paired.get("accuracy"), 1.0), quantity)
+        return _cell(
+            None if value is None else value - baseline_accuracy,
+            None if ci is None else [ci[0] - baseline_accuracy, ci[1] - baseline_accuracy],
+            quantity,
+        ), _cell(*_scaled(paired.get("accuracy"), 1.0), quantity)
     return _cell(*_scaled(metrics.get(quantity), 1.0), quantity), _cell(*_scaled(paired.get(quantity), 1.0), quantity)
 
 
@@ -72,8 +93,16 @@ def paper_comparison_rows(rows: list[dict], n_positions: int, baseline_accuracy:
                 continue
             scale = 1000.0 / PAPER_POSITIONS if quantity in ("w2r", "r2w") else 1.0
             ours, attributable = _ours(row, quantity, n_positions, baseline_accuracy)
-            table.append([row["objective"], f"{row['lambda']:g}", LABELS[quantity],
-                          _cell(paper[quantity] * scale, None, quantity), ours, attributable])
+            table.append(
+                [
+                    row["objective"],
+                    f"{row['lambda']:g}",
+                    LABELS[quantity],
+                    _cell(paper[quantity] * scale, None, quantity),
+                    ours,
+                    attributable,
+                ]
+            )
     return table
 
 

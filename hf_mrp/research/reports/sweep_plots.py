@@ -8,8 +8,8 @@ blocks, sweep/aggregate.py) that results.json holds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -68,8 +68,9 @@ def plot_flips_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Seq
     save_figure(fig, path)
 
 
-def plot_margin_change_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Sequence[str],
-                                 confidence: float = 0.95):
+def plot_margin_change_vs_lambda(
+    path: str | Path, rows: Sequence[dict], objectives: Sequence[str], confidence: float = 0.95
+):
     """Median margin change (after / before - 1, percent) vs lambda, one curve per objective."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -83,8 +84,9 @@ def plot_margin_change_vs_lambda(path: str | Path, rows: Sequence[dict], objecti
     save_figure(fig, path)
 
 
-def plot_class_net_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Sequence[str],
-                             classes: Sequence[str], confidence: float = 0.95):
+def plot_class_net_vs_lambda(
+    path: str | Path, rows: Sequence[dict], objectives: Sequence[str], classes: Sequence[str], confidence: float = 0.95
+):
     """Net corrections (W->R - R->W) by token class of the target vs lambda: one panel per objective."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(objectives), figsize=(5.2 * len(objectives), 4.2), sharey=True, squeeze=False)

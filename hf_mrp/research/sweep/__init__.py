@@ -51,5 +51,14 @@ from .plan import RunSpec, plan_runs
 from .report import summary_lines
 from .runs import RunArguments, with_audit_blocks
 
-__all__ = ["RESERVED_FLAGS", "RunArguments", "SweepArguments", "RunSpec", "check_pass_through", "plan_runs",
-           "run_sweep", "summary_lines", "with_audit_blocks"]
+__all__ = [
+    "RESERVED_FLAGS",
+    "RunArguments",
+    "SweepArguments",
+    "RunSpec",
+    "check_pass_through",
+    "plan_runs",
+    "run_sweep",
+    "summary_lines",
+    "with_audit_blocks",
+]

@@ -6,17 +6,17 @@ results.json. A run that diverged is a failed run: left out of every row, listed
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ...audit.geometry import AuditResult
 from ...errors import MRPUserError
-from ..run_folders import run_is_whole
 from ...stats import BlockIndex, block_bootstrap_distribution
 from ...stats.flips import finite_or_none
 from ...stats.intervals import percentile_interval
+from ..run_folders import run_is_whole
 from .arguments import SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
@@ -33,8 +33,16 @@ def _spread(values: np.ndarray) -> dict:
     }
 
 
-def _row_metrics(objective: str, member: Sequence[int], r: int, runs: Sequence[RunData], point_runs: np.ndarray,
-                 point_rows: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict:
+def _row_metrics(
+    objective: str,
+    member: Sequence[int],
+    r: int,
+    runs: Sequence[RunData],
+    point_runs: np.ndarray,
+    point_rows: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+) -> dict:
     """Row ``r``'s entry for every metric: mean over seeds, spread, bootstrap interval, the per-seed values."""
     metrics = {}
     for k, key in enumerate(METRIC_KEYS):
@@ -57,14 +65,23 @@ def _run_entry(run: RunData, values: np.ndarray, settings: dict) -> dict:
     flip_audit = run.record["flip_audit"]
     spec = run.spec
     return {
-        "name": spec.name, "objective": spec.objective, "train_objective": spec.train_objective,
-        "lambda": spec.lam, "seed": spec.seed, "control": spec.control,
-        "dir": f"runs/{spec.name}", "steps": run.record["steps"], "seconds": run.record["seconds"],
-        "variant": spec.variant, "settings": settings,
+        "name": spec.name,
+        "objective": spec.objective,
+        "train_objective": spec.train_objective,
+        "lambda": spec.lam,
+        "seed": spec.seed,
+        "control": spec.control,
+        "dir": f"runs/{spec.name}",
+        "steps": run.record["steps"],
+        "seconds": run.record["seconds"],
+        "variant": spec.variant,
+        "settings": settings,
         "control_run": None if spec.control else control_name(spec),
         "metrics": {key: finite_or_none(values[k]) for k, key in enumerate(METRIC_KEYS)},
-        "flip_audit": {key: flip_audit.get(key) for key in ("w2r", "r2w", "net", "flip_ratio", "churn",
-                                                             "median_margin_change", "head_share")},
+        "flip_audit": {
+            key: flip_audit.get(key)
+            for key in ("w2r", "r2w", "net", "flip_ratio", "churn", "median_margin_change", "head_share")
+        },
     }
 
 
@@ -83,8 +100,14 @@ def baseline_numbers(baseline: AuditResult) -> dict:
     }
 
 
-def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, baseline: AuditResult,
-              tokenizer, failed: dict[str, str] | None = None) -> dict:
+def aggregate(
+    args: SweepArguments,
+    plan: Sequence[RunSpec],
+    sweep_dir: Path,
+    baseline: AuditResult,
+    tokenizer,
+    failed: dict[str, str] | None = None,
+) -> dict:
     """Rows, runs and baseline numbers of the finished runs of ``plan`` (see results.json); ``failed``: the runs
     that diverged -> why."""
     failed = dict(failed or {})
@@ -93,8 +116,10 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
     runs = [load_run(spec, sweep_dir / "runs" / spec.name, baseline) for spec in finished]
     if not runs:
         why = f" ({len(failed)} failed: {'; '.join(f'{k}: {v}' for k, v in failed.items())})" if failed else ""
-        raise MRPUserError(f"no finished runs in {sweep_dir / 'runs'} to aggregate{why}; run the sweep without "
-                           "--aggregate_only" + (", with a lower --learning_rate" if failed else ""))
+        raise MRPUserError(
+            f"no finished runs in {sweep_dir / 'runs'} to aggregate{why}; run the sweep without "
+            "--aggregate_only" + (", with a lower --learning_rate" if failed else "")
+        )
     position = {run.spec.name: i for i, run in enumerate(runs)}
     control_of = np.asarray([-1 if run.spec.control else position.get(control_name(run.spec), -1) for run in runs])
     keys = row_keys(args)
@@ -107,29 +132,42 @@ def aggregate(args: SweepArguments, plan: Sequence[RunSpec], sweep_dir: Path, ba
     distribution = None
     if args.n_bootstrap:
         start = time.perf_counter()
-        distribution = with_attributable(block_bootstrap_distribution(
-            lambda index: run_statistics(runs, shared, index), blocks, args.n_bootstrap, args.bootstrap_seed
-        ), control_of)
+        distribution = with_attributable(
+            block_bootstrap_distribution(
+                lambda index: run_statistics(runs, shared, index), blocks, args.n_bootstrap, args.bootstrap_seed
+            ),
+            control_of,
+        )
         low, high = percentile_interval(row_means(distribution, members), args.confidence)
-        print(f"results: {args.n_bootstrap} block-bootstrap resamples of {blocks.n_blocks} blocks "
-              f"({shared.n} positions) x {len(runs)} runs in {time.perf_counter() - start:.1f}s", flush=True)
+        print(
+            f"results: {args.n_bootstrap} block-bootstrap resamples of {blocks.n_blocks} blocks "
+            f"({shared.n} positions) x {len(runs)} runs in {time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
     else:
         low = high = np.full(point_rows.shape, np.nan)
 
     def paired(pairs: list[tuple[int, int]]) -> dict:
-        return paired_difference(point_runs, distribution, pairs, METRIC_KEYS, [runs[a].spec.seed for a, _ in pairs],
-                                 args.confidence)
+        return paired_difference(
+            point_runs, distribution, pairs, METRIC_KEYS, [runs[a].spec.seed for a, _ in pairs], args.confidence
+        )
 
     rows = []
     for r, ((objective, lam, variant), member) in enumerate(zip(keys, members)):
         pairs = [(i, int(control_of[i])) for i in member if control_of[i] >= 0]
-        rows.append({
-            "objective": objective, "lambda": lam, "variant": variant, "control": objective == CONTROL,
-            "label": row_label(objective, lam, variant, args),
-            "seeds": [runs[i].spec.seed for i in member], "runs": [runs[i].spec.name for i in member],
-            "metrics": _row_metrics(objective, member, r, runs, point_runs, point_rows, low, high),
-            "vs_control": paired(pairs) if pairs and objective != CONTROL else None,
-        })
+        rows.append(
+            {
+                "objective": objective,
+                "lambda": lam,
+                "variant": variant,
+                "control": objective == CONTROL,
+                "label": row_label(objective, lam, variant, args),
+                "seeds": [runs[i].spec.seed for i in member],
+                "runs": [runs[i].spec.name for i in member],
+                "metrics": _row_metrics(objective, member, r, runs, point_runs, point_rows, low, high),
+                "vs_control": paired(pairs) if pairs and objective != CONTROL else None,
+            }
+        )
     matches = match_entropy(rows)
     by_seed = {key: {runs[i].spec.seed: i for i in m} for key, m in zip(keys, members)}
     for match in matches:

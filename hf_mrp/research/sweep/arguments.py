@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -52,43 +52,57 @@ class SweepArguments:
     bootstrap_seed: int = field(default=0, metadata={"help": "rng seed of the bootstrap"})
     control_objective: str = field(
         default="fisher",
-        metadata={"help": "objective name the control carries at weight 0 (MRPConfig needs one; the loss is plain "
-                          "cross-entropy either way)"},
+        metadata={
+            "help": "objective name the control carries at weight 0 (MRPConfig needs one; the loss is plain "
+            "cross-entropy either way)"
+        },
     )
     aggregate_only: bool = field(
         default=False, metadata={"help": "train nothing: recompute the results from the runs already finished"}
     )
     entropy_lambdas: list[float] | None = field(
         default=None,
-        metadata={"help": "entropy's own lambda grid (default: --lambdas); the report matches each fisher lambda "
-                          "with the entropy lambda of the closest median margin change"},
+        metadata={
+            "help": "entropy's own lambda grid (default: --lambdas); the report matches each fisher lambda "
+            "with the entropy lambda of the closest median margin change"
+        },
     )
     head_lambdas: list[float] = field(
         default_factory=list,
-        metadata={"help": "rows with the head W trainable too (--train_lm_head: LoRA + lm_head) at these lambdas, "
-                          "each seed with its own CE-only control of the same scope"},
+        metadata={
+            "help": "rows with the head W trainable too (--train_lm_head: LoRA + lm_head) at these lambdas, "
+            "each seed with its own CE-only control of the same scope"
+        },
     )
     head_objective: str = field(default="fisher", metadata={"help": "objective of the W-trainable rows"})
     target_lambdas: list[float] = field(
         default_factory=list,
-        metadata={"help": "targeted rows: the objective weighted to the targets of --target_classes / "
-                          "--target_buckets, at these lambdas"},
+        metadata={
+            "help": "targeted rows: the objective weighted to the targets of --target_classes / "
+            "--target_buckets, at these lambdas"
+        },
     )
     target_objective: str = field(default="fisher", metadata={"help": "objective of the targeted rows"})
     target_classes: list[str] = field(
         default_factory=lambda: ["content", "entity"],
-        metadata={"help": f"token classes the targeted rows aim at ({', '.join(CLASSES)}); the flag alone: no class",
-                  "nargs": "*"},
+        metadata={
+            "help": f"token classes the targeted rows aim at ({', '.join(CLASSES)}); the flag alone: no class",
+            "nargs": "*",
+        },
     )
     target_buckets: list[str] = field(
         default_factory=list,
-        metadata={"help": f"frequency buckets the targeted rows aim at ({', '.join(BUCKETS)}); none given: any bucket",
-                  "nargs": "*"},
+        metadata={
+            "help": f"frequency buckets the targeted rows aim at ({', '.join(BUCKETS)}); none given: any bucket",
+            "nargs": "*",
+        },
     )
     audit_blocks: int = field(
         default=DEFAULT_AUDIT_BLOCKS,
-        metadata={"help": "blocks audited before/after every run, unless --audit_positions is passed (64: about "
-                          "16K positions at --block_size 256)"},
+        metadata={
+            "help": "blocks audited before/after every run, unless --audit_positions is passed (64: about "
+            "16K positions at --block_size 256)"
+        },
     )
 
     def __post_init__(self) -> None:

@@ -15,7 +15,14 @@ from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
 from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields
 from .report import markdown_report, write_plots
 from .runs import (
-    BASELINE, RunArguments, check_settings, ensure_baseline, execute_run, failed_reason, record_settings, run_arguments,
+    BASELINE,
+    RunArguments,
+    check_settings,
+    ensure_baseline,
+    execute_run,
+    failed_reason,
+    record_settings,
+    run_arguments,
     run_settings,
 )
 
@@ -29,15 +36,23 @@ def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = 
     command = command or current_command()
     sweep_dir = Path(args.output_dir)
     plan = plan_runs(args)
-    arguments = {spec.name: run_arguments(shared, spec, sweep_dir / "runs" / spec.name,  # bad flags fail here,
-                                          variant_fields(args, spec.variant)) for spec in plan}  # before any work
+    arguments = {
+        spec.name: run_arguments(
+            shared,
+            spec,
+            sweep_dir / "runs" / spec.name,  # bad flags fail here,
+            variant_fields(args, spec.variant),
+        )
+        for spec in plan
+    }  # before any work
     sweep_dir = files.ensure_output_dir(sweep_dir)
     with owned_folder(sweep_dir, command):  # one sweep at a time per folder
         return _run_owned_sweep(args, command, plan, sweep_dir, arguments)
 
 
-def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sweep_dir: Path,
-                     arguments: dict[str, RunArguments]) -> dict:
+def _run_owned_sweep(
+    args: SweepArguments, command: str, plan: list[RunSpec], sweep_dir: Path, arguments: dict[str, RunArguments]
+) -> dict:
     settings = run_settings(arguments[plan[0].name])  # the first control's: every run shares them
     check_settings(sweep_dir, settings)
     tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
@@ -52,16 +67,21 @@ def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sw
         reason = failed_reason(run_dir)
         if reason is not None:
             failed[spec.name] = reason
-            print(f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}",
-                  flush=True)
+            print(
+                f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}",
+                flush=True,
+            )
             continue
         if args.aggregate_only:
             print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
             continue
         if run_dir.exists():
             print(f"[{number}/{len(plan)}] redoing unfinished run {spec.name} from scratch", flush=True)
-        print(f"[{number}/{len(plan)}] training {spec.name} (objective {spec.train_objective}, lambda "
-              f"{format_lambda(spec.lam)}, seed {spec.seed})", flush=True)
+        print(
+            f"[{number}/{len(plan)}] training {spec.name} (objective {spec.train_objective}, lambda "
+            f"{format_lambda(spec.lam)}, seed {spec.seed})",
+            flush=True,
+        )
         try:
             seconds = execute_run(spec, arguments[spec.name], run_dir, sweep_dir / BASELINE)
         except TrainingDiverged as error:
@@ -82,8 +102,9 @@ def _run_owned_sweep(args: SweepArguments, command: str, plan: list[RunSpec], sw
     return results
 
 
-def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], arguments: RunArguments,
-                   baseline: AuditResult) -> dict:
+def describe_sweep(
+    args: SweepArguments, command: str, plan: list[RunSpec], arguments: RunArguments, baseline: AuditResult
+) -> dict:
     """The head of results.json: what was swept, over which positions, with which training and statistics."""
     _, data_args, refine_args, config = arguments
     return {
@@ -91,9 +112,12 @@ def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], argu
         "objectives": args.objectives,
         "lambdas": args.lambdas,
         "seeds": args.seeds,
-        "control": {"objective": args.control_objective, "lambda": 0.0,
-                    "runs": [spec.name for spec in plan if spec.control],
-                    "note": "cross-entropy only: same data, steps, adapter and seed as the runs of its seed"},
+        "control": {
+            "objective": args.control_objective,
+            "lambda": 0.0,
+            "runs": [spec.name for spec in plan if spec.control],
+            "note": "cross-entropy only: same data, steps, adapter and seed as the runs of its seed",
+        },
         "positions": {
             "n": int(baseline.summary.n_positions),
             "holdout": bool(refine_args.holdout),
@@ -104,29 +128,43 @@ def describe_sweep(args: SweepArguments, command: str, plan: list[RunSpec], argu
             "source": baseline.blocks.source,
         },
         "training": {
-            "max_steps": config.max_steps, "num_train_epochs": config.num_train_epochs,
+            "max_steps": config.max_steps,
+            "num_train_epochs": config.num_train_epochs,
             "per_device_train_batch_size": config.per_device_train_batch_size,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps, "learning_rate": config.learning_rate,
-            "block_size": data_args.block_size, "max_positions": data_args.max_positions,
-            "use_lora": config.use_lora, "lora_r": config.lora_r, "lora_layers": config.lora_layers,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "learning_rate": config.learning_rate,
+            "block_size": data_args.block_size,
+            "max_positions": data_args.max_positions,
+            "use_lora": config.use_lora,
+            "lora_r": config.lora_r,
+            "lora_layers": config.lora_layers,
             "mrp_margin_normalization": getattr(config, "mrp_margin_normalization", None),
         },
         "bootstrap": {
-            "n_resamples": args.n_bootstrap, "confidence": args.confidence, "seed": args.bootstrap_seed,
+            "n_resamples": args.n_bootstrap,
+            "confidence": args.confidence,
+            "seed": args.bootstrap_seed,
             "method": "percentile block (cluster) bootstrap: each resample draws the audited blocks with "
-                      "replacement and keeps every position of a drawn block; every run is resampled with the same "
-                      "blocks; a row's statistic is the mean over its seeds",
+            "replacement and keeps every position of a drawn block; every run is resampled with the same "
+            "blocks; a row's statistic is the mean over its seeds",
             "paired": "vs_control and fisher_minus_entropy: differences taken on the same resample for both runs; "
-                      "seed_ci: Student t interval of the per-seed differences (n_seeds - 1 degrees of freedom)",
+            "seed_ci: Student t interval of the per-seed differences (n_seeds - 1 degrees of freedom)",
         },
         "variants": {
-            HEAD: {"objective": args.head_objective, "lambdas": args.head_lambdas,
-                   "settings": variant_fields(args, HEAD),
-                   "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)"},
-            TARGET: {"objective": args.target_objective, "lambdas": args.target_lambdas,
-                     "classes": args.target_classes, "buckets": args.target_buckets,
-                     "settings": variant_fields(args, TARGET),
-                     "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)"},
+            HEAD: {
+                "objective": args.head_objective,
+                "lambdas": args.head_lambdas,
+                "settings": variant_fields(args, HEAD),
+                "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)",
+            },
+            TARGET: {
+                "objective": args.target_objective,
+                "lambdas": args.target_lambdas,
+                "classes": args.target_classes,
+                "buckets": args.target_buckets,
+                "settings": variant_fields(args, TARGET),
+                "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)",
+            },
         },
         "entropy_lambdas": args.entropy_lambdas,
         "spread": "over seeds: std (ddof = 1), min, max",

@@ -23,8 +23,22 @@ PER_RUN_METRICS = (
 ATTRIBUTABLE = ("net_attributable", "net attributable", "signed_count")
 METRICS = PER_RUN_METRICS + (ATTRIBUTABLE,)
 METRIC_KEYS = tuple(key for key, _, _ in METRICS)
-MAIN_TABLE = ("median_margin", "median_margin_change", "pr_margin_lt_0_5", "gap_alpha", "gap_r_squared", "accuracy",
-              "churn", "w2r", "r2w", "flip_ratio", "net", "head_share", "structural_share", "net_attributable")
+MAIN_TABLE = (
+    "median_margin",
+    "median_margin_change",
+    "pr_margin_lt_0_5",
+    "gap_alpha",
+    "gap_r_squared",
+    "accuracy",
+    "churn",
+    "w2r",
+    "r2w",
+    "flip_ratio",
+    "net",
+    "head_share",
+    "structural_share",
+    "net_attributable",
+)
 DESCRIPTIONS = {
     "median_margin": "median decision margin after refinement",
     "median_margin_change": "median(m after) / median(m before) - 1",
@@ -47,5 +61,13 @@ KINDS = {key: kind for key, _, kind in METRICS}
 HEADERS = {key: header for key, header, _ in METRICS}
 PAIRED_TABLE = ("net", "w2r", "r2w", "accuracy", "median_margin_change", "median_margin", "churn", "structural_share")
 
-__all__ = ["PER_RUN_METRICS", "METRICS", "METRIC_KEYS", "MAIN_TABLE", "PAIRED_TABLE", "DESCRIPTIONS", "KINDS",
-           "HEADERS"]
+__all__ = [
+    "PER_RUN_METRICS",
+    "METRICS",
+    "METRIC_KEYS",
+    "MAIN_TABLE",
+    "PAIRED_TABLE",
+    "DESCRIPTIONS",
+    "KINDS",
+    "HEADERS",
+]

@@ -13,7 +13,7 @@ margin change is closest to Fisher's; the report then shows the paired differenc
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,8 +35,14 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmean(values, axis=axis)
 
 
-def paired_difference(point: np.ndarray, samples: np.ndarray | None, pairs: Sequence[tuple[int, int]],
-                      keys: Sequence[str], labels: Sequence[str], confidence: float) -> dict:
+def paired_difference(
+    point: np.ndarray,
+    samples: np.ndarray | None,
+    pairs: Sequence[tuple[int, int]],
+    keys: Sequence[str],
+    labels: Sequence[str],
+    confidence: float,
+) -> dict:
     """Mean over ``pairs`` (run a, run b; one pair per seed) of metric(a) - metric(b), for every metric.
 
     ``point``: [runs, metrics]; ``samples``: [resamples, runs, metrics] on shared resamples, or None.
@@ -66,6 +72,7 @@ def match_entropy(rows: Sequence[dict], reference: str = "fisher", by: str = "me
     Returns [{"reference_lambda", "reference_value", "entropy_lambda", "entropy_value", "gap"}]; empty when
     either kind of row is missing.
     """
+
     def value(row: dict) -> float | None:
         entry = row["metrics"].get(by)
         return None if entry is None else entry["mean"]
@@ -77,11 +84,17 @@ def match_entropy(rows: Sequence[dict], reference: str = "fisher", by: str = "me
         if not entropy:
             break
         best = min(entropy, key=lambda e: (abs(value(e) - value(row)), e["lambda"]))
-        matches.append({
-            "reference": reference, "reference_lambda": row["lambda"], "reference_value": value(row),
-            "entropy_lambda": best["lambda"], "entropy_value": value(best), "gap": value(best) - value(row),
-            "matched_on": by,
-        })
+        matches.append(
+            {
+                "reference": reference,
+                "reference_lambda": row["lambda"],
+                "reference_value": value(row),
+                "entropy_lambda": best["lambda"],
+                "entropy_value": value(best),
+                "gap": value(best) - value(row),
+                "matched_on": by,
+            }
+        )
     return matches
 
 

@@ -41,8 +41,11 @@ def variant_fields(args: SweepArguments, variant: str) -> dict:
     if variant == HEAD:
         return {"train_lm_head": True}
     if variant == TARGET:
-        return {key: list(value) for key, value in (("mrp_target_classes", args.target_classes),
-                                                    ("mrp_target_buckets", args.target_buckets)) if value}
+        return {
+            key: list(value)
+            for key, value in (("mrp_target_classes", args.target_classes), ("mrp_target_buckets", args.target_buckets))
+            if value
+        }
     return {}
 
 
@@ -77,12 +80,25 @@ def plan_runs(args: SweepArguments) -> list[RunSpec]:
 def row_label(objective: str, lam: float, variant: str, args: SweepArguments) -> str:
     """How a row is named in reports: 'fisher', 'control (CE only, W trainable)', 'fisher (targeted: content, ...)'."""
     name = "control (CE only" if objective == CONTROL else objective
-    detail = {HEAD: "W trainable",
-              TARGET: "targeted: " + ", ".join(list(args.target_classes) + list(args.target_buckets))}.get(variant)
+    detail = {
+        HEAD: "W trainable",
+        TARGET: "targeted: " + ", ".join(list(args.target_classes) + list(args.target_buckets)),
+    }.get(variant)
     if objective == CONTROL:
         return name + (f", {detail})" if detail else ")")
     return name + (f" ({detail})" if detail else "")
 
 
-__all__ = ["CONTROL", "HEAD", "TARGET", "RunSpec", "format_lambda", "run_name", "variant_fields",
-           "control_name", "row_keys", "plan_runs", "row_label"]
+__all__ = [
+    "CONTROL",
+    "HEAD",
+    "TARGET",
+    "RunSpec",
+    "format_lambda",
+    "run_name",
+    "variant_fields",
+    "control_name",
+    "row_keys",
+    "plan_runs",
+    "row_label",
+]

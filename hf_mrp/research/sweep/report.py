@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..reports import sweep_plots
 from ...reporting.markdown import escape_cell, fmt_count, fmt_kind, fmt_number, fmt_percent, table
-from ..reports.paper_reference import PAPER_MODEL, paper_comparison_rows
 from ...stats.token_classes import CLASSES
+from ..reports import sweep_plots
+from ..reports.paper_reference import PAPER_MODEL, paper_comparison_rows
 from .metrics import DESCRIPTIONS, HEADERS, KINDS, MAIN_TABLE, PAIRED_TABLE
 from .plan import CONTROL, format_lambda
 
@@ -77,12 +77,18 @@ def markdown_report(results: dict) -> str:
     base, pos, boot = results["baseline"], results["positions"], results["bootstrap"]
     rows = results["rows"]
     confidence = f"{boot['confidence']:.0%}"
-    held = ("held out from training (--holdout true: training used the blocks after them)" if pos["holdout"]
-            else "also part of the training data (--holdout false)")
+    held = (
+        "held out from training (--holdout true: training used the blocks after them)"
+        if pos["holdout"]
+        else "also part of the training data (--holdout false)"
+    )
     steps = sorted({run["steps"] for run in results["runs"] if run["steps"] is not None})
     training = results["training"]
-    adapter = (f"LoRA r={training['lora_r']} on layers {training['lora_layers'] or 'all'}" if training["use_lora"]
-               else "full weights (no LoRA)")
+    adapter = (
+        f"LoRA r={training['lora_r']} on layers {training['lora_layers'] or 'all'}"
+        if training["use_lora"]
+        else "full weights (no LoRA)"
+    )
     parts = [
         "# MRP dose-response sweep",
         f"Model: {escape_cell(str(base['model']))}. Objectives: {', '.join(results['objectives'])}; "
@@ -105,50 +111,91 @@ def markdown_report(results: dict) -> str:
         parts.append(f"**Not finished (left out):** {', '.join(results['missing_runs'])}.")
     for run in results.get("failed_runs", []):
         parts.append(f"**FAILED (diverged, left out of every row):** {run['name']}: {escape_cell(run['reason'])}")
-    ci_note = (f"brackets: block-bootstrap {confidence} CI ({boot['n_resamples']} resamples of the "
-               f"{pos['n_blocks']} audited blocks with replacement, every position of a drawn block kept, rng seed "
-               f"{boot['seed']}; each seed resampled with the same blocks, then averaged)"
-               if boot["n_resamples"] else "no bootstrap (--n_bootstrap 0)")
+    ci_note = (
+        f"brackets: block-bootstrap {confidence} CI ({boot['n_resamples']} resamples of the "
+        f"{pos['n_blocks']} audited blocks with replacement, every position of a drawn block kept, rng seed "
+        f"{boot['seed']}; each seed resampled with the same blocks, then averaged)"
+        if boot["n_resamples"]
+        else "no bootstrap (--n_bootstrap 0)"
+    )
     paired_rows = [r for r in rows if r.get("vs_control")]
     header = ["objective", "lambda", "seeds"] + [HEADERS[key] for key in MAIN_TABLE]
     parts += [
         "## Dose-response",
         f"Mean over seeds; {ci_note}. Net attributable = net(run) - net(control of the same seed).",
-        table(header, [_row_label(r) + [str(len(r["seeds"]))] + [_cell_ci(r["metrics"][k], k) for k in MAIN_TABLE]
-                       for r in rows]),
+        table(
+            header,
+            [_row_label(r) + [str(len(r["seeds"]))] + [_cell_ci(r["metrics"][k], k) for k in MAIN_TABLE] for r in rows],
+        ),
         "## Spread over seeds",
         "Standard deviation over seeds (ddof = 1; n/a with one seed); min to max.",
-        table(header, [_row_label(r) + [str(len(r["seeds"]))] + [_cell_spread(r["metrics"][k], k) for k in MAIN_TABLE]
-                       for r in rows]),
+        table(
+            header,
+            [
+                _row_label(r) + [str(len(r["seeds"]))] + [_cell_spread(r["metrics"][k], k) for k in MAIN_TABLE]
+                for r in rows
+            ],
+        ),
         "## Net corrections by token class of the target",
         f"Net = W->R - R->W of the targets of each class. Mean over seeds; bootstrap {confidence} CI in brackets.",
-        table(["objective", "lambda"] + list(CLASSES),
-              [_row_label(r) + [_cell_ci(r["metrics"][f"net_{c}"], f"net_{c}") for c in CLASSES] for r in rows]),
+        table(
+            ["objective", "lambda"] + list(CLASSES),
+            [_row_label(r) + [_cell_ci(r["metrics"][f"net_{c}"], f"net_{c}") for c in CLASSES] for r in rows],
+        ),
         "## Against the control (paired)",
         f"Run minus the CE-only control of the same seed and adapter scope, mean over seeds; [paired "
         f"block-bootstrap {confidence} CI: both runs on the same resampled blocks]; {{t {confidence} CI of the "
         f"per-seed differences, with n - 1 degrees of freedom; absent with one seed}}. Shares in percentage points.",
-        table(["row", "lambda"] + [HEADERS[key] for key in PAIRED_TABLE],
-              [_row_label(r) + [_cell_paired(r["vs_control"][k], k) for k in PAIRED_TABLE] for r in paired_rows])
-        if paired_rows else "(no run with a finished control)",
+        table(
+            ["row", "lambda"] + [HEADERS[key] for key in PAIRED_TABLE],
+            [_row_label(r) + [_cell_paired(r["vs_control"][k], k) for k in PAIRED_TABLE] for r in paired_rows],
+        )
+        if paired_rows
+        else "(no run with a finished control)",
         "## Attributable net by token class of the target",
         "net(class) of the run minus net(class) of its control; intervals as above. Classes are the paper's "
         "(docs/spec.md, Token breakdowns).",
-        table(["row", "lambda"] + list(CLASSES),
-              [_row_label(r) + [_cell_paired(r["vs_control"][f"net_{c}"], f"net_{c}") for c in CLASSES]
-               for r in paired_rows]) if paired_rows else "(no run with a finished control)",
+        table(
+            ["row", "lambda"] + list(CLASSES),
+            [
+                _row_label(r) + [_cell_paired(r["vs_control"][f"net_{c}"], f"net_{c}") for c in CLASSES]
+                for r in paired_rows
+            ],
+        )
+        if paired_rows
+        else "(no run with a finished control)",
         "## Next to the paper (same units)",
         _paper_section(results),
         "## Geometry or sharpening: Fisher against entropy at matched strength",
         _entropy_section(results["entropy_matched"], confidence),
         "## Runs",
-        table(["run", "seed", "steps", "seconds", "W->R", "R->W", "net", "net attributable", "median margin change",
-               "churn"],
-              [[escape_cell(run["name"]), str(run["seed"]), str(run["steps"]),
-                "n/a" if run["seconds"] is None else f"{run['seconds']:.0f}"]
-               + [fmt_kind(run["metrics"][k], KINDS[k]) for k in ("w2r", "r2w", "net", "net_attributable",
-                                                              "median_margin_change", "churn")]
-               for run in results["runs"]]),
+        table(
+            [
+                "run",
+                "seed",
+                "steps",
+                "seconds",
+                "W->R",
+                "R->W",
+                "net",
+                "net attributable",
+                "median margin change",
+                "churn",
+            ],
+            [
+                [
+                    escape_cell(run["name"]),
+                    str(run["seed"]),
+                    str(run["steps"]),
+                    "n/a" if run["seconds"] is None else f"{run['seconds']:.0f}",
+                ]
+                + [
+                    fmt_kind(run["metrics"][k], KINDS[k])
+                    for k in ("w2r", "r2w", "net", "net_attributable", "median_margin_change", "churn")
+                ]
+                for run in results["runs"]
+            ],
+        ),
         "## Plots",
         *[f"![{name}]({file})" for name, file in results["plots"].items()],
         "## Definitions",
@@ -162,27 +209,42 @@ def _paper_section(results: dict) -> str:
     if not rows:
         return "No row of this sweep has a published paper number at the same objective and lambda."
     normalization = results["training"].get("mrp_margin_normalization")
-    units = ("margin lambdas are in the paper's units (the penalty divided by the gated positions)"
-             if normalization in (None, "gated") else
-             f"margin lambdas are NOT in the paper's units (mrp_margin_normalization = {normalization})")
-    return (f"Paper: {PAPER_MODEL}; its counts as rates per 1,000 positions. Here: mean over seeds [block-bootstrap "
-            f"CI]; minus control: the part attributable to the objective [paired CI]. The paper has no control, so "
-            f"its numbers compare with 'this sweep', not with the attributable part; {units}.\n\n"
-            + table(["objective", "lambda", "quantity", "paper", "this sweep", "minus control"], rows))
+    units = (
+        "margin lambdas are in the paper's units (the penalty divided by the gated positions)"
+        if normalization in (None, "gated")
+        else f"margin lambdas are NOT in the paper's units (mrp_margin_normalization = {normalization})"
+    )
+    return (
+        f"Paper: {PAPER_MODEL}; its counts as rates per 1,000 positions. Here: mean over seeds [block-bootstrap "
+        f"CI]; minus control: the part attributable to the objective [paired CI]. The paper has no control, so "
+        f"its numbers compare with 'this sweep', not with the attributable part; {units}.\n\n"
+        + table(["objective", "lambda", "quantity", "paper", "this sweep", "minus control"], rows)
+    )
 
 
 def _entropy_section(matches: list[dict], confidence: str) -> str:
     if not matches:
-        return ("No match: the sweep has no plain fisher row or no plain entropy row (run entropy on a lambda grid "
-                "with --entropy_lambdas).")
-    text = ("For each fisher lambda, the entropy lambda (from its grid) whose median margin change, mean over seeds, "
-            "is closest; then fisher minus entropy per seed on the same resampled blocks [paired block-bootstrap "
-            f"{confidence} CI] {{t CI over seeds}}. A difference that excludes 0 is what geometry adds over "
-            "sharpening of equal strength.")
+        return (
+            "No match: the sweep has no plain fisher row or no plain entropy row (run entropy on a lambda grid "
+            "with --entropy_lambdas)."
+        )
+    text = (
+        "For each fisher lambda, the entropy lambda (from its grid) whose median margin change, mean over seeds, "
+        "is closest; then fisher minus entropy per seed on the same resampled blocks [paired block-bootstrap "
+        f"{confidence} CI] {{t CI over seeds}}. A difference that excludes 0 is what geometry adds over "
+        "sharpening of equal strength."
+    )
     keys = ("net", "w2r", "r2w", "accuracy", "churn")
-    rows = [[format_lambda(m["reference_lambda"]), fmt_kind(m["reference_value"], "signed_percent"),
-             format_lambda(m["entropy_lambda"]), fmt_kind(m["entropy_value"], "signed_percent")]
-            + [_cell_paired((m["fisher_minus_entropy"] or {}).get(k), k) for k in keys] for m in matches]
+    rows = [
+        [
+            format_lambda(m["reference_lambda"]),
+            fmt_kind(m["reference_value"], "signed_percent"),
+            format_lambda(m["entropy_lambda"]),
+            fmt_kind(m["entropy_value"], "signed_percent"),
+        ]
+        + [_cell_paired((m["fisher_minus_entropy"] or {}).get(k), k) for k in keys]
+        for m in matches
+    ]
     header = ["fisher lambda", "its median margin change", "entropy lambda", "its median margin change"]
     return text + "\n\n" + table(header + [f"fisher - entropy: {HEADERS[k]}" for k in keys], rows)
 

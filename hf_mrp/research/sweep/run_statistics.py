@@ -7,18 +7,18 @@ baseline's and the run's per-position columns (indexed by a block-bootstrap resa
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ...audit.compare import check_same_positions, decoder_from_tokenizer
 from ...audit.geometry import AuditResult, load_audit
 from ...ops.gap import fit_gap_law
-from ...storage import files
 from ...stats.flips import flip_numbers, none_to_nan
 from ...stats.token_classes import HEAD_BUCKET, target_buckets, target_class_codes
+from ...storage import files
 from ..run_folders import TRAINING_LOG
 from .metrics import METRIC_KEYS, PER_RUN_METRICS
 from .plan import RunSpec
@@ -74,8 +74,11 @@ def load_run(spec: RunSpec, run_dir: Path, baseline: AuditResult) -> RunData:
         margin_after=np.asarray(after.positions["margin"], dtype=np.float64),
         correct_after=np.asarray(after.positions["correct"]).astype(bool),
         top1_after=np.asarray(after.positions["top1_id"], dtype=np.int64),
-        record={"steps": steps, "seconds": seconds,
-                "flip_audit": files.read_json(run_dir / "comparison" / "flip_audit.json")},
+        record={
+            "steps": steps,
+            "seconds": seconds,
+            "flip_audit": files.read_json(run_dir / "comparison" / "flip_audit.json"),
+        },
     )
 
 
@@ -87,8 +90,9 @@ def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | 
     table = np.empty((len(runs), len(PER_RUN_METRICS)))
     for row, run in enumerate(runs):
         margin = run.margin_after[pick]
-        numbers = flip_numbers(correct, run.correct_after[pick], margin_before, margin, top1, run.top1_after[pick],
-                               head, codes)
+        numbers = flip_numbers(
+            correct, run.correct_after[pick], margin_before, margin, top1, run.top1_after[pick], head, codes
+        )
         fit = fit_gap_law(margin)
         values = {
             **numbers.to_json(),

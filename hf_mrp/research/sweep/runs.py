@@ -14,17 +14,17 @@ from typing import NamedTuple
 
 import torch
 
-from ..arguments import DataArguments, ModelArguments, provenance
 from ...audit.geometry import AuditResult, load_audit
 from ...errors import MRPUserError
 from ...models import load_tokenizer
-from ..refine import RefineArguments, refine, refine_blocks
 from ...storage import files
 from ...training import MRPConfig
 from ...training.adapters import prepare_model
 from ...training.callbacks import MRPAuditCallback
 from ...training.divergence import TrainingDiverged
+from ..arguments import DataArguments, ModelArguments, provenance
 from ..loading import load_model_from_arguments
+from ..refine import RefineArguments, refine, refine_blocks
 from ..run_folders import audit_is_whole
 from .plan import RunSpec
 
@@ -36,11 +36,32 @@ FAILED_RECORD = "sweep_failed.json"  # a run that diverged: counted as failed, n
 BASELINE = "baseline"
 # Settings that do not change a run's numbers: a resumed sweep may differ in these.
 NEUTRAL_SETTINGS = {
-    "output_dir", "logging_dir", "run_name", "seed", "mrp_objective", "mrp_lambda", "audit_batch_size",
-    "disable_tqdm", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
-    "report_to", "log_level", "log_level_replica", "push_to_hub", "hub_model_id", "hub_token",
-    "hub_private_repo", "hub_strategy", "save_strategy", "save_steps", "save_total_limit",
-    "dataloader_num_workers", "resume_from_checkpoint", "overwrite_output_dir",
+    "output_dir",
+    "logging_dir",
+    "run_name",
+    "seed",
+    "mrp_objective",
+    "mrp_lambda",
+    "audit_batch_size",
+    "disable_tqdm",
+    "logging_steps",
+    "logging_first_step",
+    "logging_strategy",
+    "logging_nan_inf_filter",
+    "report_to",
+    "log_level",
+    "log_level_replica",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "hub_private_repo",
+    "hub_strategy",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "dataloader_num_workers",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
 }
 
 
@@ -66,8 +87,13 @@ def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, variant: d
     try:
         return shared._replace(
             refine=dataclasses.replace(shared.refine, **variant),
-            config=dataclasses.replace(shared.config, output_dir=str(run_dir), mrp_objective=spec.train_objective,
-                                       mrp_lambda=float(spec.lam), seed=int(spec.seed)),
+            config=dataclasses.replace(
+                shared.config,
+                output_dir=str(run_dir),
+                mrp_objective=spec.train_objective,
+                mrp_lambda=float(spec.lam),
+                seed=int(spec.seed),
+            ),
         )
     except MRPUserError:
         raise
@@ -93,7 +119,8 @@ def check_settings(sweep_dir: Path, settings: dict) -> None:
     saved = files.read_json(path)["settings"]
     differences = [
         f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}"
-        for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
+        for key in sorted(set(saved) | set(settings))
+        if saved.get(key) != settings.get(key)
     ]
     if differences:
         shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
@@ -139,9 +166,13 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         model = model.to(config.device)
     start = time.perf_counter()
-    auditor = MRPAuditCallback(blocks, output_dir=sweep_dir, batch_size=refine_args.audit_batch_size,
-                               chunk_size=config.mrp_chunk_size,
-                               provenance=provenance(model_name, model_args, data_args, refine_args))
+    auditor = MRPAuditCallback(
+        blocks,
+        output_dir=sweep_dir,
+        batch_size=refine_args.audit_batch_size,
+        chunk_size=config.mrp_chunk_size,
+        provenance=provenance(model_name, model_args, data_args, refine_args),
+    )
     baseline = auditor.audit(model, BASELINE)
     print(f"baseline: done in {time.perf_counter() - start:.1f}s", flush=True)
     del model
@@ -170,8 +201,10 @@ def execute_run(spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_
     try:
         refine(*arguments, baseline_dir=baseline_dir)
     except TrainingDiverged as error:
-        files.write_json(run_dir / FAILED_RECORD, {**spec._asdict(), "lambda": spec.lam, "reason": str(error),
-                                                   "seconds": time.perf_counter() - start})
+        files.write_json(
+            run_dir / FAILED_RECORD,
+            {**spec._asdict(), "lambda": spec.lam, "reason": str(error), "seconds": time.perf_counter() - start},
+        )
         free_memory()
         raise
     seconds = time.perf_counter() - start
@@ -189,6 +222,17 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["RunArguments", "with_audit_blocks", "run_arguments", "run_settings", "check_settings",
-           "record_settings", "ensure_baseline", "execute_run", "failed_reason", "RUN_RECORD", "FAILED_RECORD",
-           "SETTINGS_FILE"]
+__all__ = [
+    "RunArguments",
+    "with_audit_blocks",
+    "run_arguments",
+    "run_settings",
+    "check_settings",
+    "record_settings",
+    "ensure_baseline",
+    "execute_run",
+    "failed_reason",
+    "RUN_RECORD",
+    "FAILED_RECORD",
+    "SETTINGS_FILE",
+]

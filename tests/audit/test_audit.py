@@ -1,0 +1,111 @@
+"""The geometry audit on a tiny model against a naive full-logits float64 reference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from hf_mrp.audit import load_audit, run_audit
+from hf_mrp.errors import MRPUserError
+from hf_mrp.ops import fit_gap_law
+
+
+def reference_logits(model, blocks, layer=None):
+    """Full float64 logits of every evaluated position, straight from the backbone."""
+    ids = torch.as_tensor(blocks.input_ids)
+    with torch.no_grad():
+        out = model.model(input_ids=ids, output_hidden_states=True)
+        hidden = out.last_hidden_state if layer is None else out.hidden_states[layer + 1]
+        if layer is not None and layer < model.config.num_hidden_layers - 1:
+            hidden = model.model.norm(hidden)
+    z = (hidden[:, :-1].double() @ model.lm_head.weight.double().T).detach()
+    mask = torch.as_tensor(blocks.position_mask())
+    return z[mask], ids[:, 1:][mask]
+
+
+@pytest.mark.parametrize("chunk_size, batch_size", [(1000, 8), (7, 2)])
+def test_audit_matches_reference(model, blocks, tmp_path, chunk_size, batch_size):
+    result = run_audit(model, blocks, output_dir=tmp_path, chunk_size=chunk_size, batch_size=batch_size, progress=False)
+    z, targets = reference_logits(model, blocks)
+    top = z.topk(2)
+    positions = result.positions
+    assert len(positions["margin"]) == blocks.n_positions == 108  # 7 positions beyond max_positions are excluded
+    np.testing.assert_allclose(positions["margin"], (top.values[:, 0] - top.values[:, 1]).numpy(), atol=1e-4)
+    np.testing.assert_array_equal(positions["correct"], (top.indices[:, 0] == targets).numpy())
+    np.testing.assert_array_equal(positions["target_id"], targets.numpy())
+    probs = torch.softmax(z, -1)
+    np.testing.assert_allclose(positions["entropy"], (-(probs * probs.log()).sum(-1)).numpy(), atol=1e-4)
+    margins = (top.values[:, 0] - top.values[:, 1]).numpy()
+    s = result.summary
+    assert s.accuracy == pytest.approx((top.indices[:, 0] == targets).double().mean().item())
+    assert s.entropy_margin_spearman == pytest.approx(
+        spearmanr((-(probs * probs.log()).sum(-1)).numpy(), margins).statistic, abs=1e-6
+    )
+    assert s.median_margin == s.margin_percentiles["p50"] == pytest.approx(np.median(margins), abs=1e-4)
+    assert s.gap_fit.beta == pytest.approx(fit_gap_law(positions["margin"]).beta, abs=1e-9)
+    for name in ("audit.json", "positions.parquet", "blocks.npy", "gap_curve.png", "margins.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    loaded = load_audit(tmp_path)
+    np.testing.assert_array_equal(loaded.blocks.input_ids, blocks.input_ids)
+    np.testing.assert_array_equal(loaded.positions["margin"], positions["margin"])
+    assert json.loads((tmp_path / "audit.json").read_text())["n_positions"] == 108
+
+
+def test_logit_lens_layers(model, blocks, tmp_path):
+    result = run_audit(model, blocks, output_dir=tmp_path, layers="all", progress=False)
+    assert [row["layer"] for row in result.layers] == [0, 1, 2]
+    final_ce = -result.positions["target_logprob"]
+    for layer in (0, 2):
+        z, targets = reference_logits(model, blocks, layer)
+        top = z.topk(2)
+        row = result.layers[layer]
+        assert row["accuracy"] == pytest.approx((top.indices[:, 0] == targets).double().mean().item())
+        margin = (top.values[:, 0] - top.values[:, 1]).numpy()
+        assert row["margin_percentiles"]["p50"] == pytest.approx(np.median(margin), abs=1e-4)
+        penalty = np.where(margin < 1.0, -margin, 0.0)
+        assert row["spearman_margin_vs_final_ce"] == pytest.approx(spearmanr(penalty, final_ce).statistic, abs=1e-3)
+    layers_json = json.loads((tmp_path / "layers.json").read_text())
+    negative = [r["layer"] for r in result.layers if r["spearman_fisher_vs_final_ce"] < 0]
+    assert layers_json["negative_fisher_correlation"] == negative
+    assert (tmp_path / "layers.png").stat().st_size > 0
+
+
+def test_bfloat16_model_keeps_float32_margins(blocks):
+    from helpers import tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    exact = run_audit(model, blocks, progress=False)
+    low = run_audit(model, blocks, margin_dtype="model", progress=False)
+    assert exact.summary.n_unique_margins > low.summary.n_unique_margins
+    assert exact.summary.provenance["model_dtype"] == "bfloat16"
+
+
+def test_audit_errors(model, blocks, tmp_path):
+    with pytest.raises(MRPUserError, match="out of range"):
+        run_audit(model, blocks, layers="5", progress=False)
+    with pytest.raises(MRPUserError, match="margin_dtype"):
+        run_audit(model, blocks, margin_dtype="float8", progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MRPUserError, match="is a file"):
+        run_audit(model, blocks, output_dir=tmp_path / "file", progress=False)
+    with pytest.raises(MRPUserError, match="no complete audit"):
+        load_audit(tmp_path)
+
+
+def test_model_without_output_embeddings(blocks):
+    from transformers import LlamaConfig, LlamaModel
+
+    backbone = LlamaModel(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(MRPUserError, match="no output embeddings"):
+        run_audit(backbone, blocks, progress=False)

@@ -1,0 +1,29 @@
+"""The flip audit as an `evaluate` metric, loaded by local path, against a numpy recount."""
+
+import numpy as np
+import pytest
+
+from hf_mrp.metrics import load_flip_audit
+
+
+def test_flip_audit_metric_matches_a_recount():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 5, 400)
+    before = np.where(rng.random(400) < 0.5, targets, rng.integers(0, 5, 400))
+    after = np.where(rng.random(400) < 0.6, targets, rng.integers(0, 5, 400))
+    margins_before, margins_after = rng.gamma(1.0, 1.0, 400), rng.gamma(1.2, 1.0, 400)
+    metric = load_flip_audit()
+    result = metric.compute(
+        predictions=after,
+        baseline_predictions=before,
+        references=targets,
+        margins=margins_after,
+        baseline_margins=margins_before,
+    )
+    w2r = int(((before != targets) & (after == targets)).sum())
+    r2w = int(((before == targets) & (after != targets)).sum())
+    assert (result["w2r"], result["r2w"], result["net"]) == (w2r, r2w, w2r - r2w)
+    assert result["flip_ratio"] == pytest.approx(w2r / r2w)
+    assert result["churn"] == pytest.approx(np.mean(before != after))
+    assert result["accuracy_after"] == pytest.approx(np.mean(after == targets))
+    assert result["median_margin_change"] == pytest.approx(np.median(margins_after) / np.median(margins_before) - 1)

@@ -1,0 +1,215 @@
+"""The tuned lens: training lowers the per-layer KL below the logit lens' on held-out positions; saving, loading,
+resuming and a 2-process run equal one uninterrupted process; bad lens folders and overlaps are refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_mrp.audit import run_audit
+from hf_mrp.audit.tuned_lens import LensTrainingSettings, load_tuned_lens, train_tuned_lens
+from hf_mrp.data import Blocks
+from hf_mrp.errors import MRPUserError
+from hf_mrp.research.arguments import AuditArguments
+
+from helpers import FAMILIES, VOCAB, build, tiny_llama
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def random_blocks(rows: int, seed: int, length: int = 24) -> Blocks:
+    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(rows, length))
+    return Blocks(ids, rows * (length - 1), f"random-{seed}")
+
+
+def flat(row: dict, prefix: str = "") -> dict:
+    """A layers.json row's numbers by dotted name (pytest.approx compares flat mappings only)."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            out.update({f"{prefix}{key}.{i}": v for i, v in enumerate(value)})
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def train(model, folder, steps=4, **overrides):
+    settings = LensTrainingSettings(
+        **{**dict(max_steps=steps, batch_positions=64, learning_rate=1e-2, save_steps=2, chunk_size=32), **overrides}
+    )
+    return train_tuned_lens(
+        model, random_blocks(12, seed=1), folder, model_name="tiny", settings=settings, progress=False
+    )
+
+
+def test_a_trained_tuned_lens_lowers_every_layers_kl_below_the_logit_lens_on_held_out_positions(tmp_path):
+    model = tiny_llama(layers=4)
+    lens = train_tuned_lens(
+        model,
+        random_blocks(40, seed=1),
+        tmp_path / "lens",
+        model_name="tiny",
+        progress=False,
+        settings=LensTrainingSettings(max_steps=60, batch_positions=256, learning_rate=1e-2),
+    )
+    assert lens.layers == [0, 1, 2]  # the last layer is the model's output: no translator
+    held_out = random_blocks(8, seed=2)
+    result = run_audit(model, held_out, layers="all", lens=lens, progress=False)
+    for tuned, logit in zip(result.layers, result.logit_layers):
+        assert tuned["layer"] == logit["layer"]
+        if tuned["layer"] < 3:
+            assert tuned["mean_kl_to_final"] < 0.8 * logit["mean_kl_to_final"], (tuned["layer"], tuned, logit)
+        else:
+            assert tuned["mean_kl_to_final"] == logit["mean_kl_to_final"] == 0.0
+    assert result.summary.layers["lens"] == "tuned"
+
+
+def test_saving_loading_and_resuming_equal_one_uninterrupted_run(tmp_path):
+    model = tiny_llama(layers=3)
+    whole = train(model, tmp_path / "whole", steps=4)
+    train(model, tmp_path / "cut", steps=2)  # stopped after 2 steps...
+    resumed = train(model, tmp_path / "cut", steps=4)  # ...and rerun into the same folder: resumes from step 2
+    loaded = load_tuned_lens(tmp_path / "cut")
+    for group in ("weights", "biases"):
+        for a, b, c in zip(
+            getattr(whole.translators, group), getattr(resumed.translators, group), getattr(loaded.translators, group)
+        ):
+            assert a.abs().sum() > 0
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+            assert torch.equal(b.detach(), c.detach())
+    log = json.loads((tmp_path / "cut" / "lens_config.json").read_text())["log"]
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
+    assert [row["mean_kl"] for row in log] == pytest.approx([row["mean_kl"] for row in whole.config["log"]])
+    blocks = random_blocks(4, seed=5)
+    in_memory = run_audit(model, blocks, lens=whole, progress=False)
+    from_disk = run_audit(model, blocks, lens=loaded, progress=False)
+    for a, b in zip(in_memory.layers, from_disk.layers):
+        assert flat(a) == pytest.approx(flat(b), rel=1e-5, abs=1e-6)
+
+
+def test_refusals_name_the_problem(tmp_path):
+    model = tiny_llama(layers=3)
+    train(model, tmp_path / "lens", steps=2)
+    with pytest.raises(MRPUserError, match="trained with other settings .*settings.learning_rate"):
+        train(model, tmp_path / "lens", steps=3, learning_rate=0.5)
+    lens = load_tuned_lens(tmp_path / "lens")
+    with pytest.raises(MRPUserError, match="among the tuned lens' training blocks"):
+        run_audit(model, random_blocks(12, seed=1), lens=lens, progress=False)
+    with pytest.raises(MRPUserError, match="trained for a model with"):
+        run_audit(tiny_llama(layers=4), random_blocks(3, seed=7), lens=lens, progress=False)
+    with pytest.raises(MRPUserError, match="no translator for layer 0"):
+        partial = train_tuned_lens(
+            model,
+            random_blocks(4, seed=1),
+            tmp_path / "partial",
+            model_name="tiny",
+            layers=[1],
+            settings=LensTrainingSettings(max_steps=1),
+            progress=False,
+        )
+        run_audit(model, random_blocks(3, seed=7), layers="0-2", lens=partial, progress=False)
+    with pytest.raises(MRPUserError, match="holds no tuned lens"):
+        load_tuned_lens(tmp_path / "nothing")
+    (tmp_path / "lens" / "lens.safetensors").unlink()
+    with pytest.raises(MRPUserError, match="lens.safetensors is missing"):
+        load_tuned_lens(tmp_path / "lens")
+    with pytest.raises(MRPUserError, match="--lens tuned needs --lens_path"):
+        AuditArguments(lens="tuned")
+    with pytest.raises(MRPUserError, match="unknown lens 'tuneed'"):
+        AuditArguments(lens="tuneed")
+    with pytest.raises(MRPUserError, match="--lens_path is read with --lens tuned only"):
+        AuditArguments(lens_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_steps_move_the_translators_on_every_family(tmp_path, family):
+    """Gradients reach the translators through each family's final norm, head and logit transform."""
+    model = build(family)
+    blocks = Blocks(np.random.default_rng(0).integers(3, VOCAB, size=(4, 12)), 44, "random")
+    lens = train_tuned_lens(
+        model,
+        blocks,
+        tmp_path,
+        model_name=family,
+        progress=False,
+        settings=LensTrainingSettings(max_steps=2, batch_positions=32, learning_rate=1e-2),
+    )
+    assert all(weight.abs().sum() > 0 for weight in lens.translators.weights)
+    log = lens.config["log"]
+    assert len(log) == 2 and all(np.isfinite(row["mean_kl"]) and row["mean_kl"] > 0 for row in log)
+    assert all(p.requires_grad for p in model.parameters())  # the model's own flags are restored
+
+
+def _cli(nproc: int, argv: list[str]) -> None:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [*launcher, "-m", "hf_mrp.research.cli", *argv], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, tmp_path):
+    data = ["--model", str(tiny_model_dir), "--block_size", "32"]
+    for nproc in (1, 2):
+        lens = tmp_path / f"lens{nproc}"
+        _cli(
+            nproc,
+            [
+                "lens",
+                "train",
+                *data,
+                "--max_positions",
+                "155",
+                "--holdout_positions",
+                "124",
+                "--max_steps",
+                "3",
+                "--batch_positions",
+                "50",
+                "--chunk_size",
+                "16",
+                "--learning_rate",
+                "0.01",
+                "--output_dir",
+                str(lens),
+            ],
+        )
+        _cli(
+            nproc,
+            [
+                "audit",
+                *data,
+                "--max_positions",
+                "124",
+                "--batch_size",
+                "1",
+                "--lens",
+                "tuned",
+                "--lens_path",
+                str(lens),
+                "--output_dir",
+                str(tmp_path / f"audit{nproc}"),
+            ],
+        )
+    one, two = (load_tuned_lens(tmp_path / f"lens{n}") for n in (1, 2))
+    for a, b in zip(one.translators.parameters(), two.translators.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    layers = [json.loads((tmp_path / f"audit{n}" / "layers.json").read_text()) for n in (1, 2)]
+    assert layers[0]["lens"] == "tuned" and len(layers[0]["layers"]) == 3
+    for a, b in zip(
+        layers[0]["layers"] + layers[0]["logit_lens_layers"], layers[1]["layers"] + layers[1]["logit_lens_layers"]
+    ):
+        assert flat(a) == pytest.approx(flat(b), rel=1e-4, abs=1e-5)

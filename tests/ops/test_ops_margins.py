@@ -1,0 +1,107 @@
+"""decision_statistics against a naive float64 full-logits reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_mrp.ops import decision_statistics
+from hf_mrp.ops.transform import LogitTransform
+
+
+def naive_statistics(hidden, weight, bias, targets, scale=1.0, softcap=None):
+    """Plain float64 loops over the full logits: an independent reference (soft cap written out)."""
+    raw = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * scale
+    z = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    rows = []
+    for t in range(z.shape[0]):
+        logits = z[t].numpy()
+        order = np.argsort(-logits, kind="stable")
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        y = int(targets[t])
+        best_other = max(logits[j] for j in range(len(logits)) if j != y)
+        w = weight.double().numpy() * scale
+        raw_t = raw[t].numpy()
+        rows.append(
+            {
+                "top1_id": order[0],
+                "top2_id": order[1],
+                "margin": logits[order[0]] - logits[order[1]],
+                "correct": order[0] == y,
+                "entropy": -(probs * np.log(probs)).sum(),
+                "p_top1": probs[order[0]],
+                "target_logprob": np.log(probs[y]),
+                "target_margin": logits[y] - best_other,
+                "geometric_margin": (raw_t[order[0]] - raw_t[order[1]]) / np.linalg.norm(w[order[0]] - w[order[1]]),
+                "brier": 1 - 2 * probs[y] + (probs**2).sum(),
+            }
+        )
+    return {key: np.array([r[key] for r in rows]) for key in rows[0]}
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_statistics_match_float64_reference(with_bias):
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(40, 8), torch.randn(30, 8) * 2
+    bias = torch.randn(30) if with_bias else None
+    targets = torch.randint(0, 30, (40,))
+    targets[:10] = torch.topk(hidden[:10] @ weight.T + (0 if bias is None else bias), 1).indices[:, 0]  # some correct
+    got = decision_statistics(hidden, weight, targets, bias, chunk_size=7)
+    ref = naive_statistics(hidden, weight, bias, targets)
+    for key in ("top1_id", "top2_id", "correct"):
+        np.testing.assert_array_equal(got[key].numpy(), ref[key], err_msg=key)
+    for key in ("margin", "entropy", "p_top1", "target_logprob", "target_margin", "geometric_margin", "brier"):
+        np.testing.assert_allclose(got[key].numpy(), ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert got["correct"][:10].all()
+
+
+@pytest.mark.parametrize("scale, softcap", [(0.5, None), (1.0, 3.0), (2.0, 5.0)])
+def test_statistics_of_transformed_logits_match_float64_reference(scale, softcap):
+    """Scaled (Cohere, Granite) and soft-capped (Gemma) logits: every statistic of the emitted logits."""
+    torch.manual_seed(4)
+    hidden, weight, bias = torch.randn(30, 8), torch.randn(25, 8) * 2, torch.randn(25)
+    targets = torch.randint(0, 25, (30,))
+    got = decision_statistics(
+        hidden, weight, targets, bias, chunk_size=8, transform=LogitTransform(scale=scale, softcap=softcap)
+    )
+    ref = naive_statistics(hidden, weight, bias, targets, scale, softcap)
+    for key in ("top1_id", "top2_id", "correct"):
+        np.testing.assert_array_equal(got[key].numpy(), ref[key], err_msg=key)
+    for key in ("margin", "entropy", "p_top1", "target_logprob", "target_margin", "geometric_margin", "brier"):
+        np.testing.assert_allclose(got[key].numpy(), ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_chunk_size_changes_nothing():
+    torch.manual_seed(2)
+    hidden, weight, targets = torch.randn(50, 8), torch.randn(40, 8), torch.randint(0, 40, (50,))
+    a = decision_statistics(hidden, weight, targets, chunk_size=1)
+    b = decision_statistics(hidden, weight, targets, chunk_size=1024)
+    for key in ("top1_id", "top2_id", "correct"):
+        assert torch.equal(a[key], b[key]), key
+    for key in a:  # the BLAS kernel differs by chunk shape: equal up to float32 rounding
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-5, msg=key)
+
+
+def test_float32_logits_even_for_bfloat16_inputs():
+    """bf16 hidden states and weights are upcast before the matmul, unless low precision is asked for."""
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(200, 16).bfloat16(), torch.randn(500, 16).bfloat16()
+    targets = torch.randint(0, 500, (200,))
+    exact = (hidden.double() @ weight.double().T).topk(2).values
+    got = decision_statistics(hidden, weight, targets)["margin"]
+    np.testing.assert_allclose(got.numpy(), (exact[:, 0] - exact[:, 1]).numpy(), rtol=1e-5, atol=1e-5)
+    low = decision_statistics(hidden, weight, targets, margin_dtype=torch.bfloat16)["margin"]
+    assert np.unique(low.numpy()).size < np.unique(got.numpy()).size  # the bf16 margin artifact
+
+
+def test_ops_imports_nothing_from_the_hf_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hf_mrp.ops, hf_mrp.stats, hf_mrp.stats.flips, hf_mrp.stats.token_classes, "
+        "hf_mrp.stats.calibration, hf_mrp.stats.intervals; "
+        "print([m for m in ('transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

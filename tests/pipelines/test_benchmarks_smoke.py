@@ -1,0 +1,25 @@
+"""The benchmark scripts run (tiny sizes): CI checks they work, not how fast anything is."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each benchmark script in its own process
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+SCRIPTS = ["bench_loss.py", "bench_train_step.py", "bench_audit.py", "bench_memory.py", "bench_compile.py"]
+UNREPEATED = ("bench_memory.py", "bench_compile.py")  # they take no --repeats
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_smoke(script):
+    repeats = [] if script in UNREPEATED else ["--repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, script, "--smoke", *repeats], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ("x " in run.stdout) or ("x\n" in run.stdout), run.stdout  # a ratio was printed

@@ -1,0 +1,95 @@
+"""examples/refine.py under torchrun with 2 CPU processes (gloo) logs the same losses as 1 process."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # torchrun / accelerate launch processes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> list[dict]:
+    args = [
+        "--model",
+        str(model_dir),
+        "--output_dir",
+        str(output_dir),
+        "--block_size",
+        "32",
+        "--max_positions",
+        "124",
+        "--audit_positions",
+        "62",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--lora_layers",
+        "1-2",
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--learning_rate",
+        "1e-2",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(
+        [*launcher, str(ROOT / "examples" / "refine.py"), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((output_dir / "training_log.json").read_text())
+
+
+def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path):
+    single = refine(1, 4, tiny_model_dir, tmp_path / "one")
+    double = refine(2, 2, tiny_model_dir, tmp_path / "two")
+    steps = [row for row in single if "loss" in row]
+    assert len(steps) == 2  # 4 training blocks = one global batch of 4: both runs see the same rows each step
+    for a, b in zip(steps, [row for row in double if "loss" in row]):
+        for key in ("loss", "loss_ce", "loss_mrp", "mean_margin"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    assert (tmp_path / "two" / "adapter_model.safetensors").exists()
+    flips = [json.loads((tmp_path / run / "comparison" / "flip_audit.json").read_text()) for run in ("one", "two")]
+    assert flips[1]["n_positions"] == 62
+    assert flips[0]["median_margin_after"] == pytest.approx(flips[1]["median_margin_after"], abs=1e-4)
+
+
+def test_several_processes_without_accelerators_join_one_job(tmp_path):
+    """torchrun / accelerate launch --multi_gpu on a machine without GPUs, without --use_cpu: one gloo job
+    (world size 2), never two independent runs writing one folder (plain TrainingArguments gives world 1)."""
+    script = tmp_path / "world.py"
+    script.write_text(
+        "import os, sys\n"
+        "from transformers import TrainingArguments\n"
+        "from hf_mrp.training import MRPConfig\n"
+        "cls = MRPConfig if sys.argv[1] == 'mrp' else TrainingArguments\n"
+        f"args = cls(output_dir={str(tmp_path / 'out')!r}, report_to='none')\n"
+        "print(f\"rank {os.environ['RANK']} world {args.world_size}\", flush=True)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worlds = {}
+    for kind in ("mrp", "plain"):
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script), kind],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        worlds[kind] = sorted(re.findall(r"world (\d)", run.stdout))
+    assert worlds == {"mrp": ["2", "2"], "plain": ["1", "1"]}

@@ -1,0 +1,91 @@
+"""Run under `torchrun --nproc_per_node 2`: FSDP2 (fully_shard on a gloo CPU mesh, applied as Accelerate
+does: each decoder layer, then the root) against the same model unsharded, in the same process.
+
+Checks MRPTrainer.compute_loss' loss and every trainable gradient, and the audit. Exits non-zero on a
+mismatch; prints one line per check. Usage: fsdp_worker.py OUTPUT_DIR {lora|full}
+"""
+
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/: the shared helpers
+from hf_mrp.audit.geometry import collect_statistics  # noqa: E402
+from hf_mrp.data import Blocks  # noqa: E402
+from hf_mrp.models import decoder_layers  # noqa: E402
+from hf_mrp.training import MRPConfig, MRPTrainer  # noqa: E402
+
+from helpers import VOCAB, tiny_llama  # noqa: E402
+
+
+def trainer_for(output_dir: str, mode: str, shard: bool) -> MRPTrainer:
+    args = MRPConfig(
+        output_dir=output_dir,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        mrp_objective="fisher",
+        mrp_lambda=0.6,
+        use_lora=mode == "lora",
+        lora_r=4,
+        seed=0,
+    )
+    trainer = MRPTrainer(model=tiny_llama(seed=0), args=args)
+    if shard:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in decoder_layers(trainer.model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(trainer.model, mesh=mesh)
+    return trainer
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def main(output_dir: str, mode: str) -> int:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    rng = np.random.default_rng(0)  # every rank: the same batch, so FSDP's gradient average is that batch's gradient
+    ids = torch.as_tensor(rng.integers(0, VOCAB, size=(2, 16)))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    results = {}
+    for shard in (False, True):
+        trainer = trainer_for(output_dir, mode, shard)
+        loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": labels})
+        loss.backward()
+        grads = {name: full(p.grad).detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        blocks = Blocks(rng.integers(0, VOCAB, size=(5, 12)), 5 * 11, "random")
+        rng = np.random.default_rng(0)  # same blocks next round
+        ids = torch.as_tensor(rng.integers(0, VOCAB, size=(2, 16)))
+        positions, _ = collect_statistics(trainer.model, blocks, batch_size=2, progress=False, layers=[0, 1])
+        results[shard] = (loss.item(), grads, positions)
+    (loss0, grads0, pos0), (loss1, grads1, pos1) = results[False], results[True]
+    failures = []
+    if abs(loss0 - loss1) > 1e-5 * max(1.0, abs(loss0)):
+        failures.append(f"loss {loss0} vs {loss1}")
+    assert grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        scale = grads0[name].abs().max().item()
+        if not torch.allclose(grads0[name], grads1[name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3)):
+            failures.append(f"grad {name}: max diff {(grads0[name] - grads1[name]).abs().max().item():.3g}")
+    for key in ("top1_id", "margin", "entropy", "target_logprob"):
+        if not np.allclose(pos0[key], pos1[key], rtol=1e-5, atol=1e-5):
+            failures.append(f"audit {key}")
+    print(
+        f"rank {rank} mode {mode}: loss {loss0:.6f} vs {loss1:.6f}, {len(grads0)} gradients, "
+        f"{len(pos0['margin'])} audited positions; failures: {failures or 'none'}",
+        flush=True,
+    )
+    dist.destroy_process_group()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

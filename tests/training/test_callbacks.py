@@ -1,0 +1,328 @@
+"""MRPAuditCallback: files; every scalar read back from TensorBoard and trackio equals the comparison on disk;
+tables; cached baseline; sharded audits equal one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from hf_mrp.audit import load_audit
+from hf_mrp.audit.compare import compare_audits
+from hf_mrp.storage.files import read_parquet
+from hf_mrp.training import MRPConfig, MRPTrainer
+from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
+
+from helpers import CharTokenizer, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_blocks(seed=1):
+    ids = np.random.default_rng(seed).integers(0, 97, size=(8, 16))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files under ``logdir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for folder in sorted({events.parent for events in logdir.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+    return scalars
+
+
+def read_text(logdir: Path, tag: str) -> list[tuple[int, str]]:
+    """The text (Markdown) entries of one TensorBoard tag: [(step, text)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts = []
+    for folder in sorted({events.parent for events in logdir.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["tensors"]:
+            texts += [(e.step, e.tensor_proto.string_val[0].decode()) for e in accumulator.Tensors(tag)]
+    return texts
+
+
+def read_trackio(project: str) -> list[dict]:
+    """Every row the run logged into trackio's local SQLite store."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    (run,) = SQLiteStorage.get_runs(project)
+    return SQLiteStorage.get_logs(project, run)
+
+
+@pytest.fixture
+def trackio_store(tmp_path, monkeypatch):
+    """trackio writes into a fresh local folder (it reads TRACKIO_DIR once, at import), never to the Hub."""
+    import trackio  # noqa: F401  (imports every trackio module that holds TRACKIO_DIR)
+
+    store = tmp_path / "trackio"
+    store.mkdir()
+    monkeypatch.setenv("TRACKIO_DIR", str(store))
+    monkeypatch.delenv("TRACKIO_SPACE_ID", raising=False)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("trackio") and isinstance(getattr(module, "TRACKIO_DIR", None), Path):
+            monkeypatch.setattr(module, "TRACKIO_DIR", store)
+    return store
+
+
+def expected_by_step(out: Path) -> dict[int, dict[str, float]]:
+    """Step -> class and bucket counts, read from the JSON on disk (step 0: the baseline, no flips)."""
+    expected = {}
+    for folder in out.glob("comparison_step_*"):
+        result = json.loads((folder / "flip_audit.json").read_text())
+        expected[int(folder.name.rsplit("_", 1)[1])] = {
+            f"audit/{kind}/{name_part(label)}/{count}": group[count]
+            for kind, key in (("class", "by_class"), ("bucket", "by_bucket"))
+            for label, group in result[key].items()
+            for count in ("w2r", "r2w", "net")
+        }
+    some = next(iter(expected.values()))
+    expected[0] = dict.fromkeys(some, 0)
+    return expected
+
+
+@pytest.mark.slow  # trains and reads every reporter back
+def test_every_breakdown_scalar_reaches_tensorboard_and_trackio_with_the_values_on_disk(
+    blocks, tmp_path, monkeypatch, trackio_store
+):
+    out, logdir = tmp_path / "run", tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    args = dict(
+        output_dir=str(out),
+        report_to=["tensorboard", "trackio"],
+        project="mrp-test",
+        run_name="tiny",
+        save_strategy="no",
+        use_cpu=True,
+        max_steps=4,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        eval_strategy="steps",
+        eval_steps=2,
+        disable_tqdm=True,
+        seed=0,
+    )
+    callback = MRPAuditCallback(blocks, tokenizer=CharTokenizer())
+    trainer = MRPTrainer(
+        model=tiny_llama(),
+        args=MRPConfig(**args),
+        train_dataset=train_blocks(),
+        eval_dataset=train_blocks(2),
+        callbacks=[callback],
+    )
+    trainer.train()
+    for folder in (
+        "audit_before",
+        "audit_step_2",
+        "comparison_step_2",
+        "audit_step_4",
+        "comparison_step_4",
+        "audit_after",
+        "comparison",
+    ):
+        assert (out / folder).is_dir(), folder
+    final = json.loads((out / "comparison" / "flip_audit.json").read_text())
+    expected = compare_audits(load_audit(out / "audit_before"), load_audit(out / "audit_after"))
+    assert final["w2r"] == expected["w2r"] and final["net"] == expected["net"]
+    assert final["median_margin_change"] == pytest.approx(expected["median_margin_change"])
+
+    by_step = expected_by_step(out)
+    assert sorted(by_step) == [0, 2, 4]
+    names = set(by_step[2])
+    assert {"audit/bucket/100+/r2w", "audit/bucket/1/net"} <= names and len(names) == 3 * (len(final["by_class"]) + 5)
+    assert any(value for step in (2, 4) for value in by_step[step].values())  # training flipped something
+    # step 4 holds the last evaluation and the train-end audit: the same model, so the same numbers
+    assert {name: value for name, value in breakdown_scalars(final).items()} == by_step[4]
+
+    tensorboard = read_scalars(logdir)
+    trackio_rows = read_trackio("mrp-test")
+    for name in sorted(names):
+        logged = tensorboard["train/" + name]
+        assert sorted({step for step, _ in logged}) == [0, 2, 4], name
+        for step, value in logged:
+            assert value == by_step[step][name], (name, step)
+        tracked = [(row["train/global_step"], row["train/" + name]) for row in trackio_rows if "train/" + name in row]
+        assert sorted({step for step, _ in tracked}) == [0, 2, 4], name
+        for step, value in tracked:
+            assert value == by_step[step][name], (name, step)
+    for name in (
+        "train/audit/churn",
+        "train/audit/ece",
+        "train/audit/w2r",
+        "train/audit/gap_alpha",
+        "train/loss_ce",
+        "train/loss_mrp",
+        "train/mean_margin",
+    ):
+        assert name in tensorboard, (name, sorted(tensorboard))
+    assert [value for step, value in tensorboard["train/audit/ece"] if step == 0] == [
+        pytest.approx(final["ece_before"], rel=1e-6)
+    ]
+    assert tensorboard["train/audit/churn"][-1][1] == pytest.approx(final["churn"], rel=1e-6)
+
+    tables = [row for row in trackio_rows if "train/audit/table/class" in row]
+    assert [row["train/global_step"] for row in tables] == [2, 4, 4]
+    rows = {entry["class"]: entry for entry in tables[-1]["train/audit/table/class"]["_value"]}
+    assert {label: (row["w2r"], row["r2w"], row["net"]) for label, row in rows.items()} == {
+        label: (g["w2r"], g["r2w"], g["net"]) for label, g in final["by_class"].items()
+    }
+    gains = tables[-1]["train/audit/table/top_gain"]["_value"]
+    assert [(row["token_id"], row["net"]) for row in gains] == [(e["token_id"], e["net"]) for e in final["top_gain"]]
+    for name in ("bucket", "band", "top_loss"):
+        assert "train/audit/table/" + name in tables[-1]
+    text = read_text(logdir, "train/audit/table/bucket/text_summary")  # TensorBoard: Markdown in the Text tab
+    assert [step for step, _ in text] == [2, 4, 4]
+    assert f"| 100+ | {final['by_bucket']['100+']['n']} | {final['by_bucket']['100+']['w2r']} |" in text[-1][1]
+
+    before_mtime = (out / "audit_before" / "audit.json").stat().st_mtime_ns
+    again = MRPAuditCallback(blocks)
+    trainer = MRPTrainer(
+        model=tiny_llama(),
+        args=MRPConfig(**{**args, "report_to": "none", "eval_strategy": "no"}),
+        train_dataset=train_blocks(),
+        callbacks=[again],
+    )
+    trainer.train()
+    assert (out / "audit_before" / "audit.json").stat().st_mtime_ns == before_mtime  # cached, not redone
+
+
+def test_callback_refuses_a_foreign_baseline_and_needs_its_trainer(blocks, tmp_path):
+    from transformers import Trainer
+
+    callback = MRPAuditCallback(blocks)
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=MRPConfig(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=4
+        ),
+        train_dataset=train_blocks(),
+        callbacks=[callback],
+    )
+    with pytest.raises(Exception, match="attach"):
+        trainer.train()
+
+
+@pytest.mark.integration  # the embedded model's tokenizer
+def test_two_process_audit_equals_one_process(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hf_mrp import models
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab=49152, layers=2).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(model_dir)
+    args = [
+        "audit",
+        "--model",
+        str(model_dir),
+        "--block_size",
+        "32",
+        "--max_positions",
+        "300",
+        "--batch_size",
+        "2",
+        "--layers",
+        "all",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "hf_mrp.research.cli", *args, "--output_dir", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "hf_mrp.research.cli",
+            *args,
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = read_parquet(tmp_path / "one" / "positions.parquet"), read_parquet(tmp_path / "two" / "positions.parquet")
+    for column in a:
+        np.testing.assert_array_equal(a[column], b[column], err_msg=column)
+    summary = [json.loads((tmp_path / run / "audit.json").read_text()) for run in ("one", "two")]
+    for s in summary:
+        s["provenance"].pop("arguments")  # output_dir differs
+    assert summary[0] == summary[1]
+    assert (tmp_path / "one" / "layers.json").read_text() == (tmp_path / "two" / "layers.json").read_text()
+
+
+def test_label_names_stay_one_segment():
+    assert [
+        name_part(label) for label in ("100+", "2-4", "entity-like", "function word", "fragment/other", "<0.5")
+    ] == ["100+", "2-4", "entity-like", "function_word", "fragment_other", "<0.5"]
+
+
+def test_tables_reach_wandb_and_a_failing_reporter_is_skipped(caplog):
+    from hf_mrp.training.tables import flip_tables, log_tables
+
+    class FakeWandb:  # the wandb module as WandbCallback holds it: run, Table, log
+        run = object()
+
+        def __init__(self):
+            self.logged = []
+
+        @staticmethod
+        def Table(columns, data):
+            return {"columns": columns, "data": data}
+
+        def log(self, record):
+            self.logged.append(record)
+
+    class WandbCallback:
+        def __init__(self, wandb):
+            self._wandb = wandb
+
+    class TensorBoardCallback:  # its writer fails: a dashboard never stops training
+        class tb_writer:
+            @staticmethod
+            def add_text(*args):
+                raise OSError("disk full")
+
+    group = {"n": 4, "w2r": 2, "r2w": 1, "net": 1, "accuracy_before": 0.25, "accuracy_after": 0.5}
+    comparison = {
+        "by_class": {"entity": group},
+        "by_bucket": {"1": group, "100+": group},
+        "accuracy_by_margin_band": {"<0.5": group},
+        "top_gain": [{"token": " x", "token_id": 7, "w2r": 2, "r2w": 0, "net": 2}],
+        "top_loss": [],
+    }
+    wandb = FakeWandb()
+    reached = log_tables([TensorBoardCallback(), WandbCallback(wandb)], flip_tables(comparison), step=6)
+    assert reached == ["WandbCallback"] and "disk full" in caplog.text
+    (record,) = wandb.logged
+    assert record["train/global_step"] == 6
+    assert record["train/audit/table/bucket"] == {
+        "columns": ["bucket", "n", "w2r", "r2w", "net", "accuracy_before", "accuracy_after"],
+        "data": [["1", 4, 2, 1, 1, 0.25, 0.5], ["100+", 4, 2, 1, 1, 0.25, 0.5]],
+    }
+    assert record["train/audit/table/top_gain"]["data"] == [[" x", 7, 2, 0, 2]]
+    assert record["train/audit/table/top_loss"]["data"] == []
