@@ -16,7 +16,7 @@ from ...reporting.markdown import escape_cell, fmt_count, fmt_number, fmt_percen
 from ...storage import files
 
 if TYPE_CHECKING:
-    from ..audit.summary import AuditSummary
+    from ...audit.summary import AuditSummary
 
 MRP_FIELDS = (
     "mrp_objective",
@@ -266,7 +266,7 @@ def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str |
     output_dir = Path(output_dir)
     if not (output_dir / "audit_before" / "audit.json").is_file():
         return None
-    from ..audit.summary import AuditSummary  # here: hf_mrp.audit imports hf_mrp.reporting
+    from ...audit.summary import AuditSummary  # here: hf_mrp.audit imports hf_mrp.reporting
 
     before = AuditSummary.from_json(files.read_json(output_dir / "audit_before" / "audit.json"))
     evaluations = evaluation_comparisons(output_dir)
