@@ -365,6 +365,22 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 TINY_AUDIT = ["--block_size", "32", "--max_positions", "62"]
+# A two-step LoRA refine of a tiny model (layers 1-2), audited on 62 held-out positions.
+TINY_REFINE = {
+    "block_size": 32,
+    "max_positions": 124,
+    "audit_positions": 62,
+    "max_steps": 2,
+    "logging_steps": 1,
+    "lora_layers": "1-2",
+    "disable_tqdm": "true",
+}
+
+
+def tiny_refine_flags(model_dir, output_dir, **flags) -> list[str]:
+    """`hf-mrp refine` / examples/refine.py flags for TINY_REFINE into ``output_dir``, ``flags`` added or overriding."""
+    values = {"model": model_dir, "output_dir": output_dir, **TINY_REFINE, **flags}
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
 # Runs `hf-mrp ARGS` in this interpreter, SIGKILLing itself (or pausing, with $PAUSE_MARKER) at the $KILL_AT-th file

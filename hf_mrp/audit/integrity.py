@@ -40,7 +40,8 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
     return problems
 
 
-# The order in which geometry.write_audit writes an audit's files (audit.json last).
+AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
+# The order in which geometry.write_audit writes an audit's other files (before AUDIT_MARKER).
 WRITE_ORDER = (
     "blocks.npy",
     "mask.npy",
@@ -49,6 +50,8 @@ WRITE_ORDER = (
     "margins.png",
     "layers.json",
     "layers.png",
+    "lens_heatmap.png",
+    "lens_curves.png",
 )
 
 

@@ -13,27 +13,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..audit.geometry import AuditResult, run_audit
+from ..audit.integrity import AUDIT_MARKER, WRITE_ORDER
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
 from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
 
-AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
 # Every file an audit may write: none of them outlives the audit that replaces it (a stale layers.json or mask.npy
 # beside a new audit.json would describe another audit).
-AUDIT_FILES = (
-    "blocks.npy",
-    "mask.npy",
-    "positions.parquet",
-    "gap_curve.png",
-    "margins.png",
-    "layers.json",
-    "layers.png",
-    "lens_heatmap.png",
-    "lens_curves.png",
-    AUDIT_MARKER,
-)
+AUDIT_FILES = (*WRITE_ORDER, AUDIT_MARKER)
 
 
 def holds_finished_audit(folder: str | Path) -> bool:

@@ -42,6 +42,15 @@ class MRPTrainerMixin(_TrainerBase):
         model: torch.nn.Module
         args: MRPConfig  # or MRPSFTConfig: the same MRP fields
 
+    @staticmethod
+    def _refuse_compute_loss_func(kwargs: dict, trainer: str, plain: str) -> None:
+        """Before any work: both MRP trainers compute their own loss, so a ``compute_loss_func`` would be ignored."""
+        if kwargs.get("compute_loss_func") is not None:
+            raise MRPUserError(
+                f"{trainer} computes its own loss (CE + mrp_lambda * objective, in the output head); drop "
+                f"compute_loss_func, or use {plain} for a loss of your own"
+            )
+
     def _init_mrp_state(self) -> None:
         """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid
         shifted positions / num_items_in_batch, like the models' own CE: the Trainer counts those items (over

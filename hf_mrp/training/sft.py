@@ -95,10 +95,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = MRPSFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-MRP-SFT")
         args = as_mrp_sft_config(args)
-        if kwargs.get("compute_loss_func") is not None:
-            raise MRPUserError(
-                "MRPSFTTrainer computes its own loss (CE + mrp_lambda * objective); drop compute_loss_func"
-            )
+        self._refuse_compute_loss_func(kwargs, "MRPSFTTrainer", "trl.SFTTrainer")
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before
         super().__init__(model, args=args, **kwargs)
         parallelism = self.accelerator.parallelism_config

@@ -46,11 +46,7 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
                 f"MRPTrainer needs a loaded model, not the name {str(model)!r}: load it first with "
                 "hf_mrp.load_model_and_tokenizer(name) or AutoModelForCausalLM.from_pretrained(name)"
             )
-        if kwargs.get("compute_loss_func") is not None:
-            raise MRPUserError(
-                "MRPTrainer computes its own loss (CE + mrp_lambda * objective, in the output head); "
-                "drop compute_loss_func, or use transformers.Trainer for a loss of your own"
-            )
+        self._refuse_compute_loss_func(kwargs, "MRPTrainer", "transformers.Trainer")
         for name in ("train_dataset", "eval_dataset"):
             _check_dataset(kwargs.get(name), name, columns=data_collator is None)
         set_seed(args.seed)  # the adapter's random init must not depend on what ran before

@@ -12,6 +12,7 @@ from hf_mrp.audit.geometry import collect_statistics
 from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
 
+import helpers
 from helpers import FAMILIES, VOCAB, build, naive_penalty
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -22,20 +23,7 @@ def token_ids(rows=2, length=12, seed=0):
 
 
 def config(tmp_path, **overrides) -> MRPConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        max_steps=1,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        seed=0,
-        disable_tqdm=True,
-        use_lora=False,
-    )
-    values.update(overrides)
-    return MRPConfig(**values)
+    return helpers.config(tmp_path, **{"per_device_train_batch_size": 2, "use_lora": False, **overrides})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

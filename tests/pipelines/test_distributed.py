@@ -9,38 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_refine_flags
+
 pytestmark = pytest.mark.slow  # torchrun / accelerate launch processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> list[dict]:
-    args = [
-        "--model",
-        str(model_dir),
-        "--output_dir",
-        str(output_dir),
-        "--block_size",
-        "32",
-        "--max_positions",
-        "124",
-        "--audit_positions",
-        "62",
-        "--max_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--lora_layers",
-        "1-2",
-        "--per_device_train_batch_size",
-        str(per_device),
-        "--learning_rate",
-        "1e-2",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-    ]
+    args = tiny_refine_flags(
+        model_dir, output_dir, per_device_train_batch_size=per_device, learning_rate="1e-2", use_cpu="true"
+    )
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
         if nproc > 1

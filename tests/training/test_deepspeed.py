@@ -17,7 +17,7 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from deepspeed_worker import AUDIT_KEYS, CASES, STEPS, run_case  # noqa: E402
 
-from helpers import free_port  # noqa: E402
+from helpers import free_port, tiny_refine_flags  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -119,32 +119,10 @@ def test_trained_output_head_under_zero3_and_zero2_equals_one_process(engine_run
 
 
 def refine_arguments(model_dir: Path, output_dir: Path, per_device: int) -> list[str]:
-    return [
-        "--model",
-        str(model_dir),
-        "--output_dir",
-        str(output_dir),
-        "--block_size",
-        "32",
-        "--max_positions",
-        "124",
-        "--audit_positions",
-        "62",
-        "--max_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--lora_layers",
-        "1-2",
-        "--per_device_train_batch_size",
-        str(per_device),
-        "--optim",
-        "sgd",
-        "--learning_rate",
-        "0.1",
-        "--disable_tqdm",
-        "true",
-    ]  # SGD: see deepspeed_worker.common_arguments
+    # SGD: see deepspeed_worker.common_arguments
+    return tiny_refine_flags(
+        model_dir, output_dir, per_device_train_batch_size=per_device, optim="sgd", learning_rate="0.1"
+    )
 
 
 def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_model_dir, tmp_path):

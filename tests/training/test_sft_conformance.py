@@ -193,3 +193,16 @@ def test_mrp_config_is_refused_by_the_sft_trainer_with_the_fix(tiny_model_dir, t
             args=MRPConfig(output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none"),
             train_dataset=chat_dataset("messages"),
         )
+
+
+def test_compute_loss_func_is_refused_by_the_sft_trainer_before_any_work(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = MRPSFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, report_to=[], bf16=False)
+    with pytest.raises(MRPUserError, match="MRPSFTTrainer computes its own loss.*drop compute_loss_func") as error:
+        MRPSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=chat_dataset("messages"),
+            compute_loss_func=lambda outputs, labels, **kw: 0,
+        )
+    assert "\n" not in str(error.value) and not (tmp_path / "sft").exists()
