@@ -423,7 +423,10 @@ def boundary_process(tmp_path: Path, model_dir: Path, out: Path, kill_at: int, *
     """`hf-mrp audit` of ``model_dir`` into ``out`` in a process that SIGKILLs itself (or pauses, with ``marker``)
     at the ``kill_at``-th file boundary of the audit's write."""
     wrapper = tmp_path / "boundary.py"
-    wrapper.write_text(BOUNDARY_WRAPPER)
+    if not wrapper.exists():  # written once: rewriting it under a process still starting gives that one an empty script
+        staged = tmp_path / "boundary.py.tmp"
+        staged.write_text(BOUNDARY_WRAPPER)
+        staged.replace(wrapper)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
