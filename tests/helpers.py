@@ -4,6 +4,7 @@ Llama most tests train (`tiny_llama`, a preset of `build`), and two offline toke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -377,10 +378,51 @@ TINY_REFINE = {
 }
 
 
-def tiny_refine_flags(model_dir, output_dir, **flags) -> list[str]:
-    """`hf-mrp refine` / examples/refine.py flags for TINY_REFINE into ``output_dir``, ``flags`` added or overriding."""
-    values = {"model": model_dir, "output_dir": output_dir, **TINY_REFINE, **flags}
+def flags(**values) -> list[str]:
+    """``--name value`` pairs in order: the argv a command line carries for these settings."""
     return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
+def tiny_refine_flags(model_dir, output_dir, **overrides) -> list[str]:
+    """`hf-mrp refine` / examples/refine.py flags for TINY_REFINE into ``output_dir``, ``overrides`` added or
+    overriding."""
+    return flags(model=model_dir, output_dir=output_dir, **{**TINY_REFINE, **overrides})
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread while a whole pipeline runs in this process, like the subprocesses (OMP_NUM_THREADS=1):
+    the suite's parallel runs then share the cores instead of fighting over them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+HOLD_FOLDER = (
+    "import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
+    "with owned_folder(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+)
+
+
+@contextlib.contextmanager
+def folder_held_elsewhere(folder: Path, command: str = "holder"):
+    """``folder`` owned (storage.locks) by another live process that says it runs ``command``, until the block
+    ends: what a second run into that folder meets."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FOLDER, str(folder), command],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # Runs `hf-mrp ARGS` in this interpreter, SIGKILLing itself (or pausing, with $PAUSE_MARKER) at the $KILL_AT-th file

@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,36 +34,23 @@ import torch
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research import cli
 
-from helpers import VOCAB, CharTokenizer, tiny_llama
+from helpers import VOCAB, CharTokenizer, flags, folder_held_elsewhere, tiny_llama
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 SMALL = ["--block_size", "32", "--max_positions", "62"]
-REFINE_SMALL = [
-    "--block_size",
-    "32",
-    "--max_positions",
-    "124",
-    "--audit_positions",
-    "31",
-    "--max_steps",
-    "1",
-    "--lora_layers",
-    "1-2",
-    "--use_cpu",
-    "true",
-    "--disable_tqdm",
-    "true",
-    "--report_to",
-    "none",
-]
+REFINE_SMALL = flags(
+    block_size="32",
+    max_positions="124",
+    audit_positions="31",
+    max_steps="1",
+    lora_layers="1-2",
+    use_cpu="true",
+    disable_tqdm="true",
+    report_to="none",
+)
 
 
 LOCK_FILE = ".hf_mrp.lock"
-HOLD_LOCK = (
-    "import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
-    "with owned_folder(sys.argv[1], 'hf-mrp refine --output_dir ' + sys.argv[1]):\n"
-    "    print('held', flush=True)\n    time.sleep(600)\n"
-)
 
 
 def _trim_positions(folder: Path, rows: int | None = None, flip_correct: bool = False) -> None:
@@ -175,47 +161,42 @@ def world(tmp_path_factory):
     (root / "columns" / "b.jsonl").write_text(json.dumps({"body": "other text", "title": "t"}) + "\n")
     _mixed_audit(root / "before", root / "mixed_audit", blocks)
     (root / "locked").mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(root / "locked")], stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout.readline().strip() == "held"
-    yield {
-        "MODEL": str(root / "model"),
-        "SMALL_VOCAB_MODEL": str(root / "small_vocab_model"),
-        "EMPTY": str(root / "empty.txt"),
-        "SHORT": str(root / "short.txt"),
-        "JSONL": str(root / "data.jsonl"),
-        "XML": str(root / "data.xml"),
-        "MISSING_JSONL": str(root / "missing.jsonl"),
-        "FILE": str(root / "a_file"),
-        "UNDER_FILE": str(root / "a_file" / "out"),
-        "BEFORE": str(root / "before"),
-        "OTHER_POSITIONS": str(root / "other_positions"),
-        "CORRUPT_JSON": str(root / "corrupt_json"),
-        "NO_POSITIONS": str(root / "no_positions"),
-        "NO_AUDIT_JSON": str(root / "no_audit_json"),
-        "NO_BLOCKS": str(root / "no_blocks"),
-        "NO_DIR": str(root / "no_such_audit"),
-        "SYS": "/sys/hf_mrp_bad_inputs/out",
-        "GPT2": str(root / "gpt2"),
-        "TRUNCATED_MODEL": str(root / "truncated_model"),
-        "BAD_UTF8": str(root / "bad_utf8.txt"),
-        "MIXED": str(root / "mixed"),
-        "NO_DATA": str(root / "no_data"),
-        "TRIMMED_BEFORE": str(root / "trimmed_before"),
-        "TRIMMED_AFTER": str(root / "trimmed_after"),
-        "EDITED": str(root / "edited"),
-        "FINISHED": str(root / "finished"),
-        "LOCKED": str(root / "locked"),
-        "LOCK_HOLDER": str(holder.pid),
-        "ROOT": str(root),
-        "NO_TOKENIZER": str(root / "no_tokenizer"),
-        "BAD_LINE": str(root / "bad_line.jsonl"),
-        "COLUMNS": str(root / "columns"),
-        "MIXED_AUDIT": str(root / "mixed_audit"),
-    }
-    holder.kill()
-    holder.wait()
+    with folder_held_elsewhere(root / "locked", f"hf-mrp refine --output_dir {root / 'locked'}") as holder:
+        yield {
+            "MODEL": str(root / "model"),
+            "SMALL_VOCAB_MODEL": str(root / "small_vocab_model"),
+            "EMPTY": str(root / "empty.txt"),
+            "SHORT": str(root / "short.txt"),
+            "JSONL": str(root / "data.jsonl"),
+            "XML": str(root / "data.xml"),
+            "MISSING_JSONL": str(root / "missing.jsonl"),
+            "FILE": str(root / "a_file"),
+            "UNDER_FILE": str(root / "a_file" / "out"),
+            "BEFORE": str(root / "before"),
+            "OTHER_POSITIONS": str(root / "other_positions"),
+            "CORRUPT_JSON": str(root / "corrupt_json"),
+            "NO_POSITIONS": str(root / "no_positions"),
+            "NO_AUDIT_JSON": str(root / "no_audit_json"),
+            "NO_BLOCKS": str(root / "no_blocks"),
+            "NO_DIR": str(root / "no_such_audit"),
+            "SYS": "/sys/hf_mrp_bad_inputs/out",
+            "GPT2": str(root / "gpt2"),
+            "TRUNCATED_MODEL": str(root / "truncated_model"),
+            "BAD_UTF8": str(root / "bad_utf8.txt"),
+            "MIXED": str(root / "mixed"),
+            "NO_DATA": str(root / "no_data"),
+            "TRIMMED_BEFORE": str(root / "trimmed_before"),
+            "TRIMMED_AFTER": str(root / "trimmed_after"),
+            "EDITED": str(root / "edited"),
+            "FINISHED": str(root / "finished"),
+            "LOCKED": str(root / "locked"),
+            "LOCK_HOLDER": str(holder.pid),
+            "ROOT": str(root),
+            "NO_TOKENIZER": str(root / "no_tokenizer"),
+            "BAD_LINE": str(root / "bad_line.jsonl"),
+            "COLUMNS": str(root / "columns"),
+            "MIXED_AUDIT": str(root / "mixed_audit"),
+        }
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -24,27 +24,19 @@ from hf_mrp.research import cli
 from hf_mrp.research.run_folders import run_is_whole
 from hf_mrp.storage.locks import LOCK_FILE
 
-from helpers import TINY_AUDIT, boundary_process, file_hashes, staging_beside
+from helpers import TINY_AUDIT, boundary_process, file_hashes, flags, folder_held_elsewhere, staging_beside
 
 ROOT = Path(__file__).resolve().parents[2]
-REFINE = [
-    "--block_size",
-    "32",
-    "--max_positions",
-    "124",
-    "--audit_positions",
-    "31",
-    "--max_steps",
-    "2",
-    "--lora_layers",
-    "1-2",
-    "--use_cpu",
-    "true",
-    "--disable_tqdm",
-    "true",
-    "--report_to",
-    "none",
-]
+REFINE = flags(
+    block_size=32,
+    max_positions=124,
+    audit_positions=31,
+    max_steps=2,
+    lora_layers="1-2",
+    use_cpu="true",
+    disable_tqdm="true",
+    report_to="none",
+)
 SAVED = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -60,10 +52,7 @@ def _refine_process(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen
             "-m",
             "hf_mrp.research.cli",
             "refine",
-            "--model",
-            str(model_dir),
-            "--output_dir",
-            str(out),
+            *flags(model=model_dir, output_dir=out),
             *REFINE,
             *extra,
         ],
@@ -119,26 +108,13 @@ def test_two_refines_into_one_folder_one_runs_the_other_stops_at_once(tiny_model
 
 def test_lock_dies_with_its_holder(tmp_path):
     """A killed run never leaves a stale lock: the kernel drops a flock when its holder exits."""
+    from hf_mrp.errors import MRPUserError
     from hf_mrp.storage.locks import owned_folder
 
-    script = (
-        "import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
-        "with owned_folder(sys.argv[1], 'holder'):\n    print('held', flush=True)\n    time.sleep(600)\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert holder.stdout.readline().strip() == "held"
-    from hf_mrp.errors import MRPUserError
-
-    with pytest.raises(MRPUserError, match=f"in use by another run \\(pid {holder.pid} on .*: holder\\)"):
-        with owned_folder(tmp_path):
-            pass
-    holder.kill()
-    holder.wait()
+    with folder_held_elsewhere(tmp_path) as holder:
+        with pytest.raises(MRPUserError, match=f"in use by another run \\(pid {holder.pid} on .*: holder\\)"):
+            with owned_folder(tmp_path):
+                pass
     with owned_folder(tmp_path):
         record = json.loads((tmp_path / LOCK_FILE).read_text())
         assert record["pid"] == os.getpid()
@@ -337,32 +313,21 @@ def test_sweep_redoes_a_run_whose_files_are_unreadable(tiny_model_dir, tmp_path,
     out = tmp_path / "sweep"
     argv = [
         "sweep",
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--objectives",
-        "margin",
-        "--lambdas",
-        "1",
-        "--seeds",
-        "0",
-        "--n_bootstrap",
-        "20",
-        "--block_size",
-        "32",
-        "--max_positions",
-        "124",
-        "--audit_positions",
-        "31",
-        "--max_steps",
-        "1",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--lora_layers",
-        "1-2",
+        *flags(
+            model=str(tiny_model_dir),
+            output_dir=str(out),
+            objectives="margin",
+            lambdas="1",
+            seeds="0",
+            n_bootstrap="20",
+            block_size="32",
+            max_positions="124",
+            audit_positions="31",
+            max_steps="1",
+            use_cpu="true",
+            disable_tqdm="true",
+            lora_layers="1-2",
+        ),
     ]
     assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
     capsys.readouterr()
@@ -416,24 +381,10 @@ def test_a_finished_audit_is_replaced_only_with_overwrite_and_then_whole(tiny_mo
     from hf_mrp.errors import MRPUserError
     from hf_mrp.storage.locks import owned_folder
 
-    script = (
-        "import sys, time\nfrom hf_mrp.storage.locks import owned_folder\n"
-        "with owned_folder(sys.argv[1], 'holder'):\n    print('held', flush=True)\n    time.sleep(600)\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", script, str(out)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with folder_held_elsewhere(out):
         with pytest.raises(MRPUserError, match="in use by another run"):
             with owned_folder(out):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_sigkill_at_every_file_boundary_leaves_one_whole_audit(tiny_model_dir, tmp_path):

@@ -28,40 +28,26 @@ from datasets import Dataset
 from hf_mrp.errors import MRPUserError
 from hf_mrp.storage import files
 
-from helpers import VOCAB, assert_refuses_bad_checkpoints, free_port, tiny_llama
+from helpers import VOCAB, assert_refuses_bad_checkpoints, flags, free_port, one_torch_thread, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
-REFINE_ARGS = [
-    "--block_size",
-    "32",
-    "--max_positions",
-    "248",
-    "--audit_positions",
-    "62",
-    "--max_steps",
-    "6",
-    "--per_device_train_batch_size",
-    "2",
-    "--save_strategy",
-    "steps",
-    "--save_steps",
-    "2",
-    "--logging_steps",
-    "1",
-    "--lora_layers",
-    "1-2",
-    "--learning_rate",
-    "1e-2",
-    "--seed",
-    "0",
-    "--use_cpu",
-    "true",
-    "--disable_tqdm",
-    "true",
-    "--hub_token",
-    FAKE_TOKEN,  # never pushed: only to check that no written file holds it
-]
+REFINE_ARGS = flags(
+    block_size="32",
+    max_positions="248",
+    audit_positions="62",
+    max_steps="6",
+    per_device_train_batch_size="2",
+    save_strategy="steps",
+    save_steps="2",
+    logging_steps="1",
+    lora_layers="1-2",
+    learning_rate="1e-2",
+    seed="0",
+    use_cpu="true",
+    disable_tqdm="true",
+    hub_token=FAKE_TOKEN,  # never pushed: only to check that no written file holds it
+)
 # Runs a script like `python script.py ARGS`, but blocks for good right after the checkpoint of step
 # $PAUSE_AT_STEP is on disk (and says so in $PAUSE_MARKER), so the test can SIGKILL it mid-training.
 PAUSE_WRAPPER = """
@@ -96,17 +82,8 @@ def _env(**extra) -> dict:
 
 
 def _start_refine(model_dir: Path, output_dir: Path, *extra: str, wrapper: Path | None = None, env=None):
-    command = [
-        sys.executable,
-        *([str(wrapper)] if wrapper else []),
-        str(ROOT / "examples" / "refine.py"),
-        "--model",
-        str(model_dir),
-        "--output_dir",
-        str(output_dir),
-        *REFINE_ARGS,
-        *extra,
-    ]
+    script = [*([str(wrapper)] if wrapper else []), str(ROOT / "examples" / "refine.py")]
+    command = [sys.executable, *script, *flags(model=model_dir, output_dir=output_dir), *REFINE_ARGS, *extra]
     log = open(output_dir.parent / f"{output_dir.name}.log", "w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env or _env()), log
 
@@ -115,14 +92,10 @@ def _refine_in_this_process(model_dir: Path, output_dir: Path) -> None:
     """The same run without a new interpreter (saves ~7 s of imports); one thread, like the subprocesses."""
     from hf_mrp.research.commands import refine as refine_command
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         refine_command.main(
-            *refine_command.parse_arguments(["--model", str(model_dir), "--output_dir", str(output_dir), *REFINE_ARGS])
+            *refine_command.parse_arguments([*flags(model=model_dir, output_dir=output_dir), *REFINE_ARGS])
         )
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _finish(process, log, timeout=300) -> str:
@@ -621,26 +594,12 @@ def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finish
     out = tmp_path / "run"
     argv = [
         "refine",
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
+        *flags(model=tiny_model_dir, output_dir=out),
         *REFINE_ARGS,
-        "--learning_rate",
-        "1e8",
-        "--save_steps",
-        "1",
-        "--max_steps",
-        str(max_steps),
-        "--report_to",
-        "none",
+        *flags(learning_rate="1e8", save_steps=1, max_steps=max_steps, report_to="none"),
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         code = cli.main(argv)
-    finally:
-        torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -690,40 +649,20 @@ def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, cap
         "sweep",
         "--output_dir",
         str(out),
-        "--objectives",
-        "margin",
-        "--lambdas",
-        "1e38",
-        "--seeds",
-        "0",
-        "--n_bootstrap",
-        "0",
-        "--audit_blocks",
-        "2",
-        "--model",
-        str(tiny_model_dir),
+        *flags(objectives="margin", lambdas="1e38", seeds=0, n_bootstrap=0, audit_blocks=2, model=tiny_model_dir),
         *REFINE_ARGS[:4],
-        "--max_steps",
-        "4",
-        "--save_strategy",
-        "no",
-        "--lora_layers",
-        "1-2",
-        "--learning_rate",
-        "1e-2",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--report_to",
-        "none",
+        *flags(
+            max_steps=4,
+            save_strategy="no",
+            lora_layers="1-2",
+            learning_rate="1e-2",
+            use_cpu="true",
+            disable_tqdm="true",
+            report_to="none",
+        ),
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         code = cli.main(argv)
-    finally:
-        torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert code == 2, captured.err[-2000:]
     last = captured.err.strip().splitlines()[-1]
