@@ -1,4 +1,5 @@
-"""Text -> deterministic token blocks: where text comes from (sources.py) and how it becomes blocks (blocks.py)."""
+"""Text -> deterministic token blocks: where text comes from (sources.py; tables of texts: tables.py) and how it
+becomes blocks (blocks.py)."""
 
 from .blocks import (
     DOCUMENT_SEPARATOR,
@@ -13,13 +14,13 @@ from .blocks import (
 )
 from .sources import (
     EMBEDDED_CORPUS,
-    LOCAL_FORMATS,
     PIECE_BYTES,
     TextPieces,
     check_encoding,
     embedded_corpus_documents,
     load_documents,
 )
+from .tables import LOCAL_FORMATS
 
 __all__ = [
     "DOCUMENT_SEPARATOR",

@@ -2,7 +2,8 @@
 against a naive reference and benchmarked in isolation.
 
 The per-position math of the audits and the trainers: decision statistics over the vocabulary in chunks
-(margins.py), the fused CE + MRP objective loss and its settings (fused.py, objectives.py), float32 head
+(margins.py), the fused CE + MRP objective loss and its settings (fused.py: the chunk loop and autograd glue,
+chunk_loss.py: one chunk's math, head_gradients.py: h / W / b gradients, objectives.py, settings.py), float32 head
 operands (precision.py), the model's logit transform (transform.py), the gap law (gap.py), the layer-wise
 lens (lens.py) and the objective's per-position target weights (targeting.py). The numbers computed from
 per-position tables already on disk (flips, intervals, calibration) are hf_mrp.stats'.

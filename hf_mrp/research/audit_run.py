@@ -2,7 +2,7 @@
 
 The output folder is owned like a refine folder: a folder holding a finished audit (audit.json) is only replaced
 with ``--overwrite_output_dir true``, and the audit's files appear together: they are written into a staging
-folder beside the output folder, which then takes its place in one atomic exchange (files.swapped_folder). A kill
+folder beside the output folder, which then takes its place in one atomic exchange (folders.swapped_folder). A kill
 at any moment leaves the old audit whole or the new one whole, never a mix of the two.
 """
 
@@ -58,7 +58,8 @@ def audit_from_arguments(
     """Load the model and blocks, audit them and write the files to ``audit_args.output_dir``."""
     from accelerate import PartialState
 
-    from ..storage.files import ensure_output_dir, swapped_folder
+    from ..storage.files import ensure_output_dir
+    from ..storage.folders import swapped_folder
     from ..storage.locks import is_main_process, owned_folder
 
     PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard

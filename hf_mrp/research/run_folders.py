@@ -4,7 +4,7 @@ reads back whole (what a sweep keeps, and what it redoes).
 A folder "holds a finished run" when refine's last file, ``training_log.json``, is there; writing
 into it again needs ``--overwrite_output_dir true`` or a resume (``--resume_from_checkpoint``). An `hf-mrp audit`
 folder is owned the same way (hf_mrp.research.audit_run): a finished audit (audit.json) is only replaced with
-``--overwrite_output_dir true``, and the new audit's files are swapped in together (files.swapped_folder).
+``--overwrite_output_dir true``, and the new audit's files are swapped in together (folders.swapped_folder).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""The bottom layer: files written atomically, staged saves and swapped folders, folder locks (no torch, no HF)."""
+"""The bottom layer: files written atomically, staged saves and reads (files.py), folders swapped in whole
+(folders.py), folder locks (locks.py); no torch, no HF."""

@@ -4,7 +4,7 @@ A run holds an exclusive ``fcntl.flock`` on ``<folder>/.hf_mrp.lock`` for its li
 names the holder (pid, host, command, start time) so a second run into the folder stops at once with
 one line that says who owns it. The kernel drops the lock when the holder exits, however it exits
 (a killed run never leaves a stale lock). The lock file is a dotfile, so Hub pushes skip it. Taking the lock
-also sweeps the staging folders that killed runs left in and beside the folder (files.sweep_stale_staging).
+also sweeps the staging folders that killed runs left in and beside the folder (folders.sweep_stale_staging).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
     """
     import fcntl
 
-    from .files import ensure_output_dir, sweep_stale_staging
+    from .files import ensure_output_dir
+    from .folders import sweep_stale_staging
 
     folder = ensure_output_dir(folder)
     key = str(folder.resolve())

@@ -1,24 +1,23 @@
 """MRPConfig: TrainingArguments plus the MRP objective and the LoRA adapter it trains.
 
-The MRP objective's fields live in `MRPArguments`, which `MRPSFTConfig` (TRL) shares."""
+The MRP objective's fields live in `MRPArguments`, which `MRPSFTConfig` (TRL) shares; the checks of a run's
+settings that both configs make after TrainingArguments' own are `run_checks.py`'s."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainingArguments
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from ..errors import MRPUserError, require_number
 from ..models.layers import parse_layer_spec
 from ..ops import LOGITS_PRECISIONS, MRPSettings
+from .run_checks import check_fisher_memory, check_training_settings, memory_limit
 
 logger = logging.getLogger(__name__)
 
@@ -213,79 +212,6 @@ class MRPConfig(MRPArguments, TrainingArguments):
         return parse_layer_spec(self.lora_layers, n_layers)
 
 
-SEED_RANGE = (0, 2**32 - 1)  # numpy's generator (transformers.set_seed seeds it) takes seeds in this range
-# --report_to name -> (transformers' availability check, what to install)
-REPORTER_PACKAGES = {
-    "azure_ml": ("is_azureml_available", "azureml-core"),
-    "comet_ml": ("is_comet_available", "comet_ml"),
-    "mlflow": ("is_mlflow_available", "mlflow"),
-    "neptune": ("is_neptune_available", "neptune"),
-    "tensorboard": ("is_tensorboard_available", '"hf_mrp[tensorboard]"'),
-    "trackio": ("is_trackio_available", '"hf_mrp[trackio]"'),
-    "wandb": ("is_wandb_available", "wandb"),
-    "codecarbon": ("is_codecarbon_available", "codecarbon"),
-    "clearml": ("is_clearml_available", "clearml"),
-    "dagshub": ("is_dagshub_available", "dagshub"),
-    "flyte": ("is_flytekit_available", "flytekit"),
-    "dvclive": ("is_dvclive_available", "dvclive"),
-    "swanlab": ("is_swanlab_available", "swanlab"),
-    "kubeflow": ("is_kubeflow_available", "kubeflow"),
-}
-
-
-def check_training_settings(args) -> None:
-    """The settings of a training run that TrainingArguments accepts but the run cannot use, refused in one line
-    before any work (MRPConfig and MRPSFTConfig both call it after TrainingArguments.__post_init__): an empty
-    output_dir, a run that would train zero steps, a seed outside numpy's range, a reporter that is unknown or
-    whose package is missing (report_to becomes the list of names the Trainer takes)."""
-    if not str(args.output_dir or "").strip():
-        raise MRPUserError(f"output_dir is empty ({args.output_dir!r}); pass a folder path")
-    _check_zero_steps(args.max_steps, args.num_train_epochs)
-    for name in ("seed", "data_seed"):
-        value = getattr(args, name)
-        if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-            raise MRPUserError(
-                f"{name} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]:,}] (the range numpy's random "
-                f"generator takes), got {value:,}; pass e.g. --{name} 0"
-            )
-    args.report_to = _known_reporters(args.report_to)
-
-
-def _check_zero_steps(max_steps: int, epochs: float) -> None:
-    """max_steps 0, or max_steps -1 (train for num_train_epochs) with no epochs, would train nothing."""
-    if max_steps == 0 or (max_steps < 0 and not (math.isfinite(epochs) and epochs > 0)):
-        raise MRPUserError(
-            f"max_steps must be a positive number of optimizer steps (or -1: train for num_train_epochs > 0); got "
-            f"max_steps {max_steps} with num_train_epochs {epochs:g}: the run would train "
-            f"{'zero' if not epochs > 0 else 'endless'} steps"
-        )
-
-
-def _known_reporters(report_to: list[str]) -> list[str]:
-    """``--report_to tensorboard,trackio`` as the list the Trainer takes, each one known and installed."""
-    from transformers.integrations import integration_utils
-
-    names = [name.strip() for entry in report_to for name in entry.split(",") if name.strip() not in ("", "none")]
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise MRPUserError(
-                f"unknown reporter {name!r} in --report_to; choose from none, all, "
-                f"{', '.join(INTEGRATION_TO_CALLBACK)} (several: comma-separated)"
-            )
-        check, package = REPORTER_PACKAGES.get(name, (None, name))
-        available = getattr(integration_utils, check, None) if check else None
-        installed = available() if available is not None else importlib.util.find_spec(name) is not None
-        if not installed:
-            raise MRPUserError(
-                f"--report_to {name} needs the {name} package, which is not installed: pip install "
-                f"{package} (or pass --report_to none)"
-            )
-    return names
-
-
-FISHER_LIVE_COPIES = 4  # [chunk x k x k x k] float32 tensors alive at once in ops.objectives.fisher_penalty
-
-
 def _check_numbers(config: MRPConfig) -> None:
     """Types and finiteness a command line cannot get wrong but Python callers can ('0.5', 2.5, inf)."""
     for name in ("lora_alpha", "learning_rate"):
@@ -310,22 +236,3 @@ def _check_training_steps(config: MRPConfig) -> None:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(config, name) < 1:
             raise MRPUserError(f"{name} must be at least 1, got {getattr(config, name)}")
-
-
-def memory_limit(use_cpu: bool = False) -> int:
-    """Bytes of memory the objective may use at most: the GPU's memory when one is used, else the machine's RAM."""
-    if not use_cpu and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def check_fisher_memory(top_k: int, chunk_size: int, limit: int) -> None:
-    """The Fisher objective holds [chunk x k x k x k] float32 tensors; refuse a k whose tensors exceed ``limit``."""
-    needed = FISHER_LIVE_COPIES * 4 * chunk_size * top_k**3
-    if needed > limit:
-        largest = int((limit / (FISHER_LIVE_COPIES * 4 * chunk_size)) ** (1 / 3))
-        raise MRPUserError(
-            f"mrp_top_k {top_k} would need about {needed / 1e9:,.0f} GB for the Fisher objective's "
-            f"[chunk x k x k x k] tensors (mrp_chunk_size {chunk_size}), more than the {limit / 1e9:.0f} GB of memory "
-            f"here; use mrp_top_k <= {largest} (the paper uses 5), or a smaller mrp_chunk_size"
-        )

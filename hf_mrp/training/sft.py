@@ -18,9 +18,10 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..errors import MRPUserError
-from .config import MRPArguments, MRPConfig, check_training_settings
+from .config import MRPArguments, MRPConfig
 from .loss import forward_with_mrp_loss, without_logits
 from .mrp_mixin import MRPTrainerMixin
+from .run_checks import check_training_settings
 
 MIN_TRL = "1.16"
 
