@@ -315,6 +315,18 @@ def setup(folder, tmp_path, mode: str):
     return tokenizer, model, chat_dataset(kind), common
 
 
+def sft_pair(model, tokenizer, dataset, common: dict, tmp_path: Path):
+    """TRL's SFTTrainer (the reference) and MRPSFTTrainer at lambda 0 (under test) on one model, data and settings."""
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer
+
+    shared = dict(model=model, train_dataset=dataset, processing_class=tokenizer)
+    sft = SFTTrainer(args=SFTConfig(output_dir=str(tmp_path / "sft"), **common), **shared)
+    mrp = MRPSFTTrainer(args=MRPSFTConfig(output_dir=str(tmp_path / "mrp"), mrp_lambda=0.0, **common), **shared)
+    return sft, mrp
+
+
 def first_batch(trainer):
     """The first training batch and its number of loss positions."""
     batch = next(iter(trainer.get_train_dataloader()))

@@ -126,27 +126,13 @@ def test_mrp_sft_trainer_smooths_as_sft_trainer(tiny_model_dir, tmp_path):
     float64 LabelSmoother's (SFTTrainer's own float32 autograd is farther from it: 4e-5 on the final norm)."""
     pytest.importorskip("trl")
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
 
-    from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer
-
-    from helpers import first_batch, loss_and_grads, setup
+    from helpers import first_batch, loss_and_grads, setup, sft_pair
 
     tokenizer, model, data, common = setup(tiny_model_dir, tmp_path, "assistant_only")
     common["label_smoothing_factor"] = EPS
-    with pytest.warns(FutureWarning, match="label_smoothing_factor"):
-        sft = SFTTrainer(
-            model=model,
-            args=SFTConfig(output_dir=str(tmp_path / "sft"), **common),
-            train_dataset=data,
-            processing_class=tokenizer,
-        )
-    mrp = MRPSFTTrainer(
-        model=model,
-        args=MRPSFTConfig(output_dir=str(tmp_path / "mrp"), mrp_lambda=0.0, **common),
-        train_dataset=data,
-        processing_class=tokenizer,
-    )
+    with pytest.warns(FutureWarning, match="label_smoothing_factor"):  # TRL's own, for SFTConfig
+        sft, mrp = sft_pair(model, tokenizer, data, common, tmp_path)
     batch_, items = first_batch(sft)
     sft_loss, sft_grads = loss_and_grads(sft, model, batch_, items)
     mrp_loss, mrp_grads = loss_and_grads(mrp, model, batch_, items)

@@ -5,7 +5,6 @@ import torch
 
 pytest.importorskip("trl")
 
-from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_mrp.errors import MRPUserError  # noqa: E402
 from hf_mrp.training.callbacks import MRPAuditCallback  # noqa: E402
@@ -19,24 +18,14 @@ from helpers import (  # noqa: E402
     loss_and_grads,
     naive_penalty,
     setup,
+    sft_pair,
 )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_lambda_zero_equals_sft_trainer(tiny_model_dir, tmp_path, mode):
     tokenizer, model, dataset, common = setup(tiny_model_dir, tmp_path, mode)
-    sft = SFTTrainer(
-        model=model,
-        args=SFTConfig(output_dir=str(tmp_path / "sft"), **common),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    mrp = MRPSFTTrainer(
-        model=model,
-        args=MRPSFTConfig(output_dir=str(tmp_path / "mrp"), mrp_lambda=0.0, **common),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    sft, mrp = sft_pair(model, tokenizer, dataset, common, tmp_path)
     batch, items = first_batch(sft)
     batch_mrp, _ = first_batch(mrp)
     assert torch.equal(batch["input_ids"], batch_mrp["input_ids"]) and torch.equal(batch["labels"], batch_mrp["labels"])
