@@ -17,6 +17,7 @@ from torch import nn
 from ..compat import asks_for_remote_code, lacks_backend_tokenizer
 from ..errors import MRPUserError
 from ..hub_access import hub_problem, is_hub_id, offline_when_unreachable
+from ..storage import files
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def embedded_model_dir() -> Path:
     tokenizer = load_tokenizer(gguf_file=str(gguf))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    files.with_default_mode(staging, directory=True)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -219,8 +221,7 @@ def local_vocab_size(model: str | None) -> int | None:
 
 
 def _use_safetensors(source: str) -> bool | None:
-    """True for a local folder with safetensors weights (never read its pickles); None (prefer
-    safetensors, else weights-only torch.load) for everything else."""
+    """True for a local folder with safetensors weights (never its pickles); else None (transformers' default)."""
     folder = Path(source)
     return True if folder.is_dir() and any(folder.glob("model*.safetensors")) else None
 

@@ -21,6 +21,19 @@ import numpy as np
 from hf_mrp.compat import quotes_no_space  # absolute: this module may move
 
 
+def current_umask() -> int:
+    """The process' umask (os.umask can only be read by setting it; set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_default_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file or folder made by tempfile (0600 / 0700: private) the mode open() / mkdir() would have given
+    it, so a report or a cached model another user of a shared machine reads is readable as usual."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -32,6 +45,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
+    with_default_mode(temporary)
     try:
         try:
             yield Path(temporary)
