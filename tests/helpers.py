@@ -513,6 +513,43 @@ def staging_beside(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.parent.glob(f".{folder.name}.staging-*"))
 
 
+# 2 processes train a tiny Llama for 2 steps on 4 rows, one of which has a NaN objective weight: only one process
+# meets it. Each writes its LoRA weights and its log history to OUT (under DeepSpeed when DEEPSPEED is a config).
+NAN_BATCH_SCRIPT = """
+import importlib, json, os, sys
+import numpy as np, torch
+from datasets import Dataset
+sys.path.insert(0, {tests!r})
+from helpers import VOCAB, tiny_llama
+from hf_mrp.training import MRPConfig, MRPTrainer
+
+deepspeed = {deepspeed!r}
+if deepspeed:
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo does without it (~90 s)
+ids = np.random.default_rng(0).integers(0, VOCAB, size=(4, 12))
+weights = [[1.0] * 12 for _ in range(4)]
+weights[1][3] = float("nan")  # one row, so one process of the two meets it
+data = Dataset.from_dict({{"input_ids": ids.tolist(), "labels": ids.tolist(), "mrp_weights": weights}})
+args = MRPConfig(output_dir={out!r}, report_to="none", save_strategy="no", use_cpu=not deepspeed, max_steps=2,
+                 logging_steps=1, per_device_train_batch_size=1, seed=0, disable_tqdm=True, mrp_objective="margin",
+                 mrp_lambda=0.5, learning_rate=1e-2, optim="sgd", ddp_timeout=120, deepspeed=deepspeed)
+trainer = MRPTrainer(model=tiny_llama(), args=args, train_dataset=data)
+trainer.train()
+sys.path.insert(0, os.path.join({tests!r}, "training"))
+from deepspeed_worker import trained_weights  # whole, under ZeRO-3 too
+adapter = {{name: weight for name, weight in trained_weights(trainer).items() if "lora_" in name}}
+rank = int(os.environ["RANK"])
+torch.save(adapter, os.path.join({out!r}, f"adapter_rank{{rank}}.pt"))
+with open(os.path.join({out!r}, f"log_rank{{rank}}.json"), "w") as handle:
+    json.dump(trainer.state.log_history, handle)
+"""
+
+
+def nan_batch_script(out: Path, deepspeed: dict | None = None) -> str:
+    """NAN_BATCH_SCRIPT writing to ``out``, under DeepSpeed with ``deepspeed`` (a config dict)."""
+    return NAN_BATCH_SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), deepspeed=deepspeed)
+
+
 def free_port() -> int:
     """A port no process listens on now: the OS picks it (for `accelerate launch --main_process_port`, and as a
     refused address once the probe closes). torchrun takes `--standalone` instead (its own free port)."""

@@ -28,7 +28,15 @@ from datasets import Dataset
 from hf_mrp.errors import MRPUserError
 from hf_mrp.storage import files
 
-from helpers import VOCAB, assert_refuses_bad_checkpoints, flags, free_port, one_torch_thread, tiny_llama
+from helpers import (
+    VOCAB,
+    assert_refuses_bad_checkpoints,
+    flags,
+    free_port,
+    nan_batch_script,
+    one_torch_thread,
+    tiny_llama,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
@@ -320,36 +328,11 @@ def test_all_processes_agree_to_skip(tmp_path, monkeypatch):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-DDP_SCRIPT = """
-import json, os, sys
-import numpy as np, torch
-from datasets import Dataset
-sys.path.insert(0, {tests!r})
-from helpers import VOCAB, tiny_llama
-from hf_mrp.training import MRPConfig, MRPTrainer
-
-ids = np.random.default_rng(0).integers(0, VOCAB, size=(4, 12))
-weights = [[1.0] * 12 for _ in range(4)]
-weights[{bad_row}][3] = float("nan")  # one row, so one process of the two meets it
-data = Dataset.from_dict({{"input_ids": ids.tolist(), "labels": ids.tolist(), "mrp_weights": weights}})
-args = MRPConfig(output_dir={out!r}, report_to="none", save_strategy="no", use_cpu=True, max_steps=2, logging_steps=1,
-                 per_device_train_batch_size=1, seed=0, disable_tqdm=True, mrp_objective="margin", mrp_lambda=0.5,
-                 learning_rate=1e-2, ddp_timeout=120)
-trainer = MRPTrainer(model=tiny_llama(), args=args, train_dataset=data)
-trainer.train()
-adapter = {{n: p.detach() for n, p in trainer.model.named_parameters() if "lora_" in n}}
-rank = int(os.environ["RANK"])
-torch.save(adapter, os.path.join({out!r}, f"adapter_rank{{rank}}.pt"))
-with open(os.path.join({out!r}, f"log_rank{{rank}}.json"), "w") as handle:
-    json.dump(trainer.state.log_history, handle)
-"""
-
-
 @pytest.mark.slow  # torchrun processes
 def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(tmp_path):
     """2 CPU processes (gloo): one meets a NaN batch, both skip it, nothing hangs, replicas stay equal."""
     script = tmp_path / "ddp_nan.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), bad_row=1, out=str(tmp_path)))
+    script.write_text(nan_batch_script(tmp_path))
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
         capture_output=True,

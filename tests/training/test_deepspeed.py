@@ -2,7 +2,6 @@
 process without DeepSpeed: MRPTrainer and MRPSFTTrainer with LoRA, a trained output head, and examples/refine.py
 launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/training/deepspeed_worker.py."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -15,9 +14,9 @@ import torch
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from deepspeed_worker import AUDIT_KEYS, CASES, STEPS, run_case  # noqa: E402
+from deepspeed_worker import AUDIT_KEYS, CASES, STEPS, deepspeed_config, run_case  # noqa: E402
 
-from helpers import free_port, tiny_refine_flags  # noqa: E402
+from helpers import free_port, nan_batch_script, one_torch_thread, tiny_refine_flags  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -73,23 +72,12 @@ def assert_same_training(engine: dict, single: dict, lora_only: bool = True) -> 
             )
 
 
-@contextlib.contextmanager
-def one_thread():
-    """A tiny model gains nothing from more threads, and on a busy machine several make it 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def results(engine_runs: Path, case: str, model_dir: Path) -> tuple[dict, dict]:
     """(the 2-process DeepSpeed run, the same training in this process without DeepSpeed)."""
     engine = torch.load(engine_runs / f"{case}.pt", weights_only=False)
     assert engine["deepspeed_stage"] == CASES[case][1] and engine["deepspeed_version"] == deepspeed.__version__
     assert engine["head_partitioned"] == (CASES[case][1] == 3)  # ZeRO-3 really partitions W outside its forward
-    with one_thread():
+    with one_torch_thread():
         return engine, run_case(case, str(engine_runs / "reference"), str(model_dir), deepspeed=False)
 
 
@@ -146,7 +134,7 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     ]
     stdout = launch([*accelerate, *refine_arguments(tiny_model_dir, tmp_path / "zero3", per_device=2)])
     assert stdout.count("zero stage 3") == 2, stdout[-2000:]
-    with one_thread():  # what examples/refine.py runs, in this process
+    with one_torch_thread():  # what examples/refine.py runs, in this process
         assert cli.main(["refine", *refine_arguments(tiny_model_dir, tmp_path / "one", per_device=4)]) == 0
     logs = [
         [row for row in json.loads((tmp_path / run / "training_log.json").read_text()) if "loss" in row]
@@ -164,3 +152,30 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     assert flips[0]["n_positions"] == flips[1]["n_positions"] == 62
     for key in ("median_margin_before", "median_margin_after", "w2r", "r2w"):
         assert flips[0][key] == pytest.approx(flips[1][key], abs=1e-5), key
+
+
+def test_a_nan_batch_one_process_meets_is_skipped_under_zero3_as_under_ddp(tmp_path):
+    """One of 4 rows has a NaN objective weight: under ZeRO-3 (whose engine steps inside backward) both processes
+    skip that step with exact zero gradients, as under DDP; the next step's numbers and the weights equal DDP's."""
+    runs = {}
+    for name, config in (("ddp", None), ("zero3", deepspeed_config(3))):
+        out = tmp_path / name
+        out.mkdir()
+        script = out / "nan_batch.py"
+        script.write_text(nan_batch_script(out, config))
+        launch([*TORCHRUN, str(script)])
+        logs = [[row for row in json.loads((out / f"log_rank{r}.json").read_text()) if "loss" in row] for r in (0, 1)]
+        adapters = [torch.load(out / f"adapter_rank{r}.pt") for r in (0, 1)]
+        assert logs[0] == logs[1], name
+        for weight in adapters[1]:
+            assert torch.equal(adapters[0][weight], adapters[1][weight]), (name, weight)
+        runs[name] = logs[0], adapters[0]
+    (zero3_log, zero3_adapter), (ddp_log, ddp_adapter) = runs["zero3"], runs["ddp"]
+    assert [row["nonfinite_skipped"] for row in zero3_log] == [1, 1]
+    assert zero3_log[0]["loss"] == 0.0 and zero3_log[0]["grad_norm"] == 0.0  # the skipped step: no update
+    for key in ("loss", "loss_ce", "loss_mrp", "mean_margin", "grad_norm"):
+        assert zero3_log[1][key] == pytest.approx(ddp_log[1][key], rel=1e-6), key
+    assert zero3_adapter.keys() == ddp_adapter.keys() and zero3_adapter
+    for weight, value in ddp_adapter.items():
+        assert torch.isfinite(zero3_adapter[weight]).all()
+        assert_close(zero3_adapter[weight], value, weight)
