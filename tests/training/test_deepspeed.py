@@ -154,6 +154,7 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
         assert flips[0][key] == pytest.approx(flips[1][key], abs=1e-5), key
 
 
+@pytest.mark.slow  # two 2-process launches
 def test_a_nan_batch_one_process_meets_is_skipped_under_zero3_as_under_ddp(tmp_path):
     """One of 4 rows has a NaN objective weight: under ZeRO-3 (whose engine steps inside backward) both processes
     skip that step with exact zero gradients, as under DDP; the next step's numbers and the weights equal DDP's."""
