@@ -1,30 +1,30 @@
 """The float32 geometry audit: model x blocks -> per-position table, audit.json, plots.
 
-Data flow: blocks -> forward whose output head computes ``ops.decision_statistics`` in float32
-chunks from the final hidden states (and each lens layer's, through the final norm), through the
-model's own logit transform -> per-position columns -> summary and gap fit. No logits are formed.
+Data flow: blocks -> one chunked float32 pass (``collect.collect_statistics``: no logits are formed) ->
+per-position columns -> summary and gap fit (and, with ``layers``, the per-layer lens rows of ``layers``) ->
+the audit folder, audit.json last. ``load_audit`` reads a folder back.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
 
 from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError, require_number
-from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head, parse_layer_spec
-from ..ops import decision_statistics, fit_gap_law
-from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
+from ..models import decoder_layers, output_head, parse_layer_spec
+from ..ops import fit_gap_law
 from ..reporting import lens_plots, plots
 from ..stats.calibration import expected_calibration_error
 from ..storage import files
+from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
 from .layers import layer_summary, margin_percentiles, summarize_layers
 from .summary import AuditSummary
 
@@ -33,22 +33,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POSITION_COLUMNS = (
-    "block",
-    "position",
-    "target_id",
-    "top1_id",
-    "top2_id",
-    "margin",
-    "correct",
-    "entropy",
-    "p_top1",
-    "target_logprob",
-    "target_margin",
-    "geometric_margin",
-    "brier",
-)
-LENS_COLUMNS = LENS_STATISTICS
 MARGIN_DTYPES = ("float32", "model")  # margins in float32 (the spec), or in the model dtype (the bf16 artifact)
 
 
@@ -62,168 +46,7 @@ class AuditResult:
     layers: list[dict] | None = None
     files: dict[str, Path] = field(default_factory=dict)
     logit_layers: list[dict] | None = None  # with a tuned lens: the logit lens of the same pass, for comparison
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def collect_statistics(
-    model: torch.nn.Module,
-    blocks: Blocks,
-    *,
-    batch_size: int = 8,
-    chunk_size: int = 1024,
-    margin_dtype: str = "float32",
-    layers: list[int] | None = None,
-    block_indices: np.ndarray | None = None,
-    progress: bool = True,
-    translators: AffineTranslators | None = None,
-) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
-    """Per-position columns (final layer) and, for each layer in ``layers``, its lens columns (``LENS_COLUMNS``).
-
-    ``block_indices`` restricts the audit to some blocks. Under torch.distributed each process
-    audits every world_size-th batch (the batches a single process would form, so every number is
-    bit-identical to a one-process run) and the shards are gathered on every rank. With ``translators``
-    (a tuned lens) each layer's columns are those of the tuned lens, and the logit lens' columns of the same
-    forward pass are returned too, under the keys ``("logit", layer)``.
-    """
-    margin_torch_dtype = torch.float32 if margin_dtype == "float32" else output_head(model)[0].dtype
-    device = _model_device(model)
-    mask = blocks.position_mask()
-    indices = np.arange(len(blocks.input_ids)) if block_indices is None else np.asarray(block_indices)
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in POSITION_COLUMNS}
-    layer_columns: dict = {key: {} for key in _lens_keys(layers, translators)}
-    was_training = model.training
-    model.eval()
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    rank, world = _process_rank_and_world()
-    mine = batches[rank::world]
-    rounds = -(-len(batches) // world)
-    # every rank runs the same number of forwards (a sharded model's forward is collective); extras are discarded
-    schedule = mine + [None] * (rounds - len(mine))
-    try:
-        for batch in tqdm(schedule, desc="audit", unit="batch", disable=not progress):
-            chosen = batches[0] if batch is None else batch
-            ids = torch.as_tensor(blocks.input_ids[chosen], device=device)
-            batch_mask = torch.as_tensor(mask[chosen], device=device)
-            targets = ids[:, 1:][batch_mask]
-            stats, lens = _batch_statistics(
-                model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size, translators
-            )
-            if batch is None:
-                continue
-            block_index, position = np.nonzero(mask[batch])
-            columns["block"].append(batch[block_index].astype(np.int64))
-            columns["position"].append(position.astype(np.int64))
-            columns["target_id"].append(targets.cpu().numpy())
-            for name in POSITION_COLUMNS[3:]:
-                columns[name].append(stats[name].cpu().numpy())
-            for key, layer_stats in lens.items():
-                for name in LENS_COLUMNS:
-                    layer_columns[key].setdefault(name, []).append(layer_stats[name].cpu().numpy())
-    finally:
-        model.train(was_training)
-    positions = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
-    per_layer = {key: {k: np.concatenate(v) for k, v in cols.items()} for key, cols in layer_columns.items() if cols}
-    if world > 1:
-        positions, per_layer = _gather_shards(positions, per_layer, world)
-    return positions, per_layer
-
-
-def _lens_keys(layers: list[int] | None, translators: AffineTranslators | None) -> list:
-    """The lens columns' keys: each layer (its tuned lens with ``translators``, else its logit lens), and with
-    ``translators`` also ("logit", layer): both lenses come from one forward pass."""
-    keys: list = list(layers or [])
-    return keys + [("logit", layer) for layer in keys] if translators is not None else keys
-
-
-def _batch_statistics(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    batch_mask: torch.Tensor,
-    targets: torch.Tensor,
-    layers: list[int] | None,
-    margin_torch_dtype: torch.dtype,
-    chunk_size: int,
-    translators: AffineTranslators | None = None,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """One forward: the final layer's statistics and each lens layer's, all computed inside the output head
-    (where W is whole, also under FSDP / ZeRO-3) through the model's own logit transform."""
-    transform = logit_transform(model)
-    blocks_out = decoder_layers(model)
-    norm = final_norm(model) if layers else None
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [blocks_out[layer].register_forward_hook(_capture_into(captured, layer)) for layer in layers or []]
-    found: dict = {}
-    last = len(blocks_out) - 1
-
-    def lens_states(hidden: torch.Tensor, key) -> torch.Tensor:
-        """A lens layer's states at the audited positions: the final layer's own, or the layer's through the
-        final norm (after its translator for a tuned lens; the final layer has none)."""
-        tuned, layer = (False, key[1]) if isinstance(key, tuple) else (translators is not None, key)
-        if layer == last:
-            states = hidden
-        else:
-            states = captured[layer]
-            states = norm(translators.translate(layer, states) if tuned else states)
-        return states[:, :-1][batch_mask]
-
-    def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        final = hidden[:, :-1][batch_mask]
-        found["final"] = decision_statistics(
-            final, weight, targets, bias, chunk_size=chunk_size, margin_dtype=margin_torch_dtype, transform=transform
-        )
-        states = {key: lens_states(hidden, key) for key in _lens_keys(layers, translators)}
-        found["lens"] = (
-            lens_statistics(final, states, weight, targets, bias, chunk_size=chunk_size, transform=transform)
-            if states
-            else {}
-        )
-        return carrier(hidden)
-
-    try:
-        with head_replaced(model, compute):
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return found["final"], found["lens"]
-
-
-def _capture_into(captured: dict, layer: int):
-    def hook(module, args, output):
-        captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
-
-    return hook
-
-
-def _process_rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_shards(positions: dict, per_layer: dict, world: int) -> tuple[dict, dict]:
-    """All-gather every rank's columns and restore the single-process (block, position) order."""
-    import torch.distributed as dist
-
-    shards: list = [None] * world
-    dist.all_gather_object(shards, (positions, per_layer))
-    shards = [shard for shard in shards if len(shard[0]["block"])]
-    if not shards:
-        return positions, per_layer
-    merged = {name: np.concatenate([shard[0][name] for shard in shards]) for name in positions}
-    order = np.lexsort((merged["position"], merged["block"]))
-    merged = {name: values[order] for name, values in merged.items()}
-    layers = {
-        layer: {key: np.concatenate([shard[1][layer][key] for shard in shards])[order] for key in columns}
-        for layer, columns in shards[0][1].items()
-    }
-    return merged, layers
+    seconds: float = 0.0  # wall-clock time of the whole audit, set by research.audit_run (0.0: not measured)
 
 
 def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
@@ -287,14 +110,7 @@ def run_audit(
     if output_dir is not None:
         output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)
-    n_layers = len(decoder_layers(model))
-    if lens is not None and layers is None:
-        layers = [*lens.layers, n_layers - 1]
-    layer_list = parse_layer_spec(layers, n_layers) if layers is not None else None
-    if lens is not None:
-        lens.check_model(model)
-        lens.check_layers(layer_list, n_layers)
-        lens.check_disjoint(blocks)
+    layer_list = _checked_layers(model, blocks, layers, lens)
     positions, per_layer = collect_statistics(
         model,
         blocks,
@@ -305,43 +121,85 @@ def run_audit(
         progress=progress,
         translators=None if lens is None else lens.translators,
     )
-    summary = {
-        "provenance": {
-            **(provenance or {}),
-            "data_source": blocks.source,
-            "block_size": blocks.block_size,
-            "n_blocks": int(len(blocks.input_ids)),
-            "blocks_sha256": blocks.fingerprint(),
-            "tokenizer_sha256": blocks.tokenizer,
-            "margin_dtype": margin_dtype,
-            "model_dtype": str(output_head(model)[0].dtype).replace("torch.", ""),
-        },
+    layer_rows, logit_rows = _lens_rows(positions, per_layer, layer_list, lens, lens_bootstrap)
+    summary = AuditSummary(
+        provenance=_provenance(model, blocks, margin_dtype, provenance),
         **summarize_positions(positions),
+        layers=None if layer_rows is None else _layers_entry(layer_rows, lens),
+    )
+    result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
+    if output_dir is not None:
+        _write_on_main_process(result, output_dir)
+    return result
+
+
+def _checked_layers(
+    model: torch.nn.Module, blocks: Blocks, layers: str | list[int] | None, lens: TunedLens | None
+) -> list[int] | None:
+    """The audited lens layers (None: no lens), a tuned lens' by default; a tuned lens is checked against the
+    model, those layers and the blocks (it must not have been trained on them)."""
+    n_layers = len(decoder_layers(model))
+    if lens is None:
+        return parse_layer_spec(layers, n_layers) if layers is not None else None
+    layer_list = parse_layer_spec([*lens.layers, n_layers - 1] if layers is None else layers, n_layers)
+    lens.check_model(model)
+    lens.check_layers(layer_list, n_layers)
+    lens.check_disjoint(blocks)
+    return layer_list
+
+
+def _provenance(model: torch.nn.Module, blocks: Blocks, margin_dtype: str, provenance: dict | None) -> dict[str, Any]:
+    """audit.json's provenance: the caller's (model, arguments, versions), then the blocks' and the dtypes."""
+    return {
+        **(provenance or {}),
+        "data_source": blocks.source,
+        "block_size": blocks.block_size,
+        "n_blocks": int(len(blocks.input_ids)),
+        "blocks_sha256": blocks.fingerprint(),
+        "tokenizer_sha256": blocks.tokenizer,
+        "margin_dtype": margin_dtype,
+        "model_dtype": str(output_head(model)[0].dtype).replace("torch.", ""),
     }
+
+
+def _lens_rows(
+    positions: Columns,
+    per_layer: dict[LensKey, Columns],
+    layer_list: list[int] | None,
+    lens: TunedLens | None,
+    lens_bootstrap: int,
+) -> tuple[list[dict] | None, list[dict] | None]:
+    """(the lens' rows, the logit lens' rows beside a tuned lens): None where that lens did not run."""
     final_ce = -positions["target_logprob"]
 
-    def rows_of(columns: dict) -> list[dict]:
+    def rows_of(columns: dict[int, Columns]) -> list[dict]:
         return summarize_layers(columns, final_ce, positions["block"], lens_bootstrap)
 
     layer_rows = rows_of({k: v for k, v in per_layer.items() if not isinstance(k, tuple)}) if layer_list else None
     logit_rows = rows_of({k[1]: v for k, v in per_layer.items() if isinstance(k, tuple)}) if lens else None
-    if layer_rows is not None:
-        summary["layers"] = layer_summary(layer_rows, "logit" if lens is None else "tuned")
-        if lens is not None:
-            summary["layers"]["lens_path"] = lens.config.get("path")
-            summary["layers"]["lens_training"] = {
-                key: lens.config["training"][key] for key in ("data_source", "n_positions", "blocks_sha256")
-            }
-    result = AuditResult(AuditSummary(**summary), positions, blocks, layer_rows, logit_layers=logit_rows)
-    if output_dir is not None:
-        rank, world = _process_rank_and_world()
-        if rank == 0:
-            write_audit(result, output_dir)
-        if world > 1:
-            import torch.distributed as dist
+    return layer_rows, logit_rows
 
-            dist.barrier()  # no rank reads the folder before it is complete
-    return result
+
+def _layers_entry(rows: list[dict], lens: TunedLens | None) -> dict[str, Any]:
+    """audit.json's "layers": the lens' summary, and for a tuned lens where it is and what it was trained on."""
+    entry = layer_summary(rows, "logit" if lens is None else "tuned")
+    if lens is not None:
+        entry["lens_path"] = lens.config.get("path")
+        entry["lens_training"] = {
+            key: lens.config["training"][key] for key in ("data_source", "n_positions", "blocks_sha256")
+        }
+    return entry
+
+
+def _write_on_main_process(result: AuditResult, output_dir: Path) -> None:
+    """The main process writes the folder; under torch.distributed no rank goes on before it is complete."""
+    rank, world = process_rank_and_world()
+    if rank == 0:
+        write_audit(result, output_dir)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank reads the folder before it is complete
 
 
 def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
@@ -364,21 +222,26 @@ def write_audit(result: AuditResult, output_dir: str | Path) -> dict[str, Path]:
     plots.plot_gap_curves(paths["gap_curve"], {"audit": result.summary.gap_fit.to_dict()})
     plots.plot_margin_histograms(paths["margins"], {"audit": result.positions["margin"]})
     if result.layers is not None:
-        paths["layers"] = output_dir / "layers.json"
-        paths["layers_plot"] = output_dir / "layers.png"
-        extra = {} if result.logit_layers is None else {"logit_lens_layers": result.logit_layers}
-        files.write_json(paths["layers"], {"layers": result.layers, **result.summary.layers, **extra})
-        plots.plot_layers(paths["layers_plot"], result.layers, result.summary.layers["lens"])
-        paths.update(lens_plots.plot_lens_figures(output_dir, _rows_by_lens(result)))
+        paths.update(_write_layers(result, result.layers, output_dir))
     files.write_json(paths["audit"], result.summary.to_json())  # last: its presence marks a complete audit
     result.files = paths
     return paths
 
 
-def _rows_by_lens(result: AuditResult) -> dict[str, list[dict]]:
-    if result.logit_layers is None:
-        return {"logit lens": result.layers}
-    return {"logit lens": result.logit_layers, "tuned lens": result.layers}
+def _write_layers(result: AuditResult, rows: list[dict], output_dir: Path) -> dict[str, Path]:
+    """layers.json (the rows, the "layers" summary, a tuned lens' logit-lens rows) and the lens pictures."""
+    entry = result.summary.layers
+    if entry is None:
+        raise ValueError("an AuditResult with layer rows needs its summary's layers entry (layer_summary)")
+    paths = {"layers": output_dir / "layers.json", "layers_plot": output_dir / "layers.png"}
+    extra = {} if result.logit_layers is None else {"logit_lens_layers": result.logit_layers}
+    files.write_json(paths["layers"], {"layers": rows, **entry, **extra})
+    plots.plot_layers(paths["layers_plot"], rows, entry["lens"])
+    rows_by_lens: dict[str, Sequence[dict]] = (
+        {"logit lens": rows} if result.logit_layers is None else {"logit lens": result.logit_layers, "tuned lens": rows}
+    )
+    paths.update(lens_plots.plot_lens_figures(output_dir, rows_by_lens))
+    return paths
 
 
 def load_audit(directory: str | Path) -> AuditResult:

@@ -9,6 +9,9 @@ their exponentials, and the final layer's probabilities p_f, computed once per c
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from typing import TypeVar
+
 import torch
 from torch import nn
 
@@ -27,6 +30,7 @@ LENS_STATISTICS = (
     "entropy",
     "target_logprob",
 )
+Key = TypeVar("Key", bound=Hashable)  # a lens layer's key: its index, or (lens, index) when two lenses share a pass
 
 
 def _layer_chunk(
@@ -104,7 +108,7 @@ def _head_logits(
 @torch.no_grad()
 def lens_statistics(
     final_hidden: torch.Tensor,
-    layer_hidden: dict[int, torch.Tensor],
+    layer_hidden: dict[Key, torch.Tensor],
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -113,7 +117,7 @@ def lens_statistics(
     top_k: int = 5,
     tau: float = 1.0,
     transform: LogitTransform = IDENTITY,
-) -> dict[int, dict[str, torch.Tensor]]:
+) -> dict[Key, dict[str, torch.Tensor]]:
     """Per layer and position: margin, correctness, the MRP penalties (as ``decision_statistics`` computes them),
     KL(final || layer), top-1 agreement with the final layer, the target's rank, entropy and log-probability.
 
@@ -131,7 +135,7 @@ def lens_statistics(
 
 def _lens_statistics(
     final_hidden: torch.Tensor,
-    layer_hidden: dict[int, torch.Tensor],
+    layer_hidden: dict[Key, torch.Tensor],
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
@@ -139,13 +143,13 @@ def _lens_statistics(
     top_k: int,
     tau: float,
     transform: LogitTransform,
-) -> dict[int, dict[str, torch.Tensor]]:
+) -> dict[Key, dict[str, torch.Tensor]]:
     weight32, bias32 = transform.scaled_head(weight, bias)
     n_positions = final_hidden.shape[0]
     rows = max(1, min(chunk_size, n_positions))
     logits_buffer = final_hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
     exp_buffer, probs_buffer = torch.empty_like(logits_buffer), torch.empty_like(logits_buffer)
-    parts: dict[int, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layer_hidden}
+    parts: dict[Key, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layer_hidden}
     for start in range(0, n_positions, chunk_size):
         stop = min(start + chunk_size, n_positions)
         n = stop - start

@@ -49,7 +49,16 @@ def _shared_staging(staging: Path | None) -> Path:
     names = [str(staging) if staging is not None else None]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(names, src=0)
+    if names[0] is None:
+        raise RuntimeError("the main process made no staging folder for the audit (it runs swapped_folder first)")
     return Path(names[0])
+
+
+def _lens_path(audit_args: AuditArguments) -> str:
+    """--lens_path, which AuditArguments requires with --lens tuned."""
+    if audit_args.lens_path is None:
+        raise MRPUserError("--lens tuned needs --lens_path, the folder written by `hf-mrp lens train`")
+    return audit_args.lens_path
 
 
 def audit_from_arguments(
@@ -75,7 +84,7 @@ def audit_from_arguments(
         if audit_args.lens == "tuned":
             from ..audit.tuned_lens import load_tuned_lens
 
-            lens = load_tuned_lens(audit_args.lens_path, device=next(model.parameters()).device)
+            lens = load_tuned_lens(_lens_path(audit_args), device=next(model.parameters()).device)
         origin = provenance(name, model_args, data_args, audit_args)
         start = time.perf_counter()
         writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_mrp.audit import run_audit
-from hf_mrp.audit.geometry import collect_statistics
+from hf_mrp.audit.collect import collect_statistics
 from hf_mrp.audit.layers import summarize_layers
 from hf_mrp.data import Blocks
 from hf_mrp.models import decoder_layers, final_norm, output_head

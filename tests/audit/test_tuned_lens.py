@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hf_mrp.audit import run_audit
-from hf_mrp.audit.tuned_lens import LensTrainingSettings, load_tuned_lens, train_tuned_lens
+from hf_mrp.audit.lens_training import LensTrainingSettings, train_tuned_lens
+from hf_mrp.audit.tuned_lens import load_tuned_lens
 from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research.arguments import AuditArguments

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from hf_mrp.audit.geometry import collect_statistics
+from hf_mrp.audit.collect import collect_statistics
 from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
 

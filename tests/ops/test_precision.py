@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_mrp.audit.geometry import _batch_statistics
+from hf_mrp.audit.collect import _batch_statistics
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops import MRPSettings, decision_statistics, mrp_loss_sums, precision
 from hf_mrp.ops.transform import IDENTITY, LogitTransform

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/: the shared helpers
-from hf_mrp.audit.geometry import collect_statistics  # noqa: E402
+from hf_mrp.audit.collect import collect_statistics  # noqa: E402
 from hf_mrp.data import Blocks  # noqa: E402
 from hf_mrp.models import decoder_layers  # noqa: E402
 from hf_mrp.training import MRPConfig, MRPTrainer  # noqa: E402

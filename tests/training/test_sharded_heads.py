@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_mrp.audit.geometry import collect_statistics
+from hf_mrp.audit.collect import collect_statistics
 from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
 

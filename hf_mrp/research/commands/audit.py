@@ -31,7 +31,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, audit_args: Audit
         f"gap fit: beta {fit.beta:.4f}  R^2 {fit.r_squared:.4f}  alpha {fit.alpha:.4f}  "
         f"({fit.fit_points} points)  unique margins {s.n_unique_margins}"
     )
-    if s.layers is not None:
+    if s.layers is not None and result.layers is not None:
         print(
             f"{s.layers['lens']} lens: layers with negative Fisher-penalty vs CE correlation: "
             f"{s.layers['negative_fisher_correlation']}"

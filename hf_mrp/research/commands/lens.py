@@ -69,7 +69,7 @@ class LensArguments:
             )
 
     def settings(self):
-        from ...audit.tuned_lens import LensTrainingSettings
+        from ...audit.lens_training import LensTrainingSettings
 
         return LensTrainingSettings(
             max_steps=self.max_steps,
@@ -126,7 +126,7 @@ def _forget_lens(folder) -> None:
 def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensArguments) -> None:
     from accelerate import PartialState
 
-    from ...audit.tuned_lens import train_tuned_lens
+    from ...audit.lens_training import train_tuned_lens
     from ...data import check_block_fits
     from ...models import decoder_layers, parse_layer_spec
     from ...storage.locks import is_main_process, owned_folder
