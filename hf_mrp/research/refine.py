@@ -10,183 +10,21 @@ blocks) also audits them into `audit_step_N/` + `comparison_step_N/`.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..audit.summary import AuditSummary
-from ..data import Blocks, check_block_fits
+from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
-from ..errors import MRPUserError
-from ..ops.targeting import check_targets, objective_weights
 from ..storage import files
 from ..storage.locks import is_main_process, owned_folder
 from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
-from ..training.dataset_checks import WEIGHTS_COLUMN
 from ..training.divergence import TrainingDiverged
 from .arguments import DataArguments, ModelArguments, provenance
-from .loading import load_blocks_from_arguments, load_model_from_arguments
+from .loading import load_model_from_arguments
+from .refine_arguments import DEFAULTS, RefineArguments
+from .refine_inputs import head_peft_config, refine_blocks, split_blocks, target_weights, training_dataset
 from .run_folders import TRAINING_LOG, check_may_write, forget_finished_run
-
-logger = logging.getLogger(__name__)
-
-# What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
-# the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
-DEFAULTS = dict(
-    output_dir="outputs/refine",
-    block_size=256,
-    max_positions=61200,
-    mrp_objective="fisher",
-    mrp_lambda=0.6,
-    lora_layers="20-29",
-    lora_r=16,
-    lora_alpha=32,
-    learning_rate=2e-4,
-    max_steps=60,
-    per_device_train_batch_size=4,
-    logging_steps=10,
-    save_strategy="no",
-    report_to="tensorboard",
-    seed=0,
-    lr_scheduler_type="constant",
-)
-
-
-@dataclass
-class RefineArguments:
-    """Which positions are audited before and after refinement."""
-
-    audit_positions: int = field(default=4080, metadata={"help": "Positions audited before and after (fixed blocks)."})
-    audit_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass in the audits."})
-    holdout: bool = field(
-        default=True,
-        metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a finished run in --output_dir (its adapter, audits and card). Without it "
-            "a folder holding a finished run is refused (a resume with --resume_from_checkpoint "
-            "is allowed)."
-        },
-    )
-    mrp_target_classes: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Aim the objective at targets of these token classes (structural numeric function entity "
-            "content other); other positions get --mrp_untargeted_weight. Default: all positions."
-        },
-    )
-    mrp_target_buckets: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Aim the objective at targets in these frequency buckets of the training blocks (1 2-4 "
-            "5-19 20-99 100+); combined with --mrp_target_classes by AND. Default: all."
-        },
-    )
-    mrp_untargeted_weight: float = field(
-        default=0.0,
-        metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never weighted)."},
-    )
-    train_lm_head: bool = field(
-        default=False,
-        metadata={
-            "help": "Also train the output head W (lm_head, through PEFT modules_to_save; a tied head gets "
-            "its own trainable copy, the input embeddings stay frozen). Needs use_lora."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.audit_positions <= 0:
-            raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
-        if self.audit_batch_size < 1:
-            raise MRPUserError(
-                f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
-                f"{self.audit_batch_size}"
-            )
-        try:
-            check_targets(self.mrp_target_classes, self.mrp_target_buckets)
-        except ValueError as error:
-            raise MRPUserError(f"{error} (--mrp_target_classes / --mrp_target_buckets)") from None
-        if not 0.0 <= self.mrp_untargeted_weight <= 1.0:
-            raise MRPUserError(f"mrp_untargeted_weight must be in [0, 1], got {self.mrp_untargeted_weight}")
-
-    @property
-    def targeted(self) -> bool:
-        return bool(self.mrp_target_classes or self.mrp_target_buckets)
-
-
-def split_blocks(blocks: Blocks, audit_positions: int, holdout: bool) -> tuple[Blocks, np.ndarray]:
-    """(audit blocks, training blocks): the audit takes the first blocks; training the rest (or all)."""
-    per_block = blocks.block_size - 1
-    n_audit = -(-audit_positions // per_block)
-    if n_audit >= len(blocks.input_ids) and holdout:
-        raise MRPUserError(
-            f"the data has {len(blocks.input_ids)} blocks, not enough for {n_audit} audit blocks plus training; "
-            "pass more text, a larger --max_positions, fewer --audit_positions, or --holdout false"
-        )
-    audit = Blocks(
-        blocks.input_ids[:n_audit], min(audit_positions, n_audit * per_block), blocks.source, blocks.tokenizer
-    )
-    train = blocks.input_ids[n_audit:] if holdout else blocks.input_ids
-    return audit, train
-
-
-def refine_blocks(tokenizer, data_args: DataArguments, refine_args: RefineArguments) -> tuple[Blocks, np.ndarray]:
-    """(audit blocks, training blocks) from the data arguments: what every refine run and sweep uses."""
-    blocks = load_blocks_from_arguments(tokenizer, data_args, extra_positions=refine_args.audit_positions)
-    return split_blocks(blocks, refine_args.audit_positions, refine_args.holdout)
-
-
-def training_dataset(train_ids: np.ndarray, weights: np.ndarray | None = None):
-    """input_ids and labels, plus MRPTrainer's per-token ``mrp_weights`` column when targeting."""
-    from datasets import Dataset
-
-    columns = {"input_ids": train_ids.tolist(), "labels": train_ids.tolist()}
-    if weights is not None:
-        columns[WEIGHTS_COLUMN] = weights.tolist()
-    return Dataset.from_dict(columns)
-
-
-def target_weights(train_ids: np.ndarray, tokenizer, refine_args: RefineArguments) -> np.ndarray | None:
-    """Per-token objective weights of the training blocks (None: no targeting)."""
-    if not refine_args.targeted:
-        return None
-    from ..audit.compare import decoder_from_tokenizer
-
-    weights = objective_weights(
-        train_ids,
-        decoder_from_tokenizer(tokenizer),
-        refine_args.mrp_target_classes,
-        refine_args.mrp_target_buckets,
-        refine_args.mrp_untargeted_weight,
-    )
-    targeted = float(np.mean(weights == 1.0))
-    logger.info("targeting: %.1f%% of the training tokens are targeted", 100 * targeted)
-    if targeted == 0.0:
-        raise MRPUserError(
-            "no training token is of the targeted classes/buckets; widen --mrp_target_classes / --mrp_target_buckets"
-        )
-    return weights
-
-
-def head_peft_config(model, config: MRPConfig):
-    """The LoRA config of ``config`` with the output head added to modules_to_save (W trains too)."""
-    from ..training.adapters import lora_config_from_args
-
-    if not config.use_lora:
-        raise MRPUserError(
-            "--train_lm_head adds W to a LoRA adapter; without LoRA (--use_lora false) the whole "
-            "model, W included, trains already: drop --train_lm_head"
-        )
-    head = model.get_output_embeddings()
-    name = next(name for name, module in model.named_modules() if module is head)
-    peft_config = lora_config_from_args(config, model)
-    peft_config.modules_to_save = [name.rsplit(".", 1)[-1]]
-    return peft_config
 
 
 def refine(
@@ -203,6 +41,7 @@ def refine(
     ``baseline_dir``: an existing audit of the same blocks to reuse as the "before" audit (a sweep
     shares one across its runs).
     """
+    assert config.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
     output_dir = files.ensure_output_dir(config.output_dir)
     main = config.should_save and is_main_process()  # one process of a distributed run owns the folder
     with owned_folder(output_dir, active=main):
@@ -241,18 +80,24 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
         callbacks=[audit, *filter(None, [hub])],
     )
     train_to_finite_weights(trainer, output_dir, config.resume_from_checkpoint)
+    before, after, comparison = train_end_audits(audit)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
-        write_run_files(
-            output_dir, model_name, config, origin, audit.baseline.summary, audit.latest.summary, audit.comparison
-        )
+        write_run_files(output_dir, model_name, config, origin, before, after, comparison)
         files.write_json(output_dir / TRAINING_LOG, trainer.state.log_history)  # last: marks a finished run
-        if push:
+        if hub is not None:
             from ..training.hub import push_folder
 
             hub.wait()  # the pushes made during training land first; the final push replaces their card
             push_folder(output_dir, repo_id, config.hub_token, config.hub_private_repo)
-    return audit.comparison
+    return comparison
+
+
+def train_end_audits(audit: MRPAuditCallback) -> tuple[AuditSummary, AuditSummary, dict]:
+    """(before, after, their comparison): what the audit callback holds once training ended (on every process)."""
+    baseline, latest, comparison = audit.baseline, audit.latest, audit.comparison
+    assert baseline is not None and latest is not None and comparison is not None  # made in on_train_end
+    return baseline.summary, latest.summary, comparison
 
 
 def train_to_finite_weights(trainer, output_dir: Path, resume_from_checkpoint) -> None:
@@ -341,4 +186,14 @@ def write_run_files(
     files.write_text(output_dir / "README.md", card)
 
 
-__all__ = ["RefineArguments", "refine", "split_blocks", "DEFAULTS"]
+__all__ = [
+    "RefineArguments",
+    "refine",
+    "DEFAULTS",
+    # from refine_arguments and refine_inputs, importable from here as before
+    "split_blocks",
+    "refine_blocks",
+    "training_dataset",
+    "target_weights",
+    "head_peft_config",
+]

@@ -14,6 +14,7 @@ from hf_mrp.research.commands.sweep import parse_pass_through
 from hf_mrp.research.sweep import SweepArguments, plan_runs
 from hf_mrp.research.sweep.paired import match_entropy
 from hf_mrp.research.sweep.plan import variant_fields
+from hf_mrp.research.sweep.results import MetricSummary, Row
 
 
 def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows():
@@ -65,13 +66,9 @@ def test_audit_blocks_default_to_64_whole_blocks_unless_positions_are_given():
 
 def test_match_entropy_picks_the_closest_median_margin_change():
     def row(objective, lam, change, variant=""):
-        return {
-            "objective": objective,
-            "lambda": lam,
-            "variant": variant,
-            "control": objective == "control",
-            "metrics": {"median_margin_change": {"mean": change}},
-        }
+        change_entry = MetricSummary(mean=change, std=None, min=change, max=change, ci=None, per_seed={"0": change})
+        metrics = {"median_margin_change": change_entry}
+        return Row(objective, lam, variant, objective == "control", objective, [0], ["run"], metrics, None)
 
     rows = [
         row("control", 0.0, 0.01),
@@ -83,8 +80,8 @@ def test_match_entropy_picks_the_closest_median_margin_change():
         row("fisher", 1.0, 0.11, "head"),
     ]
     matches = match_entropy(rows)
-    assert [(m["reference_lambda"], m["entropy_lambda"]) for m in matches] == [(0.3, 0.5), (1.0, 2.0)]
-    assert matches[1]["gap"] == pytest.approx(-0.02)
+    assert [(m.reference_lambda, m.entropy_lambda) for m in matches] == [(0.3, 0.5), (1.0, 2.0)]
+    assert matches[1].gap == pytest.approx(-0.02) and matches[1].to_json()["reference_value"] == 0.30
     assert match_entropy(rows[:3]) == []
 
 
@@ -203,14 +200,14 @@ def test_paired_difference_by_hand():
     samples = point + rng.normal(0, 1, (200, 4, 2))
     result = paired_difference(point, samples, [(1, 0), (3, 2)], ("net", "accuracy"), (0, 1), 0.9)
     net = result["net"]
-    assert net["per_seed"] == {"0": 4.0, "1": 6.0} and net["mean"] == 5.0
+    assert net.per_seed == {"0": 4.0, "1": 6.0} and net.mean == 5.0
     by_hand = ((samples[:, 1, 0] - samples[:, 0, 0]) + (samples[:, 3, 0] - samples[:, 2, 0])) / 2
-    assert net["ci"] == pytest.approx(list(np.quantile(by_hand, [0.05, 0.95])))
+    assert net.ci == pytest.approx(list(np.quantile(by_hand, [0.05, 0.95])))
     half = 6.313751514675043 * np.std([4.0, 6.0], ddof=1) / np.sqrt(2)  # t_{1, 0.95}
-    assert net["seed_ci"] == pytest.approx([5 - half, 5 + half])
+    assert net.seed_ci == pytest.approx([5 - half, 5 + half])
     same = paired_difference(point, samples, [(1, 1), (3, 3)], ("net", "accuracy"), (0, 1), 0.9)
-    assert same["net"]["ci"] == [0.0, 0.0] and same["accuracy"]["seed_ci"] == [0.0, 0.0]
-    assert paired_difference(point, None, [(1, 0)], ("net", "accuracy"), (0,), 0.9)["net"] == {
+    assert same["net"].ci == [0.0, 0.0] and same["accuracy"].seed_ci == [0.0, 0.0]
+    assert paired_difference(point, None, [(1, 0)], ("net", "accuracy"), (0,), 0.9)["net"].to_json() == {
         "mean": 4.0,
         "per_seed": {"0": 4.0},
         "ci": None,

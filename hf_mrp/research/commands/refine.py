@@ -8,7 +8,8 @@ from ...training import MRPConfig
 from ..arguments import DataArguments, ModelArguments
 from ..parser import MRPArgumentParser
 from ..presets import install_presets
-from ..refine import DEFAULTS, RefineArguments, refine
+from ..refine import refine
+from ..refine_arguments import DEFAULTS, RefineArguments
 from . import COMMANDS
 
 ARGUMENT_TYPES = (ModelArguments, DataArguments, RefineArguments, MRPConfig)

@@ -52,11 +52,12 @@ def parse_pass_through(refine_argv: Sequence[str], audit_blocks: int) -> RunArgu
 def main(args: SweepArguments, refine_argv: list[str], argv: list[str]) -> None:
     shared = parse_pass_through(refine_argv, args.audit_blocks)
     results = run_sweep(args, shared, command="hf-mrp sweep " + shlex.join(argv))
-    print(f"sweep -> {args.output_dir}  ({len(results['runs'])} runs, results.md / results.json)")
+    runs = results.aggregate.runs
+    print(f"sweep -> {args.output_dir}  ({len(runs)} runs, results.md / results.json)")
     print("\n".join(summary_lines(results)))
-    failed = [run["name"] for run in results.get("failed_runs", [])]
+    failed = [run.name for run in results.aggregate.failed_runs]
     if failed:
         raise MRPUserError(
-            f"{len(failed)} of {len(results['runs']) + len(failed)} runs failed (diverged): "
+            f"{len(failed)} of {len(runs) + len(failed)} runs failed (diverged): "
             f"{', '.join(failed)}; results.md lists them and why, the rows hold only the finished runs"
         )

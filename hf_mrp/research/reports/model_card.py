@@ -198,6 +198,17 @@ def _yaml_header(model_name: str | None, datasets: list[str]) -> list[str]:
     ]
 
 
+def _progress_note(settings: dict, in_progress_step: int | None) -> list[str]:
+    """What a card pushed mid-run says first (nothing on the final card)."""
+    if in_progress_step is None:
+        return []
+    return [
+        f"**Training in progress: step {in_progress_step} of {settings.get('max_steps')}.** This card "
+        "and the files are updated at each save; the final push replaces them.",
+        "",
+    ]
+
+
 def model_card(
     base_model: str | None,
     settings: dict,
@@ -221,12 +232,7 @@ def model_card(
         "# Margin-refined adapter (hf_mrp)",
         "",
     ]
-    if in_progress_step is not None:
-        lines += [
-            f"**Training in progress: step {in_progress_step} of {settings.get('max_steps')}.** This card "
-            "and the files are updated at each save; the final push replaces them.",
-            "",
-        ]
+    lines += _progress_note(settings, in_progress_step)
     lines += [
         f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: "
         f"cross-entropy plus lambda x the `{settings.get('mrp_objective')}` objective. Load it with "

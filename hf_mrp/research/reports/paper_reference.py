@@ -9,6 +9,11 @@ WikiText-103 validation positions audited in-sample, one seed, no control. Count
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..sweep.results import MetricSummary, PairedDifference, Row
+
 PAPER_POSITIONS = 256_577
 PAPER_MODEL = "Qwen3.5-4B-Base (full model, 256,577 WikiText-103 positions, in-sample, one seed, no control)"
 PAPER_RUNS: dict[tuple[str, float], dict[str, float]] = {
@@ -42,11 +47,11 @@ LABELS = {
 }
 
 
-def _scaled(entry: dict | None, scale: float) -> tuple[float | None, list[float] | None]:
-    if entry is None or entry.get("mean") is None:
+def _scaled(entry: MetricSummary | PairedDifference | None, scale: float) -> tuple[float | None, list[float] | None]:
+    if entry is None or entry.mean is None:
         return None, None
-    ci = entry.get("ci")
-    return entry["mean"] * scale, None if ci is None else [ci[0] * scale, ci[1] * scale]
+    ci = entry.ci
+    return entry.mean * scale, None if ci is None else [ci[0] * scale, ci[1] * scale]
 
 
 def _cell(value: float | None, ci: list[float] | None, quantity: str) -> str:
@@ -61,9 +66,9 @@ def _cell(value: float | None, ci: list[float] | None, quantity: str) -> str:
     return fmt(value) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
 
-def _ours(row: dict, quantity: str, n_positions: int, baseline_accuracy: float) -> tuple[str, str]:
+def _ours(row: Row, quantity: str, n_positions: int, baseline_accuracy: float) -> tuple[str, str]:
     """(this row, this row minus its control), in the paper's units."""
-    metrics, paired = row["metrics"], row.get("vs_control") or {}
+    metrics, paired = row.metrics, row.vs_control or {}
     if quantity in ("w2r", "r2w"):
         scale = 1000.0 / n_positions
         return _cell(*_scaled(metrics.get(quantity), scale), quantity), _cell(
@@ -80,13 +85,13 @@ def _ours(row: dict, quantity: str, n_positions: int, baseline_accuracy: float) 
     return _cell(*_scaled(metrics.get(quantity), 1.0), quantity), _cell(*_scaled(paired.get(quantity), 1.0), quantity)
 
 
-def paper_comparison_rows(rows: list[dict], n_positions: int, baseline_accuracy: float) -> list[list[str]]:
+def paper_comparison_rows(rows: list[Row], n_positions: int, baseline_accuracy: float) -> list[list[str]]:
     """[row, lambda, quantity, paper, this row [CI], this row minus its control [paired CI]] for every plain
     sweep row with a published paper number at the same objective and lambda."""
     table = []
     for row in rows:
-        paper = PAPER_RUNS.get((row["objective"], float(row["lambda"])))
-        if row.get("variant") or paper is None:
+        paper = PAPER_RUNS.get((row.objective, float(row.lam)))
+        if row.variant or paper is None:
             continue
         for quantity in QUANTITIES:
             if quantity not in paper:
@@ -95,8 +100,8 @@ def paper_comparison_rows(rows: list[dict], n_positions: int, baseline_accuracy:
             ours, attributable = _ours(row, quantity, n_positions, baseline_accuracy)
             table.append(
                 [
-                    row["objective"],
-                    f"{row['lambda']:g}",
+                    row.objective,
+                    f"{row.lam:g}",
                     LABELS[quantity],
                     _cell(paper[quantity] * scale, None, quantity),
                     ours,

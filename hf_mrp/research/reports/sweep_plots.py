@@ -1,37 +1,39 @@
 """Dose-response plots of a sweep (`hf-mrp sweep`): numbers vs lambda, one curve per objective.
 
-Each plot reads the sweep's rows as results.json holds them: ``{"objective", "lambda", "control",
-"metrics": {name: {"mean", "ci": [low, high] or None, ...}}}``. The lambda = 0 control row starts
-every objective's curve. Error bars are the block-bootstrap confidence intervals (resampling whole audited
-blocks, sweep/aggregate.py) that results.json holds.
+Each plot reads the sweep's rows (sweep.results.Row: objective, lambda, control, and per metric its mean and
+interval). The lambda = 0 control row starts every objective's curve. Error bars are the block-bootstrap
+confidence intervals (resampling whole audited blocks, sweep/aggregate.py) that results.json holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...reporting.plots import pyplot, save_figure
 
+if TYPE_CHECKING:
+    from ..sweep.results import Row
 
-def dose_series(rows: Sequence[dict], objective: str, metric: str) -> tuple[np.ndarray, ...]:
+
+def dose_series(rows: Sequence[Row], objective: str, metric: str) -> tuple[np.ndarray, ...]:
     """(lambda, mean, ci low, ci high) of ``metric`` for ``objective``, the control first; NaN where missing."""
-    chosen = [row for row in rows if row.get("control") or row["objective"] == objective]
-    chosen = sorted(chosen, key=lambda row: row["lambda"])
+    chosen = sorted((row for row in rows if row.control or row.objective == objective), key=lambda row: row.lam)
     lam, mean, low, high = [], [], [], []
     for row in chosen:
-        entry = row["metrics"].get(metric) or {}
-        ci = entry.get("ci") or (None, None)
-        lam.append(row["lambda"])
-        mean.append(_float(entry.get("mean")))
+        entry = row.metrics.get(metric)
+        ci = (entry.ci if entry is not None else None) or (None, None)
+        lam.append(row.lam)
+        mean.append(_float(None if entry is None else entry.mean))
         low.append(_float(ci[0]))
         high.append(_float(ci[1]))
     return tuple(np.asarray(v, dtype=np.float64) for v in (lam, mean, low, high))
 
 
-def _float(value) -> float:
+def _float(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
@@ -52,7 +54,7 @@ def _lambda_axis(ax) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def plot_flips_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Sequence[str], confidence: float = 0.95):
+def plot_flips_vs_lambda(path: str | Path, rows: Sequence[Row], objectives: Sequence[str], confidence: float = 0.95):
     """W->R (corrections) and R->W (collateral damage) vs lambda, one curve per objective."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
@@ -69,7 +71,7 @@ def plot_flips_vs_lambda(path: str | Path, rows: Sequence[dict], objectives: Seq
 
 
 def plot_margin_change_vs_lambda(
-    path: str | Path, rows: Sequence[dict], objectives: Sequence[str], confidence: float = 0.95
+    path: str | Path, rows: Sequence[Row], objectives: Sequence[str], confidence: float = 0.95
 ):
     """Median margin change (after / before - 1, percent) vs lambda, one curve per objective."""
     plt = pyplot()
@@ -85,7 +87,7 @@ def plot_margin_change_vs_lambda(
 
 
 def plot_class_net_vs_lambda(
-    path: str | Path, rows: Sequence[dict], objectives: Sequence[str], classes: Sequence[str], confidence: float = 0.95
+    path: str | Path, rows: Sequence[Row], objectives: Sequence[str], classes: Sequence[str], confidence: float = 0.95
 ):
     """Net corrections (W->R - R->W) by token class of the target vs lambda: one panel per objective."""
     plt = pyplot()

@@ -39,9 +39,10 @@ differences fisher - entropy (paired.py). Every per-run number is hf_mrp.stats.f
 function `hf-mrp compare` uses.
 
 Modules: arguments.py (the sweep's own flags), plan.py (runs, names, variants, rows), runs.py (run arguments,
-settings, the shared baseline, one refinement per run), statistics.py (per-position data, per-run numbers),
-aggregate.py and paired.py (rows, intervals, paired differences), metrics.py (what each number is),
-report.py (results.md, plots, console summary), command.py (end to end). The `hf-mrp sweep` parser, which
+settings, the shared baseline, one refinement per run), run_statistics.py (per-position data, per-run numbers),
+aggregate.py and paired.py (rows, intervals, paired differences), results.py (results.json as typed records, one
+to_json), metrics.py (what each number is), report.py and cells.py (results.md, plots, console summary; how a cell
+is printed), command.py (end to end). The `hf-mrp sweep` parser, which
 turns the pass-through flags into the runs' shared RunArguments, is hf_mrp/research/commands/sweep.py.
 """
 

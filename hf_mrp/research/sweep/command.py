@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ...audit.geometry import AuditResult
 from ...storage import files
@@ -14,6 +15,7 @@ from .arguments import SweepArguments
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
 from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields
 from .report import markdown_report, write_plots
+from .results import Bootstrap, ControlSettings, Positions, SweepHead, SweepResults, Training
 from .runs import (
     BASELINE,
     RunArguments,
@@ -27,7 +29,7 @@ from .runs import (
 )
 
 
-def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = None) -> dict:
+def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = None) -> SweepResults:
     """Run (or resume) the sweep and write results.json, results.md and the plots; returns the results.
 
     ``shared``: the settings every run starts from (`hf-mrp sweep` parses them from the pass-through flags, as
@@ -52,7 +54,7 @@ def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = 
 
 def _run_owned_sweep(
     args: SweepArguments, command: str, plan: list[RunSpec], sweep_dir: Path, arguments: dict[str, RunArguments]
-) -> dict:
+) -> SweepResults:
     settings = run_settings(arguments[plan[0].name])  # the first control's: every run shares them
     check_settings(sweep_dir, settings)
     tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
@@ -91,84 +93,101 @@ def _run_owned_sweep(
         executed.append(spec.name)
         print(f"[{number}/{len(plan)}] finished {spec.name} in {seconds:.1f}s", flush=True)
 
-    results = {
-        **describe_sweep(args, command, plan, arguments[plan[0].name], baseline),
-        "executed_now": executed,
-        **aggregate(args, plan, sweep_dir, baseline, tokenizer, failed),
-    }
-    results["plots"] = write_plots(sweep_dir, results)
+    results = SweepResults(
+        head=describe_sweep(args, command, plan, arguments[plan[0].name], baseline),
+        executed_now=executed,
+        aggregate=aggregate(args, plan, sweep_dir, baseline, tokenizer, failed),
+    )
+    results.plots = write_plots(sweep_dir, results)
     files.write_text(sweep_dir / "results.md", markdown_report(results))
-    files.write_json(sweep_dir / "results.json", results)  # last: its presence marks a complete report
+    files.write_json(sweep_dir / "results.json", results.to_json())  # last: its presence marks a complete report
     return results
 
 
 def describe_sweep(
     args: SweepArguments, command: str, plan: list[RunSpec], arguments: RunArguments, baseline: AuditResult
-) -> dict:
+) -> SweepHead:
     """The head of results.json: what was swept, over which positions, with which training and statistics."""
-    _, data_args, refine_args, config = arguments
+    return SweepHead(
+        command=command,
+        objectives=args.objectives,
+        lambdas=args.lambdas,
+        seeds=args.seeds,
+        control=ControlSettings(
+            objective=args.control_objective,
+            lam=0.0,
+            runs=[spec.name for spec in plan if spec.control],
+            note="cross-entropy only: same data, steps, adapter and seed as the runs of its seed",
+        ),
+        positions=_positions(arguments, baseline),
+        training=_training(arguments),
+        bootstrap=_bootstrap(args),
+        variants=_variants(args),
+        entropy_lambdas=args.entropy_lambdas,
+        spread="over seeds: std (ddof = 1), min, max",
+        metrics={key: {"header": HEADERS[key], "description": DESCRIPTIONS[key]} for key in METRIC_KEYS},
+    )
+
+
+def _positions(arguments: RunArguments, baseline: AuditResult) -> Positions:
+    holdout = bool(arguments.refine.holdout)
+    return Positions(
+        n=int(baseline.summary.n_positions),
+        holdout=holdout,
+        held_out_from_training=holdout,
+        block_size=int(baseline.blocks.block_size),
+        n_blocks=int(len(baseline.blocks.input_ids)),
+        blocks_sha256=baseline.blocks.fingerprint(),
+        source=baseline.blocks.source,
+    )
+
+
+def _training(arguments: RunArguments) -> Training:
+    data_args, config = arguments.data, arguments.config
+    return Training(
+        max_steps=config.max_steps,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        block_size=data_args.block_size,
+        max_positions=data_args.max_positions,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        lora_layers=config.lora_layers,
+        mrp_margin_normalization=getattr(config, "mrp_margin_normalization", None),
+    )
+
+
+def _bootstrap(args: SweepArguments) -> Bootstrap:
+    return Bootstrap(
+        n_resamples=args.n_bootstrap,
+        confidence=args.confidence,
+        seed=args.bootstrap_seed,
+        method="percentile block (cluster) bootstrap: each resample draws the audited blocks with "
+        "replacement and keeps every position of a drawn block; every run is resampled with the same "
+        "blocks; a row's statistic is the mean over its seeds",
+        paired="vs_control and fisher_minus_entropy: differences taken on the same resample for both runs; "
+        "seed_ci: Student t interval of the per-seed differences (n_seeds - 1 degrees of freedom)",
+    )
+
+
+def _variants(args: SweepArguments) -> dict[str, dict[str, Any]]:
     return {
-        "command": command,
-        "objectives": args.objectives,
-        "lambdas": args.lambdas,
-        "seeds": args.seeds,
-        "control": {
-            "objective": args.control_objective,
-            "lambda": 0.0,
-            "runs": [spec.name for spec in plan if spec.control],
-            "note": "cross-entropy only: same data, steps, adapter and seed as the runs of its seed",
+        HEAD: {
+            "objective": args.head_objective,
+            "lambdas": args.head_lambdas,
+            "settings": variant_fields(args, HEAD),
+            "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)",
         },
-        "positions": {
-            "n": int(baseline.summary.n_positions),
-            "holdout": bool(refine_args.holdout),
-            "held_out_from_training": bool(refine_args.holdout),
-            "block_size": int(baseline.blocks.block_size),
-            "n_blocks": int(len(baseline.blocks.input_ids)),
-            "blocks_sha256": baseline.blocks.fingerprint(),
-            "source": baseline.blocks.source,
+        TARGET: {
+            "objective": args.target_objective,
+            "lambdas": args.target_lambdas,
+            "classes": args.target_classes,
+            "buckets": args.target_buckets,
+            "settings": variant_fields(args, TARGET),
+            "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)",
         },
-        "training": {
-            "max_steps": config.max_steps,
-            "num_train_epochs": config.num_train_epochs,
-            "per_device_train_batch_size": config.per_device_train_batch_size,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "learning_rate": config.learning_rate,
-            "block_size": data_args.block_size,
-            "max_positions": data_args.max_positions,
-            "use_lora": config.use_lora,
-            "lora_r": config.lora_r,
-            "lora_layers": config.lora_layers,
-            "mrp_margin_normalization": getattr(config, "mrp_margin_normalization", None),
-        },
-        "bootstrap": {
-            "n_resamples": args.n_bootstrap,
-            "confidence": args.confidence,
-            "seed": args.bootstrap_seed,
-            "method": "percentile block (cluster) bootstrap: each resample draws the audited blocks with "
-            "replacement and keeps every position of a drawn block; every run is resampled with the same "
-            "blocks; a row's statistic is the mean over its seeds",
-            "paired": "vs_control and fisher_minus_entropy: differences taken on the same resample for both runs; "
-            "seed_ci: Student t interval of the per-seed differences (n_seeds - 1 degrees of freedom)",
-        },
-        "variants": {
-            HEAD: {
-                "objective": args.head_objective,
-                "lambdas": args.head_lambdas,
-                "settings": variant_fields(args, HEAD),
-                "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)",
-            },
-            TARGET: {
-                "objective": args.target_objective,
-                "lambdas": args.target_lambdas,
-                "classes": args.target_classes,
-                "buckets": args.target_buckets,
-                "settings": variant_fields(args, TARGET),
-                "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)",
-            },
-        },
-        "entropy_lambdas": args.entropy_lambdas,
-        "spread": "over seeds: std (ddof = 1), min, max",
-        "metrics": {key: {"header": HEADERS[key], "description": DESCRIPTIONS[key]} for key in METRIC_KEYS},
     }
 
 

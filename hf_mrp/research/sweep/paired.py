@@ -20,13 +20,11 @@ import numpy as np
 from ...stats import seed_t_interval
 from ...stats.flips import finite_or_none
 from ...stats.intervals import percentile_interval
+from .results import EntropyMatch, PairedDifference, Row
 
 
-def _interval(interval) -> list[float] | None:
-    if interval is None:
-        return None
-    low, high = float(interval[0]), float(interval[1])
-    return [low, high] if np.isfinite(low) and np.isfinite(high) else None
+def _interval(low: float, high: float) -> list[float] | None:
+    return [float(low), float(high)] if np.isfinite(low) and np.isfinite(high) else None
 
 
 def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
@@ -40,9 +38,9 @@ def paired_difference(
     samples: np.ndarray | None,
     pairs: Sequence[tuple[int, int]],
     keys: Sequence[str],
-    labels: Sequence[str],
+    labels: Sequence[object],
     confidence: float,
-) -> dict:
+) -> dict[str, PairedDifference]:
     """Mean over ``pairs`` (run a, run b; one pair per seed) of metric(a) - metric(b), for every metric.
 
     ``point``: [runs, metrics]; ``samples``: [resamples, runs, metrics] on shared resamples, or None.
@@ -53,47 +51,46 @@ def paired_difference(
     first, second = (np.asarray(side, dtype=np.int64) for side in zip(*pairs))
     differences = point[first] - point[second]  # [pairs, metrics]
     mean = _nanmean(differences, axis=0)
+    bounds = None
     if samples is not None:
-        low, high = percentile_interval(_nanmean(samples[:, first] - samples[:, second], axis=1), confidence)
+        interval = percentile_interval(_nanmean(samples[:, first] - samples[:, second], axis=1), confidence)
+        bounds = np.asarray(interval.low), np.asarray(interval.high)
     result = {}
     for k, key in enumerate(keys):
-        result[key] = {
-            "mean": finite_or_none(mean[k]),
-            "per_seed": {str(label): finite_or_none(value) for label, value in zip(labels, differences[:, k])},
-            "ci": None if samples is None else _interval((low[k], high[k])),
-            "seed_ci": _interval(seed_t_interval(differences[:, k], confidence)),
-        }
+        seed_ci = seed_t_interval(differences[:, k], confidence)
+        result[key] = PairedDifference(
+            mean=finite_or_none(mean[k]),
+            per_seed={str(label): finite_or_none(value) for label, value in zip(labels, differences[:, k])},
+            ci=None if bounds is None else _interval(bounds[0][k], bounds[1][k]),
+            seed_ci=None if seed_ci is None else _interval(float(seed_ci.low), float(seed_ci.high)),
+        )
     return result
 
 
-def match_entropy(rows: Sequence[dict], reference: str = "fisher", by: str = "median_margin_change") -> list[dict]:
+def match_entropy(
+    rows: Sequence[Row], reference: str = "fisher", by: str = "median_margin_change"
+) -> list[EntropyMatch]:
     """For each plain ``reference`` row, the plain entropy row whose mean ``by`` is closest (ties: smaller lambda).
 
-    Returns [{"reference_lambda", "reference_value", "entropy_lambda", "entropy_value", "gap"}]; empty when
-    either kind of row is missing.
+    Empty when either kind of row is missing (or has no mean ``by``).
     """
-
-    def value(row: dict) -> float | None:
-        entry = row["metrics"].get(by)
-        return None if entry is None else entry["mean"]
-
-    plain = [row for row in rows if not row.get("variant") and not row["control"]]
-    entropy = [row for row in plain if row["objective"] == "entropy" and value(row) is not None]
+    plain = [(row, row.mean(by)) for row in rows if not row.variant and not row.control]
+    entropy = [(row, value) for row, value in plain if row.objective == "entropy" and value is not None]
     matches = []
-    for row in (r for r in plain if r["objective"] == reference and value(r) is not None):
-        if not entropy:
-            break
-        best = min(entropy, key=lambda e: (abs(value(e) - value(row)), e["lambda"]))
+    for row, value in plain:
+        if row.objective != reference or value is None or not entropy:
+            continue
+        best, best_value = min(entropy, key=lambda pair: (abs(pair[1] - value), pair[0].lam))
         matches.append(
-            {
-                "reference": reference,
-                "reference_lambda": row["lambda"],
-                "reference_value": value(row),
-                "entropy_lambda": best["lambda"],
-                "entropy_value": value(best),
-                "gap": value(best) - value(row),
-                "matched_on": by,
-            }
+            EntropyMatch(
+                reference=reference,
+                reference_lambda=row.lam,
+                reference_value=value,
+                entropy_lambda=best.lam,
+                entropy_value=best_value,
+                gap=best_value - value,
+                matched_on=by,
+            )
         )
     return matches
 

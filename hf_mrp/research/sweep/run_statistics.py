@@ -22,6 +22,7 @@ from ...storage import files
 from ..run_folders import TRAINING_LOG
 from .metrics import METRIC_KEYS, PER_RUN_METRICS
 from .plan import RunSpec
+from .results import FlipHeadline
 from .runs import RUN_RECORD
 
 
@@ -43,11 +44,15 @@ class Shared:
 
 @dataclass
 class RunData:
+    """One finished run: its after-audit's per-position columns and what its folder records."""
+
     spec: RunSpec
     margin_after: np.ndarray
     correct_after: np.ndarray
     top1_after: np.ndarray
-    record: dict  # steps, seconds, the run's own flip_audit.json headline
+    steps: int | None  # the last logged step (None: no training log)
+    seconds: float | None  # wall time of the run (None: no run record)
+    flip_audit: FlipHeadline  # the run's own comparison/flip_audit.json headline
 
 
 def shared_positions(baseline: AuditResult, tokenizer) -> Shared:
@@ -74,11 +79,9 @@ def load_run(spec: RunSpec, run_dir: Path, baseline: AuditResult) -> RunData:
         margin_after=np.asarray(after.positions["margin"], dtype=np.float64),
         correct_after=np.asarray(after.positions["correct"]).astype(bool),
         top1_after=np.asarray(after.positions["top1_id"], dtype=np.int64),
-        record={
-            "steps": steps,
-            "seconds": seconds,
-            "flip_audit": files.read_json(run_dir / "comparison" / "flip_audit.json"),
-        },
+        steps=steps,
+        seconds=seconds,
+        flip_audit=FlipHeadline.from_flip_audit(files.read_json(run_dir / "comparison" / "flip_audit.json")),
     )
 
 
@@ -93,6 +96,8 @@ def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | 
         numbers = flip_numbers(
             correct, run.correct_after[pick], margin_before, margin, top1, run.top1_after[pick], head, codes
         )
+        net_by_class, share_of_net = numbers.net_by_class, numbers.share_of_net
+        assert net_by_class is not None and share_of_net is not None  # flip_numbers computes them from class codes
         fit = fit_gap_law(margin)
         values = {
             **numbers.to_json(),
@@ -101,8 +106,8 @@ def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | 
             "gap_alpha": fit.alpha,
             "gap_r_squared": fit.r_squared,
             "accuracy": numbers.accuracy_after,
-            "structural_share": numbers.share_of_net["structural"],
-            **{f"net_{label}": net for label, net in numbers.net_by_class.items()},
+            "structural_share": share_of_net["structural"],
+            **{f"net_{label}": net for label, net in net_by_class.items()},
         }
         table[row] = [none_to_nan(values[key]) for key, _, _ in PER_RUN_METRICS]
     return table

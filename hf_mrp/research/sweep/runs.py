@@ -24,7 +24,9 @@ from ...training.callbacks import MRPAuditCallback
 from ...training.divergence import TrainingDiverged
 from ..arguments import DataArguments, ModelArguments, provenance
 from ..loading import load_model_from_arguments
-from ..refine import RefineArguments, refine, refine_blocks
+from ..refine import refine
+from ..refine_arguments import RefineArguments
+from ..refine_inputs import refine_blocks
 from ..run_folders import audit_is_whole
 from .plan import RunSpec
 

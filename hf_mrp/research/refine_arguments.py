@@ -1,0 +1,97 @@
+"""The settings of `hf-mrp refine` beyond the model, data and MRPConfig: which positions are audited, targeting,
+a trainable head (RefineArguments), and the defaults of `examples/refine.py` (DEFAULTS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import MRPUserError
+from ..ops.targeting import check_targets
+
+# What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
+# the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
+DEFAULTS = dict(
+    output_dir="outputs/refine",
+    block_size=256,
+    max_positions=61200,
+    mrp_objective="fisher",
+    mrp_lambda=0.6,
+    lora_layers="20-29",
+    lora_r=16,
+    lora_alpha=32,
+    learning_rate=2e-4,
+    max_steps=60,
+    per_device_train_batch_size=4,
+    logging_steps=10,
+    save_strategy="no",
+    report_to="tensorboard",
+    seed=0,
+    lr_scheduler_type="constant",
+)
+
+
+@dataclass
+class RefineArguments:
+    """Which positions are audited before and after refinement."""
+
+    audit_positions: int = field(default=4080, metadata={"help": "Positions audited before and after (fixed blocks)."})
+    audit_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass in the audits."})
+    holdout: bool = field(
+        default=True,
+        metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a finished run in --output_dir (its adapter, audits and card). Without it "
+            "a folder holding a finished run is refused (a resume with --resume_from_checkpoint "
+            "is allowed)."
+        },
+    )
+    mrp_target_classes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Aim the objective at targets of these token classes (structural numeric function entity "
+            "content other); other positions get --mrp_untargeted_weight. Default: all positions."
+        },
+    )
+    mrp_target_buckets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Aim the objective at targets in these frequency buckets of the training blocks (1 2-4 "
+            "5-19 20-99 100+); combined with --mrp_target_classes by AND. Default: all."
+        },
+    )
+    mrp_untargeted_weight: float = field(
+        default=0.0,
+        metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never weighted)."},
+    )
+    train_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the output head W (lm_head, through PEFT modules_to_save; a tied head gets "
+            "its own trainable copy, the input embeddings stay frozen). Needs use_lora."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.audit_positions <= 0:
+            raise MRPUserError(f"audit_positions must be positive, got {self.audit_positions}")
+        if self.audit_batch_size < 1:
+            raise MRPUserError(
+                f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
+                f"{self.audit_batch_size}"
+            )
+        try:
+            check_targets(self.mrp_target_classes, self.mrp_target_buckets)
+        except ValueError as error:
+            raise MRPUserError(f"{error} (--mrp_target_classes / --mrp_target_buckets)") from None
+        if not 0.0 <= self.mrp_untargeted_weight <= 1.0:
+            raise MRPUserError(f"mrp_untargeted_weight must be in [0, 1], got {self.mrp_untargeted_weight}")
+
+    @property
+    def targeted(self) -> bool:
+        return bool(self.mrp_target_classes or self.mrp_target_buckets)
+
+
+__all__ = ["RefineArguments", "DEFAULTS"]
