@@ -41,8 +41,8 @@ def flip_sign(correct_before: np.ndarray, correct_after: np.ndarray) -> np.ndarr
 
 def relative_median_margin_change(median_before: float, median_after: float) -> float | None:
     """The paper's median change median(m after) / median(m before) - 1 (None when the median before is 0); in
-    JSON "median_margin_change". Not the median of the per-position changes (compare.py's rotation and
-    expansion numbers)."""
+    JSON "median_margin_change". Not the median of the per-position changes (flip_tables.py's rotation
+    and expansion numbers)."""
     return median_after / median_before - 1.0 if median_before else None
 
 
