@@ -65,6 +65,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
         chunk_size=config.mrp_chunk_size,
         baseline_dir=baseline_dir,
         provenance=origin,
+        layers=refine_args.audit_layers,
     )
     repo_id = config.hub_model_id or output_dir.name
     hub = hub_callback(config, repo_id) if push else None
@@ -172,7 +173,7 @@ def write_run_files(
     settings = config.to_dict()
     files.write_json(output_dir / "mrp_config.json", settings)
     files.write_json(output_dir / "run_arguments.json", origin)
-    images = [p.relative_to(output_dir).as_posix() for p in sorted((output_dir / "comparison").glob("*.png"))]
+    images = card_images(output_dir)
     card = model_card(
         model_name,
         settings,
@@ -184,6 +185,17 @@ def write_run_files(
         evaluations=evaluation_comparisons(output_dir),
     )
     files.write_text(output_dir / "README.md", card)
+
+
+def card_images(output_dir: Path) -> list[str]:
+    """The model card's pictures, relative to ``output_dir``: the comparison's, then (with --audit_layers) the lens
+    pictures of the audits before and after."""
+    from ..training.pictures import lens_pictures
+
+    pictures = sorted((output_dir / "comparison").glob("*.png"))
+    for audit in ("audit_before", "audit_after"):
+        pictures += lens_pictures(output_dir / audit).values()
+    return [path.relative_to(output_dir).as_posix() for path in pictures]
 
 
 __all__ = [

@@ -36,6 +36,14 @@ class RefineArguments:
 
     audit_positions: int = field(default=4080, metadata={"help": "Positions audited before and after (fixed blocks)."})
     audit_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass in the audits."})
+    audit_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also audit these layers through the logit lens before and after (e.g. '20-29', '3,5,7', "
+            "'all'): layers.json and the lens pictures in audit_before/ and audit_after/, per-layer curves in "
+            "the trackers, the pictures in the model card. Default: the final layer only."
+        },
+    )
     holdout: bool = field(
         default=True,
         metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},

@@ -22,10 +22,13 @@ from ..audit.compare import compare_audits, decoder_from_tokenizer, write_compar
 from ..audit.geometry import AuditResult, load_audit, run_audit
 from ..data import Blocks
 from ..errors import MRPUserError
+from .pictures import lens_pictures, log_pictures
 from .tables import flip_tables, log_tables
 
 if TYPE_CHECKING:
     from transformers import Trainer
+
+    from ..audit.tuned_lens import TunedLens
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +72,28 @@ def breakdown_scalars(comparison: dict) -> dict[str, float]:
     return scalars
 
 
+LAYER_STATISTICS = {  # logged name: the lens row's key (layers.json)
+    "kl_to_final": "mean_kl_to_final",
+    "agreement_with_final": "agreement_with_final",
+    "accuracy": "accuracy",
+    "spearman_margin_vs_final_ce": "spearman_margin_vs_final_ce",
+}
+
+
+def layer_scalars(after: AuditResult) -> dict[str, float]:
+    """Per audited layer (with ``layers``): KL to the final layer, agreement with it, accuracy and the margin-vs-CE
+    correlation of the lens, as ``audit/layer/<layer>/<statistic>`` (layers.json holds every other number)."""
+    scalars = {}
+    for row in after.layers or []:
+        for name, key in LAYER_STATISTICS.items():
+            if row.get(key) is not None:
+                scalars[f"audit/layer/{row['layer']}/{name}"] = float(row[key])
+    return scalars
+
+
 def audit_scalars(comparison: dict, after: AuditResult) -> dict[str, float]:
-    """Every scalar logged at one audit: the headline numbers and the class and bucket breakdowns."""
-    return {**headline_scalars(comparison, after), **breakdown_scalars(comparison)}
+    """Every scalar logged at one audit: the headline numbers, the class and bucket breakdowns, and the layers'."""
+    return {**headline_scalars(comparison, after), **breakdown_scalars(comparison), **layer_scalars(after)}
 
 
 class MRPAuditCallback(TrainerCallback):
@@ -79,7 +101,10 @@ class MRPAuditCallback(TrainerCallback):
 
     Files go to ``output_dir`` (default: the trainer's): ``audit_before/``, ``audit_step_N/`` +
     ``comparison_step_N/`` at evaluations, ``audit_after/`` + ``comparison/`` at the end.
-    ``baseline_dir`` reuses an existing audit of the same blocks as the baseline.
+    ``baseline_dir`` reuses an existing audit of the same blocks as the baseline. ``layers`` (a layer spec such as
+    "20-29", or indices) adds the layer-wise lens to every audit: layers.json and the lens pictures in each audit
+    folder, per-layer scalars in the logs, the pictures in the reporters that show images; ``lens`` (a TunedLens)
+    makes it the tuned lens.
     """
 
     def __init__(
@@ -92,6 +117,8 @@ class MRPAuditCallback(TrainerCallback):
         baseline_dir: str | Path | None = None,
         provenance: dict | None = None,
         audit_on_evaluate: bool = True,
+        layers: str | list[int] | None = None,
+        lens: TunedLens | None = None,
     ):
         self.blocks = blocks
         self.output_dir = None if output_dir is None else Path(output_dir)
@@ -100,11 +127,13 @@ class MRPAuditCallback(TrainerCallback):
         self.baseline_dir = None if baseline_dir is None else Path(baseline_dir)
         self.provenance = provenance or {}
         self.audit_on_evaluate = audit_on_evaluate
+        self.layers, self.lens = layers, lens
         self.trainer: Trainer | None = None
         self.baseline: AuditResult | None = None
         self.latest: AuditResult | None = None
         self.comparison: dict | None = None
         self._pending_baseline_log: dict[str, float] | None = None
+        self._baseline_folder: Path | None = None  # where the baseline audit is (audit_before/, or baseline_dir)
 
     def attach(self, trainer) -> MRPAuditCallback:
         """Register with a (plain or MRP) Trainer, ahead of the reporters so its logs reach them."""
@@ -139,6 +168,8 @@ class MRPAuditCallback(TrainerCallback):
             chunk_size=self.chunk_size,
             provenance=self.provenance,
             progress=False,
+            layers=self.layers,
+            lens=self.lens,
         )
 
     def _cached_baseline(self) -> AuditResult | None:
@@ -146,6 +177,7 @@ class MRPAuditCallback(TrainerCallback):
             if (folder / "audit.json").is_file():
                 cached = load_audit(folder)
                 if cached.blocks.fingerprint() == self.blocks.fingerprint():
+                    self._baseline_folder = folder
                     return cached
                 logger.warning("ignoring the audit in %s: it is of other blocks", folder)
         return None
@@ -160,7 +192,7 @@ class MRPAuditCallback(TrainerCallback):
                     f"resuming at step {state.global_step} without the baseline audit: it would be taken from the "
                     f"partly trained model; resume into the original output_dir (which holds audit_before/)"
                 )
-            self.baseline = self.audit(model, "audit_before")
+            self.baseline, self._baseline_folder = self.audit(model, "audit_before"), self._folder("audit_before")
         if state.global_step == 0:  # step 0: the baseline against itself (no flips by definition)
             self._pending_baseline_log = audit_scalars(
                 compare_audits(self.baseline, self.baseline, self.decode), self.baseline
@@ -173,7 +205,10 @@ class MRPAuditCallback(TrainerCallback):
         """Log the step-0 scalars once every reporter has run its own on_train_begin (set its log dir)."""
         if self._pending_baseline_log is not None:
             scalars, self._pending_baseline_log = self._pending_baseline_log, None
-            self._attached().log(scalars)
+            trainer = self._attached()
+            trainer.log(scalars)
+            if trainer.is_world_process_zero():
+                self._log_lens_pictures(trainer.callback_handler.callbacks, self._baseline_folder, 0)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self.audit_on_evaluate and self.baseline is not None:
@@ -193,4 +228,10 @@ class MRPAuditCallback(TrainerCallback):
             write_comparison(self.comparison, baseline, self.latest, self._folder(comparison_folder))
         trainer.log(audit_scalars(self.comparison, self.latest))
         if trainer.is_world_process_zero():
-            log_tables(trainer.callback_handler.callbacks, flip_tables(self.comparison), trainer.state.global_step)
+            reporters, step = trainer.callback_handler.callbacks, trainer.state.global_step
+            log_tables(reporters, flip_tables(self.comparison), step)
+            self._log_lens_pictures(reporters, self._folder(audit_folder), step)
+
+    def _log_lens_pictures(self, reporters, folder: Path | None, step: int) -> None:
+        if folder is not None and (self.layers is not None or self.lens is not None):
+            log_pictures(reporters, lens_pictures(folder), step)

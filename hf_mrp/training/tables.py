@@ -89,18 +89,22 @@ REPORTERS = {"TrackioCallback": _log_trackio, "WandbCallback": _log_wandb, "Tens
 
 
 def log_tables(callbacks, tables: dict[str, Table], step: int) -> list[str]:
-    """Send ``tables`` to every table-capable reporter among ``callbacks``; returns the ones reached.
+    """Send ``tables`` to every table-capable reporter among ``callbacks``; returns the ones reached."""
+    return send_to_reporters(callbacks, REPORTERS, tables, step, "the flip tables")
 
-    A reporter that fails is skipped with a warning: a dashboard must never stop training.
+
+def send_to_reporters(callbacks, senders: dict, payload, step: int, what: str) -> list[str]:
+    """Call ``senders[type(callback).__name__](callback, payload, step)`` for each reporter callback that has one;
+    returns the ones reached. A reporter that fails is skipped with a warning: a dashboard must never stop training.
     """
     reached = []
     for callback in callbacks:
-        send = REPORTERS.get(type(callback).__name__)
+        send = senders.get(type(callback).__name__)
         if send is None:
             continue
         try:
-            if send(callback, tables, step):
+            if send(callback, payload, step):
                 reached.append(type(callback).__name__)
         except Exception as error:  # a reporter's own failure (network, schema): log it, train on
-            logger.warning("could not log the flip tables to %s: %s", type(callback).__name__, error)
+            logger.warning("could not log %s to %s: %s", what, type(callback).__name__, error)
     return reached

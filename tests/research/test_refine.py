@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import flags
+
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 
@@ -19,30 +21,21 @@ def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_
         [
             sys.executable,
             str(ROOT / "examples" / "refine.py"),
-            "--model",
-            str(tiny_model_dir),
-            "--output_dir",
-            str(out),
-            "--block_size",
-            "32",
-            "--max_positions",
-            "248",
-            "--audit_positions",
-            "62",
-            "--max_steps",
-            "2",
-            "--lora_layers",
-            "2",
-            "--use_cpu",
-            "true",
-            "--disable_tqdm",
-            "true",
-            "--push_to_hub",
-            "true",
-            "--hub_model_id",
-            "someone/refined",
-            "--hub_token",
-            FAKE_TOKEN,
+            *flags(
+                model=tiny_model_dir,
+                output_dir=out,
+                block_size=32,
+                max_positions=248,
+                audit_positions=62,
+                audit_layers="0-1",
+                max_steps=2,
+                lora_layers=2,
+                use_cpu="true",
+                disable_tqdm="true",
+                push_to_hub="true",
+                hub_model_id="someone/refined",
+                hub_token=FAKE_TOKEN,
+            ),
         ],
         capture_output=True,
         text=True,
@@ -64,11 +57,17 @@ def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_
         "comparison/flip_audit.json",
         "comparison/flip_audit.md",
         "comparison/net_by_class.png",
+        "audit_before/layers.json",
+        "audit_after/lens_heatmap.png",
     ):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "| mrp_objective | fisher |" in card and "median margin" in card
     assert "W->R" in card and "comparison/gap_curves.png" in card
+    for audit in ("audit_before", "audit_after"):  # --audit_layers: the lens pictures of both audits
+        for picture in ("layers", "lens_heatmap", "lens_curves"):
+            assert f"![{audit} {picture}]({audit}/{picture}.png)" in card, (audit, picture)
+    assert [row["layer"] for row in json.loads((out / "audit_after" / "layers.json").read_text())["layers"]] == [0, 1]
     for path in out.rglob("*"):  # the token never reaches a written file
         if path.is_file():
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path

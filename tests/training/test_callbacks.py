@@ -275,6 +275,103 @@ def test_two_process_audit_equals_one_process(tmp_path):
     assert (tmp_path / "one" / "layers.json").read_text() == (tmp_path / "two" / "layers.json").read_text()
 
 
+def read_images(logdir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every image of the TensorBoard event files under ``logdir``, decoded: tag -> [(step, H x W x C uint8)]."""
+    import io
+
+    from matplotlib import image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = {}
+    for folder in sorted({events.parent for events in logdir.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["images"]:
+            for event in accumulator.Images(tag):
+                pixels = image.imread(io.BytesIO(event.encoded_image_string), format="png")
+                images.setdefault(tag, []).append((event.step, (pixels[..., :3] * 255).round().astype(np.uint8)))
+    return images
+
+
+def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(blocks, tmp_path, monkeypatch):
+    """With ``layers``: every audit folder holds layers.json and the lens pictures; the per-layer scalars logged at
+    step 0 (baseline) and at train end equal layers.json's rows; TensorBoard shows each picture at both steps with
+    the PNG's pixels."""
+    from hf_mrp.training.callbacks import LAYER_STATISTICS
+
+    out, logdir = tmp_path / "run", tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    args = MRPConfig(
+        output_dir=str(out),
+        report_to=["tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        disable_tqdm=True,
+        seed=0,
+    )
+    callback = MRPAuditCallback(blocks, layers="all")
+    MRPTrainer(model=tiny_llama(), args=args, train_dataset=train_blocks(), callbacks=[callback]).train()
+    scalars, images = read_scalars(logdir), read_images(logdir)
+    for step, folder in ((0, out / "audit_before"), (2, out / "audit_after")):
+        rows = json.loads((folder / "layers.json").read_text())["layers"]
+        assert [row["layer"] for row in rows] == [0, 1, 2]  # "all": every layer the lens reads
+        for row in rows:
+            for name, key in LAYER_STATISTICS.items():
+                logged = dict(scalars[f"train/audit/layer/{row['layer']}/{name}"])
+                assert logged[step] == pytest.approx(row[key], rel=1e-6, abs=1e-7), (step, row["layer"], name)
+        for picture in ("layers", "lens_heatmap", "lens_curves"):
+            from matplotlib import image
+
+            on_disk = (image.imread(str(folder / f"{picture}.png"))[..., :3] * 255).round().astype(np.uint8)
+            shown = dict(images[f"train/audit/picture/{picture}"])
+            assert np.array_equal(shown[step], on_disk), (step, picture)
+    assert sorted(step for step, _ in images["train/audit/picture/lens_heatmap"]) == [0, 2]
+    before = json.loads((out / "audit_before" / "layers.json").read_text())["layers"]
+    after = json.loads((out / "audit_after" / "layers.json").read_text())["layers"]
+    assert before != after  # training moved the layers: the two steps' numbers are not one audit twice
+
+
+def test_pictures_reach_wandb_and_trackio_and_a_failing_writer_is_skipped(tmp_path, caplog):
+    from hf_mrp.training.pictures import log_pictures
+
+    picture = tmp_path / "lens_heatmap.png"
+    from matplotlib import pyplot
+
+    figure = pyplot.figure(figsize=(1, 1))
+    figure.savefig(picture)
+    pyplot.close(figure)
+
+    class FakeWandb:  # the wandb module as WandbCallback holds it: run, Image, log
+        run = object()
+        Image = staticmethod(lambda path: ("image", path))
+
+        def __init__(self):
+            self.logged = []
+
+        def log(self, record):
+            self.logged.append(record)
+
+    class WandbCallback:
+        def __init__(self, wandb):
+            self._wandb = wandb
+
+    class TensorBoardCallback:  # its writer fails: a dashboard never stops training
+        class tb_writer:
+            @staticmethod
+            def add_image(*args, **kwargs):
+                raise OSError("disk full")
+
+    wandb = FakeWandb()
+    reached = log_pictures([TensorBoardCallback(), WandbCallback(wandb)], {"lens_heatmap": picture}, step=3)
+    assert reached == ["WandbCallback"] and "could not log the lens pictures to TensorBoardCallback" in caplog.text
+    assert wandb.logged == [{"train/audit/picture/lens_heatmap": ("image", str(picture)), "train/global_step": 3}]
+    assert log_pictures([WandbCallback(wandb)], {}, step=4) == [] and len(wandb.logged) == 1  # nothing to send
+
+
 def test_label_names_stay_one_segment():
     assert [
         name_part(label) for label in ("100+", "2-4", "entity-like", "function word", "fragment/other", "<0.5")

@@ -258,13 +258,19 @@ def model_card(
         lines += ["## Flip audit", "", comparison_markdown.strip(), ""]
     lines += evaluation_section(evaluations or [])
     for image in images or []:
-        lines += [f"![{Path(image).stem}]({image})", ""]
+        lines += [f"![{image_label(image)}]({image})", ""]
     lines += [
         "Audit JSON: `audit_before/audit.json`, `audit_after/audit.json`, `comparison/flip_audit.json`, and "
         "`audit_step_N/`, `comparison_step_N/` per evaluation. TensorBoard event files: `runs/`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def image_label(image: str) -> str:
+    """A picture's alt text: its name; an audit's own picture also says which audit ("audit_after lens_heatmap")."""
+    path = Path(image)
+    return path.stem if path.parent.name in ("", "comparison") else f"{path.parent.name} {path.stem}"
 
 
 def card_from_folder(output_dir: str | Path, settings: dict, step: int) -> str | None:
