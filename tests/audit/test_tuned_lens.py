@@ -149,7 +149,7 @@ def test_training_steps_move_the_translators_on_every_family(tmp_path, family):
     assert all(p.requires_grad for p in model.parameters())  # the model's own flags are restored
 
 
-def _cli(nproc: int, argv: list[str]) -> None:
+def _cli(nproc: int, argv: list[str]) -> str:
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
         if nproc > 1
@@ -160,13 +160,14 @@ def _cli(nproc: int, argv: list[str]) -> None:
         [*launcher, "-m", "hf_mrp.research.cli", *argv], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, tmp_path):
     data = ["--model", str(tiny_model_dir), "--block_size", "32"]
     for nproc in (1, 2):
         lens = tmp_path / f"lens{nproc}"
-        _cli(
+        trained = _cli(
             nproc,
             [
                 "lens",
@@ -188,7 +189,7 @@ def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, t
                 str(lens),
             ],
         )
-        _cli(
+        audited = _cli(
             nproc,
             [
                 "audit",
@@ -205,6 +206,7 @@ def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, t
                 str(tmp_path / f"audit{nproc}"),
             ],
         )
+        assert trained.count("tuned lens for layers") == 1 and audited.count("audited 124 positions") == 1, nproc
     one, two = (load_tuned_lens(tmp_path / f"lens{n}") for n in (1, 2))
     for a, b in zip(one.translators.parameters(), two.translators.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

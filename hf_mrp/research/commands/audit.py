@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from accelerate import PartialState
-
+from ...storage.locks import is_main_process
 from ..arguments import AuditArguments, DataArguments, ModelArguments
 from ..audit_run import audit_from_arguments
 from . import COMMANDS
@@ -20,7 +19,7 @@ def make_parser(subparsers):
 
 def main(model_args: ModelArguments, data_args: DataArguments, audit_args: AuditArguments) -> None:
     result = audit_from_arguments(model_args, data_args, audit_args)
-    if not PartialState().is_main_process:
+    if not is_main_process():  # rank 0 of a launch (RANK), as for the folder's lock: one summary
         return
     s = result.summary
     fit = s.gap_fit

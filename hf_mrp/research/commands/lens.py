@@ -154,7 +154,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
             holdout_positions=lens_args.holdout_positions,
             batch_size=lens_args.batch_size,
         )
-    if not state.is_main_process:
+    if not is_main_process():  # one summary (rank 0)
         return
     log = lens.config["log"]
     first, last = (log[0]["mean_kl"], log[-1]["mean_kl"]) if log else (float("nan"), float("nan"))
