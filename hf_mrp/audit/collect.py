@@ -60,6 +60,19 @@ def capture_output_into(captured: dict[int, torch.Tensor], layer: int) -> Callab
     return hook
 
 
+def head_forward(model: torch.nn.Module, ids: torch.Tensor, compute: Callable, captured: dict, layers) -> None:
+    """One forward with the output head replaced by ``compute``; ``layers``' outputs land in ``captured`` before the
+    head runs (so ``compute`` may read them). The hooks are removed whatever happens."""
+    blocks_out = decoder_layers(model)
+    hooks = [blocks_out[layer].register_forward_hook(capture_output_into(captured, layer)) for layer in layers]
+    try:
+        with head_replaced(model, compute):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def collect_statistics(
     model: torch.nn.Module,
@@ -163,7 +176,6 @@ def _batch_statistics(
     blocks_out = decoder_layers(model)
     norm = final_norm(model) if layers else torch.nn.Identity()  # the identity is never applied: no lens layer
     captured: dict[int, torch.Tensor] = {}
-    hooks = [blocks_out[layer].register_forward_hook(capture_output_into(captured, layer)) for layer in layers or []]
     found: dict[str, Any] = {}
     last = len(blocks_out) - 1
 
@@ -193,12 +205,7 @@ def _batch_statistics(
         )
         return carrier(hidden)
 
-    try:
-        with head_replaced(model, compute):
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    head_forward(model, ids, compute, captured, layers or [])
     return found["final"], found["lens"]
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from ..data import Blocks
-from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
+from ..models import carrier, final_norm, logit_transform, output_head
 from ..ops.lens import AffineTranslators, final_distribution, kl_from_final
-from .collect import capture_output_into
+from .collect import head_forward
 
 
 @torch.no_grad()
@@ -25,7 +25,6 @@ def collect_lens_inputs(
     evaluated positions of ``blocks``, in block order, from forwards whose head is replaced (no logits formed)."""
     device = next(model.parameters()).device
     mask = blocks.position_mask()
-    blocks_out = decoder_layers(model)
     finals: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -36,18 +35,12 @@ def collect_lens_inputs(
             ids = torch.as_tensor(blocks.input_ids[start : start + batch_size], device=device)
             batch_mask = torch.as_tensor(mask[start : start + batch_size], device=device)
             captured: dict[int, torch.Tensor] = {}
-            hooks = [blocks_out[layer].register_forward_hook(capture_output_into(captured, layer)) for layer in layers]
 
             def compute(hidden, weight, bias, batch_mask=batch_mask):  # bound now: called within this iteration
                 finals.append(hidden[:, :-1][batch_mask])
                 return carrier(hidden)
 
-            try:
-                with head_replaced(model, compute):
-                    model(input_ids=ids, use_cache=False)
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            head_forward(model, ids, compute, captured, layers)
             for layer in layers:
                 per_layer[layer].append(captured[layer][:, :-1][batch_mask])
             targets.append(ids[:, 1:][batch_mask])

@@ -335,7 +335,38 @@ def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(bloc
     assert before != after  # training moved the layers: the two steps' numbers are not one audit twice
 
 
-def test_pictures_reach_wandb_and_trackio_and_a_failing_writer_is_skipped(tmp_path, caplog):
+class FakeWandb:  # the wandb module as WandbCallback holds it: run, Table, Image, log
+    run = object()
+    Image = staticmethod(lambda path: ("image", path))
+
+    def __init__(self):
+        self.logged = []
+
+    @staticmethod
+    def Table(columns, data):
+        return {"columns": columns, "data": data}
+
+    def log(self, record):
+        self.logged.append(record)
+
+
+class WandbCallback:  # found by its class name, as the Trainer's own
+    def __init__(self, wandb):
+        self._wandb = wandb
+
+
+class TensorBoardCallback:  # its writer fails: a dashboard never stops training
+    class tb_writer:
+        @staticmethod
+        def add_text(*args):
+            raise OSError("disk full")
+
+        @staticmethod
+        def add_image(*args, **kwargs):
+            raise OSError("disk full")
+
+
+def test_pictures_reach_wandb_and_a_failing_writer_is_skipped(tmp_path, caplog):
     from hf_mrp.training.pictures import log_pictures
 
     picture = tmp_path / "lens_heatmap.png"
@@ -344,26 +375,6 @@ def test_pictures_reach_wandb_and_trackio_and_a_failing_writer_is_skipped(tmp_pa
     figure = pyplot.figure(figsize=(1, 1))
     figure.savefig(picture)
     pyplot.close(figure)
-
-    class FakeWandb:  # the wandb module as WandbCallback holds it: run, Image, log
-        run = object()
-        Image = staticmethod(lambda path: ("image", path))
-
-        def __init__(self):
-            self.logged = []
-
-        def log(self, record):
-            self.logged.append(record)
-
-    class WandbCallback:
-        def __init__(self, wandb):
-            self._wandb = wandb
-
-    class TensorBoardCallback:  # its writer fails: a dashboard never stops training
-        class tb_writer:
-            @staticmethod
-            def add_image(*args, **kwargs):
-                raise OSError("disk full")
 
     wandb = FakeWandb()
     reached = log_pictures([TensorBoardCallback(), WandbCallback(wandb)], {"lens_heatmap": picture}, step=3)
@@ -380,29 +391,6 @@ def test_label_names_stay_one_segment():
 
 def test_tables_reach_wandb_and_a_failing_reporter_is_skipped(caplog):
     from hf_mrp.training.tables import flip_tables, log_tables
-
-    class FakeWandb:  # the wandb module as WandbCallback holds it: run, Table, log
-        run = object()
-
-        def __init__(self):
-            self.logged = []
-
-        @staticmethod
-        def Table(columns, data):
-            return {"columns": columns, "data": data}
-
-        def log(self, record):
-            self.logged.append(record)
-
-    class WandbCallback:
-        def __init__(self, wandb):
-            self._wandb = wandb
-
-    class TensorBoardCallback:  # its writer fails: a dashboard never stops training
-        class tb_writer:
-            @staticmethod
-            def add_text(*args):
-                raise OSError("disk full")
 
     group = {"n": 4, "w2r": 2, "r2w": 1, "net": 1, "accuracy_before": 0.25, "accuracy_after": 0.5}
     comparison = {
