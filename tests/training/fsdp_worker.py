@@ -83,6 +83,9 @@ def main(output_dir: str, mode: str) -> int:
         f"{len(pos0['margin'])} audited positions; failures: {failures or 'none'}",
         flush=True,
     )
+    # Both ranks past every collective before either closes its gloo pairs: a rank that closes early can abort its
+    # peer mid-read (SIGABRT at exit, seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
     return 1 if failures else 0
 
