@@ -41,6 +41,7 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
 
 
 AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
+LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png")  # an audit with layers draws these
 # The order in which geometry.write_audit writes an audit's other files (before AUDIT_MARKER).
 WRITE_ORDER = (
     "blocks.npy",
@@ -49,9 +50,7 @@ WRITE_ORDER = (
     "gap_curve.png",
     "margins.png",
     "layers.json",
-    "layers.png",
-    "lens_heatmap.png",
-    "lens_curves.png",
+    *LENS_PICTURES,
 )
 
 

@@ -22,7 +22,13 @@ from hf_mrp.compat import quotes_no_space  # absolute: this module may move
 
 
 def current_umask() -> int:
-    """The process' umask (os.umask can only be read by setting it; set back at once)."""
+    """The process' umask, read without changing it where Linux shows it (/proc/self/status): os.umask can only
+    read it by setting it, and a file another thread creates in between (an event file, a push's staging) would
+    get the wrong mode. Elsewhere: set and set back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

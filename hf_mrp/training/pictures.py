@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..audit.integrity import LENS_PICTURES
 from ..compat import tensorboard_writer, trackio_module, wandb_module
 from .tables import send_to_reporters
 
 PICTURE_PREFIX = "train/audit/picture/"
-LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png")  # what an audit with layers writes
 
 
 def lens_pictures(folder: Path) -> dict[str, Path]:
@@ -64,4 +64,4 @@ def log_pictures(callbacks, pictures: dict[str, Path], step: int) -> list[str]:
     return send_to_reporters(callbacks, REPORTERS, pictures, step, "the lens pictures")
 
 
-__all__ = ["LENS_PICTURES", "PICTURE_PREFIX", "lens_pictures", "log_pictures"]
+__all__ = ["PICTURE_PREFIX", "lens_pictures", "log_pictures"]
