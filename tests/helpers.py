@@ -198,12 +198,11 @@ def naive_penalty(z, weight, objective, tau, k):
     return torch.stack(values)
 
 
-def config(tmp_path, **overrides) -> MRPConfig:
-    """A one-step CPU MRPConfig writing nothing but its output folder under ``tmp_path``."""
-    from hf_mrp.training import MRPConfig
-
+def cpu_arguments(output_dir, /, **overrides) -> dict:
+    """Keywords of a quiet one-step CPU run into ``output_dir`` (no reporters, no saves, a log every step, seed 0),
+    ``overrides`` added or overriding: for TrainingArguments, MRPConfig and their subclasses alike."""
     values = dict(
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(output_dir),
         report_to="none",
         save_strategy="no",
         use_cpu=True,
@@ -213,8 +212,14 @@ def config(tmp_path, **overrides) -> MRPConfig:
         seed=0,
         disable_tqdm=True,
     )
-    values.update(overrides)
-    return MRPConfig(**values)
+    return {**values, **overrides}
+
+
+def config(tmp_path, **overrides) -> MRPConfig:
+    """A one-step CPU MRPConfig writing nothing but its output folder under ``tmp_path``."""
+    from hf_mrp.training import MRPConfig
+
+    return MRPConfig(**cpu_arguments(tmp_path / "out", **overrides))
 
 
 def batch(rows=4, length=12, seed=0):

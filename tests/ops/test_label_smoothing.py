@@ -13,7 +13,7 @@ from hf_mrp.ops import MRPSettings, mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 from hf_mrp.training import MRPTrainer
 
-from helpers import batch, config, dataset, naive_penalty, tiny_llama
+from helpers import batch, config, cpu_arguments, dataset, naive_penalty, tiny_llama
 
 EPS = 0.1
 
@@ -77,22 +77,16 @@ def test_mrp_trainer_at_lambda_zero_trains_as_the_plain_trainer_with_label_smoot
     """Same model copy and seed, 3 optimizer steps of 2 accumulated micro-batches each: the same logged losses (1e-6)
     and the same trained weights."""
     common = dict(
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
         max_steps=3,
-        logging_steps=1,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        seed=0,
-        disable_tqdm=True,
         learning_rate=1e-2,
         optim="sgd",
         label_smoothing_factor=EPS,
     )
     data = dataset(rows=12)
     plain = Trainer(
-        model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common), train_dataset=data
+        model=tiny_llama(), args=TrainingArguments(**cpu_arguments(tmp_path / "plain", **common)), train_dataset=data
     )
     mrp = MRPTrainer(
         model=tiny_llama(), args=config(tmp_path, use_lora=False, mrp_lambda=0.0, **common), train_dataset=data

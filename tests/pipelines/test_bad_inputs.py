@@ -34,7 +34,7 @@ import torch
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research import cli
 
-from helpers import VOCAB, CharTokenizer, flags, folder_held_elsewhere, tiny_llama
+from helpers import VOCAB, CharTokenizer, config, flags, folder_held_elsewhere, tiny_llama
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 SMALL = ["--block_size", "32", "--max_positions", "62"]
@@ -539,19 +539,7 @@ def _blocks(ids=None, n=None):
 
 
 def _config(tmp_path, **overrides):
-    from hf_mrp.training import MRPConfig
-
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        max_steps=1,
-        per_device_train_batch_size=2,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return MRPConfig(**values)
+    return config(tmp_path, **{"per_device_train_batch_size": 2, **overrides})
 
 
 def _dataset(ids=None, labels=None, **columns):

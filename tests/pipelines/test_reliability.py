@@ -31,6 +31,7 @@ from hf_mrp.storage import files
 from helpers import (
     VOCAB,
     assert_refuses_bad_checkpoints,
+    config,
     flags,
     free_port,
     nan_batch_script,
@@ -233,25 +234,17 @@ def _dataset(rows=4, length=12, weights=None) -> Dataset:
 
 
 def _trainer(tmp_path, dataset, **overrides):
-    from hf_mrp.training import MRPConfig, MRPTrainer
+    from hf_mrp.training import MRPTrainer
 
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
+    run = dict(
         max_steps=4,
-        logging_steps=1,
         per_device_train_batch_size=1,
-        seed=0,
-        disable_tqdm=True,
         mrp_objective="margin",
         mrp_lambda=0.5,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
     )
-    values.update(overrides)
-    return MRPTrainer(model=tiny_llama(), args=MRPConfig(**values), train_dataset=dataset)
+    return MRPTrainer(model=tiny_llama(), args=config(tmp_path, **{**run, **overrides}), train_dataset=dataset)
 
 
 @pytest.mark.parametrize("bad_value, accumulation", [(float("nan"), 1), (float("inf"), 2)])

@@ -19,7 +19,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
 
-from helpers import VOCAB, tiny_llama, tiny_tokenizer
+from helpers import VOCAB, cpu_arguments, tiny_llama, tiny_tokenizer
 
 STEPS = 3
 LENGTH = 12
@@ -40,22 +40,14 @@ def labelled(rows: list[list[int]], extra_column: bool = False) -> Dataset:
 
 
 def common_args(tmp_path, name: str, **overrides) -> dict:
-    values = dict(
-        output_dir=str(tmp_path / name),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
+    run = dict(
         max_steps=STEPS,
-        logging_steps=1,
         per_device_train_batch_size=2,
         per_device_eval_batch_size=4,
         learning_rate=1e-3,
-        seed=0,
-        disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    values.update(overrides)
-    return values
+    return cpu_arguments(tmp_path / name, **{**run, **overrides})
 
 
 def token_accuracy(prediction) -> dict[str, float]:
