@@ -198,6 +198,7 @@ def run(argv: list[str]) -> dict:
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
     Path(config.output_dir, "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    trainer.end()  # under torchrun / accelerate launch: leave the process group (an exit with it alive can abort)
     return summary
 
 

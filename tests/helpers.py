@@ -547,12 +547,32 @@ rank = int(os.environ["RANK"])
 torch.save(adapter, os.path.join({out!r}, f"adapter_rank{{rank}}.pt"))
 with open(os.path.join({out!r}, f"log_rank{{rank}}.json"), "w") as handle:
     json.dump(trainer.state.log_history, handle)
+trainer.end()  # destroys the process group: a process that exits with it alive can abort (SIGABRT)
 """
 
 
 def nan_batch_script(out: Path, deepspeed: dict | None = None) -> str:
     """NAN_BATCH_SCRIPT writing to ``out``, under DeepSpeed with ``deepspeed`` (a config dict)."""
     return NAN_BATCH_SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), deepspeed=deepspeed)
+
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node")  # --standalone: a free port
+
+
+def launched(arguments: list[str], processes: int = 1, env: dict | None = None, timeout: int = 600, cwd=ROOT):
+    """Run ``arguments`` (a script or ``-m module``, then its flags) in a new interpreter, under torchrun when
+    ``processes`` > 1, and return the finished process. A failure shows the ends of stdout and stderr whole, as
+    text: pytest cuts a tuple in an assert to one line, which hid why a worker aborted."""
+    launcher = [sys.executable, *TORCHRUN, str(processes)] if processes > 1 else [sys.executable]
+    run = subprocess.run(
+        [*launcher, *arguments], capture_output=True, text=True, env=env or os.environ, timeout=timeout, cwd=cwd
+    )
+    if run.returncode != 0:
+        raise AssertionError(
+            f"exit code {run.returncode} of {' '.join(arguments[:3])} ... ({processes} process(es))\n"
+            f"--- end of stdout ---\n{run.stdout[-3000:]}\n--- end of stderr ---\n{run.stderr[-6000:]}"
+        )
+    return run
 
 
 def free_port() -> int:

@@ -93,6 +93,19 @@ def signals_stop_like_ctrl_c():
             signal.signal(number, handler)
 
 
+def leave_process_group() -> None:
+    """End a torchrun / accelerate launch job as ``Trainer.end()`` does, once every process got here: a gloo
+    process that exits with its process group alive while a peer still runs can abort at exit (SIGABRT,
+    "terminate called without an active exception"), turning a finished job into a failed one."""
+    if "torch.distributed" not in sys.modules:  # nothing joined a group: no need to import torch
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors (MRPUserError, bad flags) print ONE line on stderr,
     ``hf-mrp COMMAND: error: ...``, and return 2; Ctrl-C, SIGTERM and SIGHUP print one line, without a traceback,
@@ -113,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals_stop_like_ctrl_c(), _output_dir_owned(command, rest):
             run_command(command, rest)
+        leave_process_group()
     except MRPUserError as error:
         print(f"hf-mrp {command}: error: {one_line(error)}", file=sys.stderr)
         return 2

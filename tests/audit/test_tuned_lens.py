@@ -3,8 +3,6 @@ resuming and a 2-process run equal one uninterrupted process; bad lens folders a
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research.arguments import AuditArguments
 
-from helpers import FAMILIES, VOCAB, build, tiny_llama
+from helpers import FAMILIES, VOCAB, build, launched, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,17 +148,8 @@ def test_training_steps_move_the_translators_on_every_family(tmp_path, family):
 
 
 def _cli(nproc: int, argv: list[str]) -> str:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
-        if nproc > 1
-        else [sys.executable]
-    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [*launcher, "-m", "hf_mrp.research.cli", *argv], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    return launched(["-m", "hf_mrp.research.cli", *argv], processes=nproc, env=env).stdout
 
 
 def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, tmp_path):

@@ -34,6 +34,7 @@ from helpers import (
     config,
     flags,
     free_port,
+    launched,
     nan_batch_script,
     one_torch_thread,
     tiny_llama,
@@ -326,14 +327,7 @@ def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(tmp_path):
     """2 CPU processes (gloo): one meets a NaN batch, both skip it, nothing hangs, replicas stay equal."""
     script = tmp_path / "ddp_nan.py"
     script.write_text(nan_batch_script(tmp_path))
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = launched([str(script)], processes=2, env=_env(), timeout=300)
     assert run.stderr.count("is not finite") == 1  # warned once (by the main process)
     logs = [json.loads((tmp_path / f"log_rank{rank}.json").read_text()) for rank in (0, 1)]
     for log in logs:

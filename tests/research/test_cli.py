@@ -80,3 +80,23 @@ def test_compare_command(tmp_path, capsys, blocks):
         ["compare", str(tmp_path / "before"), str(tmp_path / "other"), "--output_dir", str(tmp_path / "cmp2")], capsys
     )
     assert code == 2 and "not of the same positions" in err.strip().splitlines()[-1]
+
+
+def test_a_command_leaves_the_process_group_it_joined(monkeypatch, capsys):
+    """A finished command destroys its process group (as Trainer.end() does): a gloo process that exits with its
+    group alive while a peer still runs can abort (SIGABRT), failing a job that finished. A failed one keeps it
+    (its peers may never reach a barrier; torchrun ends them)."""
+    import torch.distributed as dist
+
+    def joins(command: str, argv: list[str]) -> None:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if argv:
+            raise cli.MRPUserError("a bad flag")
+
+    monkeypatch.setattr(cli, "run_command", joins)
+    try:
+        assert cli.main(["audit"]) == 0 and not dist.is_initialized()
+        assert cli.main(["audit", "--bad"]) == 2 and dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

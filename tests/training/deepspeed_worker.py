@@ -252,6 +252,8 @@ def main(output_dir: str, model_dir: str, cases: list[str]) -> int:
         if dist.get_rank() == 0:
             torch.save(result, Path(output_dir) / f"{case}.pt")
         print(f"rank {dist.get_rank()} {case}: trained", flush=True)
+    dist.barrier()  # leave together: a gloo process exiting with its group alive while a peer runs can abort
+    dist.destroy_process_group()
     return 0
 
 

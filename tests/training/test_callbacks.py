@@ -3,7 +3,6 @@ tables; cached baseline; sharded audits equal one process."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from hf_mrp.storage.files import read_parquet
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
 
-from helpers import CharTokenizer, tiny_llama
+from helpers import CharTokenizer, launched, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -237,34 +236,9 @@ def test_two_process_audit_equals_one_process(tmp_path):
         "all",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "hf_mrp.research.cli", *args, "--output_dir", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-            "-m",
-            "hf_mrp.research.cli",
-            *args,
-            "--output_dir",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-2000:]
+    for processes, name in ((1, "one"), (2, "two")):
+        cli = ["-m", "hf_mrp.research.cli", *args, "--output_dir", str(tmp_path / name)]
+        launched(cli, processes=processes, env=env, timeout=300)
     a, b = read_parquet(tmp_path / "one" / "positions.parquet"), read_parquet(tmp_path / "two" / "positions.parquet")
     for column in a:
         np.testing.assert_array_equal(a[column], b[column], err_msg=column)

@@ -4,8 +4,6 @@ launched with examples/accelerate/zero3_cpu.yaml. Workers: tests/training/deepsp
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +14,23 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from deepspeed_worker import AUDIT_KEYS, CASES, STEPS, deepspeed_config, run_case  # noqa: E402
 
-from helpers import free_port, nan_batch_script, one_torch_thread, tiny_refine_flags  # noqa: E402
+from helpers import free_port, launched, nan_batch_script, one_torch_thread, tiny_refine_flags  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
 
 
-def launch(command: list[str], timeout: int = 300) -> str:
-    run = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
-    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
-    return run.stdout
+def launch(arguments: list[str], processes: int = 2) -> str:
+    """The stdout of ``arguments`` run in ``processes`` DeepSpeed CPU processes (a failure shows why)."""
+    return launched(arguments, processes, env=ENV, timeout=300).stdout
 
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory, tiny_model_dir) -> Path:
     """Every case of the worker, trained under DeepSpeed in one 2-process launch (one start-up for all)."""
     folder = tmp_path_factory.mktemp("deepspeed")
-    stdout = launch([*TORCHRUN, str(HERE / "deepspeed_worker.py"), str(folder), str(tiny_model_dir), *CASES])
+    stdout = launch([str(HERE / "deepspeed_worker.py"), str(folder), str(tiny_model_dir), *CASES])
     for rank in (0, 1):
         assert all(f"rank {rank} {case}: trained" in stdout for case in CASES), stdout[-3000:]
     return folder
@@ -121,7 +117,6 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     from hf_mrp.research import cli
 
     accelerate = [
-        sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
@@ -132,7 +127,7 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
         "--script",
         str(ROOT / "examples" / "refine.py"),
     ]
-    stdout = launch([*accelerate, *refine_arguments(tiny_model_dir, tmp_path / "zero3", per_device=2)])
+    stdout = launch([*accelerate, *refine_arguments(tiny_model_dir, tmp_path / "zero3", per_device=2)], processes=1)
     assert stdout.count("zero stage 3") == 2, stdout[-2000:]
     with one_torch_thread():  # what examples/refine.py runs, in this process
         assert cli.main(["refine", *refine_arguments(tiny_model_dir, tmp_path / "one", per_device=4)]) == 0
@@ -164,7 +159,7 @@ def test_a_nan_batch_one_process_meets_is_skipped_under_zero3_as_under_ddp(tmp_p
         out.mkdir()
         script = out / "nan_batch.py"
         script.write_text(nan_batch_script(out, config))
-        launch([*TORCHRUN, str(script)])
+        launch([str(script)])
         logs = [[row for row in json.loads((out / f"log_rank{r}.json").read_text()) if "loss" in row] for r in (0, 1)]
         adapters = [torch.load(out / f"adapter_rank{r}.pt") for r in (0, 1)]
         assert logs[0] == logs[1], name

@@ -4,8 +4,6 @@ engine (ZeRO-3 and ZeRO-2, a trained head included): tests/training/test_deepspe
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from hf_mrp.audit.collect import collect_statistics
 from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
 
-from helpers import VOCAB, tiny_llama
+from helpers import VOCAB, launched, tiny_llama
 
 pytestmark = pytest.mark.slow  # torchrun processes
 
@@ -27,25 +25,8 @@ HERE = Path(__file__).resolve().parent
 def test_fsdp2_loss_gradients_and_audit_equal_the_unsharded_run(tmp_path, mode):
     """fully_shard applied as Accelerate does (the Trainer will not enable FSDP on CPU); 'full' trains W too."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-            str(HERE / "fsdp_worker.py"),
-            str(tmp_path),
-            mode,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    run = launched([str(HERE / "fsdp_worker.py"), str(tmp_path), mode], processes=2, env=env)
     reports = re.findall(r"rank \d mode \w+: .*?failures: (none|\[.*?\])", run.stdout)
-    assert run.returncode == 0, (run.stdout, run.stderr[-3000:])
     assert reports == ["none", "none"], run.stdout
 
 
