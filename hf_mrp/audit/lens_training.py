@@ -65,11 +65,15 @@ def train_tuned_lens(
     layers: list[int] | None = None,
     settings: LensTrainingSettings | None = None,
     holdout_positions: int = 0,
+    stream_start_token: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> TunedLens:
     """Fit one identity-initialized affine translator per layer on ``blocks`` (the training positions) and save
-    the lens into ``output_dir``; a folder holding a lens of the same training set-up resumes from its step."""
+    the lens into ``output_dir``; a folder holding a lens of the same training set-up resumes from its step.
+    ``stream_start_token``: where ``blocks`` begin in their source's token stream when they were cut from it
+    (`hf-mrp lens train`); audits read from that stream's start are then refused once they reach it, at any
+    block size."""
     settings = settings or LensTrainingSettings()
     _check_settings(settings)
     output_dir = files.ensure_output_dir(output_dir)
@@ -78,7 +82,8 @@ def train_tuned_lens(
     if not chosen:
         raise MRPUserError("no layer to translate: the last layer is the model's own output; choose earlier layers")
     weight = output_head(model)[0]
-    config = _new_config(model_name, n_layers, weight, chosen, blocks, settings, holdout_positions)
+    stream = (holdout_positions, stream_start_token)
+    config = _new_config(model_name, n_layers, weight, chosen, blocks, settings, stream)
     translators = AffineTranslators(chosen, int(weight.shape[1])).to(weight.device)
     for parameter in translators.parameters():  # every rank all-reduces a gradient, even with no position in a step
         parameter.grad = torch.zeros_like(parameter)
@@ -184,8 +189,10 @@ def _new_config(
     layers: list[int],
     blocks: Blocks,
     settings: LensTrainingSettings,
-    holdout_positions: int,
+    stream: tuple[int, int | None],
 ) -> dict:
+    """lens_config.json's set-up; ``stream``: (holdout_positions, stream_start_token)."""
+    holdout_positions, stream_start_token = stream
     return {
         "format": FORMAT,
         "model": model_name,
@@ -198,6 +205,7 @@ def _new_config(
             "block_size": blocks.block_size,
             "n_positions": int(blocks.n_positions),
             "holdout_positions": int(holdout_positions),
+            "stream_start_token": stream_start_token,
             "blocks_sha256": blocks.fingerprint(),
             "tokenizer_sha256": blocks.tokenizer,
             "block_hashes": block_hashes(blocks.input_ids),

@@ -51,7 +51,9 @@ class TunedLens:
             )
 
     def check_disjoint(self, blocks: Blocks) -> None:
-        """Refuse an audit of positions the lens was trained on (a block identical to a training block)."""
+        """Refuse an audit of text the lens was trained on: a block identical to a training block, or, for blocks
+        read from the start of the lens' own data source with its tokenizer, audited tokens that reach its first
+        training token, whatever the audit's block size (a content check would refuse repeated boilerplate)."""
         trained = set(self.config["training"]["block_hashes"])
         shared = [i for i, digest in enumerate(block_hashes(blocks.input_ids)) if digest in trained]
         if shared:
@@ -59,6 +61,23 @@ class TunedLens:
                 f"{len(shared)} of the audited blocks (the first: block {shared[0]}) are among the tuned lens' "
                 "training blocks; audit other positions, or train the lens with a larger --holdout_positions "
                 "(at least the audit's --max_positions) so that its training positions follow the audited ones"
+            )
+        self._check_audit_ends_before_training_text(blocks)
+
+    def _check_audit_ends_before_training_text(self, blocks: Blocks) -> None:
+        training = self.config["training"]
+        first_trained = training.get("stream_start_token")  # None: the lens' blocks were not cut from a stream
+        lens_stream = (training["data_source"], training["tokenizer_sha256"])
+        if first_trained is None or blocks.mask is not None or (blocks.source, blocks.tokenizer) != lens_stream:
+            return  # not both read from the start of one stream: only identical blocks can be told
+        last_audited = last_target_token(blocks.n_positions, blocks.block_size)
+        if blocks.n_positions and last_audited >= first_trained:
+            needed = (last_audited // training["block_size"]) * (training["block_size"] - 1) + 1
+            raise MRPUserError(
+                f"the audit reads tokens 0-{last_audited} of {blocks.source}, and the tuned lens was trained on it "
+                f"from token {first_trained} on (--holdout_positions {training['holdout_positions']} at --block_size "
+                f"{training['block_size']}); audit at most {positions_before(first_trained, blocks.block_size)} "
+                f"positions at --block_size {blocks.block_size}, or train the lens with --holdout_positions {needed}"
             )
 
     def check_layers(self, layers: list[int], n_layers: int) -> None:
@@ -72,6 +91,24 @@ class TunedLens:
 
 def _spans(layers: list[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+
+
+def training_start_token(holdout_positions: int, block_size: int) -> int:
+    """The stream offset of `hf-mrp lens train`'s first training token: it skips the blocks an audit of
+    ``holdout_positions`` positions at ``block_size`` reads."""
+    return -(-holdout_positions // (block_size - 1)) * block_size
+
+
+def last_target_token(n_positions: int, block_size: int) -> int:
+    """The stream offset of the last token an audit of the first ``n_positions`` positions reads (its target)."""
+    row, column = divmod(n_positions - 1, block_size - 1)
+    return row * block_size + column + 1
+
+
+def positions_before(offset: int, block_size: int) -> int:
+    """How many of the first positions, at ``block_size``, read only tokens before stream offset ``offset``."""
+    rows, rest = divmod(offset, block_size)
+    return rows * (block_size - 1) + max(0, rest - 1)
 
 
 def block_hashes(input_ids: np.ndarray) -> list[str]:

@@ -150,7 +150,7 @@ def _lens_statistics(
     logits_buffer = final_hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
     exp_buffer, probs_buffer = torch.empty_like(logits_buffer), torch.empty_like(logits_buffer)
     parts: dict[Key, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layer_hidden}
-    for start in range(0, n_positions, chunk_size):
+    for start in range(0, max(n_positions, 1), chunk_size):  # no position: one empty chunk, typed columns
         stop = min(start + chunk_size, n_positions)
         n = stop - start
         final_logits = _head_logits(final_hidden[start:stop], weight32, bias32, transform, logits_buffer[:n])
@@ -173,7 +173,6 @@ def _lens_statistics(
     return {
         layer: {key: torch.cat([chunk[key] for chunk in chunks]) for key in LENS_STATISTICS}
         for layer, chunks in parts.items()
-        if chunks
     }
 
 

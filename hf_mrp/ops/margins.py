@@ -151,7 +151,7 @@ def _decision_statistics(
     logits_buffer = hidden.new_empty((rows, head.vocab), dtype=torch.float32)
     exp_buffer = torch.empty_like(logits_buffer)
     chunks = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):  # no position: one empty chunk, typed columns
         h = hidden[start : start + chunk_size]
         n = h.shape[0]
         logits = head.logits(h, out=logits_buffer[:n])
@@ -164,6 +164,4 @@ def _decision_statistics(
             top = low.topk(2, dim=-1).values
             stats["margin"] = (top[:, 0] - top[:, 1]).float()
         chunks.append(stats)
-    if not chunks:
-        return {}
     return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}

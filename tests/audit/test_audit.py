@@ -109,3 +109,25 @@ def test_model_without_output_embeddings(blocks):
     )
     with pytest.raises(MRPUserError, match="no output embeddings"):
         run_audit(backbone, blocks, progress=False)
+
+
+def test_a_batch_without_evaluated_positions_is_audited_as_absent(model):
+    """A chat whose assistant turn was cut off leaves a row with no evaluated position: a batch of only such rows
+    adds nothing (before, the audit crashed on it), and the other rows' numbers equal those of an audit without
+    it, with the same layers."""
+    from hf_mrp.data import labeled_blocks
+
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(3, 90, size=14).tolist() for _ in range(3)]
+    labels = [row[:4] + [-100] * 10 for row in rows]
+    labels[1] = [-100] * 14  # no evaluated position
+    with_empty = run_audit(model, labeled_blocks(rows, labels, pad_id=0), batch_size=1, layers=[0], progress=False)
+    kept = [0, 2]
+    without = labeled_blocks([rows[i] for i in kept], [labels[i] for i in kept], pad_id=0)
+    reference = run_audit(model, without, batch_size=1, layers=[0], progress=False)
+    assert len(with_empty.positions["margin"]) == 2 * 3
+    np.testing.assert_array_equal(with_empty.positions["block"], [0, 0, 0, 2, 2, 2])
+    for name, column in reference.positions.items():
+        if name != "block":
+            np.testing.assert_array_equal(with_empty.positions[name], column, err_msg=name)
+    assert with_empty.layers == reference.layers and [row["layer"] for row in reference.layers] == [0]

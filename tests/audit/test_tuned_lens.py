@@ -11,7 +11,7 @@ import torch
 
 from hf_mrp.audit import run_audit
 from hf_mrp.audit.lens_training import LensTrainingSettings, train_tuned_lens
-from hf_mrp.audit.tuned_lens import load_tuned_lens
+from hf_mrp.audit.tuned_lens import last_target_token, load_tuned_lens, positions_before, training_start_token
 from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research.arguments import AuditArguments
@@ -147,12 +147,54 @@ def test_training_steps_move_the_translators_on_every_family(tmp_path, family):
     assert all(p.requires_grad for p in model.parameters())  # the model's own flags are restored
 
 
+def _naive_stream_offsets(holdout: int, lens_block: int, n_positions: int, audit_block: int) -> tuple[int, int]:
+    """(first token the lens trains on, last token the audit reads), by walking the positions one by one."""
+    skipped_rows = len({position // (lens_block - 1) for position in range(holdout)})  # the rows the holdout reads
+    read = [row * audit_block + column + 1 for row, column in (divmod(p, audit_block - 1) for p in range(n_positions))]
+    return skipped_rows * lens_block, max(read)
+
+
+@pytest.mark.parametrize("holdout, lens_block, audit_block", [(124, 32, 16), (30, 16, 8), (31, 16, 40), (0, 8, 8)])
+def test_stream_offsets_equal_a_position_by_position_walk(holdout, lens_block, audit_block):
+    start = training_start_token(holdout, lens_block)
+    allowed = positions_before(start, audit_block)
+    for n in range(1, 3 * lens_block + holdout):
+        first, last = _naive_stream_offsets(holdout, lens_block, n, audit_block)
+        assert (start, last_target_token(n, audit_block)) == (first, last), n
+        assert (n <= allowed) == (last < first), (n, allowed)  # the largest audit that reads no training token
+
+
+def test_an_audit_at_another_block_size_that_reaches_the_lens_training_text_is_refused(tmp_path):
+    """Blocks cut from one token stream at another block size share no identical block with the lens' own, so
+    only the stream offsets tell that the audit reads the lens' training text."""
+    model = tiny_llama(layers=3)
+    stream = np.random.default_rng(3).integers(3, VOCAB, size=640)
+    holdout, start = 45, training_start_token(45, 16)  # 3 blocks of 16 held out: training starts at token 48
+    train_tuned_lens(
+        model,
+        Blocks(stream[start : start + 16 * 20].reshape(20, 16), 20 * 15, "one stream"),
+        tmp_path / "lens",
+        model_name="tiny",
+        settings=LensTrainingSettings(max_steps=1, batch_positions=32, chunk_size=32),
+        holdout_positions=holdout,
+        stream_start_token=start,
+        progress=False,
+    )
+    lens = load_tuned_lens(tmp_path / "lens")
+    allowed = positions_before(start, 10)  # 4 blocks of 10 and 7 positions of the fifth: tokens 0-47
+    audit_blocks = stream[:100].reshape(10, 10)
+    run_audit(model, Blocks(audit_blocks, allowed, "one stream"), lens=lens, progress=False)
+    with pytest.raises(MRPUserError, match=f"reads tokens 0-48 of one stream.*audit at most {allowed} positions"):
+        run_audit(model, Blocks(audit_blocks, allowed + 1, "one stream"), lens=lens, progress=False)
+    run_audit(model, Blocks(audit_blocks, 90, "another stream"), lens=lens, progress=False)  # no offsets to compare
+
+
 def _cli(nproc: int, argv: list[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     return launched(["-m", "hf_mrp.research.cli", *argv], processes=nproc, env=env).stdout
 
 
-def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, tmp_path):
+def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, tmp_path, capsys):
     data = ["--model", str(tiny_model_dir), "--block_size", "32"]
     for nproc in (1, 2):
         lens = tmp_path / f"lens{nproc}"
@@ -205,3 +247,11 @@ def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, t
         layers[0]["layers"] + layers[0]["logit_lens_layers"], layers[1]["layers"] + layers[1]["logit_lens_layers"]
     ):
         assert flat(a) == pytest.approx(flat(b), rel=1e-4, abs=1e-5)
+    # The lens skipped 4 blocks of 32 (tokens 0-127): at --block_size 16, 120 positions read tokens 0-127, 121 0-129.
+    from hf_mrp.research import cli
+
+    audit16 = ["audit", "--model", str(tiny_model_dir), "--block_size", "16", "--lens", "tuned"]
+    audit16 += ["--lens_path", str(tmp_path / "lens1"), "--output_dir", str(tmp_path / "audit16")]
+    assert cli.main([*audit16, "--max_positions", "121"]) == 2
+    assert "reads tokens 0-129 of" in capsys.readouterr().err and not (tmp_path / "audit16" / "audit.json").exists()
+    assert cli.main([*audit16, "--max_positions", "120", "--overwrite_output_dir", "true"]) == 0

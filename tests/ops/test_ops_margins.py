@@ -105,3 +105,20 @@ def test_ops_imports_nothing_from_the_hf_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_position_gives_every_column_empty_with_its_dtype():
+    """An audit batch whose rows evaluate nothing still gets every column (of its usual dtype), empty."""
+    from hf_mrp.ops.lens import lens_statistics
+
+    torch.manual_seed(0)
+    weight, some = torch.randn(11, 8), torch.randn(3, 8)
+    targets = torch.tensor([1, 2, 3])
+    none = torch.zeros(0, 8)
+    no_targets = torch.zeros(0, dtype=torch.long)
+    for got, want in (
+        (decision_statistics(none, weight, no_targets), decision_statistics(some, weight, targets)),
+        (lens_statistics(none, {0: none}, weight, no_targets)[0], lens_statistics(some, {0: some}, weight, targets)[0]),
+    ):
+        assert got.keys() == want.keys()
+        assert all(got[key].shape == (0,) and got[key].dtype == want[key].dtype for key in want)

@@ -97,12 +97,13 @@ def training_blocks(tokenizer, data_args: DataArguments, holdout_positions: int)
     ``holdout_positions`` positions with the same data flags reads."""
     import numpy as np
 
+    from ...audit.tuned_lens import training_start_token
     from ...data import Blocks
     from ..loading import load_blocks_from_arguments
 
     blocks = load_blocks_from_arguments(tokenizer, data_args, extra_positions=holdout_positions)
     per_block = blocks.block_size - 1
-    skipped = -(-holdout_positions // per_block)
+    skipped = training_start_token(holdout_positions, blocks.block_size) // blocks.block_size
     remaining = blocks.n_positions - skipped * per_block
     if remaining <= 0:
         raise MRPUserError(
@@ -127,6 +128,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
     from accelerate import PartialState
 
     from ...audit.lens_training import train_tuned_lens
+    from ...audit.tuned_lens import training_start_token
     from ...data import check_block_fits
     from ...models import decoder_layers, parse_layer_spec
     from ...storage.locks import is_main_process, owned_folder
@@ -152,6 +154,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
             layers=layers,
             settings=settings,
             holdout_positions=lens_args.holdout_positions,
+            stream_start_token=training_start_token(lens_args.holdout_positions, data_args.block_size),
             batch_size=lens_args.batch_size,
         )
     if not is_main_process():  # one summary (rank 0)
