@@ -8,7 +8,7 @@ tensorboard 2.21, lm-eval 0.4.13 (wandb: its callback's attribute only, not inst
 
 Overrides of private hooks stay where they act (test_compat checks the hooks still exist): ``Trainer.
 _set_signature_columns_if_needed`` (training/trainer.py), ``SFTTrainer._tag_names`` (training/sft.py) and
-``HfArgumentParser._parse_dataclass_field`` (parser.py, which calls `parse_dataclass_field` below).
+``HfArgumentParser._parse_dataclass_field`` (research/parser.py, which calls `parse_dataclass_field` below).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def refine(
 ) -> dict:
     """Run the whole pipeline; returns the comparison (flip audit) dictionary.
 
-    The output folder is owned for the run (ownership.owned_folder): a second run into it stops at once.
+    The output folder is owned for the run (storage.locks.owned_folder): a second run into it stops at once.
     A folder holding a finished run is only written again with ``overwrite_output_dir`` or a resume.
     ``baseline_dir``: an existing audit of the same blocks to reuse as the "before" audit (a sweep
     shares one across its runs).
