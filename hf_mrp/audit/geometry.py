@@ -85,6 +85,20 @@ def check_audit_settings(margin_dtype: str, chunk_size: int, batch_size: int, le
         raise MRPUserError(f"lens_bootstrap must be a number of resamples >= 0 (0: no intervals), got {lens_bootstrap}")
 
 
+def check_blocks_to_audit(blocks: Blocks) -> None:
+    """Refuse blocks that evaluate no position: an audit of nothing has no margin, accuracy or gap law."""
+    if not isinstance(blocks, Blocks):
+        raise MRPUserError(
+            f"an audit needs hf_mrp Blocks, got {type(blocks).__name__}; build them with hf_mrp.load_blocks, "
+            "make_blocks or labeled_blocks"
+        )
+    if blocks.n_positions == 0:
+        raise MRPUserError(
+            f"the blocks ({blocks.source or 'unnamed'}) evaluate no position: nothing to audit; pass text with "
+            "at least one position (with labeled_blocks, at least one label that is not -100)"
+        )
+
+
 def run_audit(
     model: torch.nn.Module,
     blocks: Blocks,
@@ -107,6 +121,7 @@ def run_audit(
     per-layer correlations and KL, with that many resamples.
     """
     check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
+    check_blocks_to_audit(blocks)
     if output_dir is not None:
         output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)

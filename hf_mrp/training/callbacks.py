@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from transformers import TrainerCallback
 
 from ..audit.compare import compare_audits, decoder_from_tokenizer, write_comparison
-from ..audit.geometry import AuditResult, load_audit, run_audit
+from ..audit.geometry import AuditResult, check_blocks_to_audit, load_audit, run_audit
 from ..data import Blocks
 from ..errors import MRPUserError
 from .pictures import lens_pictures, log_pictures
@@ -120,6 +120,7 @@ class MRPAuditCallback(TrainerCallback):
         layers: str | list[int] | None = None,
         lens: TunedLens | None = None,
     ):
+        check_blocks_to_audit(blocks)  # before training starts, not at its first audit
         self.blocks = blocks
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.decode = decoder_from_tokenizer(tokenizer) if tokenizer is not None else None

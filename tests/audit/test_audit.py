@@ -94,6 +94,22 @@ def test_audit_errors(model, blocks, tmp_path):
         load_audit(tmp_path)
 
 
+def test_blocks_that_evaluate_nothing_are_refused_before_any_work(model, blocks):
+    """Zero positions (a count of 0, or chats whose every label is -100) have no margin to audit: one line, from
+    run_audit and from MRPAuditCallback's constructor (before training), instead of an IndexError at the end."""
+    from hf_mrp.data import Blocks, labeled_blocks
+    from hf_mrp.training.callbacks import MRPAuditCallback
+
+    nothing = [Blocks(blocks.input_ids, 0, "random"), labeled_blocks([[5, 6, 7]], [[-100, -100, -100]], pad_id=0)]
+    for empty in nothing:
+        with pytest.raises(MRPUserError, match="evaluate no position: nothing to audit"):
+            run_audit(model, empty, progress=False)
+        with pytest.raises(MRPUserError, match="evaluate no position"):
+            MRPAuditCallback(empty)
+    with pytest.raises(MRPUserError, match="an audit needs hf_mrp Blocks, got list"):
+        MRPAuditCallback(blocks.input_ids.tolist())
+
+
 def test_model_without_output_embeddings(blocks):
     from transformers import LlamaConfig, LlamaModel
 
