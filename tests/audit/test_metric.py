@@ -27,3 +27,8 @@ def test_flip_audit_metric_matches_a_recount():
     assert result["churn"] == pytest.approx(np.mean(before != after))
     assert result["accuracy_after"] == pytest.approx(np.mean(after == targets))
     assert result["median_margin_change"] == pytest.approx(np.median(margins_after) / np.median(margins_before) - 1)
+
+
+def test_no_position_is_refused_instead_of_nan_accuracies():
+    with pytest.raises(ValueError, match="at least one position"):
+        load_flip_audit().compute(predictions=[], baseline_predictions=[], references=[])

@@ -47,6 +47,10 @@ class FlipAudit(evaluate.Metric):
 
     def _compute(self, predictions, baseline_predictions, references, margins=None, baseline_margins=None):
         after, before, target = (np.asarray(x, dtype=np.int64) for x in (predictions, baseline_predictions, references))
+        if target.size == 0:  # accuracies and churn of no position would be NaN
+            raise ValueError(
+                "flip_audit needs at least one position: predictions, baseline_predictions and references are empty"
+            )
         zeros = np.zeros(target.shape)
         numbers = flip_numbers(
             before == target,
