@@ -85,11 +85,14 @@ class TunedLens:
         if missing:
             raise MRPUserError(
                 f"the tuned lens has no translator for layer {missing[0]} (it has layers "
-                f"{_spans(self.layers)}); audit those layers or retrain with --layers covering them"
+                f"{layer_spans(self.layers)}); audit those layers or retrain with --layers covering them"
             )
 
 
-def _spans(layers: list[int]) -> str:
+def layer_spans(layers: list[int]) -> str:
+    """Consecutive layers as "3-7", others as a list: how messages name a set of layers."""
+    if len(layers) == 1:
+        return str(layers[0])
     return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 

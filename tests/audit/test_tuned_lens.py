@@ -11,7 +11,13 @@ import torch
 
 from hf_mrp.audit import run_audit
 from hf_mrp.audit.lens_training import LensTrainingSettings, train_tuned_lens
-from hf_mrp.audit.tuned_lens import last_target_token, load_tuned_lens, positions_before, training_start_token
+from hf_mrp.audit.tuned_lens import (
+    last_target_token,
+    layer_spans,
+    load_tuned_lens,
+    positions_before,
+    training_start_token,
+)
 from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research.arguments import AuditArguments
@@ -255,3 +261,7 @@ def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, t
     assert cli.main([*audit16, "--max_positions", "121"]) == 2
     assert "reads tokens 0-129 of" in capsys.readouterr().err and not (tmp_path / "audit16" / "audit.json").exists()
     assert cli.main([*audit16, "--max_positions", "120", "--overwrite_output_dir", "true"]) == 0
+
+
+def test_layer_sets_are_named_as_a_span_only_when_consecutive():
+    assert (layer_spans([3, 4, 5]), layer_spans([10, 20, 27]), layer_spans([7])) == ("3-5", "[10, 20, 27]", "7")

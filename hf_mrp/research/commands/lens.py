@@ -31,7 +31,7 @@ class LensArguments:
             "data flags and --max_positions up to this many evaluates (disjoint from the lens' own)."
         },
     )
-    max_steps: int = field(default=60, metadata={"help": "Adam steps (constant learning rate)."})
+    max_steps: int = field(default=250, metadata={"help": "Adam steps (constant learning rate)."})
     batch_positions: int = field(default=128, metadata={"help": "Training positions per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam's learning rate for the translators."})
     seed: int = field(default=0, metadata={"help": "Seed of each step's position draw."})
@@ -128,7 +128,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
     from accelerate import PartialState
 
     from ...audit.lens_training import train_tuned_lens
-    from ...audit.tuned_lens import training_start_token
+    from ...audit.tuned_lens import layer_spans, training_start_token
     from ...data import check_block_fits
     from ...models import decoder_layers, parse_layer_spec
     from ...storage.locks import is_main_process, owned_folder
@@ -163,7 +163,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, lens_args: LensAr
     first, last = (log[0]["mean_kl"], log[-1]["mean_kl"]) if log else (float("nan"), float("nan"))
     reached = log[-1]["step"] if log else 0
     print(
-        f"tuned lens for layers {lens.layers[0]}-{lens.layers[-1]} on {blocks.n_positions} positions, "
+        f"tuned lens for layers {layer_spans(lens.layers)} on {blocks.n_positions} positions, "
         f"{settings.max_steps} steps in {time.perf_counter() - start:.1f}s -> {lens_args.output_dir}\n"
         f"training KL(final || layer), mean over layers: step 1 {first:.4f} -> step {reached} {last:.4f}"
     )
