@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 VOCAB = 97
+FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"  # shaped like a Hub token: must never reach a log
 SMALL = dict(
     vocab_size=VOCAB,
     hidden_size=32,

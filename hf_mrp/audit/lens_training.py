@@ -82,8 +82,7 @@ def train_tuned_lens(
     if not chosen:
         raise MRPUserError("no layer to translate: the last layer is the model's own output; choose earlier layers")
     weight = output_head(model)[0]
-    stream = (holdout_positions, stream_start_token)
-    config = _new_config(model_name, n_layers, weight, chosen, blocks, settings, stream)
+    config = _new_config(model_name, n_layers, weight, chosen, blocks, settings, holdout_positions, stream_start_token)
     translators = AffineTranslators(chosen, int(weight.shape[1])).to(weight.device)
     for parameter in translators.parameters():  # every rank all-reduces a gradient, even with no position in a step
         parameter.grad = torch.zeros_like(parameter)
@@ -189,10 +188,9 @@ def _new_config(
     layers: list[int],
     blocks: Blocks,
     settings: LensTrainingSettings,
-    stream: tuple[int, int | None],
+    holdout_positions: int,
+    stream_start_token: int | None,
 ) -> dict:
-    """lens_config.json's set-up; ``stream``: (holdout_positions, stream_start_token)."""
-    holdout_positions, stream_start_token = stream
     return {
         "format": FORMAT,
         "model": model_name,

@@ -34,9 +34,8 @@ import torch
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research import cli
 
-from helpers import VOCAB, CharTokenizer, config, flags, folder_held_elsewhere, tiny_llama
+from helpers import FAKE_TOKEN, VOCAB, CharTokenizer, config, flags, folder_held_elsewhere, tiny_llama
 
-FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 SMALL = ["--block_size", "32", "--max_positions", "62"]
 REFINE_SMALL = flags(
     block_size="32",

@@ -48,10 +48,8 @@ def test_several_processes_without_accelerators_join_one_job(tmp_path):
         "cls = MRPConfig if sys.argv[1] == 'mrp' else TrainingArguments\n"
         f"args = cls(output_dir={str(tmp_path / 'out')!r}, report_to='none')\n"
         "print(f\"rank {os.environ['RANK']} world {args.world_size}\", flush=True)\n"
-        "import torch.distributed as dist\n"
-        "if dist.is_initialized():\n"  # leave the job together (an exit with the group alive can abort)
-        "    dist.barrier()\n"
-        "    dist.destroy_process_group()\n"
+        "from hf_mrp.research.cli import leave_process_group\n"
+        "leave_process_group()\n"  # as hf-mrp commands do: an exit with the group alive can abort
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worlds = {}

@@ -29,6 +29,7 @@ from hf_mrp.errors import MRPUserError
 from hf_mrp.storage import files
 
 from helpers import (
+    FAKE_TOKEN,
     VOCAB,
     assert_refuses_bad_checkpoints,
     config,
@@ -41,7 +42,6 @@ from helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 REFINE_ARGS = flags(
     block_size="32",
     max_positions="248",

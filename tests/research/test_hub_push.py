@@ -14,9 +14,8 @@ from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback
 from hf_mrp.training.hub import HubPushCallback, push_folder
 
-from helpers import CharTokenizer, tiny_llama
+from helpers import FAKE_TOKEN, CharTokenizer, tiny_llama
 
-FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 MODEL_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 

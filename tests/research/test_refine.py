@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from helpers import flags
+from helpers import FAKE_TOKEN, flags
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
 
 
 def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_path):

@@ -245,6 +245,8 @@ def main(output_dir: str, model_dir: str, cases: list[str]) -> int:
     import deepspeed
     import torch.distributed as dist
 
+    from hf_mrp.research.cli import leave_process_group
+
     skip_shared_memory_op_build()
     for case in cases:
         result = run_case(case, output_dir, model_dir, deepspeed=True)
@@ -252,8 +254,7 @@ def main(output_dir: str, model_dir: str, cases: list[str]) -> int:
         if dist.get_rank() == 0:
             torch.save(result, Path(output_dir) / f"{case}.pt")
         print(f"rank {dist.get_rank()} {case}: trained", flush=True)
-    dist.barrier()  # leave together: a gloo process exiting with its group alive while a peer runs can abort
-    dist.destroy_process_group()
+    leave_process_group()  # as hf-mrp commands do: an exit with the group alive can abort (SIGABRT)
     return 0
 
 

@@ -18,6 +18,7 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/: the shared helpers
 from hf_mrp.audit.collect import collect_statistics  # noqa: E402
 from hf_mrp.data import Blocks  # noqa: E402
 from hf_mrp.models import decoder_layers  # noqa: E402
+from hf_mrp.research.cli import leave_process_group  # noqa: E402
 from hf_mrp.training import MRPConfig, MRPTrainer  # noqa: E402
 
 from helpers import VOCAB, tiny_llama  # noqa: E402
@@ -83,10 +84,7 @@ def main(output_dir: str, mode: str) -> int:
         f"{len(pos0['margin'])} audited positions; failures: {failures or 'none'}",
         flush=True,
     )
-    # Leave together: a gloo process that exits with its group alive while its peer runs can abort (SIGABRT,
-    # "terminate called without an active exception"; tests/training/test_deepspeed.py's worker met it in CI).
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()  # as hf-mrp commands do: an exit with the group alive can abort (SIGABRT)
     return 1 if failures else 0
 
 
