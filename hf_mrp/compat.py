@@ -7,7 +7,8 @@ Checked against: torch 2.13, transformers 5.24, peft 0.21, trl 1.16, safetensors
 tensorboard 2.21, lm-eval 0.4.13 (wandb: its callback's attribute only, not installed here).
 
 Overrides of private hooks stay where they act (test_compat checks the hooks still exist): ``Trainer.
-_set_signature_columns_if_needed`` (training/trainer.py), ``SFTTrainer._tag_names`` (training/sft.py) and
+_set_signature_columns_if_needed`` (training/trainer.py), ``Trainer._get_grad_norm`` (training/mrp_mixin.py: each
+optimizer step's gradient norm, counted when exactly 0), ``SFTTrainer._tag_names`` (training/sft.py) and
 ``HfArgumentParser._parse_dataclass_field`` (research/parser.py, which calls `parse_dataclass_field` below).
 """
 

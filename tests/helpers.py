@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -600,3 +601,40 @@ def assert_refuses_bad_checkpoints(trainer, output_dir) -> None:
         trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-4"))
     with pytest.raises(MRPUserError, match="holds no complete checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+class WriteAfterUpdate(TrainerCallback):
+    """After optimizer step ``update`` (1-based), ``write(model)`` changes a weight in place, so what the next steps
+    see is exactly that weight on any machine (a failure made to happen, not hoped for)."""
+
+    def __init__(self, update: int, write):
+        self.update, self.write = update, write
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.update:  # global_step counts the updates before this one
+            with torch.no_grad():
+                self.write(model)
+
+
+def nan_into_lora(model) -> None:
+    """One entry of the first LoRA B matrix set to NaN."""
+    next(p for n, p in model.named_parameters() if "lora_B" in n).view(-1)[0] = float("nan")
+
+
+def zero_final_norm(model) -> None:
+    """The final RMSNorm's weight (frozen under LoRA) set to 0: every hidden state reaching the head is 0, every
+    logit is 0, and no trainable weight upstream gets any gradient (the norm's weight multiplies them all)."""
+    next(p for n, p in model.named_parameters() if n.endswith("model.norm.weight")).zero_()
+
+
+def with_callback(monkeypatch, callback) -> None:
+    """The refine pipeline's MRPTrainer, with ``callback`` added to the callbacks it is given."""
+    from hf_mrp.research import refine
+
+    base = refine.MRPTrainer
+
+    class WithCallback(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), callback], **kwargs)
+
+    monkeypatch.setattr(refine, "MRPTrainer", WithCallback)

@@ -79,6 +79,7 @@ def test_private_hooks_hf_mrp_overrides_still_exist():
     from trl import SFTTrainer
 
     assert callable(getattr(Trainer, "_set_signature_columns_if_needed", None)), "training/trainer.py overrides it"
+    assert callable(getattr(Trainer, "_get_grad_norm", None)), "training/mrp_mixin.py overrides it (collapse check)"
     assert isinstance(getattr(SFTTrainer, "_tag_names", None), list), "training/sft.py extends it"
     assert callable(getattr(HfArgumentParser, "_parse_dataclass_field", None)), "parser.py overrides it"
 

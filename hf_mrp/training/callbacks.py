@@ -22,6 +22,7 @@ from ..audit.compare import compare_audits, decoder_from_tokenizer, write_compar
 from ..audit.geometry import AuditResult, check_blocks_to_audit, load_audit, run_audit
 from ..data import Blocks
 from ..errors import MRPUserError
+from .divergence import check_decisions_alive
 from .pictures import lens_pictures, log_pictures
 from .tables import flip_tables, log_tables
 
@@ -219,6 +220,8 @@ class MRPAuditCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._flush_baseline_log()
         self._audit_compare_log(model, "audit_after", "comparison")
+        assert self.baseline is not None and self.latest is not None  # made in on_train_begin and just now
+        check_decisions_alive(self.baseline.summary.mean_margin, self.latest.summary.mean_margin, self._attached())
 
     def _audit_compare_log(self, model, audit_folder: str, comparison_folder: str) -> None:
         trainer, baseline = self._attached(), self.baseline

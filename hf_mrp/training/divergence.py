@@ -1,11 +1,15 @@
-"""Divergence is a failure: a run whose trainable weights are no longer finite, or whose loss stays non-finite
-batch after batch, stops with one line that names the step and the likely cause, instead of saving NaN weights
-as a finished run.
+"""Divergence and collapse are failures: a run whose trainable weights are no longer finite, whose loss stays
+non-finite batch after batch, whose weights get no gradient at all step after step (every logit tied: the model
+collapsed), or whose updates changed no weight, stops with one line that names the step and the likely cause,
+instead of saving a dead model as a finished run.
 
-The checks are cheap (one ``isfinite`` per trainable tensor, one flag agreed over all processes) and run at the
-start of every training step (`MRPTrainerMixin.training_step`) and once after training (`hf_mrp.research.refine`). A
-checkpoint saved after the weights went non-finite cannot be resumed from; it is removed, so the output folder
-keeps only checkpoints of finite weights.
+The checks are cheap and run at the start of every training step (`MRPTrainerMixin.training_step`) and once
+after training: one ``isfinite`` per trainable tensor and the count of zero-gradient steps, read together in one
+flag agreed over all processes. The gradient norm is the one the Trainer computes at each optimizer step anyway;
+its zero count is kept on the device (`record_gradient_norm`), so it adds no host synchronization of its own. The
+refine pipeline and `MRPAuditCallback` also refuse an after-audit whose every position ties its top two logits.
+A checkpoint saved after the weights went bad cannot be resumed from; it is removed, so the output folder keeps
+only checkpoints of good weights.
 """
 
 from __future__ import annotations
@@ -18,10 +22,20 @@ import torch
 from ..errors import MRPUserError
 
 MAX_NONFINITE_STEPS = 3  # optimizer steps in a row whose every batch had a non-finite loss: the run has diverged
+# optimizer steps in a row whose gradient norm is exactly 0: the model has collapsed. CE's gradient on the logits is
+# softmax - onehot, never 0, so an exactly zero gradient of every trainable weight means nothing upstream of the
+# logits moves them any more (a saturated or zeroed network), not a quiet batch.
+MAX_ZERO_GRADIENT_STEPS = 3
+TOO_LARGE = "a learning rate or mrp_lambda too large"
 
 
 class TrainingDiverged(MRPUserError):
     """The run diverged: its weights or its loss are no longer finite. Nothing is marked finished."""
+
+
+class TrainingCollapsed(TrainingDiverged):
+    """The run collapsed (no gradient, every logit tied) or trained nothing. Nothing is marked finished; handled
+    everywhere exactly as a diverged run (it is one)."""
 
 
 def _local(parameter: torch.Tensor) -> torch.Tensor:
@@ -30,15 +44,42 @@ def _local(parameter: torch.Tensor) -> torch.Tensor:
     return local.detach()
 
 
+def _trainable(trainer) -> list[torch.Tensor]:
+    params = [_local(p) for p in trainer.model.parameters() if p.requires_grad]
+    return [p for p in params if p.numel()]
+
+
+def _agreed(trainer, flags: torch.Tensor) -> list[float]:
+    """Per-process flags averaged over all processes (> 0: true on some process), read in one host transfer."""
+    flags = flags.to(torch.float32).to(trainer.args.device)
+    if trainer.accelerator.num_processes > 1:
+        flags = trainer.accelerator.reduce(flags, reduction="mean")
+    return flags.tolist()
+
+
+def _nonfinite(trainer) -> torch.Tensor:
+    params = _trainable(trainer)
+    local = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+    return (~local).to(torch.float32).reshape(1).to(trainer.args.device)
+
+
 def weights_are_finite(trainer) -> bool:
     """Whether every trainable parameter is finite on every process (one all-reduced flag: all stop together)."""
-    params = [_local(p) for p in trainer.model.parameters() if p.requires_grad]
-    params = [p for p in params if p.numel()]
-    local = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
-    bad = (~local).to(torch.float32).reshape(1).to(trainer.args.device)
-    if trainer.accelerator.num_processes > 1:
-        bad = trainer.accelerator.reduce(bad, reduction="sum")
-    return float(bad.item()) == 0.0
+    return _agreed(trainer, _nonfinite(trainer))[0] == 0.0
+
+
+def record_gradient_norm(trainer, norm) -> None:
+    """Count the optimizer steps in a row whose gradient norm is exactly 0, on the device (no host read here).
+
+    Args:
+        trainer: the MRP trainer; the count lives in ``trainer._zero_gradient_steps``.
+        norm: the step's gradient norm as the Trainer computed it (a tensor; a float under DeepSpeed). It is the
+            global norm (all processes' gradients), so every process counts the same.
+    """
+    norm = torch.as_tensor(norm, device=trainer.args.device)
+    streak = getattr(trainer, "_zero_gradient_steps", None)
+    streak = torch.zeros((), device=norm.device) if streak is None else streak
+    trainer._zero_gradient_steps = torch.where(norm == 0, streak + 1, torch.zeros_like(streak))
 
 
 def _checkpoint_step(folder: Path) -> int:
@@ -46,49 +87,118 @@ def _checkpoint_step(folder: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-def drop_checkpoints_after(output_dir: str | Path, last_finite_step: int, step: int) -> tuple[list[str], str | None]:
-    """Remove the checkpoints this run saved after ``last_finite_step``, up to ``step`` (their weights are not
-    finite); returns (the removed names, the newest checkpoint kept or None)."""
+def drop_checkpoints_after(output_dir: str | Path, last_good_step: int, step: int) -> tuple[list[str], str | None]:
+    """Remove the checkpoints this run saved after ``last_good_step``, up to ``step`` (their weights are bad);
+    returns (the removed names, the newest checkpoint kept or None)."""
     folders = sorted(Path(output_dir).glob("checkpoint-*"), key=_checkpoint_step)
-    removed = [f.name for f in folders if last_finite_step < _checkpoint_step(f) <= step]
+    removed = [f.name for f in folders if last_good_step < _checkpoint_step(f) <= step]
     for name in removed:
         shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
     kept = [f for f in folders if f.name not in removed and f.is_dir()]
     return removed, str(kept[-1]) if kept else None
 
 
-def diverged(trainer, step: int, problem: str, last_finite_step: int) -> TrainingDiverged:
-    """The one-line failure: the step, what went non-finite, the likely cause, and what is (not) on disk."""
+def diverged(
+    trainer,
+    step: int,
+    problem: str,
+    last_good_step: int,
+    kind: type[TrainingDiverged] = TrainingDiverged,
+    cause: str = TOO_LARGE,
+) -> TrainingDiverged:
+    """The one-line failure: the step, what went wrong, the likely cause, and what is (not) on disk."""
     args = trainer.args
     removed: list[str] = []
     kept: str | None = None
     if trainer.is_world_process_zero():
-        removed, kept = drop_checkpoints_after(args.output_dir, last_finite_step, trainer.state.global_step)
-    kept_text = f"the last finite checkpoint is {kept}" if kept else "no checkpoint of finite weights was saved"
+        removed, kept = drop_checkpoints_after(args.output_dir, last_good_step, trainer.state.global_step)
+    kept_text = f"the last good checkpoint is {kept}" if kept else "no checkpoint of good weights was saved"
     if removed:
-        kept_text += f" ({', '.join(removed)}, saved after the weights went non-finite, was removed)"
-    return TrainingDiverged(
-        f"training diverged at step {step}: {problem}; the likely cause is a learning rate "
-        f"or mrp_lambda too large (learning_rate {args.learning_rate:g}, mrp_lambda {args.mrp_lambda:g}): lower "
-        f"--learning_rate (or --mrp_lambda) and train again; nothing was saved as a finished run, {kept_text}"
+        kept_text += f" ({', '.join(removed)}, saved after the weights went bad, was removed)"
+    fix = "lower --learning_rate (or --mrp_lambda)" if cause == TOO_LARGE else "raise --learning_rate"
+    verb = "collapsed" if kind is TrainingCollapsed else "diverged"
+    settings = f"learning_rate {args.learning_rate:g}, mrp_lambda {getattr(args, 'mrp_lambda', 0.0):g}"
+    return kind(
+        f"training {verb} at step {step}: {problem}; the likely cause is {cause} ({settings}): {fix} and train "
+        f"again; nothing was saved as a finished run, {kept_text}"
     )
 
 
 def check_weights(trainer) -> None:
-    """Raise TrainingDiverged when the trainable weights are not finite (after the last optimizer step)."""
+    """Raise TrainingDiverged when the trainable weights are not finite (after the last optimizer step), and
+    TrainingCollapsed after MAX_ZERO_GRADIENT_STEPS steps in a row without any gradient."""
     step = trainer.state.global_step
     if getattr(trainer, "_finite_weights_step", None) == step:
         return  # checked already at this step (a later micro-batch of the same accumulation)
-    if not weights_are_finite(trainer):
-        last = getattr(trainer, "_finite_weights_step", None)
-        last = step - 1 if last is None else last
+    streak = getattr(trainer, "_zero_gradient_steps", None)
+    streak = torch.zeros(1, device=trainer.args.device) if streak is None else streak.reshape(1)
+    nonfinite, zero_steps = _agreed(trainer, torch.cat([_nonfinite(trainer), streak.to(trainer.args.device)]))
+    last = getattr(trainer, "_finite_weights_step", None)
+    last = step - 1 if last is None else last
+    if nonfinite:
         problem = (
             "its update made the trainable weights non-finite (NaN/inf)"
             if step
             else "the trainable weights are not finite (NaN/inf) before the first update"
         )
         raise diverged(trainer, step, problem, last)
+    if zero_steps >= MAX_ZERO_GRADIENT_STEPS:
+        first = step - int(zero_steps) + 1  # the first step whose gradient was 0: its weights, W_(first-1), are dead
+        raise diverged(
+            trainer,
+            first - 1,
+            f"after its update the trainable weights got no gradient at all (gradient norm exactly 0) in steps "
+            f"{first}-{step}: the model collapsed (its logits no longer move; typically every logit tied)",
+            first - 2,
+            TrainingCollapsed,
+        )
     trainer._finite_weights_step = step
+
+
+def fingerprint(trainer) -> torch.Tensor:
+    """Per trainable tensor (this process's shard), the float64 sum and sum of squares: equal to the last bit before
+    and after training only if no update changed a weight."""
+    params = _trainable(trainer)
+    if not params:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).cpu()
+
+
+def check_weights_changed(trainer, before: torch.Tensor, steps: int) -> None:
+    """Raise TrainingCollapsed when ``steps`` optimizer steps changed no trainable weight on any process (updates
+    below the weights' float resolution, a learning rate of 0 throughout): a run that trained nothing."""
+    after = fingerprint(trainer)
+    same = torch.tensor([float(before.shape == after.shape and torch.equal(before, after))])
+    if steps <= 0 or _agreed(trainer, same)[0] < 1.0:
+        return  # some process saw a change
+    step = trainer.state.global_step
+    raise diverged(
+        trainer,
+        step,
+        f"its {steps} updates changed no trainable weight (bit for bit): the run trained nothing",
+        step,
+        TrainingCollapsed,
+        cause="a learning rate too small for the weights' float resolution (or 0 throughout the schedule)",
+    )
+
+
+def check_decisions_alive(mean_margin_before: float, mean_margin_after: float, trainer) -> None:
+    """Raise TrainingCollapsed when the after-audit ties the top two logits at every audited position (mean margin
+    exactly 0; margins are >= 0) while the before-audit did not: the refined model decides nothing."""
+    if mean_margin_after != 0.0 or mean_margin_before == 0.0:
+        return
+    step = trainer.state.global_step
+    streak = getattr(trainer, "_zero_gradient_steps", None)
+    zero_steps = int(streak.item()) if streak is not None else 0  # once, after training: no hot-path read
+    last_good = step - zero_steps - 1 if zero_steps else step
+    raise diverged(
+        trainer,
+        step,
+        "after training the model ties its top two logits at every audited position (mean margin exactly 0): "
+        "it collapsed",
+        last_good,
+        TrainingCollapsed,
+    )
 
 
 def count_nonfinite_batch(trainer, skipped: bool) -> None:
@@ -108,9 +218,15 @@ def count_nonfinite_batch(trainer, skipped: bool) -> None:
 
 __all__ = [
     "MAX_NONFINITE_STEPS",
+    "MAX_ZERO_GRADIENT_STEPS",
+    "TrainingCollapsed",
     "TrainingDiverged",
+    "check_decisions_alive",
     "check_weights",
+    "check_weights_changed",
     "count_nonfinite_batch",
+    "fingerprint",
+    "record_gradient_norm",
     "weights_are_finite",
     "drop_checkpoints_after",
 ]

@@ -19,7 +19,13 @@ import torch
 from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
 from .checkpoints import check_resume_target
-from .divergence import check_weights, count_nonfinite_batch
+from .divergence import (
+    check_weights,
+    check_weights_changed,
+    count_nonfinite_batch,
+    fingerprint,
+    record_gradient_norm,
+)
 from .loss import unwrap
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ class MRPTrainerMixin(_TrainerBase):
         self._nonfinite_skipped = 0  # skipped micro-batches in this process's training
         self._skipped_before: int | None = None  # the count logged before a resume (read from the restored log history)
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
+        self._start_weights: tuple[torch.Tensor, int] | None = None  # fingerprint, step: at the first training step
         probe_logit_transform(unwrap(self.model))
         for callback in list(self.callback_handler.callbacks):
             if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
@@ -137,8 +144,11 @@ class MRPTrainerMixin(_TrainerBase):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix, and
-        failing (divergence.TrainingDiverged) when the final weights are not finite."""
+        failing (divergence.TrainingDiverged) when the final weights are not finite, or (TrainingCollapsed) when the
+        run's updates changed no trainable weight."""
         check_resume_target(resume_from_checkpoint, self.args.output_dir)
+        self._zero_gradient_steps = None  # zero-gradient optimizer steps in a row (divergence.record_gradient_norm)
+        self._start_weights = None
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -146,7 +156,17 @@ class MRPTrainerMixin(_TrainerBase):
             **kwargs,
         )
         check_weights(self)  # the last update too: a run that ends with non-finite weights is no success
+        if self._start_weights is not None:  # a run that trained nothing is no success either
+            before, start_step = self._start_weights
+            check_weights_changed(self, before, self.state.global_step - start_step)
         return output
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm of each optimizer step, also counted (on the device) when exactly 0: steps
+        in a row without any gradient are a collapsed run (divergence.check_weights)."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        record_gradient_norm(self, norm)
+        return norm
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's step, with non-finite micro-batches skipped.
@@ -158,9 +178,12 @@ class MRPTrainerMixin(_TrainerBase):
         stays finite. ``nonfinite_skipped`` in the logs counts the skipped micro-batches.
 
         Divergence stops the run (divergence.TrainingDiverged, one line): trainable weights that an update made
-        non-finite, or MAX_NONFINITE_STEPS steps in a row of nothing but non-finite batches.
+        non-finite, MAX_NONFINITE_STEPS steps in a row of nothing but non-finite batches, or (TrainingCollapsed)
+        MAX_ZERO_GRADIENT_STEPS steps in a row whose gradient is exactly 0.
         """
         check_weights(self)
+        if self._start_weights is None:  # the weights this train() call starts from, once
+            self._start_weights = (fingerprint(self), self.state.global_step)
         self._guard_nonfinite, self._skip_batch = True, False
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)

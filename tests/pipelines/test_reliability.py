@@ -31,14 +31,18 @@ from hf_mrp.storage import files
 from helpers import (
     FAKE_TOKEN,
     VOCAB,
+    WriteAfterUpdate,
     assert_refuses_bad_checkpoints,
     config,
     flags,
     free_port,
     launched,
     nan_batch_script,
+    nan_into_lora,
     one_torch_thread,
     tiny_llama,
+    with_callback,
+    zero_final_norm,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -553,39 +557,76 @@ def _finite_adapter(checkpoint: Path) -> bool:
     return all(torch.isfinite(t).all() for t in _adapter(checkpoint).values())
 
 
-@pytest.mark.parametrize("max_steps", [6, 2])  # 6: caught at the next step; 2: the last update, caught after training
-def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finished(
-    tiny_model_dir, tmp_path, capsys, max_steps
-):
-    """Learning rate 1e8: the second update makes the adapter NaN. The run stops with one line naming the step and
-    the likely cause; the checkpoint saved after the NaN update is removed, the one before it is intact."""
+def _refine_fails(argv: list[str], capsys) -> str:
+    """Run `hf-mrp refine`; it must exit 2 with one line and no traceback. Returns that line."""
     from hf_mrp.research import cli
 
-    out = tmp_path / "run"
-    argv = [
-        "refine",
-        *flags(model=tiny_model_dir, output_dir=out),
-        *REFINE_ARGS,
-        *flags(learning_rate="1e8", save_steps=1, max_steps=max_steps, report_to="none"),
-    ]
     with one_torch_thread():
-        code = cli.main(argv)
+        code = cli.main(["refine", *argv])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+def _nothing_finished(out: Path) -> None:
+    """No finished marker, no adapter, no after-audit or card; only the lock is hidden; not a whole run."""
+    from hf_mrp.research.run_folders import run_is_whole
+
+    assert not (out / "training_log.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not (out / "audit_after").exists() and not (out / "README.md").exists()
+    assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
+    assert not run_is_whole(out)
+
+
+@pytest.mark.parametrize("max_steps", [6, 2])  # 6: caught at the next step; 2: the last update, caught after training
+def test_a_diverged_run_fails_keeps_its_last_finite_checkpoint_and_is_not_finished(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, max_steps
+):
+    """A NaN written into the adapter right after the second update (deterministic, on any machine). The run stops
+    with one line naming the step and the likely cause; the checkpoint saved after the NaN update is removed, the
+    one before it is intact."""
+    with_callback(monkeypatch, WriteAfterUpdate(2, nan_into_lora))
+    out = tmp_path / "run"
+    argv = [*flags(model=tiny_model_dir, output_dir=out), *REFINE_ARGS]
+    last = _refine_fails([*argv, *flags(save_steps=1, max_steps=max_steps, report_to="none")], capsys)
     assert last.startswith(
         "hf-mrp refine: error: training diverged at step 2: its update made the trainable weights non-finite (NaN/inf)"
     ), last
-    assert "learning_rate 1e+08, mrp_lambda 0.6" in last and "lower --learning_rate" in last
-    assert f"the last finite checkpoint is {out / 'checkpoint-1'} (checkpoint-2, saved after" in last
-    assert not (out / "training_log.json").exists() and not (out / "adapter_model.safetensors").exists()
-    assert not (out / "audit_after").exists() and not (out / "README.md").exists()
+    assert "learning_rate 0.01, mrp_lambda 0.6" in last and "lower --learning_rate" in last
+    assert f"the last good checkpoint is {out / 'checkpoint-1'} (checkpoint-2, saved after" in last
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert _finite_adapter(out / "checkpoint-1")
-    assert not [p for p in out.rglob(".*") if p.name != ".hf_mrp.lock"]
-    from hf_mrp.research.run_folders import run_is_whole
+    _nothing_finished(out)
 
-    assert not run_is_whole(out)
+
+def test_a_run_whose_model_ties_every_logit_after_training_fails(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The final norm zeroed by the second of three updates: one zero-gradient step only (under the limit), but the
+    after-audit ties the top two logits everywhere. That is a collapsed run: one line, checkpoint-1 kept (its
+    weights still had a gradient), the later ones removed, nothing finished."""
+    with_callback(monkeypatch, WriteAfterUpdate(2, zero_final_norm))
+    out = tmp_path / "run"
+    argv = [*flags(model=tiny_model_dir, output_dir=out), *REFINE_ARGS]
+    last = _refine_fails([*argv, *flags(save_steps=1, max_steps=3, report_to="none")], capsys)
+    assert last.startswith(
+        "hf-mrp refine: error: training collapsed at step 3: after training the model ties its top two logits at "
+        "every audited position (mean margin exactly 0)"
+    ), last
+    assert f"the last good checkpoint is {out / 'checkpoint-1'} (checkpoint-2, checkpoint-3, saved after" in last
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    _nothing_finished(out)
+
+
+def test_a_learning_rate_of_1e4_is_never_a_finished_run(tiny_model_dir, tmp_path, capsys):
+    """What the run does at learning rate 1e4 depends on the machine's rounding (a NaN update on one CPU, every logit
+    tied on another): either way it exits 2 with one line that says so, and nothing is marked finished."""
+    out = tmp_path / "run"
+    argv = [*flags(model=tiny_model_dir, output_dir=out), *REFINE_ARGS]
+    last = _refine_fails([*argv, *flags(learning_rate="1e4", report_to="none")], capsys)
+    assert last.startswith(
+        ("hf-mrp refine: error: training diverged at step", "hf-mrp refine: error: training collapsed at step")
+    ), last
+    assert "learning_rate 10000, mrp_lambda 0.6" in last and "lower --learning_rate" in last
+    _nothing_finished(out)
 
 
 def test_a_loss_that_stays_non_finite_stops_the_run(tmp_path):
@@ -599,7 +640,7 @@ def test_a_loss_that_stays_non_finite_stops_the_run(tmp_path):
         TrainingDiverged,
         match=f"training diverged at step {MAX_NONFINITE_STEPS}: the loss or the MRP "
         f"objective was not finite .* for {2 * MAX_NONFINITE_STEPS} batches in "
-        "a row .*no checkpoint of finite weights was saved",
+        "a row .*no checkpoint of good weights was saved",
     ):
         trainer.train()
     assert trainer.state.global_step == MAX_NONFINITE_STEPS - 1
