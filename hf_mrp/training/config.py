@@ -203,7 +203,6 @@ class MRPConfig(MRPArguments, TrainingArguments):
             )
         if self.lora_layers is not None and self.lora_layers.strip().lower() != "all":
             parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
-        _check_training_steps(self)
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""
@@ -223,16 +222,3 @@ def _check_numbers(config: MRPConfig) -> None:
             f"lora_layers must be a string such as '1,2', '20-29' or 'all', got "
             f"{type(config.lora_layers).__name__} {config.lora_layers!r}"
         )
-
-
-def _check_training_steps(config: MRPConfig) -> None:
-    if config.max_steps == 0 or config.max_steps < -1:
-        raise MRPUserError(
-            f"max_steps must be a positive number of optimizer steps (or -1: train for "
-            f"num_train_epochs), got {config.max_steps}"
-        )
-    if config.learning_rate < 0:
-        raise MRPUserError(f"learning_rate must be >= 0, got {config.learning_rate}; a negative rate climbs the loss")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if getattr(config, name) < 1:
-            raise MRPUserError(f"{name} must be at least 1, got {getattr(config, name)}")

@@ -36,11 +36,20 @@ REPORTER_PACKAGES = {
 def check_training_settings(args) -> None:
     """The settings of a training run that TrainingArguments accepts but the run cannot use, refused in one line
     before any work (MRPConfig and MRPSFTConfig both call it after TrainingArguments.__post_init__): an empty
-    output_dir, a run that would train zero steps, a seed outside numpy's range, a reporter that is unknown or
+    output_dir, a run that would train zero steps (or at a learning rate that is not positive, or on batches of
+    no rows), a seed outside numpy's range, a reporter that is unknown or
     whose package is missing (report_to becomes the list of names the Trainer takes)."""
     if not str(args.output_dir or "").strip():
         raise MRPUserError(f"output_dir is empty ({args.output_dir!r}); pass a folder path")
     _check_zero_steps(args.max_steps, args.num_train_epochs)
+    if not args.learning_rate > 0:  # NaN too
+        raise MRPUserError(
+            f"learning_rate must be > 0, got {args.learning_rate}; 0 trains nothing and a negative rate climbs the "
+            "loss: pass e.g. --learning_rate 2e-4"
+        )
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise MRPUserError(f"{name} must be at least 1, got {getattr(args, name)}")
     for name in ("seed", "data_seed"):
         value = getattr(args, name)
         if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
@@ -53,7 +62,7 @@ def check_training_settings(args) -> None:
 
 def _check_zero_steps(max_steps: int, epochs: float) -> None:
     """max_steps 0, or max_steps -1 (train for num_train_epochs) with no epochs, would train nothing."""
-    if max_steps == 0 or (max_steps < 0 and not (math.isfinite(epochs) and epochs > 0)):
+    if max_steps == 0 or max_steps < -1 or (max_steps < 0 and not (math.isfinite(epochs) and epochs > 0)):
         raise MRPUserError(
             f"max_steps must be a positive number of optimizer steps (or -1: train for num_train_epochs > 0); got "
             f"max_steps {max_steps} with num_train_epochs {epochs:g}: the run would train "

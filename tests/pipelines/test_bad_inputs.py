@@ -338,7 +338,8 @@ CLI_CASES = [
     ("refine-tau-nan", ["refine", "--mrp_margin_threshold", "nan"], "mrp_margin_threshold must be a finite number"),
     ("refine-lora-alpha-0", ["refine", "--lora_alpha", "0"], "lora_alpha must be > 0"),
     ("refine-max-steps-0", ["refine", "--max_steps", "0"], "max_steps must be a positive number of optimizer steps"),
-    ("refine-negative-lr", ["refine", "--learning_rate", "-0.001"], "learning_rate must be >= 0"),
+    ("refine-negative-lr", ["refine", "--learning_rate", "-0.001"], "learning_rate must be > 0"),
+    ("refine-zero-lr", ["refine", "--learning_rate", "0"], "learning_rate must be > 0, got 0.0; 0 trains nothing"),
     (
         "refine-batch-size-0",
         ["refine", "--per_device_train_batch_size", "0"],
@@ -849,7 +850,7 @@ API_CASES = [
         lambda w, t, m: _config(t, mrp_top_k=49152),
         "mrp_top_k 49152 would need about .* GB .* more than the .* GB of memory here; use mrp_top_k <= \\d+",
     ),
-    ("config-negative-lr", lambda w, t, m: _config(t, learning_rate=-1e-4), "learning_rate must be >= 0"),
+    ("config-negative-lr", lambda w, t, m: _config(t, learning_rate=-1e-4), "learning_rate must be > 0"),
     (
         "config-batch-size-0",
         lambda w, t, m: _config(t, per_device_train_batch_size=0),
