@@ -238,21 +238,30 @@ def test_two_processes_train_and_audit_through_the_lens_as_one(tiny_model_dir, t
                 "--lens",
                 "tuned",
                 "--lens_path",
-                str(lens),
+                str(tmp_path / "lens1"),  # one lens for both audits: the audit's sharding alone is compared
                 "--output_dir",
                 str(tmp_path / f"audit{nproc}"),
             ],
         )
         assert trained.count("tuned lens for layers") == 1 and audited.count("audited 124 positions") == 1, nproc
+    # Training: the 2-process gradients are two partial sums over <= 155 positions all-reduced, one sum in another
+    # order: a relative difference <= n * 2^-24 ~ 9.2e-6 per coordinate (without cancellation). Adam's update is a
+    # ratio of the gradients' moments (at most doubling that per step), so over 3 steps <= 6 * 9.2e-6 = 5.5e-5 < the
+    # rtol 1e-4; atol 1e-6 (= 1e-4 x lr) for coordinates whose gradient sums cancel to within that rounding.
     one, two = (load_tuned_lens(tmp_path / f"lens{n}") for n in (1, 2))
     for a, b in zip(one.translators.parameters(), two.translators.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Auditing: each rank audits whole blocks through the same lens and the rows are gathered in block order, so the
+    # statistics are those of one process bit for bit (no tolerance). Audits through the two lenses would not be: the
+    # gap fit and the percentiles count margins below thresholds, and a rounding-sized change of one margin can move
+    # it across one (a step of 1/124 in a fraction), which no rounding bound covers.
     layers = [json.loads((tmp_path / f"audit{n}" / "layers.json").read_text()) for n in (1, 2)]
     assert layers[0]["lens"] == "tuned" and len(layers[0]["layers"]) == 3
-    for a, b in zip(
-        layers[0]["layers"] + layers[0]["logit_lens_layers"], layers[1]["layers"] + layers[1]["logit_lens_layers"]
-    ):
-        assert flat(a) == pytest.approx(flat(b), rel=1e-4, abs=1e-5)
+    assert layers[0] == layers[1]
+    summaries = [json.loads((tmp_path / f"audit{n}" / "audit.json").read_text()) for n in (1, 2)]
+    assert {k: v for k, v in summaries[0].items() if k != "provenance"} == {
+        k: v for k, v in summaries[1].items() if k != "provenance"
+    }
     # The lens skipped 4 blocks of 32 (tokens 0-127): at --block_size 16, 120 positions read tokens 0-127, 121 0-129.
     from hf_mrp.research import cli
 
