@@ -9,6 +9,7 @@ from torch import nn
 from ..compat import peft_accepts_target, peft_all_linear
 from ..errors import MRPUserError
 from ..models import decoder_layers, output_head
+from .scopes import apply_trainable_scope
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,17 @@ def prepare_model(model: nn.Module, args, peft_config=None) -> nn.Module:
 
     output_head(model)
     _check_trainable(model)
+    scope = getattr(args, "trainable_scope", "lora")
+    if scope != "lora" and (peft_config is not None or isinstance(model, PeftModel)):
+        raise MRPUserError(
+            f"trainable_scope {scope!r} trains the model's own weights, but an adapter was given (a peft_config or "
+            "a PeftModel); drop one of them (trainable_scope 'lora' trains the adapter)"
+        )
     if isinstance(model, PeftModel):
         return model
     if peft_config is None and not args.use_lora:
+        if scope not in ("lora", "full"):  # 'full': the weights the model leaves trainable, as given
+            apply_trainable_scope(model, scope, getattr(args, "trainable_last_n", 1))
         return model
     n_layers = len(decoder_layers(model))
     config = peft_config if peft_config is not None else lora_config_from_args(args, model)

@@ -18,6 +18,7 @@ from ..errors import MRPUserError, require_number
 from ..models.layers import parse_layer_spec
 from ..ops import LOGITS_PRECISIONS, MRPSettings
 from .run_checks import check_fisher_memory, check_training_settings, memory_limit
+from .scopes import TRAINABLE_SCOPES
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,21 @@ class MRPConfig(MRPArguments, TrainingArguments):
         default=True,
         metadata={
             "help": "Train LoRA adapters (built from the lora_* fields) unless a peft_config is passed; "
-            "False trains the model's own weights (the paper's full-model scope)."
+            "False trains the model's own weights (the paper's full-model scope: trainable_scope 'full')."
         },
+    )
+    trainable_scope: str = field(
+        default="lora",
+        metadata={
+            "help": "What trains: 'lora' (an adapter, the lora_* fields), or the model's own weights in place, "
+            "the rest frozen, as the paper's released code offers: 'last_n_blocks' (the last trainable_last_n "
+            "decoder blocks and the final norm), 'final_norm', 'embeddings' (input), 'lm_head' (the output W; "
+            "the same tensor when embeddings are tied) or 'full'.",
+            "choices": list(TRAINABLE_SCOPES),
+        },
+    )
+    trainable_last_n: int = field(
+        default=1, metadata={"help": "Decoder blocks (from the last) that trainable_scope 'last_n_blocks' trains."}
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
@@ -203,6 +217,20 @@ class MRPConfig(MRPArguments, TrainingArguments):
             )
         if self.lora_layers is not None and self.lora_layers.strip().lower() != "all":
             parse_layer_spec(self.lora_layers, n_layers=10**6)  # syntax now; the range is checked against the model
+        self._settle_trainable_scope()
+
+    def _settle_trainable_scope(self) -> None:
+        """One answer to "what trains": use_lora False is the older spelling of trainable_scope 'full', and a scope
+        other than 'lora' trains no adapter (use_lora becomes False)."""
+        if self.trainable_scope not in TRAINABLE_SCOPES:
+            raise MRPUserError(
+                f"trainable_scope must be one of {', '.join(TRAINABLE_SCOPES)}, got {self.trainable_scope!r}"
+            )
+        if self.trainable_scope == "lora" and not self.use_lora:
+            self.trainable_scope = "full"
+        self.use_lora = self.trainable_scope == "lora"
+        if self.trainable_last_n < 1:
+            raise MRPUserError(f"trainable_last_n must be >= 1, got {self.trainable_last_n}")
 
     def lora_layer_indices(self, n_layers: int) -> list[int] | None:
         """The adapted layers as 0-based indices (None: all layers), checked against the model."""
@@ -215,7 +243,8 @@ def _check_numbers(config: MRPConfig) -> None:
     """Types and finiteness a command line cannot get wrong but Python callers can ('0.5', 2.5, inf)."""
     for name in ("lora_alpha", "learning_rate"):
         require_number(name, getattr(config, name))
-    for name in ("lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
+    integers = ("lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "trainable_last_n")
+    for name in integers:
         require_number(name, getattr(config, name), integer=True)
     if config.lora_layers is not None and not isinstance(config.lora_layers, str):
         raise MRPUserError(
