@@ -58,3 +58,18 @@ def objective_weights(
     tokens, keep = targeted_tokens(ids, decode, classes, buckets)
     per_token = np.where(keep, 1.0, untargeted_weight).astype(np.float32)
     return per_token[np.searchsorted(tokens, ids)]
+
+
+WEIGHTINGS = ("none", "inverse_frequency")
+
+
+def inverse_frequency_weights(ids: np.ndarray) -> np.ndarray:
+    """float32 weights shaped like ``ids`` (the training blocks): proportional to 1 / the token's count among all
+    tokens of the blocks, scaled to mean 1 over the positions that are targets (every token but each block's
+    first), so lambda keeps its scale. The paper's open direction (frequency-aware weighting): rare targets weigh
+    more, the frequent structural tokens that take most corrections less."""
+    ids = np.asarray(ids, dtype=np.int64)
+    tokens, counts = np.unique(ids, return_counts=True)
+    weights = (1.0 / counts.astype(np.float64))[np.searchsorted(tokens, ids)]
+    targets = weights[:, 1:] if weights.ndim == 2 else weights[1:]
+    return (weights / targets.mean()).astype(np.float32)

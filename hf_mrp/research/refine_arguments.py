@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import MRPUserError
-from ..ops.targeting import check_targets
+from ..ops.targeting import WEIGHTINGS, check_targets
 
 # What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
 # the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
@@ -74,6 +74,15 @@ class RefineArguments:
         default=0.0,
         metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never weighted)."},
     )
+    mrp_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "Per-token objective weights: 'inverse_frequency' weighs each target by 1 / its count in the "
+            "training blocks, scaled to mean 1 (the paper's open direction; multiplied with the targeting "
+            "weights); 'none' weighs all alike.",
+            "choices": list(WEIGHTINGS),
+        },
+    )
     train_lm_head: bool = field(
         default=False,
         metadata={
@@ -94,12 +103,19 @@ class RefineArguments:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:
             raise MRPUserError(f"{error} (--mrp_target_classes / --mrp_target_buckets)") from None
+        if self.mrp_weighting not in WEIGHTINGS:
+            raise MRPUserError(f"mrp_weighting must be one of {', '.join(WEIGHTINGS)}, got {self.mrp_weighting!r}")
         if not 0.0 <= self.mrp_untargeted_weight <= 1.0:
             raise MRPUserError(f"mrp_untargeted_weight must be in [0, 1], got {self.mrp_untargeted_weight}")
 
     @property
     def targeted(self) -> bool:
         return bool(self.mrp_target_classes or self.mrp_target_buckets)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the objective gets per-token weights (targeting or a weighting)."""
+        return self.targeted or self.mrp_weighting != "none"
 
 
 __all__ = ["RefineArguments", "DEFAULTS"]

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..data import Blocks
 from ..errors import MRPUserError
-from ..ops.targeting import objective_weights
+from ..ops.targeting import inverse_frequency_weights, objective_weights
 from ..training import MRPConfig
 from ..training.dataset_checks import WEIGHTS_COLUMN
 from .arguments import DataArguments
@@ -52,9 +52,18 @@ def training_dataset(train_ids: np.ndarray, weights: np.ndarray | None = None):
 
 
 def target_weights(train_ids: np.ndarray, tokenizer, refine_args: RefineArguments) -> np.ndarray | None:
-    """Per-token objective weights of the training blocks (None: no targeting)."""
-    if not refine_args.targeted:
+    """Per-token objective weights of the training blocks (None: all weigh 1): the targeting weights of
+    --mrp_target_classes / --mrp_target_buckets times the --mrp_weighting weights."""
+    if not refine_args.weighted:
         return None
+    weights = _targeting(train_ids, tokenizer, refine_args) if refine_args.targeted else None
+    if refine_args.mrp_weighting == "inverse_frequency":
+        frequency = inverse_frequency_weights(train_ids)
+        weights = frequency if weights is None else weights * frequency
+    return weights
+
+
+def _targeting(train_ids: np.ndarray, tokenizer, refine_args: RefineArguments) -> np.ndarray:
     from ..audit.compare import decoder_from_tokenizer
 
     weights = objective_weights(

@@ -74,3 +74,33 @@ def test_head_peft_config_adds_the_head_and_needs_lora():
     assert peft_config.modules_to_save == ["lm_head"] and peft_config.layers_to_transform == [1, 2]
     with pytest.raises(MRPUserError, match="drop --train_lm_head"):
         head_peft_config(model, MRPConfig(output_dir="unused", use_lora=False, use_cpu=True, report_to="none"))
+
+
+def test_inverse_frequency_weights_are_one_over_the_count_with_mean_one_over_targets():
+    from hf_mrp.ops.targeting import inverse_frequency_weights
+
+    weights = inverse_frequency_weights(IDS)
+    counts = {0: 3, 1: 3, 2: 1, 3: 2, 4: 1, 5: 1, 6: 1}  # counted by hand from IDS
+    raw = np.vectorize(lambda token: 1.0 / counts[token])(IDS)
+    expected = raw / raw[:, 1:].mean()  # targets: every token but each block's first
+    np.testing.assert_allclose(weights, expected, rtol=2**-23)  # float64 math rounded once to float32
+    assert weights.dtype == np.float32 and abs(float(weights[:, 1:].astype(np.float64).mean()) - 1.0) < 1e-6
+
+
+def test_weighting_multiplies_the_targeting_weights(tmp_path):
+    from hf_mrp.ops.targeting import inverse_frequency_weights
+    from hf_mrp.research.refine_inputs import target_weights
+
+    class Tokenizer:  # what decoder_from_tokenizer reads
+        def decode(self, ids, **kwargs):
+            return "".join(TEXTS[int(i)] for i in ids)
+
+    both = RefineArguments(mrp_target_classes=["content"], mrp_weighting="inverse_frequency")
+    weights = target_weights(IDS, Tokenizer(), both)
+    targeting = objective_weights(IDS, decode, classes=["content"])
+    np.testing.assert_array_equal(weights, targeting * inverse_frequency_weights(IDS))
+    alone = target_weights(IDS, Tokenizer(), RefineArguments(mrp_weighting="inverse_frequency"))
+    np.testing.assert_array_equal(alone, inverse_frequency_weights(IDS))
+    assert target_weights(IDS, Tokenizer(), RefineArguments()) is None
+    with pytest.raises(MRPUserError, match="mrp_weighting must be one of none, inverse_frequency, got 'idf'"):
+        RefineArguments(mrp_weighting="idf")
