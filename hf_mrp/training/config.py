@@ -102,6 +102,18 @@ class MRPArguments(_ArgumentsBase):
         },
     )
 
+    mrp_ewc_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "EWC protection (Kirkpatrick et al. 2017): adds mrp_ewc_lambda / 2 * sum F (theta - theta*)^2 "
+            "over the trained weights, theta* where training starts, F the diagonal Fisher of the CE there "
+            "(logged as loss_ewc); 0 (default) turns it off. One process or DDP; not with a resume."
+        },
+    )
+    mrp_ewc_batches: int = field(
+        default=8, metadata={"help": "Training batches the EWC Fisher is estimated from, at the start (>= 1)."}
+    )
+
     def __getstate__(self) -> dict:
         """Pickled (``training_args.bin`` of every save, checkpoint and Trainer push) without any Hub token."""
         return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
@@ -135,6 +147,13 @@ class MRPArguments(_ArgumentsBase):
         ``mrp_settings``, the checked `MRPSettings` the loss takes whole (rebuilt, and checked, when a field
         changes later)."""
         settings = self._built_mrp_settings()
+        require_number("mrp_ewc_lambda", self.mrp_ewc_lambda)
+        require_number("mrp_ewc_batches", self.mrp_ewc_batches, integer=True)
+        if not (0 <= self.mrp_ewc_lambda < float("inf")) or self.mrp_ewc_batches < 1:
+            raise MRPUserError(
+                f"mrp_ewc_lambda must be a finite number >= 0 (0: no EWC) and mrp_ewc_batches >= 1, got "
+                f"{self.mrp_ewc_lambda} and {self.mrp_ewc_batches}"
+            )
         if settings.objective == "fisher":
             check_fisher_memory(settings.top_k, settings.chunk_size, memory_limit(self.use_cpu))
         self.mrp_settings = settings

@@ -26,6 +26,7 @@ from .divergence import (
     fingerprint,
     record_gradient_norm,
 )
+from .ewc import EWCPenalty, check_ewc_applies, estimate_penalty
 from .loss import unwrap
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class MRPTrainerMixin(_TrainerBase):
         self._skipped_before: int | None = None  # the count logged before a resume (read from the restored log history)
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
         self._start_weights: tuple[torch.Tensor, int] | None = None  # fingerprint, step: at the first training step
+        self._ewc: EWCPenalty | None = None  # the EWC term (ewc.py), estimated at the first training step
+        self._ewc_logged: tuple[torch.Tensor | float, int] = (0.0, 0)  # EWC terms since the last log, and their count
         probe_logit_transform(unwrap(self.model))
         for callback in list(self.callback_handler.callbacks):
             if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
@@ -96,14 +99,26 @@ class MRPTrainerMixin(_TrainerBase):
     def _normalized_loss(self, sums, num_items_in_batch) -> torch.Tensor:
         """sums.total / the items of the step (all processes when averaging tokens across devices)."""
         if num_items_in_batch is None:
-            return sums.total / max(sums.n_positions, 1)
+            return self._with_ewc(sums.total / max(sums.n_positions, 1), accumulated=False)
         # a batch without a single valid label sums to 0: keep 0 / 0 from becoming NaN
         items = num_items_in_batch
         items = items.clamp(min=1) if torch.is_tensor(items) else max(items, 1)
         loss = sums.total / items
         if self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        return loss
+        return self._with_ewc(loss, accumulated=True)
+
+    def _with_ewc(self, loss: torch.Tensor, accumulated: bool) -> torch.Tensor:
+        """+ the EWC term while training (ewc.py): once per optimizer step, so a 1 / accumulation-steps share per
+        micro-batch when the Trainer does not divide the loss itself (``accumulated``: num_items_in_batch given);
+        every process adds the same term, which DDP's gradient averaging keeps."""
+        ewc = self._ewc
+        if ewc is None or not self.model.training:
+            return loss
+        term = ewc()
+        self._ewc_logged = (self._ewc_logged[0] + term.detach(), self._ewc_logged[1] + 1)
+        share = self.current_gradient_accumulation_steps if accumulated else 1
+        return loss + term.to(loss.device) / share
 
     def _recorded_loss(self, sums, loss: torch.Tensor, outputs) -> torch.Tensor:
         """Record the sums; inside a training step, a loss that is not finite on some process becomes an exact zero
@@ -147,6 +162,8 @@ class MRPTrainerMixin(_TrainerBase):
         failing (divergence.TrainingDiverged) when the final weights are not finite, or (TrainingCollapsed) when the
         run's updates changed no trainable weight."""
         check_resume_target(resume_from_checkpoint, self.args.output_dir)
+        check_ewc_applies(self, resume_from_checkpoint)
+        self._ewc, self._ewc_logged = None, (0.0, 0)
         self._zero_gradient_steps = None  # zero-gradient optimizer steps in a row (divergence.record_gradient_norm)
         self._start_weights = None
         output = super().train(
@@ -184,6 +201,8 @@ class MRPTrainerMixin(_TrainerBase):
         check_weights(self)
         if self._start_weights is None:  # the weights this train() call starts from, once
             self._start_weights = (fingerprint(self), self.state.global_step)
+            if self.args.mrp_ewc_lambda > 0:
+                self._ewc = estimate_penalty(self, model)
         self._guard_nonfinite, self._skip_batch = True, False
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -226,4 +245,8 @@ class MRPTrainerMixin(_TrainerBase):
             self._mrp_sums[mode] = defaultdict(float)
         if "loss" in logs:
             logs[SKIPPED_KEY] = self._skipped_total()
+            total, count = self._ewc_logged
+            if count:  # the mean EWC term of the micro-batches since the last log
+                logs["loss_ewc"] = float(total) / count
+                self._ewc_logged = (0.0, 0)
         super().log(logs, start_time)
