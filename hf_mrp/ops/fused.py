@@ -116,11 +116,18 @@ class _FusedMRPLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
-        """The saved float32 gradients times the incoming scalar (a grad scaler's scale too), in each input's dtype."""
+        """The saved float32 gradients times the incoming scalar (a grad scaler's scale too), in each input's dtype.
+        An incoming exact 0 gives exact zeros even where the saved gradient is not finite: a skipped micro-batch
+        (MRPTrainerMixin: its non-finite loss replaced by 0 on the device) contributes nothing, not 0 x NaN."""
         saved = iter(ctx.saved_tensors)
+        scale = grad_total.float()
         outputs = []
         for flag, dtype in zip(ctx.flags, ctx.dtypes):
-            outputs.append((next(saved) * grad_total.float()).to(dtype) if flag else None)
+            if flag:
+                gradient = next(saved)
+                outputs.append(torch.where(scale == 0, torch.zeros_like(gradient), gradient * scale).to(dtype))
+            else:
+                outputs.append(None)
         return (*outputs, None, None, None, None, None)
 
 

@@ -3,13 +3,13 @@ non-finite batch after batch, whose weights get no gradient at all step after st
 collapsed), or whose updates changed no weight, stops with one line that names the step and the likely cause,
 instead of saving a dead model as a finished run.
 
-The checks are cheap and run at the start of every training step (`MRPTrainerMixin.training_step`) and once
-after training: one ``isfinite`` per trainable tensor and the count of zero-gradient steps, read together in one
-flag agreed over all processes. The gradient norm is the one the Trainer computes at each optimizer step anyway;
-its zero count is kept on the device (`record_gradient_norm`), so it adds no host synchronization of its own. The
-refine pipeline and `MRPAuditCallback` also refuse an after-audit whose every position ties its top two logits.
-A checkpoint saved after the weights went bad cannot be resumed from; it is removed, so the output folder keeps
-only checkpoints of good weights.
+Nothing here asks the device for a number on the hot path: the counts of skipped (non-finite) micro-batches and of
+zero-gradient steps are kept as device tensors (`count_nonfinite_batch`, `record_gradient_norm`), and `check_weights`
+reads them together with one ``isfinite`` per trainable tensor, in one host transfer agreed over all processes, only
+at the first training step, at each logging, saving and evaluation step (so no checkpoint of bad weights is ever
+saved) and after training. The refine pipeline and `MRPAuditCallback` also refuse an after-audit whose every position
+ties its top two logits. A checkpoint saved after the weights went bad cannot be resumed from; it is removed, so
+the output folder keeps only checkpoints of good weights.
 """
 
 from __future__ import annotations
@@ -125,23 +125,31 @@ def diverged(
 
 
 def check_weights(trainer) -> None:
-    """Raise TrainingDiverged when the trainable weights are not finite (after the last optimizer step), and
-    TrainingCollapsed after MAX_ZERO_GRADIENT_STEPS steps in a row without any gradient."""
+    """Raise TrainingDiverged when the trainable weights are not finite or the loss was not finite for
+    MAX_NONFINITE_STEPS steps in a row, and TrainingCollapsed after MAX_ZERO_GRADIENT_STEPS steps in a row without
+    any gradient. One host read of every count (see the module docstring for when it runs)."""
     step = trainer.state.global_step
     if getattr(trainer, "_finite_weights_step", None) == step:
-        return  # checked already at this step (a later micro-batch of the same accumulation)
+        return  # checked already at this step
+    device = trainer.args.device
     streak = getattr(trainer, "_zero_gradient_steps", None)
-    streak = torch.zeros(1, device=trainer.args.device) if streak is None else streak.reshape(1)
-    nonfinite, zero_steps = _agreed(trainer, torch.cat([_nonfinite(trainer), streak.to(trainer.args.device)]))
+    counts = getattr(trainer, "_nonfinite_counts", None)
+    flags = torch.cat(
+        [
+            _nonfinite(trainer),
+            torch.zeros(1, device=device) if streak is None else streak.reshape(1).to(device),
+            torch.zeros(3, device=device) if counts is None else counts.to(device),
+        ]
+    )
+    nonfinite, zero_steps, skipped, _, longest = _agreed(trainer, flags)
+    trainer._skipped_batches = int(skipped)  # for the log: the skipped micro-batches of this process's training
     last = getattr(trainer, "_finite_weights_step", None)
     last = step - 1 if last is None else last
     if nonfinite:
-        problem = (
-            "its update made the trainable weights non-finite (NaN/inf)"
-            if step
-            else "the trainable weights are not finite (NaN/inf) before the first update"
-        )
-        raise diverged(trainer, step, problem, last)
+        raise diverged(trainer, step, _nonfinite_problem(step, last), last)
+    failure = _nonfinite_run_failure(trainer, longest, last)
+    if failure is not None:
+        raise failure
     if zero_steps >= MAX_ZERO_GRADIENT_STEPS:
         first = step - int(zero_steps) + 1  # the first step whose gradient was 0: its weights, W_(first-1), are dead
         raise diverged(
@@ -152,7 +160,17 @@ def check_weights(trainer) -> None:
             first - 2,
             TrainingCollapsed,
         )
+    if counts is not None:  # the longest run is counted anew from the current one until the next check
+        trainer._nonfinite_counts = torch.stack([counts[0], counts[1], counts[1]])
     trainer._finite_weights_step = step
+
+
+def _nonfinite_problem(step: int, last: int) -> str:
+    if not step:
+        return "the trainable weights are not finite (NaN/inf) before the first update"
+    if last >= step - 1:
+        return "its update made the trainable weights non-finite (NaN/inf)"
+    return f"the trainable weights are non-finite (NaN/inf) after its update (finite at step {last}, the last check)"
 
 
 def fingerprint(trainer) -> torch.Tensor:
@@ -201,19 +219,29 @@ def check_decisions_alive(mean_margin_before: float, mean_margin_after: float, t
     )
 
 
-def count_nonfinite_batch(trainer, skipped: bool) -> None:
-    """Count consecutive skipped (non-finite) batches; more than MAX_NONFINITE_STEPS steps' worth is divergence."""
-    trainer._consecutive_nonfinite = getattr(trainer, "_consecutive_nonfinite", 0) + 1 if skipped else 0
+def count_nonfinite_batch(trainer, skipped: torch.Tensor) -> None:
+    """Count a micro-batch that was skipped (``skipped``: a device bool agreed over processes) without reading it:
+    ``trainer._nonfinite_counts`` holds [skipped in all, skipped in a row, the longest such run since the last
+    check] as a device tensor, read by `check_weights`."""
+    counts = getattr(trainer, "_nonfinite_counts", None)
+    counts = torch.zeros(3, device=skipped.device) if counts is None else counts
+    skipped = skipped.to(counts.dtype)
+    run = (counts[1] + 1) * skipped  # 0 again after a finite batch
+    trainer._nonfinite_counts = torch.stack([counts[0] + skipped, run, torch.maximum(counts[2], run)])
+
+
+def _nonfinite_run_failure(trainer, longest: float, last: int) -> TrainingDiverged | None:
     limit = MAX_NONFINITE_STEPS * max(int(trainer.args.gradient_accumulation_steps), 1)
-    if trainer._consecutive_nonfinite >= limit:
-        step = trainer.state.global_step
-        raise diverged(
-            trainer,
-            step + 1,
-            f"the loss or the MRP objective was not finite (NaN/inf) for {limit} batches "
-            f"in a row ({MAX_NONFINITE_STEPS} steps)",
-            step,
-        )
+    if longest < limit:
+        return None
+    step = trainer.state.global_step
+    return diverged(
+        trainer,
+        step,
+        f"the loss or the MRP objective was not finite (NaN/inf) for {int(longest)} batches in a row "
+        f"({MAX_NONFINITE_STEPS} steps or more)",
+        last,
+    )
 
 
 __all__ = [

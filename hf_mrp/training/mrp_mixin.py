@@ -11,7 +11,6 @@ attached ahead of the reporters.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,10 +66,12 @@ class MRPTrainerMixin(_TrainerBase):
             raise MRPUserError(f"mrp_top_k ({self.args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._mrp_sums: dict[str, defaultdict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        # [ce, objective, margin, positions] summed over processes since the last log: a device tensor, read there
+        self._mrp_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._guard_nonfinite = False  # on while training_step runs compute_loss
-        self._skip_batch = False  # set by compute_loss: this micro-batch's loss was not finite (on some rank)
-        self._nonfinite_skipped = 0  # skipped micro-batches in this process's training
+        self._skip_batch: torch.Tensor | None = None  # set by compute_loss: this micro-batch is skipped (device bool)
+        self._skipped_batches = 0  # skipped micro-batches of this process's training, as read at the last check
+        self._skipped_logged = 0  # ... as the last log saw them (a warning names the new ones)
         self._skipped_before: int | None = None  # the count logged before a resume (read from the restored log history)
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
         self._start_weights: tuple[torch.Tensor, int] | None = None  # fingerprint, step: at the first training step
@@ -122,39 +123,39 @@ class MRPTrainerMixin(_TrainerBase):
 
     def _recorded_loss(self, sums, loss: torch.Tensor, outputs) -> torch.Tensor:
         """Record the sums; inside a training step, a loss that is not finite on some process becomes an exact zero
-        over the same forward graph (every process still runs its backward: DDP and accumulation stay in step)."""
+        over the same forward graph (every process still runs its backward: DDP and accumulation stay in step).
+        The choice is made on the device (no host read): the zero's branch gets the backward when not finite."""
         guarded = self._guard_nonfinite and self.model.training
         finite = self._record(sums, loss, keep_nonfinite=not guarded)
-        if guarded and not finite:
-            self._skip_batch = True
-            return outputs.logits.sum() * 0.0
-        return loss
+        if not guarded:
+            return loss
+        self._skip_batch = ~finite
+        return torch.where(finite, loss, outputs.logits.sum() * 0.0)
 
-    def _record(self, sums, loss: torch.Tensor, keep_nonfinite: bool = True) -> bool:
-        """Accumulate sums over processes, so logged means are exact position-weighted means.
+    def _record(self, sums, loss: torch.Tensor, keep_nonfinite: bool = True) -> torch.Tensor:
+        """Accumulate sums over processes on the device, so logged means are exact position-weighted means.
 
-        Returns whether the loss and the objective are finite on every process (one all-reduce carries
-        both the sums and that flag, so all processes take the same decision). Non-finite sums are
-        not accumulated unless ``keep_nonfinite``.
+        Returns whether the loss and the objective are finite on every process, as a device bool (one all-reduce
+        carries both the sums and that flag, so all processes take the same decision; nothing is read by the
+        host). Non-finite sums are not accumulated unless ``keep_nonfinite``.
         """
         parts = torch.stack([sums.ce.detach(), sums.objective.detach(), loss.detach().float()])
-        nonfinite = (~torch.isfinite(parts)).any().double()
+        device = sums.ce.device
         local = torch.stack(
             [
                 sums.ce.detach().double(),
                 sums.objective.detach().double(),
                 sums.margin.detach().double(),
-                torch.tensor(float(sums.n_positions), device=sums.ce.device, dtype=torch.float64),
-                nonfinite,
+                torch.as_tensor(sums.n_positions, device=device).double().reshape(()),
+                (~torch.isfinite(parts)).any().double(),
             ]
         )
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        finite = total[4] == 0
+        kept = total[:4] if keep_nonfinite else torch.where(finite, total[:4], torch.zeros_like(total[:4]))
         mode = "train" if self.model.training else "eval"
-        ce, objective, margin, n, flags = total.tolist()
-        finite = flags == 0
-        if finite or keep_nonfinite:
-            for key, value in zip(("ce", "objective", "margin", "n"), (ce, objective, margin, n)):
-                self._mrp_sums[mode][key] += value
+        previous = self._mrp_sums[mode]
+        self._mrp_sums[mode] = kept if previous is None else previous + kept
         return finite
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -198,52 +199,69 @@ class MRPTrainerMixin(_TrainerBase):
         non-finite, MAX_NONFINITE_STEPS steps in a row of nothing but non-finite batches, or (TrainingCollapsed)
         MAX_ZERO_GRADIENT_STEPS steps in a row whose gradient is exactly 0.
         """
-        check_weights(self)
-        if self._start_weights is None:  # the weights this train() call starts from, once
+        if self._start_weights is None:  # the first step of this train() call: the weights it starts from
+            check_weights(self)
             self._start_weights = (fingerprint(self), self.state.global_step)
             if self.args.mrp_ewc_lambda > 0:
                 self._ewc = estimate_penalty(self, model)
-        self._guard_nonfinite, self._skip_batch = True, False
+        self._guard_nonfinite, self._skip_batch = True, None
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._guard_nonfinite = False
-        count_nonfinite_batch(self, self._skip_batch)
-        if not self._skip_batch:
-            return loss
-        self._skip_batch = False
-        self._nonfinite_skipped += 1
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    torch.nan_to_num_(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        if self.is_world_process_zero():
-            logger.warning(
-                "step %d: the loss or the MRP objective of a training batch is not finite (NaN/inf); skipped it "
-                "(no gradient from it), %d skipped so far. Check the data (e.g. mrp_weights), the learning rate "
-                "and mrp_lambda",
-                self.state.global_step + 1,
-                self._skipped_total(),
-            )
-        return torch.zeros_like(loss)
+        if self._skip_batch is not None:
+            count_nonfinite_batch(self, self._skip_batch)
+            self._skip_batch = None
+        return loss
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        """The Trainer's logging / saving / evaluation point after an optimizer step: the divergence checks run
+        here (before anything is saved), not at every step, so the hot path asks the device for nothing."""
+        control = self.control
+        if control.should_log or control.should_save or control.should_evaluate:
+            check_weights(self)
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def recorded_sums(self, mode: str = "train") -> dict[str, float]:
+        """The CE, objective and margin sums and the position count recorded since the last log (over all
+        processes), read from the device: what the next log divides into loss_ce / loss_mrp / mean_margin."""
+        sums = self._mrp_sums[mode]
+        values = sums.tolist() if sums is not None else [0.0] * 4  # the one host read of the sums
+        return dict(zip(("ce", "objective", "margin", "n"), values))
 
     def _skipped_total(self) -> int:
         """Skipped micro-batches of the whole run: this process's count plus the count logged before a resume."""
         if self._skipped_before is None:
             logged = [row[SKIPPED_KEY] for row in self.state.log_history if SKIPPED_KEY in row]
             self._skipped_before = int(logged[-1]) if logged else 0
-        return self._skipped_before + self._nonfinite_skipped
+        return self._skipped_before + self._skipped_batches
+
+    def _warn_skipped(self) -> None:
+        """One warning per log that saw skipped micro-batches (a non-finite loss or objective, no gradient)."""
+        new = self._skipped_batches - self._skipped_logged
+        self._skipped_logged = self._skipped_batches
+        if new > 0 and self.is_world_process_zero():
+            logger.warning(
+                "by step %d: the loss or the MRP objective of %d training batch(es) was not finite (NaN/inf); "
+                "skipped them (no gradient from them), %d skipped so far. Check the data (e.g. mrp_weights), the "
+                "learning rate and mrp_lambda",
+                self.state.global_step,
+                new,
+                self._skipped_total(),
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if "eval_loss" in logs else "train"
-        sums = self._mrp_sums[mode]
-        if sums["n"] > 0 and ("loss" in logs or "eval_loss" in logs):
-            prefix = "eval_" if mode == "eval" else ""
-            logs[f"{prefix}loss_ce"] = sums["ce"] / sums["n"]
-            logs[f"{prefix}loss_mrp"] = sums["objective"] / sums["n"]
-            logs[f"{prefix}mean_margin"] = sums["margin"] / sums["n"]
-            self._mrp_sums[mode] = defaultdict(float)
+        if "loss" in logs or "eval_loss" in logs:
+            sums = self.recorded_sums(mode)
+            self._mrp_sums[mode] = None
+            if sums["n"] > 0:
+                prefix = "eval_" if mode == "eval" else ""
+                logs[f"{prefix}loss_ce"] = sums["ce"] / sums["n"]
+                logs[f"{prefix}loss_mrp"] = sums["objective"] / sums["n"]
+                logs[f"{prefix}mean_margin"] = sums["margin"] / sums["n"]
         if "loss" in logs:
+            self._warn_skipped()
             logs[SKIPPED_KEY] = self._skipped_total()
             total, count = self._ewc_logged
             if count:  # the mean EWC term of the micro-batches since the last log

@@ -138,28 +138,54 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             return loss, outputs if with_logits else without_logits(outputs)
         return loss
 
-    def _reduced(self, values: list[float], device: torch.device) -> list[float]:
-        local = torch.tensor(values, dtype=torch.float64, device=device)
-        return (
-            self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        ).tolist()
-
     def _record_sft_metrics(self, mode: str, sums, inputs: dict, outputs) -> None:
         """TRL's metrics from the fused pass: entropy and top-1 accuracy over the loss positions (a mean per
-        micro-batch over all processes, as SFTTrainer logs them) and the running count of input tokens."""
+        micro-batch over all processes, as SFTTrainer logs them) and the running count of input tokens. Kept as
+        device tensors (one all-reduce, no host read); `log` reads them."""
         device = sums.ce.device
-        entropy, correct, valid = self._reduced(
-            [float(sums.entropy), float(sums.n_correct), float(sums.n_positions)], device
+        if mode == "train" and "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        elif mode == "train":  # padding-free: one row of real tokens, no attention mask
+            tokens = torch.full((), inputs["position_ids"].size(1), device=device)
+        else:
+            tokens = torch.zeros((), device=device)
+        aux = outputs.aux_loss.detach() if self.aux_loss_enabled else torch.zeros((), device=device)
+        local = torch.stack(
+            [
+                sums.entropy.double(),
+                torch.as_tensor(sums.n_correct, device=device).double().reshape(()),
+                torch.as_tensor(sums.n_positions, device=device).double().reshape(()),
+                tokens.to(device).double(),
+                aux.to(device).double().reshape(()),
+            ]
         )
-        self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
-        if mode == "train":
-            if "attention_mask" in inputs:
-                tokens = float(inputs["attention_mask"].sum())
-            else:  # padding-free: one row of real tokens, no attention mask
-                tokens = float(inputs["position_ids"].size(1))
-            self._total_train_tokens += int(self._reduced([tokens], device)[0]) // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        entropy, correct, valid, tokens, aux = total.unbind()
+        some = valid > 0
+        self._metrics[mode]["entropy"].append(torch.where(some, entropy / valid.clamp(min=1), 0.0))
+        self._metrics[mode]["mean_token_accuracy"].append(torch.where(some, correct / valid.clamp(min=1), 0.0))
+        if mode == "train":  # TRL's _total_train_tokens, kept on the device
+            counted = torch.div(tokens, self._tp_size, rounding_mode="floor")
+            self._train_tokens = getattr(self, "_train_tokens", 0) + counted
+        self._metrics[mode]["num_tokens"] = [getattr(self, "_train_tokens", 0)]
         if self.aux_loss_enabled:
-            aux = self._reduced([float(outputs.aux_loss.detach())], device)[0] / self.accelerator.num_processes
-            self._metrics[mode]["aux_loss"].append(aux)
+            self._metrics[mode]["aux_loss"].append(aux / self.accelerator.num_processes)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's metrics, read from the device here (one host read per log, not one per micro-batch), then logged
+        as TRL logs them."""
+        places = [
+            (values, index)
+            for metrics in self._metrics.values()
+            for values in metrics.values()
+            for index, value in enumerate(values)
+            if torch.is_tensor(value)
+        ]
+        if places:
+            read = torch.stack([values[index].double() for values, index in places]).tolist()
+            for (values, index), value in zip(places, read):
+                values[index] = value
+        tokens = self._metrics["train"].get("num_tokens")
+        if tokens:
+            tokens[:] = [int(value) for value in tokens]
+        super().log(logs, start_time)

@@ -41,8 +41,8 @@ def test_lambda_zero_equals_sft_trainer(tiny_model_dir, tmp_path, mode):
         assert (mrp_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-9, name
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):  # TRL's metrics, from the fused MRP pass
         assert mrp._metrics["train"][key][-1] == pytest.approx(sft._metrics["train"][key][-1], rel=1e-5, abs=1e-6)
-    assert mrp._mrp_sums["train"]["n"] == int(items)
-    assert mrp._mrp_sums["train"]["ce"] / int(items) == pytest.approx(float(sft_loss), rel=1e-5)
+    assert mrp.recorded_sums()["n"] == int(items)
+    assert mrp.recorded_sums()["ce"] / int(items) == pytest.approx(float(sft_loss), rel=1e-5)
 
 
 def float64_reference(model, batch, objective: str, tau: float, k: int):
@@ -78,7 +78,7 @@ def test_objective_equals_float64_reference_on_loss_positions(tiny_model_dir, tm
     batch, items = first_batch(trainer)
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
     ce, penalty, n = float64_reference(model, batch, objective, 50.0, 4)
-    sums = trainer._mrp_sums["train"]
+    sums = trainer.recorded_sums()
     assert sums["n"] == n == int(items)
     assert abs(float(penalty)) > 1e-3  # the objective is active on these positions
     assert sums["objective"] == pytest.approx(float(penalty), rel=1e-4, abs=1e-4)
