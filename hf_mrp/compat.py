@@ -8,7 +8,8 @@ tensorboard 2.21, lm-eval 0.4.13 (wandb: its callback's attribute only, not inst
 
 Overrides of private hooks stay where they act (test_compat checks the hooks still exist): ``Trainer.
 _set_signature_columns_if_needed`` (training/trainer.py), ``Trainer._get_grad_norm`` (training/mrp_mixin.py: each
-optimizer step's gradient norm, counted when exactly 0), ``SFTTrainer._tag_names`` (training/sft.py) and
+optimizer step's gradient norm, counted when exactly 0), ``Trainer._maybe_log_save_evaluate`` (training/mrp_mixin.py:
+the divergence checks run there, before a save), ``SFTTrainer._tag_names`` (training/sft.py) and
 ``HfArgumentParser._parse_dataclass_field`` (research/parser.py, which calls `parse_dataclass_field` below).
 """
 

@@ -80,6 +80,7 @@ def test_private_hooks_hf_mrp_overrides_still_exist():
 
     assert callable(getattr(Trainer, "_set_signature_columns_if_needed", None)), "training/trainer.py overrides it"
     assert callable(getattr(Trainer, "_get_grad_norm", None)), "training/mrp_mixin.py overrides it (collapse check)"
+    assert callable(getattr(Trainer, "_maybe_log_save_evaluate", None)), "training/mrp_mixin.py checks there"
     assert isinstance(getattr(SFTTrainer, "_tag_names", None), list), "training/sft.py extends it"
     assert callable(getattr(HfArgumentParser, "_parse_dataclass_field", None)), "parser.py overrides it"
 
