@@ -53,3 +53,20 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(vocab=49152).save_pretrained(folder)
     AutoTokenizer.from_pretrained(models.embedded_model_dir()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def loopback_hub(monkeypatch):
+    """A loopback Hub (tests/hub_server.py) that this process's huggingface_hub pushes to: its endpoint, online,
+    the legacy upload path (no Xet), and FAKE_TOKEN as the login. Stopped when the test ends."""
+    import huggingface_hub.constants
+
+    from helpers import FAKE_TOKEN
+    from hub_server import LoopbackHub
+
+    with LoopbackHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        yield hub

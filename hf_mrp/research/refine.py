@@ -67,8 +67,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
         provenance=origin,
         layers=refine_args.audit_layers,
     )
-    repo_id = config.hub_model_id or output_dir.name
-    hub = hub_callback(config, repo_id) if push else None
+    hub = hub_callback(config, config.hub_model_id or output_dir.name) if push else None
     evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
     peft_config = head_peft_config(model, config) if refine_args.train_lm_head else None
     trainer = MRPTrainer(
@@ -84,13 +83,18 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     before, after, comparison = train_end_audits(audit)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
-        write_run_files(output_dir, model_name, config, origin, before, after, comparison)
+        repo_id = None
+        if hub is not None:
+            hub.wait()  # the pushes made during training land first; the final push replaces their card
+            repo_id = hub.resolved_repo_id()  # create_repo's answer: a bare name gets the token's namespace
+            config.hub_model_id = hub.repo_id  # create_repo's answer once known: mrp_config.json and the final line
+        write_run_files(output_dir, model_name, config, origin, before, after, comparison, repo_id)
         files.write_json(output_dir / TRAINING_LOG, trainer.state.log_history)  # last: marks a finished run
         if hub is not None:
             from ..training.hub import push_folder
 
-            hub.wait()  # the pushes made during training land first; the final push replaces their card
-            push_folder(output_dir, repo_id, config.hub_token, config.hub_private_repo)
+            push_folder(output_dir, hub.repo_id, config.hub_token, config.hub_private_repo)
+            config.push_to_hub = True  # pushed, to config.hub_model_id (the caller's final line names it)
     return comparison
 
 
@@ -165,8 +169,10 @@ def write_run_files(
     before: AuditSummary,
     after: AuditSummary,
     comparison: dict,
+    repo_id: str | None = None,
 ) -> None:
-    """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card."""
+    """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card (which names
+    ``repo_id``, the Hub repo the run pushes to, when known)."""
     from ..reporting.markdown import markdown_summary
     from .reports.model_card import evaluation_comparisons, model_card
 
@@ -183,6 +189,7 @@ def write_run_files(
         images,
         data_arguments=origin.get("arguments", {}),
         evaluations=evaluation_comparisons(output_dir),
+        repo_id=repo_id,
     )
     files.write_text(output_dir / "README.md", card)
 

@@ -16,6 +16,13 @@ never read half-way, and the output folder is only read, never changed: a failed
 auth, HTTP) is logged as a warning, loses nothing, and the next save pushes everything again.
 Never pushed: optimizer/scheduler/RNG states, ``trainer_state.json``, and ``training_args.bin``
 (a pickle); the token only authenticates the upload.
+
+The repo is the one ``create_repo`` answers with, as in transformers' Trainer: a bare name lands in the token's
+namespace (``tiny-run`` -> ``you/tiny-run``), and every later upload goes there. The audit tables
+(``audit_*/positions.parquet``) travel with the adapter on purpose: they are the per-position evidence behind the
+card's numbers, and ``hf-mrp compare`` reads them. The client asks, for each ``.parquet`` committed to a model
+repo, whether a dataset was meant; a push of a run answers that question for exactly those files
+(``answer_audit_table_question``) instead of printing it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +44,13 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("every_save", "checkpoint", "all_checkpoints", "end")
 RUN_FOLDERS = ("audit_*", "comparison*")  # the audits and comparisons MRPAuditCallback writes
 NEVER_PUSHED = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", "README.md"}
-FINAL_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".*", "training_args.bin"]
+# What the final push (and `hf-mrp push`) leaves out, as upload_folder patterns (fnmatch: `*` also matches `/`):
+# checkpoints (optimizer, scheduler, RNG states), dotfiles anywhere (the folder's lock, staging folders), pickles.
+FINAL_IGNORE = ["checkpoint-*", ".*", "*/.*", "training_args.bin", "*/training_args.bin"]
+# huggingface_hub's question for a .parquet committed to a model repo (HfApi.create_commit), for the audit tables
+AUDIT_TABLE_QUESTION = (
+    r"It seems that you are about to commit a data file \((audit|comparison)[^/()]*/[^/()]+\.parquet\)"
+)
 
 
 def _first_line(error: Exception) -> str:
@@ -53,6 +67,26 @@ def _copy_tree(source: Path, target: Path, keep=lambda path: True) -> None:
     for path in sorted(source.rglob("*")):
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(source).parts) and keep(path):
             _copy(path, target / path.relative_to(source))
+
+
+def answer_audit_table_question() -> None:
+    """The audit tables belong beside the adapter (module docstring); silence the client's "did you mean a dataset?"
+    for those paths only (any other .parquet still asks). Idempotent: warnings.filterwarnings replaces its twin."""
+    warnings.filterwarnings("ignore", message=AUDIT_TABLE_QUESTION, category=UserWarning)
+
+
+def create_repo_id(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Create the repo (or find it) and return its full id as the Hub answers it: ``name`` -> ``user/name``."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+
+
+def retry_command(folder: str | Path, repo_id: str) -> str:
+    """The command that pushes ``folder`` as the run would have (FINAL_IGNORE), for a failure line."""
+    import shlex
+
+    return shlex.join(["hf-mrp", "push", str(folder), "--repo_id", repo_id])
 
 
 def model_files(checkpoint: Path) -> list[Path]:
@@ -111,10 +145,10 @@ class HubPushCallback(TrainerCallback):
         if strategy not in STRATEGIES:
             raise MRPUserError(f"unknown hub_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         self.repo_id, self.strategy, self.revision = repo_id, strategy, revision
+        self.repo_resolved = False  # repo_id is create_repo's answer (namespace included) once a push made the repo
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.token, self.private, self.always_push, self.card = token, private, always_push, card
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_mrp-push")
-        self._repo_ready = False
         self.jobs: list[Future] = []
         self.failures: list[str] = []
         self.pushed: list[int] = []
@@ -141,6 +175,17 @@ class HubPushCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.wait()
 
+    def resolved_repo_id(self) -> str | None:
+        """The repo's full id, creating the repo when no push has yet (strategy ``end``); None when the Hub cannot
+        be asked now (the final push then fails with its own line)."""
+        if not self.repo_resolved:
+            try:
+                self.repo_id, self.repo_resolved = create_repo_id(self.repo_id, self.token, self.private), True
+            except Exception as error:  # offline, DNS, auth, HTTP: reported by the final push
+                logger.info("the Hub repo %r could not be created now (%s)", self.repo_id, _first_line(error))
+                return None
+        return self.repo_id
+
     def wait(self) -> list[str]:
         """Block until every push started so far has finished; returns the failures (one line each)."""
         for job in list(self.jobs):
@@ -151,11 +196,10 @@ class HubPushCallback(TrainerCallback):
         from huggingface_hub import HfApi
 
         try:
-            api = HfApi(token=self.token)
-            if not self._repo_ready:
-                api.create_repo(self.repo_id, private=self.private, exist_ok=True)
-                self._repo_ready = True
-            api.upload_folder(
+            if not self.repo_resolved:
+                self.repo_id, self.repo_resolved = create_repo_id(self.repo_id, self.token, self.private), True
+            answer_audit_table_question()
+            HfApi(token=self.token).upload_folder(
                 folder_path=str(staging), repo_id=self.repo_id, commit_message=message, revision=self.revision
             )
             self.pushed.append(step)
@@ -171,24 +215,24 @@ class HubPushCallback(TrainerCallback):
 
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-    """Upload ``folder`` (adapter, card, audits, plots, runs/) to ``repo_id``; a failure loses nothing local."""
+    """Upload ``folder`` (adapter, card, audits, plots, runs/; not FINAL_IGNORE) to the repo ``create_repo`` answers
+    for ``repo_id``; returns the commit's url. A failure loses nothing local and names the command that retries."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     try:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
+        repo_id = create_repo_id(repo_id, token, private)
+        answer_audit_table_question()
+        commit = HfApi(token=token).upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
-            ignore_patterns=FINAL_IGNORE,
+            ignore_patterns=list(FINAL_IGNORE),
             commit_message="hf_mrp: margin-refined adapter with geometry audits",
         )
     except Exception as error:  # offline, DNS, auth, HTTP: the local files are complete either way
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MRPUserError(
-            f"push to the Hub repo {repo_id!r} failed ({type(error).__name__}: {reason}); nothing is lost: the "
-            f"adapter, model card and audits are in {folder}. Push them later from a machine with network and a token: "
-            f"`hf upload {repo_id} {folder}`"
+            f"push to the Hub repo {repo_id!r} failed ({_first_line(error)}); nothing is lost: the adapter, model "
+            f"card and audits are in {folder}. Push them later, with network and a token (HF_TOKEN or `hf auth "
+            f"login`), leaving out checkpoints and the lock as the run does: `{retry_command(folder, repo_id)}`"
         ) from None
     return str(getattr(commit, "commit_url", commit))

@@ -827,7 +827,7 @@ API_CASES = [
     (
         "push-without-network",
         lambda w, t, m: _push_offline(t, m),
-        "push to the Hub repo 'someone/refined' failed.*nothing is lost.*hf upload someone/refined",
+        "push to the Hub repo 'someone/refined' failed.*nothing is lost.*`hf-mrp push .* --repo_id someone/refined`",
     ),
     # issue 15: meaningless or mistyped settings, refused when the config is made
     ("config-lambda-inf", lambda w, t, m: _config(t, mrp_lambda=float("inf")), "mrp_lambda must be a finite number"),

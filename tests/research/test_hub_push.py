@@ -1,9 +1,10 @@
-"""Hub pushes during training, against a local stand-in for the Hub API that records every upload:
-what each hub_strategy pushes when, that the token never travels in a file, and that a failed push
-mid-training neither stops training nor loses a local file."""
+"""Hub pushes during training, through the real huggingface_hub client and the loopback Hub (tests/hub_server.py):
+what each hub_strategy pushes when, that the token only authenticates, and that a failed push mid-training neither
+stops training nor loses a local file. The recording stand-in for HfApi is left only where a push's timing is the
+point (a save while a push is still running)."""
 
-import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,57 +16,26 @@ from hf_mrp.training.callbacks import MRPAuditCallback
 from hf_mrp.training.hub import HubPushCallback, push_folder
 
 from helpers import FAKE_TOKEN, CharTokenizer, tiny_llama
+from hub_server import assert_token_only_authenticates
 
 MODEL_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 class RecordingHub:
-    """Stands in for huggingface_hub.HfApi: keeps each upload's files (path -> sha256) as they were sent."""
+    """Stands in for huggingface_hub.HfApi where only the timing of pushes matters: records each upload's message."""
 
-    def __init__(self, fail_uploads: tuple[int, ...] = (), watch: Path | None = None):
+    def __init__(self):
         self.uploads: list[dict] = []
-        self.repos: list[str] = []
-        self.tokens: set = set()
-        self.fail_uploads, self.watch = fail_uploads, watch
-        self.local_at_failure: dict[str, bytes] = {}
 
     def __call__(self, token=None, **kwargs):  # HfApi(token=...)
-        self.tokens.add(token)
         return self
 
     def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
-        self.repos.append(repo_id)
-        return f"https://hub.local/{repo_id}"
+        return SimpleNamespace(repo_id=repo_id)
 
-    def upload_folder(self, folder_path, repo_id, commit_message="", ignore_patterns=None, **kwargs):
-        index = len(self.uploads)
-        folder = Path(folder_path)
-        files = {}
-        for path in sorted(folder.rglob("*")):
-            relative = path.relative_to(folder).as_posix()
-            if path.is_file() and not any(
-                Path(relative).match(p) or relative.startswith(p.rstrip("*")) for p in ignore_patterns or []
-            ):
-                data = path.read_bytes()
-                assert FAKE_TOKEN.encode() not in data, relative  # the token never travels inside a file
-                files[relative] = hashlib.sha256(data).hexdigest()
-        card = folder / "README.md"
-        self.uploads.append(
-            {
-                "message": commit_message,
-                "files": files,
-                "repo": repo_id,
-                "card": card.read_text() if card.is_file() else None,
-            }
-        )
-        if index in self.fail_uploads:
-            self.local_at_failure = {
-                p.relative_to(self.watch).as_posix(): p.read_bytes()
-                for p in self.watch.rglob("*")
-                if p.is_file() and "runs" not in p.parts
-            }
-            raise OSError("Connection reset by peer (simulated)")
-        return f"https://hub.local/{repo_id}/commit/{index}"
+    def upload_folder(self, folder_path, repo_id, commit_message="", **kwargs):
+        self.uploads.append({"message": commit_message, "repo": repo_id})
+        return f"https://hub.local/{repo_id}/commit/{len(self.uploads)}"
 
 
 def train_blocks(seed=1):
@@ -73,8 +43,8 @@ def train_blocks(seed=1):
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def train_with_pushes(blocks, out: Path, strategy: str, hub: RecordingHub, monkeypatch) -> HubPushCallback:
-    monkeypatch.setattr("huggingface_hub.HfApi", hub)
+def train_with_pushes(blocks, out: Path, strategy: str, monkeypatch) -> HubPushCallback:
+    """Four steps with a save, an evaluation and a push every two, to the loopback Hub (fixture loopback_hub)."""
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # event files in <output_dir>/runs
     config = MRPConfig(
         output_dir=str(out),
@@ -119,20 +89,22 @@ def folders(files) -> set[str]:
 
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "end"])
 @pytest.mark.slow  # training runs with pushes
-def test_each_hub_strategy_pushes_adapter_audits_and_event_files_at_each_save(blocks, tmp_path, monkeypatch, strategy):
-    out, hub = tmp_path / "run", RecordingHub()
-    push = train_with_pushes(blocks, out, strategy, hub, monkeypatch)
+def test_each_hub_strategy_pushes_adapter_audits_and_event_files_at_each_save(
+    blocks, tmp_path, monkeypatch, loopback_hub, strategy
+):
+    out, hub = tmp_path / "run", loopback_hub
+    push = train_with_pushes(blocks, out, strategy, monkeypatch)
     assert push.failures == []
     if strategy == "end":
-        assert hub.uploads == [] and hub.repos == []  # nothing during training
+        assert hub.state.commits == [] and hub.state.repos == {}  # nothing during training
     else:
-        assert [u["message"] for u in hub.uploads] == [
+        assert [c.summary for c in hub.state.commits] == [
             "hf_mrp: training in progress, step 2",
             "hf_mrp: training in progress, step 4",
         ]
-        assert hub.repos == ["someone/refined"] and hub.tokens == {FAKE_TOKEN}  # the token authenticates only
-        for step, upload in zip((2, 4), hub.uploads):
-            files = upload["files"]
+        assert list(hub.state.repos) == ["someone/refined"]
+        for step, commit in zip((2, 4), hub.state.commits):
+            files = commit.files
             assert MODEL_FILES <= set(files) and "README.md" in files
             evaluated = {f"audit_step_{s}" for s in (2, 4) if s <= step} | {
                 f"comparison_step_{s}" for s in (2, 4) if s <= step
@@ -143,10 +115,11 @@ def test_each_hub_strategy_pushes_adapter_audits_and_event_files_at_each_save(bl
             assert folders(files) == expected, (step, folders(files))
             assert any("events.out.tfevents" in name for name in files if name.startswith("runs/"))
             assert f"comparison_step_{step}/flip_audit.json" in files and "audit_before/positions.parquet" in files
+            assert files["audit_before/positions.parquet"] == (out / "audit_before" / "positions.parquet").read_bytes()
             assert not {"training_args.bin", "optimizer.pt", "trainer_state.json"} & set(files)
             local = out / f"checkpoint-{step}" / "adapter_model.safetensors"
-            assert files["adapter_model.safetensors"] == hashlib.sha256(local.read_bytes()).hexdigest()
-            card = upload["card"]  # the card of the run so far: its step, base model, each evaluation's flips
+            assert files["adapter_model.safetensors"] == local.read_bytes()
+            card = files["README.md"].decode()  # the card of the run so far: its step, base model, each evaluation
             assert f"Training in progress: step {step} of 4" in card and "Base model: not recorded" in card
             assert "## Flip audit at each evaluation step" in card and f"Step {step}: flips by token class" in card
             assert ("Step 4: flips" in card) == (step == 4)
@@ -156,28 +129,41 @@ def test_each_hub_strategy_pushes_adapter_audits_and_event_files_at_each_save(bl
                     "last-checkpoint/trainer_state.json",
                     "last-checkpoint/adapter_model.safetensors",
                 } <= set(files)
+                optimizer = (out / f"checkpoint-{step}" / "optimizer.pt").read_bytes()
+                assert files["last-checkpoint/optimizer.pt"] == optimizer  # the checkpoint of that save
                 assert "last-checkpoint/training_args.bin" not in files  # a pickle: never pushed
     # the final push of the finished folder carries the event files and every per-step comparison too
     commit = push_folder(out, "someone/refined", FAKE_TOKEN)
-    final = hub.uploads[-1]["files"]
-    assert commit.startswith("https://hub.local/") and {"comparison_step_2", "comparison_step_4", "runs"} <= folders(
-        final
-    )
+    final = hub.state.commits[-1].files
+    assert commit.startswith(f"{hub.endpoint}/someone/refined/commit/")
+    assert {"comparison_step_2", "comparison_step_4", "runs"} <= folders(final)
     assert not any(name.startswith("checkpoint-") or name.endswith("training_args.bin") for name in final)
+    assert_token_only_authenticates(hub, FAKE_TOKEN)
 
 
 @pytest.mark.slow  # training runs with pushes
-def test_a_failed_push_mid_training_neither_stops_training_nor_loses_a_local_file(blocks, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    hub = RecordingHub(fail_uploads=(0,), watch=out)
-    push = train_with_pushes(blocks, out, "every_save", hub, monkeypatch)
-    assert len(push.failures) == 1 and "step 2" in push.failures[0] and "Connection reset" in push.failures[0]
+def test_a_failed_push_mid_training_neither_stops_training_nor_loses_a_local_file(
+    blocks, tmp_path, monkeypatch, loopback_hub
+):
+    out, hub = tmp_path / "run", loopback_hub
+    at_failure: dict[str, bytes] = {}
+
+    def snapshot():  # what the step-2 push read, as it is when the Hub fails (later saves may be mid-write now)
+        for folder in ("audit_before", "audit_step_2", "comparison_step_2", "checkpoint-2"):
+            files = [path for path in (out / folder).rglob("*") if path.is_file()]
+            at_failure.update({path.relative_to(out).as_posix(): path.read_bytes() for path in files})
+
+    hub.state.drop_commits, hub.state.faults_left, hub.state.on_fault = True, 1, snapshot  # the first commit is cut
+    push = train_with_pushes(blocks, out, "every_save", monkeypatch)
+    assert len(push.failures) == 1 and "step 2" in push.failures[0], push.failures
+    assert "RemoteProtocolError" in push.failures[0]
     assert push.pushed == [4]  # training went on and the next save pushed again
     assert (out / "audit_after" / "audit.json").is_file() and (out / "checkpoint-4").is_dir()
-    assert hub.local_at_failure and "comparison_step_2/flip_audit.json" in hub.local_at_failure
-    for name, data in hub.local_at_failure.items():  # every local file at the failure is still there, unchanged
+    assert at_failure and "comparison_step_2/flip_audit.json" in at_failure
+    for name, data in at_failure.items():  # every local file at the failure is still there, unchanged
         assert (out / name).read_bytes() == data, name
-    assert {"comparison_step_2", "comparison_step_4", "audit_step_2"} <= folders(hub.uploads[1]["files"])
+    assert [c.summary for c in hub.state.commits] == ["hf_mrp: training in progress, step 4"]
+    assert {"comparison_step_2", "comparison_step_4", "audit_step_2"} <= folders(hub.state.commits[0].files)
 
 
 def test_an_unknown_hub_strategy_is_one_clear_error():
@@ -187,7 +173,7 @@ def test_an_unknown_hub_strategy_is_one_clear_error():
         HubPushCallback("someone/refined", hub_strategy="sometimes")
 
 
-def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp_path, monkeypatch):
+def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp_path, monkeypatch, loopback_hub):
     from hf_mrp.research.arguments import DataArguments, ModelArguments
     from hf_mrp.research.commands.refine import parse_arguments
     from hf_mrp.research.refine import RefineArguments, refine
@@ -200,8 +186,7 @@ def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp
 
     with pytest.raises(MRPUserError, match="unknown reporter 'tensorbord' in --report_to"):
         parse_arguments(["--report_to", "tensorbord"])
-    out, hub = tmp_path / "run", RecordingHub()
-    monkeypatch.setattr("huggingface_hub.HfApi", hub)
+    out, hub = tmp_path / "run", loopback_hub
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     config = MRPConfig(
         output_dir=str(out),
@@ -228,17 +213,20 @@ def test_refine_pushes_at_each_save_then_the_finished_folder(tiny_model_dir, tmp
         RefineArguments(audit_positions=62),
         config,
     )
-    assert [u["message"] for u in hub.uploads[:2]] == [
+    assert [c.summary for c in hub.state.commits[:2]] == [
         "hf_mrp: training in progress, step 1",
         "hf_mrp: training in progress, step 2",
     ]
-    assert len(hub.uploads) == 3 and hub.tokens == {FAKE_TOKEN}
-    assert {"comparison_step_1", "audit_step_1", "runs"} <= folders(hub.uploads[0]["files"])
-    final = hub.uploads[-1]
-    assert {"comparison_step_1", "comparison_step_2", "comparison", "audit_after", "runs"} <= folders(final["files"])
-    assert MODEL_FILES | {"README.md", "mrp_config.json", "training_log.json"} <= set(final["files"])
-    assert "## Flip audit at each evaluation step" in final["card"] and "Step 2: flips by token class" in final["card"]
-    assert "Training in progress" not in final["card"] and "no Hub id is known" in final["card"]
+    assert len(hub.state.commits) == 3 and config.push_to_hub and config.hub_model_id == "someone/refined"
+    assert {"comparison_step_1", "audit_step_1", "runs"} <= folders(hub.state.commits[0].files)
+    final = hub.state.commits[-1].files
+    assert {"comparison_step_1", "comparison_step_2", "comparison", "audit_after", "runs"} <= folders(final)
+    assert MODEL_FILES | {"README.md", "mrp_config.json", "training_log.json"} <= set(final)
+    card = final["README.md"].decode()
+    assert "## Flip audit at each evaluation step" in card and "Step 2: flips by token class" in card
+    assert "Training in progress" not in card and "no Hub id is known" in card
+    assert "PeftModel.from_pretrained(base_model, 'someone/refined')" in card
+    assert_token_only_authenticates(hub, FAKE_TOKEN)
 
 
 def test_a_save_during_a_running_push_is_skipped_unless_always_push(tmp_path, monkeypatch):

@@ -11,5 +11,6 @@ COMMANDS = {
     "compare": "flip audit of two audit folders: hf-mrp compare BEFORE_DIR AFTER_DIR --output_dir D",
     "sweep": "dose-response sweep: objectives x lambdas x seeds, with a lambda = 0 control",
     "downstream": "downstream invariance through lm-evaluation-harness: base vs base + adapter",
+    "push": "push a run folder to the Hub as the run does (what a failed push prints): hf-mrp push OUT",
     "lens": "tuned lens: hf-mrp lens train fits one affine translator per layer (then audit --lens tuned)",
 }

@@ -64,3 +64,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, refine_args: Refi
     comparison = refine(model_args, data_args, refine_args, config)
     if comparison:
         print(f"refined -> {config.output_dir}\n{flip_summary_line(comparison)}")
+    if config.push_to_hub and config.hub_model_id:  # the repo create_repo answered: namespace included
+        from huggingface_hub import constants
+
+        print(f"pushed -> {constants.ENDPOINT}/{config.hub_model_id}")

@@ -219,11 +219,13 @@ def model_card(
     data_arguments: dict | None = None,
     evaluations: list[tuple[int, dict]] | None = None,
     in_progress_step: int | None = None,
+    repo_id: str | None = None,
 ) -> str:
     """Markdown with a YAML header that the Hub reads (library, base model, datasets, tags).
 
     ``base_model``: the model name as loaded; ``data_arguments``: the run's data arguments;
-    ``evaluations``: (step, flip audit) per evaluation; ``in_progress_step``: a card pushed mid-run.
+    ``evaluations``: (step, flip audit) per evaluation; ``in_progress_step``: a card pushed mid-run;
+    ``repo_id``: the Hub repo the card is pushed to (the load line names it).
     """
     data_arguments = data_arguments or {}
     lines = [
@@ -236,7 +238,7 @@ def model_card(
     lines += [
         f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: "
         f"cross-entropy plus lambda x the `{settings.get('mrp_objective')}` objective. Load it with "
-        "`PeftModel.from_pretrained(base_model, this_repo)`.",
+        f"`PeftModel.from_pretrained(base_model, {repr(repo_id) if repo_id else 'this_repo'})`.",
         "",
         base_model_note(base_model),
         "",
@@ -261,7 +263,9 @@ def model_card(
         lines += [f"![{image_label(image)}]({image})", ""]
     lines += [
         "Audit JSON: `audit_before/audit.json`, `audit_after/audit.json`, `comparison/flip_audit.json`, and "
-        "`audit_step_N/`, `comparison_step_N/` per evaluation. TensorBoard event files: `runs/`.",
+        "`audit_step_N/`, `comparison_step_N/` per evaluation. TensorBoard event files: `runs/`. The audit tables "
+        "(`positions.parquet`) travel with the adapter on purpose: they are the per-position evidence behind every "
+        "number above, and `hf-mrp compare` recomputes the flip audit from them.",
         "",
     ]
     return "\n".join(lines)
