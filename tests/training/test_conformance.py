@@ -31,8 +31,13 @@ def token_rows(rows: int = 8, seed: int = 0, ragged: bool = False) -> list[list[
     return [rng.integers(3, VOCAB, size=int(n)).tolist() for n in lengths]
 
 
-def labelled(rows: list[list[int]], extra_column: bool = False) -> Dataset:
-    labels = [[-100] * (1 + i % 3) + row[1 + i % 3 :] for i, row in enumerate(rows)]
+def labelled(rows: list[list[int]], extra_column: bool = False, first_real: bool = False) -> Dataset:
+    """Labels with 1-3 ignored entries per row: at the start, or (``first_real``) in the middle, so that the first
+    label is real (with virtual tokens in front, it is the one the last virtual position predicts)."""
+    if first_real:
+        labels = [row[:4] + [-100] * (1 + i % 3) + row[5 + i % 3 :] for i, row in enumerate(rows)]
+    else:
+        labels = [[-100] * (1 + i % 3) + row[1 + i % 3 :] for i, row in enumerate(rows)]
     data = {"input_ids": rows, "labels": labels}
     if extra_column:
         data["text"] = ["unused"] * len(rows)
@@ -96,14 +101,17 @@ def with_adapter(config_name: str):
     """A builder of the tiny model wrapped in a PEFT adapter (the same adapter init for both trainers)."""
     import peft
 
+    configs = {
+        "lora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "p_tuning": lambda: peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16
+        ),
+    }
+
     def build():
         torch.manual_seed(0)
-        config = (
-            peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-            if config_name == "lora"
-            else peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-        )
-        return peft.get_peft_model(tiny_llama(), config)
+        return peft.get_peft_model(tiny_llama(), configs[config_name]())
 
     return build
 
@@ -113,6 +121,11 @@ def cases() -> dict[str, tuple]:
     train = lambda: labelled(token_rows())  # noqa: E731
     held = lambda: labelled(token_rows(rows=4, seed=1))  # noqa: E731
     plain = lambda: {"train_dataset": train(), "eval_dataset": held()}  # noqa: E731
+    # prompt learning: every row's first label real (the last virtual token predicts it; PEFT pads, then shifts)
+    first_real = lambda: {  # noqa: E731
+        "train_dataset": labelled(token_rows(), first_real=True),
+        "eval_dataset": labelled(token_rows(rows=4, seed=1), first_real=True),
+    }
     tight = 1e-5
     return {
         "defaults": ({}, tiny_llama, plain, tight),
@@ -130,7 +143,8 @@ def cases() -> dict[str, tuple]:
         "gradient_checkpointing": ({"gradient_checkpointing": True}, tiny_llama, plain, tight),
         "tied_embeddings": ({}, lambda: tiny_llama(tie=True), plain, tight),
         "lora": ({}, with_adapter("lora"), plain, tight),
-        "prompt_tuning": ({}, with_adapter("prompt_tuning"), plain, tight),
+        "prompt_tuning": ({}, with_adapter("prompt_tuning"), first_real, tight),
+        "p_tuning": ({}, with_adapter("p_tuning"), first_real, tight),
         "eval_with_metrics": (
             {"eval_strategy": "steps", "eval_steps": 2},
             tiny_llama,
