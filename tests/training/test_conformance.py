@@ -19,7 +19,16 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
 
-from helpers import VOCAB, cpu_arguments, tiny_llama, tiny_tokenizer
+from helpers import (
+    FLOAT32_UNIT,
+    SMALL,
+    VOCAB,
+    cpu_arguments,
+    head_input_bound,
+    mean_ce_rounding_bound,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 STEPS = 3
 LENGTH = 12
@@ -116,6 +125,20 @@ def with_adapter(config_name: str):
     return build
 
 
+def prompt_learning_tolerance(build) -> float:
+    """The tolerance of the prompt-learning cases, from the float32 rounding of one step's mean CE.
+
+    Prompt learning trains neither the final norm nor the head, so ``head_input_bound`` holds at every step, and
+    ``mean_ce_rounding_bound`` bounds each logged loss's difference as A + B * loss with A = 2u(2dA' + V + 2) and
+    B = 2u(N + 1), N <= 2 rows x 12 labels. One tolerance T = max(A, B) serves as both atol and rtol
+    (assert_allclose checks |a - b| <= T + T |b|). Later steps also differ by the weights: SGD (not AdamW, whose
+    first steps turn rounding differences into sign flips of whole updates) moves them by lr x the gradients'
+    rounding differences, relatively ~1e-4 of lr x gradient: orders below T."""
+    model = build()
+    absolute = mean_ce_rounding_bound(VOCAB, SMALL["hidden_size"], head_input_bound(model), 0, 0.0)
+    return max(absolute, 2 * FLOAT32_UNIT * (2 * LENGTH + 1))
+
+
 def cases() -> dict[str, tuple]:
     """name -> (TrainingArguments options, model builder, trainer kwargs builder, tolerance)."""
     train = lambda: labelled(token_rows())  # noqa: E731
@@ -127,6 +150,8 @@ def cases() -> dict[str, tuple]:
         "eval_dataset": labelled(token_rows(rows=4, seed=1), first_real=True),
     }
     tight = 1e-5
+    sgd = {"optim": "sgd", "learning_rate": 0.05}
+    bound = {name: prompt_learning_tolerance(with_adapter(name)) for name in ("prompt_tuning", "p_tuning")}
     return {
         "defaults": ({}, tiny_llama, plain, tight),
         "accumulation": ({"gradient_accumulation_steps": 2}, tiny_llama, plain, tight),
@@ -143,8 +168,8 @@ def cases() -> dict[str, tuple]:
         "gradient_checkpointing": ({"gradient_checkpointing": True}, tiny_llama, plain, tight),
         "tied_embeddings": ({}, lambda: tiny_llama(tie=True), plain, tight),
         "lora": ({}, with_adapter("lora"), plain, tight),
-        "prompt_tuning": ({}, with_adapter("prompt_tuning"), first_real, tight),
-        "p_tuning": ({}, with_adapter("p_tuning"), first_real, tight),
+        "prompt_tuning": (sgd, with_adapter("prompt_tuning"), first_real, bound["prompt_tuning"]),
+        "p_tuning": (sgd, with_adapter("p_tuning"), first_real, bound["p_tuning"]),
         "eval_with_metrics": (
             {"eval_strategy": "steps", "eval_steps": 2},
             tiny_llama,

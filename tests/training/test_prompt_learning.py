@@ -22,9 +22,17 @@ from transformers import Trainer, TrainingArguments
 
 from hf_mrp.training import MRPConfig, MRPTrainer
 
-from helpers import SMALL, VOCAB, cpu_arguments, tiny_llama, tiny_tokenizer
+from helpers import (
+    FLOAT32_UNIT,
+    SMALL,
+    VOCAB,
+    cpu_arguments,
+    head_input_bound,
+    mean_ce_rounding_bound,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
-UNIT = 2.0**-24  # float32 unit roundoff
 VIRTUAL = 4
 ENCODER = 16  # the p-tuning encoder's hidden size
 ROWS, LENGTH = 4, 12
@@ -70,31 +78,14 @@ def trainer_pair(model, tmp_path, family: str):
     return sft, MRPSFTTrainer(model=copy.deepcopy(model), args=args, **shared)
 
 
-def loss_and_gradients(trainer) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+def loss_and_gradients(trainer) -> tuple[float, dict[str, torch.Tensor]]:
     """One compute_loss (no num_items_in_batch: the mean over the positions the trainer itself counts), its
-    backward, the trainable gradients and the decoder's final hidden states (the head's input)."""
+    backward, and the trainable gradients."""
     model = trainer.model
-    captured = {}
-    hook = model.get_base_model().model.norm.register_forward_hook(lambda m, a, out: captured.update(h=out.detach()))
     model.zero_grad()
     loss = trainer.compute_loss(model, rows())
-    hook.remove()
     loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    return float(loss.detach()), grads, captured["h"]
-
-
-def loss_bound(hidden: torch.Tensor, weight: torch.Tensor, loss: float, positions: int) -> float:
-    """|loss_a - loss_b| for two float32 evaluations of the same mean CE, first order in the unit roundoff u.
-
-    Both run the same decoder on the same inputs, so only the head differs. Per position, the logits z = W h are
-    d-term dot products: |dz| <= d u A with A = max over (position, token) of sum_k |h_k W_jk|; the log-sum-exp
-    sums V positive terms <= 1 (relative error <= (V + 1) u, so <= (V + 2) u absolute after the log), and the
-    row's CE moves by <= 2 d u A with z. The mean adds N positive terms (relative error <= (N + 1) u). Each side
-    rounds on its own, hence the factor 2."""
-    d, vocab = weight.shape[1], weight.shape[0]
-    largest = float((hidden.flatten(0, -2).abs() @ weight.abs().T).max())
-    return 2 * UNIT * (2 * d * largest + vocab + 2 + (positions + 1) * loss)
+    return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def gradient_bound_factor(kind: str) -> float:
@@ -110,19 +101,19 @@ def gradient_bound_factor(kind: str) -> float:
     d, ffn, layers = SMALL["hidden_size"], SMALL["intermediate_size"], tiny_llama().config.num_hidden_layers
     positions = VIRTUAL + LENGTH
     chain = VOCAB + d + layers * (4 * d + positions + d + ffn) + (2 * ENCODER if kind == "p_tuning" else 0)
-    return 2 * chain * UNIT
+    return 2 * chain * FLOAT32_UNIT
 
 
 @pytest.mark.parametrize("family", ["trainer", "sft"])
 @pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning"])
 def test_prompt_learning_loss_and_gradients_equal_the_reference_trainer(tmp_path, kind, family):
     reference, mrp = trainer_pair(adapter(kind), tmp_path, family)
-    want, want_grads, hidden = loss_and_gradients(reference)
-    got, got_grads, _ = loss_and_gradients(mrp)
+    want, want_grads = loss_and_gradients(reference)
+    got, got_grads = loss_and_gradients(mrp)
     positions = int(rows()["labels"].ne(-100).sum())  # PEFT's shift: every real label, the first ones included
     assert mrp._mrp_sums["train"]["n"] == positions
-    weight = mrp.model.get_base_model().lm_head.weight.detach()
-    assert abs(got - want) <= loss_bound(hidden, weight, want, positions), (got, want)
+    bound = mean_ce_rounding_bound(VOCAB, SMALL["hidden_size"], head_input_bound(mrp.model), positions, want)
+    assert abs(got - want) <= bound, (got, want, bound)
     assert want_grads.keys() == got_grads.keys() and want_grads
     factor = gradient_bound_factor(kind)
     for name, grad in want_grads.items():
