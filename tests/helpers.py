@@ -200,6 +200,31 @@ def naive_penalty(z, weight, objective, tau, k):
     return torch.stack(values)
 
 
+FLOAT32_UNIT = 2.0**-24  # float32 unit roundoff u
+
+
+def head_input_bound(model) -> float:
+    """A bound A >= sum_k |h_k W_jk| over every position and token j, for a model whose last hidden states come out
+    of an RMSNorm (Llama): h = g * x / rms(x) with ||x / rms(x)||_2 <= sqrt(d), so by Cauchy-Schwarz
+    sum_k |h_k W_jk| <= max|g| sqrt(d) ||W_j||_2. It holds for every input and every step while g and W stay
+    fixed, as under prompt learning (PEFT trains only the prompt)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = base.lm_head.weight.detach()
+    gain = float(base.model.norm.weight.detach().abs().max())
+    return gain * weight.shape[1] ** 0.5 * float(weight.norm(dim=1).max())
+
+
+def mean_ce_rounding_bound(vocab: int, width: int, head_bound: float, positions: int, loss: float) -> float:
+    """|loss_a - loss_b| for two float32 evaluations of one mean cross-entropy over the same hidden states, first
+    order in the unit roundoff u (the decoder is the same code on the same inputs; only the heads differ).
+
+    Per position the logits are width-term dot products: |dz| <= width u A (A: ``head_input_bound``); the
+    log-sum-exp sums V positive terms <= 1 (relative error <= (V + 1) u, so <= (V + 2) u after the log); the row's
+    CE moves by <= 2 width u A with z. The mean adds N positive terms (relative error <= (N + 1) u). Each side
+    rounds on its own: the factor 2."""
+    return 2 * FLOAT32_UNIT * (2 * width * head_bound + vocab + 2 + (positions + 1) * loss)
+
+
 def cpu_arguments(output_dir, /, **overrides) -> dict:
     """Keywords of a quiet one-step CPU run into ``output_dir`` (no reporters, no saves, a log every step, seed 0),
     ``overrides`` added or overriding: for TrainingArguments, MRPConfig and their subclasses alike."""

@@ -71,22 +71,19 @@ def forward_with_mrp_loss(
     ``with_logits`` makes the head also return its real logits (for predictions and metrics: the model's own
     [batch x seq x vocab] output, in its own dtype, as the plain Trainer sees it); then nothing is tied.
     Adapters that prepend virtual tokens (PEFT prompt / p-tuning) make the hidden states longer than the
-    labels: the virtual positions carry no loss, as in PEFT's own forward.
+    labels: as in PEFT's own forward, the labels are padded with ignored entries first and shifted after, so the
+    last virtual position predicts the row's first label (see ``_aligned_with``).
     """
     inner = unwrap(model)
-    targets = shift_labels if shift_labels is not None else labels[:, 1:]
-    weights = (
-        None
-        if position_weights is None
-        else (position_weights if shift_labels is not None else position_weights[:, 1:])
+    vocab = vocab_size(inner)
+    check_token_ids(
+        shift_labels if shift_labels is not None else labels[:, 1:], vocab, what="labels", ignore_index=IGNORE_INDEX
     )
-    check_token_ids(targets, vocab_size(inner), what="labels", ignore_index=IGNORE_INDEX)
     transform = logit_transform(inner)
     result: dict[str, MRPLossSums] = {}
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        states = hidden if shift_labels is not None else hidden[:, :-1]
-        aligned_targets, aligned_weights = _aligned_with(states, targets, weights)
+        states, aligned_targets, aligned_weights = _aligned_with(hidden, labels, shift_labels, position_weights, vocab)
         result["sums"] = mrp_loss_sums(
             states,
             weight,
@@ -115,20 +112,42 @@ def without_logits(outputs):
 
 
 def _aligned_with(
-    states: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Targets (and weights) padded at the front with ignored positions when the model prepended virtual tokens
-    to the sequence (its hidden states are longer than the labels)."""
-    extra = states.shape[1] - targets.shape[-1]
-    if extra == 0 or targets.dim() != 2:
-        return targets, weights
-    if extra < 0:
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(states, targets, weights) aligned position by position: ``hidden[:, :-1]`` with ``labels[:, 1:]``, or
+    ``hidden`` with ``shift_labels`` as given.
+
+    A model that prepends k virtual tokens (PEFT prompt tuning, p-tuning) returns k more positions than the labels.
+    PEFT pads the labels with k ignored entries *before* the model shifts them, so virtual position k-1 predicts
+    the row's first label; padding after the shift would drop that label's loss (and its gradient, the one that
+    reaches the prompt most directly). Pre-shifted ``shift_labels`` no longer hold the first label: they are padded
+    as they are (PEFT pads only ``labels``), so then no virtual position carries loss.
+    """
+    if shift_labels is not None:
+        states, targets = hidden, shift_labels
+        extra = hidden.shape[1] - targets.shape[-1]
+        if extra > 0 and targets.dim() == 2:
+            targets = F.pad(targets, (extra, 0), value=IGNORE_INDEX)
+            weights = None if weights is None else F.pad(weights, (extra, 0), value=0.0)
+    else:
+        assert labels is not None  # forward_with_mrp_loss takes labels or shift_labels
+        extra = hidden.shape[1] - labels.shape[-1]
+        if extra > 0 and labels.dim() == 2:
+            check_token_ids(labels[:, :1], vocab, what="labels", ignore_index=IGNORE_INDEX)  # now a target too
+            labels = F.pad(labels, (extra, 0), value=IGNORE_INDEX)
+            weights = None if weights is None else F.pad(weights, (extra, 0), value=0.0)
+        states, targets = hidden[:, :-1], labels[:, 1:]
+        weights = None if weights is None else weights[:, 1:]
+    if states.shape[1] < targets.shape[-1] and targets.dim() == 2:
         raise MRPUserError(
-            f"the model returned {states.shape[1]} positions for labels of {targets.shape[-1]}: labels and input_ids "
-            "must have the same length (pad both, or let the collator build labels)"
+            f"the model returned {hidden.shape[1]} positions for labels of {targets.shape[-1] + (shift_labels is None)}"
+            ": labels and input_ids must have the same length (pad both, or let the collator build labels)"
         )
-    targets = F.pad(targets, (extra, 0), value=IGNORE_INDEX)
-    return targets, None if weights is None else F.pad(weights, (extra, 0), value=0.0)
+    return states, targets, weights
 
 
 def router_aux_loss(model: nn.Module, outputs) -> torch.Tensor | None:

@@ -6,9 +6,9 @@ step agrees to 1e-5 under bf16 too; the float32 cases agree to 1e-5 at every ste
 
 Each case trains the same model copy with the same seed through both trainers on what SFT users train
 (conversations, prompt-completion pairs, assistant-only and completion-only loss, packing, PEFT adapters,
-prompt tuning) and asserts equal loss histories, parameters, metrics and predictions. The optimizer is SGD: AdamW's
-first steps turn float rounding differences of 1e-9 in a gradient into visibly different weights, and bf16
-forwards then amplify them (the Trainer matrix covers AdamW, Adafactor and SGD in float32).
+prompt tuning and p-tuning) and asserts equal loss histories, parameters, metrics and predictions. The optimizer
+is SGD: AdamW's first steps turn float rounding differences of 1e-9 in a gradient into visibly different weights,
+and bf16 forwards then amplify them (the Trainer matrix covers AdamW, Adafactor and SGD in float32).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from peft import LoraConfig, PromptTuningConfig, TaskType  # noqa: E402
+from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig, TaskType  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -55,10 +55,20 @@ CASES = {  # name -> (dataset kind, SFTConfig options, trainer keyword arguments
             )
         },
     ),
+    # prompt learning on full-sequence loss: every row's first label is real, and the last virtual token predicts it
     "prompt_tuning": (
-        "prompt_completion",
+        "messages",
         {},
         {"peft_config": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)},
+    ),
+    "p_tuning": (
+        "messages",
+        {},
+        {
+            "peft_config": PromptEncoderConfig(
+                task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, encoder_hidden_size=16
+            )
+        },
     ),
     "eval_with_metrics": (
         "prompt_completion",
