@@ -79,7 +79,7 @@ def prepare_model(model: nn.Module, args, peft_config=None) -> nn.Module:
     output_head(model)
     _check_trainable(model)
     scope = getattr(args, "trainable_scope", "lora")
-    if scope != "lora" and (peft_config is not None or isinstance(model, PeftModel)):
+    if scope not in ("lora", "full") and (peft_config is not None or isinstance(model, PeftModel)):
         raise MRPUserError(
             f"trainable_scope {scope!r} trains the model's own weights, but an adapter was given (a peft_config or "
             "a PeftModel); drop one of them (trainable_scope 'lora' trains the adapter)"

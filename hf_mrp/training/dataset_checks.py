@@ -1,4 +1,6 @@
-"""Checks of a training dataset made before anything trains: columns of streamed datasets, and mrp_weights.
+"""Checks of a training dataset made before anything trains: columns of streamed datasets, mrp_weights, and the
+token ids of a map-style dataset against the model's vocabulary (on the host, once: the training steps then read no
+device value to check them).
 
 A streamed ``datasets.IterableDataset`` often knows no column names until it is read, so its first
 row is read to find them. ``mrp_weights`` weight the objective per token: a negative weight flips
@@ -54,3 +56,30 @@ def check_weights(dataset, name: str, batch: int = 256) -> None:
                     f"(0 leaves a position out of the objective)"
                 )
         row += len(rows[WEIGHTS_COLUMN])
+
+
+TOKEN_COLUMNS = ("input_ids", "labels")
+
+
+def check_token_range(dataset, vocab: int, name: str, batch: int = 1024) -> bool:
+    """Refuse token ids of a map-style dataset outside ``[0, vocab)`` (labels: -100 allowed) in one line, reading
+    the columns on the host; returns whether the whole dataset was checked (False: a streamed or custom dataset,
+    whose batches are checked as they come)."""
+    columns = [c for c in TOKEN_COLUMNS if c in (getattr(dataset, "column_names", None) or [])]
+    if not columns or not hasattr(dataset, "iter"):
+        return False
+    for rows in dataset.select_columns(columns).iter(batch_size=batch):
+        for column in columns:
+            values = [np.asarray(row, dtype=np.int64).ravel() for row in rows[column] if row is not None]
+            flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
+            if column == "labels":
+                flat = flat[flat != -100]
+            if flat.size and (flat.max() >= vocab or flat.min() < 0):
+                bad = int(flat.max()) if flat.max() >= vocab else int(flat.min())
+                raise MRPUserError(
+                    f"{name} column {column} holds token id {bad}, outside the model's vocabulary (0..{vocab - 1}"
+                    f"{'; -100 marks an ignored label' if column == 'labels' else ''}): the tokenizer does not "
+                    "match the model; use the tokenizer saved with the model, or call "
+                    "model.resize_token_embeddings(len(tokenizer)) before training"
+                )
+    return True
