@@ -111,7 +111,7 @@ def test_prompt_learning_loss_and_gradients_equal_the_reference_trainer(tmp_path
     want, want_grads = loss_and_gradients(reference)
     got, got_grads = loss_and_gradients(mrp)
     positions = int(rows()["labels"].ne(-100).sum())  # PEFT's shift: every real label, the first ones included
-    assert mrp._mrp_sums["train"]["n"] == positions
+    assert mrp.recorded_sums()["n"] == positions
     bound = mean_ce_rounding_bound(VOCAB, SMALL["hidden_size"], head_input_bound(mrp.model), positions, want)
     assert abs(got - want) <= bound, (got, want, bound)
     assert want_grads.keys() == got_grads.keys() and want_grads
