@@ -1,8 +1,9 @@
 """Run under `torchrun --nproc_per_node 2`: FSDP2 (fully_shard on a gloo CPU mesh, applied as Accelerate
 does: each decoder layer, then the root) against the same model unsharded, in the same process.
 
-Checks MRPTrainer.compute_loss' loss and every trainable gradient, and the audit. Exits non-zero on a
-mismatch; prints one line per check. Usage: fsdp_worker.py OUTPUT_DIR {lora|full}
+Checks MRPTrainer.compute_loss' loss and every trainable gradient, and the audit; then writes a NaN into rank 1's
+local shard of one trainable parameter and checks that the weight-finiteness check reports it on every rank. Exits
+non-zero on a mismatch; prints one line per rank. Usage: fsdp_worker.py OUTPUT_DIR {lora|full}
 """
 
 import sys
@@ -20,6 +21,7 @@ from hf_mrp.data import Blocks  # noqa: E402
 from hf_mrp.models import decoder_layers  # noqa: E402
 from hf_mrp.research.cli import leave_process_group  # noqa: E402
 from hf_mrp.training import MRPConfig, MRPTrainer  # noqa: E402
+from hf_mrp.training.divergence import weights_are_finite  # noqa: E402
 
 from helpers import VOCAB, tiny_llama  # noqa: E402
 
@@ -47,6 +49,24 @@ def trainer_for(output_dir: str, mode: str, shard: bool) -> MRPTrainer:
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def nan_in_one_shard(trainer: MRPTrainer, rank: int) -> list[str]:
+    """Rank 1 writes a NaN into its local shard (DTensor.to_local()) of one trainable parameter; every rank's
+    weights_are_finite must report it (one all-reduced flag), and report finite weights before."""
+    failures = [] if weights_are_finite(trainer) else ["finite weights reported non-finite"]
+    shards = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
+    if not shards:
+        return [*failures, "no trainable DTensor parameter"]
+    if rank == 1:
+        name, parameter = next((n, p) for n, p in shards if p.to_local().numel())
+        with torch.no_grad():
+            parameter.to_local().view(-1)[0] = float("nan")
+        if not torch.isnan(parameter.to_local()).any():
+            failures.append(f"the NaN did not reach {name}'s local shard")
+    if weights_are_finite(trainer):
+        failures.append("a NaN in rank 1's shard went unseen")
+    return failures
 
 
 def main(output_dir: str, mode: str) -> int:
@@ -79,6 +99,7 @@ def main(output_dir: str, mode: str) -> int:
     for key in ("top1_id", "margin", "entropy", "target_logprob"):
         if not np.allclose(pos0[key], pos1[key], rtol=1e-5, atol=1e-5):
             failures.append(f"audit {key}")
+    failures += nan_in_one_shard(trainer, rank)  # the sharded trainer of the last round
     print(
         f"rank {rank} mode {mode}: loss {loss0:.6f} vs {loss1:.6f}, {len(grads0)} gradients, "
         f"{len(pos0['margin'])} audited positions; failures: {failures or 'none'}",

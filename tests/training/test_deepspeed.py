@@ -102,6 +102,17 @@ def test_trained_output_head_under_zero3_and_zero2_equals_one_process(engine_run
     assert any(head in name for name in single["gradients"][0]), list(single["gradients"][0])
 
 
+def test_a_nan_in_one_process_partition_is_seen_by_every_process(engine_runs):
+    """weights_are_finite reads each process's own partition (ZeRO-3's ``ds_tensor``: the parameter itself is an empty
+    placeholder outside its forward, where a NaN cannot be seen) and agrees one flag over the processes: a NaN that
+    rank 1 writes into its partition stops rank 0 too. ZeRO-2 holds whole parameters: the same flag."""
+    for case, (_, stage, _) in CASES.items():
+        for rank in (0, 1):
+            check = json.loads((engine_runs / f"{case}_finite_rank{rank}.json").read_text())
+            assert check["placeholder"] == (stage == 3), (case, rank, check)
+            assert check["finite_before"] and not check["finite_with_nan_on_rank_1"], (case, rank, check)
+
+
 def refine_arguments(model_dir: Path, output_dir: Path, per_device: int) -> list[str]:
     # SGD: see deepspeed_worker.common_arguments
     return tiny_refine_flags(
