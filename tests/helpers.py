@@ -24,6 +24,42 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 VOCAB = 97
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"  # shaped like a Hub token: must never reach a log
+# Rounding bounds. Every tolerance of the suite is derived from these, with the computation it bounds written
+# beside the assertion (issue 25: a tolerance is never "what one machine gave": another CPU (SIMD width, oneDNN's
+# bf16 kernels), another thread count or a GPU sums in another order).
+F32_U = 2.0**-24  # float32 unit roundoff: one rounding moves a value by at most u of itself
+BF16_U = 2.0**-8  # bfloat16: 8 significand bits
+F16_U = 2.0**-11
+F64_U = 2.0**-53
+
+
+def gamma(n: int, u: float = F32_U) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the worst-case relative error of a sum or dot product of n terms, in any
+    order or blocking (SIMD width, threads, chunks, processes), relative to the sum of the terms' magnitudes. Two
+    computations of the same sum in different orders differ by at most 2 gamma_n of that sum."""
+    if n * u >= 1:
+        raise ValueError(f"no bound: n u = {n * u:g} >= 1")
+    return n * u / (1 - n * u)
+
+
+def probable_gamma(n: int, u: float = F32_U, lam: float = 8.0) -> float:
+    """Higham & Mary's probabilistic bound (SIAM J. Sci. Comput. 41(5), 2019, Theorem 2.4) for a sum or dot of n
+    terms: lam sqrt(n) u of the terms' magnitudes, with rounding errors independent and of mean zero; it fails with
+    probability at most 2 n exp(-lam^2 / 2) (lam = 8: 2.5e-14 n). For long reductions (a vocabulary, a whole
+    gradient), where the worst case n u is no bound worth testing against."""
+    return lam * np.sqrt(n) * u + n * u * u / (1 - u)
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want| in float64: an error relative to the reference's largest entry."""
+    got, want = (
+        x.detach().double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+        for x in (got, want)
+    )
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300)) if want.numel() else 0.0
+
+
 SMALL = dict(
     vocab_size=VOCAB,
     hidden_size=32,
