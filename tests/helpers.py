@@ -50,6 +50,43 @@ def probable_gamma(n: int, u: float = F32_U, lam: float = 8.0) -> float:
     return lam * np.sqrt(n) * u + n * u * u / (1 - u)
 
 
+def sum_bound(n: int, u: float = F32_U) -> float:
+    """The bound this suite uses for one sum or dot of n terms, relative to the terms' magnitudes: the worst case
+    gamma(n) while it is the smaller (n < 64), then the probabilistic lam sqrt(n) u."""
+    return min(gamma(n, u), probable_gamma(n, u))
+
+
+def chain_bound(*lengths: int) -> float:
+    """A float32 computation made of chained reductions of the given lengths (a logit's dot, a log-sum-exp, a sum over
+    positions, a layer's projections...): to first order within the sum of their sum_bound()s of its magnitudes; 2x
+    margin. Two such computations of the same number (another order, kernel, chunking) differ by at most twice
+    this; a float64 reference adds nothing that shows."""
+    return 2 * sum(sum_bound(n) for n in lengths)
+
+
+def head_lengths(d: int, vocab: int, positions: int, k: int = 0) -> list[int]:
+    """The reductions of one output head with its loss: a logit (d products + bias), the log-sum-exp over the
+    vocabulary, the objective over k x k pairs (when k), the sum over positions."""
+    return [d + 1, vocab, *([k * k] if k else []), positions]
+
+
+def head_bounds(d: int, vocab: int, positions: int, k: int = 0) -> tuple[float, float]:
+    """(loss, gradient) bounds of a float32 head and its loss; the gradient passes the same reductions backwards."""
+    lengths = head_lengths(d, vocab, positions, k)
+    return chain_bound(*lengths), chain_bound(*lengths, *lengths)
+
+
+def tiny_model_bounds(
+    layers: int = 3, vocab: int = VOCAB, positions: int = 44, length: int = 12
+) -> tuple[float, float]:
+    """(loss, gradient) bounds of a whole float32 forward of a SMALL-sized decoder (hidden 32, MLP 64, heads of 8,
+    rows of ``length`` tokens): each layer's norm, q/k/v, scores, softmax, attention x values, o_proj, MLP up, MLP
+    down, then the final norm and the head; the gradient passes them again backwards."""
+    layer = [32, 32, 8, length, length, 32, 32, 64]
+    lengths = [*layer * layers, 32, *head_lengths(32, vocab, positions)]
+    return chain_bound(*lengths), chain_bound(*lengths, *lengths)
+
+
 def relative_error(got, want) -> float:
     """max |got - want| / max |want| in float64: an error relative to the reference's largest entry."""
     got, want = (
