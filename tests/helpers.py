@@ -87,6 +87,25 @@ def tiny_model_bounds(
     return chain_bound(*lengths), chain_bound(*lengths, *lengths)
 
 
+def decided(margins, atol: float) -> np.ndarray:
+    """Where a reference's top-1 is decided by more than two computations' logit errors can move it (margin > 2 atol):
+    an argmax compared across computations (another batch shape, kernel or CPU) is compared only there; a near
+    tie may go either way."""
+    return np.asarray(margins, dtype=np.float64) > 2 * atol
+
+
+def spearman_atol(*columns, atol: float) -> float:
+    """How far Spearman's rho of n values can move when each value moves by at most ``atol``: only pairs closer than
+    2 atol can swap ranks, and one swap changes sum d^2 by at most 2n, so rho by 12 / (n^2 - 1) per swap (plus
+    float64 rounding)."""
+    swaps = 0
+    for column in columns:
+        ordered = np.sort(np.asarray(column, dtype=np.float64))
+        swaps += int(np.count_nonzero(np.diff(ordered) <= 2 * atol))
+    n = len(columns[0])
+    return 12 * swaps / (n * n - 1) + 1e-12
+
+
 def relative_error(got, want) -> float:
     """max |got - want| / max |want| in float64: an error relative to the reference's largest entry."""
     got, want = (

@@ -13,7 +13,7 @@ from hf_mrp.data import Blocks
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 import helpers
-from helpers import FAMILIES, VOCAB, build, head_bounds, naive_penalty, tiny_model_bounds
+from helpers import FAMILIES, VOCAB, build, decided, head_bounds, naive_penalty, tiny_model_bounds
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -34,11 +34,13 @@ def test_audit_margins_are_those_of_the_models_own_float32_logits(family):
     with torch.no_grad():
         logits = model(input_ids=ids).logits.double()[:, :-1].reshape(-1, VOCAB)
     top = logits.topk(2, dim=-1)
-    np.testing.assert_array_equal(positions["top1_id"], top.indices[:, 0].numpy())
     # two float32 forwards (rows in batches of 2 against all 3: other kernels), each within the tiny decoder's bound
     # of the exact logits (+2 roundings of a transform): a margin or a log-probability moves by at most twice a
     # logit's error, so 2 x 2 x the bound of the largest logit
     atol = 4 * tiny_model_bounds(layers=2, positions=27, length=10)[0] * float(logits.abs().max())
+    sure = decided((top.values[:, 0] - top.values[:, 1]).numpy(), atol / 2)  # a near tie may go either way
+    assert sure.mean() > 0.9
+    np.testing.assert_array_equal(positions["top1_id"][sure], top.indices[:, 0].numpy()[sure])
     np.testing.assert_allclose(positions["margin"], (top.values[:, 0] - top.values[:, 1]).numpy(), rtol=0, atol=atol)
     own_logprob = torch.log_softmax(logits, -1).gather(1, ids[:, 1:].reshape(-1, 1)).squeeze(1)
     np.testing.assert_allclose(positions["target_logprob"], own_logprob.numpy(), rtol=0, atol=atol)
