@@ -106,6 +106,24 @@ def spearman_atol(*columns, atol: float) -> float:
     return 12 * swaps / (n * n - 1) + 1e-12
 
 
+def assert_same_flips(got: Path, want: Path, atol: float, positions: int = 62) -> None:
+    """Two refine runs' comparisons of the same positions, their logits each within ``atol`` of the exact ones:
+    the median margins within two logits' errors; W->R and R->W differ only by positions whose top-1 is a near tie
+    in one of the reference run's audits (``decided``)."""
+    import json
+
+    from hf_mrp.storage.files import read_parquet
+
+    flips = [json.loads((run / "comparison" / "flip_audit.json").read_text()) for run in (got, want)]
+    assert flips[0]["n_positions"] == flips[1]["n_positions"] == positions
+    for key in ("median_margin_before", "median_margin_after"):
+        assert abs(flips[0][key] - flips[1][key]) <= 2 * atol, key
+    margins = [read_parquet(want / audit / "positions.parquet")["margin"] for audit in ("audit_before", "audit_after")]
+    undecided = int(np.count_nonzero(~(decided(margins[0], atol) & decided(margins[1], atol))))
+    for key in ("w2r", "r2w"):
+        assert abs(flips[0][key] - flips[1][key]) <= undecided, (key, flips[0][key], flips[1][key], undecided)
+
+
 def relative_error(got, want) -> float:
     """max |got - want| / max |want| in float64: an error relative to the reference's largest entry."""
     got, want = (
