@@ -29,8 +29,6 @@ FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"  # shaped like a Hub token
 # bf16 kernels), another thread count or a GPU sums in another order).
 F32_U = 2.0**-24  # float32 unit roundoff: one rounding moves a value by at most u of itself
 BF16_U = 2.0**-8  # bfloat16: 8 significand bits
-F16_U = 2.0**-11
-F64_U = 2.0**-53
 
 
 def gamma(n: int, u: float = F32_U) -> float:

@@ -19,7 +19,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
 
-from helpers import VOCAB, cpu_arguments, tiny_llama, tiny_tokenizer
+from helpers import VOCAB, cpu_arguments, head_bounds, tiny_llama, tiny_tokenizer
 
 STEPS = 3
 LENGTH = 12
@@ -270,7 +270,10 @@ def test_torch_compile_compiles_once_not_every_step(tmp_path):
     _, graphs_two = compiled_run(MRPTrainer, MRPConfig, tmp_path, 2)
     losses, graphs_five = compiled_run(MRPTrainer, MRPConfig, tmp_path, 5)
     assert graphs_five == graphs_two > 0
-    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5, atol=1e-5)
+    # lambda 0: the same body, two float32 heads (the fused one, the model's with the Trainer's CE), each within
+    # head_bounds (d = 32, V = 97, 2 rows of 11) of the exact CE (>= 1 here). AdamW's steps move a weight whose
+    # gradient differs by dg by lr eps dg / g^2 more: visibly only where |g| ~ 0, which moves the loss by ~ |g| lr.
+    np.testing.assert_allclose(losses, plain_losses, rtol=2 * head_bounds(32, VOCAB, 2 * (LENGTH - 1))[0], atol=0)
 
 
 def test_loss_only_evaluation_forms_no_logits_and_skip_logits_is_honoured(tmp_path):
