@@ -85,6 +85,15 @@ def tiny_model_bounds(
     return chain_bound(*lengths), chain_bound(*lengths, *lengths)
 
 
+def llama_logit_magnitude(model) -> float:
+    """A bound of sum_j |h_j w_ij| over every logit of a Llama-style model (the magnitude a logit's rounding error is
+    relative to): Cauchy-Schwarz, ||h|| ||w_i||, where the final RMSNorm's output has ||h|| <= sqrt(d) max |gamma|
+    (x / rms(x) has norm sqrt(d)); the same for a lens layer read through that norm."""
+    norm = model.get_decoder().norm.weight.detach().double()
+    head = model.get_output_embeddings().weight.detach().double()
+    return float(np.sqrt(norm.numel()) * norm.abs().max() * head.norm(dim=-1).max())
+
+
 def decided(margins, atol: float) -> np.ndarray:
     """Where a reference's top-1 is decided by more than two computations' logit errors can move it (margin > 2 atol):
     an argmax compared across computations (another batch shape, kernel or CPU) is compared only there; a near

@@ -11,13 +11,14 @@ from hf_mrp.audit import load_audit, run_audit
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops import fit_gap_law
 
-from helpers import decided, spearman_atol, tiny_model_bounds
+from helpers import decided, llama_logit_magnitude, spearman_atol, tiny_model_bounds
 
 
-def logit_atol(z: torch.Tensor, positions: int = 108, length: int = 24) -> float:
+def logit_atol(model, positions: int = 108, length: int = 24) -> float:
     """The audit's float32 forward (its batches) and the reference's (the whole batch, float64 head): other kernels,
-    each within the tiny decoder's bound of the exact logits, so a logit of either is off by at most twice it."""
-    return 2 * tiny_model_bounds(positions=positions, length=length)[0] * float(z.abs().max())
+    each within the tiny decoder's bound of the exact logits' magnitudes, so a logit of either is off by at most
+    twice it."""
+    return 2 * tiny_model_bounds(positions=positions, length=length)[0] * llama_logit_magnitude(model)
 
 
 def reference_logits(model, blocks, layer=None):
@@ -40,7 +41,7 @@ def test_audit_matches_reference(model, blocks, tmp_path, chunk_size, batch_size
     top = z.topk(2)
     positions = result.positions
     assert len(positions["margin"]) == blocks.n_positions == 108  # 7 positions beyond max_positions are excluded
-    atol = logit_atol(z)
+    atol = logit_atol(model)
     margins = (top.values[:, 0] - top.values[:, 1]).numpy()
     np.testing.assert_allclose(positions["margin"], margins, rtol=0, atol=2 * atol)  # two logits
     sure = decided(margins, atol)  # top-1 compared where no rounding can swap it
@@ -76,7 +77,7 @@ def test_logit_lens_layers(model, blocks, tmp_path):
         z, targets = reference_logits(model, blocks, layer)
         top = z.topk(2)
         row = result.layers[layer]
-        atol = logit_atol(z)
+        atol = logit_atol(model)
         margin = (top.values[:, 0] - top.values[:, 1]).numpy()
         undecided = (~decided(margin, atol)).mean()  # only near ties may change the accuracy
         assert abs(row["accuracy"] - (top.indices[:, 0] == targets).double().mean().item()) <= undecided + 1e-12
