@@ -14,6 +14,9 @@ from hf_mrp.data import Blocks
 from hf_mrp.errors import MRPUserError
 from hf_mrp.stats.token_classes import BUCKETS, CLASSES, frequency_bucket, token_class
 
+# Tolerances: every pytest.approx here compares float64 arithmetic on the same numbers in another order (means of
+# counts, medians and means of float32 margins read as float64): within n 2^-53 of them (n <= 236 positions: 3e-14);
+# pytest.approx's default (rel 1e-6) is nowhere near that limit on any machine.
 TEXTS = {
     0: " ,",
     1: " =",

@@ -15,7 +15,7 @@ from hf_mrp.models import decoder_layers, final_norm, output_head
 from hf_mrp.ops import decision_statistics
 from hf_mrp.ops.lens import AffineTranslators, lens_statistics
 
-from helpers import FAMILIES, VOCAB, build
+from helpers import FAMILIES, VOCAB, build, chain_bound, decided, tiny_model_bounds
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -63,15 +63,37 @@ def naive_statistics(final: torch.Tensor, layer: torch.Tensor, targets: torch.Te
     }
 
 
-def assert_matches_reference(columns: dict, expected: dict, where: str) -> None:
-    np.testing.assert_allclose(columns["kl_to_final"], expected["kl_to_final"], rtol=1e-3, atol=2e-5, err_msg=where)
-    np.testing.assert_array_equal(columns["agrees_with_final"], expected["agrees_with_final"], err_msg=where)
-    np.testing.assert_array_equal(columns["target_rank"], expected["target_rank"], err_msg=where)
-    np.testing.assert_array_equal(columns["correct"], expected["correct"], err_msg=where)
-    np.testing.assert_allclose(columns["entropy"], expected["entropy"], rtol=1e-4, atol=1e-4, err_msg=where)
-    np.testing.assert_allclose(
-        columns["target_logprob"], expected["target_logprob"], rtol=1e-4, atol=1e-4, err_msg=where
-    )
+def top2_gap(z: torch.Tensor) -> np.ndarray:
+    top = z.topk(2, -1).values
+    return (top[:, 0] - top[:, 1]).numpy()
+
+
+def assert_matches_reference(columns: dict, final: torch.Tensor, layer: torch.Tensor, targets, where: str) -> None:
+    """The float32 lens columns against the float64 model's: each logit within the float32 tiny decoder's bound (2
+    layers, rows of 12; + a translator's dot of 33 terms) of the largest logit. Every statistic within its Lipschitz
+    constant (max norm) times that; an argmax, or the target's rank, compared only where no logit within two such
+    errors can swap it."""
+    expected = naive_statistics(final, layer, targets)
+    scale = max(float(final.abs().max()), float(layer.abs().max()))
+    atol = (tiny_model_bounds(layers=2, positions=len(targets), length=12)[0] + chain_bound(33)) * scale
+    log_gap = float((torch.log_softmax(final, -1) - torch.log_softmax(layer, -1)).abs().max())
+    for name, lipschitz in (
+        ("kl_to_final", 2 * (1 + log_gap)),
+        ("entropy", 2 * max(1.0, scale)),
+        ("target_logprob", 2),
+    ):
+        np.testing.assert_allclose(columns[name], expected[name], rtol=0, atol=lipschitz * atol, err_msg=where)
+    layer_sure, final_sure = decided(top2_gap(layer), atol), decided(top2_gap(final), atol)
+    target = layer.gather(1, targets[:, None])
+    others = (layer - target).abs().scatter(1, targets[:, None], float("inf"))
+    rank_sure = (others.min(-1).values > 2 * atol).numpy()
+    for name, sure in (
+        ("agrees_with_final", layer_sure & final_sure),
+        ("correct", layer_sure),
+        ("target_rank", rank_sure),
+    ):
+        assert sure.mean() > 0.8, (where, name)
+        np.testing.assert_array_equal(columns[name][sure], expected[name][sure], err_msg=f"{where}: {name}")
 
 
 @pytest.mark.parametrize("family", LENS_FAMILIES)
@@ -88,8 +110,8 @@ def test_logit_lens_statistics_equal_a_naive_float64_computation(family):
     with torch.no_grad():
         final = model64(input_ids=ids).logits.double()[:, :-1][mask]
     for layer in range(n_layers):
-        expected = naive_statistics(final, reference_logits(model64, ids, layer)[mask], targets)
-        assert_matches_reference(per_layer[layer], expected, f"{family} layer {layer}")
+        layer_logits = reference_logits(model64, ids, layer)[mask]
+        assert_matches_reference(per_layer[layer], final, layer_logits, targets, f"{family} layer {layer}")
     assert np.all(per_layer[n_layers - 1]["kl_to_final"] == 0.0)  # the final layer against itself: exactly 0
     assert per_layer[n_layers - 1]["agrees_with_final"].all()
 
@@ -114,9 +136,9 @@ def test_tuned_lens_statistics_equal_a_naive_float64_computation_through_the_tra
         final = model64(input_ids=ids).logits.double()[:, :-1][mask]
     a, c = translators.weights[0].detach().double(), translators.biases[0].detach().double()
     tuned = reference_logits(model64, ids, 0, translate=lambda h: h + h @ a.T + c)[mask]
-    assert_matches_reference(per_layer[0], naive_statistics(final, tuned, targets), f"{family} tuned layer 0")
+    assert_matches_reference(per_layer[0], final, tuned, targets, f"{family} tuned layer 0")
     logit = reference_logits(model64, ids, 0)[mask]
-    assert_matches_reference(per_layer[("logit", 0)], naive_statistics(final, logit, targets), f"{family} logit 0")
+    assert_matches_reference(per_layer[("logit", 0)], final, logit, targets, f"{family} logit 0")
     np.testing.assert_array_equal(per_layer[1]["kl_to_final"], per_layer[("logit", 1)]["kl_to_final"])
 
 
@@ -160,7 +182,7 @@ def test_layer_rows_hold_the_lens_statistics_and_bootstrap_intervals(tmp_path):
     result = run_audit(model, blocks, output_dir=tmp_path, layers="all", progress=False, lens_bootstrap=40)
     _, per_layer = collect_statistics(model, blocks, layers=[0, 1], progress=False)
     final_ce = -result.positions["target_logprob"]
-    for row in result.layers:
+    for row in result.layers:  # float64 means of the same float32 columns: pytest.approx's 1e-6 >> n 2^-53
         columns = per_layer[row["layer"]]
         rank = columns["target_rank"]
         assert row["mean_kl_to_final"] == pytest.approx(columns["kl_to_final"].astype(np.float64).mean())

@@ -83,21 +83,23 @@ def test_saving_loading_and_resuming_equal_one_uninterrupted_run(tmp_path):
     train(model, tmp_path / "cut", steps=2)  # stopped after 2 steps...
     resumed = train(model, tmp_path / "cut", steps=4)  # ...and rerun into the same folder: resumes from step 2
     loaded = load_tuned_lens(tmp_path / "cut")
+    # Exact: the same computation in one process (same blocks, shapes and seed; the checkpoint restores the
+    # translators and the optimizer's state to the bit), so no tolerance (none would be a rounding bound under Adam)
     for group in ("weights", "biases"):
         for a, b, c in zip(
             getattr(whole.translators, group), getattr(resumed.translators, group), getattr(loaded.translators, group)
         ):
             assert a.abs().sum() > 0
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+            assert torch.equal(a.detach(), b.detach())
             assert torch.equal(b.detach(), c.detach())
     log = json.loads((tmp_path / "cut" / "lens_config.json").read_text())["log"]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
-    assert [row["mean_kl"] for row in log] == pytest.approx([row["mean_kl"] for row in whole.config["log"]])
+    assert [row["mean_kl"] for row in log] == [row["mean_kl"] for row in whole.config["log"]]
     blocks = random_blocks(4, seed=5)
     in_memory = run_audit(model, blocks, lens=whole, progress=False)
     from_disk = run_audit(model, blocks, lens=loaded, progress=False)
-    for a, b in zip(in_memory.layers, from_disk.layers):
-        assert flat(a) == pytest.approx(flat(b), rel=1e-5, abs=1e-6)
+    for a, b in zip(in_memory.layers, from_disk.layers):  # equal translators: the same audit
+        assert flat(a) == flat(b)
 
 
 def test_refusals_name_the_problem(tmp_path):

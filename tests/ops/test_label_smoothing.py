@@ -13,7 +13,17 @@ from hf_mrp.ops import MRPSettings, mrp_loss_sums
 from hf_mrp.ops.transform import LogitTransform
 from hf_mrp.training import MRPTrainer
 
-from helpers import batch, config, cpu_arguments, dataset, naive_penalty, tiny_llama
+from helpers import (
+    batch,
+    config,
+    cpu_arguments,
+    dataset,
+    head_bounds,
+    naive_penalty,
+    relative_error,
+    tiny_llama,
+    tiny_model_bounds,
+)
 
 EPS = 0.1
 
@@ -48,10 +58,14 @@ def test_smoothed_ce_and_gradient_equal_float64_label_smoother(objective, lam, t
     ce = smoothed_reference(z, targets[valid], EPS, 26)
     reference = ce + lam * naive_penalty(z, leaves64[1] * transform.scale, objective, 1.5, 3).sum() / 26
     reference.backward()
-    assert float(sums.ce.detach()) / 26 == pytest.approx(float(ce.detach()), rel=1e-6)
-    assert float(sums.total.detach()) / 26 == pytest.approx(float(reference.detach()), rel=1e-6)
+    # float32 head against float64: d = 8 (+2 roundings of the transform), V = 41, 26 positions, k = 3
+    loss_bound, grad_bound = head_bounds(8 + 2, 41, 26, 3)
+    assert float(sums.ce.detach()) / 26 == pytest.approx(float(ce.detach()), rel=loss_bound)
+    assert float(sums.total.detach()) / 26 == pytest.approx(float(reference.detach()), rel=loss_bound)
     for got, want in zip(leaves, leaves64):
-        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            got.grad.double(), want.grad, rtol=grad_bound, atol=grad_bound * want.grad.abs().max()
+        )
 
 
 def test_compute_loss_gradient_equals_float64_trainer_label_smoother(tmp_path):
@@ -66,10 +80,14 @@ def test_compute_loss_gradient_equals_float64_trainer_label_smoother(tmp_path):
         {"logits": logits}, inputs["labels"], shift_labels=True, num_items_in_batch=items
     )
     expected.backward()
-    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    loss_bound, grad_bound = tiny_model_bounds()  # the whole float32 model against the float64 one
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=loss_bound)
     references = dict(reference_model.named_parameters())
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter.grad.double(), references[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+        want = references[name].grad
+        torch.testing.assert_close(
+            parameter.grad.double(), want, rtol=grad_bound, atol=grad_bound * want.abs().max(), msg=name
+        )
 
 
 @pytest.mark.slow  # two training runs
@@ -96,8 +114,16 @@ def test_mrp_trainer_at_lambda_zero_trains_as_the_plain_trainer_with_label_smoot
         trainer.train()
     plain_losses, mrp_losses = ([row["loss"] for row in t.state.log_history if "loss" in row] for t in (plain, mrp))
     assert len(plain_losses) == 3
-    np.testing.assert_allclose(mrp_losses, plain_losses, rtol=1e-6)
-    assert [row["loss_ce"] for row in mrp.state.log_history if "loss" in row] == pytest.approx(mrp_losses, rel=1e-6)
+    # One process, the same body kernels: only the head differs (fused chunks against full logits and the
+    # LabelSmoother), each within head_bounds (d = 32, V = 97, 2 x 11 positions) of the exact loss, so twice it
+    # apart; SGD (lr 1e-2, gradients clipped to norm 1) moves the weights by lr x the gradients' difference, which
+    # changes the next losses far less.
+    loss_bound, grad_bound = (2 * bound for bound in head_bounds(32, 97, 22))
+    np.testing.assert_allclose(mrp_losses, plain_losses, rtol=loss_bound)
+    # lambda 0: the same CE, averaged by the Trainer (micro-batch means, summed) and by the mixin (sums divided once)
+    assert [row["loss_ce"] for row in mrp.state.log_history if "loss" in row] == pytest.approx(
+        mrp_losses, rel=loss_bound
+    )
     unsmoothed = MRPTrainer(
         model=tiny_llama(),
         args=config(tmp_path, use_lora=False, mrp_lambda=0.0, **{**common, "label_smoothing_factor": 0.0}),
@@ -106,8 +132,8 @@ def test_mrp_trainer_at_lambda_zero_trains_as_the_plain_trainer_with_label_smoot
     unsmoothed.train()
     assert abs(unsmoothed.state.log_history[0]["loss"] - mrp_losses[0]) > 1e-3  # smoothing changes the loss
     trained = dict(mrp.model.named_parameters())
-    for name, parameter in plain.model.named_parameters():
-        torch.testing.assert_close(trained[name], parameter, rtol=1e-4, atol=1e-6, msg=name)
+    for name, parameter in plain.model.named_parameters():  # 3 steps of lr x (gradients within grad_bound, norm <= 1)
+        torch.testing.assert_close(trained[name], parameter, rtol=0, atol=3 * 1e-2 * grad_bound, msg=name)
 
 
 def test_label_smoothing_factor_out_of_range_is_refused(tmp_path):
@@ -116,8 +142,8 @@ def test_label_smoothing_factor_out_of_range_is_refused(tmp_path):
 
 
 def test_mrp_sft_trainer_smooths_as_sft_trainer(tiny_model_dir, tmp_path):
-    """The loss equals SFTTrainer's (its label smoother over full float32 logits) to 1e-6; every gradient equals the
-    float64 LabelSmoother's (SFTTrainer's own float32 autograd is farther from it: 4e-5 on the final norm)."""
+    """The loss equals SFTTrainer's (its label smoother over full float32 logits); every gradient equals the float64
+    LabelSmoother's, as SFTTrainer's own float32 autograd does, within the float32 bound of the model."""
     pytest.importorskip("trl")
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +156,8 @@ def test_mrp_sft_trainer_smooths_as_sft_trainer(tiny_model_dir, tmp_path):
     batch_, items = first_batch(sft)
     sft_loss, sft_grads = loss_and_grads(sft, model, batch_, items)
     mrp_loss, mrp_grads = loss_and_grads(mrp, model, batch_, items)
-    torch.testing.assert_close(mrp_loss, sft_loss, rtol=1e-6, atol=1e-7)
+    # the same body; two float32 heads over V = 49,152 (hidden 32; under 512 positions, rows under 128 tokens)
+    torch.testing.assert_close(mrp_loss, sft_loss, rtol=2 * head_bounds(32, 49_152, 512)[0], atol=0)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).double()
     logits = reference(**{key: value for key, value in batch_.items() if key != "labels"}).logits
     LabelSmoother(epsilon=EPS)(
@@ -138,7 +165,8 @@ def test_mrp_sft_trainer_smooths_as_sft_trainer(tiny_model_dir, tmp_path):
     ).backward()
     references = dict(reference.named_parameters())
     assert sft_grads.keys() == mrp_grads.keys() and len(sft_grads) > 5
+    grad_bound = tiny_model_bounds(vocab=49_152, positions=512, length=128)[1]  # float32 model against float64
     for name, grad in mrp_grads.items():
         want = references[name].grad
-        assert (grad.double() - want).abs().max() <= 1e-5 * want.abs().max(), name
-        assert (sft_grads[name].double() - want).abs().max() <= 1e-4 * want.abs().max(), name
+        assert relative_error(grad, want) <= grad_bound, name
+        assert relative_error(sft_grads[name], want) <= grad_bound, name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import launched, tiny_refine_flags
+from helpers import assert_same_flips, launched, tiny_model_bounds, tiny_refine_flags
 
 pytestmark = pytest.mark.slow  # torchrun / accelerate launch processes
 
@@ -28,13 +28,17 @@ def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path):
     double = refine(2, 2, tiny_model_dir, tmp_path / "two")
     steps = [row for row in single if "loss" in row]
     assert len(steps) == 2  # 4 training blocks = one global batch of 4: both runs see the same rows each step
+    # 2 rows a process against 4 in one: two float32 computations of each number, each within the tiny decoder's
+    # bound (V = 49,152, 4 blocks of 32); logits are under 1 (|z_i| <= ||h|| ||w_i|| = sqrt(32) x at most 0.16 for
+    # rows of std 0.02: LoRA trains neither the head nor the final norm), so the bound is absolute too. Step 2
+    # follows one AdamW step (lr 1e-2): lr m / (sqrt(v) + eps) moves by lr eps dg / g^2 more, visibly only for
+    # weights with |g| < 1e-6, which move the loss by under |g| lr.
+    bound = 2 * tiny_model_bounds(vocab=49_152, positions=124, length=32)[0]
     for a, b in zip(steps, [row for row in double if "loss" in row]):
         for key in ("loss", "loss_ce", "loss_mrp", "mean_margin"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+            assert a[key] == pytest.approx(b[key], rel=bound, abs=bound), (key, a, b)
     assert (tmp_path / "two" / "adapter_model.safetensors").exists()
-    flips = [json.loads((tmp_path / run / "comparison" / "flip_audit.json").read_text()) for run in ("one", "two")]
-    assert flips[1]["n_positions"] == 62
-    assert flips[0]["median_margin_after"] == pytest.approx(flips[1]["median_margin_after"], abs=1e-4)
+    assert_same_flips(tmp_path / "two", tmp_path / "one", atol=bound)
 
 
 def test_several_processes_without_accelerators_join_one_job(tmp_path):

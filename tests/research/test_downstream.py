@@ -25,6 +25,11 @@ needs_lm_eval = pytest.mark.skipif(FIND_SPEC("lm_eval") is None, reason='needs l
 # ---------------------------------------------------------------- pure: the metric rule and result rows
 
 
+# Tolerances: every pytest.approx here compares float64 arithmetic on the same numbers in another order (deltas and
+# means of a few float64 scores): within n 2^-53 of them (n < 100: 1e-14); pytest.approx's default (rel 1e-6) is nowhere
+# near that limit on any machine.
+
+
 @pytest.mark.parametrize(
     "metrics, expected",
     [
@@ -160,6 +165,8 @@ def test_adapter_changes_loglikelihoods_and_an_identity_adapter_changes_nothing(
     assert report["tasks"]["mrp_toy_cloze"]["metric"] == "acc"  # perplexity is never the headline
 
     control = downstream.compare_downstream(model, tokenizer, identity_adapter_dir, task_set, batch_size=4)
+    # same weights (an adapter whose B is 0 adds exact zeros), the same batches: the same computation; rel 1e-6
+    # leaves room only for lm-eval's float64 aggregation in another order (n 2^-53 for n items)
     for name, row in control["tasks"].items():  # same weights, same numbers: the runs do not leak into each other
         assert row["metrics"]["adapter"] == pytest.approx(row["metrics"]["base"], rel=1e-6), name
         assert row["metrics"]["base"] == pytest.approx(report["tasks"][name]["metrics"]["base"], rel=1e-6), name

@@ -15,6 +15,11 @@ from hf_mrp.research.presets import PAPER, resolve
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Tolerances: every pytest.approx here compares float64 arithmetic on the same numbers in another order (a logged
+# learning rate: the warm-up's first is exactly 0): within n 2^-53 of them (n = 1); pytest.approx's default (rel 1e-6)
+# is nowhere near that limit on any machine.
+
+
 def test_the_examples_config_is_the_built_in_preset():
     assert yaml.safe_load((ROOT / "examples" / "presets" / "paper.yaml").read_text()) == PAPER
 

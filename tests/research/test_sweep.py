@@ -16,6 +16,10 @@ from hf_mrp.research.sweep.metrics import METRIC_KEYS
 from hf_mrp.research.sweep.run_statistics import row_means, with_attributable
 from hf_mrp.stats.token_classes import CLASSES
 
+# Tolerances: every pytest.approx here compares float64 arithmetic on the same numbers in another order (the sweep's
+# numbers against the flip audit's, from the same columns): within n 2^-53 of them (n < 1000: 1e-13); pytest.approx's
+# default (rel 1e-6) is nowhere near that limit on any machine.
+
 
 def sweep_argv(model_dir, out, *extra):
     return [

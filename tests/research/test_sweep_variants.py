@@ -16,6 +16,10 @@ from hf_mrp.research.sweep.paired import match_entropy
 from hf_mrp.research.sweep.plan import variant_fields
 from hf_mrp.research.sweep.results import MetricSummary, Row
 
+# Tolerances: every pytest.approx here compares float64 arithmetic on the same numbers in another order (means over
+# seeds, paired differences and quantiles of a few numbers): within n 2^-53 of them (n < 100: 1e-14); pytest.approx's
+# default (rel 1e-6) is nowhere near that limit on any machine.
+
 
 def test_plan_has_entropy_grid_head_rows_with_their_controls_and_targeted_rows():
     args, _ = parse_sweep_arguments(

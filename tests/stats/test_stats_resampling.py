@@ -7,6 +7,10 @@ from scipy import stats
 from hf_mrp.stats import BlockIndex, block_bootstrap_distribution, block_resamples, paired_interval, seed_t_interval
 from hf_mrp.stats.intervals import percentile_interval
 
+# Tolerances: every pytest.approx here compares float64 arithmetic on the same numbers in another order (t intervals of
+# a few seeds): within n 2^-53 of them (n < 10: 1e-15); pytest.approx's default (rel 1e-6) is nowhere near that limit on
+# any machine.
+
 
 def block_bootstrap_ci(statistic, blocks, n_resamples=1000, confidence=0.95, seed=0):
     """The percentile interval of the block bootstrap distribution, as the audit and the sweep take it."""
@@ -47,6 +51,8 @@ def test_blocks_of_one_position_are_scipys_percentile_bootstrap(statistic):
     theirs = stats.bootstrap(
         (x,), statistic, n_resamples=600, confidence_level=0.9, method="percentile", rng=np.random.default_rng(11)
     ).confidence_interval
+    # the same resamples (scipy's stream from the same seed), the same float64 statistic of 700 values (their sum
+    # within 700 x 2^-53 = 8e-14 in another order) and the same percentile interpolation
     np.testing.assert_allclose([ours.low, ours.high], [theirs.low, theirs.high], rtol=1e-12)
 
 
@@ -59,6 +65,9 @@ def test_correlated_blocks_widen_the_interval():
     iid = block_bootstrap_ci(lambda i: x[i].mean(), BlockIndex.from_labels(np.arange(x.size)), 400, seed=1)
     assert (block.high - block.low) > 5 * (iid.high - iid.low)
     half = 1.96 * level[::255].std(ddof=1) / 4  # the cluster-level normal interval, roughly
+    # not rounding (float64 on seeded draws: the same on any machine) but the bootstrap's own error: a percentile
+    # half-width from R = 400 resamples has a Monte-Carlo sd of about 1 / sqrt(R) x 2 (tail quantiles) = 10%,
+    # resampling 16 blocks shrinks it by sqrt(15 / 16) (3%), the within-block noise adds under 1%: 0.35 ~ 3 sd
     assert (block.high - block.low) / 2 == pytest.approx(half, rel=0.35)
 
 

@@ -4,7 +4,9 @@
 Each case trains a tiny model for a few steps and records, on every process, what the test compares with one
 process without DeepSpeed (`run_case(..., deepspeed=False)`, in the test's own process): the logged losses, every
 trainable gradient of every step (gathered whole before the engine's optimizer step), the trained weights and the
-audits of MRPAuditCallback. Rank 0 writes them to OUTPUT_DIR/CASE.pt.
+audits of MRPAuditCallback. Rank 0 writes them to OUTPUT_DIR/CASE.pt. After training, rank 1 writes a NaN into its
+partition of one trainable parameter, and every rank records what the weight-finiteness check reports, before and
+after, in OUTPUT_DIR/CASE_finite_rankR.json.
 Usage: deepspeed_worker.py OUTPUT_DIR MODEL_DIR CASE [CASE ...]
 
 `deepspeed_worker.py --script SCRIPT ARG ...` runs SCRIPT (examples/refine.py under `accelerate launch`) as
@@ -14,6 +16,7 @@ Usage: deepspeed_worker.py OUTPUT_DIR MODEL_DIR CASE [CASE ...]
 from __future__ import annotations
 
 import importlib
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -207,7 +210,8 @@ def trained_weights(trainer) -> dict[str, torch.Tensor]:
 
 def run_case(case: str, output_dir: str, model_dir: str, deepspeed: bool) -> dict:
     """Train ``case`` for STEPS steps (with ``deepspeed``: under its ZeRO stage, PER_PROCESS rows per process; else
-    one process, all ROWS at once) and return losses, gradients, weights, evaluation and audits."""
+    one process, all ROWS at once) and return losses, gradients, weights, evaluation and audits (and, under
+    DeepSpeed, what the weight-finiteness check reports of a NaN in one process's partition)."""
     kind, stage, _ = CASES[case]
     config = deepspeed_config(stage) if deepspeed else None
     per_device = PER_PROCESS if deepspeed else ROWS
@@ -237,8 +241,34 @@ def run_case(case: str, output_dir: str, model_dir: str, deepspeed: bool) -> dic
         "audits": audits,
         "evaluations": [row for row in trainer.state.log_history if "eval_loss" in row],
         "deepspeed_stage": trainer.accelerator.deepspeed_plugin.zero_stage if deepspeed else None,
-        "head_partitioned": hasattr(head, "ds_id") and head.numel() == 0,
-    }  # ZeRO-3 keeps W only in its forward
+        "head_partitioned": hasattr(head, "ds_id") and head.numel() == 0,  # ZeRO-3 keeps W only in its forward
+        "finite_check": nan_in_one_partition(trainer) if deepspeed else None,  # after the weights are read
+    }
+
+
+def nan_in_one_partition(trainer) -> dict:
+    """Rank 1 writes a NaN into its partition of the first trainable parameter (ZeRO-3: ``param.ds_tensor``; the
+    parameter itself is an empty placeholder outside its forward. ZeRO-2: the whole parameter, which each process
+    holds) and puts the value back afterwards; weights_are_finite runs on every rank before and with the NaN."""
+    import torch.distributed as dist
+
+    from hf_mrp.training.divergence import weights_are_finite
+
+    name, parameter = trainable(trainer.model)[0]
+    part = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter.data
+    finite_before = weights_are_finite(trainer)
+    kept = part.view(-1)[0].item()
+    with torch.no_grad():
+        if dist.get_rank() == 1:
+            part.view(-1)[0] = float("nan")
+        finite_with_nan = weights_are_finite(trainer)
+        part.view(-1)[0] = kept
+    return {
+        "parameter": name,
+        "placeholder": parameter.numel() == 0,
+        "finite_before": finite_before,
+        "finite_with_nan_on_rank_1": finite_with_nan,
+    }
 
 
 def main(output_dir: str, model_dir: str, cases: list[str]) -> int:
@@ -250,6 +280,8 @@ def main(output_dir: str, model_dir: str, cases: list[str]) -> int:
     skip_shared_memory_op_build()
     for case in cases:
         result = run_case(case, output_dir, model_dir, deepspeed=True)
+        finite = Path(output_dir) / f"{case}_finite_rank{dist.get_rank()}.json"
+        finite.write_text(json.dumps(result["finite_check"]))
         result["deepspeed_version"] = deepspeed.__version__
         if dist.get_rank() == 0:
             torch.save(result, Path(output_dir) / f"{case}.pt")

@@ -16,7 +16,7 @@ from hf_mrp.storage.files import read_parquet
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
 
-from helpers import CharTokenizer, launched, tiny_llama
+from helpers import F32_U, CharTokenizer, launched, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,6 +135,7 @@ def test_every_breakdown_scalar_reaches_tensorboard_and_trackio_with_the_values_
     final = json.loads((out / "comparison" / "flip_audit.json").read_text())
     expected = compare_audits(load_audit(out / "audit_before"), load_audit(out / "audit_after"))
     assert final["w2r"] == expected["w2r"] and final["net"] == expected["net"]
+    # float64 arithmetic on the same float32 columns (in memory, and read back from disk): approx's 1e-6 >> 2^-52
     assert final["median_margin_change"] == pytest.approx(expected["median_margin_change"])
 
     by_step = expected_by_step(out)
@@ -166,10 +167,11 @@ def test_every_breakdown_scalar_reaches_tensorboard_and_trackio_with_the_values_
         "train/mean_margin",
     ):
         assert name in tensorboard, (name, sorted(tensorboard))
+    # TensorBoard keeps a scalar as float32: one rounding, within F32_U of it
     assert [value for step, value in tensorboard["train/audit/ece"] if step == 0] == [
-        pytest.approx(final["ece_before"], rel=1e-6)
+        pytest.approx(final["ece_before"], rel=F32_U, abs=0)
     ]
-    assert tensorboard["train/audit/churn"][-1][1] == pytest.approx(final["churn"], rel=1e-6)
+    assert tensorboard["train/audit/churn"][-1][1] == pytest.approx(final["churn"], rel=F32_U, abs=0)
 
     tables = [row for row in trackio_rows if "train/audit/table/class" in row]
     assert [row["train/global_step"] for row in tables] == [2, 4, 4]
@@ -231,10 +233,13 @@ def test_two_process_audit_equals_one_process(tmp_path):
         "--max_positions",
         "300",
         "--batch_size",
-        "2",
+        "1",
         "--layers",
         "all",
     ]
+    # Exact: every forward is one block in both runs (10 blocks, the last partly audited), so the same
+    # kernels on the same shapes with one thread each; batches of 2 could be split 2+2+1 against 2+2+2+2+2, whose
+    # matmuls of another shape may sum in another order on another CPU
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for processes, name in ((1, "one"), (2, "two")):
         cli = ["-m", "hf_mrp.research.cli", *args, "--output_dir", str(tmp_path / name)]
@@ -296,7 +301,8 @@ def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(bloc
         for row in rows:
             for name, key in LAYER_STATISTICS.items():
                 logged = dict(scalars[f"train/audit/layer/{row['layer']}/{name}"])
-                assert logged[step] == pytest.approx(row[key], rel=1e-6, abs=1e-7), (step, row["layer"], name)
+                # TensorBoard keeps float32: one rounding
+                assert logged[step] == pytest.approx(row[key], rel=F32_U, abs=0), (step, row["layer"], name)
         for picture in ("layers", "lens_heatmap", "lens_curves"):
             from matplotlib import image
 

@@ -20,10 +20,11 @@ from hf_mrp.errors import MRPUserError
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 from helpers import (
-    FLOAT32_UNIT,
+    F32_U,
     SMALL,
     VOCAB,
     cpu_arguments,
+    head_bounds,
     head_input_bound,
     mean_ce_rounding_bound,
     tiny_llama,
@@ -136,7 +137,7 @@ def prompt_learning_tolerance(build) -> float:
     rounding differences, relatively ~1e-4 of lr x gradient: orders below T."""
     model = build()
     absolute = mean_ce_rounding_bound(VOCAB, SMALL["hidden_size"], head_input_bound(model), 0, 0.0)
-    return max(absolute, 2 * FLOAT32_UNIT * (2 * LENGTH + 1))
+    return max(absolute, 2 * F32_U * (2 * LENGTH + 1))
 
 
 def cases() -> dict[str, tuple]:
@@ -309,7 +310,10 @@ def test_torch_compile_compiles_once_not_every_step(tmp_path):
     _, graphs_two = compiled_run(MRPTrainer, MRPConfig, tmp_path, 2)
     losses, graphs_five = compiled_run(MRPTrainer, MRPConfig, tmp_path, 5)
     assert graphs_five == graphs_two > 0
-    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5, atol=1e-5)
+    # lambda 0: the same body, two float32 heads (the fused one, the model's with the Trainer's CE), each within
+    # head_bounds (d = 32, V = 97, 2 rows of 11) of the exact CE (>= 1 here). AdamW's steps move a weight whose
+    # gradient differs by dg by lr eps dg / g^2 more: visibly only where |g| ~ 0, which moves the loss by ~ |g| lr.
+    np.testing.assert_allclose(losses, plain_losses, rtol=2 * head_bounds(32, VOCAB, 2 * (LENGTH - 1))[0], atol=0)
 
 
 def test_loss_only_evaluation_forms_no_logits_and_skip_logits_is_honoured(tmp_path):
@@ -330,6 +334,8 @@ def test_loss_only_evaluation_forms_no_logits_and_skip_logits_is_honoured(tmp_pa
     assert math.isfinite(metrics["eval_loss"]) and all(shape[-1] == 1 for shape in shapes)
     loss_with, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     assert outputs.logits.shape == (4, LENGTH, VOCAB) and shapes[-1] == (4, LENGTH, VOCAB)
-    torch.testing.assert_close(loss_with, loss)
-    torch.testing.assert_close(outputs.logits, model(input_ids=batch["input_ids"]).logits)
+    # the same fused sums with and without the logits handed out, and those logits the model's own head on the same
+    # hidden states (one process, same shapes): equal to the bit
+    assert torch.equal(loss_with, loss)
+    assert torch.equal(outputs.logits, model(input_ids=batch["input_ids"]).logits)
     hook.remove()

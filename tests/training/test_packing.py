@@ -8,7 +8,7 @@ from transformers import DataCollatorWithFlattening
 
 from hf_mrp.training import MRPConfig, MRPTrainer
 
-from helpers import VOCAB, tiny_llama
+from helpers import VOCAB, relative_error, tiny_llama, tiny_model_bounds
 
 
 @pytest.mark.parametrize("objective, flash_kwargs", [("fisher", False), ("entropy", False), ("fisher", True)])
@@ -42,7 +42,8 @@ def test_packed_batch_equals_the_sum_over_its_documents(tmp_path, objective, fla
         loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": ids.clone()}, num_items_in_batch=1)
         loss.backward()
         separate_sum += loss.item()
-    assert packed_sum.item() == pytest.approx(separate_sum, rel=1e-5)
+    # one packed row of 23 against the documents one at a time: other kernels, each within the tiny decoder's bound
+    loss_bound, grad_bound = (2 * bound for bound in tiny_model_bounds(positions=23, length=23))
+    assert packed_sum.item() == pytest.approx(separate_sum, rel=loss_bound)
     for name, parameter in model.named_parameters():
-        scale = parameter.grad.abs().max().item()
-        torch.testing.assert_close(packed_grads[name], parameter.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert relative_error(packed_grads[name], parameter.grad) <= grad_bound, name

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 from hf_mrp.training import MRPConfig, MRPTrainer
 
 from helpers import (
-    FLOAT32_UNIT,
+    F32_U,
     SMALL,
     VOCAB,
     cpu_arguments,
@@ -101,7 +101,7 @@ def gradient_bound_factor(kind: str) -> float:
     d, ffn, layers = SMALL["hidden_size"], SMALL["intermediate_size"], tiny_llama().config.num_hidden_layers
     positions = VIRTUAL + LENGTH
     chain = VOCAB + d + layers * (4 * d + positions + d + ffn) + (2 * ENCODER if kind == "p_tuning" else 0)
-    return 2 * chain * FLOAT32_UNIT
+    return 2 * chain * F32_U
 
 
 @pytest.mark.parametrize("family", ["trainer", "sft"])

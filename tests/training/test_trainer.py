@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hf_mrp.training import MRPTrainer
 
-from helpers import batch, config, dataset, naive_penalty, tiny_llama
+from helpers import batch, config, dataset, head_bounds, naive_penalty, tiny_llama, tiny_model_bounds
 
 
 def reference_loss(model, inputs, objective, lam, tau=1.0, k=5, normalization="gated"):
@@ -51,12 +51,14 @@ def test_compute_loss_and_gradient_match_float64_reference(tmp_path, objective, 
         losses.append(loss.item())
     expected = reference_loss(reference_model, inputs, objective, 0.7, normalization=normalization)
     expected.backward()
-    assert losses[0] == pytest.approx(expected.item(), abs=1e-5)
-    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    loss_bound, grad_bound = tiny_model_bounds()  # the float32 model against the float64 one (4 x 11 positions)
+    assert losses[0] == pytest.approx(expected.item(), rel=loss_bound)
+    # chunks of 5 against one of 1000: the same body, the head's sums blocked otherwise (k = 5)
+    assert losses[1] == pytest.approx(losses[0], rel=2 * head_bounds(32, 97, 44, 5)[0])
     for name in ("model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.embed_tokens.weight"):
         got = dict(model.named_parameters())[name].grad  # of the last pass (zeroed before each)
         want = dict(reference_model.named_parameters())[name].grad
-        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-5, msg=name)
+        torch.testing.assert_close(got.double(), want, rtol=grad_bound, atol=grad_bound * want.abs().max(), msg=name)
 
 
 @pytest.mark.parametrize("objective", ["margin", "fisher"])
@@ -76,7 +78,9 @@ def test_gradient_accumulation_invariance(tmp_path, objective):
         trainer = MRPTrainer(model=tiny_llama(), train_dataset=dataset(), args=args)
         trainer.train()
         norms.append(trainer.state.log_history[0]["grad_norm"])
-    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    # the same sums grouped otherwise (a batch of 4 against 4 of 1: other kernels): each gradient within the tiny
+    # decoder's bound of the exact one, and so their norm
+    assert norms[0] == pytest.approx(norms[1], rel=2 * tiny_model_bounds()[1])
 
 
 def test_lora_on_chosen_layers_only_and_reload(tmp_path):
