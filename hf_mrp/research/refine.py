@@ -15,6 +15,8 @@ from pathlib import Path
 from ..audit.summary import AuditSummary
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
+from ..models import decoder_layers
+from ..models.layers import check_layer_flag
 from ..storage import files
 from ..storage.locks import is_main_process, owned_folder
 from ..training import MRPConfig, MRPTrainer
@@ -56,6 +58,8 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     check_data_flags_apply(data_args)
     model, tokenizer, model_name = load_model_from_arguments(model_args)
     check_block_fits(model, data_args.block_size)
+    if refine_args.audit_layers is not None:  # before any audit folder exists (a Hub / GGUF model's layers)
+        check_layer_flag("--audit_layers", refine_args.audit_layers, len(decoder_layers(model)), model_name)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
     origin = provenance(model_name, model_args, data_args, refine_args)
     audit = MRPAuditCallback(

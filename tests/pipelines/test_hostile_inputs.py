@@ -1,0 +1,144 @@
+"""What a hostile probe of the CLI found (issue 25, item 5): each case is refused in one line, or interrupted, and
+leaves on disk exactly what was there.
+
+CLI (`hf_mrp.research.cli.main`, in this process): a refusal returns 2 and its last stderr line is
+`hf-mrp <cmd>: error: ...`, with no traceback. "Before loading anything" is checked by replacing the model loader
+with one that fails the test when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_mrp.research import cli
+
+from helpers import TINY_AUDIT, flags, one_torch_thread, staging_beside
+
+# A two-step refine of the tiny model that saves checkpoint-2 (the run the resume cases resume).
+REFINE = flags(
+    block_size="32",
+    max_positions="248",
+    audit_positions="62",
+    max_steps="2",
+    per_device_train_batch_size="2",
+    save_strategy="steps",
+    save_steps="2",
+    logging_steps="1",
+    lora_layers="1-2",
+    lora_r="16",
+    mrp_objective="fisher",
+    mrp_lambda="0.6",
+    seed="0",
+    use_cpu="true",
+    disable_tqdm="true",
+    report_to="none",
+)
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """Run ``hf-mrp ARGV``; it must be refused in one line (exit 2, no traceback): that line."""
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"hf-mrp {argv[0]}: error: "), last
+    return last
+
+
+def _no_model_loading(monkeypatch) -> None:
+    """Every command's model loader fails the test: what is refused here must be refused before it."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    modules = [importlib.import_module(f"hf_mrp.research.{name}") for name in ("loading", "refine", "audit_run")]
+    for module in modules:  # all imported first: one imported while loading's is replaced would keep the stand-in
+        monkeypatch.setattr(module, "load_model_from_arguments", load)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    """A finished two-step refine run with its checkpoint-2 (each test works on a copy)."""
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    with one_torch_thread():
+        assert cli.main(["refine", *flags(model=tiny_model_dir, output_dir=out), *REFINE]) == 0
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+# ---------------------------------------------------------------- refine's own audits appear whole
+
+
+def test_ctrl_c_during_refines_after_audit_leaves_no_partial_audit(tiny_model_dir, tmp_path, capsys):
+    """The after-audit is staged and swapped in whole, like `hf-mrp audit`'s: stopped while its files are written, it
+    leaves no audit_after/ at all (not two files without audit.json), and the before-audit as it was."""
+    from unittest import mock
+
+    from hf_mrp.audit import geometry
+    from hf_mrp.research.run_folders import audit_is_whole
+
+    out = tmp_path / "run"
+    draw = geometry.plots.plot_margin_histograms
+    calls = []
+
+    def draw_then_stop(*args, **kwargs):  # the before-audit draws it first, the after-audit second
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    argv = ["refine", *flags(model=tiny_model_dir, output_dir=out), *REFINE]
+    with one_torch_thread(), mock.patch.object(geometry.plots, "plot_margin_histograms", draw_then_stop):
+        code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("hf-mrp refine: interrupted")
+    assert len(calls) == 2 and ".audit_after.staging-" in str(calls[1])  # stopped mid-write of the after-audit
+    assert not (out / "audit_after").exists() and not (out / "training_log.json").exists()
+    assert audit_is_whole(out / "audit_before")
+    assert not list(out.rglob(".*staging-*")) and staging_beside(out / "audit_after") == []
+
+
+# ---------------------------------------------------------------- refused before any work: nothing is created
+
+
+@pytest.mark.parametrize("known_locally", [True, False], ids=["from-config.json", "after-loading"])
+def test_out_of_range_audit_layers_is_refused_before_any_folder_exists(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, known_locally
+):
+    """Refused from the model's config.json before anything loads; where that cannot tell (a Hub id, a GGUF
+    file), once the model has loaded but before any audit folder exists."""
+    if known_locally:
+        _no_model_loading(monkeypatch)
+    else:
+        monkeypatch.setattr("hf_mrp.models.loading.local_config_number", lambda model, key: None)
+    out = tmp_path / "new" / "run"
+    argv = ["refine", *flags(model=tiny_model_dir, output_dir=out), *REFINE, "--audit_layers", "0-9"]
+    with one_torch_thread():
+        last = _refused(argv, capsys)
+    assert f"--audit_layers 0-9 does not fit {tiny_model_dir}: layer index 3 is out of range: the model has 3 " in last
+    assert not (tmp_path / "new").exists()  # neither the run folder, its lock, nor an empty audit_before/
+
+
+def test_a_refused_command_leaves_no_folder_it_created_and_no_lock_in_one_it_did_not(tiny_model_dir, tmp_path, capsys):
+    """Refused once the model has loaded (the data file is looked for then): the lock file goes, and the folders the
+    command created (all of a/b/out) with it."""
+    missing = tmp_path / "no_such.jsonl"
+    created, existing = tmp_path / "a" / "b" / "out", tmp_path / "existing"
+    existing.mkdir()
+    for out in (created, existing):
+        argv = ["audit", *flags(model=tiny_model_dir, output_dir=out, dataset=missing), *TINY_AUDIT]
+        assert "data file not found" in _refused(argv, capsys)
+    assert not (tmp_path / "a").exists()
+    assert list(existing.iterdir()) == []  # the folder stays (it was there), without a lock file
