@@ -21,6 +21,7 @@ from ..storage import files
 from ..storage.locks import is_main_process, owned_folder
 from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
+from ..training.checkpoints import check_resume_target, check_resumed_settings
 from ..training.divergence import TrainingDiverged
 from .arguments import DataArguments, ModelArguments, provenance
 from .loading import load_model_from_arguments
@@ -48,6 +49,8 @@ def refine(
     main = config.should_save and is_main_process()  # one process of a distributed run owns the folder
     with owned_folder(output_dir, active=main):
         check_may_write(output_dir, refine_args.overwrite_output_dir, config.resume_from_checkpoint)
+        check_resume_target(config.resume_from_checkpoint, output_dir)  # before the model loads (MRPTrainer again)
+        check_resumed_settings(config, config.resume_from_checkpoint)
         if main and refine_args.overwrite_output_dir and not config.resume_from_checkpoint:
             forget_finished_run(output_dir)
         return _refine_into(output_dir, model_args, data_args, refine_args, config, baseline_dir)

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
-from .checkpoints import check_resume_target
+from .checkpoints import SettingsInCheckpoints, check_resume_target, check_resumed_settings
 from .divergence import check_weights, count_nonfinite_batch
 from .loss import unwrap
 
@@ -67,6 +67,7 @@ class MRPTrainerMixin(_TrainerBase):
         self._skipped_before: int | None = None  # the count logged before a resume (read from the restored log history)
         self._loss_only_prediction = False  # set by prediction_step: the evaluation needs no logits
         probe_logit_transform(unwrap(self.model))
+        self.add_callback(SettingsInCheckpoints())  # what a resume is checked against
         for callback in list(self.callback_handler.callbacks):
             if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
                 self.callback_handler.callbacks.remove(callback)
@@ -136,9 +137,11 @@ class MRPTrainerMixin(_TrainerBase):
         return finite
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix, and
-        failing (divergence.TrainingDiverged) when the final weights are not finite."""
+        """`Trainer.train`, refusing a missing or incomplete checkpoint, or one trained with other LoRA or loss
+        settings, with a message that names the fix, and failing (divergence.TrainingDiverged) when the final weights
+        are not finite."""
         check_resume_target(resume_from_checkpoint, self.args.output_dir)
+        check_resumed_settings(self.args, resume_from_checkpoint)
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from hf_mrp.research import cli
 
-from helpers import TINY_AUDIT, flags, one_torch_thread, staging_beside
+from helpers import TINY_AUDIT, file_hashes, flags, one_torch_thread, staging_beside
 
 # A two-step refine of the tiny model that saves checkpoint-2 (the run the resume cases resume).
 REFINE = flags(
@@ -75,6 +76,52 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(run, out)
     return out
+
+
+# ---------------------------------------------------------------- resuming under other settings
+
+
+@pytest.mark.parametrize(
+    "flag, value, saved",
+    [
+        ("lora_r", "8", "16"),  # the adapter's shapes: a size-mismatch traceback before
+        ("lora_layers", "0-1", "1-2"),  # the optimizer's parameter groups: a traceback before
+        ("mrp_lambda", "0.3", "0.6"),  # ran silently, recording only the new lambda
+        ("mrp_objective", "margin", "fisher"),
+        ("mrp_margin_threshold", "2.0", "1.0"),
+    ],
+)
+def test_resuming_under_other_lora_or_loss_settings_is_refused_before_loading(
+    finished_run, tiny_model_dir, tmp_path, capsys, monkeypatch, flag, value, saved
+):
+    out = _copy(finished_run, tmp_path)
+    before = file_hashes(out)
+    _no_model_loading(monkeypatch)
+    checkpoint = out / "checkpoint-2"
+    argv = ["refine", *flags(model=tiny_model_dir, output_dir=out), *REFINE]
+    last = _refused([*argv, "--resume_from_checkpoint", str(checkpoint), f"--{flag}", value], capsys)
+    assert f"checkpoint {checkpoint} was trained with --{flag} {saved}, but this run passes --{flag} {value}" in last
+    assert f"resume with --{flag} {saved}, or start a new run" in last
+    assert file_hashes(out) == before  # nothing written, nothing removed
+    assert not list(out.rglob(".*staging-*"))
+
+
+def test_resuming_under_the_same_settings_passes_the_check(finished_run, tmp_path):
+    """The check compares like with like: the saved settings of the run itself are accepted (a list of target
+    modules and a missing lora_layers included)."""
+    from hf_mrp.training import MRPConfig
+    from hf_mrp.training.checkpoints import check_resumed_settings
+
+    out = _copy(finished_run, tmp_path)
+    saved = json.loads((out / "checkpoint-2" / "mrp_config.json").read_text())  # each checkpoint records them
+    config = MRPConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to="none",
+        **{key: saved[key] for key in ("lora_r", "lora_layers", "lora_target_modules", "mrp_objective", "mrp_lambda")},
+    )
+    check_resumed_settings(config, str(out / "checkpoint-2"))
+    check_resumed_settings(config, True)  # the last complete checkpoint
 
 
 # ---------------------------------------------------------------- refine's own audits appear whole
