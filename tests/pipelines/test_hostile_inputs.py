@@ -124,6 +124,78 @@ def test_resuming_under_the_same_settings_passes_the_check(finished_run, tmp_pat
     check_resumed_settings(config, True)  # the last complete checkpoint
 
 
+# ---------------------------------------------------------------- a JSON-lines file that is not UTF-8
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_table_that_is_not_utf8_is_named_with_its_line(tiny_model_dir, tmp_path, capsys, suffix):
+    rows = [json.dumps({"text": f"line {i} " * 20}).encode() for i in range(6)]
+    if suffix == ".csv":
+        rows = [b"text"] + [f"line {i} ".encode() * 20 for i in range(6)]
+    rows[3] = rows[3].replace(b"line", b"caf\xe9", 1)  # latin-1, on line 4
+    data = tmp_path / f"latin1{suffix}"
+    data.write_bytes(b"\n".join(rows) + b"\n")
+    offset = len(b"\n".join(rows[:3])) + 1 + rows[3].index(b"\xe9")
+    out = tmp_path / "new" / "audit"
+    argv = ["audit", *flags(model=tiny_model_dir, output_dir=out, dataset=data), *TINY_AUDIT]
+    last = _refused(argv, capsys)
+    assert f"cannot read {data} as utf-8: invalid byte 0xe9 on line 4 (byte offset {offset})" in last
+    assert "re-encode it" in last and "--encoding / --encoding_errors" in last
+    assert not (tmp_path / "new").exists()  # the refused command leaves no folder behind
+
+
+# ---------------------------------------------------------------- a damaged adapter for `hf-mrp downstream`
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _damage_config(folder: Path) -> None:
+    text = (folder / "adapter_config.json").read_text()
+    (folder / "adapter_config.json").write_text(text[: len(text) // 2])
+
+
+def _not_peft(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 16}))
+
+
+def _header_only(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason='needs lm-eval: pip install "hf_mrp[eval]"')
+@pytest.mark.parametrize(
+    "damage, file, message",
+    [
+        (_truncate, "adapter_model.safetensors", "is damaged: it holds"),
+        (_header_only, "adapter_model.safetensors", "is damaged (its header does not read"),
+        (_damage_config, "adapter_config.json", "is damaged (not valid JSON"),
+        (_not_peft, "adapter_config.json", "is no PEFT config (it lacks peft_type)"),
+    ],
+    ids=["truncated-weights", "bad-header", "cut-config", "not-peft-config"],
+)
+def test_a_damaged_adapter_is_named_before_anything_loads(
+    finished_run, tiny_model_dir, tmp_path, capsys, monkeypatch, damage, file, message
+):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(finished_run / name, adapter / name)
+    damage(adapter)
+    before = file_hashes(adapter)
+    _no_model_loading(monkeypatch)
+    out = tmp_path / "downstream"
+    tasks = Path(__file__).resolve().parents[1] / "fixtures" / "downstream_tasks"  # local: checked before loading
+    argv = ["downstream", *flags(model=tiny_model_dir, adapter=adapter, output_dir=out, tasks="mrp_toy_choice")]
+    argv += ["--include_path", str(tasks)]
+    last = _refused(argv, capsys)
+    assert f"the adapter's {adapter / file} {message}" in last
+    assert "write the adapter again" in last and "base model" not in last
+    assert file_hashes(adapter) == before and not out.exists()
+
+
 # ---------------------------------------------------------------- refine's own audits appear whole
 
 

@@ -16,8 +16,9 @@ from ...errors import MRPUserError
 from ...hub_access import offline_when_unreachable
 from ...storage.files import ensure_output_dir, read_json
 from ..arguments import ModelArguments, provenance
+from .adapter_folder import resolve_adapter
 from .report import build_report, write_report
-from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval, resolve_adapter
+from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval
 
 # Closed-form standard errors for mean metrics need only bootstrap_iters > 0; the bootstrapped ones
 # (perplexity) are secondary here, so one chunk of 1,000 draws keeps them cheap.
