@@ -133,7 +133,7 @@ def _locked_handle(folder: Path, command: str | None):
     from .files import ensure_output_dir
     from .folders import sweep_stale_staging
 
-    while True:
+    for attempt in range(3):  # bounded: where inode numbers are not stable, the lock taken is kept
         ensure_output_dir(folder)  # again after a retry: the last holder may have removed it
         handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
         try:
@@ -147,7 +147,7 @@ def _locked_handle(folder: Path, command: str | None):
                 f"output_dir {folder} is in use by another run ({holder}); wait for it to finish, "
                 f"or pass another --output_dir"
             ) from None
-        if _is_same_file(handle, folder / LOCK_FILE):
+        if attempt == 2 or _is_same_file(handle, folder / LOCK_FILE):
             break
         handle.close()
     record = {

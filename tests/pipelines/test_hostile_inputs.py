@@ -165,16 +165,21 @@ def _header_only(folder: Path) -> None:
     (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
 
 
+def _list_header(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason='needs lm-eval: pip install "hf_mrp[eval]"')
 @pytest.mark.parametrize(
     "damage, file, message",
     [
         (_truncate, "adapter_model.safetensors", "is damaged: it holds"),
         (_header_only, "adapter_model.safetensors", "is damaged (its header does not read"),
+        (_list_header, "adapter_model.safetensors", "is damaged (its header does not read"),
         (_damage_config, "adapter_config.json", "is damaged (not valid JSON"),
         (_not_peft, "adapter_config.json", "is no PEFT config (it lacks peft_type)"),
     ],
-    ids=["truncated-weights", "bad-header", "cut-config", "not-peft-config"],
+    ids=["truncated-weights", "bad-header", "list-header", "cut-config", "not-peft-config"],
 )
 def test_a_damaged_adapter_is_named_before_anything_loads(
     finished_run, tiny_model_dir, tmp_path, capsys, monkeypatch, damage, file, message
@@ -261,3 +266,28 @@ def test_a_refused_command_leaves_no_folder_it_created_and_no_lock_in_one_it_did
         assert "data file not found" in _refused(argv, capsys)
     assert not (tmp_path / "a").exists()
     assert list(existing.iterdir()) == []  # the folder stays (it was there), without a lock file
+
+
+def test_a_lock_on_a_file_its_last_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    """The last holder removes an unused lock file (and the folder it made) while holding it: a run that opened the
+    file just before and flocks it just after would hold a lock on a deleted file, beside a second run that locks
+    the new one. Such a lock is taken again on the file now at the path."""
+    import fcntl
+
+    from hf_mrp.storage.locks import LOCK_FILE, owned_folder
+
+    out, real_flock, calls = tmp_path / "out", fcntl.flock, []
+
+    def flock(fd, operation):
+        if not calls:  # between this run's open and its flock, the last holder cleans up
+            (out / LOCK_FILE).unlink()
+            out.rmdir()
+        calls.append(fd)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with owned_folder(out):
+        assert len(calls) == 2 and (out / LOCK_FILE).is_file()
+        with open(out / LOCK_FILE) as other, pytest.raises(BlockingIOError):  # the file at the path is held
+            real_flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not out.exists()  # created by this run, and left empty: removed

@@ -59,8 +59,8 @@ def check_safetensors(path: Path) -> None:
             if length > size - 8:
                 raise ValueError(f"its header claims {length:,} bytes")
             header = json.loads(handle.read(length))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError) as error:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise MRPUserError(f"the adapter's {path} is damaged (its header does not read: {error}); {REWRITE}") from None
     expected = 8 + length + max(ends, default=0)
     if expected != size:
