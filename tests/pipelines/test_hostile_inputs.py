@@ -291,3 +291,15 @@ def test_a_lock_on_a_file_its_last_holder_removed_is_taken_again(tmp_path, monke
         with open(out / LOCK_FILE) as other, pytest.raises(BlockingIOError):  # the file at the path is held
             real_flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert not out.exists()  # created by this run, and left empty: removed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason='needs lm-eval: pip install "hf_mrp[eval]"')
+def test_a_refused_downstream_leaves_no_output_folder(finished_run, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """downstream takes no lock; its folder appears with the report, so a refusal (here an unknown task) leaves none."""
+    _no_model_loading(monkeypatch)
+    tasks = Path(__file__).resolve().parents[1] / "fixtures" / "downstream_tasks"
+    out = tmp_path / "downstream"
+    argv = ["downstream", *flags(model=tiny_model_dir, adapter=finished_run, output_dir=out, tasks="mrp_toy_choise")]
+    last = _refused([*argv, "--include_path", str(tasks)], capsys)
+    assert "unknown task 'mrp_toy_choise'" in last
+    assert not out.exists()
