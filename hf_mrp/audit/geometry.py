@@ -2,7 +2,7 @@
 
 Data flow: blocks -> one chunked float32 pass (``collect.collect_statistics``: no logits are formed) ->
 per-position columns -> summary and gap fit (and, with ``layers``, the per-layer lens rows of ``layers``) ->
-the audit folder, audit.json last. ``load_audit`` reads a folder back.
+the audit folder (staged beside it and swapped in whole, audit.json last). ``load_audit`` reads a folder back.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..ops import fit_gap_law
 from ..reporting import lens_plots, plots
 from ..stats.calibration import expected_calibration_error
 from ..storage import files
+from .audit_files import AUDIT_MARKER, WRITE_ORDER
 from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
 from .layers import layer_summary, margin_percentiles, summarize_layers
 from .summary import AuditSummary
@@ -122,10 +123,10 @@ def run_audit(
     """
     check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     check_blocks_to_audit(blocks)
-    if output_dir is not None:
-        output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)
     layer_list = _checked_layers(model, blocks, layers, lens)
+    if output_dir is not None:  # not created: it appears whole once written (_write_on_main_process)
+        output_dir = files.check_output_dir(output_dir)
     positions, per_layer = collect_statistics(
         model,
         blocks,
@@ -207,10 +208,16 @@ def _layers_entry(rows: list[dict], lens: TunedLens | None) -> dict[str, Any]:
 
 
 def _write_on_main_process(result: AuditResult, output_dir: Path) -> None:
-    """The main process writes the folder; under torch.distributed no rank goes on before it is complete."""
+    """The main process writes the folder, staged beside it and swapped in whole (folders.swapped_folder: a kill at
+    any moment leaves the old audit whole or the new one whole); under torch.distributed no rank goes on before it
+    is complete."""
+    from ..storage.folders import swapped_folder
+
     rank, world = process_rank_and_world()
-    if rank == 0:
-        write_audit(result, output_dir)
+    if rank == 0:  # every file an audit may write is replaced: a stale layers.json or mask.npy would describe another
+        with swapped_folder(output_dir, replaced=(*WRITE_ORDER, AUDIT_MARKER), last=AUDIT_MARKER) as staging:
+            written = write_audit(result, staging)
+        result.files = {key: output_dir / path.name for key, path in written.items()}
     if world > 1:
         import torch.distributed as dist
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MRPUserError
+from .audit_files import WRITE_ORDER
 from .geometry import AuditResult
 
 
@@ -38,20 +39,6 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
     elif origin.get("blocks_sha256") not in (None, audit.blocks.fingerprint()):
         problems.append("blocks.npy differs from the blocks audit.json records (sha256)")
     return problems
-
-
-AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
-LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png")  # an audit with layers draws these
-# The order in which geometry.write_audit writes an audit's other files (before AUDIT_MARKER).
-WRITE_ORDER = (
-    "blocks.npy",
-    "mask.npy",
-    "positions.parquet",
-    "gap_curve.png",
-    "margins.png",
-    "layers.json",
-    *LENS_PICTURES,
-)
 
 
 def written_after_marker(directory: str | Path) -> list[str]:

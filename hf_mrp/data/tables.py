@@ -70,6 +70,24 @@ def _first_bad_json_line(path: Path) -> str | None:
     return None
 
 
+def _check_utf8(path: Path) -> None:
+    """Refuse a text table (JSON lines, JSON, csv) that is not UTF-8, naming the line: `datasets` loads its bytes
+    unchecked and the texts fail to decode only later, mid-tokenization, as a traceback."""
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise MRPUserError(
+                    f"cannot read {path} as utf-8: invalid byte 0x{line[error.start : error.start + 1].hex()} on "
+                    f"line {number} (byte offset {offset + error.start}); a {path.suffix} file must be UTF-8: "
+                    f"re-encode it (e.g. iconv -f latin-1 -t utf-8) or fix that line (--encoding / --encoding_errors "
+                    f"decode .txt files only)"
+                ) from None
+            offset += len(line)
+
+
 def _columns_of(path: Path) -> tuple[str, ...] | None:
     """The column names of a table file, from its first row (JSON lines), header (csv) or schema (parquet)."""
     import csv
@@ -121,6 +139,9 @@ def _table_files_problem(path: Path) -> str | None:
 def load_table(dataset: str, dataset_config: str | None, split: str, path: Path):
     import datasets
 
+    for file in _table_files(path) if path.exists() else []:
+        if file.suffix.lower() in (".jsonl", ".json", ".csv"):
+            _check_utf8(file)
     try:
         if path.is_file():
             builder = LOCAL_FORMATS.get(path.suffix.lower())

@@ -38,3 +38,11 @@ def parse_layer_spec(spec: str | list[int] | None, n_layers: int) -> list[int]:
             "fix the layer spec"
         )
     return resolved
+
+
+def check_layer_flag(flag: str, spec: str | None, n_layers: int, model: str) -> list[int]:
+    """``parse_layer_spec`` for a command-line flag, refused in words that name the flag and the model."""
+    try:
+        return parse_layer_spec(spec, n_layers)
+    except MRPUserError as error:
+        raise MRPUserError(f"{flag} {spec} does not fit {model}: {error}") from None

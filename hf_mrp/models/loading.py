@@ -206,9 +206,9 @@ def check_tokenizer_files(source: str) -> None:
         )
 
 
-def local_vocab_size(model: str | None) -> int | None:
-    """The vocabulary size in a local model folder's config.json (the embedded model's, once converted), read
-    without loading anything; None when unknown (a Hub id, a GGUF file, a config without one)."""
+def local_config_number(model: str | None, key: str) -> int | None:
+    """A number in a local model folder's config.json (the embedded model's, once converted), e.g. vocab_size or
+    num_hidden_layers, read without loading anything; None when unknown (a Hub id, a GGUF file, a config without it)."""
     import json
 
     folder = Path(model) if model is not None else cache_root() / "SmolLM2-135M-Instruct-Q4_1-dequantized"
@@ -216,7 +216,7 @@ def local_vocab_size(model: str | None) -> int | None:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    size = config.get(key) or (config.get("text_config") or {}).get(key) if isinstance(config, dict) else None
     return int(size) if isinstance(size, int) else None
 
 

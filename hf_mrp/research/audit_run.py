@@ -9,20 +9,15 @@ at any moment leaves the old audit whole or the new one whole, never a mix of th
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
+from ..audit.audit_files import AUDIT_MARKER
 from ..audit.geometry import AuditResult, run_audit
-from ..audit.integrity import AUDIT_MARKER, WRITE_ORDER
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
 from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
-
-# Every file an audit may write: none of them outlives the audit that replaces it (a stale layers.json or mask.npy
-# beside a new audit.json would describe another audit).
-AUDIT_FILES = (*WRITE_ORDER, AUDIT_MARKER)
 
 
 def holds_finished_audit(folder: str | Path) -> bool:
@@ -41,19 +36,6 @@ def check_may_write_audit(folder: Path, overwrite: bool) -> None:
         )
 
 
-def _shared_staging(staging: Path | None) -> Path:
-    """The main process's staging folder (made before this is called), the same path on every process: every
-    process hands it to run_audit, which writes on the main one."""
-    import torch.distributed as dist
-
-    names = [str(staging) if staging is not None else None]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(names, src=0)
-    if names[0] is None:
-        raise RuntimeError("the main process made no staging folder for the audit (it runs swapped_folder first)")
-    return Path(names[0])
-
-
 def _lens_path(audit_args: AuditArguments) -> str:
     """--lens_path, which AuditArguments requires with --lens tuned."""
     if audit_args.lens_path is None:
@@ -68,7 +50,6 @@ def audit_from_arguments(
     from accelerate import PartialState
 
     from ..storage.files import ensure_output_dir
-    from ..storage.folders import swapped_folder
     from ..storage.locks import is_main_process, owned_folder
 
     PartialState()  # joins the process group under torchrun / accelerate launch: each rank audits a shard
@@ -87,20 +68,17 @@ def audit_from_arguments(
             lens = load_tuned_lens(_lens_path(audit_args), device=next(model.parameters()).device)
         origin = provenance(name, model_args, data_args, audit_args)
         start = time.perf_counter()
-        writing = swapped_folder(folder, replaced=AUDIT_FILES, last=AUDIT_MARKER) if main else nullcontext(None)
-        with writing as staging:
-            result = run_audit(
-                model,
-                blocks,
-                output_dir=_shared_staging(staging),
-                batch_size=audit_args.batch_size,
-                chunk_size=audit_args.chunk_size,
-                margin_dtype=audit_args.margin_dtype,
-                layers=audit_args.layers,
-                provenance=origin,
-                lens=lens,
-                lens_bootstrap=audit_args.lens_bootstrap,
-            )
-        result.files = {key: folder / path.name for key, path in result.files.items()}
+        result = run_audit(  # staged beside the folder, swapped in whole
+            model,
+            blocks,
+            output_dir=folder,
+            batch_size=audit_args.batch_size,
+            chunk_size=audit_args.chunk_size,
+            margin_dtype=audit_args.margin_dtype,
+            layers=audit_args.layers,
+            provenance=origin,
+            lens=lens,
+            lens_bootstrap=audit_args.lens_bootstrap,
+        )
     result.seconds = time.perf_counter() - start
     return result

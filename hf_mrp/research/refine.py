@@ -15,10 +15,13 @@ from pathlib import Path
 from ..audit.summary import AuditSummary
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
+from ..models import decoder_layers
+from ..models.layers import check_layer_flag
 from ..storage import files
 from ..storage.locks import is_main_process, owned_folder
 from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
+from ..training.checkpoints import check_resume_target, check_resumed_settings
 from ..training.divergence import TrainingDiverged
 from .arguments import DataArguments, ModelArguments, provenance
 from .loading import load_model_from_arguments
@@ -46,6 +49,8 @@ def refine(
     main = config.should_save and is_main_process()  # one process of a distributed run owns the folder
     with owned_folder(output_dir, active=main):
         check_may_write(output_dir, refine_args.overwrite_output_dir, config.resume_from_checkpoint)
+        check_resume_target(config.resume_from_checkpoint, output_dir)  # before the model loads (MRPTrainer again)
+        check_resumed_settings(config, config.resume_from_checkpoint)
         if main and refine_args.overwrite_output_dir and not config.resume_from_checkpoint:
             forget_finished_run(output_dir)
         return _refine_into(output_dir, model_args, data_args, refine_args, config, baseline_dir)
@@ -56,6 +61,8 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     check_data_flags_apply(data_args)
     model, tokenizer, model_name = load_model_from_arguments(model_args)
     check_block_fits(model, data_args.block_size)
+    if refine_args.audit_layers is not None:  # before any audit folder exists (a Hub / GGUF model's layers)
+        check_layer_flag("--audit_layers", refine_args.audit_layers, len(decoder_layers(model)), model_name)
     audit_blocks, train_ids = refine_blocks(tokenizer, data_args, refine_args)
     origin = provenance(model_name, model_args, data_args, refine_args)
     audit = MRPAuditCallback(

@@ -236,6 +236,28 @@ def ensure_output_dir(path: str | Path) -> Path:
     """Create ``path`` as a writable folder, or fail with a message that says what to change."""
     from ..errors import MRPUserError
 
+    path = _checked_output_path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
+        probe.close()
+    except OSError as error:
+        raise MRPUserError(f"cannot write to output_dir {path} ({error.strerror}); pass a writable folder") from error
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """ensure_output_dir's checks of ``path`` without creating it, for a folder that appears whole later (staged
+    beside it, folders.swapped_folder): only its parent is created and probed for writing."""
+    path = _checked_output_path(path)
+    ensure_output_dir(path.parent)
+    return path
+
+
+def _checked_output_path(path: str | Path) -> Path:
+    """``path`` as a Path, refused in one line when it cannot be a folder (empty, a NUL byte, a file, below a file)."""
+    from ..errors import MRPUserError
+
     if path is None or not str(path).strip():
         raise MRPUserError(f'output_dir is empty ({str(path)!r}); pass a folder path ("." for the current folder)')
     if "\0" in str(path):
@@ -246,10 +268,4 @@ def ensure_output_dir(path: str | Path) -> Path:
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise MRPUserError(f"cannot create output_dir {path}: {blocking} is a file, not a folder; pass a folder path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
-        probe.close()
-    except OSError as error:
-        raise MRPUserError(f"cannot write to output_dir {path} ({error.strerror}); pass a writable folder") from error
     return path

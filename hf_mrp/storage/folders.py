@@ -85,9 +85,11 @@ def _pid_is_alive(pid: int) -> bool:
 
 def sweep_stale_staging(folder: str | Path) -> list[Path]:
     """Remove the staging folders of dead processes in and beside ``folder`` (``.staging-<pid>`` inside it, from
-    `staged_folder`; ``.<name>.staging-<pid>`` beside it, from `swapped_folder`); returns what was removed."""
+    `staged_folder`; ``.<name>.staging-<pid>`` beside it, and inside it for its subfolders, such as a refine run's
+    audits, from `swapped_folder`); returns what was removed."""
     folder = Path(folder).resolve()
-    candidates = [*folder.glob(".staging-*"), *folder.parent.glob(f".{glob.escape(folder.name)}.staging-*")]
+    beside = folder.parent.glob(f".{glob.escape(folder.name)}.staging-*")
+    candidates = [*folder.glob(".staging-*"), *folder.glob(".*.staging-*"), *beside]
     removed = []
     for path in candidates:
         pid = path.name.rsplit("-", 1)[-1]

@@ -81,13 +81,13 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
     """Hold the folder's lock while the block runs; a second holder is refused with one line.
 
     ``active=False`` (processes other than the main one of a distributed run) takes no lock. A folder
-    this process already holds is entered again without a second lock (flock would refuse it).
+    this process already holds is entered again without a second lock (flock would refuse it). A folder that holds
+    nothing but the lock file when the block ends (a command refused before any work) keeps nothing of the run:
+    the lock file goes, and so does the folder (and any parent) when this call created it.
     """
-    import fcntl
-
     from .files import ensure_output_dir
-    from .folders import sweep_stale_staging
 
+    created = _first_missing(Path(folder)) if isinstance(folder, (str, Path)) else None
     folder = ensure_output_dir(folder)
     key = str(folder.resolve())
     if not active:
@@ -100,36 +100,93 @@ def owned_folder(folder: str | Path, command: str | None = None, active: bool = 
         finally:
             _HELD[key] -= 1
         return
-    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+    handle = _locked_handle(folder, command)
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise MRPUserError(
-                f"output_dir {folder} is in use by another run ({_holder(handle)}); wait for it to finish, "
-                f"or pass another --output_dir"
-            ) from None
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": redacted(command) if command else current_command(),
-            "started": time.time(),
-        }
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps(record))
-        handle.flush()
-        for stale in sweep_stale_staging(folder):  # left by a run that was killed (SIGKILL, power loss)
-            logger.warning("removed %s, the staging folder of a run that was killed before it finished", stale)
         _HELD[key] = 1
         try:
             yield folder
         finally:
             del _HELD[key]
+            _remove_if_unused(folder, created)
     finally:
         handle.close()  # closing the file releases the lock
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: ``folder`` exists)."""
+    missing = None
+    for path in (folder, *folder.parents):
+        try:
+            if path.exists():
+                return missing
+        except (OSError, ValueError):  # a NUL byte, a name too long: ensure_output_dir names the problem
+            return None
+        missing = path
+    return missing
+
+
+def _locked_handle(folder: Path, command: str | None):
+    """The lock file, opened, flocked and holding this run's record. A lock taken on a file that its last holder
+    removed (``_remove_if_unused``) between our open and our flock is no lock: taken again on the file now there."""
+    import fcntl
+
+    from .files import ensure_output_dir
+    from .folders import sweep_stale_staging
+
+    for attempt in range(3):  # bounded: where inode numbers are not stable, the lock taken is kept
+        ensure_output_dir(folder)  # again after a retry: the last holder may have removed it
+        handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = _holder(handle) if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK) else None
+            handle.close()
+            if holder is None:
+                raise
+            raise MRPUserError(
+                f"output_dir {folder} is in use by another run ({holder}); wait for it to finish, "
+                f"or pass another --output_dir"
+            ) from None
+        if attempt == 2 or _is_same_file(handle, folder / LOCK_FILE):
+            break
+        handle.close()
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": redacted(command) if command else current_command(),
+        "started": time.time(),
+    }
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(record))
+    handle.flush()
+    for stale in sweep_stale_staging(folder):  # left by a run that was killed (SIGKILL, power loss)
+        logger.warning("removed %s, the staging folder of a run that was killed before it finished", stale)
+    return handle
+
+
+def _is_same_file(handle, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
+def _remove_if_unused(folder: Path, created: Path | None) -> None:
+    """Still holding the lock: a folder with nothing but the lock file loses it, and the folders this run created
+    (``created`` and those below it, down to ``folder``) go while empty."""
+    try:
+        if [entry.name for entry in folder.iterdir()] != [LOCK_FILE]:
+            return
+        (folder / LOCK_FILE).unlink()
+        if created is None:
+            return
+        for path in (folder, *folder.parents):
+            path.rmdir()
+            if path == created:
+                return
+    except OSError:  # another process wrote into it meanwhile: it keeps what it holds
+        return
 
 
 def is_main_process() -> bool:

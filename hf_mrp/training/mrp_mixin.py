@@ -17,7 +17,7 @@ import torch
 
 from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
-from .checkpoints import check_resume_target
+from .checkpoints import SettingsInCheckpoints, check_resume_target, check_resumed_settings
 from .divergence import (
     check_weights,
     check_weights_changed,
@@ -78,6 +78,7 @@ class MRPTrainerMixin(_TrainerBase):
         self._ewc: EWCPenalty | None = None  # the EWC term (ewc.py), estimated at the first training step
         self._ewc_logged: tuple[torch.Tensor | float, int] = (0.0, 0)  # EWC terms since the last log, and their count
         probe_logit_transform(unwrap(self.model))
+        self.add_callback(SettingsInCheckpoints())  # what a resume is checked against
         for callback in list(self.callback_handler.callbacks):
             if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
                 self.callback_handler.callbacks.remove(callback)
@@ -159,10 +160,11 @@ class MRPTrainerMixin(_TrainerBase):
         return finite
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, refusing a missing or incomplete checkpoint with a message that names the fix, and
-        failing (divergence.TrainingDiverged) when the final weights are not finite, or (TrainingCollapsed) when the
-        run's updates changed no trainable weight."""
+        """`Trainer.train`, refusing a missing or incomplete checkpoint, or one trained with other LoRA or loss
+        settings, with a message that names the fix, and failing (divergence.TrainingDiverged) when the final weights
+        are not finite, or (TrainingCollapsed) when the run's updates changed no trainable weight."""
         check_resume_target(resume_from_checkpoint, self.args.output_dir)
+        check_resumed_settings(self.args, resume_from_checkpoint)
         check_ewc_applies(self, resume_from_checkpoint)
         self._ewc, self._ewc_logged = None, (0.0, 0)
         self._zero_gradient_steps = None  # zero-gradient optimizer steps in a row (divergence.record_gradient_norm)

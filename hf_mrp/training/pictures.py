@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..audit.integrity import LENS_PICTURES
+from ..audit.audit_files import LENS_PICTURES
 from ..compat import tensorboard_writer, trackio_module, wandb_module
 from .tables import send_to_reporters
 

@@ -29,30 +29,36 @@ def make_parser(subparsers=None) -> MRPArgumentParser:
 
 
 def check_before_parsing(argv: list[str]) -> None:
-    """--mrp_top_k above the model's vocabulary, refused as such (MRPConfig, which cannot know the model, would
-    refuse a large k as a memory problem): the vocabulary is read from a local model's config.json."""
+    """Settings a local model's config.json refuses, before anything is loaded or created: --mrp_top_k above its
+    vocabulary (MRPConfig, which cannot know the model, would refuse a large k as a memory problem), and
+    --audit_layers / --lora_layers beyond its layers (else refused only once the model has loaded)."""
     import argparse
 
-    from ...models.loading import local_vocab_size
+    from ...models.layers import check_layer_flag
+    from ...models.loading import local_config_number
 
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for flag in ("--mrp_top_k", "--model", "--gguf_file"):
+    for flag in ("--mrp_top_k", "--model", "--gguf_file", "--audit_layers", "--lora_layers"):
         peek.add_argument(flag)
     try:
         known, _ = peek.parse_known_args(argv)
         top_k = int(known.mrp_top_k) if known.mrp_top_k is not None else None
     except (argparse.ArgumentError, ValueError, SystemExit):
         return  # the real parser names the problem
-    if top_k is None or known.gguf_file is not None:
+    if known.gguf_file is not None:
         return
-    vocab = local_vocab_size(known.model)
-    if vocab is not None and top_k > vocab:
-        name = known.model or "the embedded SmolLM2"
+    name = known.model or "the embedded SmolLM2"
+    vocab = local_config_number(known.model, "vocab_size")
+    if top_k is not None and vocab is not None and top_k > vocab:
         raise MRPUserError(
             f"mrp_top_k {top_k} exceeds the vocabulary of {name} ({vocab:,} tokens): the Fisher "
             f"objective's top-k must be at most that; pass --mrp_top_k {vocab} or less "
             f"(the paper uses 5)"
         )
+    n_layers = local_config_number(known.model, "num_hidden_layers")
+    for flag, spec in (("--audit_layers", known.audit_layers), ("--lora_layers", known.lora_layers)):
+        if n_layers is not None and spec is not None:
+            check_layer_flag(flag, spec, n_layers, name)
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RefineArguments, MRPConfig]:

@@ -14,10 +14,11 @@ from typing import Any
 from ...compat import size_mismatch_line
 from ...errors import MRPUserError
 from ...hub_access import offline_when_unreachable
-from ...storage.files import ensure_output_dir, read_json
+from ...storage.files import check_output_dir, read_json
 from ..arguments import ModelArguments, provenance
+from .adapter_folder import resolve_adapter
 from .report import build_report, write_report
-from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval, resolve_adapter
+from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval
 
 # Closed-form standard errors for mean metrics need only bootstrap_iters > 0; the bootstrapped ones
 # (perplexity) are secondary here, so one chunk of 1,000 draws keeps them cheap.
@@ -178,7 +179,7 @@ def downstream_from_arguments(model_args: ModelArguments, downstream_args: Downs
 
     require_lm_eval()
     resolve_adapter(downstream_args.adapter)
-    ensure_output_dir(downstream_args.output_dir)
+    check_output_dir(downstream_args.output_dir)  # created by the report's first file: a refusal leaves none
     with offline_when_unreachable():  # an unreachable Hub: cached task data still loads, the rest fails at once
         task_set = prepare_tasks(downstream_args.tasks, downstream_args.include_path)
         model, tokenizer, name = load_model_from_arguments(model_args)

@@ -43,22 +43,6 @@ def require_lm_eval() -> str:
         return "unknown"
 
 
-def resolve_adapter(path: str | Path) -> Path:
-    """The adapter folder, checked before the model loads so a typo costs nothing."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise MRPUserError(
-            f"adapter folder not found: {path}; pass the folder a refine run wrote "
-            "(e.g. --adapter outputs/refine, which holds adapter_config.json)"
-        )
-    if not (folder / "adapter_config.json").is_file():
-        raise MRPUserError(
-            f"{path} has no adapter_config.json, so it is not a PEFT adapter folder; pass the "
-            "output_dir of examples/refine.py or a folder written by PeftModel.save_pretrained"
-        )
-    return folder
-
-
 def task_manager(include_path: str | None) -> TaskManager:
     """lm-eval's task index (built-in tasks plus ``include_path``); indexing takes ~5 s."""
     from lm_eval.tasks import TaskManager
