@@ -74,6 +74,13 @@ class RefineArguments:
         default=0.0,
         metadata={"help": "Objective weight of the positions not targeted, in [0, 1] (CE is never weighted)."},
     )
+    objectives_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Python file of your own objectives (each one function and one hf_mrp.register_objective "
+            "call, docs/objectives.md), imported before the flags are checked: its names are --mrp_objective values."
+        },
+    )
     train_lm_head: bool = field(
         default=False,
         metadata={
