@@ -137,7 +137,8 @@ BUILTINS = (
         "proxy",
         _proxy_objective,
         rows=True,
-        description="the released 'final': the cosine distance 1 - cos(w_i, w_j) between the top-k tokens, weighted by p_i p_j",
+        description="the released 'final': the cosine distance 1 - cos(w_i, w_j) between the top-k tokens, "
+        "weighted by p_i p_j",
     ),
     Objective(
         "proxy_gated",
