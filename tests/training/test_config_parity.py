@@ -109,3 +109,17 @@ def test_every_settings_field_is_one_config_field_with_help():
     assert set(made) == {item.metadata["config"] for item in dataclasses.fields(MRPSettings)} - {
         "label_smoothing_factor"
     }
+
+
+@pytest.mark.parametrize("config_class", [MRPConfig, MRPSFTConfig])
+def test_both_configs_take_an_objective_registered_after_import(tmp_path, config_class, monkeypatch):
+    """The choices are the registry's when the config is checked, not when hf_mrp was imported."""
+    from hf_mrp import register_objective
+    from hf_mrp.ops.objectives import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False)
+    with pytest.raises(MRPUserError, match="unknown mrp_objective 'mine'; choose one of margin, fisher"):
+        config_class(mrp_objective="mine", **common)
+    register_objective("mine", lambda top: -top.values[:, 0], top_k=2)
+    assert config_class(mrp_objective="mine", **common).mrp_settings.record.name == "mine"

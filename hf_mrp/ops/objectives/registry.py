@@ -6,6 +6,11 @@ the fused loss (`chunk_loss.py`) hands it exactly that and nothing bigger: the t
 token ids and targets (`TopK`), the k rows of the head's W (``rows=True``), or the chunk's whole float32 logits
 (``full_logits=True``). The fused loss, the configs' choices and help, the audit, the command line and the docs
 table all read this registry: no other module compares objective names.
+
+Growing it: an objective that reads something else (e.g. the logits of other layers, for the released ``depth``
+mode) is a new `Objective` field saying so (its default keeps every record as it is) and the fused loss handing
+that input through the same `evaluate` door; a loss term beside the objective (EWC) is the trainer's, added to the
+fused sums' ``total``, not a record.
 """
 
 from __future__ import annotations

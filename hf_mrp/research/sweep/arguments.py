@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import MRPUserError
-from ...ops import objective
+from ...ops import objective, objective_names
 from ...ops.targeting import check_targets
 from ...stats.token_classes import BUCKETS, CLASSES
 
@@ -42,8 +42,7 @@ class SweepArguments:
     objectives: list[str] = field(
         default_factory=lambda: ["margin", "fisher", "entropy"],
         metadata={
-            "help": "registered objectives (margin, fisher, entropy, correct_margin, proxy, proxy_gated, and any "
-            "registered by --objectives_module PATH.py)"
+            "help": f"registered objectives ({', '.join(objective_names())}, and those of --objectives_module PATH.py)"
         },
     )
     lambdas: list[float] = field(
