@@ -2,6 +2,9 @@
 
 python benchmarks/bench_loss.py                 # B=4, T=512, V=49,152, d=576 (SmolLM2's head)
 python benchmarks/bench_loss.py --smoke         # tiny sizes, seconds (what CI runs)
+
+Beside the paper's objectives: the released code's correct_margin and proxy, and two objectives registered as a
+user registers them (a top-2 hinge; the entropy through the generic full-logits autograd path).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from common import interleaved_medians, machine, report
 
-from hf_mrp.ops import MRPSettings, margin_penalty, mrp_loss_sums
+from hf_mrp.ops import MRPSettings, margin_penalty, mrp_loss_sums, register_objective
 
 
 def naive_fisher(z: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -29,6 +32,20 @@ def naive_fisher(z: torch.Tensor, weight: torch.Tensor, k: int = 5) -> torch.Ten
     return (p[:, :, None] * p[:, None, :] * d * mask).sum((1, 2))
 
 
+def register_user_objectives() -> None:
+    """Two objectives as a user registers them (docs/objectives.md): a top-2 hinge, and the entropy through the
+    generic full-logits path (autograd over the chunk's [chunk x V] logits, beside the built-in's closed form)."""
+
+    def hinge(top):
+        return torch.relu(top.tau - (top.values[:, 0] - top.values[:, 1]))
+
+    def entropy(top):
+        return -(torch.softmax(top.logits, -1) * torch.log_softmax(top.logits, -1)).sum(-1)
+
+    register_objective("hinge", hinge, top_k=2)
+    register_objective("user_entropy", entropy, top_k=2, full_logits=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
@@ -43,17 +60,10 @@ def main() -> None:
     def plain_ce():
         F.cross_entropy((hidden @ weight.T).float(), targets).backward()
 
-    def naive(objective):
+    def naive(penalty):
         def run():
             z = (hidden @ weight.T).float()
-            ce = F.cross_entropy(z, targets)
-            if objective == "fisher":
-                extra = naive_fisher(z, weight).mean()
-            elif objective == "margin":
-                extra = margin_penalty(z.topk(2).values, 1.0).mean()
-            else:
-                extra = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1).mean()
-            (ce + 0.6 * extra).backward()
+            (F.cross_entropy(z, targets) + 0.6 * penalty(z).mean()).backward()
 
         return run
 
@@ -66,10 +76,20 @@ def main() -> None:
 
         return run
 
+    naive_penalties = {
+        "fisher": lambda z: naive_fisher(z, weight),
+        "margin": lambda z: margin_penalty(z.topk(2).values, 1.0),
+        "entropy": lambda z: -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1),
+    }
     cases = {"plain CE (full logits)": plain_ce}
-    for objective in ("fisher", "margin", "entropy"):
-        cases[f"naive CE + {objective}"] = naive(objective)
+    for objective, penalty in naive_penalties.items():
+        cases[f"naive CE + {objective}"] = naive(penalty)
         cases[f"fused CE + {objective} (hf_mrp)"] = fused(objective)
+    register_user_objectives()
+    labels = {"correct_margin": "correct_margin", "proxy": "proxy", "user hinge": "hinge"}
+    labels["user entropy (autograd)"] = "user_entropy"
+    for label, objective in labels.items():
+        cases[f"fused CE + {label}"] = fused(objective)
     print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, W frozen")
     report(f"median of {args.repeats}, interleaved", interleaved_medians(cases, args.repeats), "plain CE (full logits)")
 

@@ -1,7 +1,7 @@
 """hf_mrp: measure and reshape the Voronoi geometry of a causal LM's next-token decisions.
 
 Public API (imported lazily so `import hf_mrp` stays cheap):
-run_audit, load_audit, compare_audits, compare_dirs, MRPConfig, MRPTrainer, and with the
+run_audit, load_audit, compare_audits, compare_dirs, MRPConfig, MRPTrainer, register_objective, TopK, and with the
 ``hf_mrp[trl]`` extra MRPSFTConfig, MRPSFTTrainer.
 """
 
@@ -25,6 +25,8 @@ _EXPORTS = {
     "MRPTrainer": "hf_mrp.training.trainer",
     "MRPSFTConfig": "hf_mrp.training.sft",
     "MRPSFTTrainer": "hf_mrp.training.sft",
+    "register_objective": "hf_mrp.ops.objectives",
+    "TopK": "hf_mrp.ops.objectives",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -66,6 +66,11 @@ def set_nargs(parser: Any, dest: str, nargs: str) -> None:
     next(action for action in parser._actions if action.dest == dest).nargs = nargs
 
 
+def set_help(parser: Any, dest: str, text: str) -> None:
+    """Change the help of the flag already added for ``dest``."""
+    next(action for action in parser._actions if action.dest == dest).help = text
+
+
 # --- transformers 5.24: what the reporter callbacks hold once set up (TrackioCallback, WandbCallback,
 # TensorBoardCallback); None until the callback has started its run
 def trackio_module(callback: Any) -> Any:

@@ -75,3 +75,60 @@ def test_no_module_is_over_300_lines():
 
 def test_no_function_is_over_60_lines():
     assert long_functions() == [], "split these functions:\n" + "\n".join(long_functions())
+
+
+REGISTRY = PACKAGE / "ops" / "objectives"  # the registry of objectives: the one place that names them
+SCANNED = [PACKAGE, PACKAGE.parent / "benchmarks", PACKAGE.parent / "examples"]
+EQUALITY = (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)
+
+
+def objective_name_comparisons(source: str, names: set[str]) -> list[str]:
+    """'LINE: code' for each comparison of a value with a registered objective's name written as a string literal:
+    ``x == "fisher"``, ``"margin" != x``, ``x in ("margin", ...)``, ``case "entropy":``. Subscripts and membership
+    of a literal in a table (``positions["margin"]``, ``"margin" in columns``) are not comparisons of a name."""
+
+    def named(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        hit = False
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for op, left, right in zip(node.ops, operands, operands[1:]):
+                hit |= isinstance(op, EQUALITY) and (named(left) or named(right))
+                literal_set = isinstance(right, (ast.Tuple, ast.List, ast.Set))
+                hit |= isinstance(op, (ast.In, ast.NotIn)) and literal_set and any(map(named, right.elts))
+        elif isinstance(node, ast.MatchValue):
+            hit = named(node.value)
+        if hit:
+            found.append(f"{node.lineno}: {ast.get_source_segment(source, node)}")
+    return found
+
+
+def test_the_name_scan_sees_what_it_measures():
+    source = (
+        'a = x == "fisher"\nb = "margin" != y\nc = z in ("entropy", "q")\nd = positions["margin"]\n'
+        'e = "margin" in columns\nf = w == "fisherman"\nmatch v:\n    case "proxy":\n        pass\n'
+    )
+    found = objective_name_comparisons(source, {"fisher", "margin", "entropy", "proxy"})
+    assert [line.split(":")[0] for line in found] == ["1", "2", "3", "8"], found
+
+
+def test_no_objective_name_is_compared_outside_the_registry():
+    """The fused loss, the configs, the audit, the command line and the sweep read the registry's records (what an
+    objective reads, whether it is gated, its closed form, its memory); none of them compares names."""
+    from hf_mrp.ops.objectives import objective_names
+
+    names = set(objective_names())
+    assert {"margin", "fisher", "entropy", "correct_margin", "proxy", "proxy_gated"} <= names
+    found = []
+    for root in SCANNED:
+        for path in sorted(root.rglob("*.py")):
+            if REGISTRY in path.parents:
+                continue
+            found += [
+                f"{path.relative_to(PACKAGE.parent)}:{hit}"
+                for hit in objective_name_comparisons(path.read_text(encoding="utf-8"), names)
+            ]
+    assert found == [], "compare records, not names:\n" + "\n".join(found)

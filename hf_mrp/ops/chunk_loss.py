@@ -1,11 +1,13 @@
 """One chunk of positions: its loss sums and their gradient with respect to its raw logits (the math `fused.py`
 loops over).
 
-The CE (and entropy) gradient is written in closed form into the chunk's logits buffer itself (softmax - one-hot;
+The CE gradient is written in closed form into the chunk's logits buffer itself (ce_weight x (softmax - one-hot);
 with label smoothing eps: softmax - (1 - eps) one-hot - eps / V), so a chunk costs one [chunk x V] float32 buffer
-(two with a soft cap or the entropy objective) and the same passes over it as plain cross-entropy's forward and
-backward. The margin and Fisher objectives only see the top-k logits: their gradient stays [chunk x k], unscaled by
-lambda, so the caller can normalize it once the whole batch is known.
+(two with a soft cap or a closed-form objective such as entropy) and the same passes over it as plain
+cross-entropy's forward and backward. Every other objective is its registry record's penalty (`objectives`), run
+through autograd on exactly what the record reads: the [chunk x k] top logits and the target's logit, the
+[chunk x k x d] rows of W, or (``full_logits``) a copy of the [chunk x V] logits. Its gradient stays apart from
+the CE's, unscaled by lambda, so the caller can normalize it once the whole batch is known.
 """
 
 from __future__ import annotations
@@ -15,10 +17,22 @@ from dataclasses import dataclass
 import torch
 
 from .margins import ChunkSoftmax, chunk_softmax
-from .objectives import fisher_penalty, margin_penalty
+from .objectives import ClosedForm, Objective, TopK, evaluate
 from .precision import HeadOperands
 from .settings import MRPSettings
 from .transform import LogitTransform
+
+
+@dataclass
+class ObjectiveGradients:
+    """The lambda-free gradients of one chunk's objective sum, with respect to the raw logits at ``ids``
+    ([chunk x k'], the top-k ids and maybe the target's), the rows W'[row_ids], and the whole raw logits."""
+
+    ids: torch.Tensor
+    top: torch.Tensor | None = None  # [chunk, k']
+    row_ids: torch.Tensor | None = None  # [chunk, k]
+    rows: torch.Tensor | None = None  # [chunk, k, d] (rows=True and W trains)
+    full: torch.Tensor | None = None  # [chunk, V] (full_logits=True)
 
 
 @dataclass
@@ -31,10 +45,9 @@ class ChunkResult:
     n_gated: torch.Tensor
     n_correct: torch.Tensor
     entropy: torch.Tensor  # sum of the predictive entropy (0 unless computed)
-    grad_logits: torch.Tensor | None  # d(ce [+ lam * entropy]) / dz_raw, [chunk, V]
-    top_ids: torch.Tensor
-    grad_top: torch.Tensor | None  # d(objective) / dz_raw at the top-k ids, [chunk, k] (margin, Fisher)
-    grad_rows: torch.Tensor | None  # d(objective) / dW'[top_ids], [chunk, k, d] (Fisher, W trains)
+    nonfinite: torch.Tensor  # 1 when the objective's penalty is not finite somewhere, else 0
+    grad_logits: torch.Tensor | None  # d(ce_weight * ce [+ lam * closed form]) / dz_raw, [chunk, V]; None: all 0
+    objective_grads: ObjectiveGradients | None  # the penalty's, through autograd
 
 
 def chunk_loss(
@@ -50,34 +63,35 @@ def chunk_loss(
 ) -> ChunkResult:
     """Loss sums of one chunk and, when ``need_grad``, their gradients with respect to its raw logits (see the
     module's docstring for the memory this costs)."""
-    objective, lam = settings.objective, settings.lam
+    record, active = settings.record, settings.lam != 0.0
+    closed = record.closed_form if active else None
     logits = transform.cap_(head.logits(h))  # the logits the model emits
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
     logit_sum = logits.sum(-1) if settings.label_smoothing else None  # before chunk_softmax shifts it in place
-    entropy = objective == "entropy" and lam != 0.0
-    keep_shifted = entropy or with_entropy
-    parts = chunk_softmax(logits, targets, settings.top_k if objective == "fisher" else 2, keep_shifted=keep_shifted)
+    by_autograd = active and closed is None
+    full = logits.clone() if by_autograd and record.full_logits else None
+    parts = chunk_softmax(logits, targets, max(settings.k, 2), keep_shifted=closed is not None or with_entropy)
     ce = _ce_sum(parts, logit_sum, settings.label_smoothing, head.vocab)
     margins = parts.top_values[:, 0] - parts.top_values[:, 1]
-    n_gated = (margins < settings.tau).sum()
-    n_correct = (parts.top_ids[:, 0] == targets).sum()
-    objective_sum = torch.zeros((), device=h.device)
-    grad_top = grad_rows = None  # stay None unless need_grad
-    if lam != 0.0 and not entropy:
-        objective_sum, grad_top, grad_rows = _top_k_objective_and_gradients(
-            parts.top_values, parts.top_ids, head, weights, settings, need_grad, need_rows_grad, cap_slope
+    correct = parts.top_ids[:, 0] == targets
+    zero = torch.zeros((), device=h.device)
+    objective_sum, n_gated, nonfinite, objective_grads = zero, (margins < settings.tau).sum(), zero, None
+    if by_autograd:
+        top = _top_k(parts, targets, correct, head, full, settings, need_grad, need_rows_grad)
+        objective_sum, gated, nonfinite, objective_grads = _penalty_and_gradients(
+            record, top, weights, need_grad, need_rows_grad, cap_slope
         )
-    entropy_values = parts.entropy() if keep_shifted else None
-    entropy_sum = entropy_values.sum() if entropy_values is not None else torch.zeros((), device=h.device)
-    if entropy:
-        assert entropy_values is not None  # the entropy objective keeps the shifted logits
-        objective_sum = (entropy_values * weights).sum() if weights is not None else entropy_values.sum()
+        n_gated = n_gated if gated is None else gated
+    entropy_sum = parts.entropy().sum() if with_entropy else zero
+    closed_values = closed.values(parts) if closed is not None else None
+    if closed_values is not None:
+        objective_sum = (closed_values * weights).sum() if weights is not None else closed_values.sum()
+        nonfinite = (~torch.isfinite(closed_values)).any().float()
     grad = None
-    if need_grad:
-        entropy_objective = entropy_values if entropy else None
-        grad = _ce_logit_gradient_(parts, targets, weights, entropy_objective, settings, head.vocab, cap_slope)
+    if need_grad and (settings.ce_weight != 0.0 or closed is not None):
+        grad = _ce_logit_gradient_(parts, targets, weights, closed, closed_values, settings, head.vocab, cap_slope)
     return ChunkResult(
-        ce, objective_sum, margins.sum(), n_gated, n_correct, entropy_sum, grad, parts.top_ids, grad_top, grad_rows
+        ce, objective_sum, margins.sum(), n_gated, correct.sum(), entropy_sum, nonfinite, grad, objective_grads
     )
 
 
@@ -88,64 +102,91 @@ def _ce_sum(parts: ChunkSoftmax, logit_sum: torch.Tensor | None, smoothing: floa
     return (nll if logit_sum is None else _label_smoothed(nll, log_norm, logit_sum, smoothing, vocab)).sum()
 
 
-def _top_k_objective(top_values, top_rows, objective, tau, weights):
-    if objective == "margin":
-        penalty = margin_penalty(top_values, tau)
-    else:
-        penalty = fisher_penalty(top_values, top_rows)
-    return (penalty * weights).sum() if weights is not None else penalty.sum()
-
-
-def _top_k_objective_and_gradients(
-    top_values: torch.Tensor,
-    top_ids: torch.Tensor,
+def _top_k(
+    parts: ChunkSoftmax,
+    targets: torch.Tensor,
+    correct: torch.Tensor,
     head: HeadOperands,
-    weights: torch.Tensor | None,
+    full: torch.Tensor | None,
     settings: MRPSettings,
     need_grad: bool,
     need_rows_grad: bool,
+) -> TopK:
+    """What the record reads, as autograd leaves: the k top logits and the target's (always), W'[top ids] (rows)
+    and the chunk's logits (full_logits)."""
+    k, record = settings.k, settings.record
+    ids = parts.top_ids[:, :k]
+    return TopK(
+        values=parts.top_values[:, :k].detach().requires_grad_(need_grad),
+        indices=ids,
+        target=targets,
+        target_logit=parts.target_logit.detach().requires_grad_(need_grad),
+        correct=correct,
+        tau=settings.tau,
+        rows=head.rows(ids).detach().requires_grad_(need_rows_grad) if record.rows else None,
+        logits=None if full is None else full.requires_grad_(need_grad),
+    )
+
+
+def _penalty_and_gradients(
+    record: Objective,
+    top: TopK,
+    weights: torch.Tensor | None,
+    need_grad: bool,
+    need_rows_grad: bool,
     cap_slope: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The margin or Fisher objective's sum over the chunk (detached) and, when asked, its lambda-free gradients
-    with respect to the raw top-k logits (through the soft cap's slope) and to the top-k rows of W'."""
-    objective = settings.objective
-    grad_top = grad_rows = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ObjectiveGradients | None]:
+    """The penalty's weighted sum over the chunk (detached), its gate count (None: ungated), whether it is not
+    finite somewhere, and its lambda-free gradients (one autograd pass) with respect to the raw logits (through
+    the soft cap's slope) and to the rows of W'."""
     with torch.enable_grad():
-        values = top_values.detach().requires_grad_(need_grad)
-        rows = head.rows(top_ids).detach().requires_grad_(need_rows_grad) if objective == "fisher" else None
-        objective_sum = _top_k_objective(values, rows, objective, settings.tau, weights)
-        if need_grad and objective_sum.requires_grad:
-            inputs = [values] + ([rows] if rows is not None and need_rows_grad else [])
-            grads = torch.autograd.grad(objective_sum, inputs)
-            grad_top = grads[0]
-            grad_rows = grads[1] if need_rows_grad else None
-    if grad_top is not None and cap_slope is not None:
-        grad_top = grad_top * cap_slope.gather(1, top_ids)
-    return objective_sum.detach(), grad_top, grad_rows
+        values, gate = evaluate(record, top)
+        total = (values * weights).sum() if weights is not None else values.sum()
+        leaves = [top.values, top.target_logit, top.rows if need_rows_grad else None, top.logits]
+        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        found = torch.autograd.grad(total, wanted, allow_unused=True) if need_grad and total.requires_grad else ()
+    by_leaf = {id(leaf): grad for leaf, grad in zip(wanted, found)}
+    grad_values, grad_target, grad_rows, grad_full = (by_leaf.get(id(leaf)) for leaf in leaves)
+    nonfinite = (~torch.isfinite(values.detach())).any().float()
+    n_gated = None if gate is None else gate.sum()
+    if not need_grad:
+        return total.detach(), n_gated, nonfinite, None
+    grads = ObjectiveGradients(top.indices, grad_values, top.indices if grad_rows is not None else None, grad_rows)
+    if grad_target is not None:  # the target's logit: one more column of ids
+        known = grad_values if grad_values is not None else torch.zeros_like(top.values)
+        grads.ids = torch.cat([top.indices, top.target[:, None]], dim=1)
+        grads.top = torch.cat([known, grad_target[:, None]], dim=1)
+    if grad_full is not None:
+        grads.full = grad_full if cap_slope is None else grad_full.mul_(cap_slope)
+    if grads.top is not None and cap_slope is not None:
+        grads.top = grads.top * cap_slope.gather(1, grads.ids)
+    return total.detach(), n_gated, nonfinite, grads
 
 
 def _ce_logit_gradient_(
     parts: ChunkSoftmax,
     targets: torch.Tensor,
     weights: torch.Tensor | None,
-    entropy_values: torch.Tensor | None,
+    closed: ClosedForm | None,
+    closed_values: torch.Tensor | None,
     settings: MRPSettings,
     vocab: int,
     cap_slope: torch.Tensor | None,
 ) -> torch.Tensor:
-    """d(ce [+ lam * entropy]) / dz_raw of the chunk, written over its exponentials (and, for the entropy objective,
-    over its shifted logits): no new [chunk x V] buffer. ``entropy_values`` (the entropy per position) only for the
-    entropy objective, else None."""
+    """d(ce_weight * ce [+ lam * closed-form objective]) / dz_raw of the chunk, written over its exponentials (and,
+    for a closed form, over its shifted logits): no new [chunk x V] buffer."""
     grad = parts.exp.div_(parts.total[:, None])  # softmax p, in place
-    if entropy_values is not None:  # dH/dz = -p (log p + H):  grad = p * (1 - lam * w * (log p + H))
+    c = settings.ce_weight
+    if closed is not None and closed_values is not None:
         scale = settings.lam if weights is None else settings.lam * weights[:, None]
-        factor = parts.shifted.sub_((parts.log_total - entropy_values)[:, None]).mul_(-scale).add_(1.0)
-        grad.mul_(factor)
+        closed.gradient_(grad, parts, closed_values, scale, c)  # c * p + lam * w * dP/dz
+    elif c != 1.0:
+        grad.mul_(c)
     rows_index = torch.arange(grad.shape[0], device=grad.device)
     smoothing = settings.label_smoothing
-    grad[rows_index, targets] -= 1.0 - smoothing
+    grad[rows_index, targets] -= c * (1.0 - smoothing)
     if smoothing:
-        grad.sub_(smoothing / vocab)
+        grad.sub_(c * smoothing / vocab)
     if cap_slope is not None:
         grad.mul_(cap_slope)
     return grad

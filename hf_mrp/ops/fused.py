@@ -2,8 +2,9 @@
 
 For each chunk the logits are computed once in float32 (through the model's own logit transform:
 scale and soft cap, `transform.py`), the loss terms and their gradient with respect to those logits
-are taken right away (in closed form, in the logits buffer), and turned into gradients for the hidden
-states (and W, when it trains); the backward pass only scales those. No [positions x vocab] tensor
+are taken right away (CE in closed form, in the logits buffer; the objective, a registry record, through one
+autograd pass over only what it reads), and turned into gradients for the hidden states (and W, when it
+trains); the backward pass only scales those. No [positions x vocab] tensor
 lives beyond one chunk, and no logits are recomputed. Because the gradients exist at the end of the
 forward, the head's weight only has to be whole during the forward (FSDP / ZeRO-3 gather it there).
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MRPUserError
 from .chunk_loss import chunk_loss
 from .head_gradients import HeadGradients
 from .precision import HeadOperands, autocast_off
@@ -38,8 +40,9 @@ IGNORE_INDEX = -100  # a label (target) that carries no loss, as in torch and tr
 class MRPLossSums:
     """Sums over valid positions; divide by the number of items to get means.
 
-    ``total`` = ce + lam * objective carries the gradient; the others are detached. ``objective`` is
-    already normalized as asked (see `mrp_loss_sums`); ``n_gated`` counts positions with margin < tau,
+    ``total`` = ce_weight * ce + lam * objective carries the gradient; the others are detached (``ce`` unweighted).
+    ``objective`` is already normalized as asked (see `mrp_loss_sums`); ``n_gated`` counts the positions a gated
+    objective's gate admits (with lam > 0; else the positions with margin < tau),
     ``n_correct`` those whose top-1 token is the target; ``entropy`` sums the predictive entropy (only
     when asked for: it costs one more [chunk x V] pass).
     """
@@ -54,10 +57,10 @@ class MRPLossSums:
     entropy: torch.Tensor | None = None
 
 
-def _objective_factor(normalization: str, objective: str, n_valid: int, n_gated: int) -> float:
-    """Per-micro-batch factor that turns the margin objective's sum over valid positions into the paper's
-    mean over gated positions (after the caller divides by the valid positions); 1 otherwise."""
-    if normalization != "gated" or objective != "margin":
+def _objective_factor(settings: MRPSettings, n_valid: int, n_gated: int) -> float:
+    """Per-micro-batch factor that turns a gated objective's sum over valid positions into the paper's mean over
+    the gated positions (after the caller divides by the valid positions); 1 otherwise."""
+    if settings.normalization != "gated" or not settings.record.gated:
         return 1.0
     return n_valid / n_gated if n_gated else 0.0
 
@@ -67,10 +70,10 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, t
     need_h, need_w, need_b = needs
     need_grad = need_h or need_w or need_b
     head = HeadOperands(weight, bias, transform, settings.precision)
-    lam, objective = settings.lam, settings.objective
-    sparse = lam != 0.0 and objective != "entropy"
-    grads = HeadGradients(hidden, head, need_h, need_w, need_b, sparse) if need_grad else None
-    sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)
+    lam, record = settings.lam, settings.record
+    by_autograd = lam != 0.0 and record.closed_form is None  # the objective's gradient kept apart
+    grads = HeadGradients(hidden, head, need_h, need_w, need_b, by_autograd) if need_grad else None
+    sums = torch.zeros(7, dtype=torch.float64, device=hidden.device)
     for start in range(0, hidden.shape[0], settings.chunk_size):
         stop = start + settings.chunk_size
         h = hidden[start:stop].float()
@@ -83,21 +86,31 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, t
             transform,
             with_entropy,
             need_grad,
-            need_w and objective == "fisher",
+            need_w and record.rows,
         )
-        sums += torch.stack(
-            [chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct, chunk.entropy]
-        ).double()
+        parts = [chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct, chunk.entropy]
+        sums += torch.stack(parts + [chunk.nonfinite]).double()
         if grads is not None:
             grads.add_chunk(start, stop, h, head, chunk)
         del chunk
-    ce, obj, margin, n_gated, n_correct, entropy = sums.unbind()
-    factor = _objective_factor(settings.normalization, objective, hidden.shape[0], int(n_gated))
+    ce, obj, margin, n_gated, n_correct, entropy, nonfinite = sums.unbind()
+    _check_finite(record.name, nonfinite, ce)
+    factor = _objective_factor(settings, hidden.shape[0], int(n_gated))
     obj = obj * factor
-    outputs = grads.combine(lam * factor if sparse else 0.0, head.scale) if grads is not None else [None] * 3
-    total = (ce + lam * obj).float()
+    outputs = grads.combine(lam * factor if by_autograd else 0.0, head.scale) if grads is not None else [None] * 3
+    total = (settings.ce_weight * ce + lam * obj).float()
     statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
     return total, statistics, outputs
+
+
+def _check_finite(name: str, nonfinite: torch.Tensor, ce: torch.Tensor) -> None:
+    """A penalty that is NaN / inf on logits whose cross-entropy is finite is the objective's fault: refused by name.
+    (Non-finite logits, or mrp_weights, are the data's: the trainers skip such a batch.)"""
+    if bool(nonfinite > 0) and bool(torch.isfinite(ce)):
+        raise MRPUserError(
+            f"objective {name!r}: its penalty is not finite (NaN or inf) at some position whose logits are finite; "
+            "make it finite for every input (clamp it, or guard its divisions and logs)"
+        )
 
 
 class _FusedMRPLoss(torch.autograd.Function):
@@ -142,16 +155,17 @@ def mrp_loss_sums(
     transform: LogitTransform = IDENTITY,
     with_entropy: bool = False,
 ) -> MRPLossSums:
-    """Summed CE + lam * objective over positions whose target is not -100 (``settings``: `MRPSettings`, checked
-    when built; a config's ``mrp_settings``).
+    """Summed ce_weight * CE + lam * objective over positions whose target is not -100 (``settings``:
+    `MRPSettings`, checked when built; a config's ``mrp_settings``).
 
     ``hidden`` [..., d] are final hidden states (after the final norm) already aligned with
     ``targets`` [...] (i.e. shifted); the logits are ``transform(hidden @ weight.T + bias)``, in float32
     whatever autocast or the inputs' dtype (``settings.precision="bfloat16"``: bf16 operands, float32 accumulation).
     ``position_weights`` [...] optionally weight each position's objective term (e.g. to target token
-    classes); CE is never weighted. ``settings.normalization='gated'`` scales the margin objective's sum by
-    n_valid / n_gated, so that once the caller divides by the valid positions it is the paper's mean over
-    the gated positions (m < tau) of this call; 'valid' (and every other objective) leaves the sum as is.
+    classes); CE is never weighted. The objective is ``settings.record``, a registered one (`objectives`).
+    ``settings.normalization='gated'`` scales a gated objective's sum (margin, correct_margin, proxy_gated, a
+    user's gated penalty) by n_valid / n_gated, so that once the caller divides by the valid positions it is the
+    paper's mean over the gated positions of this call; 'valid' (and every ungated objective) leaves the sum as is.
     ``settings.label_smoothing`` eps makes the CE term transformers' ``LabelSmoother``'s: (1 - eps) * NLL + eps * the
     mean over the vocabulary of -log p (``ce`` is then that smoothed sum).
     Divide the sums by the number of items (the Trainer's ``num_items_in_batch``) to get the loss.

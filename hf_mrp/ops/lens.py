@@ -15,7 +15,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .objectives import fisher_penalty, margin_penalty
+from .margins import penalty_columns
+from .objectives import TopK
 from .precision import autocast_off
 from .transform import IDENTITY, LogitTransform
 
@@ -56,8 +57,9 @@ def _layer_chunk(
     margin_stats = {
         "margin": top_values[:, 0] - top_values[:, 1],
         "correct": top_ids[:, 0] == targets,
-        "fisher_penalty": fisher_penalty(top_values, weight32[top_ids]),
-        "margin_penalty": margin_penalty(top_values, tau),
+        **penalty_columns(
+            TopK(top_values, top_ids, targets, target_logit, top_ids[:, 0] == targets, tau, weight32[top_ids])
+        ),
     }
     peak = top_values[:, :1]
     shifted = logits.sub_(peak)

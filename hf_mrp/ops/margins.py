@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .objectives import fisher_penalty, margin_penalty
+from .objectives import TopK, penalty_column
 from .precision import HeadOperands, autocast_off
 from .transform import IDENTITY, LogitTransform
 
@@ -100,9 +100,13 @@ def _chunk_statistics(
         "target_margin": target_logit - best_other,
         "geometric_margin": raw_margin / (w1 - w2).norm(dim=-1).clamp_min(1e-12),
         "brier": brier,
-        "fisher_penalty": fisher_penalty(top_values, top_rows),
-        "margin_penalty": margin_penalty(top_values, tau),
+        **penalty_columns(TopK(top_values, top_ids, targets, target_logit, is_top1, tau, rows=top_rows)),
     }
+
+
+def penalty_columns(top: TopK) -> dict[str, torch.Tensor]:
+    """The audit's per-position MRP penalties, each its registered objective's (0 outside the objective's gate)."""
+    return {"fisher_penalty": penalty_column("fisher", top), "margin_penalty": penalty_column("margin", top)}
 
 
 @torch.no_grad()

@@ -15,6 +15,11 @@ from .parser import MRPArgumentParser
 def run_command(command: str, argv: list[str]) -> None:
     """Import the command's module only (the training stack takes seconds to import), register its parser
     under the root one (TRL's ``make_parser(subparsers)``), parse, and hand ``main`` the whole dataclasses."""
+    objectives_file = _flag_value(argv, "--objectives_module")
+    if objectives_file is not None:  # before any flag is checked: its objectives are valid --mrp_objective values
+        from ..ops.objectives import load_objectives_module
+
+        load_objectives_module(objectives_file)
     module = importlib.import_module(f"hf_mrp.research.commands.{command}")
     if hasattr(module, "check_before_parsing"):  # settings that need the model's files, not only the flags
         module.check_before_parsing(argv)
@@ -33,12 +38,13 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _given_output_dir(argv: list[str]) -> str | None:
-    """The --output_dir flag's value, read before any flag parsing (which needs the heavy imports)."""
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """A flag's value (``--flag VALUE`` or ``--flag=VALUE``), read before any flag parsing (which needs the heavy
+    imports, and for --objectives_module the user's objectives)."""
     for index, word in enumerate(argv):
-        if word == "--output_dir" and index + 1 < len(argv):
+        if word == flag and index + 1 < len(argv):
             return argv[index + 1]
-        if word.startswith("--output_dir="):
+        if word.startswith(flag + "="):
             return word.split("=", 1)[1]
     return None
 
@@ -48,7 +54,7 @@ def _output_dir_owned(command: str, argv: list[str]):
     run into the folder stops at once (the commands lock it again, reentrantly, and lock a default folder)."""
     import shlex
 
-    folder = _given_output_dir(argv)
+    folder = _flag_value(argv, "--output_dir")
     if folder is None or command == "downstream" or "-h" in argv or "--help" in argv:
         return contextlib.nullcontext()
     from ..storage.locks import is_main_process, owned_folder

@@ -83,6 +83,13 @@ class RefineArguments:
             "choices": list(WEIGHTINGS),
         },
     )
+    objectives_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Python file of your own objectives (each one function and one hf_mrp.register_objective "
+            "call, docs/objectives.md), imported before the flags are checked: its names are --mrp_objective values."
+        },
+    )
     train_lm_head: bool = field(
         default=False,
         metadata={

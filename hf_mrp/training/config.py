@@ -6,18 +6,21 @@ settings that both configs make after TrainingArguments' own are `run_checks.py`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainingArguments
 
 from ..errors import MRPUserError, require_number
 from ..models.layers import parse_layer_spec
-from ..ops import LOGITS_PRECISIONS, MRPSettings
-from .run_checks import check_fisher_memory, check_training_settings, memory_limit
+from ..ops import MRPSettings
+from ..ops.settings import CONFIG_FIELDS
+from .run_checks import check_objective_memory, check_training_settings, memory_limit
 from .scopes import TRAINABLE_SCOPES
 
 logger = logging.getLogger(__name__)
@@ -33,74 +36,32 @@ def _launched_without_accelerators(use_cpu: bool) -> bool:
     )
 
 
-DEFAULTS = MRPSettings()
-# the fields MRPSettings is built from (TrainingArguments' label_smoothing_factor too)
-SETTINGS_FIELDS = frozenset(
-    {
-        "mrp_objective",
-        "mrp_lambda",
-        "mrp_margin_threshold",
-        "mrp_top_k",
-        "mrp_chunk_size",
-        "mrp_margin_normalization",
-        "label_smoothing_factor",
-        "mrp_logits_precision",
-    }
-)
+def _settings_fields() -> list[tuple[str, type, Any]]:
+    """The configs' ``mrp_*`` fields, one per `MRPSettings` field (its default and help, defined there once);
+    ``label_smoothing_factor`` is TrainingArguments' own."""
+    types = typing.get_type_hints(MRPSettings)
+    made = []
+    for item in dataclasses.fields(MRPSettings):
+        name = item.metadata["config"]
+        if name.startswith("mrp_"):
+            metadata = {key: value for key, value in item.metadata.items() if key != "config"}
+            made.append((name, types[item.name], field(default=item.default, metadata=metadata)))
+    return made
 
 
 if TYPE_CHECKING:  # the type checker sees the TrainingArguments fields the mixin reads; at run time a plain base
     _ArgumentsBase = TrainingArguments
 else:
     _ArgumentsBase = object
+# The mrp_* fields as a dataclass base (typed Any: its fields are generated from MRPSettings)
+_SettingsFields: Any = dataclasses.make_dataclass("MRPSettingsFields", _settings_fields())
 
 
 @dataclass
-class MRPArguments(_ArgumentsBase):
-    """The MRP objective's fields (loss = CE + mrp_lambda * L_objective, see docs/spec.md), mixed into
-    `MRPConfig` and `MRPSFTConfig` ahead of their TrainingArguments base, so both read and check them alike."""
-
-    mrp_objective: str = field(
-        default=DEFAULTS.objective,
-        metadata={
-            "help": "Objective added to cross-entropy: 'margin' (maximize top-1 minus top-2 logit below "
-            "the threshold), 'fisher' (Fisher distance penalty over the top-k tokens, minimized) "
-            "or 'entropy' (full-vocabulary entropy)."
-        },
-    )
-    mrp_lambda: float = field(
-        default=DEFAULTS.lam, metadata={"help": "Weight of the objective (>= 0; 0 gives plain CE)."}
-    )
-    mrp_margin_threshold: float = field(
-        default=DEFAULTS.tau,
-        metadata={"help": "tau: the margin objective only acts on positions with margin below tau (> 0)."},
-    )
-    mrp_margin_normalization: str = field(
-        default=DEFAULTS.normalization,
-        metadata={
-            "help": "How the margin objective is averaged: 'gated' divides it by the positions whose margin is "
-            "below tau (the paper's mean over gated positions, per micro-batch), 'valid' by all valid "
-            "positions like CE (exact under gradient accumulation). Other objectives: always 'valid'."
-        },
-    )
-    mrp_top_k: int = field(
-        default=DEFAULTS.top_k, metadata={"help": "k: tokens in the Fisher objective (2 <= k <= vocab)."}
-    )
-    mrp_chunk_size: int = field(
-        default=DEFAULTS.chunk_size,
-        metadata={"help": "Positions per float32 [chunk x vocab] logits chunk (memory vs. speed)."},
-    )
-    mrp_logits_precision: str = field(
-        default=DEFAULTS.precision,
-        metadata={
-            "help": "Precision of the fused loss' head matmuls: 'float32' (default: float32 logits and "
-            "gradients whatever bf16 / fp16 autocast or the model's dtype) or 'bfloat16' (opt-in, "
-            "speed over the float32 guarantee: h, W and the logits' gradient rounded to bfloat16 "
-            "operands, products and sums in float32, float32 logits; tensor cores on CUDA). The "
-            "audit is always float32.",
-            "choices": list(LOGITS_PRECISIONS),
-        },
-    )
+class MRPArguments(_SettingsFields, _ArgumentsBase):
+    """The MRP objective's fields (loss = mrp_ce_weight * CE + mrp_lambda * L_objective, see docs/spec.md), one per
+    `MRPSettings` field, mixed into `MRPConfig` and `MRPSFTConfig` ahead of their TrainingArguments base, so both
+    read and check them alike."""
 
     mrp_ewc_lambda: float = field(
         default=0.0,
@@ -146,7 +107,8 @@ class MRPArguments(_ArgumentsBase):
         before their TrainingArguments base, so they refuse exactly the same settings with the same words. Builds
         ``mrp_settings``, the checked `MRPSettings` the loss takes whole (rebuilt, and checked, when a field
         changes later)."""
-        settings = self._built_mrp_settings()
+        settings = MRPSettings.from_config(self)
+        check_objective_memory(settings, memory_limit(self.use_cpu))
         require_number("mrp_ewc_lambda", self.mrp_ewc_lambda)
         require_number("mrp_ewc_batches", self.mrp_ewc_batches, integer=True)
         if not (0 <= self.mrp_ewc_lambda < float("inf")) or self.mrp_ewc_batches < 1:
@@ -154,25 +116,11 @@ class MRPArguments(_ArgumentsBase):
                 f"mrp_ewc_lambda must be a finite number >= 0 (0: no EWC) and mrp_ewc_batches >= 1, got "
                 f"{self.mrp_ewc_lambda} and {self.mrp_ewc_batches}"
             )
-        if settings.objective == "fisher":
-            check_fisher_memory(settings.top_k, settings.chunk_size, memory_limit(self.use_cpu))
         self.mrp_settings = settings
-
-    def _built_mrp_settings(self) -> MRPSettings:
-        return MRPSettings(
-            self.mrp_objective,
-            self.mrp_lambda,
-            self.mrp_margin_threshold,
-            self.mrp_top_k,
-            self.mrp_chunk_size,
-            self.mrp_margin_normalization,
-            self.label_smoothing_factor,
-            self.mrp_logits_precision,
-        )
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name in SETTINGS_FIELDS and "mrp_settings" in self.__dict__:  # built already: build and check anew
+        if name in CONFIG_FIELDS and "mrp_settings" in self.__dict__:  # built already: build and check anew
             self._check_mrp_fields()
 
 

@@ -58,12 +58,17 @@ class MRPTrainerMixin(_TrainerBase):
             )
 
     def _init_mrp_state(self) -> None:
-        """Call after ``Trainer.__init__``; refuses a Fisher top-k beyond the vocabulary. The loss is a sum over valid
+        """Call after ``Trainer.__init__``; refuses a top-k beyond the vocabulary. The loss is a sum over valid
         shifted positions / num_items_in_batch, like the models' own CE: the Trainer counts those items (over
         labels[..., 1:]) and skips its own GA rescaling."""
-        vocab = vocab_size(self.model)
+        vocab, settings = vocab_size(self.model), self.args.mrp_settings
         if self.args.mrp_top_k > vocab:
             raise MRPUserError(f"mrp_top_k ({self.args.mrp_top_k}) exceeds the vocabulary ({vocab}); lower it")
+        if settings.k > vocab:
+            raise MRPUserError(
+                f"objective {settings.objective!r} reads the top {settings.k} logits, more than the vocabulary "
+                f"({vocab})"
+            )
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         # [ce, objective, margin, positions] summed over processes since the last log: a device tensor, read there

@@ -1,5 +1,5 @@
 """The settings of a training run that TrainingArguments accepts but the run cannot use (an empty output_dir, zero
-steps, a seed numpy refuses, a reporter that is unknown or not installed, a Fisher k beyond the machine's memory),
+steps, a seed numpy refuses, a reporter that is unknown or not installed, a top-k beyond the machine's memory),
 refused in one line before any work; `MRPConfig` and `MRPSFTConfig` both run them."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from ..errors import MRPUserError
+from ..ops import MRPSettings
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's generator (transformers.set_seed seeds it) takes seeds in this range
 # --report_to name -> (transformers' availability check, what to install)
@@ -92,9 +93,6 @@ def _known_reporters(report_to: list[str]) -> list[str]:
     return names
 
 
-FISHER_LIVE_COPIES = 4  # [chunk x k x k x k] float32 tensors alive at once in ops.objectives.fisher_penalty
-
-
 def memory_limit(use_cpu: bool = False) -> int:
     """Bytes of memory the objective may use at most: the GPU's memory when one is used, else the machine's RAM."""
     if not use_cpu and torch.cuda.is_available():
@@ -102,13 +100,21 @@ def memory_limit(use_cpu: bool = False) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_fisher_memory(top_k: int, chunk_size: int, limit: int) -> None:
-    """The Fisher objective holds [chunk x k x k x k] float32 tensors; refuse a k whose tensors exceed ``limit``."""
-    needed = FISHER_LIVE_COPIES * 4 * chunk_size * top_k**3
+def check_objective_memory(settings: MRPSettings, limit: int) -> None:
+    """An objective whose per-position tensors grow with k (Fisher: [chunk x k x k x k] float32, its record's
+    ``memory``): refuse a k whose chunk of tensors exceeds ``limit`` bytes."""
+    record = settings.record
+    if record.memory is None:
+        return
+    k, chunk = settings.k, settings.chunk_size
+    needed = record.memory(k) * chunk
     if needed > limit:
-        largest = int((limit / (FISHER_LIVE_COPIES * 4 * chunk_size)) ** (1 / 3))
+        largest, too_large = 1, k  # the largest k that fits, by bisection (memory grows with k)
+        while too_large - largest > 1:
+            middle = (largest + too_large) // 2
+            largest, too_large = (middle, too_large) if record.memory(middle) * chunk <= limit else (largest, middle)
         raise MRPUserError(
-            f"mrp_top_k {top_k} would need about {needed / 1e9:,.0f} GB for the Fisher objective's "
-            f"[chunk x k x k x k] tensors (mrp_chunk_size {chunk_size}), more than the {limit / 1e9:.0f} GB of memory "
-            f"here; use mrp_top_k <= {largest} (the paper uses 5), or a smaller mrp_chunk_size"
+            f"mrp_top_k {k} would need about {needed / 1e9:,.0f} GB for the {record.name} objective's per-position "
+            f"tensors (mrp_chunk_size {chunk}), more than the {limit / 1e9:.0f} GB of memory here; use mrp_top_k <= "
+            f"{largest} (the paper uses 5), or a smaller mrp_chunk_size"
         )

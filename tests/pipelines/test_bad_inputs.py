@@ -350,7 +350,7 @@ CLI_CASES = [
         ["refine", "--gradient_accumulation_steps", "0"],
         "gradient_accumulation_steps must be at least 1",
     ),
-    ("refine-top-k-too-large", ["refine", "--mrp_top_k", "49152"], "for the Fisher objective's [chunk x k x k x k]"),
+    ("refine-top-k-too-large", ["refine", "--mrp_top_k", "49152"], "for the fisher objective's per-position tensors"),
     (
         "refine-block-size-beyond-context",
         ["refine", "--block_size", "300"],

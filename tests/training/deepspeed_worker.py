@@ -27,6 +27,8 @@ from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the shared helpers
+from hf_mrp import register_objective  # noqa: E402
+
 from helpers import VOCAB, tiny_llama  # noqa: E402
 
 STEPS, ROWS, PER_PROCESS = 3, 4, 2  # 4 rows = one global batch of 2 processes x 2 rows: every step sees all rows
@@ -36,9 +38,23 @@ CASES = {  # case: (trainer, ZeRO stage, what trains)
     "head_zero3": ("mrp", 3, "lora+head"),
     "head_zero2": ("mrp", 2, "lora+head"),
     "full_tied_zero3": ("mrp", 3, "all"),  # no LoRA; W is also the input embedding: two gradients, one parameter
+    "user_objective_zero3": ("mrp", 3, "lora+head"),  # a registered user objective (user_objective), W trained
 }
+OBJECTIVES = {"user_objective_zero3": "user_objective"}  # case -> mrp_objective (else fisher)
 AUDITED = ("mrp_zero3",)  # also evaluated, and audited by MRPAuditCallback (its files and plots take seconds)
 AUDIT_KEYS = ("top1_id", "margin", "entropy", "target_logprob")
+
+
+def user_objective(top):
+    """A user's penalty through the same fused path as the built-ins: it reads the top-3 logits, the target's logit
+    and W's rows (registered with rows=True), so every gradient route (logits, target column, rows) runs."""
+    margin = top.values[:, 0] - top.values[:, 1]
+    unit = top.rows / top.rows.norm(dim=-1, keepdim=True)
+    cosine = (unit[:, 0] * unit[:, 1]).sum(-1)
+    return torch.relu(top.tau - margin) + 0.1 * cosine + 0.01 * (top.values[:, 0] - top.target_logit)
+
+
+register_objective("user_objective", user_objective, top_k=3, rows=True)
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -96,7 +112,7 @@ def mrp_trainer(case: str, output_dir: str, per_device: int, deepspeed: dict | N
     evaluation = dict(eval_strategy="steps", eval_steps=STEPS) if audited else {}  # once, after the last step
     trains = CASES[case][2]
     args = MRPConfig(
-        mrp_objective="fisher",
+        mrp_objective=OBJECTIVES.get(case, "fisher"),
         mrp_lambda=0.6,
         use_lora=trains != "all",
         lora_r=4,

@@ -22,6 +22,7 @@ BAD_VALUES = {  # every MRP field -> values no run can use
     "mrp_top_k": [1, 2.5, True, 10**6],
     "mrp_chunk_size": [0, 1.5],
     "mrp_logits_precision": ["fp8", None],
+    "mrp_ce_weight": [-1.0, float("inf"), "1", None],
 }
 SHARED = {"label_smoothing_factor": [-0.1, 1.5, float("nan")]}  # a TrainingArguments field the fused CE honours
 CASES = [(name, value) for name, values in {**BAD_VALUES, **SHARED}.items() for value in values]
@@ -59,7 +60,7 @@ def test_configs_build_one_checked_settings_object_and_rebuild_it_when_a_field_c
         mrp_margin_normalization="valid",
         label_smoothing_factor=0.1,
     )
-    assert config.mrp_settings == MRPSettings("margin", 1.0, 0.5, 3, 64, "valid", 0.1, "float32")
+    assert config.mrp_settings == MRPSettings("margin", 1.0, 0.5, 3, 64, "valid", 0.1, "float32", 1.0)
     assert isinstance(config.mrp_settings.lam, float)
     config.mrp_lambda = 0.25
     assert config.mrp_settings.lam == 0.25
@@ -80,8 +81,9 @@ def test_settings_defaults_are_the_configs_defaults():
             fields["mrp_chunk_size"],
             fields["mrp_margin_normalization"],
             fields["mrp_logits_precision"],
+            fields["mrp_ce_weight"],
         )
-        == ("fisher", 0.6, 1.0, 5, 1024, "gated", "float32")
+        == ("fisher", 0.6, 1.0, 5, 1024, "gated", "float32", 1.0)
         == (
             defaults.objective,
             defaults.lam,
@@ -90,5 +92,34 @@ def test_settings_defaults_are_the_configs_defaults():
             defaults.chunk_size,
             defaults.normalization,
             defaults.precision,
+            defaults.ce_weight,
         )
     )
+
+
+def test_every_settings_field_is_one_config_field_with_help():
+    """A loss setting is defined once (MRPSettings): each field becomes the configs' field of that name, with its
+    default and help, and the settings are built back from exactly those fields."""
+    made = {field.name: field for field in dataclasses.fields(MRPArguments)}
+    for item in dataclasses.fields(MRPSettings):
+        name = item.metadata["config"]
+        if name == "label_smoothing_factor":  # TrainingArguments' own field
+            continue
+        assert made[name].default == item.default and made[name].metadata["help"] == item.metadata["help"], name
+    assert set(made) == {item.metadata["config"] for item in dataclasses.fields(MRPSettings)} - {
+        "label_smoothing_factor"
+    }
+
+
+@pytest.mark.parametrize("config_class", [MRPConfig, MRPSFTConfig])
+def test_both_configs_take_an_objective_registered_after_import(tmp_path, config_class, monkeypatch):
+    """The choices are the registry's when the config is checked, not when hf_mrp was imported."""
+    from hf_mrp import register_objective
+    from hf_mrp.ops.objectives import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False)
+    with pytest.raises(MRPUserError, match="unknown mrp_objective 'mine'; choose one of margin, fisher"):
+        config_class(mrp_objective="mine", **common)
+    register_objective("mine", lambda top: -top.values[:, 0], top_k=2)
+    assert config_class(mrp_objective="mine", **common).mrp_settings.record.name == "mine"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ...compat import set_help
 from ...errors import MRPUserError
+from ...ops.objectives import objectives_help
 from ...reporting.markdown import flip_summary_line
 from ...training import MRPConfig
 from ..arguments import DataArguments, ModelArguments
@@ -25,6 +27,7 @@ def make_parser(subparsers=None) -> MRPArgumentParser:
             "refine", help=COMMANDS["refine"], description=COMMANDS["refine"], dataclass_types=ARGUMENT_TYPES
         )
     parser.set_defaults(**DEFAULTS)
+    set_help(parser, "mrp_objective", objectives_help())  # the registry now: with --objectives_module's objectives
     return install_presets(parser)  # --preset paper: the paper's released settings as defaults
 
 

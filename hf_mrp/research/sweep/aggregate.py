@@ -18,7 +18,7 @@ from ...stats import BlockIndex, block_bootstrap_distribution
 from ...stats.flips import finite_or_none
 from ...stats.intervals import percentile_interval
 from ..run_folders import run_is_whole
-from .arguments import SweepArguments
+from .arguments import MATCHED_OBJECTIVE, REFERENCE_OBJECTIVE, SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
 from .plan import CONTROL, RunSpec, control_name, row_keys, row_label, variant_fields
@@ -199,8 +199,8 @@ def _fisher_against_entropy(rows: list[Row], table: SweepTable) -> list[EntropyM
     matches = match_entropy(rows)
     by_seed = {key: {table.runs[i].spec.seed: i for i in m} for key, m in zip(table.keys, table.members)}
     for match in matches:
-        fisher = by_seed[("fisher", match.reference_lambda, "")]
-        entropy = by_seed[("entropy", match.entropy_lambda, "")]
+        fisher = by_seed[(REFERENCE_OBJECTIVE, match.reference_lambda, "")]
+        entropy = by_seed[(MATCHED_OBJECTIVE, match.entropy_lambda, "")]
         pairs = [(fisher[seed], entropy[seed]) for seed in sorted(set(fisher) & set(entropy))]
         match.fisher_minus_entropy = table.paired(pairs) if pairs else None  # None: no seed has both runs
     return matches

@@ -20,6 +20,7 @@ import numpy as np
 from ...stats import seed_t_interval
 from ...stats.flips import finite_or_none
 from ...stats.intervals import percentile_interval
+from .arguments import MATCHED_OBJECTIVE, REFERENCE_OBJECTIVE
 from .results import EntropyMatch, PairedDifference, Row
 
 
@@ -68,14 +69,17 @@ def paired_difference(
 
 
 def match_entropy(
-    rows: Sequence[Row], reference: str = "fisher", by: str = "median_margin_change"
+    rows: Sequence[Row],
+    reference: str = REFERENCE_OBJECTIVE,
+    by: str = "median_margin_change",
+    matched: str = MATCHED_OBJECTIVE,
 ) -> list[EntropyMatch]:
     """For each plain ``reference`` row, the plain entropy row whose mean ``by`` is closest (ties: smaller lambda).
 
     Empty when either kind of row is missing (or has no mean ``by``).
     """
     plain = [(row, row.mean(by)) for row in rows if not row.variant and not row.control]
-    entropy = [(row, value) for row, value in plain if row.objective == "entropy" and value is not None]
+    entropy = [(row, value) for row, value in plain if row.objective == matched and value is not None]
     matches = []
     for row, value in plain:
         if row.objective != reference or value is None or not entropy:

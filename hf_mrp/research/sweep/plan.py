@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .arguments import SweepArguments
+from .arguments import MATCHED_OBJECTIVE, SweepArguments
 
 CONTROL = "control"
 HEAD = "head"  # variant: the head W trains too (LoRA + lm_head), with its own CE-only control
@@ -60,7 +60,7 @@ def row_keys(args: SweepArguments) -> list[tuple[str, float, str]]:
     on its own grid when given), then the W-trainable and targeted rows."""
     keys = [(CONTROL, 0.0, "")] + ([(CONTROL, 0.0, HEAD)] if args.head_lambdas else [])
     for objective in args.objectives:
-        lambdas = args.entropy_lambdas if objective == "entropy" and args.entropy_lambdas else args.lambdas
+        lambdas = args.entropy_lambdas if objective == MATCHED_OBJECTIVE and args.entropy_lambdas else args.lambdas
         keys += [(objective, lam, "") for lam in lambdas]
     keys += [(args.head_objective, lam, HEAD) for lam in args.head_lambdas]
     keys += [(args.target_objective, lam, TARGET) for lam in args.target_lambdas]

@@ -89,7 +89,7 @@ def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, variant: d
     try:
         return shared._replace(
             refine=dataclasses.replace(shared.refine, **variant),
-            config=dataclasses.replace(
+            config=dataclasses.replace(  # type: ignore[call-arg]  # mrp_* fields: generated (config.py), unseen
                 shared.config,
                 output_dir=str(run_dir),
                 mrp_objective=spec.train_objective,
