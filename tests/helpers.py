@@ -777,3 +777,41 @@ def with_callback(monkeypatch, callback) -> None:
             super().__init__(*args, callbacks=[*(callbacks or []), callback], **kwargs)
 
     monkeypatch.setattr(refine, "MRPTrainer", WithCallback)
+
+
+# ---------------------------------------------------------------- host reads of device values (GPU synchronizations)
+
+PACKAGE_DIR = str(ROOT / "hf_mrp")
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")  # each waits for the device on a GPU
+
+
+def _boolean_index(index) -> bool:
+    """A boolean mask among the indices: its result's size is data-dependent, so the host must read the mask."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
+
+
+@contextlib.contextmanager
+def counted_host_reads():
+    """Count the calls made from hf_mrp's own code that read a device value on the host (``Tensor.item``,
+    ``tolist``, ``bool`` / ``int`` / ``float`` of a tensor, ``nonzero``, boolean-mask indexing): on a GPU each one
+    waits for the stream. Yields the list of (method, file, line), filled while the block runs."""
+    calls: list[tuple[str, str, int]] = []
+    originals = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "__getitem__")}
+
+    def counting(name, original):
+        def method(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(PACKAGE_DIR) and (name != "__getitem__" or _boolean_index(args[0])):
+                calls.append((name, frame.f_code.co_filename, frame.f_lineno))
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

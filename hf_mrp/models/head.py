@@ -92,7 +92,11 @@ _DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, _HeadDispatch] = weakref.Weak
 
 
 @contextlib.contextmanager
-def head_replaced(model: nn.Module, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]):
+def head_replaced(
+    model: nn.Module,
+    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    check_ids: bool = True,
+):
     """Run ``compute(hidden, W, b)`` in place of the output head's forward, and return what it returns.
 
     The forward still goes through every wrapper (DDP, FSDP, PEFT, ZeRO-3, torch.compile), and the head's own
@@ -100,12 +104,13 @@ def head_replaced(model: nn.Module, compute: Callable[[torch.Tensor, torch.Tenso
     it, DeepSpeed ZeRO-3 gathers it in the head's pre-forward hook. No [positions x vocab] logits are
     made by the model: ``compute`` works in float32 chunks. Inside the block, ids reaching the input
     embedding are checked against its size (`check_token_ids`): a tokenizer that does not match the
-    model fails with a clear message, not an index error.
+    model fails with a clear message, not an index error (``check_ids`` False: ids already checked on the host).
     """
     head = _output_head_module(model)
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if get_embeddings is not None else None
-    hook = embeddings.register_forward_pre_hook(_check_input_ids_hook) if isinstance(embeddings, nn.Module) else None
+    hooked = check_ids and isinstance(embeddings, nn.Module)
+    hook = embeddings.register_forward_pre_hook(_check_input_ids_hook) if hooked else None  # type: ignore[union-attr]
     dispatch = _DISPATCHERS.get(head)
     if dispatch is None:
         dispatch = _DISPATCHERS[head] = _HeadDispatch(head)

@@ -52,20 +52,22 @@ class MRPLossSums:
     objective: torch.Tensor
     margin: torch.Tensor
     n_positions: int
-    n_gated: int = 0
-    n_correct: int = 0
+    n_gated: torch.Tensor | int = 0  # device scalars: counted without a host read
+    n_correct: torch.Tensor | int = 0
     entropy: torch.Tensor | None = None
+    penalty_fault: torch.Tensor | None = None  # with defer_checks: 1 where `penalty_fault_message` applies, else 0
 
 
-def _objective_factor(settings: MRPSettings, n_valid: int, n_gated: int) -> float:
+def _objective_factor(settings: MRPSettings, n_valid: int, n_gated: torch.Tensor) -> torch.Tensor | float:
     """Per-micro-batch factor that turns a gated objective's sum over valid positions into the paper's mean over
-    the gated positions (after the caller divides by the valid positions); 1 otherwise."""
+    the gated positions (after the caller divides by the valid positions); 1 otherwise. A device scalar: the
+    gated count is never read by the host."""
     if settings.normalization != "gated" or not settings.record.gated:
         return 1.0
-    return n_valid / n_gated if n_gated else 0.0
+    return torch.where(n_gated > 0, n_valid / n_gated.clamp(min=1), torch.zeros_like(n_gated))
 
 
-def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, needs):
+def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, needs, defer):
     """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the seven sums and the combined gradients."""
     need_h, need_w, need_b = needs
     need_grad = need_h or need_w or need_b
@@ -94,32 +96,33 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, t
             grads.add_chunk(start, stop, h, head, chunk)
         del chunk
     ce, obj, margin, n_gated, n_correct, entropy, nonfinite = sums.unbind()
-    _check_finite(record.name, nonfinite, ce)
-    factor = _objective_factor(settings, hidden.shape[0], int(n_gated))
+    fault = (nonfinite > 0) & torch.isfinite(ce)
+    if not defer and bool(fault):  # deferred (the trainers' hot path): they read it at their next check
+        raise MRPUserError(penalty_fault_message(record.name))
+    factor = _objective_factor(settings, hidden.shape[0], n_gated)
     obj = obj * factor
     outputs = grads.combine(lam * factor if by_autograd else 0.0, head.scale) if grads is not None else [None] * 3
     total = (settings.ce_weight * ce + lam * obj).float()
-    statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy))
+    statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy, fault))
     return total, statistics, outputs
 
 
-def _check_finite(name: str, nonfinite: torch.Tensor, ce: torch.Tensor) -> None:
+def penalty_fault_message(name: str) -> str:
     """A penalty that is NaN / inf on logits whose cross-entropy is finite is the objective's fault: refused by name.
     (Non-finite logits, or mrp_weights, are the data's: the trainers skip such a batch.)"""
-    if bool(nonfinite > 0) and bool(torch.isfinite(ce)):
-        raise MRPUserError(
-            f"objective {name!r}: its penalty is not finite (NaN or inf) at some position whose logits are finite; "
-            "make it finite for every input (clamp it, or guard its divisions and logs)"
-        )
+    return (
+        f"objective {name!r}: its penalty is not finite (NaN or inf) at some position whose logits are finite; "
+        "make it finite for every input (clamp it, or guard its divisions and logs)"
+    )
 
 
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, defer):
         needs = tuple(ctx.needs_input_grad[:3])
         with autocast_off(hidden, weight):
             total, statistics, outputs = _fused_sums(
-                hidden, weight, bias, targets, weights, settings, transform, with_entropy, needs
+                hidden, weight, bias, targets, weights, settings, transform, with_entropy, needs, defer
             )
         ctx.save_for_backward(*(g for g in outputs if g is not None))
         ctx.flags = needs
@@ -141,7 +144,7 @@ class _FusedMRPLoss(torch.autograd.Function):
                 outputs.append(torch.where(scale == 0, torch.zeros_like(gradient), gradient * scale).to(dtype))
             else:
                 outputs.append(None)
-        return (*outputs, None, None, None, None, None)
+        return (*outputs, None, None, None, None, None, None)
 
 
 def mrp_loss_sums(
@@ -154,6 +157,7 @@ def mrp_loss_sums(
     position_weights: torch.Tensor | None = None,
     transform: LogitTransform = IDENTITY,
     with_entropy: bool = False,
+    defer_checks: bool = False,
 ) -> MRPLossSums:
     """Summed ce_weight * CE + lam * objective over positions whose target is not -100 (``settings``:
     `MRPSettings`, checked when built; a config's ``mrp_settings``).
@@ -170,14 +174,17 @@ def mrp_loss_sums(
     mean over the vocabulary of -log p (``ce`` is then that smoothed sum).
     Divide the sums by the number of items (the Trainer's ``num_items_in_batch``) to get the loss.
     ``with_entropy`` also sums the predictive entropy (TRL's ``entropy`` metric).
+    ``defer_checks`` (the trainers' hot path) leaves the objective's finiteness check to the caller: no host read
+    here, ``penalty_fault`` says whether `penalty_fault_message` applies.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    valid = flat_targets != IGNORE_INDEX
-    flat_hidden, flat_targets = flat_hidden[valid], flat_targets[valid]
-    weights = None if position_weights is None else position_weights.reshape(-1)[valid].detach()
-    total, ce, obj, margin, n_gated, n_correct, entropy = _FusedMRPLoss.apply(
-        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy)
+    # the valid positions' indices: the one host read left on a training step (its count sizes the chunks)
+    index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    flat_hidden, flat_targets = flat_hidden.index_select(0, index), flat_targets.index_select(0, index)
+    weights = None if position_weights is None else position_weights.reshape(-1).index_select(0, index).detach()
+    total, ce, obj, margin, n_gated, n_correct, entropy, fault = _FusedMRPLoss.apply(
+        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy), bool(defer_checks)
     )
     return MRPLossSums(
         total=total,
@@ -185,7 +192,8 @@ def mrp_loss_sums(
         objective=obj,
         margin=margin,
         n_positions=int(flat_targets.shape[0]),
-        n_gated=int(n_gated),
-        n_correct=int(n_correct),
+        n_gated=n_gated,
+        n_correct=n_correct,
         entropy=entropy if with_entropy else None,
+        penalty_fault=fault if defer_checks else None,
     )

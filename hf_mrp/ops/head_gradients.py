@@ -70,16 +70,17 @@ class HeadGradients:
         if self.b_obj is not None:
             self.b_obj.index_add_(0, flat, grad.reshape(-1))
 
-    def combine(self, lam: float, scale: float) -> list[torch.Tensor | None]:
-        """CE part + lam * objective part; W and b gradients through W' = scale * W."""
+    def combine(self, lam: float | torch.Tensor, scale: float) -> list[torch.Tensor | None]:
+        """CE part + lam * objective part; W and b gradients through W' = scale * W. ``lam`` may be a device
+        scalar (a gated objective's per-micro-batch factor), read by no host."""
         out = []
         for total, objective, head_param in (
             (self.h, self.h_obj, False),
             (self.w, self.w_obj, True),
             (self.b, self.b_obj, True),
         ):
-            if total is not None and objective is not None and lam != 0.0:
-                total.add_(objective, alpha=lam)
+            if total is not None and objective is not None and not (isinstance(lam, float) and lam == 0.0):
+                total.add_(objective.mul_(lam))  # the objective's buffer is not used again
             if total is not None and head_param and scale != 1.0:
                 total.mul_(scale)
             out.append(total)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MRPUserError
+from ..ops.fused import penalty_fault_message
 
 MAX_NONFINITE_STEPS = 3  # optimizer steps in a row whose every batch had a non-finite loss: the run has diverged
 # optimizer steps in a row whose gradient norm is exactly 0: the model has collapsed. CE's gradient on the logits is
@@ -134,14 +135,18 @@ def check_weights(trainer) -> None:
     device = trainer.args.device
     streak = getattr(trainer, "_zero_gradient_steps", None)
     counts = getattr(trainer, "_nonfinite_counts", None)
+    faults = getattr(trainer, "_penalty_faults", None)
     flags = torch.cat(
         [
             _nonfinite(trainer),
             torch.zeros(1, device=device) if streak is None else streak.reshape(1).to(device),
             torch.zeros(3, device=device) if counts is None else counts.to(device),
+            torch.zeros(1, device=device) if faults is None else faults.to(device, torch.float32),
         ]
     )
-    nonfinite, zero_steps, skipped, _, longest = _agreed(trainer, flags)
+    nonfinite, zero_steps, skipped, _, longest, penalty_faults = _agreed(trainer, flags)
+    if penalty_faults:  # the objective itself, not the data or the weights: its own one line
+        raise MRPUserError(penalty_fault_message(trainer.args.mrp_settings.record.name))
     trainer._skipped_batches = int(skipped)  # for the log: the skipped micro-batches of this process's training
     last = getattr(trainer, "_finite_weights_step", None)
     last = step - 1 if last is None else last

@@ -59,6 +59,7 @@ def forward_with_mrp_loss(
     shift_labels: torch.Tensor | None = None,
     with_entropy: bool = False,
     with_logits: bool = False,
+    host_checks: bool = True,
 ) -> tuple[MRPLossSums, Any]:
     """Run ``model(**inputs)`` with the MRP loss sums computed in its head; returns (sums, outputs).
 
@@ -73,12 +74,16 @@ def forward_with_mrp_loss(
     Adapters that prepend virtual tokens (PEFT prompt / p-tuning) make the hidden states longer than the
     labels: as in PEFT's own forward, the labels are padded with ignored entries first and shifted after, so the
     last virtual position predicts the row's first label (see ``_aligned_with``).
+    ``host_checks`` False (a training step after the first, whose data was checked on the host before training)
+    skips the checks that read device values: token ids in the vocabulary, and the objective's finiteness, which is
+    then handed back as ``sums.penalty_fault`` for the caller to read at its next check.
     """
     inner = unwrap(model)
     vocab = vocab_size(inner)
-    check_token_ids(
-        shift_labels if shift_labels is not None else labels[:, 1:], vocab, what="labels", ignore_index=IGNORE_INDEX
-    )
+    if host_checks:
+        check_token_ids(
+            shift_labels if shift_labels is not None else labels[:, 1:], vocab, what="labels", ignore_index=IGNORE_INDEX
+        )
     transform = logit_transform(inner)
     result: dict[str, MRPLossSums] = {}
 
@@ -93,10 +98,11 @@ def forward_with_mrp_loss(
             position_weights=aligned_weights,
             transform=transform,
             with_entropy=with_entropy,
+            defer_checks=not host_checks,
         )
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
-    with head_replaced(inner, compute):
+    with head_replaced(inner, compute, check_ids=host_checks):
         outputs = model(**inputs, use_cache=False)
     sums = result["sums"]
     if not with_logits:

@@ -18,6 +18,7 @@ import torch
 from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
 from .checkpoints import SettingsInCheckpoints, check_resume_target, check_resumed_settings
+from .dataset_checks import check_token_range
 from .divergence import (
     check_weights,
     check_weights_changed,
@@ -82,12 +83,24 @@ class MRPTrainerMixin(_TrainerBase):
         self._start_weights: tuple[torch.Tensor, int] | None = None  # fingerprint, step: at the first training step
         self._ewc: EWCPenalty | None = None  # the EWC term (ewc.py), estimated at the first training step
         self._ewc_logged: tuple[torch.Tensor | float, int] = (0.0, 0)  # EWC terms since the last log, and their count
+        self._penalty_faults: torch.Tensor | None = None  # micro-batches whose objective alone was not finite
+        self._first_batch_checked = False  # the first training batch is checked on the host (ids, objective)
+        for name in ("train_dataset", "eval_dataset"):  # map-style data: every token id, on the host, once
+            data = getattr(self, name, None)
+            for part in data.values() if isinstance(data, dict) else [data]:
+                check_token_range(part, vocab, name)
         probe_logit_transform(unwrap(self.model))
         self.add_callback(SettingsInCheckpoints())  # what a resume is checked against
         for callback in list(self.callback_handler.callbacks):
             if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
                 self.callback_handler.callbacks.remove(callback)
                 callback.attach(self)
+
+    def _host_checks(self) -> bool:
+        """Whether this forward checks what needs a host read (token ids, the objective's finiteness): evaluation
+        and the first training batch do; later training steps leave the data to the up-front check and the
+        objective to `check_weights`."""
+        return not self.model.training or not self._first_batch_checked
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         """The Trainer's evaluation step; the model's real logits are formed only when predictions are kept."""
@@ -159,6 +172,9 @@ class MRPTrainerMixin(_TrainerBase):
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         finite = total[4] == 0
         kept = total[:4] if keep_nonfinite else torch.where(finite, total[:4], torch.zeros_like(total[:4]))
+        if sums.penalty_fault is not None:
+            fault = sums.penalty_fault.detach().reshape(1)
+            self._penalty_faults = fault if self._penalty_faults is None else self._penalty_faults + fault
         mode = "train" if self.model.training else "eval"
         previous = self._mrp_sums[mode]
         self._mrp_sums[mode] = kept if previous is None else previous + kept
@@ -216,6 +232,7 @@ class MRPTrainerMixin(_TrainerBase):
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._guard_nonfinite = False
+        self._first_batch_checked = True
         if self._skip_batch is not None:
             count_nonfinite_batch(self, self._skip_batch)
             self._skip_batch = None

@@ -127,6 +127,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             shift_labels=shift_labels,
             with_entropy=True,
             with_logits=with_logits,
+            host_checks=self._host_checks(),
         )
         loss = self._normalized_loss(sums, num_items_in_batch)
         if self.aux_loss_enabled:  # as SFTTrainer: a per-micro-batch mean, spread over the accumulation steps

@@ -67,7 +67,13 @@ class MRPTrainer(MRPTrainerMixin, Trainer):
         labels = inputs.pop("labels")
         weights = inputs.pop(WEIGHTS_COLUMN, None)
         sums, outputs = forward_with_mrp_loss(
-            model, inputs, labels, self.args.mrp_settings, position_weights=weights, with_logits=with_logits
+            model,
+            inputs,
+            labels,
+            self.args.mrp_settings,
+            position_weights=weights,
+            with_logits=with_logits,
+            host_checks=self._host_checks(),
         )
         loss = self._normalized_loss(sums, num_items_in_batch)
         aux = router_aux_loss(model, outputs)
