@@ -53,6 +53,7 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
 
     def __post_init__(self) -> None:
         self._join_cpu_launch()
+        self._no_pinning_without_accelerator()
         self._check_mrp_fields()
         super().__post_init__()
         check_training_settings(self)
