@@ -133,3 +133,16 @@ def test_no_pinning_asked_for_without_an_accelerator(tmp_path, monkeypatch, conf
         ).dataloader_pin_memory
         is False
     )
+
+
+def test_mrp_sft_config_keeps_trls_checkpointing_default_without_the_deprecation_warning(tmp_path):
+    pytest.importorskip("trl")
+    from hf_mrp.training.sft import MRPSFTConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = MRPSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+        off = MRPSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, gradient_checkpointing=False)
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert default.activation_checkpointing is True and default.gradient_checkpointing is True  # TRL's default
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
