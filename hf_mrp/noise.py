@@ -6,8 +6,9 @@ The command line (`hf_mrp.research.cli.main`, so `hf-mrp` and examples/refine.py
 `quiet_third_party_noise()` first, before the imports that print these. The library itself never changes the
 warning filters or the loggers of a program that imports it: a program that wants the same quiet calls it too.
 What could be avoided at the source is avoided there instead (no filter): pin_memory without an accelerator
-(`training.config`), Spearman correlations of constant input (`stats.correlation`), legends without labelled
-artists (`reporting.plots.legend`).
+(`training.config`), TRL's default for the deprecated ``gradient_checkpointing`` (`training.sft`), Spearman
+correlations of constant input (`stats.correlation`), legends without labelled artists (`reporting.plots.legend`),
+all-NaN columns of the lens heatmap (`reporting.lens_plots.column_ranges`).
 
 Torch- and transformers-free: it only installs filters, so it runs before anything heavy is imported.
 """
