@@ -203,6 +203,9 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_mrp.noise import quiet_third_party_noise
+
+    quiet_third_party_noise()  # first: the imports below print it (hf_mrp/noise.py says what and why)
     from hf_mrp.errors import one_line
     from hf_mrp.reporting.markdown import flip_summary_line
     from hf_mrp.research.cli import Stopped, signals_stop_like_ctrl_c

@@ -29,6 +29,7 @@ LAYERS = [
     ("hf_mrp.errors", 0),
     ("hf_mrp.hub_access", 0),
     ("hf_mrp.compat", 0),
+    ("hf_mrp.noise", 0),
 ]
 # hf_mrp/__init__.py exports lazily (importlib, on first attribute access): it imports nothing when imported, and
 # `from hf_mrp import __version__` is safe from any layer.

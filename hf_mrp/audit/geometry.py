@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError, require_number
@@ -23,6 +22,7 @@ from ..models import decoder_layers, output_head, parse_layer_spec
 from ..ops import fit_gap_law
 from ..reporting import lens_plots, plots
 from ..stats.calibration import expected_calibration_error
+from ..stats.correlation import spearman
 from ..storage import files
 from .audit_files import AUDIT_MARKER, WRITE_ORDER
 from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
@@ -57,14 +57,13 @@ def summarize_positions(positions: dict[str, np.ndarray]) -> dict:
     if margin.size == 0:
         raise MRPUserError("no positions were evaluated; pass more text or a larger --max_positions")
     correct = positions["correct"].astype(bool)
-    spearman = spearmanr(positions["entropy"], margin).statistic if margin.size > 1 else float("nan")
     return {
         "n_positions": int(margin.size),
         "accuracy": float(correct.mean()),
         "margin_percentiles": margin_percentiles(margin),
         "mean_margin": float(margin.mean()),
         "fraction_margin_lt_0_5": float((margin < 0.5).mean()),
-        "entropy_margin_spearman": float(spearman),
+        "entropy_margin_spearman": spearman(positions["entropy"], margin),
         "gap_fit": fit_gap_law(margin),
         "n_unique_margins": int(np.unique(positions["margin"]).size),
         "mean_entropy": float(positions["entropy"].astype(np.float64).mean()),

@@ -4,9 +4,9 @@ lens: through a trained affine translator first), from the per-position columns 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from ..ops import fit_gap_law
+from ..stats.correlation import spearman
 from ..stats.intervals import percentile_interval
 from ..stats.resampling import BlockIndex, block_bootstrap_distribution
 
@@ -42,8 +42,8 @@ def summarize_layers(
                 "layer": int(layer),
                 "accuracy": float(columns["correct"].mean()),
                 "margin_percentiles": margin_percentiles(margin),
-                "spearman_fisher_vs_final_ce": float(spearmanr(columns["fisher_penalty"], final_ce).statistic),
-                "spearman_margin_vs_final_ce": float(spearmanr(columns["margin_penalty"], final_ce).statistic),
+                "spearman_fisher_vs_final_ce": spearman(columns["fisher_penalty"], final_ce),
+                "spearman_margin_vs_final_ce": spearman(columns["margin_penalty"], final_ce),
                 **lens_row(columns),
             }
         )
@@ -81,8 +81,8 @@ def _interval_statistics(
     return np.array(
         [
             [
-                spearmanr(per_layer[layer]["fisher_penalty"][index], ce).statistic,
-                spearmanr(per_layer[layer]["margin_penalty"][index], ce).statistic,
+                spearman(per_layer[layer]["fisher_penalty"][index], ce),
+                spearman(per_layer[layer]["margin_penalty"][index], ce),
                 per_layer[layer]["kl_to_final"][index].astype(np.float64).mean(),
             ]
             for layer in layers

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import pyplot, save_figure
+from .plots import legend, pyplot, save_figure
 
 
 def plot_net_bars(path: str | Path, groups: dict[str, dict], title: str, xlabel: str = "") -> None:
@@ -25,5 +25,5 @@ def plot_net_bars(path: str | Path, groups: dict[str, dict], title: str, xlabel:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("positions")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    legend(ax, fontsize=8)
     save_figure(fig, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import pyplot, save_figure
+from .plots import legend, pyplot, save_figure
 
 # (label, value of a layers.json row); the heatmap colours each statistic on its own scale, shared by the lenses
 STATISTICS: list[tuple[str, Callable[[dict], float]]] = [
@@ -30,13 +30,24 @@ def statistic_matrix(rows: Sequence[dict]) -> np.ndarray:
     return np.array([[np.nan if get(row) is None else float(get(row)) for _, get in STATISTICS] for row in rows])
 
 
+def column_ranges(stacked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's lowest and highest finite value; (0, 0) for a column with none (a collapsed model's
+    correlations are all undefined), where ``np.nanmin`` would warn of an all-NaN slice."""
+    finite = np.isfinite(stacked)
+    low = np.where(finite, stacked, np.inf).min(axis=0)
+    high = np.where(finite, stacked, -np.inf).max(axis=0)
+    empty = ~finite.any(axis=0)
+    low[empty], high[empty] = 0.0, 0.0
+    return low, high
+
+
 def plot_lens_heatmap(path: str | Path, rows_by_lens: dict[str, Sequence[dict]]) -> None:
     """One panel per lens: layers down, statistics across, each statistic coloured on one scale for all lenses and
     annotated with its value."""
     plt = pyplot()
     matrices = {lens: statistic_matrix(rows) for lens, rows in rows_by_lens.items()}
     stacked = np.vstack(list(matrices.values()))
-    low, high = np.nanmin(stacked, axis=0), np.nanmax(stacked, axis=0)
+    low, high = column_ranges(stacked)
     span = np.where(high > low, high - low, 1.0)
     n_layers = max(len(rows) for rows in rows_by_lens.values())
     fig, axes = plt.subplots(1, len(matrices), figsize=(6.5 * len(matrices), 1.6 + 0.28 * n_layers), squeeze=False)
@@ -112,7 +123,7 @@ def plot_lens_curves(path: str | Path, rows_by_lens: dict[str, Sequence[dict]]) 
         if title.startswith("Spearman"):
             ax.axhline(0, color="k", lw=0.8)
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        legend(ax, fontsize=7)
         ax.grid(True, alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("layer (0-based decoder block; last = final)")

@@ -26,6 +26,13 @@ def save_figure(fig, path: str | Path) -> None:
     pyplot().close(fig)
 
 
+def legend(ax, **kwargs) -> None:
+    """``ax.legend(**kwargs)`` when the axes has labelled artists; else none (matplotlib would warn "No artists
+    with labels found to put in legend" and draw an empty box: a collapsed model's gap curve has no point)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def plot_gap_curves(path: str | Path, fits: dict[str, dict], title: str = "Expressibility gap") -> None:
     """log-log eta(eps) for one or more audits, each with its fitted power law and slope-1 alpha line."""
     plt = pyplot()
@@ -53,7 +60,7 @@ def plot_gap_curves(path: str | Path, fits: dict[str, dict], title: str = "Expre
     ax.set_ylabel("eta(eps) = Pr(m < eps)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    legend(ax, fontsize=7)
     save_figure(fig, path)
 
 
@@ -69,7 +76,7 @@ def plot_margin_histograms(path: str | Path, margins: dict[str, np.ndarray], tit
     ax.set_xlabel("margin m = z(1) - z(2) (clipped at p99)")
     ax.set_ylabel("positions")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    legend(ax, fontsize=8)
     save_figure(fig, path)
 
 
@@ -82,7 +89,7 @@ def plot_layers(path: str | Path, layers: Sequence[dict], lens: str = "logit") -
     axes[0].plot(index, [row["spearman_margin_vs_final_ce"] for row in layers], "s-", label="margin penalty")
     axes[0].axhline(0, color="k", lw=0.8)
     axes[0].set_ylabel("Spearman vs final CE")
-    axes[0].legend(fontsize=8)
+    legend(axes[0], fontsize=8)
     axes[1].plot(index, [row["margin_percentiles"]["p50"] for row in layers], "o-")
     axes[1].set_ylabel("median margin")
     axes[2].plot(index, [row["accuracy"] for row in layers], "o-")

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from ..errors import MRPUserError, one_line
+from ..noise import quiet_third_party_noise
 from .commands import COMMANDS
 from .parser import MRPArgumentParser
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ``hf-mrp COMMAND: error: ...``, and return 2; Ctrl-C, SIGTERM and SIGHUP print one line, without a traceback,
     and return 128 + the signal's number (130 for Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet_third_party_noise()  # before the imports that print it (the parser's transformers, peft, deepspeed)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -16,12 +16,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from transformers import TrainerCallback
 
 from ..audit.compare import compare_audits, decoder_from_tokenizer, write_comparison
 from ..audit.geometry import AuditResult, check_blocks_to_audit, load_audit, run_audit
 from ..data import Blocks
 from ..errors import MRPUserError
+from .console import audit_table, class_codes, console_write, evaluation_line, hide_audit_from_console
 from .divergence import check_decisions_alive
 from .pictures import lens_pictures, log_pictures
 from .tables import flip_tables, log_tables
@@ -105,7 +107,9 @@ class MRPAuditCallback(TrainerCallback):
     ``baseline_dir`` reuses an existing audit of the same blocks as the baseline. ``layers`` (a layer spec such as
     "20-29", or indices) adds the layer-wise lens to every audit: layers.json and the lens pictures in each audit
     folder, per-layer scalars in the logs, the pictures in the reporters that show images; ``lens`` (a TunedLens)
-    makes it the tuned lens.
+    makes it the tuned lens. ``console``: print a table of the audit at train begin and train end, and one line
+    at each evaluation (world process zero); the Trainer's own console then leaves the ``audit/*`` scalars out
+    (the trackers get every one), see training/console.py.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class MRPAuditCallback(TrainerCallback):
         audit_on_evaluate: bool = True,
         layers: str | list[int] | None = None,
         lens: TunedLens | None = None,
+        console: bool = True,
     ):
         check_blocks_to_audit(blocks)  # before training starts, not at its first audit
         self.blocks = blocks
@@ -130,6 +135,8 @@ class MRPAuditCallback(TrainerCallback):
         self.provenance = provenance or {}
         self.audit_on_evaluate = audit_on_evaluate
         self.layers, self.lens = layers, lens
+        self.console = console
+        self._class_code: np.ndarray | None = None  # each position's token class, for the console's table
         self.trainer: Trainer | None = None
         self.baseline: AuditResult | None = None
         self.latest: AuditResult | None = None
@@ -142,6 +149,8 @@ class MRPAuditCallback(TrainerCallback):
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.callback_handler.callbacks.insert(0, self)
+        if self.console:
+            hide_audit_from_console(trainer.callback_handler.callbacks)
         return self
 
     def _attached(self) -> Trainer:
@@ -195,6 +204,9 @@ class MRPAuditCallback(TrainerCallback):
                     f"partly trained model; resume into the original output_dir (which holds audit_before/)"
                 )
             self.baseline, self._baseline_folder = self.audit(model, "audit_before"), self._folder("audit_before")
+        if self.console and state.is_world_process_zero:
+            title = f"audit before training: {self.baseline.summary.n_positions} positions ({self._baseline_folder})"
+            console_write(audit_table(title, self.baseline, self._class_codes()))
         if state.global_step == 0:  # step 0: the baseline against itself (no flips by definition)
             self._pending_baseline_log = audit_scalars(
                 compare_audits(self.baseline, self.baseline, self.decode), self.baseline
@@ -216,12 +228,23 @@ class MRPAuditCallback(TrainerCallback):
         if self.audit_on_evaluate and self.baseline is not None:
             step = state.global_step
             self._audit_compare_log(model, f"audit_step_{step}", f"comparison_step_{step}")
+            if self.console and state.is_world_process_zero and self.comparison is not None:
+                console_write(evaluation_line(step, self.comparison))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._flush_baseline_log()
         self._audit_compare_log(model, "audit_after", "comparison")
+        if self.console and state.is_world_process_zero and self.latest is not None:
+            title = f"audit after training (step {state.global_step}), flips against the audit before training"
+            console_write(audit_table(title, self.latest, self._class_codes(), self.baseline, self.comparison))
         assert self.baseline is not None and self.latest is not None  # made in on_train_begin and just now
         check_decisions_alive(self.baseline.summary.mean_margin, self.latest.summary.mean_margin, self._attached())
+
+    def _class_codes(self) -> np.ndarray | None:
+        """The positions' token classes (decoded once: the positions are fixed)."""
+        if self._class_code is None and self.baseline is not None:
+            self._class_code = class_codes(self.baseline, self.decode)
+        return self._class_code
 
     def _audit_compare_log(self, model, audit_folder: str, comparison_folder: str) -> None:
         trainer, baseline = self._attached(), self.baseline

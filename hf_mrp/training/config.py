@@ -102,6 +102,13 @@ class MRPArguments(_SettingsFields, _ArgumentsBase):
             )
             self.use_cpu = True
 
+    def _no_pinning_without_accelerator(self) -> None:
+        """Before TrainingArguments.__post_init__: ``dataloader_pin_memory`` off where torch has no accelerator to
+        pin for. The DataLoader pins only when ``torch.accelerator.is_available()``, so this changes nothing but
+        torch's UserWarning at every epoch that the pinning it was asked for will not happen."""
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
+
     def _check_mrp_fields(self) -> None:
         """One clear line for each bad MRP field; the one check both configs (`MRPConfig`, `MRPSFTConfig`) run,
         before their TrainingArguments base, so they refuse exactly the same settings with the same words. Builds
@@ -167,6 +174,7 @@ class MRPConfig(MRPArguments, TrainingArguments):
 
     def __post_init__(self) -> None:
         self._join_cpu_launch()
+        self._no_pinning_without_accelerator()
         if isinstance(self.lora_target_modules, str):  # 'all-linear' / 'q_proj' mean the one-element list
             self.lora_target_modules = [self.lora_target_modules]
         self._check_mrp_fields()

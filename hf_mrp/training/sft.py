@@ -53,6 +53,8 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
 
     def __post_init__(self) -> None:
         self._join_cpu_launch()
+        self._no_pinning_without_accelerator()
+        self._checkpointing_by_its_new_name()
         self._check_mrp_fields()
         super().__post_init__()
         check_training_settings(self)
@@ -61,6 +63,20 @@ class MRPSFTConfig(MRPArguments, SFTConfig):
                 f"MRPSFTConfig trains CE + mrp_lambda * objective; loss_type={self.loss_type!r} would "
                 "replace that CE: use loss_type='nll' (the default)"
             )
+
+    def _checkpointing_by_its_new_name(self) -> None:
+        """TRL's configs default the deprecated alias ``gradient_checkpointing`` to True, so TrainingArguments
+        (transformers 5) warned at every config that the alias is deprecated, whatever the user passed. Its value
+        goes to ``activation_checkpointing`` while that is unset: what TrainingArguments does itself, unwarned."""
+        for old, new in CHECKPOINTING_ALIASES:
+            if getattr(self, new, False) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+
+
+CHECKPOINTING_ALIASES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
 
 
 def as_mrp_sft_config(args: TrainingArguments) -> MRPSFTConfig:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...reporting.plots import pyplot, save_figure
+from ...reporting.plots import legend, pyplot, save_figure
 
 if TYPE_CHECKING:
     from ..sweep.results import Row
@@ -65,7 +65,7 @@ def plot_flips_vs_lambda(path: str | Path, rows: Sequence[Row], objectives: Sequ
         ax.set_title(title)
         ax.set_ylabel("positions (mean over seeds)")
         _lambda_axis(ax)
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     fig.suptitle(f"Flips vs lambda (error bars: bootstrap {confidence:.0%} CI over positions)", fontsize=10)
     save_figure(fig, path)
 
@@ -82,7 +82,7 @@ def plot_margin_change_vs_lambda(
     ax.set_ylabel("median margin change (%)")
     ax.set_title(f"Median margin change vs lambda (bootstrap {confidence:.0%} CI)", fontsize=10)
     _lambda_axis(ax)
-    ax.legend(fontsize=8)
+    legend(ax, fontsize=8)
     save_figure(fig, path)
 
 
@@ -99,7 +99,7 @@ def plot_class_net_vs_lambda(
         ax.set_title(objective)
         _lambda_axis(ax)
     axes[0][0].set_ylabel("net corrections (positions, mean over seeds)")
-    axes[0][-1].legend(fontsize=8, title="target class")
+    legend(axes[0][-1], fontsize=8, title="target class")
     fig.suptitle(f"Net corrections by token class vs lambda (bootstrap {confidence:.0%} CI)", fontsize=10)
     save_figure(fig, path)
 
