@@ -21,11 +21,12 @@ from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError, require_number
 from ..models import decoder_layers, output_head, parse_layer_spec
 from ..ops import fit_gap_law
-from ..reporting import lens_plots, plots
+from ..reporting import lens_plots, manifold_plots, plots
 from ..stats.calibration import expected_calibration_error
 from ..storage import files
 from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
 from .layers import layer_summary, margin_percentiles, summarize_layers
+from .manifold import ManifoldOptions, add_manifold, manifold_sampler
 from .summary import AuditSummary
 
 if TYPE_CHECKING:
@@ -112,13 +113,15 @@ def run_audit(
     progress: bool = True,
     lens: TunedLens | None = None,
     lens_bootstrap: int = 0,
+    manifold: bool | ManifoldOptions | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given.
 
     ``layers`` adds the layer-wise lens (the logit lens; with ``lens``, a tuned lens from `hf-mrp lens train`,
     every layer-wise statistic is the tuned lens', the logit lens' of the same pass is kept beside it, and
     ``layers`` defaults to the lens' layers). ``lens_bootstrap`` > 0 adds block-bootstrap intervals of the
-    per-layer correlations and KL, with that many resamples.
+    per-layer correlations and KL, with that many resamples. ``manifold`` (True, or `ManifoldOptions`) adds each
+    audited layer's hidden-state manifold statistics from the same pass (audit/manifold.py).
     """
     check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     check_blocks_to_audit(blocks)
@@ -126,6 +129,7 @@ def run_audit(
         output_dir = files.ensure_output_dir(output_dir)
     check_block_fits(model, blocks.block_size)
     layer_list = _checked_layers(model, blocks, layers, lens)
+    sampler = manifold_sampler(layer_list, int(blocks.position_mask().sum()), manifold)
     positions, per_layer = collect_statistics(
         model,
         blocks,
@@ -135,12 +139,14 @@ def run_audit(
         layers=layer_list,
         progress=progress,
         translators=None if lens is None else lens.translators,
+        manifold=sampler,
     )
     layer_rows, logit_rows = _lens_rows(positions, per_layer, layer_list, lens, lens_bootstrap)
+    manifold_found = add_manifold(layer_rows, sampler, process_rank_and_world()[1], progress)
     summary = AuditSummary(
         provenance=_provenance(model, blocks, margin_dtype, provenance),
         **summarize_positions(positions),
-        layers=None if layer_rows is None else _layers_entry(layer_rows, lens),
+        layers=None if layer_rows is None else _layers_entry(layer_rows, lens, manifold_found),
     )
     result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
@@ -195,9 +201,12 @@ def _lens_rows(
     return layer_rows, logit_rows
 
 
-def _layers_entry(rows: list[dict], lens: TunedLens | None) -> dict[str, Any]:
-    """audit.json's "layers": the lens' summary, and for a tuned lens where it is and what it was trained on."""
+def _layers_entry(rows: list[dict], lens: TunedLens | None, manifold: dict | None) -> dict[str, Any]:
+    """audit.json's "layers": the lens' summary, the manifold's sample and numbers, and for a tuned lens where it
+    is and what it was trained on."""
     entry = layer_summary(rows, "logit" if lens is None else "tuned")
+    if manifold is not None:
+        entry["manifold"] = manifold
     if lens is not None:
         entry["lens_path"] = lens.config.get("path")
         entry["lens_training"] = {
@@ -256,6 +265,9 @@ def _write_layers(result: AuditResult, rows: list[dict], output_dir: Path) -> di
         {"logit lens": rows} if result.logit_layers is None else {"logit lens": result.logit_layers, "tuned lens": rows}
     )
     paths.update(lens_plots.plot_lens_figures(output_dir, rows_by_lens))
+    if "manifold" in entry:
+        paths["manifold"] = output_dir / "manifold.png"
+        manifold_plots.plot_manifold(paths["manifold"], {"audit": rows})
     return paths
 
 

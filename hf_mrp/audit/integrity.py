@@ -41,7 +41,8 @@ def audit_file_problems(audit: AuditResult) -> list[str]:
 
 
 AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
-LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png")  # an audit with layers draws these
+# an audit with layers draws these (manifold.png only with the manifold statistics)
+LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png", "manifold.png")
 # The order in which geometry.write_audit writes an audit's other files (before AUDIT_MARKER).
 WRITE_ORDER = (
     "blocks.npy",

@@ -17,7 +17,7 @@ from ..audit.integrity import AUDIT_MARKER, WRITE_ORDER
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
-from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
+from .arguments import AuditArguments, DataArguments, ModelArguments, manifold_from, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
 
 # Every file an audit may write: none of them outlives the audit that replaces it (a stale layers.json or mask.npy
@@ -100,6 +100,7 @@ def audit_from_arguments(
                 provenance=origin,
                 lens=lens,
                 lens_bootstrap=audit_args.lens_bootstrap,
+                manifold=manifold_from(audit_args),
             )
         result.files = {key: folder / path.name for key, path in result.files.items()}
     result.seconds = time.perf_counter() - start

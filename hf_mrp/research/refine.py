@@ -20,7 +20,7 @@ from ..storage.locks import is_main_process, owned_folder
 from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
 from ..training.divergence import TrainingDiverged
-from .arguments import DataArguments, ModelArguments, provenance
+from .arguments import DataArguments, ModelArguments, manifold_from, provenance
 from .loading import load_model_from_arguments
 from .refine_arguments import DEFAULTS, RefineArguments
 from .refine_inputs import head_peft_config, refine_blocks, split_blocks, target_weights, training_dataset
@@ -66,6 +66,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
         baseline_dir=baseline_dir,
         provenance=origin,
         layers=refine_args.audit_layers,
+        manifold=manifold_from(refine_args),
     )
     repo_id = config.hub_model_id or output_dir.name
     hub = hub_callback(config, repo_id) if push else None

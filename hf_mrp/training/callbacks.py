@@ -20,6 +20,8 @@ from transformers import TrainerCallback
 
 from ..audit.compare import compare_audits, decoder_from_tokenizer, write_comparison
 from ..audit.geometry import AuditResult, check_blocks_to_audit, load_audit, run_audit
+from ..audit.manifold import ManifoldOptions, manifold_options
+from ..audit.manifold import headline as manifold_headline
 from ..data import Blocks
 from ..errors import MRPUserError
 from .divergence import check_decisions_alive
@@ -83,12 +85,16 @@ LAYER_STATISTICS = {  # logged name: the lens row's key (layers.json)
 
 def layer_scalars(after: AuditResult) -> dict[str, float]:
     """Per audited layer (with ``layers``): KL to the final layer, agreement with it, accuracy and the margin-vs-CE
-    correlation of the lens, as ``audit/layer/<layer>/<statistic>`` (layers.json holds every other number)."""
+    correlation of the lens, and with the manifold its statistics (variance_dims as variance_dims_<level>), as
+    ``audit/layer/<layer>/<statistic>`` (layers.json holds every other number)."""
     scalars = {}
     for row in after.layers or []:
-        for name, key in LAYER_STATISTICS.items():
-            if row.get(key) is not None:
-                scalars[f"audit/layer/{row['layer']}/{name}"] = float(row[key])
+        found = {name: row.get(key) for name, key in LAYER_STATISTICS.items()}
+        if "participation_ratio" in row:
+            found.update(manifold_headline(row))
+        for name, value in found.items():
+            if value is not None:
+                scalars[f"audit/layer/{row['layer']}/{name}"] = float(value)
     return scalars
 
 
@@ -105,7 +111,8 @@ class MRPAuditCallback(TrainerCallback):
     ``baseline_dir`` reuses an existing audit of the same blocks as the baseline. ``layers`` (a layer spec such as
     "20-29", or indices) adds the layer-wise lens to every audit: layers.json and the lens pictures in each audit
     folder, per-layer scalars in the logs, the pictures in the reporters that show images; ``lens`` (a TunedLens)
-    makes it the tuned lens.
+    makes it the tuned lens. ``manifold`` (True, or `ManifoldOptions`) adds each audited layer's hidden-state
+    manifold statistics (layers.json, manifold.png, ``audit/layer/<layer>/<statistic>`` in the logs).
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class MRPAuditCallback(TrainerCallback):
         audit_on_evaluate: bool = True,
         layers: str | list[int] | None = None,
         lens: TunedLens | None = None,
+        manifold: bool | ManifoldOptions | None = None,
     ):
         check_blocks_to_audit(blocks)  # before training starts, not at its first audit
         self.blocks = blocks
@@ -130,6 +138,9 @@ class MRPAuditCallback(TrainerCallback):
         self.provenance = provenance or {}
         self.audit_on_evaluate = audit_on_evaluate
         self.layers, self.lens = layers, lens
+        self.manifold = manifold_options(manifold)
+        if self.manifold is not None and layers is None and lens is None:
+            raise MRPUserError("manifold=True measures the audited layers: pass layers= too (e.g. 'all')")
         self.trainer: Trainer | None = None
         self.baseline: AuditResult | None = None
         self.latest: AuditResult | None = None
@@ -172,6 +183,7 @@ class MRPAuditCallback(TrainerCallback):
             progress=False,
             layers=self.layers,
             lens=self.lens,
+            manifold=self.manifold,
         )
 
     def _cached_baseline(self) -> AuditResult | None:
