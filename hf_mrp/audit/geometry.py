@@ -25,7 +25,7 @@ from ..reporting import lens_plots, manifold_plots, plots
 from ..stats.calibration import expected_calibration_error
 from ..storage import files
 from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
-from .layers import layer_summary, margin_percentiles, summarize_layers
+from .layers import correct_wrong_gap, layer_summary, margin_percentiles, summarize_layers
 from .manifold import ManifoldOptions, add_manifold, manifold_sampler
 from .summary import AuditSummary
 
@@ -146,6 +146,7 @@ def run_audit(
     summary = AuditSummary(
         provenance=_provenance(model, blocks, margin_dtype, provenance),
         **summarize_positions(positions),
+        correct_wrong_gap=correct_wrong_gap(positions),
         layers=None if layer_rows is None else _layers_entry(layer_rows, lens, manifold_found),
     )
     result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)

@@ -129,3 +129,29 @@ def test_manifold_needs_layers_and_sane_options(tmp_path):
     with pytest.raises(MRPUserError, match="pass --layers"):
         AuditArguments(manifold=True)
     assert AuditArguments(manifold=True, layers="all", manifold_k=7).manifold_k == 7
+
+
+def test_correct_wrong_gap_and_its_block_bootstrap_interval(tmp_path):
+    """audit.json's correct_wrong_gap: the two group means from the positions table, and the interval from whole
+    blocks drawn with numpy's generator as docs/spec.md "Intervals" says, recomputed here by hand."""
+    model, blocks = build("llama", head_scale=1.0), _blocks()
+    run_audit(model, blocks, output_dir=tmp_path, progress=False)
+    from hf_mrp.storage.files import read_parquet
+
+    saved = json.loads((tmp_path / "audit.json").read_text())["correct_wrong_gap"]
+    positions = read_parquet(tmp_path / "positions.parquet")
+    margin, correct = positions["margin"].astype(np.float64), positions["correct"].astype(bool)
+    assert 0 < correct.sum() < correct.size  # both groups present: the gap is defined
+    assert saved["gap"] == pytest.approx(margin[correct].mean() - margin[~correct].mean(), rel=1e-12)
+    labels = np.unique(positions["block"])
+    members = [np.nonzero(positions["block"] == label)[0] for label in labels]
+    draws = np.random.default_rng(0).integers(0, len(labels), (saved["n_resamples"], len(labels)))
+    gaps = []
+    for drawn in draws:
+        index = np.concatenate([members[b] for b in drawn])
+        m, c = margin[index], correct[index]
+        gaps.append(m[c].mean() - m[~c].mean() if 0 < c.sum() < c.size else np.nan)
+    gaps = np.asarray(gaps)
+    want = np.quantile(gaps[np.isfinite(gaps)], [0.025, 0.975])
+    np.testing.assert_allclose(saved["interval"], want, rtol=1e-12)  # the same draws: equal up to summation order
+    assert saved["interval"][0] <= saved["gap"] <= saved["interval"][1]
