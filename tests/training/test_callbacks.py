@@ -234,6 +234,10 @@ def test_two_process_audit_equals_one_process(tmp_path):
         "2",
         "--layers",
         "all",
+        "--manifold",
+        "true",
+        "--manifold_positions",
+        "200",  # of 300: a sample, drawn over the gathered rows so that both runs read the same positions
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for processes, name in ((1, "one"), (2, "two")):
@@ -247,6 +251,7 @@ def test_two_process_audit_equals_one_process(tmp_path):
         s["provenance"].pop("arguments")  # output_dir differs
     assert summary[0] == summary[1]
     assert (tmp_path / "one" / "layers.json").read_text() == (tmp_path / "two" / "layers.json").read_text()
+    assert summary[0]["layers"]["manifold"]["sampled_positions"] == 200  # the manifold ran, on a sample
 
 
 def read_images(logdir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -287,7 +292,7 @@ def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(bloc
         disable_tqdm=True,
         seed=0,
     )
-    callback = MRPAuditCallback(blocks, layers="all")
+    callback = MRPAuditCallback(blocks, layers="all", manifold=True)
     MRPTrainer(model=tiny_llama(), args=args, train_dataset=train_blocks(), callbacks=[callback]).train()
     scalars, images = read_scalars(logdir), read_images(logdir)
     for step, folder in ((0, out / "audit_before"), (2, out / "audit_after")):
@@ -297,7 +302,13 @@ def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(bloc
             for name, key in LAYER_STATISTICS.items():
                 logged = dict(scalars[f"train/audit/layer/{row['layer']}/{name}"])
                 assert logged[step] == pytest.approx(row[key], rel=1e-6, abs=1e-7), (step, row["layer"], name)
-        for picture in ("layers", "lens_heatmap", "lens_curves"):
+            manifold = {"participation_ratio", "intrinsic_dimension_twonn", "intrinsic_dimension_mle", "curvature"}
+            for name in manifold:  # TensorBoard stores float32: 1e-6 relative is well above its rounding (6e-8)
+                logged = dict(scalars[f"train/audit/layer/{row['layer']}/{name}"])
+                assert logged[step] == pytest.approx(row[name], rel=1e-6), (step, row["layer"], name)
+            logged = dict(scalars[f"train/audit/layer/{row['layer']}/variance_dims_90"])
+            assert logged[step] == row["variance_dims"]["90"]
+        for picture in ("layers", "lens_heatmap", "lens_curves", "manifold"):
             from matplotlib import image
 
             on_disk = (image.imread(str(folder / f"{picture}.png"))[..., :3] * 255).round().astype(np.uint8)
