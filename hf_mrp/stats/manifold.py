@@ -163,7 +163,7 @@ def local_curvature(
     for rows, singular, vt in _neighbourhoods(points, hood, settings.chunk_rows, vectors=True):
         bases[rows] = vt[:, :q]
         ranks[rows] = np.maximum(1, np.minimum(q, (singular > RANK_FLOOR).sum(axis=1)))
-    rotation = np.array([_tangent_rotation(i, bases, ranks, neighbours, distances, plane) for i in range(len(points))])
+    rotation = _tangent_rotations(bases, ranks, neighbours, distances, plane, settings.chunk_rows)
     return {"curvature": float(residual.mean()), "tangent_rotation": float(rotation.mean()), "tangent_dim": q}
 
 
@@ -186,19 +186,27 @@ def _neighbourhoods(points: np.ndarray, hood: np.ndarray, chunk_rows: int, vecto
         yield rows, singular, vt
 
 
-def _tangent_rotation(
-    i: int, bases: np.ndarray, ranks: np.ndarray, neighbours: np.ndarray, distances: np.ndarray, plane: int
-) -> float:
-    """Point i's mean RMS principal angle to its first ``plane`` neighbours' planes, per unit distance."""
-    scores = []
-    for slot in range(plane):
-        j, distance = int(neighbours[i, slot]), float(distances[i, slot])
-        if distance <= NEAR:
-            continue
-        shared = int(min(ranks[i], ranks[j]))
-        cosines = np.clip(np.linalg.svd(bases[i, :shared] @ bases[j, :shared].T, compute_uv=False), -1.0, 1.0)
-        scores.append(float(np.linalg.norm(np.arccos(cosines)) / np.sqrt(shared)) / distance)
-    return float(np.mean(scores)) if scores else 0.0
+def _tangent_rotations(
+    bases: np.ndarray, ranks: np.ndarray, neighbours: np.ndarray, distances: np.ndarray, plane: int, chunk_rows: int
+) -> np.ndarray:
+    """Each point's mean RMS principal angle to its first ``plane`` neighbours' planes per unit distance (0 when
+    every such neighbour is within 1e-6); the angles are the arccos of the singular values of B_i B_j^T over the
+    first min(rank_i, rank_j) directions of each plane. Chunked: memory rows x plane x q x hidden."""
+    n, q = len(bases), bases.shape[1]
+    score, counted = np.zeros((n, plane)), distances[:, :plane] > NEAR
+    for start in range(0, n, chunk_rows):
+        rows = np.arange(start, min(start + chunk_rows, n))
+        mates = neighbours[rows, :plane]
+        overlap = np.einsum("iad,ijbd->ijab", bases[rows], bases[mates])
+        cosines = np.clip(np.linalg.svd(overlap, compute_uv=False), -1.0, 1.0)
+        score[rows] = np.linalg.norm(np.arccos(cosines), axis=2) / np.sqrt(q)
+        for i, slot in zip(*np.nonzero(np.minimum(ranks[rows, None], ranks[mates]) < q)):  # a plane of lower rank
+            shared = int(min(ranks[rows[i]], ranks[mates[i, slot]]))
+            small = bases[rows[i], :shared] @ bases[mates[i, slot], :shared].T
+            angles = np.arccos(np.clip(np.linalg.svd(small, compute_uv=False), -1.0, 1.0))
+            score[rows[i], slot] = np.linalg.norm(angles) / np.sqrt(shared)
+    score = np.where(counted, score / np.where(counted, distances[:, :plane], 1.0), 0.0)
+    return np.where(counted.any(axis=1), score.sum(axis=1) / np.maximum(counted.sum(axis=1), 1), 0.0)
 
 
 def manifold_statistics(
