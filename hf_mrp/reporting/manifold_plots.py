@@ -16,7 +16,7 @@ PANELS = (  # (layers.json key, title)
     ("curvature", "local-PCA curvature (variance outside the tangent plane)"),
     ("tangent_rotation", "tangent-plane rotation per unit distance"),
 )
-LEVEL_STYLES = {"50": ":", "75": "-.", "90": "--", "95": "-", "99": (0, (1, 3))}
+LEVEL_STYLES = {"50": ":", "75": "-.", "90": "--", "95": "-", "99": (0, (6, 1, 1, 1, 1, 1))}
 
 
 def _values(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
