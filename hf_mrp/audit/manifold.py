@@ -109,8 +109,13 @@ def manifold_rows(sampler: ManifoldSampler, states: dict[int, np.ndarray], progr
     """{layer: its manifold statistics}, one progress bar over every layer's nearest-neighbour rows."""
     settings = ManifoldSettings(k=sampler.options.k)
     total = sum(len(points) for points in states.values())
+    found = {}
     with tqdm(total=total, desc="manifold", unit="point", disable=not progress) as bar:
-        return {layer: manifold_statistics(points, settings, bar.update) for layer, points in sorted(states.items())}
+        for layer, points in sorted(states.items()):
+            done = bar.n
+            found[layer] = manifold_statistics(points, settings, bar.update)
+            bar.update(len(points) - (bar.n - done))  # repeated points have no neighbour rows: counted here
+    return found
 
 
 def manifold_entry(sampler: ManifoldSampler, rows: dict[int, dict]) -> dict[str, Any]:
