@@ -4,11 +4,13 @@ from .collect import collect_statistics
 from .compare import compare_audits, compare_dirs
 from .geometry import AuditResult, load_audit, run_audit, summarize_positions, write_audit
 from .lens_training import LensTrainingSettings, train_tuned_lens
+from .manifold import ManifoldOptions
 from .tuned_lens import TunedLens, load_tuned_lens
 
 __all__ = [
     "AuditResult",
     "LensTrainingSettings",
+    "ManifoldOptions",
     "TunedLens",
     "collect_statistics",
     "compare_audits",

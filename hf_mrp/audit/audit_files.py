@@ -2,7 +2,8 @@
 against that order; the audit's writer swaps them all in at once)."""
 
 AUDIT_MARKER = "audit.json"  # written last: its presence marks a finished audit
-LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png")  # an audit with layers draws these
+# an audit with layers draws these (manifold.png only with the manifold statistics)
+LENS_PICTURES = ("layers.png", "lens_heatmap.png", "lens_curves.png", "manifold.png")
 # The order in which geometry.write_audit writes an audit's other files (before AUDIT_MARKER).
 WRITE_ORDER = (
     "blocks.npy",

@@ -9,7 +9,7 @@ processes and the shards gathered back into the single-process order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from ..data import Blocks
 from ..models import carrier, decoder_layers, final_norm, head_replaced, logit_transform, output_head
 from ..ops import decision_statistics
 from ..ops.lens import LENS_STATISTICS, AffineTranslators, lens_statistics
+
+if TYPE_CHECKING:
+    from .manifold import ManifoldSampler
 
 POSITION_COLUMNS = (
     "block",
@@ -85,6 +88,7 @@ def collect_statistics(
     block_indices: np.ndarray | None = None,
     progress: bool = True,
     translators: AffineTranslators | None = None,
+    manifold: ManifoldSampler | None = None,
 ) -> tuple[Columns, dict[LensKey, Columns]]:
     """Per-position columns (final layer) and, for each layer in ``layers``, its lens columns (``LENS_COLUMNS``).
 
@@ -92,7 +96,8 @@ def collect_statistics(
     audits every world_size-th batch (the batches a single process would form, so every number is
     bit-identical to a one-process run) and the shards are gathered on every rank. With ``translators``
     (a tuned lens) each layer's columns are those of the tuned lens, and the logit lens' columns of the same
-    forward pass are returned too, under the keys ``("logit", layer)``.
+    forward pass are returned too, under the keys ``("logit", layer)``. ``manifold`` keeps the sampled positions'
+    hidden states of ``layers`` from the same passes (gathered across processes: ``manifold.gathered``).
     """
     margin_torch_dtype = torch.float32 if margin_dtype == "float32" else output_head(model)[0].dtype
     device = next(model.parameters()).device
@@ -101,17 +106,21 @@ def collect_statistics(
     columns: dict[str, list[np.ndarray]] = {name: [] for name in POSITION_COLUMNS}
     layer_columns: dict[LensKey, dict[str, list[np.ndarray]]] = {key: {} for key in lens_keys(layers, translators)}
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    starts = np.cumsum([0] + [int(mask[batch].sum()) for batch in batches])  # each batch's first audit position
     rank, world = process_rank_and_world()
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(_schedule(batches, rank, world), desc="audit", unit="batch", disable=not progress):
+        for number in tqdm(_schedule(len(batches), rank, world), desc="audit", unit="batch", disable=not progress):
+            batch = None if number is None else batches[number]
             chosen = batches[0] if batch is None else batch
+            if manifold is not None:
+                manifold.begin_batch(None if number is None else int(starts[number]), int(mask[chosen].sum()))
             ids = torch.as_tensor(blocks.input_ids[chosen], device=device)
             batch_mask = torch.as_tensor(mask[chosen], device=device)
             targets = ids[:, 1:][batch_mask]
             stats, lens = _batch_statistics(
-                model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size, translators
+                model, ids, batch_mask, targets, layers, margin_torch_dtype, chunk_size, translators, manifold
             )
             if batch is not None:
                 _append_batch(columns, layer_columns, batch, mask[batch], targets, stats, lens)
@@ -124,11 +133,11 @@ def collect_statistics(
     return positions, per_layer
 
 
-def _schedule(batches: list[np.ndarray], rank: int, world: int) -> list[np.ndarray | None]:
-    """This rank's batches, padded with None to the same count on every rank (a sharded model's forward is
+def _schedule(n_batches: int, rank: int, world: int) -> list[int | None]:
+    """This rank's batch numbers, padded with None to the same count on every rank (a sharded model's forward is
     collective): a None round runs the first batch and its numbers are discarded."""
-    mine: list[np.ndarray | None] = list(batches[rank::world])
-    rounds = -(-len(batches) // world)
+    mine: list[int | None] = list(range(rank, n_batches, world))
+    rounds = -(-n_batches // world)
     return mine + [None] * (rounds - len(mine))
 
 
@@ -169,9 +178,12 @@ def _batch_statistics(
     margin_torch_dtype: torch.dtype,
     chunk_size: int,
     translators: AffineTranslators | None = None,
+    manifold: ManifoldSampler | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[LensKey, dict[str, torch.Tensor]]]:
     """One forward: the final layer's statistics and each lens layer's, all computed inside the output head
-    (where W is whole, also under FSDP / ZeRO-3) through the model's own logit transform."""
+    (where W is whole, also under FSDP / ZeRO-3) through the model's own logit transform. ``manifold`` keeps each
+    lens layer's hidden states as the model has them (the decoder layer's output; the final layer's after the final
+    norm, as ``output_hidden_states`` gives them), before any norm or translator of the lens."""
     transform = logit_transform(model)
     blocks_out = decoder_layers(model)
     norm = final_norm(model) if layers else torch.nn.Identity()  # the identity is never applied: no lens layer
@@ -194,6 +206,9 @@ def _batch_statistics(
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         final = hidden[:, :-1][batch_mask]
+        if manifold is not None:
+            for layer in layers or []:
+                manifold.take(layer, final if layer == last else captured[layer][:, :-1][batch_mask])
         found["final"] = decision_statistics(
             final, weight, targets, bias, chunk_size=chunk_size, margin_dtype=margin_torch_dtype, transform=transform
         )

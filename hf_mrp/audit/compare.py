@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MRPUserError
-from ..reporting import flip_plots, plots
+from ..reporting import flip_plots, manifold_plots, plots
 from ..reporting.markdown import markdown_summary
 from ..stats.token_classes import HEAD_BUCKET, target_buckets, target_class_codes
 from ..storage.files import ensure_output_dir, write_json, write_text
@@ -124,6 +124,9 @@ def write_comparison(result: dict, before: AuditResult, after: AuditResult, outp
             "Flips by target token class",
             "class of the decoded target token",
         )
+    if all(audit.layers and "participation_ratio" in audit.layers[0] for audit in (before, after)):
+        files["manifold"] = output_dir / "manifold.png"  # both audits measured the manifold: one picture of the two
+        manifold_plots.plot_manifold(files["manifold"], {"before": before.layers or [], "after": after.layers or []})
     write_json(files["json"], result)
     return files
 

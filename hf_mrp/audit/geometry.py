@@ -20,13 +20,14 @@ from ..data import Blocks, check_block_fits
 from ..errors import MRPUserError, require_number
 from ..models import decoder_layers, output_head, parse_layer_spec
 from ..ops import fit_gap_law
-from ..reporting import lens_plots, plots
+from ..reporting import lens_plots, manifold_plots, plots
 from ..stats.calibration import expected_calibration_error
 from ..stats.correlation import spearman
 from ..storage import files
 from .audit_files import AUDIT_MARKER, WRITE_ORDER
 from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
-from .layers import layer_summary, margin_percentiles, summarize_layers
+from .layers import correct_wrong_gap, layer_summary, margin_percentiles, summarize_layers
+from .manifold import ManifoldOptions, add_manifold, manifold_sampler
 from .summary import AuditSummary
 
 if TYPE_CHECKING:
@@ -112,13 +113,15 @@ def run_audit(
     progress: bool = True,
     lens: TunedLens | None = None,
     lens_bootstrap: int = 0,
+    manifold: bool | ManifoldOptions | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given.
 
     ``layers`` adds the layer-wise lens (the logit lens; with ``lens``, a tuned lens from `hf-mrp lens train`,
     every layer-wise statistic is the tuned lens', the logit lens' of the same pass is kept beside it, and
     ``layers`` defaults to the lens' layers). ``lens_bootstrap`` > 0 adds block-bootstrap intervals of the
-    per-layer correlations and KL, with that many resamples.
+    per-layer correlations and KL, with that many resamples. ``manifold`` (True, or `ManifoldOptions`) adds each
+    audited layer's hidden-state manifold statistics from the same pass (audit/manifold.py).
     """
     check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     check_blocks_to_audit(blocks)
@@ -126,6 +129,7 @@ def run_audit(
     layer_list = _checked_layers(model, blocks, layers, lens)
     if output_dir is not None:  # not created: it appears whole once written (_write_on_main_process)
         output_dir = files.check_output_dir(output_dir)
+    sampler = manifold_sampler(layer_list, int(blocks.position_mask().sum()), manifold)
     positions, per_layer = collect_statistics(
         model,
         blocks,
@@ -135,12 +139,15 @@ def run_audit(
         layers=layer_list,
         progress=progress,
         translators=None if lens is None else lens.translators,
+        manifold=sampler,
     )
     layer_rows, logit_rows = _lens_rows(positions, per_layer, layer_list, lens, lens_bootstrap)
+    manifold_found = add_manifold(layer_rows, sampler, process_rank_and_world()[1], progress)
     summary = AuditSummary(
         provenance=_provenance(model, blocks, margin_dtype, provenance),
         **summarize_positions(positions),
-        layers=None if layer_rows is None else _layers_entry(layer_rows, lens),
+        correct_wrong_gap=correct_wrong_gap(positions),
+        layers=None if layer_rows is None else _layers_entry(layer_rows, lens, manifold_found),
     )
     result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
@@ -195,9 +202,12 @@ def _lens_rows(
     return layer_rows, logit_rows
 
 
-def _layers_entry(rows: list[dict], lens: TunedLens | None) -> dict[str, Any]:
-    """audit.json's "layers": the lens' summary, and for a tuned lens where it is and what it was trained on."""
+def _layers_entry(rows: list[dict], lens: TunedLens | None, manifold: dict | None) -> dict[str, Any]:
+    """audit.json's "layers": the lens' summary, the manifold's sample and numbers, and for a tuned lens where it
+    is and what it was trained on."""
     entry = layer_summary(rows, "logit" if lens is None else "tuned")
+    if manifold is not None:
+        entry["manifold"] = manifold
     if lens is not None:
         entry["lens_path"] = lens.config.get("path")
         entry["lens_training"] = {
@@ -262,6 +272,9 @@ def _write_layers(result: AuditResult, rows: list[dict], output_dir: Path) -> di
         {"logit lens": rows} if result.logit_layers is None else {"logit lens": result.logit_layers, "tuned lens": rows}
     )
     paths.update(lens_plots.plot_lens_figures(output_dir, rows_by_lens))
+    if "manifold" in entry:
+        paths["manifold"] = output_dir / "manifold.png"
+        manifold_plots.plot_manifold(paths["manifold"], {"audit": rows})
     return paths
 
 

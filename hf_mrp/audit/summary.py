@@ -32,6 +32,9 @@ class AuditSummary:
     ece: float
     brier: float
     layers: dict[str, Any] | None = None  # the layer-wise lens' summary, when the audit ran one
+    # mean margin of correct minus wrong predictions with its block-bootstrap interval (run_audit writes it; None
+    # in an audit.json written before it existed, and in summaries built from positions alone)
+    correct_wrong_gap: dict[str, Any] | None = None
 
     @property
     def median_margin(self) -> float:
@@ -41,14 +44,16 @@ class AuditSummary:
         """audit.json's content (``layers`` only when the lens ran)."""
         data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         data["gap_fit"] = self.gap_fit.to_dict()
-        if self.layers is None:
-            del data["layers"]
+        for optional in ("layers", "correct_wrong_gap"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AuditSummary:
         names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names[:-1] if name not in data]
+        required = [field.name for field in dataclasses.fields(cls) if field.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
         if missing:
             raise MRPUserError(
                 f"audit.json lacks {', '.join(missing)}: it was not written by this hf_mrp; run "

@@ -202,3 +202,35 @@ def flip_summary_line(comparison: dict) -> str:
         f"median margin {comparison['median_margin_before']:.4f} -> {comparison['median_margin_after']:.4f} "
         f"({'n/a' if change is None else format(change, '+.1%')})"
     )
+
+
+MANIFOLD_COLUMNS = (  # (audit.json's layers.manifold.by_layer key, column)
+    ("participation_ratio", "participation ratio"),
+    ("variance_dims_90", "dims for 90%"),
+    ("intrinsic_dimension_twonn", "TwoNN"),
+    ("intrinsic_dimension_mle", "MLE"),
+    ("curvature", "curvature"),
+)
+
+
+def manifold_table(before: dict | None, after: dict | None, heading: str = "##") -> list[str]:
+    """The model card's hidden-state manifold section: per layer, each statistic before -> after (audit.json's
+    ``layers.manifold``); nothing unless both audits measured it."""
+    before, after = before or {}, after or {}
+    if not before.get("manifold") or not after.get("manifold"):
+        return []
+    was = {line["layer"]: line for line in before["manifold"]["by_layer"]}
+
+    def change(line: dict, key: str) -> str:
+        return f"{fmt_number(was.get(line['layer'], {}).get(key))} -> {fmt_number(line.get(key))}"
+
+    lines = after["manifold"]["by_layer"]
+    rows = [[str(line["layer"]), *[change(line, key) for key, _ in MANIFOLD_COLUMNS]] for line in lines]
+    sample = after["manifold"]
+    return [
+        f"{heading} Hidden-state manifold per layer, before -> after ({sample['sampled_positions']} of "
+        f"{sample['audited_positions']} audited positions, Levina-Bickel k = {sample['k']}; layers.json, manifold.png)",
+        "",
+        table(["layer", *[column for _, column in MANIFOLD_COLUMNS]], rows),
+        "",
+    ]

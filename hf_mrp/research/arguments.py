@@ -36,6 +36,29 @@ def provenance(model_name: str, *argument_groups) -> dict:
 
 
 LENSES = ("logit", "tuned")
+MANIFOLD_HELP = {
+    "manifold": "Also measure each audited layer's hidden-state manifold (participation ratio, variance "
+    "dimensions, TwoNN and Levina-Bickel intrinsic dimension, local curvature) from the same pass: layers.json, "
+    "manifold.png. Needs the layers.",
+    "manifold_positions": "Positions sampled for the manifold statistics (all audited positions, in order, when "
+    "there are no more).",
+    "manifold_k": "Neighbours of the Levina-Bickel intrinsic dimension.",
+    "manifold_seed": "Seed of the manifold's sample of positions.",
+}
+
+
+def manifold_field(name: str, default):
+    """One of the manifold flags, shared by `hf-mrp audit` and examples/refine.py."""
+    return field(default=default, metadata={"help": MANIFOLD_HELP[name]})
+
+
+def manifold_from(arguments):
+    """The audit's ManifoldOptions from parsed flags (--manifold ...), or None without --manifold; checks them."""
+    from ..audit.manifold import ManifoldOptions
+
+    if not arguments.manifold:
+        return None
+    return ManifoldOptions(arguments.manifold_positions, arguments.manifold_k, arguments.manifold_seed)
 
 
 def _check_lens(lens: str, lens_path: str | None) -> None:
@@ -158,6 +181,10 @@ class AuditArguments:
             "help": "Block-bootstrap resamples for 95 percent intervals of each layer's correlations and KL (0: none)."
         },
     )
+    manifold: bool = manifold_field("manifold", False)
+    manifold_positions: int = manifold_field("manifold_positions", 4096)
+    manifold_k: int = manifold_field("manifold_k", 20)
+    manifold_seed: int = manifold_field("manifold_seed", 0)
 
     def __post_init__(self) -> None:
         from ..audit.geometry import check_audit_settings
@@ -166,3 +193,6 @@ class AuditArguments:
         self.lens_path = _optional_str("lens_path", self.lens_path)
         check_audit_settings(self.margin_dtype, self.chunk_size, self.batch_size, self.lens_bootstrap)
         _check_lens(self.lens, self.lens_path)
+        manifold_from(self)
+        if self.manifold and self.layers is None and self.lens != "tuned":
+            raise MRPUserError("--manifold measures the audited layers: pass --layers too (e.g. 'all' or '20-29')")

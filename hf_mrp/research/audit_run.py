@@ -16,7 +16,7 @@ from ..audit.geometry import AuditResult, run_audit
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
-from .arguments import AuditArguments, DataArguments, ModelArguments, provenance
+from .arguments import AuditArguments, DataArguments, ModelArguments, manifold_from, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
 
 
@@ -79,6 +79,7 @@ def audit_from_arguments(
             provenance=origin,
             lens=lens,
             lens_bootstrap=audit_args.lens_bootstrap,
+            manifold=manifold_from(audit_args),
         )
     result.seconds = time.perf_counter() - start
     return result

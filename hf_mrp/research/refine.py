@@ -23,7 +23,7 @@ from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
 from ..training.checkpoints import check_resume_target, check_resumed_settings
 from ..training.divergence import TrainingDiverged
-from .arguments import DataArguments, ModelArguments, provenance
+from .arguments import DataArguments, ModelArguments, manifold_from, provenance
 from .loading import load_model_from_arguments
 from .refine_arguments import DEFAULTS, RefineArguments
 from .refine_inputs import head_peft_config, refine_blocks, split_blocks, target_weights, training_dataset
@@ -73,6 +73,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
         baseline_dir=baseline_dir,
         provenance=origin,
         layers=refine_args.audit_layers,
+        manifold=manifold_from(refine_args),
     )
     hub = hub_callback(config, config.hub_model_id or output_dir.name) if push else None
     evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MRPUserError
 from ..ops.targeting import WEIGHTINGS, check_targets
+from .arguments import manifold_field, manifold_from
 
 # What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
 # the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
@@ -44,6 +45,10 @@ class RefineArguments:
             "the trackers, the pictures in the model card. Default: the final layer only."
         },
     )
+    manifold: bool = manifold_field("manifold", False)
+    manifold_positions: int = manifold_field("manifold_positions", 4096)
+    manifold_k: int = manifold_field("manifold_k", 20)
+    manifold_seed: int = manifold_field("manifold_seed", 0)
     holdout: bool = field(
         default=True,
         metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},
@@ -106,6 +111,9 @@ class RefineArguments:
                 f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
                 f"{self.audit_batch_size}"
             )
+        manifold_from(self)
+        if self.manifold and self.audit_layers is None:
+            raise MRPUserError("--manifold measures the audited layers: pass --audit_layers too (e.g. 'all')")
         try:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:

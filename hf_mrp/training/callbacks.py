@@ -21,6 +21,8 @@ from transformers import TrainerCallback
 
 from ..audit.compare import compare_audits, decoder_from_tokenizer, write_comparison
 from ..audit.geometry import AuditResult, check_blocks_to_audit, load_audit, run_audit
+from ..audit.manifold import ManifoldOptions, manifold_options
+from ..audit.manifold import headline as manifold_headline
 from ..data import Blocks
 from ..errors import MRPUserError
 from .console import audit_table, class_codes, console_write, evaluation_line, hide_audit_from_console
@@ -85,12 +87,16 @@ LAYER_STATISTICS = {  # logged name: the lens row's key (layers.json)
 
 def layer_scalars(after: AuditResult) -> dict[str, float]:
     """Per audited layer (with ``layers``): KL to the final layer, agreement with it, accuracy and the margin-vs-CE
-    correlation of the lens, as ``audit/layer/<layer>/<statistic>`` (layers.json holds every other number)."""
+    correlation of the lens, and with the manifold its statistics (variance_dims as variance_dims_<level>), as
+    ``audit/layer/<layer>/<statistic>`` (layers.json holds every other number)."""
     scalars = {}
     for row in after.layers or []:
-        for name, key in LAYER_STATISTICS.items():
-            if row.get(key) is not None:
-                scalars[f"audit/layer/{row['layer']}/{name}"] = float(row[key])
+        found = {name: row.get(key) for name, key in LAYER_STATISTICS.items()}
+        if "participation_ratio" in row:
+            found.update(manifold_headline(row))
+        for name, value in found.items():
+            if value is not None:
+                scalars[f"audit/layer/{row['layer']}/{name}"] = float(value)
     return scalars
 
 
@@ -110,6 +116,8 @@ class MRPAuditCallback(TrainerCallback):
     makes it the tuned lens. ``console``: print a table of the audit at train begin and train end, and one line
     at each evaluation (world process zero); the Trainer's own console then leaves the ``audit/*`` scalars out
     (the trackers get every one), see training/console.py.
+    ``manifold`` (True, or `ManifoldOptions`) adds each audited layer's hidden-state
+    manifold statistics (layers.json, manifold.png, ``audit/layer/<layer>/<statistic>`` in the logs).
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class MRPAuditCallback(TrainerCallback):
         layers: str | list[int] | None = None,
         lens: TunedLens | None = None,
         console: bool = True,
+        manifold: bool | ManifoldOptions | None = None,
     ):
         check_blocks_to_audit(blocks)  # before training starts, not at its first audit
         self.blocks = blocks
@@ -137,6 +146,9 @@ class MRPAuditCallback(TrainerCallback):
         self.layers, self.lens = layers, lens
         self.console = console
         self._class_code: np.ndarray | None = None  # each position's token class, for the console's table
+        self.manifold = manifold_options(manifold)
+        if self.manifold is not None and layers is None and lens is None:
+            raise MRPUserError("manifold=True measures the audited layers: pass layers= too (e.g. 'all')")
         self.trainer: Trainer | None = None
         self.baseline: AuditResult | None = None
         self.latest: AuditResult | None = None
@@ -181,6 +193,7 @@ class MRPAuditCallback(TrainerCallback):
             progress=False,
             layers=self.layers,
             lens=self.lens,
+            manifold=self.manifold,
         )
 
     def _cached_baseline(self) -> AuditResult | None:

@@ -23,3 +23,14 @@ def test_benchmark_smoke(script):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert ("x " in run.stdout) or ("x\n" in run.stdout), run.stdout  # a ratio was printed
+
+
+def test_audit_benchmark_with_the_manifold_smoke(tmp_path):
+    """bench_audit.py --manifold: the audit with --layers all, without and with the manifold, and the ratio."""
+    command = [sys.executable, "bench_audit.py", "--smoke", "--manifold", "--max_positions", "300"]
+    run = subprocess.run(
+        [*command, "--output_dir", str(tmp_path)], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "x audit --layers all" in run.stdout and "manifold sample: 300 of 300 positions" in run.stdout
+    assert (tmp_path / "manifold.png").is_file()

@@ -83,3 +83,21 @@ def test_card_names_base_model_datasets_and_every_evaluation_step(tmp_path):
     assert "base_model:" not in local and "datasets:" not in local and "no Hub id is known" in local
     embedded_data = model_card("Qwen/Qwen2.5-0.5B", {}, SUMMARY, SUMMARY, data_arguments={"dataset": None})
     assert "datasets:" not in embedded_data and "`pydoc_data.topics`" in embedded_data
+
+
+def test_the_card_shows_the_manifold_per_layer_before_and_after():
+    """Both audits measured the manifold: one row per layer, each statistic before -> after; one audit without
+    it: no section."""
+    import dataclasses
+
+    def entry(value):
+        line = {"layer": 3, "participation_ratio": value, "variance_dims_90": 7, "intrinsic_dimension_twonn": 9.5}
+        line.update(intrinsic_dimension_mle=8.25, curvature=0.125)
+        return {"manifold": {"by_layer": [line], "sampled_positions": 40, "audited_positions": 50, "k": 20}}
+
+    before = dataclasses.replace(SUMMARY, layers=entry(2.5))
+    after = dataclasses.replace(SUMMARY, layers=entry(4.0))
+    card = model_card("m", {}, before, after)
+    assert "Hidden-state manifold per layer, before -> after (40 of 50 audited positions" in card
+    assert "| 3 | 2.500 -> 4.000 | 7.000 -> 7.000 | 9.500 -> 9.500 | 8.250 -> 8.250 | 0.125 -> 0.125 |" in card
+    assert "Hidden-state manifold" not in model_card("m", {}, SUMMARY, after)

@@ -27,6 +27,8 @@ def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_
                 max_positions=248,
                 audit_positions=62,
                 audit_layers="0-1",
+                manifold="true",
+                manifold_positions=40,
                 max_steps=2,
                 lora_layers=2,
                 use_cpu="true",
@@ -64,8 +66,10 @@ def test_refine_saves_everything_then_reports_a_failed_push(tiny_model_dir, tmp_
     assert "library_name: peft" in card and "| mrp_objective | fisher |" in card and "median margin" in card
     assert "W->R" in card and "comparison/gap_curves.png" in card
     for audit in ("audit_before", "audit_after"):  # --audit_layers: the lens pictures of both audits
-        for picture in ("layers", "lens_heatmap", "lens_curves"):
+        for picture in ("layers", "lens_heatmap", "lens_curves", "manifold"):
             assert f"![{audit} {picture}]({audit}/{picture}.png)" in card, (audit, picture)
+    # --manifold: 40 of the 62 audited positions, the comparison's picture and the card's table before -> after
+    assert "comparison/manifold.png" in card and "(40 of 62 audited positions" in card
     assert [row["layer"] for row in json.loads((out / "audit_after" / "layers.json").read_text())["layers"]] == [0, 1]
     for path in out.rglob("*"):  # the token never reaches a written file
         if path.is_file():

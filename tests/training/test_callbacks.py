@@ -236,6 +236,10 @@ def test_two_process_audit_equals_one_process(tmp_path):
         "1",
         "--layers",
         "all",
+        "--manifold",
+        "true",
+        "--manifold_positions",
+        "200",  # of 300: a sample, drawn over the gathered rows so that both runs read the same positions
     ]
     # Exact: every forward is one block in both runs (10 blocks, the last partly audited), so the same
     # kernels on the same shapes with one thread each; batches of 2 could be split 2+2+1 against 2+2+2+2+2, whose
@@ -252,6 +256,7 @@ def test_two_process_audit_equals_one_process(tmp_path):
         s["provenance"].pop("arguments")  # output_dir differs
     assert summary[0] == summary[1]
     assert (tmp_path / "one" / "layers.json").read_text() == (tmp_path / "two" / "layers.json").read_text()
+    assert summary[0]["layers"]["manifold"]["sampled_positions"] == 200  # the manifold ran, on a sample
 
 
 def read_images(logdir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -292,7 +297,7 @@ def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(bloc
         disable_tqdm=True,
         seed=0,
     )
-    callback = MRPAuditCallback(blocks, layers="all")
+    callback = MRPAuditCallback(blocks, layers="all", manifold=True)
     MRPTrainer(model=tiny_llama(), args=args, train_dataset=train_blocks(), callbacks=[callback]).train()
     scalars, images = read_scalars(logdir), read_images(logdir)
     for step, folder in ((0, out / "audit_before"), (2, out / "audit_after")):
@@ -303,7 +308,13 @@ def test_audited_layers_reach_the_logs_and_their_pictures_reach_tensorboard(bloc
                 logged = dict(scalars[f"train/audit/layer/{row['layer']}/{name}"])
                 # TensorBoard keeps float32: one rounding
                 assert logged[step] == pytest.approx(row[key], rel=F32_U, abs=0), (step, row["layer"], name)
-        for picture in ("layers", "lens_heatmap", "lens_curves"):
+            manifold = {"participation_ratio", "intrinsic_dimension_twonn", "intrinsic_dimension_mle", "curvature"}
+            for name in manifold:  # TensorBoard keeps float32: one rounding
+                logged = dict(scalars[f"train/audit/layer/{row['layer']}/{name}"])
+                assert logged[step] == pytest.approx(row[name], rel=F32_U), (step, row["layer"], name)
+            logged = dict(scalars[f"train/audit/layer/{row['layer']}/variance_dims_90"])
+            assert logged[step] == row["variance_dims"]["90"]
+        for picture in ("layers", "lens_heatmap", "lens_curves", "manifold"):
             from matplotlib import image
 
             on_disk = (image.imread(str(folder / f"{picture}.png"))[..., :3] * 255).round().astype(np.uint8)

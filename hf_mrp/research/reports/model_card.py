@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...data.sources import EMBEDDED_CORPUS, LOCAL_FORMATS
-from ...reporting.markdown import escape_cell, fmt_count, fmt_number, fmt_percent, table
+from ...reporting.markdown import escape_cell, fmt_count, fmt_number, fmt_percent, manifold_table, table
 from ...storage import files
 
 if TYPE_CHECKING:
@@ -255,6 +255,7 @@ def model_card(
         "",
         *_geometry_rows(before, after),
         "",
+        *manifold_table(before.layers, after.layers),
     ]
     if comparison_markdown:
         lines += ["## Flip audit", "", comparison_markdown.strip(), ""]
