@@ -9,6 +9,7 @@ from .head import (
     logit_transform,
     output_head,
     probe_logit_transform,
+    token_id_problem,
     vocab_size,
 )
 from .layers import parse_layer_spec
@@ -37,6 +38,7 @@ __all__ = [
     "cache_root",
     "carrier",
     "check_token_ids",
+    "token_id_problem",
     "decoder_layers",
     "embedded_gguf_path",
     "embedded_model_dir",

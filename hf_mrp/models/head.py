@@ -36,8 +36,16 @@ def check_token_ids(
     if ignore_index is not None:  # ignored entries count as id 0 (no boolean indexing: one device sync in all)
         ids = ids.masked_fill(ids == ignore_index, 0)
     low, high = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+    problem = token_id_problem(low, high, vocab_size, what, ignore_index)
+    if problem:
+        raise MRPUserError(problem)
+
+
+def token_id_problem(low: int, high: int, vocab_size: int, what: str, ignore_index: int | None = None) -> str | None:
+    """Why ids spanning ``[low, high]`` cannot be used with a vocabulary of ``vocab_size`` (None when they can): the
+    one wording of this refusal, for a batch on the device and a dataset read on the host alike."""
     if high >= vocab_size:
-        raise MRPUserError(
+        return (
             f"{what} hold token id {high}, but the model's vocabulary has {vocab_size} ids (0..{vocab_size - 1}): "
             "the tokenizer does not match the model; use the tokenizer saved with the model (same folder or Hub "
             "id), or call model.resize_token_embeddings(len(tokenizer)) before training"
@@ -48,7 +56,8 @@ def check_token_ids(
             if ignore_index is None
             else f"use {ignore_index} for ignored positions"
         )
-        raise MRPUserError(f"{what} hold the negative token id {low}; {fix}")
+        return f"{what} hold the negative token id {low}; {fix}"
+    return None
 
 
 def _check_input_ids_hook(module: nn.Module, args: tuple) -> None:

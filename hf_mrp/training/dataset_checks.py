@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MRPUserError
+from ..models import token_id_problem
+from ..ops import IGNORE_INDEX
 
 WEIGHTS_COLUMN = "mrp_weights"
 
@@ -72,14 +74,10 @@ def check_token_range(dataset, vocab: int, name: str, batch: int = 1024) -> bool
         for column in columns:
             values = [np.asarray(row, dtype=np.int64).ravel() for row in rows[column] if row is not None]
             flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
-            if column == "labels":
-                flat = flat[flat != -100]
-            if flat.size and (flat.max() >= vocab or flat.min() < 0):
-                bad = int(flat.max()) if flat.max() >= vocab else int(flat.min())
-                raise MRPUserError(
-                    f"{name} column {column} holds token id {bad}, outside the model's vocabulary (0..{vocab - 1}"
-                    f"{'; -100 marks an ignored label' if column == 'labels' else ''}): the tokenizer does not "
-                    "match the model; use the tokenizer saved with the model, or call "
-                    "model.resize_token_embeddings(len(tokenizer)) before training"
-                )
+            ignore = IGNORE_INDEX if column == "labels" else None
+            if ignore is not None:
+                flat = np.where(flat == ignore, 0, flat)
+            problem = token_id_problem(int(flat.min()), int(flat.max()), vocab, column, ignore) if flat.size else None
+            if problem:
+                raise MRPUserError(f"{name}: {problem}")
     return True
