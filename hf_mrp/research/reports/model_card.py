@@ -228,12 +228,7 @@ def model_card(
     ``repo_id``: the Hub repo the card is pushed to (the load line names it).
     """
     data_arguments = data_arguments or {}
-    lines = [
-        *_yaml_header(base_model, datasets_used(data_arguments)),
-        "",
-        "# Margin-refined adapter (hf_mrp)",
-        "",
-    ]
+    lines = [*_yaml_header(base_model, datasets_used(data_arguments)), "", "# Margin-refined adapter (hf_mrp)", ""]
     lines += _progress_note(settings, in_progress_step)
     lines += [
         f"A LoRA adapter for `{base_model or 'its base model'}` trained with the margin refinement procedure: "
