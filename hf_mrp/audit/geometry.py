@@ -25,9 +25,10 @@ from ..stats.calibration import expected_calibration_error
 from ..stats.correlation import spearman
 from ..storage import files
 from .audit_files import AUDIT_MARKER, WRITE_ORDER
-from .collect import Columns, LensKey, collect_statistics, process_rank_and_world
-from .layers import correct_wrong_gap, layer_summary, margin_percentiles, summarize_layers
-from .manifold import ManifoldOptions, add_manifold, manifold_sampler
+from .collect import process_rank_and_world, read_layers
+from .layers import correct_wrong_gap, layer_summary, margin_percentiles
+from .manifold import ManifoldOptions, manifold_reader
+from .readers import LayerReader, audit_readers, joined_rows
 from .summary import AuditSummary
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ def run_audit(
     lens: TunedLens | None = None,
     lens_bootstrap: int = 0,
     manifold: bool | ManifoldOptions | None = None,
+    readers: Sequence[LayerReader] = (),
 ) -> AuditResult:
     """Audit ``model`` on ``blocks``; write the files to ``output_dir`` when given.
 
@@ -121,7 +123,8 @@ def run_audit(
     every layer-wise statistic is the tuned lens', the logit lens' of the same pass is kept beside it, and
     ``layers`` defaults to the lens' layers). ``lens_bootstrap`` > 0 adds block-bootstrap intervals of the
     per-layer correlations and KL, with that many resamples. ``manifold`` (True, or `ManifoldOptions`) adds each
-    audited layer's hidden-state manifold statistics from the same pass (audit/manifold.py).
+    audited layer's hidden-state manifold statistics from the same pass (audit/manifold.py). ``readers`` are more
+    `LayerReader`s fed by the same pass, at some of the audited layers (their rows join layers.json's).
     """
     check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     check_blocks_to_audit(blocks)
@@ -129,26 +132,25 @@ def run_audit(
     layer_list = _checked_layers(model, blocks, layers, lens)
     if output_dir is not None:  # not created: it appears whole once written (_write_on_main_process)
         output_dir = files.check_output_dir(output_dir)
-    sampler = manifold_sampler(layer_list, int(blocks.position_mask().sum()), manifold)
-    positions, per_layer = collect_statistics(
+    sampler = manifold_reader(layer_list, int(blocks.position_mask().sum()), manifold, progress)
+    all_readers = audit_readers(layer_list, None if lens is None else lens.translators, sampler, readers)
+    positions = read_layers(
         model,
         blocks,
+        all_readers,
         batch_size=batch_size,
         chunk_size=chunk_size,
         margin_dtype=margin_dtype,
-        layers=layer_list,
         progress=progress,
-        translators=None if lens is None else lens.translators,
-        manifold=sampler,
     )
-    layer_rows, logit_rows = _lens_rows(positions, per_layer, layer_list, lens, lens_bootstrap)
-    manifold_found = add_manifold(layer_rows, sampler, process_rank_and_world()[1], progress)
+    layer_rows, apart = joined_rows(positions, all_readers, lens_bootstrap)
     summary = AuditSummary(
         provenance=_provenance(model, blocks, margin_dtype, provenance),
         **summarize_positions(positions),
         correct_wrong_gap=correct_wrong_gap(positions),
-        layers=None if layer_rows is None else _layers_entry(layer_rows, lens, manifold_found),
+        layers=None if layer_rows is None else _layers_entry(layer_rows, all_readers, lens),
     )
+    logit_rows = apart.get("logit_lens_layers")
     result = AuditResult(summary, positions, blocks, layer_rows, logit_layers=logit_rows)
     if output_dir is not None:
         _write_on_main_process(result, output_dir)
@@ -184,30 +186,12 @@ def _provenance(model: torch.nn.Module, blocks: Blocks, margin_dtype: str, prove
     }
 
 
-def _lens_rows(
-    positions: Columns,
-    per_layer: dict[LensKey, Columns],
-    layer_list: list[int] | None,
-    lens: TunedLens | None,
-    lens_bootstrap: int,
-) -> tuple[list[dict] | None, list[dict] | None]:
-    """(the lens' rows, the logit lens' rows beside a tuned lens): None where that lens did not run."""
-    final_ce = -positions["target_logprob"]
-
-    def rows_of(columns: dict[int, Columns]) -> list[dict]:
-        return summarize_layers(columns, final_ce, positions["block"], lens_bootstrap)
-
-    layer_rows = rows_of({k: v for k, v in per_layer.items() if not isinstance(k, tuple)}) if layer_list else None
-    logit_rows = rows_of({k[1]: v for k, v in per_layer.items() if isinstance(k, tuple)}) if lens else None
-    return layer_rows, logit_rows
-
-
-def _layers_entry(rows: list[dict], lens: TunedLens | None, manifold: dict | None) -> dict[str, Any]:
-    """audit.json's "layers": the lens' summary, the manifold's sample and numbers, and for a tuned lens where it
-    is and what it was trained on."""
-    entry = layer_summary(rows, "logit" if lens is None else "tuned")
-    if manifold is not None:
-        entry["manifold"] = manifold
+def _layers_entry(rows: list[dict], readers: Sequence[LayerReader], lens: TunedLens | None) -> dict[str, Any]:
+    """audit.json's "layers": the lens' summary, each reader's entry (the manifold's sample and numbers), and for a
+    tuned lens where it is and what it was trained on."""
+    entry = layer_summary(rows, readers[0].name)
+    for reader in readers:
+        entry.update(reader.entry())
     if lens is not None:
         entry["lens_path"] = lens.config.get("path")
         entry["lens_training"] = {

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MRPUserError, require_number
 from ..stats.manifold import VARIANCE_LEVELS, ManifoldSettings, manifold_statistics, sample_indices
+from .readers import BatchStates, GatherColumns, LayerReader
 
 # layers.json's manifold keys, in the order the picture and the card show them
 MANIFOLD_STATISTICS = (
@@ -56,26 +57,36 @@ def manifold_options(manifold: bool | ManifoldOptions | None) -> ManifoldOptions
     return manifold or None
 
 
-class ManifoldSampler:
-    """Keeps the sampled positions' hidden states of each layer while the audit's batches run."""
+class ManifoldReader(LayerReader):
+    """Keeps the sampled positions' hidden states of each layer while the audit's batches run; once gathered, each
+    layer's manifold statistics (rows of layers.json, audit.json's "manifold")."""
 
-    def __init__(self, layers: list[int], n_positions: int, options: ManifoldOptions):
+    name = "manifold"
+
+    def __init__(self, layers: list[int], n_positions: int, options: ManifoldOptions, progress: bool = True):
+        super().__init__(layers)
         self.options = options
         self.n_positions = n_positions
+        self.progress = progress
         self.indices = sample_indices(n_positions, options.positions, options.seed)
-        self.rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+        self.kept: dict[int, list[np.ndarray]] = {layer: [] for layer in self.layers}
         self.taken: list[np.ndarray] = []
+        self.states: dict[int, np.ndarray] = {}
+        self.found: dict[int, dict] = {}
         self._local: np.ndarray | None = None
 
     def begin_batch(self, start: int | None, count: int) -> None:
-        """The next batch's audited positions are ``start .. start + count`` in audit order (None: a padding round
-        whose numbers are discarded)."""
+        super().begin_batch(start, count)
         if start is None:
             self._local = None
             return
         low, high = np.searchsorted(self.indices, [start, start + count])
         self._local = self.indices[low:high] - start
         self.taken.append(self.indices[low:high])
+
+    def read(self, states: BatchStates, head: dict[int, dict[str, torch.Tensor]]) -> None:
+        for layer in self.layers:
+            self.take(layer, states.hidden(layer))
 
     def take(self, layer: int, states: torch.Tensor) -> None:
         """Keep ``layer``'s states [count x hidden] at this batch's sampled positions (16-bit widened to float32,
@@ -85,12 +96,15 @@ class ManifoldSampler:
         kept = states[torch.as_tensor(self._local, device=states.device)].detach()
         if kept.dtype in (torch.bfloat16, torch.float16):
             kept = kept.float()
-        self.rows[layer].append(kept.cpu().numpy())
+        self.kept[layer].append(kept.cpu().numpy())
+
+    def finish(self, gather: GatherColumns, world: int) -> None:
+        self.states = self.gathered(world)
 
     def gathered(self, world: int) -> dict[int, np.ndarray]:
         """{layer: [sample x hidden]} in sample order, every process's rows gathered (a collective call)."""
         taken = np.concatenate(self.taken) if self.taken else np.zeros(0, np.int64)
-        rows = {layer: np.concatenate(parts) if parts else None for layer, parts in self.rows.items()}
+        rows = {layer: np.concatenate(parts) if parts else None for layer, parts in self.kept.items()}
         if world > 1:
             import torch.distributed as dist
 
@@ -98,14 +112,21 @@ class ManifoldSampler:
             dist.all_gather_object(shards, (taken, rows))
             shards = [shard for shard in shards if shard[0].size]
             taken = np.concatenate([shard[0] for shard in shards])
-            rows = {layer: np.concatenate([shard[1][layer] for shard in shards]) for layer in self.rows}
+            rows = {layer: np.concatenate([shard[1][layer] for shard in shards]) for layer in self.kept}
         if not np.array_equal(np.sort(taken), self.indices):
             raise RuntimeError("the manifold sample was not read whole: some sampled position was never audited")
         order = np.argsort(taken, kind="stable")
         return {layer: states[order] for layer, states in rows.items() if states is not None}
 
+    def rows(self, positions: dict[str, np.ndarray], n_resamples: int) -> dict[int, dict[str, Any]]:
+        self.found = manifold_rows(self, self.states, self.progress)
+        return self.found
 
-def manifold_rows(sampler: ManifoldSampler, states: dict[int, np.ndarray], progress: bool = True) -> dict[int, dict]:
+    def entry(self) -> dict[str, Any]:
+        return {"manifold": manifold_entry(self, self.found)}
+
+
+def manifold_rows(sampler: ManifoldReader, states: dict[int, np.ndarray], progress: bool = True) -> dict[int, dict]:
     """{layer: its manifold statistics}, one progress bar over every layer's nearest-neighbour rows."""
     settings = ManifoldSettings(k=sampler.options.k)
     total = sum(len(points) for points in states.values())
@@ -118,7 +139,7 @@ def manifold_rows(sampler: ManifoldSampler, states: dict[int, np.ndarray], progr
     return found
 
 
-def manifold_entry(sampler: ManifoldSampler, rows: dict[int, dict]) -> dict[str, Any]:
+def manifold_entry(sampler: ManifoldReader, rows: dict[int, dict]) -> dict[str, Any]:
     """audit.json's "manifold" (under "layers"): how the sample was drawn and each layer's headline numbers."""
     return {
         **asdict(sampler.options),
@@ -141,10 +162,10 @@ def headline(row: dict) -> dict[str, float | None]:
     return found
 
 
-def manifold_sampler(
-    layers: list[int] | None, n_positions: int, manifold: bool | ManifoldOptions | None
-) -> ManifoldSampler | None:
-    """The sampler of an audit asked for the manifold (None: not asked); it reads the audited layers."""
+def manifold_reader(
+    layers: list[int] | None, n_positions: int, manifold: bool | ManifoldOptions | None, progress: bool = True
+) -> ManifoldReader | None:
+    """The reader of an audit asked for the manifold (None: not asked); it reads the audited layers."""
     options = manifold_options(manifold)
     if options is None:
         return None
@@ -153,17 +174,4 @@ def manifold_sampler(
             "the manifold statistics are per audited layer: pass the layers too (--layers / --audit_layers, e.g. "
             "'all' or '20-29'; layers= in Python)"
         )
-    return ManifoldSampler(layers, n_positions, options)
-
-
-def add_manifold(
-    rows: list[dict] | None, sampler: ManifoldSampler | None, world: int, progress: bool = True
-) -> dict[str, Any] | None:
-    """Each layer row gets its manifold statistics (layers.json); returns audit.json's "manifold" entry (None
-    without a sampler). Every process calls it: the gathering is collective."""
-    if sampler is None or rows is None:
-        return None
-    found = manifold_rows(sampler, sampler.gathered(world), progress)
-    for row in rows:
-        row.update(found[row["layer"]])
-    return manifold_entry(sampler, found)
+    return ManifoldReader(layers, n_positions, options, progress)
