@@ -46,6 +46,7 @@ PAPER: dict = {
     "mrp_margin_threshold": 1.0,
     "mrp_margin_normalization": "gated",
     "mrp_top_k": 5,
+    "paper_curves": True,
 }
 PRESETS = {"paper": PAPER}
 DATASET_COMPANIONS = ("dataset_config", "split", "text_column")  # a preset's settings of its own --dataset

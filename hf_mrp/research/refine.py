@@ -27,6 +27,7 @@ from .arguments import DataArguments, ModelArguments, manifold_from, provenance
 from .loading import load_model_from_arguments
 from .refine_arguments import DEFAULTS, RefineArguments
 from .refine_inputs import head_peft_config, refine_blocks, split_blocks, target_weights, training_dataset
+from .reports.paper_curves import write_paper_curves
 from .run_folders import TRAINING_LOG, check_may_write, forget_finished_run
 
 
@@ -97,6 +98,10 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
             repo_id = hub.resolved_repo_id()  # create_repo's answer: a bare name gets the token's namespace
             config.hub_model_id = hub.repo_id  # create_repo's answer once known: mrp_config.json and the final line
         write_run_files(output_dir, model_name, config, origin, before, after, comparison, repo_id)
+        if refine_args.paper_curves:
+            write_paper_curves(
+                output_dir, trainer.state.log_history, protocol_of(trainer, model_name, data_args, after)
+            )
         files.write_json(output_dir / TRAINING_LOG, trainer.state.log_history)  # last: marks a finished run
         if hub is not None:
             from ..training.hub import push_folder
@@ -104,6 +109,22 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
             push_folder(output_dir, hub.repo_id, config.hub_token, config.hub_private_repo)
             config.push_to_hub = True  # pushed, to config.hub_model_id (the caller's final line names it)
     return comparison
+
+
+def protocol_of(trainer, model_name: str, data_args, after: AuditSummary) -> dict:
+    """What the released protocol is compared with (reports/paper_curves.departures): this run as it ran."""
+    args = trainer.args
+    return {
+        "model": model_name,
+        "max_steps": trainer.state.global_step,
+        "learning_rate": args.learning_rate,
+        "block_size": data_args.block_size,
+        "dataset_config": data_args.dataset_config,
+        "bf16": bool(args.bf16),
+        "effective_batch_blocks": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "full_model": not getattr(args, "use_lora", True),
+        "audit_positions": int(after.n_positions),
+    }
 
 
 def train_end_audits(audit: MRPAuditCallback) -> tuple[AuditSummary, AuditSummary, dict]:

@@ -95,6 +95,13 @@ class RefineArguments:
             "call, docs/objectives.md), imported before the flags are checked: its names are --mrp_objective values."
         },
     )
+    paper_curves: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw this run's training curves over the paper's released runs (paper_curves.png) and list "
+            "where its settings depart from the released protocol (paper_protocol.json); on with --preset paper."
+        },
+    )
     train_lm_head: bool = field(
         default=False,
         metadata={

@@ -122,3 +122,8 @@ def test_the_paper_preset_runs_two_steps_on_a_tiny_model(tiny_model_dir, tmp_pat
     assert steps[0]["learning_rate"] == pytest.approx(0.0) and steps[1]["learning_rate"] > 0  # the warm-up
     assert (out / "model.safetensors").exists()  # the whole model was trained and saved (no adapter)
     assert json.loads((out / "comparison" / "flip_audit.json").read_text())["n_positions"] == 62
+    assert (out / "paper_curves.png").is_file()  # the preset draws the run's curves over the released runs'
+    protocol = json.loads((out / "paper_protocol.json").read_text())
+    assert protocol["curve"]["step"] == [1.0, 2.0]
+    departed = {item["setting"]: item["this_run"] for item in protocol["departures"]}
+    assert departed["max_steps"] == 2 and departed["block_size"] == 32 and "learning_rate" not in departed

@@ -123,6 +123,8 @@ def baseline_numbers(baseline: AuditResult) -> BaselineNumbers:
         gap_r_squared=summary.gap_fit.r_squared,
         blocks_sha256=summary.provenance.get("blocks_sha256"),
         model=summary.provenance.get("model"),
+        gap_beta=summary.gap_fit.beta,
+        entropy_margin_rho=summary.entropy_margin_spearman,
     )
 
 

@@ -10,6 +10,7 @@ from ...reporting.markdown import escape_cell, fmt_count, fmt_kind, fmt_number, 
 from ...stats.token_classes import CLASSES
 from ..reports import sweep_plots
 from ..reports.paper_reference import PAPER_MODEL, paper_comparison_rows
+from ..reports.released_runs import TABLE_HEADER, released_table
 from .cells import cell_ci, cell_paired, cell_spread, row_cells
 from .metrics import DESCRIPTIONS, HEADERS, KINDS, MAIN_TABLE, PAIRED_TABLE
 from .plan import CONTROL, format_lambda
@@ -173,9 +174,19 @@ def _runs_table(results: SweepResults) -> str:
 
 
 def _paper_section(results: SweepResults) -> str:
+    """The paper's flip numbers beside this sweep's, then every released run's margin audit beside its rows."""
+    released = (
+        "Every released run of the paper (github.com/mellowmarshall/mrp-paper `results/*/margin_audit_fp32.json`, "
+        "each number copied from the file linked, hf_mrp/research/reports/released_runs.json) beside this sweep's "
+        "rows (mean over seeds, after refinement, on this sweep's positions):\n\n"
+        + table(
+            list(TABLE_HEADER),
+            released_table(results.aggregate.rows, results.aggregate.baseline, results.head.positions.n),
+        )
+    )
     rows = paper_comparison_rows(results.aggregate.rows, results.head.positions.n, results.aggregate.baseline.accuracy)
     if not rows:
-        return "No row of this sweep has a published paper number at the same objective and lambda."
+        return "No row of this sweep has a published paper flip number at the same objective and lambda.\n\n" + released
     normalization = results.head.training.mrp_margin_normalization
     units = (
         "margin lambdas are in the paper's units (the penalty divided by the gated positions)"
@@ -187,6 +198,8 @@ def _paper_section(results: SweepResults) -> str:
         f"CI]; minus control: the part attributable to the objective [paired CI]. The paper has no control, so "
         f"its numbers compare with 'this sweep', not with the attributable part; {units}.\n\n"
         + table(["objective", "lambda", "quantity", "paper", "this sweep", "minus control"], rows)
+        + "\n\n"
+        + released
     )
 
 

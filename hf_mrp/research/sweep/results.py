@@ -152,6 +152,8 @@ class BaselineNumbers(JsonRecord):
     gap_r_squared: float
     blocks_sha256: str | None
     model: str | None
+    gap_beta: float | None = None
+    entropy_margin_rho: float | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 from ...audit.compare import check_same_positions, decoder_from_tokenizer
 from ...audit.geometry import AuditResult, load_audit
 from ...ops.gap import fit_gap_law
+from ...stats.correlation import spearman
 from ...stats.flips import flip_numbers, none_to_nan
 from ...stats.token_classes import HEAD_BUCKET, target_buckets, target_class_codes
 from ...storage import files
@@ -48,6 +49,7 @@ class RunData:
 
     spec: RunSpec
     margin_after: np.ndarray
+    entropy_after: np.ndarray
     correct_after: np.ndarray
     top1_after: np.ndarray
     steps: int | None  # the last logged step (None: no training log)
@@ -77,6 +79,7 @@ def load_run(spec: RunSpec, run_dir: Path, baseline: AuditResult) -> RunData:
     return RunData(
         spec=spec,
         margin_after=np.asarray(after.positions["margin"], dtype=np.float64),
+        entropy_after=np.asarray(after.positions["entropy"], dtype=np.float64),
         correct_after=np.asarray(after.positions["correct"]).astype(bool),
         top1_after=np.asarray(after.positions["top1_id"], dtype=np.int64),
         steps=steps,
@@ -105,6 +108,8 @@ def run_statistics(runs: Sequence[RunData], shared: Shared, index: np.ndarray | 
             "pr_margin_lt_0_5": float(np.mean(margin < 0.5)),
             "gap_alpha": fit.alpha,
             "gap_r_squared": fit.r_squared,
+            "gap_beta": fit.beta,
+            "entropy_margin_rho": spearman(run.entropy_after[pick], margin),
             "accuracy": numbers.accuracy_after,
             "structural_share": share_of_net["structural"],
             **{f"net_{label}": net for label, net in net_by_class.items()},
