@@ -11,6 +11,7 @@ FSDP / ZeRO-3 need W only while the head runs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..compat import compiled_inner, compiled_module_type
 from ..errors import MRPUserError
 from ..models import carrier, check_token_ids, head_replaced, logit_transform, vocab_size
 from ..ops import IGNORE_INDEX, MRPLossSums, MRPSettings, mrp_loss_sums
+from .depth import captured_depth_states, lens_states
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -86,9 +88,11 @@ def forward_with_mrp_loss(
         )
     transform = logit_transform(inner)
     result: dict[str, MRPLossSums] = {}
+    with_depth = settings.record.layers and settings.lam != 0.0
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         states, aligned_targets, aligned_weights = _aligned_with(hidden, labels, shift_labels, position_weights, vocab)
+        depth = [u[:, : states.shape[1]] for u in lens_states(inner, settings, kept)] if with_depth else []
         result["sums"] = mrp_loss_sums(
             states,
             weight,
@@ -99,10 +103,12 @@ def forward_with_mrp_loss(
             transform=transform,
             with_entropy=with_entropy,
             defer_checks=not host_checks,
+            depth_states=tuple(depth),
         )
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
-    with head_replaced(inner, compute, check_ids=host_checks):
+    hooks = captured_depth_states(inner, settings) if with_depth else contextlib.nullcontext({})
+    with head_replaced(inner, compute, check_ids=host_checks), hooks as kept:  # kept: read by compute, in the forward
         outputs = model(**inputs, use_cache=False)
     sums = result["sums"]
     if not with_logits:
