@@ -120,8 +120,8 @@ class MRPSettings:
         """The target layers, sorted (``mrp_target_layers``; checked against the model where it is known)."""
         items: set[int] = set()
         for part in filter(None, (p.strip() for p in str(self.target_layers).split(","))):
-            low, _, high = part.partition("-")
-            if not low.isdigit() or not (high or low).isdigit():
+            low, dash, high = part.partition("-")
+            if not low.isdigit() or not (high or low).isdigit() or (dash and not high):
                 raise MRPUserError(
                     f"mrp_target_layers {self.target_layers!r} is not a list of layers; write them like '12,14,16' "
                     "or '12-16' (0-based decoder blocks)"
@@ -144,8 +144,7 @@ class MRPSettings:
             )
         if self.depth_lens not in DEPTH_LENSES:
             raise MRPUserError(f"unknown mrp_depth_lens {self.depth_lens!r}; choose one of {', '.join(DEPTH_LENSES)}")
-        if self.record.layers:
-            self._check_depth()
+        self._check_depth()
         if self.precision not in LOGITS_PRECISIONS:
             raise MRPUserError(
                 f"unknown mrp_logits_precision {self.precision!r}; choose one of "
@@ -153,7 +152,8 @@ class MRPSettings:
             )
 
     def _check_depth(self) -> None:
-        """The settings of a ``layers`` objective: a top-k depth objective, the layers' syntax, a tuned lens' path."""
+        """The settings of a ``layers`` objective (checked whatever the objective, so that a bad one never waits for
+        the objective that reads it): a top-k depth objective, the layers' syntax, a tuned lens' path."""
         depth = self.depth_record
         if depth.penalty is None or depth.layers or depth.full_logits or depth.closed_form is not None:
             raise MRPUserError(
@@ -161,6 +161,10 @@ class MRPSettings:
                 "such as proxy (the released default), fisher, margin, correct_margin or proxy_gated"
             )
         _ = self.layer_indices  # its syntax, refused in one line
+        if self.depth_lens_path is not None and not isinstance(self.depth_lens_path, str):
+            raise MRPUserError(
+                f"mrp_depth_lens_path must be the path of a tuned lens folder, got {self.depth_lens_path!r}"
+            )
         if self.depth_lens == "tuned" and not self.depth_lens_path:
             raise MRPUserError(
                 "mrp_depth_lens 'tuned' needs mrp_depth_lens_path: the folder of a lens written by "

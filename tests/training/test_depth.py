@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from hf_mrp.audit.tuned_lens import FORMAT, load_tuned_lens, save_lens
 from hf_mrp.errors import MRPUserError
-from hf_mrp.ops import MRPSettings
+from hf_mrp.models import logit_transform
+from hf_mrp.ops import MRPSettings, mrp_loss_sums
 from hf_mrp.ops.lens import AffineTranslators
 from hf_mrp.training.depth import check_depth
 from hf_mrp.training.loss import forward_with_mrp_loss
@@ -152,7 +153,9 @@ def run(family, objective, lens, lens_path=None, product=True):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("objective, lens", [("depth", "raw"), ("depth", "logit"), ("depth", "tuned"), ("combined", "logit")])
+@pytest.mark.parametrize(
+    "objective, lens", [("depth", "raw"), ("depth", "logit"), ("depth", "tuned"), ("combined", "logit")]
+)
 def test_depth_and_combined_equal_their_float64_references(family, objective, lens, tmp_path):
     path = lens_folder(tmp_path) if lens == "tuned" else None
     got = run(family, objective, lens, path, product=True)
@@ -161,3 +164,52 @@ def test_depth_and_combined_equal_their_float64_references(family, objective, le
     for name, g, w in zip(names, got, want):
         assert w.abs().max() > 1e-4, name  # a real loss and gradient, not 0 = 0
         torch.testing.assert_close(g, w, **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_depth_under_bf16_autocast_is_the_float32_computation():
+    """bf16 autocast changes nothing in the fused loss (autocast off, float32 logits at every layer): the same float32
+    operations in the same order, so equal up to float32 rounding of the loss' sums (1e-6)."""
+    model, inputs = model_of("gemma2"), batch()
+    with torch.no_grad():
+        states = model(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
+    settings = MRPSettings(objective="depth", lam=LAM, top_k=K, chunk_size=5, target_layers="0,2")
+    weight, targets = model.get_output_embeddings().weight.detach().float(), inputs["labels"][:, 1:]
+    results = []
+    for autocast in (False, True):
+        leaves = [states[-1][:, :-1].float(), *(states[i + 1][:, :-1].float() for i in TARGETS), weight.clone()]
+        for leaf in leaves:
+            leaf.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sums = mrp_loss_sums(
+                leaves[0], leaves[-1], targets, settings, transform=logit_transform(model), depth_states=leaves[1:-1]
+            )
+        sums.total.backward()
+        results.append([sums.total, sums.depth, *(leaf.grad for leaf in leaves)])
+    assert results[0][1] > 0 and results[0][3].abs().max() > 1e-4  # a real depth term and gradient
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
+def refusal(model, **settings) -> str:
+    with pytest.raises(MRPUserError) as error:
+        check_depth(model, MRPSettings(objective="depth", **settings))
+    line = str(error.value)
+    assert "\n" not in line
+    return line
+
+
+def test_bad_depth_settings_are_refused_in_one_line_naming_the_setting(tmp_path):
+    model = model_of("llama")
+    line = refusal(model, target_layers="0,3")
+    assert "mrp_target_layers '0,3'" in line and "choose layers in 0..2" in line
+    line = refusal(model, target_layers="1", depth_lens="tuned", depth_lens_path=str(tmp_path / "none"))
+    assert line.startswith(f"mrp_depth_lens_path {tmp_path / 'none'}") and "hf-mrp lens train" in line
+    folder = lens_folder(tmp_path / "lens")  # translates layers 0 and 2
+    line = refusal(model, target_layers="1,2", depth_lens="tuned", depth_lens_path=str(folder))
+    assert "translates layers [0, 2]" in line and "hf-mrp lens train --layers 1,2" in line
+    check_depth(
+        model, MRPSettings(objective="depth", target_layers="0,2", depth_lens="tuned", depth_lens_path=str(folder))
+    )
+    with pytest.raises(MRPUserError, match="mrp_depth_objective 'entropy' does not read top-k logits"):
+        MRPSettings(objective="combined", depth_objective="entropy")
