@@ -75,10 +75,14 @@ def _translators(model: nn.Module, settings: MRPSettings) -> AffineTranslators:
 @contextmanager
 def captured_depth_states(model: nn.Module, settings: MRPSettings) -> Iterator[dict[int, torch.Tensor]]:
     """While the block runs the model's forward, keep the target layers' outputs: the yielded dict (layer -> its
-    output) is full by the time the head runs. `lens_states` turns them into the fused loss' inputs."""
+    output) is full by the time the head runs (empty, no hook, unless the objective reads layers with lambda > 0).
+    `lens_states` turns them into the fused loss' inputs."""
+    kept: dict[int, torch.Tensor] = {}
+    if not (settings.record.layers and settings.lam != 0.0):
+        yield kept
+        return
     blocks = decoder_layers(model)
     indices = target_layers(model, settings)
-    kept: dict[int, torch.Tensor] = {}
 
     def keep(index: int):
         def hook(module, args, output):

@@ -11,7 +11,6 @@ FSDP / ZeRO-3 need W only while the head runs.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Any
 
@@ -88,27 +87,18 @@ def forward_with_mrp_loss(
         )
     transform = logit_transform(inner)
     result: dict[str, MRPLossSums] = {}
-    with_depth = settings.record.layers and settings.lam != 0.0
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         states, aligned_targets, aligned_weights = _aligned_with(hidden, labels, shift_labels, position_weights, vocab)
-        depth = [u[:, : states.shape[1]] for u in lens_states(inner, settings, kept)] if with_depth else []
+        depth = [u[:, : states.shape[1]] for u in lens_states(inner, settings, kept)] if kept else []
         result["sums"] = mrp_loss_sums(
-            states,
-            weight,
-            aligned_targets,
-            settings,
-            bias=bias,
-            position_weights=aligned_weights,
-            transform=transform,
-            with_entropy=with_entropy,
-            defer_checks=not host_checks,
-            depth_states=tuple(depth),
-        )
+            states, weight, aligned_targets, settings, bias=bias, position_weights=aligned_weights,
+            transform=transform, with_entropy=with_entropy, defer_checks=not host_checks, depth_states=tuple(depth),
+        )  # fmt: skip
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
-    hooks = captured_depth_states(inner, settings) if with_depth else contextlib.nullcontext({})
-    with head_replaced(inner, compute, check_ids=host_checks), hooks as kept:  # kept: read by compute, in the forward
+    # kept: the target layers' outputs of a `layers` objective (else empty), filled before the head runs `compute`
+    with head_replaced(inner, compute, check_ids=host_checks), captured_depth_states(inner, settings) as kept:
         outputs = model(**inputs, use_cache=False)
     sums = result["sums"]
     if not with_logits:

@@ -19,6 +19,7 @@ from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
 from .checkpoints import SettingsInCheckpoints, check_resume_target, check_resumed_settings
 from .dataset_checks import check_token_range
+from .depth import check_depth
 from .divergence import (
     check_weights,
     check_weights_changed,
@@ -27,7 +28,6 @@ from .divergence import (
     record_gradient_norm,
 )
 from .ewc import EWCPenalty, check_ewc_applies, estimate_penalty
-from .depth import check_depth
 from .loss import unwrap
 
 logger = logging.getLogger(__name__)

@@ -213,3 +213,16 @@ def test_bad_depth_settings_are_refused_in_one_line_naming_the_setting(tmp_path)
     )
     with pytest.raises(MRPUserError, match="mrp_depth_objective 'entropy' does not read top-k logits"):
         MRPSettings(objective="combined", depth_objective="entropy")
+
+
+def test_refine_takes_the_depth_flags_and_refuses_layers_the_model_lacks(tmp_path):
+    """`hf-mrp refine` / examples/refine.py (one parser): the flags of docs/objectives.md reach MRPConfig's settings;
+    a target layer beyond the embedded SmolLM2's (30 layers) is refused before anything loads."""
+    from hf_mrp.research.commands.refine import parse_arguments
+
+    flags = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
+    depth = ["--mrp_objective", "depth", "--mrp_target_layers", "12,14,16", "--mrp_depth_lens", "logit"]
+    settings = parse_arguments([*flags, *depth])[3].mrp_settings
+    assert settings.record.layers and settings.layer_indices == (12, 14, 16) and settings.depth_lens == "logit"
+    with pytest.raises(MRPUserError, match=r"mrp_target_layers '12,29'.*choose layers in 0\.\.28$"):
+        parse_arguments([*flags, *depth[:3], "12,29"])
