@@ -29,7 +29,7 @@ LAM, K = 0.7, 4
 # products); as in tests/ops/test_objectives.py the loss (~30 positions x 97 tokens, |loss| ~200) and the head's
 # gradients stay within 1e-5 relative + 1e-5 absolute of float64. The float64 backward through <= 3 blocks below
 # the head is the same linear map of those gradients on both sides (its Jacobian entries are O(1) on these tiny
-# random models), so the hidden states' gradients keep that bound (measured: at most 0.2 of it).
+# random models), so the hidden states' gradients keep that bound (measured: at most 0.6 of it, layer 0's).
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
