@@ -68,7 +68,7 @@ def chunk_loss(
     logits = transform.cap_(head.logits(h))  # the logits the model emits
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
     logit_sum = logits.sum(-1) if settings.label_smoothing else None  # before chunk_softmax shifts it in place
-    by_autograd = active and closed is None
+    by_autograd = active and closed is None and record.penalty is not None  # None: a depth-only record
     full = logits.clone() if by_autograd and record.full_logits else None
     parts = chunk_softmax(logits, targets, max(settings.k, 2), keep_shifted=closed is not None or with_entropy)
     ce = _ce_sum(parts, logit_sum, settings.label_smoothing, head.vocab)

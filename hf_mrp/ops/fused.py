@@ -24,6 +24,7 @@ import torch
 
 from ..errors import MRPUserError
 from .chunk_loss import chunk_loss
+from .depth_loss import depth_chunk
 from .head_gradients import HeadGradients
 from .precision import HeadOperands, autocast_off
 from .settings import NORMALIZATIONS, MRPSettings
@@ -56,6 +57,7 @@ class MRPLossSums:
     n_correct: torch.Tensor | int = 0
     entropy: torch.Tensor | None = None
     penalty_fault: torch.Tensor | None = None  # with defer_checks: 1 where `penalty_fault_message` applies, else 0
+    depth: torch.Tensor | None = None  # a ``layers`` objective's depth term (part of ``objective``), normalized
 
 
 def _objective_factor(settings: MRPSettings, n_valid: int, n_gated: torch.Tensor) -> torch.Tensor | float:
@@ -67,15 +69,28 @@ def _objective_factor(settings: MRPSettings, n_valid: int, n_gated: torch.Tensor
     return torch.where(n_gated > 0, n_valid / n_gated.clamp(min=1), torch.zeros_like(n_gated))
 
 
-def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, needs, defer):
-    """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the seven sums and the combined gradients."""
-    need_h, need_w, need_b = needs
-    need_grad = need_h or need_w or need_b
+def _depth_factor(
+    settings: MRPSettings, n_valid: int, n_layers: int, depth_gated: torch.Tensor
+) -> torch.Tensor | float:
+    """The factor of the depth part's sum over (layer, position) pairs: 1 / the number of target layers (the mean
+    over the layers of each layer's mean over valid positions, as released), or for a gated depth objective under
+    'gated' n_valid / the gated (layer, position) pairs (their mean)."""
+    if settings.normalization != "gated" or not settings.depth_record.gated:
+        return 1.0 / max(n_layers, 1)
+    return torch.where(depth_gated > 0, n_valid / depth_gated.clamp(min=1), torch.zeros_like(depth_gated))
+
+
+def _fused_sums(
+    hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, needs, defer, depth
+):
+    """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the sums and the combined gradients."""
+    need_h, need_w, need_b = needs[:3]
+    need_grad = any(needs)
     head = HeadOperands(weight, bias, transform, settings.precision)
     lam, record = settings.lam, settings.record
-    by_autograd = lam != 0.0 and record.closed_form is None  # the objective's gradient kept apart
-    grads = HeadGradients(hidden, head, need_h, need_w, need_b, by_autograd) if need_grad else None
-    sums = torch.zeros(7, dtype=torch.float64, device=hidden.device)
+    by_autograd = lam != 0.0 and record.closed_form is None and record.penalty is not None  # kept apart
+    grads = HeadGradients(hidden, head, need_h, need_w, need_b, by_autograd, (depth, needs[3:])) if need_grad else None
+    sums = torch.zeros(10, dtype=torch.float64, device=hidden.device)
     for start in range(0, hidden.shape[0], settings.chunk_size):
         stop = start + settings.chunk_size
         h = hidden[start:stop].float()
@@ -91,20 +106,31 @@ def _fused_sums(hidden, weight, bias, targets, weights, settings: MRPSettings, t
             need_w and record.rows,
         )
         parts = [chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct, chunk.entropy]
-        sums += torch.stack(parts + [chunk.nonfinite]).double()
+        sums[:7] += torch.stack(parts + [chunk.nonfinite]).double()
         if grads is not None:
             grads.add_chunk(start, stop, h, head, chunk)
         del chunk
-    ce, obj, margin, n_gated, n_correct, entropy, nonfinite = sums.unbind()
-    fault = (nonfinite > 0) & torch.isfinite(ce)
+        if depth:
+            part = depth_chunk(depth, start, stop, head, targets[start:stop], _part(weights, start, stop), settings,
+                               transform, (needs[3:], need_w), grads)  # fmt: skip
+            sums[7:] += part.double()
+    ce, obj, margin, n_gated, n_correct, entropy, nonfinite, depth_sum, depth_gated, depth_nonfinite = sums.unbind()
+    fault = (nonfinite + depth_nonfinite > 0) & torch.isfinite(ce)
     if not defer and bool(fault):  # deferred (the trainers' hot path): they read it at their next check
         raise MRPUserError(penalty_fault_message(record.name))
     factor = _objective_factor(settings, hidden.shape[0], n_gated)
-    obj = obj * factor
-    outputs = grads.combine(lam * factor if by_autograd else 0.0, head.scale) if grads is not None else [None] * 3
+    depth_factor = _depth_factor(settings, hidden.shape[0], len(depth), depth_gated)
+    depth_term = depth_sum * depth_factor
+    obj = obj * factor + depth_term
+    lams = (lam * factor if by_autograd else 0.0, head.scale, lam * depth_factor if depth else 0.0)
+    outputs = grads.combine(*lams) if grads is not None else [None] * (3 + len(depth))
     total = (settings.ce_weight * ce + lam * obj).float()
-    statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy, fault))
+    statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy, fault, depth_term))
     return total, statistics, outputs
+
+
+def _part(weights: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if weights is None else weights[start:stop].float()
 
 
 def penalty_fault_message(name: str) -> str:
@@ -118,15 +144,16 @@ def penalty_fault_message(name: str) -> str:
 
 class _FusedMRPLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, defer):
-        needs = tuple(ctx.needs_input_grad[:3])
-        with autocast_off(hidden, weight):
+    def forward(ctx, hidden, weight, bias, targets, weights, settings, transform, with_entropy, defer, *depth):
+        """``depth``: the target layers' states of a ``layers`` objective (through its lens), [N, d] each."""
+        needs = tuple(ctx.needs_input_grad[:3]) + tuple(ctx.needs_input_grad[9:])
+        with autocast_off(hidden, weight, *depth):
             total, statistics, outputs = _fused_sums(
-                hidden, weight, bias, targets, weights, settings, transform, with_entropy, needs, defer
+                hidden, weight, bias, targets, weights, settings, transform, with_entropy, needs, defer, depth
             )
         ctx.save_for_backward(*(g for g in outputs if g is not None))
         ctx.flags = needs
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype) + tuple(u.dtype for u in depth)
         ctx.mark_non_differentiable(*statistics)
         return (total, *statistics)
 
@@ -144,7 +171,7 @@ class _FusedMRPLoss(torch.autograd.Function):
                 outputs.append(torch.where(scale == 0, torch.zeros_like(gradient), gradient * scale).to(dtype))
             else:
                 outputs.append(None)
-        return (*outputs, None, None, None, None, None, None)
+        return (*outputs[:3], None, None, None, None, None, None, *outputs[3:])
 
 
 def mrp_loss_sums(
@@ -158,6 +185,7 @@ def mrp_loss_sums(
     transform: LogitTransform = IDENTITY,
     with_entropy: bool = False,
     defer_checks: bool = False,
+    depth_states: tuple[torch.Tensor, ...] = (),
 ) -> MRPLossSums:
     """Summed ce_weight * CE + lam * objective over positions whose target is not -100 (``settings``:
     `MRPSettings`, checked when built; a config's ``mrp_settings``).
@@ -176,6 +204,9 @@ def mrp_loss_sums(
     ``with_entropy`` also sums the predictive entropy (TRL's ``entropy`` metric).
     ``defer_checks`` (the trainers' hot path) leaves the objective's finiteness check to the caller: no host read
     here, ``penalty_fault`` says whether `penalty_fault_message` applies.
+    ``depth_states`` (a ``layers`` objective: depth, combined) are the target layers' states [..., d] aligned like
+    ``hidden``, already through the lens (`training.depth`); their logits T(u W^T + b) carry ``mrp_depth_objective``,
+    averaged over the layers (``sums.depth``, inside ``sums.objective``); gradients reach them too.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
@@ -183,9 +214,11 @@ def mrp_loss_sums(
     index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat_hidden, flat_targets = flat_hidden.index_select(0, index), flat_targets.index_select(0, index)
     weights = None if position_weights is None else position_weights.reshape(-1).index_select(0, index).detach()
-    total, ce, obj, margin, n_gated, n_correct, entropy, fault = _FusedMRPLoss.apply(
-        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy), bool(defer_checks)
-    )
+    depth = [u.reshape(-1, u.shape[-1]).index_select(0, index) for u in depth_states] if settings.lam != 0.0 else []
+    total, ce, obj, margin, n_gated, n_correct, entropy, fault, depth_term = _FusedMRPLoss.apply(
+        flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy), bool(defer_checks),
+        *depth,
+    )  # fmt: skip
     return MRPLossSums(
         total=total,
         ce=ce,
@@ -196,4 +229,5 @@ def mrp_loss_sums(
         n_correct=n_correct,
         entropy=entropy if with_entropy else None,
         penalty_fault=fault if defer_checks else None,
+        depth=depth_term if depth else None,
     )

@@ -3,7 +3,9 @@
 Each chunk hands over d(ce_weight * ce [+ lam * closed-form objective]) / dz as a [chunk x V] buffer, and the
 objective's lambda-free gradient: at its top-k (and target) ids only ([chunk x k'], [chunk x k x d] for the rows of
 W), or as a [chunk x V] buffer for a full-logits objective; the two parts are kept apart until the whole batch is
-known (the 'gated' normalization scales the objective part), then `HeadGradients.combine` adds them.
+known (the 'gated' normalization scales the objective part), then `HeadGradients.combine` adds them. A ``layers``
+objective's depth part (depth_loss.py) has its own: the target layers' states' gradients and W's and b's depth part,
+scaled by its own normalization.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ class HeadGradients:
     """Float32 gradient accumulators for h, W and b: the CE part and the (lambda-free) objective part."""
 
     def __init__(
-        self, hidden: torch.Tensor, head: HeadOperands, need_h: bool, need_w: bool, need_b: bool, objective: bool
+        self,
+        hidden: torch.Tensor,
+        head: HeadOperands,
+        need_h: bool,
+        need_w: bool,
+        need_b: bool,
+        objective: bool,
+        depth: tuple[list[torch.Tensor], list[bool]] = ([], []),
     ) -> None:
         f32: dict[str, Any] = dict(dtype=torch.float32, device=hidden.device)
         shape_w, shape_b = (head.vocab, head.width), (head.vocab,)
@@ -30,6 +39,10 @@ class HeadGradients:
         self.h_obj = torch.zeros(hidden.shape, **f32) if need_h and objective else None
         self.w_obj = torch.zeros(shape_w, **f32) if need_w and objective else None
         self.b_obj = torch.zeros(shape_b, **f32) if need_b and objective else None
+        states, need_states = depth
+        self.depth_h = [torch.zeros(s.shape, **f32) if need else None for s, need in zip(states, need_states)]
+        self.w_depth = torch.zeros(shape_w, **f32) if need_w and states else None
+        self.b_depth = torch.zeros(shape_b, **f32) if need_b and states else None
 
     def add_chunk(self, start: int, stop: int, h: torch.Tensor, head: HeadOperands, chunk: ChunkResult) -> None:
         grad_logits = chunk.grad_logits
@@ -45,11 +58,11 @@ class HeadGradients:
             if self.h_obj is not None:
                 self.h_obj[start:stop] += head.hidden_grad(grads.full)
             self._add_dense(None, self.w_obj, self.b_obj, start, stop, h, head, grads.full)
-        if grads.top is not None:
-            self._add_sparse(start, stop, h, head, grads.ids, grads.top)
-        if grads.rows is not None and self.w_obj is not None:
-            assert grads.row_ids is not None  # set with the rows' gradient
-            self.w_obj.index_add_(0, grads.row_ids.reshape(-1), grads.rows.reshape(-1, h.shape[1]))
+        self._add_sparse((self.h_obj, self.w_obj, self.b_obj), start, stop, h, head, grads)
+
+    def add_depth_chunk(self, layer: int, start: int, stop: int, u: torch.Tensor, head: HeadOperands, grads) -> None:
+        """The depth objective's gradient of target layer ``layer`` (its index in the target layers) on one chunk."""
+        self._add_sparse((self.depth_h[layer], self.w_depth, self.b_depth), start, stop, u, head, grads)
 
     def _add_dense(self, acc_h, acc_w, acc_b, start: int, stop: int, h, head: HeadOperands, grad: torch.Tensor):
         """A [chunk x V] logits gradient: two matmuls (h, W) and a sum (b)."""
@@ -60,28 +73,40 @@ class HeadGradients:
         if acc_b is not None:
             acc_b += grad.sum(0)
 
-    def _add_sparse(self, start: int, stop: int, h, head: HeadOperands, ids: torch.Tensor, grad: torch.Tensor):
-        """A gradient at k' logits per position ([chunk x k'] at ``ids``): k' rows instead of a [chunk x V] scatter."""
-        if self.h_obj is not None:  # sum_k g_k w'_k
-            self.h_obj[start:stop] += torch.bmm(grad[:, None, :], head.rows(ids)).squeeze(1)
-        flat = ids.reshape(-1)
-        if self.w_obj is not None:
-            self.w_obj.index_add_(0, flat, (grad[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
-        if self.b_obj is not None:
-            self.b_obj.index_add_(0, flat, grad.reshape(-1))
+    @staticmethod
+    def _add_sparse(accumulators, start: int, stop: int, h, head: HeadOperands, grads) -> None:
+        """A gradient at k' logits per position ([chunk x k'] at ``grads.ids``): k' rows instead of a [chunk x V]
+        scatter; and the gradient of the k rows of W' a rows objective read."""
+        acc_h, acc_w, acc_b = accumulators
+        grad, ids = grads.top, grads.ids
+        if grad is not None:
+            if acc_h is not None:  # sum_k g_k w'_k
+                acc_h[start:stop] += torch.bmm(grad[:, None, :], head.rows(ids)).squeeze(1)
+            flat = ids.reshape(-1)
+            if acc_w is not None:
+                acc_w.index_add_(0, flat, (grad[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
+            if acc_b is not None:
+                acc_b.index_add_(0, flat, grad.reshape(-1))
+        if grads.rows is not None and acc_w is not None:
+            assert grads.row_ids is not None  # set with the rows' gradient
+            acc_w.index_add_(0, grads.row_ids.reshape(-1), grads.rows.reshape(-1, h.shape[1]))
 
-    def combine(self, lam: float | torch.Tensor, scale: float) -> list[torch.Tensor | None]:
-        """CE part + lam * objective part; W and b gradients through W' = scale * W. ``lam`` may be a device
-        scalar (a gated objective's per-micro-batch factor), read by no host."""
+    def combine(
+        self, lam: float | torch.Tensor, scale: float, depth_lam: float | torch.Tensor = 0.0
+    ) -> list[torch.Tensor | None]:
+        """[h, W, b, *the target layers' states]: CE part + lam * objective part (+ depth_lam * the depth part); W
+        and b gradients through W' = scale * W. ``lam`` and ``depth_lam`` may be device scalars (a gated objective's
+        per-micro-batch factor), read by no host."""
         out = []
-        for total, objective, head_param in (
-            (self.h, self.h_obj, False),
-            (self.w, self.w_obj, True),
-            (self.b, self.b_obj, True),
+        for total, parts, head_param in (
+            (self.h, [(self.h_obj, lam)], False),
+            (self.w, [(self.w_obj, lam), (self.w_depth, depth_lam)], True),
+            (self.b, [(self.b_obj, lam), (self.b_depth, depth_lam)], True),
         ):
-            if total is not None and objective is not None and not (isinstance(lam, float) and lam == 0.0):
-                total.add_(objective.mul_(lam))  # the objective's buffer is not used again
+            for objective, factor in parts:
+                if total is not None and objective is not None and not (isinstance(factor, float) and factor == 0.0):
+                    total.add_(objective.mul_(factor))  # the objective's buffer is not used again
             if total is not None and head_param and scale != 1.0:
                 total.mul_(scale)
             out.append(total)
-        return out
+        return out + [None if grad is None else grad.mul_(depth_lam) for grad in self.depth_h]

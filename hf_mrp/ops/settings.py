@@ -17,6 +17,7 @@ from .objectives import Objective, objective, objectives_help
 from .precision import LOGITS_PRECISIONS
 
 NORMALIZATIONS = ("gated", "valid")
+DEPTH_LENSES = ("raw", "logit", "tuned")
 
 
 def _setting(default: Any, config: str, help: str, **argparse: Any) -> Any:
@@ -65,6 +66,30 @@ class MRPSettings:
         "Weight of the cross-entropy (>= 0; 0 trains the objective alone, as the released --ce-weight 0). "
         "loss_ce logs the unweighted CE.",
     )
+    depth_objective: str = _setting(
+        "proxy",
+        "mrp_depth_objective",
+        "The top-k objective 'depth' and 'combined' apply at each layer of mrp_target_layers (default 'proxy', as "
+        "released; any registered top-k objective).",
+    )
+    target_layers: str = _setting(
+        "23,25,27",
+        "mrp_target_layers",
+        "The layers whose logits 'depth' and 'combined' read: 0-based decoder blocks as the audit numbers them, "
+        "'12,14,16' or '12-16', the final layer excluded (default 23,25,27: the released hidden_states[24,26,28]).",
+    )
+    depth_lens: str = _setting(
+        "raw",
+        "mrp_depth_lens",
+        "How 'depth' and 'combined' turn a target layer's states into logits: 'raw' (h_l W^T, as released), 'logit' "
+        "(the final norm first: the logit lens) or 'tuned' (the tuned lens of mrp_depth_lens_path).",
+        choices=list(DEPTH_LENSES),
+    )
+    depth_lens_path: str | None = _setting(
+        None,
+        "mrp_depth_lens_path",
+        "The tuned lens mrp_depth_lens='tuned' reads: a folder written by `hf-mrp lens train --output_dir`.",
+    )
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -85,6 +110,27 @@ class MRPSettings:
         """The number of top logits the objective reads (its own, or mrp_top_k)."""
         return self.record.k(self.top_k)
 
+    @property
+    def depth_record(self) -> Objective:
+        """The objective a ``layers`` record applies at the target layers (``mrp_depth_objective``)."""
+        return objective(self.depth_objective, "mrp_depth_objective")
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        """The target layers, sorted (``mrp_target_layers``; checked against the model where it is known)."""
+        items: set[int] = set()
+        for part in filter(None, (p.strip() for p in str(self.target_layers).split(","))):
+            low, dash, high = part.partition("-")
+            if not low.isdigit() or not (high or low).isdigit() or (dash and not high):
+                raise MRPUserError(
+                    f"mrp_target_layers {self.target_layers!r} is not a list of layers; write them like '12,14,16' "
+                    "or '12-16' (0-based decoder blocks)"
+                )
+            items.update(range(int(low), int(high or low) + 1))
+        if not items:
+            raise MRPUserError("mrp_target_layers names no layer; write them like '12,14,16' (0-based blocks)")
+        return tuple(sorted(items))
+
     @classmethod
     def from_config(cls, config: Any) -> MRPSettings:
         """The settings of a config holding every field's ``metadata["config"]`` attribute (checked)."""
@@ -96,10 +142,33 @@ class MRPSettings:
             raise MRPUserError(
                 f"unknown mrp_margin_normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}"
             )
+        if self.depth_lens not in DEPTH_LENSES:
+            raise MRPUserError(f"unknown mrp_depth_lens {self.depth_lens!r}; choose one of {', '.join(DEPTH_LENSES)}")
+        self._check_depth()
         if self.precision not in LOGITS_PRECISIONS:
             raise MRPUserError(
                 f"unknown mrp_logits_precision {self.precision!r}; choose one of "
                 f"{', '.join(LOGITS_PRECISIONS)} (float32 is the default and the exact one)"
+            )
+
+    def _check_depth(self) -> None:
+        """The settings of a ``layers`` objective (checked whatever the objective, so that a bad one never waits for
+        the objective that reads it): a top-k depth objective, the layers' syntax, a tuned lens' path."""
+        depth = self.depth_record
+        if depth.penalty is None or depth.layers or depth.full_logits or depth.closed_form is not None:
+            raise MRPUserError(
+                f"mrp_depth_objective {self.depth_objective!r} does not read top-k logits; choose a top-k objective "
+                "such as proxy (the released default), fisher, margin, correct_margin or proxy_gated"
+            )
+        _ = self.layer_indices  # its syntax, refused in one line
+        if self.depth_lens_path is not None and not isinstance(self.depth_lens_path, str):
+            raise MRPUserError(
+                f"mrp_depth_lens_path must be the path of a tuned lens folder, got {self.depth_lens_path!r}"
+            )
+        if self.depth_lens == "tuned" and not self.depth_lens_path:
+            raise MRPUserError(
+                "mrp_depth_lens 'tuned' needs mrp_depth_lens_path: the folder of a lens written by "
+                "`hf-mrp lens train --output_dir` (or use mrp_depth_lens 'logit')"
             )
 
     def _check_ranges(self) -> None:

@@ -22,6 +22,7 @@ from ..compat import compiled_inner, compiled_module_type
 from ..errors import MRPUserError
 from ..models import carrier, check_token_ids, head_replaced, logit_transform, vocab_size
 from ..ops import IGNORE_INDEX, MRPLossSums, MRPSettings, mrp_loss_sums
+from .depth import captured_depth_states, lens_states
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -89,20 +90,15 @@ def forward_with_mrp_loss(
 
     def compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         states, aligned_targets, aligned_weights = _aligned_with(hidden, labels, shift_labels, position_weights, vocab)
+        depth = [u[:, : states.shape[1]] for u in lens_states(inner, settings, kept)] if kept else []
         result["sums"] = mrp_loss_sums(
-            states,
-            weight,
-            aligned_targets,
-            settings,
-            bias=bias,
-            position_weights=aligned_weights,
-            transform=transform,
-            with_entropy=with_entropy,
-            defer_checks=not host_checks,
-        )
+            states, weight, aligned_targets, settings, bias=bias, position_weights=aligned_weights,
+            transform=transform, with_entropy=with_entropy, defer_checks=not host_checks, depth_states=tuple(depth),
+        )  # fmt: skip
         return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
 
-    with head_replaced(inner, compute, check_ids=host_checks):
+    # kept: the target layers' outputs of a `layers` objective (else empty), filled before the head runs `compute`
+    with head_replaced(inner, compute, check_ids=host_checks), captured_depth_states(inner, settings) as kept:
         outputs = model(**inputs, use_cache=False)
     sums = result["sums"]
     if not with_logits:

@@ -19,6 +19,7 @@ from ..errors import MRPUserError
 from ..models import probe_logit_transform, vocab_size
 from .checkpoints import SettingsInCheckpoints, check_resume_target, check_resumed_settings
 from .dataset_checks import check_token_range
+from .depth import check_depth
 from .divergence import (
     check_weights,
     check_weights_changed,
@@ -72,7 +73,7 @@ class MRPTrainerMixin(_TrainerBase):
             )
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        # [ce, objective, margin, positions] summed over processes since the last log: a device tensor, read there
+        # [ce, objective, margin, positions, depth] summed over processes since the last log (a device tensor)
         self._mrp_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._guard_nonfinite = False  # on while training_step runs compute_loss
         self._skip_batch: torch.Tensor | None = None  # set by compute_loss: this micro-batch is skipped (device bool)
@@ -90,6 +91,7 @@ class MRPTrainerMixin(_TrainerBase):
             for part in data.values() if isinstance(data, dict) else [data]:
                 check_token_range(part, vocab, name)
         probe_logit_transform(unwrap(self.model))
+        check_depth(unwrap(self.model), settings)  # target layers and a tuned lens, before training
         self.add_callback(SettingsInCheckpoints())  # what a resume is checked against
         for callback in list(self.callback_handler.callbacks):
             if callable(getattr(callback, "attach", None)):  # it logs through its trainer: attached ahead of reporters
@@ -166,12 +168,13 @@ class MRPTrainerMixin(_TrainerBase):
                 sums.objective.detach().double(),
                 sums.margin.detach().double(),
                 torch.as_tensor(sums.n_positions, device=device).double().reshape(()),
+                (sums.depth.detach() if sums.depth is not None else sums.ce.new_zeros(())).double(),
                 (~torch.isfinite(parts)).any().double(),
             ]
         )
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        finite = total[4] == 0
-        kept = total[:4] if keep_nonfinite else torch.where(finite, total[:4], torch.zeros_like(total[:4]))
+        finite = total[5] == 0
+        kept = total[:5] if keep_nonfinite else torch.where(finite, total[:5], torch.zeros_like(total[:5]))
         if sums.penalty_fault is not None:
             fault = sums.penalty_fault.detach().reshape(1)
             self._penalty_faults = fault if self._penalty_faults is None else self._penalty_faults + fault
@@ -250,8 +253,8 @@ class MRPTrainerMixin(_TrainerBase):
         """The CE, objective and margin sums and the position count recorded since the last log (over all
         processes), read from the device: what the next log divides into loss_ce / loss_mrp / mean_margin."""
         sums = self._mrp_sums[mode]
-        values = sums.tolist() if sums is not None else [0.0] * 4  # the one host read of the sums
-        return dict(zip(("ce", "objective", "margin", "n"), values))
+        values = sums.tolist() if sums is not None else [0.0] * 5  # the one host read of the sums
+        return dict(zip(("ce", "objective", "margin", "n", "depth"), values))
 
     def _skipped_total(self) -> int:
         """Skipped micro-batches of the whole run: this process's count plus the count logged before a resume."""
@@ -284,6 +287,9 @@ class MRPTrainerMixin(_TrainerBase):
                 logs[f"{prefix}loss_ce"] = sums["ce"] / sums["n"]
                 logs[f"{prefix}loss_mrp"] = sums["objective"] / sums["n"]
                 logs[f"{prefix}mean_margin"] = sums["margin"] / sums["n"]
+                if self.args.mrp_settings.record.layers:  # depth, combined: the target layers' part and the rest
+                    logs[f"{prefix}loss_mrp_depth"] = sums["depth"] / sums["n"]
+                    logs[f"{prefix}loss_mrp_final"] = (sums["objective"] - sums["depth"]) / sums["n"]
         if "loss" in logs:
             self._warn_skipped()
             logs[SKIPPED_KEY] = self._skipped_total()

@@ -39,8 +39,23 @@ CASES = {  # case: (trainer, ZeRO stage, what trains)
     "head_zero2": ("mrp", 2, "lora+head"),
     "full_tied_zero3": ("mrp", 3, "all"),  # no LoRA; W is also the input embedding: two gradients, one parameter
     "user_objective_zero3": ("mrp", 3, "lora+head"),  # a registered user objective (user_objective), W trained
+    "depth_zero3": ("mrp", 3, "lora+head"),  # depth of correct_margin at layers 0, 1 through the final norm
 }
-OBJECTIVES = {"user_objective_zero3": "user_objective"}  # case -> mrp_objective (else fisher)
+OBJECTIVES = {  # case -> mrp_objective (else fisher) and its other settings
+    "user_objective_zero3": ("user_objective", {}),
+    # one case for two objectives (an engine start each costs ~15 s): correct_margin as the depth objective, its
+    # gradient reaching W, the LoRA layers below and the final norm's re-gathered weight through hooks; "valid":
+    # the per-micro-batch mean over the gate ("gated") differs between 2 processes of 2 rows and 1 of 4
+    "depth_zero3": (
+        "depth",
+        {
+            "mrp_target_layers": "0,1",
+            "mrp_depth_lens": "logit",
+            "mrp_depth_objective": "correct_margin",
+            "mrp_margin_normalization": "valid",
+        },
+    ),
+}
 AUDITED = ("mrp_zero3",)  # also evaluated, and audited by MRPAuditCallback (its files and plots take seconds)
 AUDIT_KEYS = ("top1_id", "margin", "entropy", "target_logprob")
 
@@ -111,8 +126,10 @@ def mrp_trainer(case: str, output_dir: str, per_device: int, deepspeed: dict | N
     audit = MRPAuditCallback(blocks, batch_size=2, audit_on_evaluate=False) if audited else None
     evaluation = dict(eval_strategy="steps", eval_steps=STEPS) if audited else {}  # once, after the last step
     trains = CASES[case][2]
+    objective, settings = OBJECTIVES.get(case, ("fisher", {}))
     args = MRPConfig(
-        mrp_objective=OBJECTIVES.get(case, "fisher"),
+        mrp_objective=objective,
+        **settings,
         mrp_lambda=0.6,
         use_lora=trains != "all",
         lora_r=4,

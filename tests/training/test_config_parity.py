@@ -23,6 +23,10 @@ BAD_VALUES = {  # every MRP field -> values no run can use
     "mrp_chunk_size": [0, 1.5],
     "mrp_logits_precision": ["fp8", None],
     "mrp_ce_weight": [-1.0, float("inf"), "1", None],
+    "mrp_depth_objective": ["entropy", "depth", "nope", None],
+    "mrp_target_layers": ["a,b", "", "3-", "-1", None],
+    "mrp_depth_lens": ["fisheye", "tuned", None],
+    "mrp_depth_lens_path": [3],
     "mrp_ewc_lambda": [-1.0, float("inf"), float("nan"), "1"],
     "mrp_ewc_batches": [0, 1.5],
 }

@@ -126,12 +126,14 @@ def test_mrp_sft_trainer_under_zero3_equals_one_process(engine_runs, tiny_model_
     assert_same_training(engine, single)
 
 
-@pytest.mark.parametrize("case", ["head_zero3", "head_zero2", "full_tied_zero3", "user_objective_zero3"])
+@pytest.mark.parametrize("case", ["head_zero3", "head_zero2", "full_tied_zero3", "user_objective_zero3", "depth_zero3"])
 def test_trained_output_head_under_zero3_and_zero2_equals_one_process(engine_runs, tiny_model_dir, case):
     """W's gradient, made in the fused forward, reaches the engine through autograd: ZeRO-3's gradient hooks
     reduce-scatter it like any other (and ZeRO-2's reduce it), so W trains as in one process; tied to the input
     embedding (full fine-tuning), its two gradients add up as in one process. A registered user objective (reading
-    the top-3 logits, the target's logit and W's rows) goes through the same path: the same training."""
+    the top-3 logits, the target's logit and W's rows) and depth of correct_margin (the target layers' outputs kept
+    by hooks, through the final norm, whose weight ZeRO-3 gathers again inside the head's forward) go through the
+    same path: the same training."""
     engine, single = results(engine_runs, case, tiny_model_dir)
     assert_same_training(engine, single, lora_only=False)
     head = "embed_tokens" if case == "full_tied_zero3" else "lm_head"

@@ -59,6 +59,21 @@ def test_mrp_trainer_steps_read_nothing_from_the_device(tmp_path, objective, aud
     assert only_the_valid_gather(counter.calls, 2 * MICRO_BATCHES), counter.calls  # 2 micro-batches a step
 
 
+def test_depth_steps_read_nothing_from_the_device(tmp_path):
+    """`combined` (the target layers' states kept by hooks, through the logit lens; depth + proxy_gated, logged
+    apart at logging steps): still only the valid positions' gather."""
+    counter = CountBetweenLogs()
+    args = config(
+        tmp_path, mrp_objective="combined", mrp_target_layers="0,1", mrp_depth_lens="logit", **RUN
+    )  # fmt: skip
+    trainer = MRPTrainer(model=tiny_llama(), args=args, train_dataset=dataset(16), callbacks=[counter])
+    trainer.train()
+    assert only_the_valid_gather(counter.calls, MICRO_BATCHES), counter.calls
+    logged = trainer.state.log_history[0]
+    assert logged["loss_mrp_depth"] > 0 and logged["loss_mrp_final"] > 0
+    assert logged["loss_mrp_depth"] + logged["loss_mrp_final"] == pytest.approx(logged["loss_mrp"], rel=1e-6)
+
+
 def test_mrp_sft_trainer_steps_read_nothing_from_the_device(tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset

@@ -2,7 +2,9 @@
 
 Each penalty maps one chunk's `TopK` to P_t per position: the paper's margin, Fisher and entropy objectives, and
 the released code's variants (github.com/mellowmarshall/mrp-paper, src/mrp/training.py): ``correct_margin``,
-``proxy`` (the released ``final``) and ``proxy_gated`` (the released ``margin_gated``). Inputs are float32; all of
+``proxy`` (the released ``final``), ``proxy_gated`` (the released ``margin_gated``), ``depth`` (``mrp_depth_objective``,
+the proxy by default, on the logits of ``mrp_target_layers``, averaged over them) and ``combined`` (depth +
+proxy_gated). Inputs are float32; all of
 it is differentiable in the logit values (top-k indices carry no gradient) and in the k rows of W.
 """
 
@@ -146,6 +148,21 @@ BUILTINS = (
         rows=True,
         gated=True,
         description="the released 'margin_gated': the proxy where m is below tau",
+    ),
+    Objective(
+        "depth",
+        None,
+        layers=True,
+        description="the released 'depth': mrp_depth_objective (default proxy) on the logits of the layers "
+        "mrp_target_layers (projected by mrp_depth_lens), averaged over them",
+    ),
+    Objective(
+        "combined",
+        _proxy_gated_objective,
+        rows=True,
+        gated=True,
+        layers=True,
+        description="the released 'combined': depth + proxy_gated (logged as loss_mrp_depth, loss_mrp_final)",
     ),
 )
 for _record in BUILTINS:

@@ -7,9 +7,10 @@ token ids and targets (`TopK`), the k rows of the head's W (``rows=True``), or t
 (``full_logits=True``). The fused loss, the configs' choices and help, the audit, the command line and the docs
 table all read this registry: no other module compares objective names.
 
-Growing it: an objective that reads something else (e.g. the logits of other layers, for the released ``depth``
-mode) is a new `Objective` field saying so (its default keeps every record as it is) and the fused loss handing
-that input through the same `evaluate` door; a loss term beside the objective (EWC) is the trainer's, added to the
+Growing it: an objective that reads something else is a new `Objective` field saying so (its default keeps every
+record as it is) and the fused loss handing that input through the same `evaluate` door, as ``layers`` does for
+the released ``depth`` and ``combined``: their record says "also the target layers' logits", and the fused loss
+runs ``mrp_depth_objective``'s record there. A loss term beside the objective (EWC) is the trainer's, added to the
 fused sums' ``total``, not a record.
 """
 
@@ -70,11 +71,13 @@ class Objective:
     ``mrp_top_k``; the k ``rows`` of W; the ``full_logits``); whether it is ``gated`` (the penalty returns
     (values, gate), and ``mrp_margin_normalization="gated"`` divides the sum by the gated positions, as the
     paper's margin objective does); a one-line ``description`` (configs' help, docs table); and for built-ins
-    an optional ``closed_form`` (the fused loss' speed path) and ``memory`` (bytes per position at k, refused
-    when a chunk would not fit)."""
+    an optional ``closed_form`` (the fused loss' speed path), ``memory`` (bytes per position at k, refused
+    when a chunk would not fit) and ``layers``: the objective also reads the logits of the layers
+    ``mrp_target_layers`` (through ``mrp_depth_lens``) and adds ``mrp_depth_objective`` averaged over them (the
+    released ``depth`` / ``combined``); such a record's own ``penalty`` (None: none) acts on the final layer."""
 
     name: str
-    penalty: Penalty
+    penalty: Penalty | None
     top_k: int | None = None
     rows: bool = False
     full_logits: bool = False
@@ -83,6 +86,7 @@ class Objective:
     builtin: bool = False
     closed_form: ClosedForm | None = None
     memory: Callable[[int], int] | None = None
+    layers: bool = False
 
     def k(self, configured: int) -> int:
         """The number of top logits this objective reads, given the config's ``mrp_top_k``."""
@@ -90,8 +94,9 @@ class Objective:
 
     def reads(self) -> str:
         """What the penalty reads, in words (the docs table, the config help)."""
-        parts = ["top-k logits" if self.top_k is None else f"top-{self.top_k} logits"]
+        parts = ["top-k logits" if self.top_k is None else f"top-{self.top_k} logits"] * (self.penalty is not None)
         parts += ["W rows"] * self.rows + ["full logits"] * self.full_logits
+        parts += ["target layers' logits (mrp_depth_objective)"] * self.layers
         return " + ".join(parts)
 
 
@@ -139,8 +144,9 @@ def register_objective(
 
 def register_builtin(record: Objective) -> None:
     """The built-ins' door (builtin.py): the same checks, marked as built in."""
+    record = replace(record, builtin=True)
     _check_record(record)
-    _REGISTRY[record.name] = replace(record, builtin=True)
+    _REGISTRY[record.name] = record
 
 
 def _check_record(record: Objective) -> None:
@@ -149,12 +155,12 @@ def _check_record(record: Objective) -> None:
         raise MRPUserError(
             f"an objective's name must be a word such as 'hinge' (letters, digits, _ or -), got {name!r}"
         )
-    if not callable(record.penalty):
+    if not callable(record.penalty) and not (record.penalty is None and record.layers and record.builtin):
         raise MRPUserError(f"objective {name!r}: the penalty must be a function of one TopK, got {record.penalty!r}")
     k = record.top_k
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise MRPUserError(f"objective {name!r}: top_k must be a positive integer or None (mrp_top_k), got {k!r}")
-    for flag in ("rows", "full_logits", "gated"):
+    for flag in ("rows", "full_logits", "gated", "layers"):
         if not isinstance(getattr(record, flag), bool):
             raise MRPUserError(f"objective {name!r}: {flag} must be True or False, got {getattr(record, flag)!r}")
 
@@ -200,6 +206,7 @@ def load_objectives_module(path: str) -> None:
 def evaluate(record: Objective, top: TopK) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``record``'s penalty on ``top``, checked: (values [N] float32, zero outside the gate; the gate [N] bool or
     None). A wrong shape, dtype or return form is refused in one line naming the objective."""
+    assert record.penalty is not None  # the fused loss calls no penalty-less record
     out = record.penalty(top)
     if isinstance(out, tuple) != record.gated:
         fix = (
@@ -236,6 +243,8 @@ def penalty_column(name: str, top: TopK) -> torch.Tensor:
     """The per-position penalty of the registered objective ``name`` (0 outside its gate), detached: what the audit
     and the lens record. ``top`` may hold more top logits than the objective reads."""
     record = objective(name)
+    if record.penalty is None:  # a record that reads only other layers' logits: nothing at this one
+        return torch.zeros_like(top.target_logit).detach()
     k = record.k(top.values.shape[1])
     sliced = replace(top, values=top.values[:, :k], indices=top.indices[:, :k])
     if record.rows and top.rows is not None:

@@ -34,14 +34,15 @@ def make_parser(subparsers=None) -> MRPArgumentParser:
 def check_before_parsing(argv: list[str]) -> None:
     """Settings a local model's config.json refuses, before anything is loaded or created: --mrp_top_k above its
     vocabulary (MRPConfig, which cannot know the model, would refuse a large k as a memory problem), and
-    --audit_layers / --lora_layers beyond its layers (else refused only once the model has loaded)."""
+    --audit_layers / --lora_layers / --mrp_target_layers beyond its layers (else refused only once the model has
+    loaded, after the audit before training)."""
     import argparse
 
     from ...models.layers import check_layer_flag
     from ...models.loading import local_config_number
 
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for flag in ("--mrp_top_k", "--model", "--gguf_file", "--audit_layers", "--lora_layers"):
+    for flag in ("--mrp_top_k", "--model", "--gguf_file", "--audit_layers", "--lora_layers", "--mrp_target_layers"):
         peek.add_argument(flag)
     try:
         known, _ = peek.parse_known_args(argv)
@@ -62,6 +63,20 @@ def check_before_parsing(argv: list[str]) -> None:
     for flag, spec in (("--audit_layers", known.audit_layers), ("--lora_layers", known.lora_layers)):
         if n_layers is not None and spec is not None:
             check_layer_flag(flag, spec, n_layers, name)
+    if n_layers is not None and known.mrp_target_layers is not None:
+        _check_target_layers(known.mrp_target_layers, n_layers, name)
+
+
+def _check_target_layers(spec: str, n_layers: int, name: str) -> None:
+    """--mrp_target_layers within the intermediate layers 0..L-2 of the model (before the audit, not after it)."""
+    from ...ops import MRPSettings
+
+    bad = [i for i in MRPSettings(target_layers=spec).layer_indices if i > n_layers - 2]
+    if bad:
+        raise MRPUserError(
+            f"mrp_target_layers {spec!r}: layer {bad[0]} is out of range for {name}, whose decoder layers are "
+            f"0..{n_layers - 1} (the final one is the objective's own); choose layers in 0..{n_layers - 2}"
+        )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RefineArguments, MRPConfig]:
