@@ -60,6 +60,11 @@ def refine(
 def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir) -> dict:
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
     check_data_flags_apply(data_args)
+    if refine_args.downstream is not None:  # lm-eval and the suite's packages, before minutes of training
+        from .downstream import check_suite, require_lm_eval
+
+        require_lm_eval()
+        check_suite(refine_args.downstream)
     model, tokenizer, model_name = load_model_from_arguments(model_args)
     check_block_fits(model, data_args.block_size)
     if refine_args.audit_layers is not None:  # before any audit folder exists (a Hub / GGUF model's layers)
@@ -92,12 +97,13 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     before, after, comparison = train_end_audits(audit)
     save_adapter(trainer, tokenizer, output_dir)
     if trainer.is_world_process_zero():
+        downstream = run_downstream(trainer, tokenizer, output_dir, refine_args.downstream, origin)
         repo_id = None
         if hub is not None:
             hub.wait()  # the pushes made during training land first; the final push replaces their card
             repo_id = hub.resolved_repo_id()  # create_repo's answer: a bare name gets the token's namespace
             config.hub_model_id = hub.repo_id  # create_repo's answer once known: mrp_config.json and the final line
-        write_run_files(output_dir, model_name, config, origin, before, after, comparison, repo_id)
+        write_run_files(output_dir, model_name, config, origin, before, after, comparison, repo_id, downstream)
         if refine_args.paper_curves:
             write_paper_curves(
                 output_dir, trainer.state.log_history, protocol_of(trainer, model_name, data_args, after)
@@ -125,6 +131,20 @@ def protocol_of(trainer, model_name: str, data_args, after: AuditSummary) -> dic
         "full_model": not getattr(args, "use_lora", True),
         "audit_positions": int(after.n_positions),
     }
+
+
+DOWNSTREAM_HEADING = "## Downstream (the offline suite: a proxy, not the paper's six-task mean)\n\n"
+
+
+def run_downstream(trainer, tokenizer, output_dir: Path, suite: str | None, origin: dict) -> dict | None:
+    """``--downstream SUITE``: the suite on the base model and on base + the trained adapter (still in memory),
+    into ``output_dir/downstream/``; its verdicts go into the model card. None without the flag."""
+    if suite is None:
+        return None
+    from .downstream import suite_downstream
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return suite_downstream(model, tokenizer, suite, output_dir / "downstream", origin=origin)
 
 
 def train_end_audits(audit: MRPAuditCallback) -> tuple[AuditSummary, AuditSummary, dict]:
@@ -199,10 +219,12 @@ def write_run_files(
     after: AuditSummary,
     comparison: dict,
     repo_id: str | None = None,
+    downstream: dict | None = None,
 ) -> None:
     """Configs (token-free: TrainingArguments.to_dict redacts *_token fields) and the model card (which names
-    ``repo_id``, the Hub repo the run pushes to, when known)."""
+    ``repo_id``, the Hub repo the run pushes to, when known, and holds ``downstream``'s verdicts)."""
     from ..reporting.markdown import markdown_summary
+    from .downstream import invariance_markdown
     from .reports.model_card import evaluation_comparisons, model_card
 
     settings = config.to_dict()
@@ -219,6 +241,7 @@ def write_run_files(
         data_arguments=origin.get("arguments", {}),
         evaluations=evaluation_comparisons(output_dir),
         repo_id=repo_id,
+        downstream=DOWNSTREAM_HEADING + invariance_markdown(downstream["invariance"], "###") if downstream else "",
     )
     files.write_text(output_dir / "README.md", card)
 
@@ -231,6 +254,7 @@ def card_images(output_dir: Path) -> list[str]:
     pictures = sorted((output_dir / "comparison").glob("*.png"))
     for audit in ("audit_before", "audit_after"):
         pictures += lens_pictures(output_dir / audit).values()
+    pictures += sorted((output_dir / "downstream").glob("invariance.png"))  # refine --downstream
     return [path.relative_to(output_dir).as_posix() for path in pictures]
 
 

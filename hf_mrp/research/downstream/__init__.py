@@ -15,7 +15,11 @@ from .evaluation import (
     apply_adapter,
     compare_downstream,
     downstream_from_arguments,
+    evaluate_both,
+    suite_downstream,
 )
+from .invariance import decide_invariance, invariance_markdown, item_values, plot_invariance, verdict
+from .offline_suite import SUITES, build_suite, check_suite
 from .report import (
     METRIC_PREFERENCE,
     METRIC_RULE,
@@ -37,9 +41,19 @@ __all__ = [
     "METRIC_PREFERENCE",
     "METRIC_RULE",
     "DownstreamArguments",
+    "SUITES",
     "TaskSet",
     "apply_adapter",
     "build_report",
+    "build_suite",
+    "check_suite",
+    "evaluate_both",
+    "decide_invariance",
+    "invariance_markdown",
+    "item_values",
+    "plot_invariance",
+    "suite_downstream",
+    "verdict",
     "compare_downstream",
     "downstream_from_arguments",
     "load_tasks",

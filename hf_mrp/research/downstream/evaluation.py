@@ -17,6 +17,7 @@ from ...hub_access import offline_when_unreachable
 from ...storage.files import check_output_dir, read_json
 from ..arguments import ModelArguments, provenance
 from .adapter_folder import resolve_adapter
+from .offline_suite import SUITES, TASKS, build_suite
 from .report import build_report, write_report
 from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval
 
@@ -45,6 +46,15 @@ class DownstreamArguments:
             "help": "Folder of extra lm-eval task YAMLs; relative data_files in them are read from the YAML's folder."
         },
     )
+    suite: str | None = field(
+        default=None,
+        metadata={
+            "help": "'offline': instead of --tasks, four tasks built from data installed packages ship (MMLU "
+            "questions, Google analogies, a LAMBADA-style last word, HumanEval perplexity; docs/downstream.md), "
+            "written into --output_dir/offline_tasks. An offline proxy, not the paper's six tasks.",
+            "choices": list(SUITES),
+        },
+    )
     limit: int | None = field(default=None, metadata={"help": "Examples per task (quick runs); default: all."})
     batch_size: int = field(default=8, metadata={"help": "Requests per forward pass."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ...; default: cuda when available."})
@@ -56,6 +66,10 @@ class DownstreamArguments:
         self.tasks = parse_task_names(self.tasks)
         if not self.tasks:
             raise MRPUserError("no tasks given; pass --tasks NAME [NAME ...] or omit --tasks for the six default tasks")
+        if self.suite is not None and (self.tasks != list(DEFAULT_TASKS) or self.include_path is not None):
+            raise MRPUserError(f"--suite {self.suite} chooses the tasks itself; pass --suite or --tasks/--include_path")
+        if self.suite is not None and self.suite not in SUITES:
+            raise MRPUserError(f"unknown suite {self.suite!r}; the one suite is {', '.join(SUITES)}")
         if self.limit is not None and self.limit < 1:
             raise MRPUserError(f"limit must be a positive number of examples per task, got {self.limit}")
         if self.batch_size < 1:
@@ -63,7 +77,8 @@ class DownstreamArguments:
 
 
 def evaluate(model, tokenizer, task_set: TaskSet, limit: int | None, batch_size: int) -> dict:
-    """simple_evaluate on an already-loaded model (a PreTrainedModel or a PeftModel), zero-shot."""
+    """simple_evaluate on an already-loaded model (a PreTrainedModel or a PeftModel), zero-shot, with the per-item
+    samples logged (the paired invariance test needs them; invariance.py reads them and the report drops them)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -75,9 +90,25 @@ def evaluate(model, tokenizer, task_set: TaskSet, limit: int | None, batch_size:
             num_fewshot=0,
             limit=limit,
             bootstrap_iters=BOOTSTRAP_ITERS,
-            log_samples=False,
+            log_samples=True,
             task_manager=task_set.manager,
         )
+
+
+def evaluate_both(tuned_model, tokenizer, task_set: TaskSet, limit: int | None, batch_size: int) -> tuple[dict, dict]:
+    """(base, adapter) simple_evaluate outputs of a PeftModel: the base run inside disable_adapter() (LoRA layers
+    skipped: exactly the base model's forward), then the adapter run; lm-eval's progress bars on stderr."""
+    was_training = tuned_model.training
+    tuned_model.eval()
+    try:
+        print("downstream 1/2: the base model (adapter disabled)", file=sys.stderr, flush=True)
+        with tuned_model.disable_adapter():
+            base = evaluate(tuned_model, tokenizer, task_set, limit, batch_size)
+        print("downstream 2/2: base + adapter", file=sys.stderr, flush=True)
+        tuned = evaluate(tuned_model, tokenizer, task_set, limit, batch_size)
+    finally:
+        tuned_model.train(was_training)
+    return base, tuned
 
 
 @contextlib.contextmanager
@@ -149,9 +180,7 @@ def compare_downstream(
     tuned_model = apply_adapter(model, adapter)  # before any evaluation, so a mismatched adapter fails at once
     start = time.perf_counter()
     try:
-        with tuned_model.disable_adapter():  # LoRA layers skipped: exactly the base model's forward
-            base = evaluate(tuned_model, tokenizer, task_set, limit, batch_size)
-        tuned = evaluate(tuned_model, tokenizer, task_set, limit, batch_size)
+        base, tuned = evaluate_both(tuned_model, tokenizer, task_set, limit, batch_size)
     finally:
         tuned_model.unload()
     origin = dict(provenance or {})
@@ -163,7 +192,7 @@ def compare_downstream(
         seconds=round(time.perf_counter() - start, 2),
     )
     origin["versions"] = {**origin.get("versions", {}), "lm_eval": lm_eval_version}
-    return build_report(base, tuned, origin)
+    return build_report(base, tuned, origin, task_set.names)
 
 
 def _device(name: str | None) -> str:
@@ -180,8 +209,12 @@ def downstream_from_arguments(model_args: ModelArguments, downstream_args: Downs
     require_lm_eval()
     resolve_adapter(downstream_args.adapter)
     check_output_dir(downstream_args.output_dir)  # created by the report's first file: a refusal leaves none
+    names, include_path, suite = downstream_args.tasks, downstream_args.include_path, {}
+    if downstream_args.suite is not None:  # built into the output folder: the exact items travel with the report
+        names, include_path = list(TASKS), str(Path(downstream_args.output_dir) / "offline_tasks")
+        suite = {"suite": downstream_args.suite, "suite_items": build_suite(include_path)}
     with offline_when_unreachable():  # an unreachable Hub: cached task data still loads, the rest fails at once
-        task_set = prepare_tasks(downstream_args.tasks, downstream_args.include_path)
+        task_set = prepare_tasks(names, include_path)
         model, tokenizer, name = load_model_from_arguments(model_args)
     if not model_args.load_in_4bit:  # bitsandbytes places 4-bit weights itself
         model.to(_device(downstream_args.device))
@@ -192,7 +225,45 @@ def downstream_from_arguments(model_args: ModelArguments, downstream_args: Downs
         task_set,
         limit=downstream_args.limit,
         batch_size=downstream_args.batch_size,
-        provenance=provenance(name, model_args, downstream_args),
+        provenance=provenance(name, model_args, downstream_args) | suite,
     )
     write_report(report, downstream_args.output_dir)
+    return report
+
+
+def suite_downstream(
+    tuned_model,
+    tokenizer,
+    suite: str,
+    output_dir: str | Path,
+    batch_size: int = 8,
+    origin: Mapping | None = None,
+    limit: int | None = None,
+) -> dict:
+    """A suite on a PeftModel in memory (`hf-mrp refine --downstream offline`, after the after-audit): the base run
+    with the adapter disabled, then base + adapter, on the same items; the report (downstream.json, downstream.md,
+    invariance.png) and the suite's tasks (offline_tasks/) are written into ``output_dir``.
+
+    Args:
+        tuned_model: the trained PeftModel (left as it was: training mode restored, adapter enabled).
+        tokenizer: its tokenizer.
+        suite: a name of SUITES.
+        output_dir: the report's folder.
+        batch_size: requests per forward pass.
+        origin: provenance to record (model, arguments, versions).
+        limit: items per task (a quick check); default: all.
+    """
+    lm_eval_version = require_lm_eval()
+    if suite not in SUITES:
+        raise MRPUserError(f"unknown downstream suite {suite!r}; the one suite is {', '.join(SUITES)}")
+    folder = Path(output_dir)
+    items = build_suite(folder / "offline_tasks")
+    task_set = prepare_tasks(list(TASKS), str(folder / "offline_tasks"))
+    start = time.perf_counter()
+    base, tuned = evaluate_both(tuned_model, tokenizer, task_set, limit, batch_size)
+    provenance = dict(origin or {}) | {"suite": suite, "suite_items": items, "tasks": task_set.names}
+    provenance |= {"seconds": round(time.perf_counter() - start, 2), "batch_size": batch_size, "limit": limit}
+    provenance["versions"] = {**provenance.get("versions", {}), "lm_eval": lm_eval_version}
+    report = build_report(base, tuned, provenance, task_set.names)
+    write_report(report, folder)
     return report

@@ -4,12 +4,13 @@ as downstream.json / downstream.md and one summary line. Pure: no lm-eval import
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...reporting.markdown import escape_cell, fmt_number, table
 from ...storage.files import write_json, write_text
+from .invariance import decide_invariance, invariance_markdown, plot_invariance
 
 METRIC_PREFERENCE = ("acc_norm", "acc", "mc2", "mc1")
 METRIC_RULE = "acc_norm, else acc, else mc2, else mc1"
@@ -80,14 +81,22 @@ def mean_row(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return {"base": mean("base"), "adapter": mean("adapter"), "delta": mean("delta"), "n_tasks": len(scored)}
 
 
-def build_report(base: Mapping[str, Any], adapter: Mapping[str, Any], provenance: Mapping[str, Any]) -> dict:
-    """The downstream.json content from two simple_evaluate outputs (same tasks, same order)."""
+def build_report(
+    base: Mapping[str, Any], adapter: Mapping[str, Any], provenance: Mapping[str, Any], names: Sequence[str] = ()
+) -> dict:
+    """The downstream.json content from two simple_evaluate outputs (same tasks, same order); with their logged
+    samples, the per-task invariance verdicts (invariance.py) too. An offline-suite run (provenance ``suite``)
+    reports no mean: its tasks are a proxy, never the paper's six-task mean."""
     tasks = {}
     for name, row in base["results"].items():
         tasks[name] = task_row(row, adapter["results"].get(name, {}))
         tasks[name]["n_samples"] = base.get("n-samples", {}).get(name, {}).get("effective")
         tasks[name]["higher_is_better"] = base.get("higher_is_better", {}).get(name, {})
-    return {"provenance": dict(provenance), "metric_rule": METRIC_RULE, "tasks": tasks, "mean": mean_row(tasks)}
+    report = {"provenance": dict(provenance), "metric_rule": METRIC_RULE, "tasks": tasks}
+    report["mean"] = None if provenance.get("suite") else mean_row(tasks)
+    if "samples" in base and "samples" in adapter:
+        report["invariance"] = decide_invariance(base, adapter, list(names) or list(tasks))
+    return report
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
@@ -106,22 +115,20 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         for name, row in report["tasks"].items()
     ]
     mean = report["mean"]
-    rows.append(
-        [
-            f"**mean ({_tasks(mean['n_tasks'])})**",
-            "",
-            fmt_number(mean["base"], 4),
-            fmt_number(mean["adapter"], 4),
-            fmt_delta(mean["delta"]),
-            "",
-            "",
-        ]
-    )
+    if mean is not None:
+        rows.append(
+            [f"**mean ({_tasks(mean['n_tasks'])})**", "", fmt_number(mean["base"], 4), fmt_number(mean["adapter"], 4)]
+            + [fmt_delta(mean["delta"]), "", ""]
+        )
     origin = report["provenance"]
+    suite = origin.get("suite")
+    proxy = [f"- the {suite} suite: an offline proxy, not the paper's six tasks (no mean is reported)"] if suite else []
+    verdicts = [invariance_markdown(report["invariance"])] if report.get("invariance") else []
     return "\n".join(
         [
             "# Downstream invariance: base vs base + adapter",
             "",
+            *proxy,
             f"- base model: {escape_cell(str(origin.get('model')))}",
             f"- adapter: {escape_cell(str(origin.get('adapter')))}",
             f"- lm-evaluation-harness {origin.get('versions', {}).get('lm_eval')}, zero-shot, "
@@ -130,6 +137,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             "",
             table(["task", "metric", "base", "adapter", "delta", "base stderr", "examples"], rows),
             "",
+            *verdicts,
         ]
     )
 
@@ -139,8 +147,13 @@ def _tasks(count: int) -> str:
 
 
 def summary_line(report: Mapping[str, Any]) -> str:
-    """The one line `hf-mrp downstream` prints: mean delta first, then each task's delta."""
+    """The one line `hf-mrp downstream` prints: mean delta first, then each task's delta (for the offline suite,
+    which has no mean: each task's verdict)."""
     mean = report["mean"]
+    if mean is None:
+        verdicts = report.get("invariance", {}).get("tasks", {})
+        parts = [f"{name} {row['verdict']} ({row['metric']} {row['delta']:+.4f})" for name, row in verdicts.items()]
+        return f"{report['provenance'].get('suite')} suite (a proxy, not the paper's six tasks): " + ", ".join(parts)
     if mean["n_tasks"] == 0:
         return "no task reported acc_norm, acc, mc2 or mc1; see downstream.json for the metrics lm-eval gave"
     parts = [f"{name} {row['delta']:+.4f}" for name, row in report["tasks"].items() if row["delta"] is not None]
@@ -153,3 +166,5 @@ def summary_line(report: Mapping[str, Any]) -> str:
 def write_report(report: Mapping[str, Any], output_dir: str | Path) -> None:
     write_json(Path(output_dir) / "downstream.json", report)
     write_text(Path(output_dir) / "downstream.md", report_markdown(report))
+    if report.get("invariance", {}).get("tasks"):
+        plot_invariance(report["invariance"], Path(output_dir) / "invariance.png")

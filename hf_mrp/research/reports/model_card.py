@@ -220,12 +220,13 @@ def model_card(
     evaluations: list[tuple[int, dict]] | None = None,
     in_progress_step: int | None = None,
     repo_id: str | None = None,
+    downstream: str = "",
 ) -> str:
     """Markdown with a YAML header that the Hub reads (library, base model, datasets, tags).
 
     ``base_model``: the model name as loaded; ``data_arguments``: the run's data arguments;
     ``evaluations``: (step, flip audit) per evaluation; ``in_progress_step``: a card pushed mid-run;
-    ``repo_id``: the Hub repo the card is pushed to (the load line names it).
+    ``repo_id``: the Hub repo the card is pushed to (the load line names it); ``downstream``: markdown, a section.
     """
     data_arguments = data_arguments or {}
     lines = [*_yaml_header(base_model, datasets_used(data_arguments)), "", "# Margin-refined adapter (hf_mrp)", ""]
@@ -255,6 +256,7 @@ def model_card(
     if comparison_markdown:
         lines += ["## Flip audit", "", comparison_markdown.strip(), ""]
     lines += evaluation_section(evaluations or [])
+    lines += [downstream.strip(), ""] if downstream else []
     for image in images or []:
         lines += [f"![{image_label(image)}]({image})", ""]
     lines += [
