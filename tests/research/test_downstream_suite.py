@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hf_mrp.errors import MRPUserError
 from hf_mrp.research import cli, downstream
@@ -79,60 +78,55 @@ def test_paired_bootstrap_is_exactly_zero_for_identical_items_and_sees_a_shift()
 # ---------------------------------------------------------------- the suite on a tiny model
 
 
-@needs_suite
-def test_suite_items_are_seeded_and_parse(tmp_path):
-    counts = offline_suite.build_suite(tmp_path / "a")
-    assert counts == EXPECTED
-    path = offline_suite.package_file(*offline_suite.ANALOGY_FILE)  # seeded: the same items on every run
-    assert offline_suite.analogy_items(path, 30, 0) == offline_suite.analogy_items(path, 30, 0)
-    assert offline_suite.analogy_items(path, 30, 0) != offline_suite.analogy_items(path, 30, 1)
-    for path in ("mrp_offline_mmlu", "mrp_offline_analogy"):
-        for line in (tmp_path / "a" / f"{path}.jsonl").read_text().splitlines():
+def check_items(folder) -> None:
+    """The written suite: every item count, four distinct choices with the label in range, seeded analogies whose
+    labelled choice is the set's own answer."""
+    for name, count in EXPECTED.items():
+        assert len((folder / f"{name}.jsonl").read_text().splitlines()) == count, name
+    for name in ("mrp_offline_mmlu", "mrp_offline_analogy"):
+        for line in (folder / f"{name}.jsonl").read_text().splitlines():
             item = json.loads(line)
             assert len(item["choices"]) == len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
-    analogy = [json.loads(line) for line in (tmp_path / "a" / "mrp_offline_analogy.jsonl").read_text().splitlines()]
-    words = offline_suite.package_file(*offline_suite.ANALOGY_FILE).read_text().split()
+    path = offline_suite.package_file(*offline_suite.ANALOGY_FILE)
+    assert offline_suite.analogy_items(path, 30, 0) == offline_suite.analogy_items(path, 30, 0)  # seeded
+    assert offline_suite.analogy_items(path, 30, 0) != offline_suite.analogy_items(path, 30, 1)
+    words = path.read_text().split()
     answer_of = {" ".join(words[i : i + 3]): words[i + 3] for i in range(0, len(words) - 3)}
-    for item in analogy[:50]:  # the labelled choice is the set's own answer
+    for line in (folder / "mrp_offline_analogy.jsonl").read_text().splitlines()[:50]:
+        item = json.loads(line)
         a, _, _, b, _, c, *_ = item["query"].split()
         assert item["choices"][item["label"]] == " " + answer_of[f"{a} {b} {c}"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """The tiny model with an identity LoRA adapter (lora_B = 0: adds exact zeros) and one that changes it."""
+@pytest.fixture
+def identity_adapter(tmp_path):
+    """A LoRA adapter of the tiny model with lora_B = 0 (PEFT's initialisation): it adds exact zeros."""
     from peft import LoraConfig, get_peft_model
 
     from helpers import tiny_llama
 
-    folders = {}
-    for name, scale in (("identity", 0.0), ("changed", 1.0)):
-        model = get_peft_model(tiny_llama(vocab=VOCAB), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for key, parameter in model.named_parameters():
-                if "lora_B" in key:
-                    parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
-        folders[name] = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folders[name])
-    return folders
+    model = get_peft_model(tiny_llama(vocab=VOCAB), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert all(not parameter.any() for key, parameter in model.named_parameters() if "lora_B" in key)
+    model.save_pretrained(tmp_path / "identity")
+    return tmp_path / "identity"
 
 
 @needs_suite
 @pytest.mark.integration  # the embedded model's tokenizer
-def test_suite_base_vs_base_is_exactly_zero(tiny_model_dir, tiny_pair, tmp_path, capsys):
+def test_suite_base_vs_base_is_exactly_zero(tiny_model_dir, identity_adapter, tmp_path, capsys):
     # the suite is built whole (its item counts are checked); LIMIT items of each are evaluated: the tiny model's
     # 49,152-way log-softmax makes the whole suite ~10 minutes on 2 busy cores, and exactness needs no more
     argv = ["downstream", "--model", str(tiny_model_dir), "--suite", "offline", "--limit", str(LIMIT)]
-    code = cli.main([*argv, "--adapter", str(tiny_pair["identity"]), "--device", "cpu", "--output_dir", str(tmp_path)])
+    code = cli.main(
+        [*argv, "--adapter", str(identity_adapter), "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    report = json.loads((tmp_path / "downstream.json").read_text())
+    report = json.loads((tmp_path / "out" / "downstream.json").read_text())
     assert report["mean"] is None and report["provenance"]["suite_items"] == EXPECTED
     rows = report["invariance"]["tasks"]
     assert {name: row["n_items"] for name, row in rows.items()} == dict.fromkeys(EXPECTED, LIMIT)
-    for name, count in EXPECTED.items():  # the data files lm-eval read hold every item
-        assert len((tmp_path / "offline_tasks" / f"{name}.jsonl").read_text().splitlines()) == count
+    check_items(tmp_path / "out" / "offline_tasks")  # the data files lm-eval read: every item
     assert {name: row["metric"] for name, row in rows.items()} == {
         "mrp_offline_mmlu": "acc",
         "mrp_offline_analogy": "acc",
@@ -142,9 +136,9 @@ def test_suite_base_vs_base_is_exactly_zero(tiny_model_dir, tiny_pair, tmp_path,
     for name, row in rows.items():  # the same forward (B = 0 adds exact zeros) on the same items: exactly 0
         assert row["delta"] == 0.0 and row["interval"] == [0.0, 0.0] and row["items_changed"] == 0, name
         assert row["verdict"] == "unchanged" and row["base"] == row["adapter"], name
-    assert (tmp_path / "invariance.png").stat().st_size > 0
+    assert (tmp_path / "out" / "invariance.png").stat().st_size > 0
     assert out.startswith("offline suite (a proxy, not the paper's six tasks): mrp_offline_mmlu unchanged")
-    assert "Invariance: base vs base + adapter" in (tmp_path / "downstream.md").read_text()
+    assert "Invariance: base vs base + adapter" in (tmp_path / "out" / "downstream.md").read_text()
 
 
 @needs_suite
@@ -155,11 +149,12 @@ def test_suite_flag_refuses_tasks_too(tmp_path):
 
 
 @needs_suite
-@pytest.mark.integration  # a tiny refine, then the suite twice on it
+@pytest.mark.integration
+@pytest.mark.slow  # a whole (tiny) refine, then the suite twice on it: ~20 s
 def test_refine_downstream_offline_puts_the_verdicts_in_the_card(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from helpers import one_torch_thread, tiny_refine_flags
-
     import functools
+
+    from helpers import one_torch_thread, tiny_refine_flags
 
     real = downstream.suite_downstream  # the refine path, not the suite's size, is tested here: LIMIT items a task
     monkeypatch.setattr(downstream, "suite_downstream", functools.partial(real, limit=LIMIT))

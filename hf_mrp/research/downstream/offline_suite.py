@@ -20,6 +20,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 from ...errors import MRPUserError
 from ...storage.files import write_text
@@ -135,11 +136,15 @@ def humaneval_items(path: Path) -> list[dict]:
     return [{"task_id": p["task_id"], "text": p["prompt"] + p["canonical_solution"]} for p in problems]
 
 
-MULTIPLE_CHOICE = {"output_type": "multiple_choice", "doc_to_text": "query", "doc_to_choice": "choices"} | {
+MULTIPLE_CHOICE: dict[str, Any] = {
+    "output_type": "multiple_choice",
+    "doc_to_text": "query",
+    "doc_to_choice": "choices",
+} | {
     "doc_to_target": "label",
     "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
 }
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "mrp_offline_mmlu": MULTIPLE_CHOICE,
     "mrp_offline_analogy": MULTIPLE_CHOICE,
     "mrp_offline_lastword": {"output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "target"}
@@ -156,7 +161,11 @@ CONFIGS = {
 
 def task_yaml(name: str, data_file: str) -> str:
     """An lm-eval task YAML (JSON is YAML, and quoting every value keeps Jinja and colons out of the way)."""
-    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": data_file}}}
+    config: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": data_file}},
+    }
     config |= {"test_split": "test", "target_delimiter": "", **CONFIGS[name], "metadata": {"version": 1.0}}
     return "# written by hf_mrp.research.downstream.offline_suite; rebuilt at every run\n" + json.dumps(
         config, indent=2

@@ -92,7 +92,7 @@ def build_report(
         tasks[name] = task_row(row, adapter["results"].get(name, {}))
         tasks[name]["n_samples"] = base.get("n-samples", {}).get(name, {}).get("effective")
         tasks[name]["higher_is_better"] = base.get("higher_is_better", {}).get(name, {})
-    report = {"provenance": dict(provenance), "metric_rule": METRIC_RULE, "tasks": tasks}
+    report: dict[str, Any] = {"provenance": dict(provenance), "metric_rule": METRIC_RULE, "tasks": tasks}
     report["mean"] = None if provenance.get("suite") else mean_row(tasks)
     if "samples" in base and "samples" in adapter:
         report["invariance"] = decide_invariance(base, adapter, list(names) or list(tasks))
