@@ -91,7 +91,7 @@ def manager():
 def cached_index(monkeypatch, manager):
     """Hand every run in a test the module's index (a superset of what any of them asks for)."""
 
-    def cached(include_path):
+    def cached(include_path, include_defaults=True):
         assert include_path in (None, str(TASK_DIR))
         return manager
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,27 @@ def require_lm_eval() -> str:
         return "unknown"
 
 
-def task_manager(include_path: str | None) -> TaskManager:
-    """lm-eval's task index (built-in tasks plus ``include_path``); indexing takes ~5 s."""
+def task_manager(include_path: str | None, include_defaults: bool = True) -> TaskManager:
+    """lm-eval's task index (built-in tasks plus ``include_path``); indexing the ~14k built-in YAMLs takes ~5 s (a
+    minute on busy cores), so tasks that all live in ``include_path`` are indexed without them."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise MRPUserError(f"include_path folder not found: {include_path}; pass a folder of lm-eval task YAMLs")
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+LOCAL_TASK_LINE = re.compile(r"""^\s*["']?task["']?\s*:\s*["']?([^"'\s,#]+)""", re.MULTILINE)
+
+
+def local_task_names(include_path: str | None) -> set[str]:
+    """The task names the YAMLs under ``include_path`` define (their ``task:`` line, JSON-style keys too)."""
+    if include_path is None or not Path(include_path).is_dir():
+        return set()
+    names: set[str] = set()
+    for path in Path(include_path).rglob("*.yaml"):
+        names.update(LOCAL_TASK_LINE.findall(path.read_text(encoding="utf-8", errors="replace")))
+    return names
 
 
 def check_task_names(manager: TaskManager, names: Sequence[str]) -> None:
@@ -118,7 +133,6 @@ class TaskSet:
 def _builtin_task_yaml(name: str) -> Path | None:
     """The YAML of a built-in lm-eval task, found by its ``task:`` line (a text search: seconds faster than
     TaskManager's YAML index)."""
-    import re
 
     spec = importlib.util.find_spec("lm_eval")  # its folder, without importing it (seconds)
     if spec is None or not spec.submodule_search_locations:
@@ -139,7 +153,6 @@ def _builtin_task_yaml(name: str) -> Path | None:
 
 def _dataset_path(yaml_path: Path, depth: int = 3) -> str | None:
     """``dataset_path`` of a task YAML, following its ``include:`` files."""
-    import re
 
     text = yaml_path.read_text(encoding="utf-8", errors="replace")
     found = re.search(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
@@ -181,10 +194,11 @@ def prepare_tasks(names: Sequence[str], include_path: str | None = None) -> Task
     from ...hub_access import hub_problem
 
     names = parse_task_names(names)
+    local = local_task_names(include_path)
     problem = hub_problem()
-    if problem is not None:
-        check_task_data_reachable(names, problem)
-    manager = task_manager(include_path)
+    if problem is not None:  # local tasks are not searched for among the built-in ones
+        check_task_data_reachable([name for name in names if name not in local], problem)
+    manager = task_manager(include_path, include_defaults=not set(names) <= local)
     check_task_names(manager, names)
     return TaskSet(names, manager, load_tasks(manager, names))
 
