@@ -160,7 +160,9 @@ def test_refine_downstream_offline_puts_the_verdicts_in_the_card(tiny_model_dir,
     monkeypatch.setattr(downstream, "suite_downstream", functools.partial(real, limit=LIMIT))
     with one_torch_thread():
         code = cli.main(["refine", *tiny_refine_flags(tiny_model_dir, tmp_path / "run"), "--downstream", "offline"])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines()[-1].startswith("downstream (") and "s): offline suite (a proxy" in captured.out
     report = json.loads((tmp_path / "run" / "downstream" / "downstream.json").read_text())
     assert {name: row["n_items"] for name, row in report["invariance"]["tasks"].items()} == dict.fromkeys(EXPECTED, 6)
     assert report["provenance"]["suite_items"] == EXPECTED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...compat import set_help
 from ...errors import MRPUserError
 from ...ops.objectives import objectives_help
@@ -88,6 +90,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, refine_args: Refi
     comparison = refine(model_args, data_args, refine_args, config)
     if comparison:
         print(f"refined -> {config.output_dir}\n{flip_summary_line(comparison)}")
+    report = Path(str(config.output_dir)) / "downstream" / "downstream.json"
+    if comparison and refine_args.downstream is not None and report.is_file():  # --downstream: the verdicts, timed
+        from ...storage.files import read_json
+        from ..downstream import summary_line
+
+        downstream = read_json(report)
+        print(f"downstream ({downstream['provenance']['seconds']:.0f} s): {summary_line(downstream)}")
     if config.push_to_hub and config.hub_model_id:  # the repo create_repo answered: namespace included
         from huggingface_hub import constants
 
