@@ -142,6 +142,14 @@ def test_suite_base_vs_base_is_exactly_zero(tiny_model_dir, identity_adapter, tm
 
 
 @needs_suite
+def test_a_refused_suite_run_writes_nothing(identity_adapter, tmp_path, capsys):
+    argv = ["downstream", "--model", str(tmp_path / "no_model"), "--suite", "offline"]
+    assert cli.main([*argv, "--adapter", str(identity_adapter), "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("hf-mrp downstream: error:")
+    assert not (tmp_path / "out").exists()  # the suite is built only once the model has loaded
+
+
+@needs_suite
 def test_suite_flag_refuses_tasks_too(tmp_path):
     with pytest.raises(MRPUserError) as error:
         downstream.DownstreamArguments(adapter=str(tmp_path), suite="offline", tasks=["piqa"])

@@ -17,7 +17,7 @@ from ...hub_access import offline_when_unreachable
 from ...storage.files import check_output_dir, read_json
 from ..arguments import ModelArguments, provenance
 from .adapter_folder import resolve_adapter
-from .offline_suite import SUITES, TASKS, build_suite
+from .offline_suite import SUITES, TASKS, build_suite, check_suite
 from .report import build_report, write_report
 from .tasks import DEFAULT_TASKS, TaskSet, parse_task_names, prepare_tasks, require_lm_eval
 
@@ -209,13 +209,17 @@ def downstream_from_arguments(model_args: ModelArguments, downstream_args: Downs
     require_lm_eval()
     resolve_adapter(downstream_args.adapter)
     check_output_dir(downstream_args.output_dir)  # created by the report's first file: a refusal leaves none
-    names, include_path, suite = downstream_args.tasks, downstream_args.include_path, {}
-    if downstream_args.suite is not None:  # built into the output folder: the exact items travel with the report
-        names, include_path = list(TASKS), str(Path(downstream_args.output_dir) / "offline_tasks")
-        suite = {"suite": downstream_args.suite, "suite_items": build_suite(include_path)}
+    if downstream_args.suite is not None:
+        check_suite(downstream_args.suite)  # its packages; it is built once the model loaded (a refusal writes none)
     with offline_when_unreachable():  # an unreachable Hub: cached task data still loads, the rest fails at once
-        task_set = prepare_tasks(names, include_path)
+        if downstream_args.suite is None:
+            task_set = prepare_tasks(downstream_args.tasks, downstream_args.include_path)
         model, tokenizer, name = load_model_from_arguments(model_args)
+    suite = {}
+    if downstream_args.suite is not None:  # built into the output folder: the exact items travel with the report
+        folder = str(Path(downstream_args.output_dir) / "offline_tasks")
+        suite = {"suite": downstream_args.suite, "suite_items": build_suite(folder)}
+        task_set = prepare_tasks(list(TASKS), folder)
     if not model_args.load_in_4bit:  # bitsandbytes places 4-bit weights itself
         model.to(_device(downstream_args.device))
     report = compare_downstream(
