@@ -292,7 +292,8 @@ class LoopbackHub:
 
 def promised_files(folder: Path) -> dict[str, bytes]:
     """What README.md and docs/logging.md promise a finished run's push uploads: every file of the folder but the
-    checkpoints (optimizer, scheduler, RNG states), dotfiles (the folder's lock) and ``training_args.bin``."""
+    checkpoints (optimizer, scheduler, RNG states), dotfiles (the folder's lock), ``training_args.bin`` and the
+    offline downstream suite's third-party items (any ``offline_tasks`` folder)."""
     return {
         path.relative_to(folder).as_posix(): path.read_bytes()
         for path in sorted(folder.rglob("*"))
@@ -300,6 +301,7 @@ def promised_files(folder: Path) -> dict[str, bytes]:
         and not path.relative_to(folder).parts[0].startswith("checkpoint-")
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
         and path.name != "training_args.bin"
+        and "offline_tasks" not in path.relative_to(folder).parts
     }
 
 

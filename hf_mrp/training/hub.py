@@ -45,8 +45,10 @@ STRATEGIES = ("every_save", "checkpoint", "all_checkpoints", "end")
 RUN_FOLDERS = ("audit_*", "comparison*")  # the audits and comparisons MRPAuditCallback writes
 NEVER_PUSHED = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", "README.md"}
 # What the final push (and `hf-mrp push`) leaves out, as upload_folder patterns (fnmatch: `*` also matches `/`):
-# checkpoints (optimizer, scheduler, RNG states), dotfiles anywhere (the folder's lock, staging folders), pickles.
-FINAL_IGNORE = ["checkpoint-*", ".*", "*/.*", "training_args.bin", "*/training_args.bin"]
+# checkpoints (optimizer, scheduler, RNG states), dotfiles anywhere (the folder's lock, staging folders), pickles,
+# and the offline downstream suite's items (third-party data under their own licences; downstream.json keeps the
+# scores and the verdicts, and the suite is rebuilt from the installed packages anywhere).
+FINAL_IGNORE = ["checkpoint-*", ".*", "*/.*", "training_args.bin", "*/training_args.bin", "*offline_tasks/*"]
 # huggingface_hub's question for a .parquet committed to a model repo (HfApi.create_commit), for the audit tables
 AUDIT_TABLE_QUESTION = (
     r"It seems that you are about to commit a data file \((audit|comparison)[^/()]*/[^/()]+\.parquet\)"

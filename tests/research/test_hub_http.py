@@ -44,6 +44,8 @@ def run_folder(folder: Path) -> Path:
         "checkpoint-2/rng_state.pth": os.urandom(64),
         "audit_before/.staging-1/positions.parquet": b"half",  # a killed save's staging folder: never pushed
         "training_args.bin": b"pickle",  # never pushed
+        "downstream/downstream.json": b"{}",
+        "downstream/offline_tasks/mmlu/items.jsonl": b"{}",  # third-party items: never pushed
     }
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
