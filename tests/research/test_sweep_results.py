@@ -33,6 +33,7 @@ TOP_KEYS = [
     "bootstrap",
     "variants",
     "entropy_lambdas",
+    "objective_lambdas",
     "spread",
     "metrics",
     "executed_now",
