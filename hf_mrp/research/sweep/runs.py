@@ -29,7 +29,7 @@ from ..refine_arguments import RefineArguments
 from ..refine_inputs import refine_blocks
 from ..run_folders import audit_is_whole
 from .plan import RunSpec
-from .variants import typed_fields
+from .variants import grouped_fields
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, fields: di
     """One run's arguments: the parsed pass-through flags with the run's fields (plan.run_fields: its variant's, in
     whichever argument group has each) and its own output folder, objective, lambda and seed (the dataclasses
     rebuilt, so each checks its fields again)."""
-    model, data, refine, config = typed_fields(tuple(shared), fields)
+    model, data, refine, config = grouped_fields(tuple(shared), fields)
     try:
         return RunArguments(
             dataclasses.replace(shared.model, **model),

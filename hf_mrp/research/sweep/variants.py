@@ -128,12 +128,13 @@ def _flags(dataclass_type: type) -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions}
 
 
-def typed_fields(groups: tuple, settings: dict[str, Any]) -> list[dict[str, Any]]:
+def grouped_fields(groups: tuple[Any, ...], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """``settings`` sorted into ``groups`` (a run's argument dataclasses, RUN_GROUPS' order) by the field each
     names."""
+    names = [{item.name for item in dataclasses.fields(group)} for group in groups]
     placed: list[dict[str, Any]] = [{} for _ in groups]
     for key, value in settings.items():
-        placed[next(i for i, group in enumerate(groups) if key in _field_names(type(group)))][key] = value
+        placed[next(i for i, fields in enumerate(names) if key in fields)][key] = value
     return placed
 
 
@@ -144,9 +145,9 @@ def _field_names(dataclass_type: type) -> set[str]:
 
 def _converted(action: argparse.Action, text: str, refuse: Callable[[str], MRPUserError]) -> Any:
     """``text`` as the field's flag converts it (a list flag: comma-separated values)."""
-    many = action.nargs in ("+", "*")
+    many, convert = action.nargs in ("+", "*"), action.type if callable(action.type) else str
     try:
-        values = [action.type(part) if action.type else part for part in (text.split(",") if many else [text])]
+        values = [convert(part) for part in (text.split(",") if many else [text])]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
         raise refuse(f"{action.dest}={text!r}: {error}") from None
     if action.choices is not None and any(value not in action.choices for value in values):
@@ -163,6 +164,6 @@ __all__ = [
     "control_fields",
     "control_note",
     "settings_text",
-    "typed_fields",
+    "grouped_fields",
     "OBJECTIVE_TERM_FIELDS",
 ]
