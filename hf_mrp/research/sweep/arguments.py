@@ -82,7 +82,7 @@ class SweepArguments:
         metadata={
             "help": "rows with settings of their own, as NAME:OBJECTIVE:LAMBDA[:FIELD=VALUE...] (any `hf-mrp refine` "
             "field, e.g. ewc:fisher:0.6:mrp_ewc_lambda=1e5), each paired with its settings at lambda 0, or with the "
-            "main control where those change or train nothing (docs/results.md)"
+            "main control where those change or train nothing (docs/experiments.md)"
         },
     )
     grids: dict[str, list[float]] = field(default_factory=dict, init=False)  # from --objective_lambdas
