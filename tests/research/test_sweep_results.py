@@ -33,6 +33,7 @@ TOP_KEYS = [
     "bootstrap",
     "variants",
     "entropy_lambdas",
+    "objective_lambdas",
     "spread",
     "metrics",
     "executed_now",
@@ -82,6 +83,7 @@ def small_results() -> SweepResults:
         bootstrap=Bootstrap(100, 0.95, 0, "block", "paired"),
         variants={"head": {"settings": {"train_lm_head": True}}},
         entropy_lambdas=None,
+        objective_lambdas={},
         spread="over seeds",
         metrics={"net": {"header": "net", "description": "W->R - R->W"}},
     )

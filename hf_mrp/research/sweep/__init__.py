@@ -16,6 +16,7 @@ Layout of ``--output_dir``:
                                              (as `hf-mrp audit` writes it; computed once)
     runs/control_lam0_seed<S>/               the control of seed S
     runs/<objective>_lam<L>_seed<S>/         one refine output folder per run (adapter, audits, comparison/)
+    runs/<objective>_<variant>_lam<L>_seed<S>/, runs/control_<variant>_lam0_seed<S>/   a variant's runs, its control
     results.json, results.md                 the dose-response table (results.json is written last)
     flips_vs_lambda.png, margin_change_vs_lambda.png, class_net_vs_lambda.png
 
@@ -23,9 +24,11 @@ Resuming: a run whose ``training_log.json`` (written last by refine) exists is f
 run folder is deleted and the run redone from scratch. Running the same command again therefore
 finishes an interrupted sweep, and with every run finished only recomputes the results.
 
-Rows: the controls, objective x lambda (entropy on its own grid with --entropy_lambdas), and on request
-the W-trainable rows (--head_lambdas: LoRA + trainable lm_head, with their own CE-only controls) and the
-targeted rows (--target_lambdas: the objective weighted to --target_classes / --target_buckets).
+Rows: the controls, objective x lambda (an objective on its own grid with --objective_lambdas, entropy with
+--entropy_lambdas), and on request variant rows (variants.py): the W-trainable rows (--head_lambdas: LoRA +
+trainable lm_head, with their own CE-only controls), the targeted rows (--target_lambdas: the objective weighted to
+--target_classes / --target_buckets) and rows with any run settings (--variants NAME:OBJECTIVE:LAMBDA[:FIELD=VALUE...]),
+each paired with its settings at lambda 0, or with the main control where those change or train nothing.
 Every seed audits --audit_blocks blocks (default 64, ~16K positions) unless --audit_positions is given.
 
 Numbers (docs/spec.md, "Before/after audit", "Intervals"): for each row, the mean over seeds, the spread
@@ -38,7 +41,8 @@ fisher lambda is matched with the entropy lambda of the closest median margin ch
 differences fisher - entropy (paired.py). Every per-run number is hf_mrp.stats.flips.flip_numbers, the
 function `hf-mrp compare` uses.
 
-Modules: arguments.py (the sweep's own flags), plan.py (runs, names, variants, rows), runs.py (run arguments,
+Modules: arguments.py (the sweep's own flags), variants.py (variant specs and their controls), plan.py (runs,
+names, rows), runs.py (run arguments,
 settings, the shared baseline, one refinement per run), run_statistics.py (per-position data, per-run numbers),
 aggregate.py and paired.py (rows, intervals, paired differences), results.py (results.json as typed records, one
 to_json), metrics.py (what each number is), report.py and cells.py (results.md, plots, console summary; how a cell

@@ -21,7 +21,7 @@ from ..run_folders import run_is_whole
 from .arguments import MATCHED_OBJECTIVE, REFERENCE_OBJECTIVE, SweepArguments
 from .metrics import METRIC_KEYS
 from .paired import match_entropy, paired_difference
-from .plan import CONTROL, RunSpec, control_name, row_keys, row_label, variant_fields
+from .plan import CONTROL, RunSpec, row_keys, row_label, run_fields
 from .results import (
     Aggregate,
     BaselineNumbers,
@@ -91,7 +91,7 @@ def _row_metrics(table: SweepTable, r: int, objective: str) -> dict[str, MetricS
 
 
 def _run_entry(run: RunData, values: np.ndarray, settings: dict) -> RunEntry:
-    """``settings``: the RefineArguments fields of the run's variant (variant_fields)."""
+    """``settings``: the run fields it trained with beside the shared ones (plan.run_fields)."""
     spec = run.spec
     return RunEntry(
         name=spec.name,
@@ -105,7 +105,7 @@ def _run_entry(run: RunData, values: np.ndarray, settings: dict) -> RunEntry:
         seconds=run.seconds,
         variant=spec.variant,
         settings=settings,
-        control_run=None if spec.control else control_name(spec),
+        control_run=spec.control_run or None,
         metrics={key: finite_or_none(values[k]) for k, key in enumerate(METRIC_KEYS)},
         flip_audit=run.flip_audit,
     )
@@ -146,7 +146,7 @@ def _finished_runs(
 def _sweep_table(args: SweepArguments, runs: list[RunData], shared: Shared) -> SweepTable:
     """Every run's numbers, grouped into the rows that have a finished run, with their bootstrap intervals."""
     position = {run.spec.name: i for i, run in enumerate(runs)}
-    control_of = np.asarray([-1 if run.spec.control else position.get(control_name(run.spec), -1) for run in runs])
+    control_of = np.asarray([-1 if run.spec.control else position.get(run.spec.control_run, -1) for run in runs])
     kept = [(key, [i for i, run in enumerate(runs) if _row_key(run.spec) == key]) for key in row_keys(args)]
     keys, members = [key for key, m in kept if m], [m for _, m in kept if m]
     point_runs = with_attributable(run_statistics(runs, shared), control_of)
@@ -226,9 +226,7 @@ def aggregate(
     return Aggregate(
         rows=rows,
         entropy_matched=_fisher_against_entropy(rows, table),
-        runs=[
-            _run_entry(run, table.point_runs[i], variant_fields(args, run.spec.variant)) for i, run in enumerate(runs)
-        ],
+        runs=[_run_entry(run, table.point_runs[i], run_fields(args, run.spec)) for i, run in enumerate(runs)],
         missing_runs=[spec.name for spec in plan if spec not in finished and spec.name not in failed],
         failed_runs=[FailedRun(name=name, reason=reason) for name, reason in failed.items()],
         baseline=baseline_numbers(baseline),

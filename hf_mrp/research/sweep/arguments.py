@@ -12,6 +12,7 @@ from ...errors import MRPUserError
 from ...ops import objective, objective_names
 from ...ops.targeting import check_targets
 from ...stats.token_classes import BUCKETS, CLASSES
+from .variants import parse_variant
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,19 @@ class SweepArguments:
             "with the entropy lambda of the closest median margin change"
         },
     )
+    objective_lambdas: list[str] = field(
+        default_factory=list,
+        metadata={"help": "an objective's own lambda grid instead of --lambdas, as OBJECTIVE=L[,L...] (margin=0.3,1)"},
+    )
+    variants: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "rows with settings of their own, as NAME:OBJECTIVE:LAMBDA[:FIELD=VALUE...] (any `hf-mrp refine` "
+            "field, e.g. ewc:fisher:0.6:mrp_ewc_lambda=1e5), each paired with its settings at lambda 0, or with the "
+            "main control where those change or train nothing (docs/experiments.md)"
+        },
+    )
+    grids: dict[str, list[float]] = field(default_factory=dict, init=False)  # from --objective_lambdas
     head_lambdas: list[float] = field(
         default_factory=list,
         metadata={
@@ -118,6 +132,10 @@ class SweepArguments:
         self.lambdas = _positive_lambdas(self.lambdas, "--lambdas")
         if self.entropy_lambdas is not None:
             self.entropy_lambdas = _positive_lambdas(self.entropy_lambdas, "--entropy_lambdas")
+        self.grids = _objective_grids(self.objective_lambdas, self.objectives)
+        names = [parse_variant(text).name for text in self.variants]  # a malformed spec: one line
+        if len(set(names)) < len(names):
+            raise MRPUserError(f"--variants: each variant needs its own name, got {', '.join(names)}")
         self.head_lambdas = _positive_lambdas(self.head_lambdas, "--head_lambdas")
         self.target_lambdas = _positive_lambdas(self.target_lambdas, "--target_lambdas")
         if not self.objectives or not self.lambdas or not self.seeds:
@@ -134,6 +152,35 @@ class SweepArguments:
             raise MRPUserError(f"n_bootstrap must be >= 0 (0: no confidence intervals), got {self.n_bootstrap}")
         if not 0 < self.confidence < 1:
             raise MRPUserError(f"confidence must be between 0 and 1, got {self.confidence}")
+
+    def lambdas_of(self, name: str) -> list[float]:
+        """The lambda grid of an objective of --objectives: --objective_lambdas, entropy's --entropy_lambdas, or
+        --lambdas."""
+        if name in self.grids:
+            return self.grids[name]
+        return self.entropy_lambdas if name == MATCHED_OBJECTIVE and self.entropy_lambdas else self.lambdas
+
+
+def _objective_grids(specs: Sequence[str], objectives: Sequence[str]) -> dict[str, list[float]]:
+    grids = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or name not in objectives:
+            raise MRPUserError(
+                f"--objective_lambdas {spec!r}: write OBJECTIVE=L[,L...] for an objective of --objectives "
+                f"({', '.join(objectives)})"
+            )
+        try:
+            grids[name] = _positive_lambdas(
+                [float(value) for value in values.split(",")], f"--objective_lambdas {name}"
+            )
+        except ValueError:
+            raise MRPUserError(
+                f"--objective_lambdas {spec!r}: the lambdas must be numbers, e.g. margin=0.3,1"
+            ) from None
+        if not grids[name]:
+            raise MRPUserError(f"--objective_lambdas {spec!r}: give at least one lambda > 0")
+    return grids
 
 
 def _positive_lambdas(values, flag: str) -> list[float]:

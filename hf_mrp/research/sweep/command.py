@@ -13,12 +13,13 @@ from ..run_folders import run_is_whole
 from .aggregate import aggregate
 from .arguments import SweepArguments
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
-from .plan import HEAD, TARGET, RunSpec, format_lambda, plan_runs, variant_fields
+from .plan import TARGET, RunSpec, format_lambda, plan_runs, run_fields, sweep_variants
 from .report import markdown_report, write_plots
 from .results import Bootstrap, ControlSettings, Positions, SweepHead, SweepResults, Training
 from .runs import (
     BASELINE,
     RunArguments,
+    check_finished_runs,
     check_settings,
     ensure_baseline,
     execute_run,
@@ -27,6 +28,7 @@ from .runs import (
     run_arguments,
     run_settings,
 )
+from .variants import control_fields, control_note
 
 
 def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = None) -> SweepResults:
@@ -43,7 +45,7 @@ def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = 
             shared,
             spec,
             sweep_dir / "runs" / spec.name,  # bad flags fail here,
-            variant_fields(args, spec.variant),
+            run_fields(args, spec),
         )
         for spec in plan
     }  # before any work
@@ -57,6 +59,7 @@ def _run_owned_sweep(
 ) -> SweepResults:
     settings = run_settings(arguments[plan[0].name])  # the first control's: every run shares them
     check_settings(sweep_dir, settings)
+    check_finished_runs(sweep_dir, arguments)
     tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
     record_settings(sweep_dir, settings, command)
 
@@ -124,6 +127,7 @@ def describe_sweep(
         bootstrap=_bootstrap(args),
         variants=_variants(args),
         entropy_lambdas=args.entropy_lambdas,
+        objective_lambdas=dict(args.grids),
         spread="over seeds: std (ddof = 1), min, max",
         metrics={key: {"header": HEADERS[key], "description": DESCRIPTIONS[key]} for key in METRIC_KEYS},
     )
@@ -173,22 +177,18 @@ def _bootstrap(args: SweepArguments) -> Bootstrap:
 
 
 def _variants(args: SweepArguments) -> dict[str, dict[str, Any]]:
-    return {
-        HEAD: {
-            "objective": args.head_objective,
-            "lambdas": args.head_lambdas,
-            "settings": variant_fields(args, HEAD),
-            "control": "its own CE-only control per seed with the same flags (LoRA + trainable lm_head)",
-        },
-        TARGET: {
-            "objective": args.target_objective,
-            "lambdas": args.target_lambdas,
-            "classes": args.target_classes,
-            "buckets": args.target_buckets,
-            "settings": variant_fields(args, TARGET),
-            "control": "the plain control of the seed (at lambda 0 the objective weights change nothing)",
-        },
-    }
+    """Each variant: its objective, lambdas, settings, and what its rows are paired with."""
+    described = {}
+    for variant in sweep_variants(args):
+        described[variant.name] = {
+            "objective": variant.objective,
+            "lambdas": list(variant.lambdas),
+            **({"classes": args.target_classes, "buckets": args.target_buckets} if variant.name == TARGET else {}),
+            "settings": dict(variant.settings),
+            "control_settings": control_fields(variant),
+            "control": control_note(variant),
+        }
+    return described
 
 
 __all__ = ["run_sweep", "describe_sweep"]

@@ -7,11 +7,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .arguments import MATCHED_OBJECTIVE, SweepArguments
+from ...errors import MRPUserError
+from .arguments import SweepArguments
+from .variants import HEAD, TARGET, Variant, control_fields, parse_variant
 
 CONTROL = "control"
-HEAD = "head"  # variant: the head W trains too (LoRA + lm_head), with its own CE-only control
-TARGET = "target"  # variant: the objective aimed at the targets of --target_classes / --target_buckets
 
 
 class RunSpec(NamedTuple):
@@ -20,7 +20,8 @@ class RunSpec(NamedTuple):
     lam: float
     seed: int
     train_objective: str  # what --mrp_objective gets (the control's objective has weight 0)
-    variant: str = ""  # "", HEAD or TARGET (its RefineArguments fields: variant_fields)
+    variant: str = ""  # "" or a variant's name (variants.Variant; its fields: run_fields)
+    control_run: str = ""  # the run it is paired with ("" for a control)
 
     @property
     def control(self) -> bool:
@@ -36,54 +37,76 @@ def run_name(objective: str, lam: float, seed: int, variant: str = "") -> str:
     return f"{objective}{'_' + variant if variant else ''}_lam{format_lambda(lam)}_seed{seed}"
 
 
-def variant_fields(args: SweepArguments, variant: str) -> dict:
-    """The RefineArguments fields that make a run of ``variant`` (none for a plain run)."""
-    if variant == HEAD:
-        return {"train_lm_head": True}
-    if variant == TARGET:
-        return {
+def sweep_variants(args: SweepArguments) -> list[Variant]:
+    """The variants of the sweep, in report order: the W-trainable rows, the targeted rows, then --variants."""
+    found = []
+    if args.head_lambdas:
+        found.append(
+            Variant(HEAD, args.head_objective, tuple(args.head_lambdas), {"train_lm_head": True}, "W trainable")
+        )
+    if args.target_lambdas:
+        targets = [*args.target_classes, *args.target_buckets]
+        settings = {
             key: list(value)
             for key, value in (("mrp_target_classes", args.target_classes), ("mrp_target_buckets", args.target_buckets))
             if value
         }
-    return {}
+        found.append(
+            Variant(
+                TARGET, args.target_objective, tuple(args.target_lambdas), settings, "targeted: " + ", ".join(targets)
+            )
+        )
+    return found + [parse_variant(text) for text in args.variants]
 
 
-def control_name(spec: RunSpec) -> str:
-    """The control of a run: CE only, same seed and adapter scope (a targeted run's is the plain control: at
-    lambda 0 the objective weights change nothing)."""
-    return run_name(CONTROL, 0.0, spec.seed, HEAD if spec.variant == HEAD else "")
+def variant_fields(args: SweepArguments, variant: str) -> dict:
+    """The run fields of ``variant``'s runs (none for a plain run)."""
+    return next((dict(v.settings) for v in sweep_variants(args) if v.name == variant), {})
+
+
+def run_fields(args: SweepArguments, spec: RunSpec) -> dict:
+    """The run fields ``spec`` trains with: its variant's, or for a variant's own control those of control_fields."""
+    found = next((v for v in sweep_variants(args) if v.name == spec.variant), None)
+    if found is None:
+        return {}
+    return dict(control_fields(found) or {}) if spec.control else dict(found.settings)
 
 
 def row_keys(args: SweepArguments) -> list[tuple[str, float, str]]:
-    """(objective, lambda, variant) of every row, in report order: the control(s), objective x lambda (entropy
-    on its own grid when given), then the W-trainable and targeted rows."""
-    keys = [(CONTROL, 0.0, "")] + ([(CONTROL, 0.0, HEAD)] if args.head_lambdas else [])
+    """(objective, lambda, variant) of every row, in report order: the main control and the variants' own
+    controls, objective x lambda (each objective on its grid: SweepArguments.lambdas_of), then the variant rows."""
+    variants = sweep_variants(args)
+    keys = [(CONTROL, 0.0, "")] + [(CONTROL, 0.0, v.name) for v in variants if control_fields(v) is not None]
     for objective in args.objectives:
-        lambdas = args.entropy_lambdas if objective == MATCHED_OBJECTIVE and args.entropy_lambdas else args.lambdas
-        keys += [(objective, lam, "") for lam in lambdas]
-    keys += [(args.head_objective, lam, HEAD) for lam in args.head_lambdas]
-    keys += [(args.target_objective, lam, TARGET) for lam in args.target_lambdas]
+        keys += [(objective, lam, "") for lam in args.lambdas_of(objective)]
+    keys += [(v.objective, lam, v.name) for v in variants for lam in v.lambdas]
     return keys
 
 
 def plan_runs(args: SweepArguments) -> list[RunSpec]:
-    """Seed by seed (a whole dose-response curve per seed early), each seed's runs in row order."""
+    """Seed by seed (a whole dose-response curve per seed early), each seed's runs in row order; each run names the
+    control it is paired with (a variant's own, else the main one)."""
+    own = {v.name for v in sweep_variants(args) if control_fields(v) is not None}
     plan = []
     for seed in args.seeds:
         for objective, lam, variant in row_keys(args):
-            trained = args.control_objective if objective == CONTROL else objective  # the control's has weight 0
-            plan.append(RunSpec(run_name(objective, lam, seed, variant), objective, lam, seed, trained, variant))
+            name = run_name(objective, lam, seed, variant)
+            if objective == CONTROL:  # the control's objective has weight 0
+                plan.append(RunSpec(name, objective, lam, seed, args.control_objective, variant))
+                continue
+            control = run_name(CONTROL, 0.0, seed, variant if variant in own else "")
+            plan.append(RunSpec(name, objective, lam, seed, objective, variant, control))
+    names = [spec.name for spec in plan]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise MRPUserError(f"two rows of the sweep make the runs {', '.join(twice)}; give each variant its own name")
     return plan
 
 
 def row_label(objective: str, lam: float, variant: str, args: SweepArguments) -> str:
     """How a row is named in reports: 'fisher', 'control (CE only, W trainable)', 'fisher (targeted: content, ...)'."""
     name = "control (CE only" if objective == CONTROL else objective
-    detail = {
-        HEAD: "W trainable",
-        TARGET: "targeted: " + ", ".join(list(args.target_classes) + list(args.target_buckets)),
-    }.get(variant)
+    detail = next((v.label for v in sweep_variants(args) if v.name == variant), None) if variant else None
     if objective == CONTROL:
         return name + (f", {detail})" if detail else ")")
     return name + (f" ({detail})" if detail else "")
@@ -96,8 +119,9 @@ __all__ = [
     "RunSpec",
     "format_lambda",
     "run_name",
+    "sweep_variants",
     "variant_fields",
-    "control_name",
+    "run_fields",
     "row_keys",
     "plan_runs",
     "row_label",

@@ -43,7 +43,7 @@ def markdown_report(results: SweepResults) -> str:
     parts = [
         *_setting_section(results),
         *_dose_response_sections(results, confidence),
-        *_paired_sections(results.aggregate.rows, confidence),
+        *_paired_sections(results.aggregate.rows, results.head.variants, confidence),
         "## Next to the paper (same units)",
         _paper_section(results),
         "## Geometry or sharpening: Fisher against entropy at matched strength",
@@ -131,14 +131,17 @@ def _dose_response_sections(results: SweepResults, confidence: str) -> list[str]
     ]
 
 
-def _paired_sections(rows: list[Row], confidence: str) -> list[str]:
-    """Every row against the control of its seeds: the main numbers, then the net by token class."""
+def _paired_sections(rows: list[Row], variants: dict[str, dict], confidence: str) -> list[str]:
+    """Every row against the control of its seeds (each variant's named), the main numbers, then the net by token
+    class."""
     paired = [(r, r.vs_control) for r in rows if r.vs_control]
+    pairing = "".join(f"\n- {name}: paired with {escape_cell(v['control'])}." for name, v in variants.items())
     return [
         "## Against the control (paired)",
         f"Run minus the CE-only control of the same seed and adapter scope, mean over seeds; [paired "
         f"block-bootstrap {confidence} CI: both runs on the same resampled blocks]; {{t {confidence} CI of the "
-        f"per-seed differences, with n - 1 degrees of freedom; absent with one seed}}. Shares in percentage points.",
+        f"per-seed differences, with n - 1 degrees of freedom; absent with one seed}}. Shares in percentage points."
+        + (f" The variants' controls:{pairing}" if pairing else ""),
         table(
             ["row", "lambda"] + [HEADERS[key] for key in PAIRED_TABLE],
             [row_cells(r) + [cell_paired(vs[k], k) for k in PAIRED_TABLE] for r, vs in paired],

@@ -127,7 +127,7 @@ class RunEntry(JsonRecord):
     steps: int | None
     seconds: float | None
     variant: str
-    settings: dict[str, Any]  # the RefineArguments fields of its variant (plan.variant_fields)
+    settings: dict[str, Any]  # the run fields of its variant (plan.run_fields)
     control_run: str | None
     metrics: dict[str, float | None]
     flip_audit: FlipHeadline
@@ -227,8 +227,9 @@ class SweepHead(JsonRecord):
     positions: Positions
     training: Training
     bootstrap: Bootstrap
-    variants: dict[str, dict[str, Any]]  # "head" / "target": objective, lambdas, settings, control
+    variants: dict[str, dict[str, Any]]  # name -> objective, lambdas, settings, control_settings, control
     entropy_lambdas: list[float] | None
+    objective_lambdas: dict[str, list[float]]  # --objective_lambdas: objective -> its own grid
     spread: str
     metrics: dict[str, dict[str, str]]  # key -> header, description
 

@@ -29,6 +29,7 @@ from ..refine_arguments import RefineArguments
 from ..refine_inputs import refine_blocks
 from ..run_folders import audit_is_whole
 from .plan import RunSpec
+from .variants import grouped_fields
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,19 @@ def with_audit_blocks(shared: RunArguments, audit_blocks: int) -> RunArguments:
     return shared._replace(refine=dataclasses.replace(shared.refine, audit_positions=positions))
 
 
-def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, variant: dict) -> RunArguments:
-    """One run's arguments: the parsed pass-through flags with the variant's fields and the run's own output
-    folder, objective, lambda and seed (the dataclasses rebuilt, so each checks its fields again)."""
+def run_arguments(shared: RunArguments, spec: RunSpec, run_dir: Path, fields: dict) -> RunArguments:
+    """One run's arguments: the parsed pass-through flags with the run's fields (plan.run_fields: its variant's, in
+    whichever argument group has each) and its own output folder, objective, lambda and seed (the dataclasses
+    rebuilt, so each checks its fields again)."""
+    model, data, refine, config = grouped_fields(tuple(shared), fields)
     try:
-        return shared._replace(
-            refine=dataclasses.replace(shared.refine, **variant),
-            config=dataclasses.replace(  # type: ignore[call-arg]  # mrp_* fields: generated (config.py), unseen
+        return RunArguments(
+            dataclasses.replace(shared.model, **model),
+            dataclasses.replace(shared.data, **data),
+            dataclasses.replace(shared.refine, **refine),
+            dataclasses.replace(  # type: ignore[call-arg]  # mrp_* fields: generated (config.py), unseen
                 shared.config,
+                **config,
                 output_dir=str(run_dir),
                 mrp_objective=spec.train_objective,
                 mrp_lambda=float(spec.lam),
@@ -182,6 +188,26 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
     return tokenizer, baseline
 
 
+def check_finished_runs(sweep_dir: Path, arguments: dict[str, RunArguments]) -> None:
+    """Refuse to resume a run folder trained with other settings than its run would get now (a variant whose
+    settings changed under the same name), before any work; records without settings (older sweeps) pass."""
+    for name, run_args in arguments.items():
+        path = sweep_dir / "runs" / name / RUN_RECORD
+        saved = files.read_json(path).get("settings") if path.is_file() else None
+        if saved is None or saved == run_settings(run_args):
+            continue
+        now = run_settings(run_args)
+        shown = "; ".join(
+            f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        )
+        raise MRPUserError(
+            f"{path.parent} was trained with other settings ({shown}); give the variant another name, or delete "
+            f"that folder to redo the run"
+        )
+
+
 def failed_reason(run_dir: Path) -> str | None:
     """Why a run of an earlier call failed (it diverged), or None."""
     path = run_dir / FAILED_RECORD
@@ -212,7 +238,8 @@ def execute_run(spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_
     seconds = time.perf_counter() - start
     if (run_dir / "audit_before").exists():
         logger.warning("%s audited its own baseline instead of reusing %s (other blocks?)", run_dir, baseline_dir)
-    files.write_json(run_dir / RUN_RECORD, {**spec._asdict(), "lambda": spec.lam, "seconds": seconds})
+    record = {**spec._asdict(), "lambda": spec.lam, "seconds": seconds, "settings": run_settings(arguments)}
+    files.write_json(run_dir / RUN_RECORD, record)
     free_memory()
     return seconds
 
@@ -234,6 +261,7 @@ __all__ = [
     "ensure_baseline",
     "execute_run",
     "failed_reason",
+    "check_finished_runs",
     "RUN_RECORD",
     "FAILED_RECORD",
     "SETTINGS_FILE",
