@@ -129,3 +129,19 @@ def test_variant_rows_with_their_controls_and_a_resume_that_runs_only_the_added_
     )
     assert changed["code"] == 2 and "control_ewc_lam0_seed0 was trained with other settings" in changed["stderr"]
     assert changed["stderr"].count("\n") == 1 and "mrp_ewc_lambda: 10.0 -> 20.0" in changed["stderr"]
+
+
+def test_a_setting_added_to_hf_mrp_since_a_sweep_began_resumes_at_its_default_and_is_named_otherwise(tmp_path):
+    from hf_mrp.research.commands.sweep import parse_pass_through
+    from hf_mrp.research.sweep.runs import check_settings, default_settings, record_settings, run_settings
+
+    shared = parse_pass_through(["--max_steps", "2"], audit_blocks=4)
+    now, defaults = run_settings(shared), default_settings(shared)
+    older = {key: value for key, value in now.items() if key != "mrp_depth_lens"}  # written before the field existed
+    record_settings(tmp_path, older, "hf-mrp sweep")
+    check_settings(tmp_path, now, defaults)  # the field at its default: the runs trained as before it existed
+    changed = {**now, "mrp_depth_lens": "logit"}
+    with pytest.raises(MRPUserError, match=r"mrp_depth_lens: \(absent\) -> 'logit'"):
+        check_settings(tmp_path, changed, defaults)
+    with pytest.raises(MRPUserError, match=r"max_steps: 2 -> 3"):
+        check_settings(tmp_path, {**now, "max_steps": 3}, defaults)

@@ -21,6 +21,7 @@ from .runs import (
     RunArguments,
     check_finished_runs,
     check_settings,
+    default_settings,
     ensure_baseline,
     execute_run,
     failed_reason,
@@ -58,8 +59,9 @@ def _run_owned_sweep(
     args: SweepArguments, command: str, plan: list[RunSpec], sweep_dir: Path, arguments: dict[str, RunArguments]
 ) -> SweepResults:
     settings = run_settings(arguments[plan[0].name])  # the first control's: every run shares them
-    check_settings(sweep_dir, settings)
-    check_finished_runs(sweep_dir, arguments)
+    defaults = default_settings(arguments[plan[0].name])  # settings added to hf_mrp since a record was written
+    check_settings(sweep_dir, settings, defaults)
+    check_finished_runs(sweep_dir, arguments, defaults)
     tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
     record_settings(sweep_dir, settings, command)
 

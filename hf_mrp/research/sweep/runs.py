@@ -119,23 +119,47 @@ def run_settings(arguments: RunArguments) -> dict:
     return json.loads(json.dumps(settings, default=str, sort_keys=True))
 
 
-def check_settings(sweep_dir: Path, settings: dict) -> None:
-    """Refuse to resume a sweep with settings that would change its runs' numbers."""
+def check_settings(sweep_dir: Path, settings: dict, defaults: dict | None = None) -> None:
+    """Refuse to resume a sweep with settings that would change its runs' numbers (``defaults``: see `changes`)."""
     path = sweep_dir / SETTINGS_FILE
     if not path.is_file():
         return
-    saved = files.read_json(path)["settings"]
-    differences = [
-        f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}"
-        for key in sorted(set(saved) | set(settings))
-        if saved.get(key) != settings.get(key)
-    ]
+    differences = changes(files.read_json(path)["settings"], settings, defaults or {})
     if differences:
         shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
         raise MRPUserError(
             f"{sweep_dir} holds a sweep made with other run settings ({shown}); pass the same flags to resume it, "
             f"or a new --output_dir"
         )
+
+
+def changes(saved: dict, now: dict, defaults: dict) -> list[str]:
+    """The settings that differ, as 'key: saved -> now'. A setting ``saved`` lacks was added to hf_mrp after that
+    record was written: it counts as unchanged when ``now`` holds its default (``defaults``, `default_settings`),
+    since the run then trained as it did before the setting existed."""
+    absent = object()
+    shown = []
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key, absent), now.get(key, absent)
+        if before is absent and key in defaults and after == defaults[key]:
+            continue
+        if before != after:
+            old, new = ("(absent)" if value is absent else repr(value) for value in (before, after))
+            shown.append(f"{key}: {old} -> {new}")
+    return shown
+
+
+def default_settings(arguments: RunArguments) -> dict:
+    """Every field of a run's argument groups at its declared default, normalized as `run_settings` writes them
+    (what a setting absent from an older record stood for)."""
+    values = {}
+    for group in arguments:
+        for field in dataclasses.fields(group):
+            if field.default is not dataclasses.MISSING:
+                values[field.name] = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                values[field.name] = field.default_factory()
+    return json.loads(json.dumps(values, default=str, sort_keys=True))
 
 
 def record_settings(sweep_dir: Path, settings: dict, command: str) -> None:
@@ -188,20 +212,16 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
     return tokenizer, baseline
 
 
-def check_finished_runs(sweep_dir: Path, arguments: dict[str, RunArguments]) -> None:
+def check_finished_runs(sweep_dir: Path, arguments: dict[str, RunArguments], defaults: dict | None = None) -> None:
     """Refuse to resume a run folder trained with other settings than its run would get now (a variant whose
-    settings changed under the same name), before any work; records without settings (older sweeps) pass."""
+    settings changed under the same name), before any work; records without settings (older sweeps) pass, and so
+    do settings added to hf_mrp since, at their defaults (`changes`)."""
     for name, run_args in arguments.items():
         path = sweep_dir / "runs" / name / RUN_RECORD
         saved = files.read_json(path).get("settings") if path.is_file() else None
-        if saved is None or saved == run_settings(run_args):
+        shown = "; ".join(changes(saved, run_settings(run_args), defaults or {})) if saved is not None else ""
+        if not shown:
             continue
-        now = run_settings(run_args)
-        shown = "; ".join(
-            f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)
-        )
         raise MRPUserError(
             f"{path.parent} was trained with other settings ({shown}); give the variant another name, or delete "
             f"that folder to redo the run"
@@ -262,6 +282,7 @@ __all__ = [
     "execute_run",
     "failed_reason",
     "check_finished_runs",
+    "default_settings",
     "RUN_RECORD",
     "FAILED_RECORD",
     "SETTINGS_FILE",
