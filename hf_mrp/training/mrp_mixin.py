@@ -85,6 +85,7 @@ class MRPTrainerMixin(_TrainerBase):
         self._ewc_logged: tuple[torch.Tensor | float, int] = (0.0, 0)  # EWC terms since the last log, and their count
         self._penalty_faults: torch.Tensor | None = None  # micro-batches whose objective alone was not finite
         self._first_batch_checked = False  # the first training batch is checked on the host (ids, objective)
+        self._recording = True  # off: compute_loss records no sums or metrics (EWC's Fisher batches, ewc.py)
         for name in ("train_dataset", "eval_dataset"):  # map-style data: every token id, on the host, once
             data = getattr(self, name, None)
             for part in data.values() if isinstance(data, dict) else [data]:
@@ -156,7 +157,7 @@ class MRPTrainerMixin(_TrainerBase):
 
         Returns whether the loss and the objective are finite on every process, as a device bool (one all-reduce
         carries both the sums and that flag, so all processes take the same decision; nothing is read by the
-        host). Non-finite sums are not accumulated unless ``keep_nonfinite``.
+        host). Non-finite sums are not accumulated unless ``keep_nonfinite``; nothing while ``_recording`` is off.
         """
         parts = torch.stack([sums.ce.detach(), sums.objective.detach(), loss.detach().float()])
         device = sums.ce.device
@@ -171,6 +172,8 @@ class MRPTrainerMixin(_TrainerBase):
         )
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         finite = total[4] == 0
+        if not self._recording:
+            return finite
         kept = total[:4] if keep_nonfinite else torch.where(finite, total[:4], torch.zeros_like(total[:4]))
         if sums.penalty_fault is not None:
             fault = sums.penalty_fault.detach().reshape(1)
