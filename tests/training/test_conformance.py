@@ -3,7 +3,8 @@
 Each case trains the same model copy with the same seed through both trainers and asserts the loss histories
 and parameters within what rounding can make of the difference between the two heads (helpers.run_bounds, on any
 CPU), and the plain Trainer's evaluation metrics and predictions (`trainer.predict`) at the MRP run's weights equal
-MRPTrainer's, or a one-line refusal before any work. The plain Trainer is the reference; nothing here is a stand-in of hf_mrp's own.
+MRPTrainer's, or a one-line refusal before any work. The plain Trainer is the reference; nothing here is a stand-in
+of hf_mrp's own.
 """
 
 from __future__ import annotations
