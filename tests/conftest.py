@@ -55,6 +55,19 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def ddp_nan_batch(tmp_path_factory):
+    """helpers.NAN_BATCH_SCRIPT under DDP (2 gloo CPU processes), launched once for the tests that read it (the
+    skip agreement of test_reliability, the DDP reference of test_deepspeed's ZeRO-3 case): (its folder, the run)."""
+    from helpers import FAKE_TOKEN, launched, nan_batch_script
+
+    out = tmp_path_factory.mktemp("ddp_nan")
+    script = out / "ddp_nan.py"
+    script.write_text(nan_batch_script(out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_TOKEN": FAKE_TOKEN}
+    return out, launched([str(script)], processes=2, env=env, timeout=300)
+
+
 @pytest.fixture
 def loopback_hub(monkeypatch):
     """A loopback Hub (tests/hub_server.py) that this process's huggingface_hub pushes to: its endpoint, online,

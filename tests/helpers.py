@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -317,15 +318,16 @@ def naive_penalty(z, weight, objective, tau, k):
     return torch.stack(values)
 
 
-def head_input_bound(model) -> float:
+def head_input_bound(model, entry: float = 0.0, row: float = 0.0) -> float:
     """A bound A >= sum_k |h_k W_jk| over every position and token j, for a model whose last hidden states come out
     of an RMSNorm (Llama): h = g * x / rms(x) with ||x / rms(x)||_2 <= sqrt(d), so by Cauchy-Schwarz
     sum_k |h_k W_jk| <= max|g| sqrt(d) ||W_j||_2. It holds for every input and every step while g and W stay
-    fixed, as under prompt learning (PEFT trains only the prompt)."""
+    fixed, as under prompt learning (PEFT trains only the prompt); after training moved each gain entry by at most
+    ``entry`` and each head row by at most ``row`` (2-norm), with max|g| + entry and ||W_j|| + row."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight = base.lm_head.weight.detach()
-    gain = float(base.model.norm.weight.detach().abs().max())
-    return gain * weight.shape[1] ** 0.5 * float(weight.norm(dim=1).max())
+    gain = float(base.model.norm.weight.detach().abs().max()) + entry
+    return gain * weight.shape[1] ** 0.5 * (float(weight.norm(dim=1).max()) + row)
 
 
 def mean_ce_rounding_bound(vocab: int, width: int, head_bound: float, positions: int, loss: float) -> float:
@@ -337,6 +339,83 @@ def mean_ce_rounding_bound(vocab: int, width: int, head_bound: float, positions:
     CE moves by <= 2 width u A with z. The mean adds N positive terms (relative error <= (N + 1) u). Each side
     rounds on its own: the factor 2."""
     return 2 * F32_U * (2 * width * head_bound + vocab + 2 + (positions + 1) * loss)
+
+
+# ---------------------------------------------------------------- two runs of one training, apart by rounding
+
+
+ADAPTIVE = ("adamw_torch", "adamw_torch_fused", "adafactor")  # sign-like updates where a gradient is ~0
+
+
+def adam_update_bound(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
+    """The largest |m_hat / (sqrt(v_hat) + eps)| of AdamW's first ``steps`` steps, whatever the gradients: by
+    Cauchy-Schwarz, sqrt(sum_s a_s^2 / b_s) with a, b the bias-corrected averaging weights of the gradients and of
+    their squares (1 at step 1, 1.004 by step 3 with the default betas)."""
+    worst = 0.0
+    for t in range(1, steps + 1):
+        a = [(1 - beta1) * beta1 ** (t - s) / (1 - beta1**t) for s in range(1, t + 1)]
+        b = [(1 - beta2) * beta2 ** (t - s) / (1 - beta2**t) for s in range(1, t + 1)]
+        worst = max(worst, sum(x * x / y for x, y in zip(a, b)) ** 0.5)
+    return worst
+
+
+def entry_step_bound(args, model) -> float:
+    """How far one adaptive step can move one weight, whatever its gradient: AdamW lr x `adam_update_bound` (plus
+    the decoupled decay's lr wd |theta|); Adafactor (no momentum, update RMS clipped to 1 per tensor) lr x
+    sqrt(largest tensor). A last-bit difference in a gradient that is ~0 can flip that whole step's sign."""
+    if args.optim == "adafactor":
+        return args.learning_rate * max(p.numel() for p in model.parameters()) ** 0.5
+    decay = args.weight_decay * max(float(p.detach().abs().max()) for p in model.parameters())
+    return args.learning_rate * (adam_update_bound(args.max_steps, args.adam_beta1, args.adam_beta2) + decay)
+
+
+@dataclass
+class RunBounds:
+    """What two runs of the same training (plain Trainer, MRPTrainer at lambda 0) may differ by, from rounding:
+    the two differ only in the output head and its loss (the fused float32 chunked head vs the model's head and
+    the Trainer's CE); the decoder is the same code on the same inputs.
+
+    ``losses[t]``: step t's logged loss; ``parameter``: any trained weight at the end (absolute)."""
+
+    losses: list[float]
+    parameter: float
+
+
+def run_bounds(plain, model, length: int, bf16_head: bool = False, rho: float | None = None) -> RunBounds:
+    """The bounds of ``plain`` = (trainer, logged losses L_s, ...), a finished run of a copy of ``model`` (a
+    SMALL-sized Llama, rows of at most ``length`` tokens), from its logged gradient norms G_s.
+
+    A step's gradients differ by <= 2 rho G_s (rho: `tiny_model_bounds`' gradient bound, relative to the gradient,
+    unless given; ``bf16_head``: the plain head rounds its inputs and logits to bf16, rho = 3 BF16_U). SGD's update
+    is linear in the gradient: the weights drift apart by D_t <= lr sum_{s<=t} 2 rho G_s (first order in the
+    roundoff; the schedule only lowers lr).
+    AdamW / Adafactor: every entry may differ by 2 x `entry_step_bound` per step (a flipped step), so
+    D_t <= 2 t x that x sqrt(#weights) in norm. Step t's loss differs by the head's rounding,
+    `mean_ce_rounding_bound` with the head input bound A of the weights moved so far (or, bf16: each logit off by
+    3 BF16_U A, the CE by twice that), plus G_t D_{t-1} (first order in the weights' difference)."""
+    trainer, losses = plain[0], plain[1]
+    args, trained = trainer.args, [p for p in trainer.model.parameters() if p.requires_grad]
+    norms = [row["grad_norm"] for row in trainer.state.log_history if "loss" in row]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    positions = args.per_device_train_batch_size * args.gradient_accumulation_steps * length
+    if rho is None:
+        rho = 3 * BF16_U if bf16_head else tiny_model_bounds(vocab=vocab, positions=positions, length=length)[1]
+    if args.optim in ADAPTIVE:
+        entry = entry_step_bound(args, trainer.model)
+        drift = [2 * entry * t * sum(p.numel() for p in trained) ** 0.5 for t in range(len(norms) + 1)]
+        moved = [(entry * t, entry * t * SMALL["hidden_size"] ** 0.5) for t in range(len(norms) + 1)]
+        parameter = 2 * entry * len(norms)
+    else:
+        drift = [args.learning_rate * 2 * rho * sum(norms[:t]) for t in range(len(norms) + 1)]
+        moved = [(args.learning_rate * sum(norms[:t]),) * 2 for t in range(len(norms) + 1)]  # |step| <= lr G
+        parameter = drift[-1]
+    bounds = []
+    for t, (loss, norm) in enumerate(zip(losses, norms)):
+        head = head_input_bound(model, *moved[t])  # the gain entries and head rows as far as t steps moved them
+        width = SMALL["hidden_size"]
+        rounding = 6 * BF16_U * head if bf16_head else mean_ce_rounding_bound(vocab, width, head, positions, loss)
+        bounds.append(rounding + norm * drift[t])
+    return RunBounds(bounds, parameter)
 
 
 def cpu_arguments(output_dir, /, **overrides) -> dict:

@@ -52,13 +52,20 @@ def manifold_field(name: str, default):
     return field(default=default, metadata={"help": MANIFOLD_HELP[name]})
 
 
-def manifold_from(arguments):
-    """The audit's ManifoldOptions from parsed flags (--manifold ...), or None without --manifold; checks them."""
+def audit_options(audit_args, prefix: str = "") -> dict:
+    """The audit keywords `hf-mrp audit` (run_audit) and refine (MRPAuditCallback) take from their flags, checked:
+    blocks per forward, the lens layers and the manifold options (None without --manifold; it needs the layers, or
+    a tuned lens, whose layers are the default). ``prefix``: refine's flags say ``audit_`` (--audit_batch_size,
+    --audit_layers); the --manifold flags are the same in both."""
     from ..audit.manifold import ManifoldOptions
 
-    if not arguments.manifold:
-        return None
-    return ManifoldOptions(arguments.manifold_positions, arguments.manifold_k, arguments.manifold_seed)
+    layers = getattr(audit_args, f"{prefix}layers")
+    manifold = None
+    if audit_args.manifold:
+        manifold = ManifoldOptions(audit_args.manifold_positions, audit_args.manifold_k, audit_args.manifold_seed)
+        if layers is None and getattr(audit_args, "lens", "logit") != "tuned":
+            raise MRPUserError(f"--manifold measures the audited layers: pass --{prefix}layers too (e.g. 'all')")
+    return {"batch_size": getattr(audit_args, f"{prefix}batch_size"), "layers": layers, "manifold": manifold}
 
 
 def _check_lens(lens: str, lens_path: str | None) -> None:
@@ -193,6 +200,4 @@ class AuditArguments:
         self.lens_path = _optional_str("lens_path", self.lens_path)
         check_audit_settings(self.margin_dtype, self.chunk_size, self.batch_size, self.lens_bootstrap)
         _check_lens(self.lens, self.lens_path)
-        manifold_from(self)
-        if self.manifold and self.layers is None and self.lens != "tuned":
-            raise MRPUserError("--manifold measures the audited layers: pass --layers too (e.g. 'all' or '20-29')")
+        audit_options(self)

@@ -16,7 +16,7 @@ from ..audit.geometry import AuditResult, run_audit
 from ..data import check_block_fits
 from ..data.sources import check_data_flags_apply
 from ..errors import MRPUserError
-from .arguments import AuditArguments, DataArguments, ModelArguments, manifold_from, provenance
+from .arguments import AuditArguments, DataArguments, ModelArguments, audit_options, provenance
 from .loading import load_blocks_from_arguments, load_model_from_arguments
 
 
@@ -72,14 +72,12 @@ def audit_from_arguments(
             model,
             blocks,
             output_dir=folder,
-            batch_size=audit_args.batch_size,
             chunk_size=audit_args.chunk_size,
             margin_dtype=audit_args.margin_dtype,
-            layers=audit_args.layers,
             provenance=origin,
             lens=lens,
             lens_bootstrap=audit_args.lens_bootstrap,
-            manifold=manifold_from(audit_args),
+            **audit_options(audit_args),
         )
     result.seconds = time.perf_counter() - start
     return result

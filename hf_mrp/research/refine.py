@@ -23,7 +23,7 @@ from ..training import MRPConfig, MRPTrainer
 from ..training.callbacks import MRPAuditCallback
 from ..training.checkpoints import check_resume_target, check_resumed_settings
 from ..training.divergence import TrainingDiverged
-from .arguments import DataArguments, ModelArguments, manifold_from, provenance
+from .arguments import DataArguments, ModelArguments, audit_options, provenance
 from .loading import load_model_from_arguments
 from .refine_arguments import DEFAULTS, RefineArguments
 from .refine_inputs import head_peft_config, refine_blocks, split_blocks, target_weights, training_dataset
@@ -74,12 +74,10 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
     audit = MRPAuditCallback(
         audit_blocks,
         tokenizer=tokenizer,
-        batch_size=refine_args.audit_batch_size,
         chunk_size=config.mrp_chunk_size,
         baseline_dir=baseline_dir,
         provenance=origin,
-        layers=refine_args.audit_layers,
-        manifold=manifold_from(refine_args),
+        **audit_options(refine_args, "audit_"),
     )
     hub = hub_callback(config, config.hub_model_id or output_dir.name) if push else None
     evaluating = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MRPUserError
 from ..ops.targeting import WEIGHTINGS, check_targets
-from .arguments import manifold_field, manifold_from
+from .arguments import audit_options, manifold_field
 from .downstream.offline_suite import SUITES
 
 # What `examples/refine.py` does with no arguments: Fisher, lambda 0.6, LoRA r=16 on layers 20-29 of
@@ -128,9 +128,7 @@ class RefineArguments:
                 f"audit_batch_size must be at least 1 (blocks per forward pass of the audits), got "
                 f"{self.audit_batch_size}"
             )
-        manifold_from(self)
-        if self.manifold and self.audit_layers is None:
-            raise MRPUserError("--manifold measures the audited layers: pass --audit_layers too (e.g. 'all')")
+        audit_options(self, "audit_")
         try:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:

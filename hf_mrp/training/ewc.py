@@ -14,7 +14,6 @@ checkpoint).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Iterator
 
@@ -55,25 +54,19 @@ def check_ewc_applies(trainer, resume_from_checkpoint) -> None:
 
 @contextlib.contextmanager
 def _cross_entropy_only(trainer) -> Iterator[None]:
-    """compute_loss with lambda 0 and the model in eval mode (no dropout), leaving the trainer's logged sums and
-    metrics as they were: the Fisher batches are not training batches."""
+    """compute_loss with lambda 0 and the model in eval mode (no dropout), recording nothing (the mixin's
+    ``_recording`` off: no logged sums or metrics): the Fisher batches are neither training nor evaluation batches."""
     args, model = trainer.args, trainer.model
-    saved = {
-        name: copy.deepcopy(getattr(trainer, name)) for name in ("_mrp_sums", "_metrics") if hasattr(trainer, name)
-    }
-    tokens = getattr(trainer, "_total_train_tokens", None)
-    settings, training = args.mrp_settings, model.training
+    settings, training, recording = args.mrp_settings, model.training, trainer._recording
     args.__dict__["mrp_settings"] = dataclasses.replace(settings, lam=0.0)  # not through __setattr__: no re-check
     model.eval()
+    trainer._recording = False
     try:
         yield
     finally:
         args.__dict__["mrp_settings"] = settings
         model.train(training)
-        for name, value in saved.items():
-            setattr(trainer, name, value)
-        if tokens is not None:
-            trainer._total_train_tokens = tokens
+        trainer._recording = recording
 
 
 def estimate_penalty(trainer, model) -> EWCPenalty:

@@ -20,13 +20,7 @@ from ..models import probe_logit_transform, vocab_size
 from .checkpoints import SettingsInCheckpoints, check_resume_target, check_resumed_settings
 from .dataset_checks import check_token_range
 from .depth import check_depth
-from .divergence import (
-    check_weights,
-    check_weights_changed,
-    count_nonfinite_batch,
-    fingerprint,
-    record_gradient_norm,
-)
+from .divergence import check_weights, check_weights_changed, count_nonfinite_batch, fingerprint, record_gradient_norm
 from .ewc import EWCPenalty, check_ewc_applies, estimate_penalty
 from .loss import unwrap
 
@@ -86,6 +80,7 @@ class MRPTrainerMixin(_TrainerBase):
         self._ewc_logged: tuple[torch.Tensor | float, int] = (0.0, 0)  # EWC terms since the last log, and their count
         self._penalty_faults: torch.Tensor | None = None  # micro-batches whose objective alone was not finite
         self._first_batch_checked = False  # the first training batch is checked on the host (ids, objective)
+        self._recording = True  # off: compute_loss records no sums or metrics (EWC's Fisher batches, ewc.py)
         for name in ("train_dataset", "eval_dataset"):  # map-style data: every token id, on the host, once
             data = getattr(self, name, None)
             for part in data.values() if isinstance(data, dict) else [data]:
@@ -158,7 +153,7 @@ class MRPTrainerMixin(_TrainerBase):
 
         Returns whether the loss and the objective are finite on every process, as a device bool (one all-reduce
         carries both the sums and that flag, so all processes take the same decision; nothing is read by the
-        host). Non-finite sums are not accumulated unless ``keep_nonfinite``.
+        host). Non-finite sums are not accumulated unless ``keep_nonfinite``; nothing while ``_recording`` is off.
         """
         parts = torch.stack([sums.ce.detach(), sums.objective.detach(), loss.detach().float()])
         device = sums.ce.device
@@ -174,6 +169,8 @@ class MRPTrainerMixin(_TrainerBase):
         )
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         finite = total[5] == 0
+        if not self._recording:
+            return finite
         kept = total[:5] if keep_nonfinite else torch.where(finite, total[:5], torch.zeros_like(total[:5]))
         if sums.penalty_fault is not None:
             fault = sums.penalty_fault.detach().reshape(1)

@@ -159,6 +159,8 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
         """TRL's metrics from the fused pass: entropy and top-1 accuracy over the loss positions (a mean per
         micro-batch over all processes, as SFTTrainer logs them) and the running count of input tokens. Kept as
         device tensors (one all-reduce, no host read); `log` reads them."""
+        if not self._recording:  # the mixin's flag: a forward that is no training or evaluation batch
+            return
         device = sums.ce.device
         if mode == "train" and "attention_mask" in inputs:
             tokens = inputs["attention_mask"].sum()

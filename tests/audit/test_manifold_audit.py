@@ -124,11 +124,21 @@ def test_manifold_needs_layers_and_sane_options(tmp_path):
         run_audit(model, blocks, manifold=True, progress=False)
     with pytest.raises(MRPUserError, match="manifold_positions"):
         ManifoldOptions(positions=2)
-    from hf_mrp.research.arguments import AuditArguments
+    from hf_mrp.research.arguments import AuditArguments, audit_options
+    from hf_mrp.research.refine_arguments import RefineArguments
 
     with pytest.raises(MRPUserError, match="pass --layers"):
         AuditArguments(manifold=True)
+    with pytest.raises(MRPUserError, match="pass --audit_layers"):
+        RefineArguments(manifold=True)
     assert AuditArguments(manifold=True, layers="all", manifold_k=7).manifold_k == 7
+    assert AuditArguments(manifold=True, lens="tuned", lens_path=str(tmp_path)).manifold  # the lens' layers
+    # both commands' flags reach the audit as the same keywords
+    options = {"batch_size": 3, "layers": "all", "manifold": ManifoldOptions(40, 7, 2)}
+    flags = dict(manifold=True, manifold_positions=40, manifold_k=7, manifold_seed=2)
+    assert audit_options(AuditArguments(batch_size=3, layers="all", **flags)) == options
+    assert audit_options(RefineArguments(audit_batch_size=3, audit_layers="all", **flags), "audit_") == options
+    assert audit_options(RefineArguments(), "audit_") == {"batch_size": 8, "layers": None, "manifold": None}
 
 
 def test_correct_wrong_gap_and_its_block_bootstrap_interval(tmp_path):

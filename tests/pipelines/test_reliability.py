@@ -36,8 +36,6 @@ from helpers import (
     config,
     flags,
     free_port,
-    launched,
-    nan_batch_script,
     nan_into_lora,
     one_torch_thread,
     tiny_llama,
@@ -329,18 +327,17 @@ def test_all_processes_agree_to_skip(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # torchrun processes
-def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(tmp_path):
-    """2 CPU processes (gloo): one meets a NaN batch, both skip it, nothing hangs, replicas stay equal."""
-    script = tmp_path / "ddp_nan.py"
-    script.write_text(nan_batch_script(tmp_path))
-    run = launched([str(script)], processes=2, env=_env(), timeout=300)
+def test_two_processes_agree_to_skip_a_batch_only_one_of_them_sees(ddp_nan_batch):
+    """2 CPU processes (gloo): one meets a NaN batch, both skip it, nothing hangs, replicas stay equal (the launch is
+    shared with test_deepspeed's DDP reference: conftest.ddp_nan_batch)."""
+    folder, run = ddp_nan_batch
     assert run.stderr.count("was not finite") == 1  # warned once (by the main process, at the log after it)
-    logs = [json.loads((tmp_path / f"log_rank{rank}.json").read_text()) for rank in (0, 1)]
+    logs = [json.loads((folder / f"log_rank{rank}.json").read_text()) for rank in (0, 1)]
     for log in logs:
         steps = [row for row in log if "loss" in row]
         assert len(steps) == 2 and steps[-1]["nonfinite_skipped"] == 1
         assert all(math.isfinite(row["grad_norm"]) for row in steps)
-    adapters = [torch.load(tmp_path / f"adapter_rank{rank}.pt") for rank in (0, 1)]
+    adapters = [torch.load(folder / f"adapter_rank{rank}.pt") for rank in (0, 1)]
     assert all(torch.isfinite(p).all() for p in adapters[0].values())
     _assert_same_adapter(adapters[0], adapters[1])  # DDP: every process applies the same averaged gradient
 

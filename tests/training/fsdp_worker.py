@@ -3,7 +3,8 @@ does: each decoder layer, then the root) against the same model unsharded, in th
 
 Checks MRPTrainer.compute_loss' loss and every trainable gradient, and the audit; then writes a NaN into rank 1's
 local shard of one trainable parameter and checks that the weight-finiteness check reports it on every rank. Exits
-non-zero on a mismatch; prints one line per rank. Usage: fsdp_worker.py OUTPUT_DIR {lora|full}
+non-zero on a mismatch; prints one line per rank and mode. Usage: fsdp_worker.py OUTPUT_DIR MODE[,MODE] (lora, full:
+several modes in one launch, one process group)
 """
 
 import sys
@@ -69,9 +70,8 @@ def nan_in_one_shard(trainer: MRPTrainer, rank: int) -> list[str]:
     return failures
 
 
-def main(output_dir: str, mode: str) -> int:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def check(output_dir: str, mode: str, rank: int) -> list[str]:
+    """The sharded run of ``mode`` against the unsharded one; prints this rank's line, returns its failures."""
     rng = np.random.default_rng(0)  # every rank: the same batch, so FSDP's gradient average is that batch's gradient
     ids = torch.as_tensor(rng.integers(0, VOCAB, size=(2, 16)))
     labels = ids.clone()
@@ -117,6 +117,12 @@ def main(output_dir: str, mode: str) -> int:
         f"{len(pos0['margin'])} audited positions; failures: {failures or 'none'}",
         flush=True,
     )
+    return failures
+
+
+def main(output_dir: str, modes: str) -> int:
+    dist.init_process_group("gloo")
+    failures = [failure for mode in modes.split(",") for failure in check(output_dir, mode, dist.get_rank())]
     leave_process_group()  # as hf-mrp commands do: an exit with the group alive can abort (SIGABRT)
     return 1 if failures else 0
 

@@ -196,17 +196,15 @@ def test_refine_example_under_accelerate_zero3_config_equals_one_process(tiny_mo
     assert_same_flips(tmp_path / "zero3", tmp_path / "one", atol=Z * LOSS_BOUND)
 
 
-@pytest.mark.slow  # two 2-process launches
-def test_a_nan_batch_one_process_meets_is_skipped_under_zero3_as_under_ddp(tmp_path):
+@pytest.mark.slow  # two 2-process launches (the DDP one shared with test_reliability: conftest.ddp_nan_batch)
+def test_a_nan_batch_one_process_meets_is_skipped_under_zero3_as_under_ddp(tmp_path, ddp_nan_batch):
     """One of 4 rows has a NaN objective weight: under ZeRO-3 (whose engine steps inside backward) both processes
     skip that step with exact zero gradients, as under DDP; the next step's numbers and the weights equal DDP's."""
+    script = tmp_path / "nan_batch.py"
+    script.write_text(nan_batch_script(tmp_path, deepspeed_config(3)))
+    launch([str(script)])
     runs = {}
-    for name, config in (("ddp", None), ("zero3", deepspeed_config(3))):
-        out = tmp_path / name
-        out.mkdir()
-        script = out / "nan_batch.py"
-        script.write_text(nan_batch_script(out, config))
-        launch([str(script)])
+    for name, out in (("ddp", ddp_nan_batch[0]), ("zero3", tmp_path)):
         logs = [[row for row in json.loads((out / f"log_rank{r}.json").read_text()) if "loss" in row] for r in (0, 1)]
         adapters = [torch.load(out / f"adapter_rank{r}.pt") for r in (0, 1)]
         assert logs[0] == logs[1], name

@@ -100,3 +100,23 @@ def test_what_ewc_cannot_do_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(MRPUserError, match="FSDP and DeepSpeed shard them"):
         check_ewc_applies(Sharded(), None)
+
+
+def test_the_fisher_batches_record_nothing(tmp_path):
+    """The Fisher batches are neither training nor evaluation batches: no logged sums or metrics (both trainers),
+    while an evaluation forward afterwards does record (the flag is back on)."""
+    from hf_mrp.training.sft import MRPSFTConfig, MRPSFTTrainer
+
+    from helpers import cpu_arguments, tiny_tokenizer
+
+    trainer = _trainer(tmp_path)
+    estimate_penalty(trainer, trainer.model)
+    assert trainer._mrp_sums == {"train": None, "eval": None} and trainer._penalty_faults is None
+    args = MRPSFTConfig(**cpu_arguments(tmp_path / "sft", mrp_ewc_lambda=1.0, per_device_train_batch_size=ROWS))
+    sft = MRPSFTTrainer(tiny_llama(), args=args, train_dataset=_same_rows(), processing_class=tiny_tokenizer())
+    estimate_penalty(sft, sft.model)
+    assert sft._mrp_sums == {"train": None, "eval": None} and not getattr(sft, "_train_tokens", 0)
+    assert not any(values for metrics in sft._metrics.values() for values in metrics.values())
+    sft.model.eval()
+    sft.compute_loss(sft.model, sft._prepare_inputs(next(iter(sft.get_train_dataloader()))))
+    assert sft._mrp_sums["eval"] is not None and sft._metrics["eval"]["entropy"]
