@@ -11,7 +11,14 @@ pytestmark = pytest.mark.slow  # each benchmark script in its own process
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-SCRIPTS = ["bench_loss.py", "bench_train_step.py", "bench_audit.py", "bench_memory.py", "bench_compile.py"]
+SCRIPTS = [
+    "bench_loss.py",
+    "bench_train_step.py",
+    "bench_audit.py",
+    "bench_memory.py",
+    "bench_compile.py",
+    "ab_versions.py",
+]
 UNREPEATED = ("bench_memory.py", "bench_compile.py")  # they take no --repeats
 
 
