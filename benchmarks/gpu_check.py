@@ -139,6 +139,7 @@ def step_rows(model, device: torch.device, batch: tuple[int, int], repeats: int,
         output_dir=output_dir, report_to="none", use_cpu=device.type != "cuda", lora_layers="all", disable_tqdm=True
     )
     trainer = MRPTrainer(model=model, args=config)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its first training_step
     peft_model = trainer.model.train()
     ids = torch.randint(0, model.config.vocab_size, batch, generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"input_ids": ids, "labels": ids}
@@ -147,8 +148,8 @@ def step_rows(model, device: torch.device, batch: tuple[int, int], repeats: int,
         peft_model(**inputs, use_cache=False).loss.backward()
         peft_model.zero_grad(set_to_none=True)
 
-    def mrp_step():
-        trainer.compute_loss(peft_model, inputs).backward()
+    def mrp_step():  # the Trainer's training step: after the first one, no host checks (the step under test)
+        trainer.training_step(peft_model, inputs)
         peft_model.zero_grad(set_to_none=True)
 
     for name, run in (("model's own CE step (LoRA)", own_ce), ("MRPTrainer step, fisher (LoRA)", mrp_step)):
@@ -179,11 +180,12 @@ def qlora_row(model, device: torch.device, batch: tuple[int, int], repeats: int)
         quantized = Qwen2ForCausalLM.from_pretrained(folder, quantization_config=four_bit_config(torch.bfloat16))
         config = MRPConfig(output_dir=folder, report_to="none", lora_layers="all", disable_tqdm=True, bf16=True)
         trainer = MRPTrainer(model=quantized, args=config)
+        trainer.current_gradient_accumulation_steps = 1
         peft_model = trainer.model.train()
         ids = torch.randint(0, model.config.vocab_size, batch, generator=torch.Generator().manual_seed(1)).to(device)
 
         def step():
-            trainer.compute_loss(peft_model, {"input_ids": ids, "labels": ids}).backward()
+            trainer.training_step(peft_model, {"input_ids": ids, "labels": ids})
             peft_model.zero_grad(set_to_none=True)
 
         seconds, peak = measure(step, device, repeats)
