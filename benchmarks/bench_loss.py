@@ -1,6 +1,11 @@
-"""Loss forward + backward from hidden states: plain CE vs naive MRP vs hf_mrp's fused chunked loss.
+"""Loss forward + backward from hidden states: plain CE vs naive MRP vs hf_mrp's fused chunked loss, each beside
+the chunked two-matmul floor (per chunk of 1,024 positions z = h W^T and dh = z W, plus dW += z^T h when W trains:
+the matmuls any loss through the head does, and nothing else). Ratios to the floor measured in the same run hold
+on a shared machine where absolute times do not.
 
-python benchmarks/bench_loss.py                 # B=4, T=512, V=49,152, d=576 (SmolLM2's head)
+python benchmarks/bench_loss.py                 # B=4, T=511, V=49,152, d=576 (SmolLM2's head), W frozen
+python benchmarks/bench_loss.py --head paper    # 512 positions, V=248,320, d=2,560 (Qwen3.5's head), fused only
+python benchmarks/bench_loss.py --head paper --train_weight   # the same with W trained
 python benchmarks/bench_loss.py --smoke         # tiny sizes, seconds (what CI runs)
 
 Beside the paper's objectives: the released code's correct_margin and proxy, and two objectives registered as a
@@ -46,16 +51,46 @@ def register_user_objectives() -> None:
     register_objective("user_entropy", entropy, top_k=2, full_logits=True)
 
 
+FLOOR = "chunked two-matmul floor"
+SIZES = {"smollm2": (4 * 511, 49152, 576), "paper": (512, 248320, 2560), "smoke": (256, 1000, 64)}
+
+
+def chunked_floor(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 1024):
+    """The head's matmuls alone, chunk by chunk (what the fused loss cannot do without)."""
+
+    @torch.no_grad()
+    def run():
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            z = h @ weight.T
+            grad_h[start : start + chunk] = z @ weight
+            if grad_w is not None:
+                grad_w.addmm_(z.T, h)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--head", choices=("smollm2", "paper"), default="smollm2")
+    parser.add_argument("--train_weight", action="store_true", help="W trains (its gradient is formed)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    n, vocab, dim = (256, 1000, 64) if args.smoke else (4 * 511, 49152, 576)
+    n, vocab, dim = SIZES["smoke" if args.smoke else args.head]
     torch.manual_seed(0)
     hidden = torch.randn(n, dim, requires_grad=True)
-    weight = torch.randn(vocab, dim) * 0.05  # frozen, as under LoRA
+    weight = (torch.randn(vocab, dim) * 0.05).requires_grad_(args.train_weight)  # frozen by default, as under LoRA
     targets = torch.randint(0, vocab, (n,))
+
+    def cleared(run):
+        def timed():
+            run()
+            hidden.grad = weight.grad = None
+
+        return timed
 
     def plain_ce():
         F.cross_entropy((hidden @ weight.T).float(), targets).backward()
@@ -67,10 +102,10 @@ def main() -> None:
 
         return run
 
-    def fused(objective):
+    def fused(objective, lam=0.6):
         def run():
             sums = mrp_loss_sums(
-                hidden, weight, targets, MRPSettings(objective=objective, lam=0.6, normalization="valid")
+                hidden, weight, targets, MRPSettings(objective=objective, lam=lam, normalization="valid")
             )
             (sums.total / n).backward()
 
@@ -81,17 +116,23 @@ def main() -> None:
         "margin": lambda z: margin_penalty(z.topk(2).values, 1.0),
         "entropy": lambda z: -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1),
     }
-    cases = {"plain CE (full logits)": plain_ce}
+    cases = {FLOOR: chunked_floor(hidden, weight), "fused CE (hf_mrp)": fused("fisher", lam=0.0)}
+    full_size = args.head == "smollm2" or args.smoke  # the naive paths' [N x V] logits and the variants
+    if full_size:
+        cases["plain CE (full logits)"] = plain_ce
     for objective, penalty in naive_penalties.items():
-        cases[f"naive CE + {objective}"] = naive(penalty)
+        if full_size:
+            cases[f"naive CE + {objective}"] = naive(penalty)
         cases[f"fused CE + {objective} (hf_mrp)"] = fused(objective)
     register_user_objectives()
     labels = {"correct_margin": "correct_margin", "proxy": "proxy", "user hinge": "hinge"}
     labels["user entropy (autograd)"] = "user_entropy"
-    for label, objective in labels.items():
+    for label, objective in labels.items() if full_size else ():
         cases[f"fused CE + {label}"] = fused(objective)
-    print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, W frozen")
-    report(f"median of {args.repeats}, interleaved", interleaved_medians(cases, args.repeats), "plain CE (full logits)")
+    trained = "W trained" if args.train_weight else "W frozen"
+    print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, {trained}")
+    medians = interleaved_medians({name: cleared(run) for name, run in cases.items()}, args.repeats)
+    report(f"median of {args.repeats}, interleaved", medians, FLOOR)
 
 
 if __name__ == "__main__":

@@ -48,4 +48,4 @@ def peak_memory_in_subprocess(module: str, *args: str) -> float:
 def report(title: str, medians: dict[str, float], baseline: str) -> None:
     print(f"\n{title}")
     for name, seconds in medians.items():
-        print(f"  {name:40s} {seconds * 1000:9.1f} ms   {seconds / medians[baseline]:5.3f}x {baseline}")
+        print(f"  {name:44s} {seconds * 1000:9.1f} ms   {seconds / medians[baseline]:5.3f}x {baseline}")

@@ -35,6 +35,19 @@ class ObjectiveGradients:
     full: torch.Tensor | None = None  # [chunk, V] (full_logits=True)
 
 
+class ChunkBuffers:
+    """The [chunk x V] float32 buffers every chunk of one call writes into (the logits; the exponentials when the
+    shifted logits are kept). A fresh tensor this large per chunk pays its page faults again each time on CPU (the
+    allocator hands big blocks back to the system), which costs about what one pass over it does."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device, keep_shifted: bool) -> None:
+        self.logits = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+        self.exp = torch.empty_like(self.logits) if keep_shifted else None
+
+    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.logits[:rows], None if self.exp is None else self.exp[:rows]
+
+
 @dataclass
 class ChunkResult:
     """One chunk's sums (detached) and, when asked, its gradients."""
@@ -54,52 +67,77 @@ def chunk_loss(
     h: torch.Tensor,
     head: HeadOperands,
     targets: torch.Tensor,
-    weights: torch.Tensor | None,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
     settings: MRPSettings,
     transform: LogitTransform,
     with_entropy: bool,
     need_grad: bool,
     need_rows_grad: bool,
+    buffers: ChunkBuffers | None = None,
 ) -> ChunkResult:
-    """Loss sums of one chunk and, when ``need_grad``, their gradients with respect to its raw logits (see the
-    module's docstring for the memory this costs)."""
+    """Loss sums of one chunk and, when ``need_grad``, their gradients with respect to its raw logits. ``valid``
+    marks the positions that count; the others (``h`` zeroed, target clamped by the caller) add nothing to any sum
+    and get exact zero gradients (``weights`` 0 there, CE softmax rows divided by inf). ``buffers``: `ChunkBuffers`
+    built with `keeps_shifted`."""
     record, active = settings.record, settings.lam != 0.0
     closed = record.closed_form if active else None
-    logits = transform.cap_(head.logits(h))  # the logits the model emits
+    logits_out, exp_out = buffers.take(h.shape[0]) if buffers is not None else (None, None)
+    logits = transform.cap_(head.logits(h, out=logits_out))  # the logits the model emits
     cap_slope = transform.cap_derivative(logits) if need_grad and transform.softcap is not None else None
     logit_sum = logits.sum(-1) if settings.label_smoothing else None  # before chunk_softmax shifts it in place
     by_autograd = active and closed is None and record.penalty is not None  # None: a depth-only record
     full = logits.clone() if by_autograd and record.full_logits else None
-    parts = chunk_softmax(logits, targets, max(settings.k, 2), keep_shifted=closed is not None or with_entropy)
-    ce = _ce_sum(parts, logit_sum, settings.label_smoothing, head.vocab)
+    keep = keeps_shifted(settings, with_entropy)
+    parts = chunk_softmax(logits, targets, max(settings.k, 2), exp_out=exp_out if keep else None, keep_shifted=keep)
+    ce = _masked_sum(_ce_values(parts, logit_sum, settings.label_smoothing, head.vocab), valid)
     margins = parts.top_values[:, 0] - parts.top_values[:, 1]
     correct = parts.top_ids[:, 0] == targets
     zero = torch.zeros((), device=h.device)
-    objective_sum, n_gated, nonfinite, objective_grads = zero, (margins < settings.tau).sum(), zero, None
+    objective_sum, n_gated, nonfinite, objective_grads = zero, ((margins < settings.tau) & valid).sum(), zero, None
     if by_autograd:
         top = _top_k(parts, targets, correct, head, full, settings, need_grad, need_rows_grad)
         objective_sum, gated, nonfinite, objective_grads = _penalty_and_gradients(
-            record, top, weights, need_grad, need_rows_grad, cap_slope
+            record, top, valid, weights, need_grad, need_rows_grad, cap_slope
         )
         n_gated = n_gated if gated is None else gated
-    entropy_sum = parts.entropy().sum() if with_entropy else zero
+    entropy_sum = _masked_sum(parts.entropy(), valid) if with_entropy else zero
     closed_values = closed.values(parts) if closed is not None else None
     if closed_values is not None:
-        objective_sum = (closed_values * weights).sum() if weights is not None else closed_values.sum()
-        nonfinite = (~torch.isfinite(closed_values)).any().float()
+        objective_sum = (closed_values * weights).sum()
+        nonfinite = (~torch.isfinite(closed_values) & valid).any().float()
     grad = None
     if need_grad and (settings.ce_weight != 0.0 or closed is not None):
-        grad = _ce_logit_gradient_(parts, targets, weights, closed, closed_values, settings, head.vocab, cap_slope)
+        grad = _ce_logit_gradient_(parts, targets, valid, weights, closed, closed_values, settings, cap_slope)
+    n_correct = (correct & valid).sum()
     return ChunkResult(
-        ce, objective_sum, margins.sum(), n_gated, correct.sum(), entropy_sum, nonfinite, grad, objective_grads
+        ce,
+        objective_sum,
+        _masked_sum(margins, valid),
+        n_gated,
+        n_correct,
+        entropy_sum,
+        nonfinite,
+        grad,
+        objective_grads,
     )
 
 
-def _ce_sum(parts: ChunkSoftmax, logit_sum: torch.Tensor | None, smoothing: float, vocab: int) -> torch.Tensor:
-    """The chunk's summed cross-entropy: -log p_y per position, label-smoothed when ``logit_sum`` is given."""
+def keeps_shifted(settings: MRPSettings, with_entropy: bool) -> bool:
+    """Whether a chunk keeps z - max beside its exponentials (a closed-form objective, or the entropy statistic)."""
+    return (settings.lam != 0.0 and settings.record.closed_form is not None) or with_entropy
+
+
+def _masked_sum(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The sum over the valid positions (an ignored position's value, whatever it is, adds an exact 0)."""
+    return torch.where(valid, values, torch.zeros_like(values)).sum()
+
+
+def _ce_values(parts: ChunkSoftmax, logit_sum: torch.Tensor | None, smoothing: float, vocab: int) -> torch.Tensor:
+    """The chunk's cross-entropy per position: -log p_y, label-smoothed when ``logit_sum`` is given."""
     log_norm = parts.peak.squeeze(1) + parts.log_total
     nll = log_norm - parts.target_logit
-    return (nll if logit_sum is None else _label_smoothed(nll, log_norm, logit_sum, smoothing, vocab)).sum()
+    return nll if logit_sum is None else _label_smoothed(nll, log_norm, logit_sum, smoothing, vocab)
 
 
 def _top_k(
@@ -131,24 +169,25 @@ def _top_k(
 def _penalty_and_gradients(
     record: Objective,
     top: TopK,
-    weights: torch.Tensor | None,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
     need_grad: bool,
     need_rows_grad: bool,
     cap_slope: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ObjectiveGradients | None]:
-    """The penalty's weighted sum over the chunk (detached), its gate count (None: ungated), whether it is not
-    finite somewhere, and its lambda-free gradients (one autograd pass) with respect to the raw logits (through
-    the soft cap's slope) and to the rows of W'."""
+    """The penalty's weighted sum over the chunk (detached), its gate count over the valid positions (None:
+    ungated), whether it is not finite at some valid position, and its lambda-free gradients (one autograd pass)
+    with respect to the raw logits (through the soft cap's slope) and to the rows of W'."""
     with torch.enable_grad():
         values, gate = evaluate(record, top)
-        total = (values * weights).sum() if weights is not None else values.sum()
+        total = (values * weights).sum()
         leaves = [top.values, top.target_logit, top.rows if need_rows_grad else None, top.logits]
         wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
         found = torch.autograd.grad(total, wanted, allow_unused=True) if need_grad and total.requires_grad else ()
     by_leaf = {id(leaf): grad for leaf, grad in zip(wanted, found)}
     grad_values, grad_target, grad_rows, grad_full = (by_leaf.get(id(leaf)) for leaf in leaves)
-    nonfinite = (~torch.isfinite(values.detach())).any().float()
-    n_gated = None if gate is None else gate.sum()
+    nonfinite = (~torch.isfinite(values.detach()) & valid).any().float()
+    n_gated = None if gate is None else (gate & valid).sum()
     if not need_grad:
         return total.detach(), n_gated, nonfinite, None
     grads = ObjectiveGradients(top.indices, grad_values, top.indices if grad_rows is not None else None, grad_rows)
@@ -166,27 +205,28 @@ def _penalty_and_gradients(
 def _ce_logit_gradient_(
     parts: ChunkSoftmax,
     targets: torch.Tensor,
-    weights: torch.Tensor | None,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
     closed: ClosedForm | None,
     closed_values: torch.Tensor | None,
     settings: MRPSettings,
-    vocab: int,
     cap_slope: torch.Tensor | None,
 ) -> torch.Tensor:
     """d(ce_weight * ce [+ lam * closed-form objective]) / dz_raw of the chunk, written over its exponentials (and,
-    for a closed form, over its shifted logits): no new [chunk x V] buffer."""
-    grad = parts.exp.div_(parts.total[:, None])  # softmax p, in place
+    for a closed form, over its shifted logits): no new [chunk x V] buffer. Rows of ignored positions are exact
+    zeros (their softmax divided by inf, no one-hot, the closed form's weight 0)."""
+    total = torch.where(valid, parts.total, torch.full_like(parts.total, torch.inf))
+    grad = parts.exp.div_(total[:, None])  # softmax p, in place; 0 on ignored rows
     c = settings.ce_weight
     if closed is not None and closed_values is not None:
-        scale = settings.lam if weights is None else settings.lam * weights[:, None]
-        closed.gradient_(grad, parts, closed_values, scale, c)  # c * p + lam * w * dP/dz
+        closed.gradient_(grad, parts, closed_values, settings.lam * weights[:, None], c)  # c * p + lam * w * dP/dz
     elif c != 1.0:
         grad.mul_(c)
     rows_index = torch.arange(grad.shape[0], device=grad.device)
-    smoothing = settings.label_smoothing
-    grad[rows_index, targets] -= c * (1.0 - smoothing)
+    smoothing, counted = settings.label_smoothing, valid.to(grad.dtype)
+    grad[rows_index, targets] -= c * (1.0 - smoothing) * counted
     if smoothing:
-        grad.sub_(c * smoothing / vocab)
+        grad.sub_((c * smoothing / parts.exp.shape[1]) * counted[:, None])
     if cap_slope is not None:
         grad.mul_(cap_slope)
     return grad

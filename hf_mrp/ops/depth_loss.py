@@ -26,13 +26,14 @@ def depth_layer_chunk(
     u: torch.Tensor,
     head: HeadOperands,
     targets: torch.Tensor,
-    weights: torch.Tensor | None,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
     settings: MRPSettings,
     transform: LogitTransform,
     need_grad: bool,
     need_rows_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveGradients | None]:
-    """One target layer's chunk: (the depth objective's weighted sum, its gate count (all positions when ungated),
+    """One target layer's chunk: (the depth objective's weighted sum, its gate count (the valid positions when ungated),
     1 if its penalty is not finite somewhere else 0, its lambda-free gradients at the raw logits' ids and W's rows)."""
     record = settings.depth_record
     k = record.k(settings.top_k)
@@ -48,10 +49,12 @@ def depth_layer_chunk(
         tau=settings.tau,
         rows=head.rows(ids).detach().requires_grad_(need_rows_grad) if record.rows else None,
     )
-    total, n_gated, nonfinite, grads = _penalty_and_gradients(record, top, weights, need_grad, need_rows_grad, None)
+    total, n_gated, nonfinite, grads = _penalty_and_gradients(
+        record, top, valid, weights, need_grad, need_rows_grad, None
+    )
     if grads is not None and grads.top is not None and transform.softcap is not None:
         grads.top = grads.top * transform.cap_derivative(logits.gather(1, grads.ids))  # through the soft cap
-    gated = torch.full((), targets.shape[0], device=u.device) if n_gated is None else n_gated
+    gated = valid.sum() if n_gated is None else n_gated
     return total, gated, nonfinite, grads
 
 
@@ -61,7 +64,8 @@ def depth_chunk(
     stop: int,
     head: HeadOperands,
     targets: torch.Tensor,
-    weights: torch.Tensor | None,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
     settings: MRPSettings,
     transform: LogitTransform,
     needs: tuple[Sequence[bool], bool],
@@ -73,10 +77,10 @@ def depth_chunk(
     rows_grad = need_w and settings.depth_record.rows
     sums = torch.zeros(3, device=head.weight.device)
     for layer, (u_all, need_u) in enumerate(zip(states, need_states)):
-        u = u_all[start:stop].float()
+        u = torch.where(valid[:, None], u_all[start:stop].float(), 0.0)  # an ignored position: as the final layer's
         need_grad = grads is not None and (need_u or need_w or grads.b_depth is not None)
         total, gated, nonfinite, found = depth_layer_chunk(
-            u, head, targets, weights, settings, transform, need_grad, rows_grad
+            u, head, targets, valid, weights, settings, transform, need_grad, rows_grad
         )
         sums += torch.stack([total, gated.float(), nonfinite])
         if found is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MRPUserError
-from .chunk_loss import chunk_loss
+from .chunk_loss import ChunkBuffers, chunk_loss, keeps_shifted
 from .depth_loss import depth_chunk
 from .head_gradients import HeadGradients
 from .precision import HeadOperands, autocast_off
@@ -52,7 +52,7 @@ class MRPLossSums:
     ce: torch.Tensor
     objective: torch.Tensor
     margin: torch.Tensor
-    n_positions: int
+    n_positions: torch.Tensor  # the valid positions, a device scalar (int64): counted without a host read
     n_gated: torch.Tensor | int = 0  # device scalars: counted without a host read
     n_correct: torch.Tensor | int = 0
     entropy: torch.Tensor | None = None
@@ -60,30 +60,34 @@ class MRPLossSums:
     depth: torch.Tensor | None = None  # a ``layers`` objective's depth term (part of ``objective``), normalized
 
 
-def _objective_factor(settings: MRPSettings, n_valid: int, n_gated: torch.Tensor) -> torch.Tensor | float:
+def _objective_factor(settings: MRPSettings, n_valid: torch.Tensor, n_gated: torch.Tensor) -> torch.Tensor | float:
     """Per-micro-batch factor that turns a gated objective's sum over valid positions into the paper's mean over
     the gated positions (after the caller divides by the valid positions); 1 otherwise. A device scalar: the
     gated count is never read by the host."""
     if settings.normalization != "gated" or not settings.record.gated:
         return 1.0
-    return torch.where(n_gated > 0, n_valid / n_gated.clamp(min=1), torch.zeros_like(n_gated))
+    return torch.where(n_gated > 0, n_valid.double() / n_gated.clamp(min=1), torch.zeros_like(n_gated))
 
 
 def _depth_factor(
-    settings: MRPSettings, n_valid: int, n_layers: int, depth_gated: torch.Tensor
+    settings: MRPSettings, n_valid: torch.Tensor, n_layers: int, depth_gated: torch.Tensor
 ) -> torch.Tensor | float:
     """The factor of the depth part's sum over (layer, position) pairs: 1 / the number of target layers (the mean
     over the layers of each layer's mean over valid positions, as released), or for a gated depth objective under
     'gated' n_valid / the gated (layer, position) pairs (their mean)."""
     if settings.normalization != "gated" or not settings.depth_record.gated:
         return 1.0 / max(n_layers, 1)
-    return torch.where(depth_gated > 0, n_valid / depth_gated.clamp(min=1), torch.zeros_like(depth_gated))
+    return torch.where(depth_gated > 0, n_valid.double() / depth_gated.clamp(min=1), torch.zeros_like(depth_gated))
 
 
 def _fused_sums(
     hidden, weight, bias, targets, weights, settings: MRPSettings, transform, with_entropy, needs, defer, depth
 ):
-    """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the sums and the combined gradients."""
+    """The chunk loop of `_FusedMRPLoss.forward` (autocast off): the sums and the combined gradients.
+
+    Every position runs through the chunks, an ignored one (target -100) with its hidden state zeroed, its target
+    clamped to id 0 and weight 0: it adds nothing and gets exactly zero gradients, and no count sizes the loop
+    (a host read per micro-batch, which on a GPU stalls the stream)."""
     need_h, need_w, need_b = needs[:3]
     need_grad = any(needs)
     head = HeadOperands(weight, bias, transform, settings.precision)
@@ -91,19 +95,26 @@ def _fused_sums(
     by_autograd = lam != 0.0 and record.closed_form is None and record.penalty is not None  # kept apart
     grads = HeadGradients(hidden, head, need_h, need_w, need_b, by_autograd, (depth, needs[3:])) if need_grad else None
     sums = torch.zeros(10, dtype=torch.float64, device=hidden.device)
+    valid = targets != IGNORE_INDEX
+    weights = valid.float() if weights is None else torch.where(valid, weights.float(), 0.0)
+    targets = torch.where(valid, targets, 0)
+    rows = min(settings.chunk_size, hidden.shape[0])
+    buffers = ChunkBuffers(rows, head.vocab, hidden.device, keeps_shifted(settings, with_entropy)) if rows else None
     for start in range(0, hidden.shape[0], settings.chunk_size):
         stop = start + settings.chunk_size
-        h = hidden[start:stop].float()
+        h = torch.where(valid[start:stop, None], hidden[start:stop].float(), 0.0)
         chunk = chunk_loss(
             h,
             head,
             targets[start:stop],
-            None if weights is None else weights[start:stop].float(),
+            valid[start:stop],
+            weights[start:stop],
             settings,
             transform,
             with_entropy,
             need_grad,
             need_w and record.rows,
+            buffers,
         )
         parts = [chunk.ce, chunk.objective, chunk.margin, chunk.n_gated, chunk.n_correct, chunk.entropy]
         sums[:7] += torch.stack(parts + [chunk.nonfinite]).double()
@@ -111,15 +122,16 @@ def _fused_sums(
             grads.add_chunk(start, stop, h, head, chunk)
         del chunk
         if depth:
-            part = depth_chunk(depth, start, stop, head, targets[start:stop], _part(weights, start, stop), settings,
-                               transform, (needs[3:], need_w), grads)  # fmt: skip
+            part = depth_chunk(depth, start, stop, head, targets[start:stop], valid[start:stop], weights[start:stop],
+                               settings, transform, (needs[3:], need_w), grads)  # fmt: skip
             sums[7:] += part.double()
     ce, obj, margin, n_gated, n_correct, entropy, nonfinite, depth_sum, depth_gated, depth_nonfinite = sums.unbind()
     fault = (nonfinite + depth_nonfinite > 0) & torch.isfinite(ce)
     if not defer and bool(fault):  # deferred (the trainers' hot path): they read it at their next check
         raise MRPUserError(penalty_fault_message(record.name))
-    factor = _objective_factor(settings, hidden.shape[0], n_gated)
-    depth_factor = _depth_factor(settings, hidden.shape[0], len(depth), depth_gated)
+    n_valid = valid.sum()
+    factor = _objective_factor(settings, n_valid, n_gated)
+    depth_factor = _depth_factor(settings, n_valid, len(depth), depth_gated)
     depth_term = depth_sum * depth_factor
     obj = obj * factor + depth_term
     lams = (lam * factor if by_autograd else 0.0, head.scale, lam * depth_factor if depth else 0.0)
@@ -127,10 +139,6 @@ def _fused_sums(
     total = (settings.ce_weight * ce + lam * obj).float()
     statistics = tuple(value.float() for value in (ce, obj, margin, n_gated, n_correct, entropy, fault, depth_term))
     return total, statistics, outputs
-
-
-def _part(weights: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    return None if weights is None else weights[start:stop].float()
 
 
 def penalty_fault_message(name: str) -> str:
@@ -210,11 +218,8 @@ def mrp_loss_sums(
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    # the valid positions' indices: the one host read left on a training step (its count sizes the chunks)
-    index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-    flat_hidden, flat_targets = flat_hidden.index_select(0, index), flat_targets.index_select(0, index)
-    weights = None if position_weights is None else position_weights.reshape(-1).index_select(0, index).detach()
-    depth = [u.reshape(-1, u.shape[-1]).index_select(0, index) for u in depth_states] if settings.lam != 0.0 else []
+    weights = None if position_weights is None else position_weights.reshape(-1).detach()
+    depth = [u.reshape(-1, u.shape[-1]) for u in depth_states] if settings.lam != 0.0 else []
     total, ce, obj, margin, n_gated, n_correct, entropy, fault, depth_term = _FusedMRPLoss.apply(
         flat_hidden, weight, bias, flat_targets, weights, settings, transform, bool(with_entropy), bool(defer_checks),
         *depth,
@@ -224,7 +229,7 @@ def mrp_loss_sums(
         ce=ce,
         objective=obj,
         margin=margin,
-        n_positions=int(flat_targets.shape[0]),
+        n_positions=(flat_targets != IGNORE_INDEX).sum(),
         n_gated=n_gated,
         n_correct=n_correct,
         entropy=entropy if with_entropy else None,

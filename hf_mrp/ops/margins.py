@@ -37,9 +37,13 @@ class ChunkSoftmax(NamedTuple):
     log_total: torch.Tensor
 
     def entropy(self, in_place: bool = False) -> torch.Tensor:
-        """H = log S - sum e (z - max) / S; ``in_place`` reuses the shifted buffer (it is gone afterwards)."""
-        product = self.shifted.mul_(self.exp) if in_place else self.exp * self.shifted
-        return self.log_total - product.sum(-1) / self.total
+        """H = log S - sum e (z - max) / S; ``in_place`` reuses the shifted buffer (it is gone afterwards), else
+        the row sums are batched dot products (no [chunk x V] product is formed)."""
+        if in_place:
+            weighted = self.shifted.mul_(self.exp).sum(-1)
+        else:
+            weighted = torch.bmm(self.exp[:, None, :], self.shifted[:, :, None]).view(-1)
+        return self.log_total - weighted / self.total
 
 
 def chunk_softmax(

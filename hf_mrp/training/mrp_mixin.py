@@ -116,7 +116,7 @@ class MRPTrainerMixin(_TrainerBase):
     def _normalized_loss(self, sums, num_items_in_batch) -> torch.Tensor:
         """sums.total / the items of the step (all processes when averaging tokens across devices)."""
         if num_items_in_batch is None:
-            return self._with_ewc(sums.total / max(sums.n_positions, 1), accumulated=False)
+            return self._with_ewc(sums.total / sums.n_positions.clamp(min=1), accumulated=False)
         # a batch without a single valid label sums to 0: keep 0 / 0 from becoming NaN
         items = num_items_in_batch
         items = items.clamp(min=1) if torch.is_tensor(items) else max(items, 1)
@@ -156,13 +156,12 @@ class MRPTrainerMixin(_TrainerBase):
         host). Non-finite sums are not accumulated unless ``keep_nonfinite``; nothing while ``_recording`` is off.
         """
         parts = torch.stack([sums.ce.detach(), sums.objective.detach(), loss.detach().float()])
-        device = sums.ce.device
         local = torch.stack(
             [
                 sums.ce.detach().double(),
                 sums.objective.detach().double(),
                 sums.margin.detach().double(),
-                torch.as_tensor(sums.n_positions, device=device).double().reshape(()),
+                sums.n_positions.double().reshape(()),
                 (sums.depth.detach() if sums.depth is not None else sums.ce.new_zeros(())).double(),
                 (~torch.isfinite(parts)).any().double(),
             ]

@@ -173,7 +173,7 @@ class MRPSFTTrainer(MRPTrainerMixin, SFTTrainer):
             [
                 sums.entropy.double(),
                 torch.as_tensor(sums.n_correct, device=device).double().reshape(()),
-                torch.as_tensor(sums.n_positions, device=device).double().reshape(()),
+                sums.n_positions.double().reshape(()),
                 tokens.to(device).double(),
                 aux.to(device).double().reshape(()),
             ]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_mrp.audit.collect import _batch_statistics
+from hf_mrp.audit.readers import LensReader
 from hf_mrp.errors import MRPUserError
 from hf_mrp.ops import MRPSettings, decision_statistics, mrp_loss_sums, precision
 from hf_mrp.ops.transform import IDENTITY, LogitTransform
@@ -153,8 +154,11 @@ def test_audit_and_lens_under_autocast_equal_float32_from_the_same_hidden_states
     captured = {}
     hooks = [model.lm_head.register_forward_pre_hook(capture_input(captured, "final"))]
     hooks += [model.model.layers[i].register_forward_hook(capture_output(captured, i)) for i in layers]
+    reader = LensReader(layers)  # the audit's logit lens, fed by the same forward
+    reader.begin_batch(0, int(mask.sum()))
     with torch.autocast(**BF16):
-        final, lens = _batch_statistics(model, ids, mask, targets, layers, torch.float32, chunk_size=16)
+        final = _batch_statistics(model, ids, mask, targets, [reader], layers, torch.float32, chunk_size=16)
+    reader.finish(lambda local: local, 1)
     for hook in hooks:
         hook.remove()
     weight = model.lm_head.weight
@@ -166,7 +170,7 @@ def test_audit_and_lens_under_autocast_equal_float32_from_the_same_hidden_states
     for layer in layers:
         want = decision_statistics(model.model.norm(captured[layer])[:, :-1][mask], weight, targets, chunk_size=16)
         for name in ("margin", "fisher_penalty", "margin_penalty"):
-            assert torch.equal(lens[layer][name], want[name]), (layer, name)
+            assert np.array_equal(reader.columns[layer][name], want[name].numpy()), (layer, name)
 
 
 def test_training_loss_under_autocast_is_float32_from_the_model_hidden_states():

@@ -11,7 +11,14 @@ pytestmark = pytest.mark.slow  # each benchmark script in its own process
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-SCRIPTS = ["bench_loss.py", "bench_train_step.py", "bench_audit.py", "bench_memory.py", "bench_compile.py"]
+SCRIPTS = [
+    "bench_loss.py",
+    "bench_train_step.py",
+    "bench_audit.py",
+    "bench_memory.py",
+    "bench_compile.py",
+    "ab_versions.py",
+]
 UNREPEATED = ("bench_memory.py", "bench_compile.py")  # they take no --repeats
 
 
@@ -34,3 +41,18 @@ def test_audit_benchmark_with_the_manifold_smoke(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "x audit --layers all" in run.stdout and "manifold sample: 300 of 300 positions" in run.stdout
     assert (tmp_path / "manifold.png").is_file()
+
+
+def test_gpu_check_smoke():
+    """benchmarks/gpu_check.py --smoke: the one-table GPU check on CPU with a tiny config; every row is timed or says
+    why it is skipped, and none failed."""
+    run = subprocess.run(
+        [sys.executable, "gpu_check.py", "--smoke"], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = run.stdout.split("\ncheck ")[1].splitlines()[1:]
+    assert len(table) == 13 and not any("FAILED" in line for line in table), run.stdout
+    for line in table:
+        check, timing, _, note = (cell.strip() for cell in line.split(" | "))
+        assert timing or note, line  # a time, or the reason it has none
+    assert "skipped: CUDA-only" in run.stdout and "hf_mrp fused CE + fisher" in run.stdout
