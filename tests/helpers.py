@@ -669,6 +669,10 @@ import os, signal, sys, time
 from pathlib import Path
 from hf_mrp.storage import files
 
+# Ctrl-C as in a terminal: a suite started in the background (`cmd &` in a script, nohup) hands its children SIGINT
+# ignored, which Python then keeps ignoring (as it should), and the signal tests would wait for nothing
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 count = [0]
 
 def boundary(what):
