@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .chunk_loss import ObjectiveGradients, _penalty_and_gradients
+from .chunk_loss import ChunkBuffers, ObjectiveGradients, _penalty_and_gradients
 from .objectives import TopK
 from .precision import HeadOperands
 from .settings import MRPSettings
@@ -32,12 +32,15 @@ def depth_layer_chunk(
     transform: LogitTransform,
     need_grad: bool,
     need_rows_grad: bool,
+    logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveGradients | None]:
     """One target layer's chunk: (the depth objective's weighted sum, its gate count (the valid positions when ungated),
-    1 if its penalty is not finite somewhere else 0, its lambda-free gradients at the raw logits' ids and W's rows)."""
+    1 if its penalty is not finite somewhere else 0, its lambda-free gradients at the raw logits' ids and W's rows).
+    ``logits_out``: the [chunk x V] buffer to compute the logits into (the final layer's, free once its chunk is
+    done: a fresh one per layer and chunk pays its page faults each time, `chunk_loss.ChunkBuffers`)."""
     record = settings.depth_record
     k = record.k(settings.top_k)
-    logits = transform.cap_(head.logits(u))
+    logits = transform.cap_(head.logits(u, out=logits_out))
     values, ids = logits.topk(k, dim=-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     top = TopK(
@@ -70,6 +73,7 @@ def depth_chunk(
     transform: LogitTransform,
     needs: tuple[Sequence[bool], bool],
     grads,
+    buffers: ChunkBuffers | None = None,
 ) -> torch.Tensor:
     """Every target layer on positions [start, stop): [objective sum, gated (layer, position) pairs, non-finite]
     summed over the layers; their gradients go to ``grads`` (`HeadGradients`, None: no gradient wanted)."""
@@ -80,7 +84,16 @@ def depth_chunk(
         u = torch.where(valid[:, None], u_all[start:stop].float(), 0.0)  # an ignored position: as the final layer's
         need_grad = grads is not None and (need_u or need_w or grads.b_depth is not None)
         total, gated, nonfinite, found = depth_layer_chunk(
-            u, head, targets, valid, weights, settings, transform, need_grad, rows_grad
+            u,
+            head,
+            targets,
+            valid,
+            weights,
+            settings,
+            transform,
+            need_grad,
+            rows_grad,
+            buffers.take(u.shape[0])[0] if buffers is not None else None,
         )
         sums += torch.stack([total, gated.float(), nonfinite])
         if found is not None:

@@ -123,7 +123,7 @@ def _fused_sums(
         del chunk
         if depth:
             part = depth_chunk(depth, start, stop, head, targets[start:stop], valid[start:stop], weights[start:stop],
-                               settings, transform, (needs[3:], need_w), grads)  # fmt: skip
+                               settings, transform, (needs[3:], need_w), grads, buffers)  # fmt: skip
             sums[7:] += part.double()
     ce, obj, margin, n_gated, n_correct, entropy, nonfinite, depth_sum, depth_gated, depth_nonfinite = sums.unbind()
     fault = (nonfinite + depth_nonfinite > 0) & torch.isfinite(ce)
