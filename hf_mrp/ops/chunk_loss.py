@@ -78,7 +78,7 @@ def chunk_loss(
 ) -> ChunkResult:
     """Loss sums of one chunk and, when ``need_grad``, their gradients with respect to its raw logits. ``valid``
     marks the positions that count; the others (``h`` zeroed, target clamped by the caller) add nothing to any sum
-    and get exact zero gradients (``weights`` 0 there, CE softmax rows divided by inf). ``buffers``: `ChunkBuffers`
+    and get exact zero gradients (``weights`` 0 there, their 1 / S taken as 0). ``buffers``: `ChunkBuffers`
     built with `keeps_shifted`."""
     record, active = settings.record, settings.lam != 0.0
     closed = record.closed_form if active else None
@@ -214,14 +214,13 @@ def _ce_logit_gradient_(
 ) -> torch.Tensor:
     """d(ce_weight * ce [+ lam * closed-form objective]) / dz_raw of the chunk, written over its exponentials (and,
     for a closed form, over its shifted logits): no new [chunk x V] buffer. Rows of ignored positions are exact
-    zeros (their softmax divided by inf, no one-hot, the closed form's weight 0)."""
-    total = torch.where(valid, parts.total, torch.full_like(parts.total, torch.inf))
-    grad = parts.exp.div_(total[:, None])  # softmax p, in place; 0 on ignored rows
+    zeros (their 1 / S taken as 0, no one-hot, the closed form's weight 0)."""
+    inv_total = torch.where(valid, parts.total.reciprocal(), torch.zeros_like(parts.total))[:, None]
     c = settings.ce_weight
-    if closed is not None and closed_values is not None:
-        closed.gradient_(grad, parts, closed_values, settings.lam * weights[:, None], c)  # c * p + lam * w * dP/dz
-    elif c != 1.0:
-        grad.mul_(c)
+    if closed is not None and closed_values is not None:  # c * p + lam * w * dP/dz, in place
+        grad = closed.gradient_(parts.exp, parts, closed_values, settings.lam * weights[:, None], c, inv_total)
+    else:
+        grad = parts.exp.mul_(inv_total if c == 1.0 else c * inv_total)  # c * softmax p; 0 on ignored rows
     rows_index = torch.arange(grad.shape[0], device=grad.device)
     smoothing, counted = settings.label_smoothing, valid.to(grad.dtype)
     grad[rows_index, targets] -= c * (1.0 - smoothing) * counted

@@ -95,14 +95,19 @@ def _entropy_objective(top: TopK) -> torch.Tensor:
 
 class EntropyInBuffer:
     """The entropy objective in the fused loss' logits buffer: H = log S - sum e (z - max) / S and
-    dH/dz = -p (log p + H), log p = (z - max) - log S, written over the shifted logits (no autograd)."""
+    dH/dz = -p (log p + H), log p = (z - max) - log S. With p = e / S, c p + s dH/dz is
+    e x ((c + s (log S - H)) / S - (s / S)(z - max)): one fused pass writes that factor over the shifted logits,
+    one more multiplies it into the exponentials (no autograd, no separate softmax pass)."""
 
     def values(self, parts: Any) -> torch.Tensor:
         return parts.entropy()
 
-    def gradient_(self, probs: torch.Tensor, parts: Any, values: torch.Tensor, scale: Any, ce_weight: float) -> None:
-        factor = parts.shifted.sub_((parts.log_total - values)[:, None]).mul_(-scale).add_(ce_weight)
-        probs.mul_(factor)
+    def gradient_(
+        self, exp: torch.Tensor, parts: Any, values: torch.Tensor, scale: Any, ce_weight: float, inv_total: Any
+    ) -> torch.Tensor:
+        bias = inv_total * (ce_weight + scale * (parts.log_total - values)[:, None])
+        factor = torch.addcmul(bias, parts.shifted, inv_total * scale, value=-1.0, out=parts.shifted)
+        return exp.mul_(factor)
 
 
 BUILTINS = (

@@ -60,8 +60,12 @@ class ClosedForm(Protocol):
         """The per-position penalty [N] from the chunk's softmax pieces (read before the buffer is overwritten)."""
         ...
 
-    def gradient_(self, probs: torch.Tensor, parts: Any, values: torch.Tensor, scale: Any, ce_weight: float) -> None:
-        """Turn ``probs`` (the softmax p, [N, V], in place) into ce_weight * p + scale * dP/dz."""
+    def gradient_(
+        self, exp: torch.Tensor, parts: Any, values: torch.Tensor, scale: Any, ce_weight: float, inv_total: Any
+    ) -> torch.Tensor:
+        """Turn ``exp`` (exp(z - max), [N, V], in place) into ce_weight * p + scale * dP/dz, where the softmax
+        p = exp x ``inv_total`` ([N, 1]: 1 / S, 0 on ignored rows): folding 1 / S into the objective's own factor
+        saves the softmax's separate pass over the chunk. Returns ``exp``."""
         ...
 
 
