@@ -3,9 +3,10 @@
 released_runs.json (next to this module) holds what github.com/mellowmarshall/mrp-paper releases under
 ``results/``: for the baseline and every refined run, the seven numbers of ``margin_audit_fp32.json`` and, where
 the run's ``train_summary.json`` is released, ``loss_ce`` / ``loss_mrp`` / ``grad_norm`` of logged steps from its
-``log_history``. Every entry names its file, the commit of the stored version and the key of each number; the
-numbers were copied from the files, none computed (the curves: every fifth logged step of three windows of the
-1,000-step log, said in each curve's ``steps_read``). Qwen3.5-4B-Base, full model, 256,577 WikiText-103
+``log_history`` (and ``loss_total``, the released code's sum, kept as a check of every step's transcription).
+Every entry names its file, the commit of the stored version and the key of each number; the numbers were copied
+from the files, none computed (the curves: every logged step of the 1,000-step log, said in each curve's
+``steps_read``). Qwen3.5-4B-Base, full model, 256,577 WikiText-103
 validation positions audited in-sample, one seed, no control.
 """
 
