@@ -25,6 +25,7 @@ from ..audit.manifold import ManifoldOptions, manifold_options
 from ..audit.manifold import headline as manifold_headline
 from ..data import Blocks
 from ..errors import MRPUserError
+from ..models import decoder_layers, parse_layer_spec
 from .console import audit_table, class_codes, console_write, evaluation_line, hide_audit_from_console
 from .divergence import check_decisions_alive
 from .pictures import lens_pictures, log_pictures
@@ -196,20 +197,37 @@ class MRPAuditCallback(TrainerCallback):
             manifold=self.manifold,
         )
 
-    def _cached_baseline(self) -> AuditResult | None:
+    def _cached_baseline(self, model) -> AuditResult | None:
         for folder in filter(None, (self.baseline_dir, self._folder("audit_before"))):
             if (folder / "audit.json").is_file():
                 cached = load_audit(folder)
-                if cached.blocks.fingerprint() == self.blocks.fingerprint():
+                missing = self._missing_from(cached, model)
+                if missing is None:
                     self._baseline_folder = folder
                     return cached
-                logger.warning("ignoring the audit in %s: it is of other blocks", folder)
+                logger.warning("ignoring the audit in %s: %s; auditing the baseline again", folder, missing)
+        return None
+
+    def _missing_from(self, cached: AuditResult, model) -> str | None:
+        """What this callback measures that an audit on disk lacks (None: it can stand as the baseline): the same
+        blocks, and every asked-for lens layer with the manifold statistics when asked (a baseline without them
+        would leave the comparison's layer pictures and numbers silently out)."""
+        if cached.blocks.fingerprint() != self.blocks.fingerprint():
+            return "it is of other blocks"
+        if self.layers is None or model is None:
+            return None
+        wanted = set(parse_layer_spec(self.layers, len(decoder_layers(model))))
+        rows = {row["layer"]: row for row in cached.layers or []}
+        if not wanted <= set(rows):
+            return f"it has no lens rows for layers {sorted(wanted - set(rows))}"
+        if self.manifold is not None and not all("participation_ratio" in rows[layer] for layer in wanted):
+            return "it has no manifold statistics"
         return None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._attached()
         self.output_dir = self.output_dir or Path(args.output_dir)
-        self.baseline = self._cached_baseline()
+        self.baseline = self._cached_baseline(model)
         if self.baseline is None:
             if state.global_step > 0:
                 raise MRPUserError(

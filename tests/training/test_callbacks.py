@@ -199,6 +199,25 @@ def test_every_breakdown_scalar_reaches_tensorboard_and_trackio_with_the_values_
     assert (out / "audit_before" / "audit.json").stat().st_mtime_ns == before_mtime  # cached, not redone
 
 
+def test_a_baseline_on_disk_without_the_asked_layers_or_manifold_is_audited_again(blocks, tmp_path, caplog):
+    """A baseline audit (a sweep's, or audit_before/ on resume) stands in only when it measured what this callback
+    measures: reused as it stood, the comparison would silently lack the lens layers or the manifold asked for."""
+    model = tiny_llama()
+    plain = MRPAuditCallback(blocks, output_dir=tmp_path).audit(model, "plain")
+    layered = MRPAuditCallback(blocks, output_dir=tmp_path, layers="all").audit(model, "layered")
+    assert plain.layers is None and layered.layers is not None
+
+    def cached(folder, **options):
+        callback = MRPAuditCallback(blocks, baseline_dir=tmp_path / folder, output_dir=tmp_path / "run", **options)
+        return callback._cached_baseline(model)
+
+    assert cached("plain") is not None and cached("layered", layers="1") is not None  # a subset is enough
+    with caplog.at_level("WARNING"):
+        assert cached("plain", layers="all") is None
+        assert cached("layered", layers="all", manifold=True) is None
+    assert "has no lens rows for layers [0, 1" in caplog.text and "has no manifold statistics" in caplog.text
+
+
 def test_callback_refuses_a_foreign_baseline_and_needs_its_trainer(blocks, tmp_path):
     from transformers import Trainer
 

@@ -22,7 +22,7 @@ from ...training import MRPConfig
 from ...training.adapters import prepare_model
 from ...training.callbacks import MRPAuditCallback
 from ...training.divergence import TrainingDiverged
-from ..arguments import DataArguments, ModelArguments, provenance
+from ..arguments import DataArguments, ModelArguments, audit_options, provenance
 from ..loading import load_model_from_arguments
 from ..refine import refine
 from ..refine_arguments import RefineArguments
@@ -198,12 +198,12 @@ def ensure_baseline(sweep_dir: Path, arguments: RunArguments) -> tuple[object, A
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         model = model.to(config.device)
     start = time.perf_counter()
-    auditor = MRPAuditCallback(
+    auditor = MRPAuditCallback(  # what each run's own before-audit would measure: its lens layers and manifold too
         blocks,
         output_dir=sweep_dir,
-        batch_size=refine_args.audit_batch_size,
         chunk_size=config.mrp_chunk_size,
         provenance=provenance(model_name, model_args, data_args, refine_args),
+        **audit_options(refine_args, "audit_"),
     )
     baseline = auditor.audit(model, BASELINE)
     print(f"baseline: done in {time.perf_counter() - start:.1f}s", flush=True)
