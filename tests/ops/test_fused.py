@@ -87,6 +87,32 @@ def test_frozen_weight_gets_no_gradient_and_bad_arguments_fail():
         MRPSettings(lam=-1.0)
 
 
+def test_backward_scales_in_place_zeroes_a_skipped_batch_and_runs_once():
+    """The incoming scalar scales the forward's gradients in place; an incoming exact 0 (a skipped micro-batch)
+    gives exact zeros even where they are not finite; a second backward is refused, not silently rescaled."""
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 3, requires_grad=True)
+    weight = torch.randn(7, 3, requires_grad=True)
+    settings = MRPSettings(objective="fisher", lam=0.5, normalization="valid")
+    targets = torch.tensor([1, 2, 3, 4, 0])
+    (mrp_loss_sums(hidden, weight, targets, settings).total * 1.0).backward()
+    once_h, once_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (mrp_loss_sums(hidden, weight, targets, settings).total * 3.0).backward()
+    # x 3 of float32 values: exact up to one rounding each (2^-24 relative)
+    torch.testing.assert_close(hidden.grad, 3.0 * once_h, rtol=2**-23, atol=0)
+    torch.testing.assert_close(weight.grad, 3.0 * once_w, rtol=2**-23, atol=0)
+    hidden.grad = weight.grad = None
+    with torch.no_grad():
+        weight[2, 0] = float("nan")  # a non-finite weight: NaN logits and gradients
+    (mrp_loss_sums(hidden, weight, targets, settings).total * 0.0).backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+    loss = mrp_loss_sums(hidden, weight, targets, settings).total
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs backward once"):
+        loss.backward()
+
+
 TRANSFORMS = [LogitTransform(scale=0.25), LogitTransform(softcap=2.5), LogitTransform(scale=1.7, softcap=4.0)]
 
 
