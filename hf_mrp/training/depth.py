@@ -40,11 +40,28 @@ def target_layers(model: nn.Module, settings: MRPSettings) -> tuple[int, ...]:
 
 
 def check_depth(model: nn.Module, settings: MRPSettings) -> None:
-    """Refuse, before training, target layers the model lacks or a tuned lens that does not fit it."""
+    """Refuse, before training, target layers the model lacks, a tuned lens that does not fit it, and target layers
+    that no trained parameter is below (the depth term would train nothing)."""
     if settings.record.layers:
-        target_layers(model, settings)
+        _check_depth_trains(model, settings, target_layers(model, settings))
         if settings.depth_lens == "tuned":
             _translators(model, settings)
+
+
+def _check_depth_trains(model: nn.Module, settings: MRPSettings, layers: tuple[int, ...]) -> None:
+    """A target layer's state depends on the blocks up to it (and the embeddings; through the lens on the norm and
+    W): when every trained parameter lies in decoder blocks above the highest target layer (LoRA on layers 20-29
+    with target layers 14-16), the depth term has no gradient to give and the run would silently be its control."""
+    blocks = decoder_layers(model)
+    block_of = {id(p): index for index, block in enumerate(blocks) for p in block.parameters()}
+    trained = [block_of.get(id(p), -1) for p in model.parameters() if p.requires_grad]  # -1: outside the blocks
+    if trained and min(trained) > max(layers):
+        raise MRPUserError(
+            f"mrp_objective {settings.record.name!r}: mrp_target_layers {settings.target_layers!r} lie below every "
+            f"trained parameter (the lowest trained decoder layer is {min(trained)}), so the depth term would train "
+            f"nothing; choose target layers at or above {min(trained)}, or train layers up to {max(layers)} (e.g. "
+            f"lora_layers '{min(layers)}-{len(blocks) - 1}')"
+        )
 
 
 def _translators(model: nn.Module, settings: MRPSettings) -> AffineTranslators:

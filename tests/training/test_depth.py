@@ -213,6 +213,17 @@ def test_bad_depth_settings_are_refused_in_one_line_naming_the_setting(tmp_path)
     )
     with pytest.raises(MRPUserError, match="mrp_depth_objective 'entropy' does not read top-k logits"):
         MRPSettings(objective="combined", depth_objective="entropy")
+    # only decoder layer 2 trains (LoRA on the top layers): target layers 0 and 1 would train nothing
+    model.requires_grad_(False)
+    model.model.layers[2].requires_grad_(True)
+    line = refusal(model, target_layers="0,1")
+    assert "lie below every trained parameter (the lowest trained decoder layer is 2)" in line
+    assert "lora_layers '0-3'" in line  # this model's decoder layers are 0..3
+    model.model.layers[1].self_attn.q_proj.requires_grad_(True)  # one trained weight at or below a target layer
+    check_depth(model, MRPSettings(objective="depth", target_layers="0,1"))
+    model.model.layers[1].requires_grad_(False)
+    model.model.embed_tokens.requires_grad_(True)  # outside the blocks, below every layer: the term reaches it
+    check_depth(model, MRPSettings(objective="combined", target_layers="0"))
 
 
 def test_refine_takes_the_depth_flags_and_refuses_layers_the_model_lacks(tmp_path):
