@@ -35,7 +35,7 @@ STEPS, ROWS, PER_PROCESS = 3, 4, 2  # 4 rows = one global batch of 2 processes x
 CASES = {  # case: (trainer, ZeRO stage, what trains)
     "mrp_zero3": ("mrp", 3, "lora"),
     "sft_zero3": ("sft", 3, "lora"),
-    "head_zero3": ("mrp", 3, "lora+head"),
+    "head_zero3": ("mrp", 3, "lora+head"),  # correct_margin at the final layer, W trained (fisher + W: full_tied)
     "head_zero2": ("mrp", 2, "lora+head"),
     "full_tied_zero3": ("mrp", 3, "all"),  # no LoRA; W is also the input embedding: two gradients, one parameter
     "user_objective_zero3": ("mrp", 3, "lora+head"),  # a registered user objective (user_objective), W trained
@@ -43,6 +43,9 @@ CASES = {  # case: (trainer, ZeRO stage, what trains)
 }
 OBJECTIVES = {  # case -> mrp_objective (else fisher) and its other settings
     "user_objective_zero3": ("user_objective", {}),
+    # correct_margin at the final layer ("valid", for the reason below): its gradient at the top-2 and target
+    # logits reaching the LoRA layers and W's partitioned rows
+    "head_zero3": ("correct_margin", {"mrp_margin_normalization": "valid"}),
     # one case for two objectives (an engine start each costs ~15 s): correct_margin as the depth objective, its
     # gradient reaching W, the LoRA layers below and the final norm's re-gathered weight through hooks; "valid":
     # the per-micro-batch mean over the gate ("gated") differs between 2 processes of 2 rows and 1 of 4

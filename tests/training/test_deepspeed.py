@@ -130,7 +130,8 @@ def test_mrp_sft_trainer_under_zero3_equals_one_process(engine_runs, tiny_model_
 def test_trained_output_head_under_zero3_and_zero2_equals_one_process(engine_runs, tiny_model_dir, case):
     """W's gradient, made in the fused forward, reaches the engine through autograd: ZeRO-3's gradient hooks
     reduce-scatter it like any other (and ZeRO-2's reduce it), so W trains as in one process; tied to the input
-    embedding (full fine-tuning), its two gradients add up as in one process. A registered user objective (reading
+    embedding (full fine-tuning), its two gradients add up as in one process. correct_margin at the final layer
+    (head_zero3), a registered user objective (reading
     the top-3 logits, the target's logit and W's rows) and depth of correct_margin (the target layers' outputs kept
     by hooks, through the final norm, whose weight ZeRO-3 gathers again inside the head's forward) go through the
     same path: the same training."""
