@@ -34,7 +34,8 @@ class HeadGradients:
         f32: dict[str, Any] = dict(dtype=torch.float32, device=hidden.device)
         shape_w, shape_b = (head.vocab, head.width), (head.vocab,)
         self.h = torch.empty(hidden.shape, **f32) if need_h else None
-        self.w = torch.zeros(shape_w, **f32) if need_w else None
+        self.need_w, self.shape_w, self.device = need_w, shape_w, hidden.device
+        self.w: torch.Tensor | None = None  # the first dense chunk's matmul writes it (`HeadOperands.weight_grad`)
         self.b = torch.zeros(shape_b, **f32) if need_b else None
         self.h_obj = torch.zeros(hidden.shape, **f32) if need_h and objective else None
         self.w_obj = torch.zeros(shape_w, **f32) if need_w and objective else None
@@ -50,7 +51,11 @@ class HeadGradients:
             if self.h is not None:
                 self.h[start:stop] = 0.0
         else:
-            self._add_dense(self.h, self.w, self.b, start, stop, h, head, grad_logits)
+            self._add_dense(self.h, None, self.b, start, stop, h, head, grad_logits)
+            if self.need_w and self.w is None:
+                self.w = head.weight_grad(grad_logits, h)
+            elif self.w is not None:
+                head.add_weight_grad(self.w, grad_logits, h)
         grads = chunk.objective_grads
         if grads is None:
             return
@@ -97,6 +102,8 @@ class HeadGradients:
         """[h, W, b, *the target layers' states]: CE part + lam * objective part (+ depth_lam * the depth part); W
         and b gradients through W' = scale * W. ``lam`` and ``depth_lam`` may be device scalars (a gated objective's
         per-micro-batch factor), read by no host."""
+        if self.need_w and self.w is None:  # no dense chunk (CE weight 0, no closed form): only the objective's
+            self.w = torch.zeros(self.shape_w, dtype=torch.float32, device=self.device)
         out = []
         for total, parts, head_param in (
             (self.h, [(self.h_obj, lam)], False),

@@ -138,5 +138,11 @@ def test_ce_weight_zero_trains_the_objective_alone():
     h3 = hidden.clone().requires_grad_()
     F.cross_entropy(h3 @ weight.T, targets, reduction="sum").backward()
     torch.testing.assert_close(h.grad, h2.grad - h3.grad, rtol=1e-5, atol=1e-6)  # float32 sums of ~10 terms
+    # W trained: no dense CE chunk writes W's gradient, so it is the objective's alone (the zeros it starts from)
+    w1, w2, w3 = (weight.clone().requires_grad_() for _ in range(3))
+    mrp_loss_sums(hidden, w1, targets, settings).total.backward()
+    mrp_loss_sums(hidden, w2, targets, alone).total.backward()
+    F.cross_entropy(hidden @ w3.T, targets, reduction="sum").backward()
+    torch.testing.assert_close(w1.grad, w2.grad - w3.grad, rtol=1e-5, atol=1e-6)  # as above
     with pytest.raises(MRPUserError, match="mrp_ce_weight must be >= 0"):
         MRPSettings(ce_weight=-1.0)
