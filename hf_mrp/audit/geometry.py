@@ -129,7 +129,7 @@ def run_audit(
     check_audit_settings(margin_dtype, chunk_size, batch_size, lens_bootstrap)
     check_blocks_to_audit(blocks)
     check_block_fits(model, blocks.block_size)
-    layer_list = _checked_layers(model, blocks, layers, lens)
+    layer_list = audited_layers(model, blocks, layers, lens)
     if output_dir is not None:  # not created: it appears whole once written (_write_on_main_process)
         output_dir = files.check_output_dir(output_dir)
     sampler = manifold_reader(layer_list, int(blocks.position_mask().sum()), manifold, progress)
@@ -157,7 +157,7 @@ def run_audit(
     return result
 
 
-def _checked_layers(
+def audited_layers(
     model: torch.nn.Module, blocks: Blocks, layers: str | list[int] | None, lens: TunedLens | None
 ) -> list[int] | None:
     """The audited lens layers (None: no lens), a tuned lens' by default; a tuned lens is checked against the

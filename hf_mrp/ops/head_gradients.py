@@ -52,10 +52,11 @@ class HeadGradients:
                 self.h[start:stop] = 0.0
         else:
             self._add_dense(self.h, None, self.b, start, stop, h, head, grad_logits)
-            if self.need_w and self.w is None:
-                self.w = head.weight_grad(grad_logits, h)
-            elif self.w is not None:
-                head.add_weight_grad(self.w, grad_logits, h)
+            if self.need_w:
+                if self.w is None:
+                    self.w = head.weight_grad(grad_logits, h)
+                else:
+                    head.add_weight_grad(self.w, grad_logits, h)
         grads = chunk.objective_grads
         if grads is None:
             return

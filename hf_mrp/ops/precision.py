@@ -102,30 +102,27 @@ class HeadOperands:
         return result
 
     def weight_grad(self, grad_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """G^T h as a new float32 [V x d] tensor: the first chunk's dL/dW', written by the matmul itself (no zero
-        fill and no read of an accumulator: at the paper's head that is 2.5 GB twice)."""
+        """G^T h as a new float32 [V x d] tensor: the first chunk's dL/dW', written by the matmul itself (beta 0: no
+        zero fill and no read of an accumulator; at the paper's head that is 2.5 GB twice)."""
         out = hidden.new_empty((self.vocab, self.width), dtype=torch.float32)
-        h = self._operand(hidden)
-        g = self._operand(grad_logits)
-        for tile in self.tiles:
-            if self._cuda_bf16:
-                out[tile] = torch.mm(g[:, tile].T, h, out_dtype=torch.float32)
-            else:
-                torch.mm(g[:, tile].T, h, out=out[tile])
+        self.add_weight_grad(out, grad_logits, hidden, beta=0.0)
         return out
 
-    def add_weight_grad(self, accumulator: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        """``accumulator`` (float32 [V x d]) += G^T h: dL/dW' of one chunk."""
+    def add_weight_grad(
+        self, accumulator: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, beta: float = 1.0
+    ) -> None:
+        """``accumulator`` (float32 [V x d]) = beta x itself + G^T h: dL/dW' of one chunk (beta 0 ignores what the
+        accumulator held, NaN in fresh memory included)."""
         h = self._operand(hidden)
         g = self._operand(grad_logits)
         for tile in self.tiles:
-            self._accumulate(accumulator[tile], g[:, tile].T, h)
+            self._accumulate(accumulator[tile], g[:, tile].T, h, beta)
 
-    def _accumulate(self, accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    def _accumulate(self, accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
         if self._cuda_bf16:
-            torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+            torch.addmm(accumulator, a, b, out_dtype=torch.float32, beta=beta, out=accumulator)
         else:
-            accumulator.addmm_(a, b)
+            accumulator.addmm_(a, b, beta=beta)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """W'[ids] in float32 (any shape of ids; always float32: k rows cost nothing)."""

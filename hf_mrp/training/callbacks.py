@@ -20,12 +20,11 @@ import numpy as np
 from transformers import TrainerCallback
 
 from ..audit.compare import compare_audits, decoder_from_tokenizer, write_comparison
-from ..audit.geometry import AuditResult, check_blocks_to_audit, load_audit, run_audit
-from ..audit.manifold import ManifoldOptions, manifold_options
+from ..audit.geometry import AuditResult, audited_layers, check_blocks_to_audit, load_audit, run_audit
+from ..audit.manifold import MANIFOLD_STATISTICS, ManifoldOptions, manifold_options
 from ..audit.manifold import headline as manifold_headline
 from ..data import Blocks
 from ..errors import MRPUserError
-from ..models import decoder_layers, parse_layer_spec
 from .console import audit_table, class_codes, console_write, evaluation_line, hide_audit_from_console
 from .divergence import check_decisions_alive
 from .pictures import lens_pictures, log_pictures
@@ -214,13 +213,13 @@ class MRPAuditCallback(TrainerCallback):
         would leave the comparison's layer pictures and numbers silently out)."""
         if cached.blocks.fingerprint() != self.blocks.fingerprint():
             return "it is of other blocks"
-        if self.layers is None or model is None:
+        layers = None if model is None else audited_layers(model, self.blocks, self.layers, self.lens)
+        if layers is None:
             return None
-        wanted = set(parse_layer_spec(self.layers, len(decoder_layers(model))))
         rows = {row["layer"]: row for row in cached.layers or []}
-        if not wanted <= set(rows):
-            return f"it has no lens rows for layers {sorted(wanted - set(rows))}"
-        if self.manifold is not None and not all("participation_ratio" in rows[layer] for layer in wanted):
+        if not set(layers) <= set(rows):
+            return f"it has no lens rows for layers {sorted(set(layers) - set(rows))}"
+        if self.manifold is not None and not all(MANIFOLD_STATISTICS[0] in rows[layer] for layer in layers):
             return "it has no manifold statistics"
         return None
 
