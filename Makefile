@@ -45,7 +45,7 @@ upgrade:
 	$(BIN)/pip freeze --all --exclude-editable | grep -v -i -E '^hf[-_.]mrp==' >> $(VENV)/lock.new
 	mv $(VENV)/lock.new $(LOCK)
 	touch $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The main job: refine the embedded SmolLM2 on the embedded corpus, auditing before and after.
 run: install
@@ -54,8 +54,12 @@ run: install
 audit: install
 	$(BIN)/hf-mrp audit --output_dir outputs/audit
 
+# The suite on TEST_WORKERS processes (pytest-xdist): on 2 cores, 2 workers take ~70% of the one-process wall time
+# (the tests are mostly single-threaded Python between small tensor ops, and the launched-process tests wait on their
+# children). Tests of one Ray (the `ray_cluster` fixture) stay on one worker (tests/conftest.py, --dist loadgroup).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The fast tier: no embedded SmolLM2 model, no launched processes (about a minute); `make test` runs everything.
 test-fast: install
