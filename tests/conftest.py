@@ -83,3 +83,20 @@ def loopback_hub(monkeypatch):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
         yield hub
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray of 2 CPUs for every sweep of the session (`hf-mrp sweep` runs on a Ray already started in its
+    process as it is): its address, for a sweep launched as another process. Quiet as the sweep's own local Ray."""
+    import logging
+
+    import ray
+
+    from hf_mrp.research.sweep.engine import QUIET
+
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

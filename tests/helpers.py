@@ -115,10 +115,11 @@ def spearman_atol(*columns, atol: float) -> float:
     return 12 * swaps / (n * n - 1) + 1e-12
 
 
-def assert_same_flips(got: Path, want: Path, atol: float, positions: int = 62) -> None:
+def assert_same_flips(got: Path, want: Path, atol: float, positions: int = 62, before: Path | None = None) -> None:
     """Two refine runs' comparisons of the same positions, their logits each within ``atol`` of the exact ones:
     the median margins within two logits' errors; W->R and R->W differ only by positions whose top-1 is a near tie
-    in one of the reference run's audits (``decided``)."""
+    in one of the reference run's audits (``decided``). ``before``: the audit both compared against (default the
+    reference's audit_before; a sweep's runs share the sweep's baseline)."""
     import json
 
     from hf_mrp.storage.files import read_parquet
@@ -127,7 +128,8 @@ def assert_same_flips(got: Path, want: Path, atol: float, positions: int = 62) -
     assert flips[0]["n_positions"] == flips[1]["n_positions"] == positions
     for key in ("median_margin_before", "median_margin_after"):
         assert abs(flips[0][key] - flips[1][key]) <= 2 * atol, key
-    margins = [read_parquet(want / audit / "positions.parquet")["margin"] for audit in ("audit_before", "audit_after")]
+    audits = (before or want / "audit_before", want / "audit_after")
+    margins = [read_parquet(audit / "positions.parquet")["margin"] for audit in audits]
     undecided = int(np.count_nonzero(~(decided(margins[0], atol) & decided(margins[1], atol))))
     for key in ("w2r", "r2w"):
         assert abs(flips[0][key] - flips[1][key]) <= undecided, (key, flips[0][key], flips[1][key], undecided)

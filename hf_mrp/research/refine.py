@@ -10,7 +10,10 @@ blocks) also audits them into `audit_step_N/` + `comparison_step_N/`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from ..audit.summary import AuditSummary
 from ..data import check_block_fits
@@ -37,13 +40,14 @@ def refine(
     refine_args: RefineArguments,
     config: MRPConfig,
     baseline_dir: str | Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """Run the whole pipeline; returns the comparison (flip audit) dictionary.
 
     The output folder is owned for the run (storage.locks.owned_folder): a second run into it stops at once.
     A folder holding a finished run is only written again with ``overwrite_output_dir`` or a resume.
     ``baseline_dir``: an existing audit of the same blocks to reuse as the "before" audit (a sweep
-    shares one across its runs).
+    shares one across its runs). ``callbacks``: more TrainerCallbacks for the trainer (a sweep's progress report).
     """
     assert config.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
     output_dir = files.ensure_output_dir(config.output_dir)
@@ -54,10 +58,12 @@ def refine(
         check_resumed_settings(config, config.resume_from_checkpoint)
         if main and refine_args.overwrite_output_dir and not config.resume_from_checkpoint:
             forget_finished_run(output_dir)
-        return _refine_into(output_dir, model_args, data_args, refine_args, config, baseline_dir)
+        return _refine_into(output_dir, model_args, data_args, refine_args, config, baseline_dir, callbacks)
 
 
-def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir) -> dict:
+def _refine_into(
+    output_dir: Path, model_args, data_args, refine_args, config: MRPConfig, baseline_dir, callbacks=()
+) -> dict:
     push, config.push_to_hub = config.push_to_hub, False  # push ourselves, after everything is saved
     check_data_flags_apply(data_args)
     if refine_args.downstream is not None:  # lm-eval and the suite's packages, before minutes of training
@@ -89,7 +95,7 @@ def _refine_into(output_dir: Path, model_args, data_args, refine_args, config: M
         train_dataset=training_dataset(train_ids, target_weights(train_ids, tokenizer, refine_args)),
         eval_dataset=training_dataset(audit_blocks.input_ids) if evaluating else None,
         processing_class=tokenizer,
-        callbacks=[audit, *filter(None, [hub])],
+        callbacks=[audit, *filter(None, [hub]), *callbacks],
     )
     train_to_finite_weights(trainer, output_dir, config.resume_from_checkpoint)
     before, after, comparison = train_end_audits(audit)

@@ -680,7 +680,7 @@ def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, cap
     results = json_module.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 1 and results["runs"][0]["control"]
     assert last == (
-        f"hf-mrp sweep: error: 1 of 2 runs failed (diverged): {results['failed_runs'][0]['name']}; "
+        f"hf-mrp sweep: error: 1 of 2 runs failed: {results['failed_runs'][0]['name']}; "
         "results.md lists them and why, the rows hold only the finished runs"
     ), last
     failed = results["failed_runs"]

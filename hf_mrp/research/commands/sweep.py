@@ -58,6 +58,6 @@ def main(args: SweepArguments, refine_argv: list[str], argv: list[str]) -> None:
     failed = [run.name for run in results.aggregate.failed_runs]
     if failed:
         raise MRPUserError(
-            f"{len(failed)} of {len(runs) + len(failed)} runs failed (diverged): "
+            f"{len(failed)} of {len(runs) + len(failed)} runs failed: "
             f"{', '.join(failed)}; results.md lists them and why, the rows hold only the finished runs"
         )

@@ -4,10 +4,10 @@
                  --output_dir outputs/sweep --max_steps 60
 
 Every run is `hf-mrp refine` (`hf_mrp.research.refine.refine`) with the same pass-through flags (model, data,
-MRPConfig / TrainingArguments, --audit_positions, --holdout; defaults as examples/refine.py), run in
-this process one after another. Each seed also gets a control: lambda = 0 (cross-entropy only; the
-objective named by --control_objective is carried but has weight 0), with the same data, steps,
-adapter and seed, so "net attributable to the objective" = net(run) - net(control of that seed).
+MRPConfig / TrainingArguments, --audit_positions, --holdout; defaults as examples/refine.py), each a Ray Tune
+trial (engine.py; docs/sweep.md: one machine, a Ray cluster, resources). Each seed also gets a control:
+lambda = 0 (cross-entropy only; the objective named by --control_objective is carried but has weight 0), with the
+same data, steps, adapter and seed, so "net attributable to the objective" = net(run) - net(control of that seed).
 
 Layout of ``--output_dir``:
 
@@ -20,9 +20,10 @@ Layout of ``--output_dir``:
     results.json, results.md                 the dose-response table (results.json is written last)
     flips_vs_lambda.png, margin_change_vs_lambda.png, class_net_vs_lambda.png
 
-Resuming: a run whose ``training_log.json`` (written last by refine) exists is finished and is not redone; any other
-run folder is deleted and the run redone from scratch. Running the same command again therefore
-finishes an interrupted sweep, and with every run finished only recomputes the results.
+Resuming: a run whose folder reads back whole (``training_log.json``, written last by refine, and its audits) is
+finished and is not redone; any other run folder is deleted and the run redone from scratch, on Ray. Running the
+same command again therefore finishes an interrupted sweep (a crash, Ctrl-C, a killed driver), and with every run
+finished only recomputes the results, without starting Ray.
 
 Rows: the controls, objective x lambda (an objective on its own grid with --objective_lambdas, entropy with
 --entropy_lambdas), and on request variant rows (variants.py): the W-trainable rows (--head_lambdas: LoRA +
@@ -43,7 +44,9 @@ function `hf-mrp compare` uses.
 
 Modules: arguments.py (the sweep's own flags), variants.py (variant specs and their controls), plan.py (runs,
 names, rows), runs.py (run arguments,
-settings, the shared baseline, one refinement per run), run_statistics.py (per-position data, per-run numbers),
+settings, the shared baseline, one refinement per run), engine.py (Ray: the unfinished runs as Tune trials),
+trial.py (one trial: the run in its process, or on Ray Train workers), console.py (the trial table),
+run_statistics.py (per-position data, per-run numbers),
 aggregate.py and paired.py (rows, intervals, paired differences), results.py (results.json as typed records, one
 to_json), metrics.py (what each number is), report.py and cells.py (results.md, plots, console summary; how a cell
 is printed), command.py (end to end). The `hf-mrp sweep` parser, which

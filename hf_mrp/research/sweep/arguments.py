@@ -124,6 +124,25 @@ class SweepArguments:
         },
     )
 
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "the Ray cluster to run on (default: $RAY_ADDRESS; neither: a local Ray started in this "
+            "process on this machine's CPUs and GPUs)"
+        },
+    )
+    cpus_per_run: float = field(default=1.0, metadata={"help": "CPUs each run holds (split over its processes)"})
+    gpus_per_run: float | None = field(
+        default=None,
+        metadata={"help": "GPUs each run holds (split over its processes); default: 1 on a cluster with GPUs, else 0"},
+    )
+    processes_per_run: int = field(
+        default=1, metadata={"help": "processes of one run (> 1: a Ray Train TorchTrainer, DDP; gloo on CPU)"}
+    )
+    max_concurrent_runs: int = field(
+        default=0, metadata={"help": "runs at a time at most (0: as many as the resources allow)"}
+    )
+
     def __post_init__(self) -> None:
         self.objectives = list(dict.fromkeys(self.objectives))
         self.seeds = [int(seed) for seed in dict.fromkeys(self.seeds)]
@@ -148,10 +167,23 @@ class SweepArguments:
             raise MRPUserError("--target_lambdas needs --target_classes or --target_buckets (what to aim at)")
         if self.audit_blocks < 1:
             raise MRPUserError(f"audit_blocks must be positive, got {self.audit_blocks}")
+        self._check_resources()
         if self.n_bootstrap < 0:
             raise MRPUserError(f"n_bootstrap must be >= 0 (0: no confidence intervals), got {self.n_bootstrap}")
         if not 0 < self.confidence < 1:
             raise MRPUserError(f"confidence must be between 0 and 1, got {self.confidence}")
+
+    def _check_resources(self) -> None:
+        if not self.cpus_per_run >= 0.1:
+            raise MRPUserError(f"--cpus_per_run must be at least 0.1, got {self.cpus_per_run}")
+        if self.gpus_per_run is not None and not self.gpus_per_run >= 0:
+            raise MRPUserError(f"--gpus_per_run must be >= 0, got {self.gpus_per_run}")
+        if self.processes_per_run < 1:
+            raise MRPUserError(f"--processes_per_run must be >= 1, got {self.processes_per_run}")
+        if self.max_concurrent_runs < 0:
+            raise MRPUserError(
+                f"--max_concurrent_runs must be >= 0 (0: as resources allow), got {self.max_concurrent_runs}"
+            )
 
     def lambdas_of(self, name: str) -> list[float]:
         """The lambda grid of an objective of --objectives: --objective_lambdas, entropy's --entropy_lambdas, or

@@ -1,4 +1,4 @@
-"""`hf-mrp sweep` from end to end: plan, run (or resume) every run, aggregate, report."""
+"""`hf-mrp sweep` from end to end: plan, run (or resume) the unfinished runs on Ray (engine.py), aggregate, report."""
 
 from __future__ import annotations
 
@@ -8,22 +8,20 @@ from typing import Any
 from ...audit.geometry import AuditResult
 from ...storage import files
 from ...storage.locks import current_command, owned_folder
-from ...training.divergence import TrainingDiverged
 from ..run_folders import run_is_whole
 from .aggregate import aggregate
 from .arguments import SweepArguments
+from .engine import engine_record, ray_engine, require_ray, run_grid
 from .metrics import DESCRIPTIONS, HEADERS, METRIC_KEYS
-from .plan import TARGET, RunSpec, format_lambda, plan_runs, run_fields, sweep_variants
+from .plan import TARGET, RunSpec, plan_runs, run_fields, sweep_variants
 from .report import markdown_report, write_plots
 from .results import Bootstrap, ControlSettings, Positions, SweepHead, SweepResults, Training
 from .runs import (
-    BASELINE,
     RunArguments,
     check_finished_runs,
     check_settings,
     default_settings,
     ensure_baseline,
-    execute_run,
     failed_reason,
     record_settings,
     run_arguments,
@@ -39,6 +37,8 @@ def run_sweep(args: SweepArguments, shared: RunArguments, command: str | None = 
     `hf-mrp refine` does); each run is ``shared`` with its own fields replaced (run_arguments). ``command``: what
     results.json records (default: this process's command line)."""
     command = command or current_command()
+    if not args.aggregate_only:
+        require_ray()  # not installed: one line saying how, before any work
     sweep_dir = Path(args.output_dir)
     plan = plan_runs(args)
     arguments = {
@@ -65,48 +65,45 @@ def _run_owned_sweep(
     tokenizer, baseline = ensure_baseline(sweep_dir, arguments[plan[0].name])
     record_settings(sweep_dir, settings, command)
 
-    executed, failed = [], {}
-    for number, spec in enumerate(plan, 1):
-        run_dir = sweep_dir / "runs" / spec.name
-        if run_is_whole(run_dir):
-            print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
-            continue
-        reason = failed_reason(run_dir)
-        if reason is not None:
-            failed[spec.name] = reason
-            print(
-                f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}",
-                flush=True,
-            )
-            continue
-        if args.aggregate_only:
-            print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
-            continue
-        if run_dir.exists():
-            print(f"[{number}/{len(plan)}] redoing unfinished run {spec.name} from scratch", flush=True)
-        print(
-            f"[{number}/{len(plan)}] training {spec.name} (objective {spec.train_objective}, lambda "
-            f"{format_lambda(spec.lam)}, seed {spec.seed})",
-            flush=True,
-        )
-        try:
-            seconds = execute_run(spec, arguments[spec.name], run_dir, sweep_dir / BASELINE)
-        except TrainingDiverged as error:
-            failed[spec.name] = str(error)
-            print(f"[{number}/{len(plan)}] FAILED {spec.name}: {error}", flush=True)
-            continue
-        executed.append(spec.name)
-        print(f"[{number}/{len(plan)}] finished {spec.name} in {seconds:.1f}s", flush=True)
-
+    todo, failed = unfinished_runs(args, plan, sweep_dir)
+    executed: list[str] = []
+    address = None
+    if todo:
+        with ray_engine(args) as address:
+            executed, failed_now = run_grid(args, todo, arguments, sweep_dir.resolve(), len(plan))
+        failed.update(failed_now)
     results = SweepResults(
         head=describe_sweep(args, command, plan, arguments[plan[0].name], baseline),
         executed_now=executed,
+        engine=engine_record(address),
         aggregate=aggregate(args, plan, sweep_dir, baseline, tokenizer, failed),
     )
     results.plots = write_plots(sweep_dir, results)
     files.write_text(sweep_dir / "results.md", markdown_report(results))
     files.write_json(sweep_dir / "results.json", results.to_json())  # last: its presence marks a complete report
     return results
+
+
+def unfinished_runs(args: SweepArguments, plan: list[RunSpec], sweep_dir: Path) -> tuple[list[RunSpec], dict]:
+    """(the runs to train now, {run: why it failed} for runs that diverged in an earlier call). A finished run is
+    kept as it is; one that diverged is kept as failed (it would diverge again: delete its folder to redo it); any
+    other is trained from scratch (none with --aggregate_only)."""
+    todo, failed = [], {}
+    for number, spec in enumerate(plan, 1):
+        run_dir = sweep_dir / "runs" / spec.name
+        reason = None if run_is_whole(run_dir) else failed_reason(run_dir)
+        if run_is_whole(run_dir):
+            print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
+        elif reason is not None:
+            failed[spec.name] = reason
+            print(f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}")
+        elif args.aggregate_only:
+            print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
+        else:
+            if run_dir.exists():
+                print(f"[{number}/{len(plan)}] redoing unfinished run {spec.name} from scratch", flush=True)
+            todo.append(spec)
+    return todo, failed
 
 
 def describe_sweep(
@@ -193,4 +190,4 @@ def _variants(args: SweepArguments) -> dict[str, dict[str, Any]]:
     return described
 
 
-__all__ = ["run_sweep", "describe_sweep"]
+__all__ = ["run_sweep", "describe_sweep", "unfinished_runs"]

@@ -240,6 +240,7 @@ class SweepResults(JsonRecord):
 
     head: SweepHead = field(metadata=INLINE)
     executed_now: list[str]
+    engine: dict[str, Any]  # {"name": "ray", "version": ..., "address": ...} (engine.engine_record)
     aggregate: Aggregate = field(metadata=INLINE)
     plots: dict[str, str] = field(default_factory=dict)
 

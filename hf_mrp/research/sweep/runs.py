@@ -1,5 +1,5 @@
-"""Running a sweep's runs: their arguments, the settings a resumed sweep must match, the shared baseline audit,
-and one refinement per run (`hf_mrp.research.refine.refine`, in this process)."""
+"""A sweep's runs: their arguments, the settings a resumed sweep must match, the shared baseline audit, and one
+refinement per run (execute_run: what each Ray trial calls, engine.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +25,6 @@ from ...training.callbacks import MRPAuditCallback
 from ...training.divergence import TrainingDiverged
 from ..arguments import DataArguments, ModelArguments, audit_options, provenance
 from ..loading import load_model_from_arguments
-from ..refine import refine
 from ..refine_arguments import RefineArguments
 from ..refine_inputs import refine_blocks
 from ..run_folders import audit_is_whole
@@ -239,15 +239,19 @@ def failed_reason(run_dir: Path) -> str | None:
         return None  # a record cut short: the run counts as unfinished and is redone
 
 
-def execute_run(spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_dir: Path) -> float:
+def execute_run(
+    spec: RunSpec, arguments: RunArguments, run_dir: Path, baseline_dir: Path, train: Callable[[RunArguments], object]
+) -> float:
     """One refinement of ``arguments`` (run_arguments), from scratch, into ``run_dir``; returns its wall time.
 
-    A run that diverges (TrainingDiverged) is recorded as failed in ``run_dir / FAILED_RECORD`` and raises again."""
+    ``train`` runs it (trial.py: in this process with a progress report, or on several processes; it reuses
+    ``baseline_dir``). A run that diverges (TrainingDiverged) is recorded as failed in ``run_dir /
+    FAILED_RECORD`` and raises again."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     try:
-        refine(*arguments, baseline_dir=baseline_dir)
+        train(arguments)
     except TrainingDiverged as error:
         files.write_json(
             run_dir / FAILED_RECORD,

@@ -1,0 +1,178 @@
+"""`hf-mrp sweep` on Ray (the session's local Ray of 2 CPUs, conftest.ray_cluster): a four-run grid two runs at a
+time equals the same grid run one by one in this process, after its driver was killed (SIGKILL) once a run had
+finished and the same command was given again; a diverged run is a FAILED row and exit code 2; a run on two
+processes (Ray Train, gloo) equals its one-process run.
+
+One grid serves every case (a sweep costs seconds of process start-up on two cores): control, margin at lambda 1,
+margin at lambda 1e38 (its loss overflows float32 at the first step: diverges on any machine) and entropy at
+lambda 1, on the tiny model, LoRA on layers 1-2, 3 steps of one batch holding all 6 training blocks (so 2 processes
+of 3 blocks each see the same rows each step as 1 process of 6)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hf_mrp.research import cli
+from hf_mrp.research.commands.sweep import parse_arguments, parse_pass_through
+from hf_mrp.research.refine import refine
+from hf_mrp.research.sweep import plan_runs
+from hf_mrp.research.sweep.plan import run_fields, run_name
+from hf_mrp.research.sweep.runs import ensure_baseline, execute_run, run_arguments
+from hf_mrp.training.divergence import TrainingDiverged
+
+from helpers import ROOT, assert_same_flips, file_hashes, one_torch_thread, tiny_model_bounds
+
+pytestmark = pytest.mark.slow  # Ray trials and Train workers are processes
+
+DIVERGES = run_name("margin", 1e38, 0)
+# Fields of results.json that are not the sweep's numbers: how and when it ran (the command names its folder).
+NOT_NUMBERS = {"command", "executed_now", "engine", "seconds"}
+
+
+def grid_argv(model_dir, out, *extra) -> list[str]:
+    return [
+        "sweep",
+        *("--model", str(model_dir), "--output_dir", str(out)),
+        *("--objectives", "margin", "entropy", "--lambdas", "1", "--objective_lambdas", "margin=1,1e38"),
+        *("--seeds", "0", "--n_bootstrap", "50", "--max_concurrent_runs", "2"),
+        *("--block_size", "32", "--max_positions", "248", "--audit_positions", "62", "--max_steps", "3"),
+        *("--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--lora_layers", "1-2"),
+        *("--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"),
+        *extra,
+    ]
+
+
+def one_by_one(argv: list[str], out) -> int:
+    """The grid's runs one after another in this process (the per-run function each trial calls, refine here), then
+    `hf-mrp sweep --aggregate_only` for the results: the reference a sweep on Ray must equal."""
+    args, rest = parse_arguments(argv[1:])
+    shared = parse_pass_through(rest, args.audit_blocks)
+    plan = plan_runs(args)
+    arguments = {s.name: run_arguments(shared, s, out / "runs" / s.name, run_fields(args, s)) for s in plan}
+    out.mkdir(parents=True)
+    with one_torch_thread():  # as each trial runs (Ray gives a 1-CPU actor one thread)
+        ensure_baseline(out, arguments[plan[0].name])
+        for spec in plan:
+            try:
+                execute_run(
+                    spec, arguments[spec.name], out / "runs" / spec.name, out / "baseline",
+                    lambda a: refine(*a, baseline_dir=out / "baseline"),
+                )  # fmt: skip
+            except TrainingDiverged:
+                pass
+    return cli.main([*argv, "--aggregate_only", "true"])
+
+
+def assert_same_numbers(got, want, rel: float, path: str = "") -> None:
+    """Every number of ``got`` within ``rel`` of ``want`` (relative, absolute below 1), everything else equal."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for key in want:
+            if key not in NOT_NUMBERS:
+                assert_same_numbers(got[key], want[key], rel, f"{path}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert_same_numbers(a, b, rel, f"{path}[{index}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert abs(got - want) <= rel * max(1.0, abs(want)), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+def report(folder) -> str:
+    """results.md without what tells runs of one grid apart: the folder, each run's seconds (the table of runs)."""
+    text = (folder / "results.md").read_text().replace(str(folder), "FOLDER")
+    return re.sub(r"^(\| [^|]+ \| \d+ \| \d+ \| )[^|]+ \|", r"\1seconds |", text, flags=re.M)
+
+
+def kill_after_first_finished(argv: list[str], address: str) -> str:
+    """The sweep as its own driver process on the session's Ray, killed (SIGKILL) as soon as it reports a finished
+    run: that run's name."""
+    env = {**os.environ, "RAY_ADDRESS": address, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "hf_mrp.research.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        found = re.match(r"\[\d+/4\] finished (\S+) in", line)
+        if found:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=60)
+            return found.group(1)
+    raise AssertionError(f"the driver ended (exit code {driver.wait()}) without reporting a finished run")
+
+
+def wait_for_free_cpus(want: float = 2.0, timeout: float = 60.0) -> None:
+    """Until the killed driver's trials are gone (Ray ends a dead driver's actors; they hold the CPUs till then)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < want:
+        assert time.monotonic() < deadline, "the killed driver's trials still hold CPUs"
+        time.sleep(0.5)
+
+
+def test_ray_sweep_resumes_after_sigkill_and_equals_the_runs_one_by_one(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    ray_dir, reference = tmp_path / "ray", tmp_path / "reference"
+    argv = grid_argv(tiny_model_dir, ray_dir)
+
+    first = kill_after_first_finished(argv, ray_cluster)
+    kept = file_hashes(ray_dir / "runs" / first)
+    wait_for_free_cpus()
+    assert cli.main(argv) == 2  # the same command again: it resumes, and one run diverged
+    captured = capsys.readouterr()
+    assert f"skipping finished run {first}" in captured.out and f"training {first} " not in captured.out
+    assert file_hashes(ray_dir / "runs" / first) == kept  # the finished run was not trained again
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith(f"hf-mrp sweep: error: 1 of 4 runs failed: {DIVERGES}; results.md lists them"), last
+    assert f"FAILED {DIVERGES}: training diverged at step" in captured.out
+    got = json.loads((ray_dir / "results.json").read_text())
+    assert got["engine"]["name"] == "ray" and got["engine"]["version"] == "2.60.0"
+    assert got["engine"]["address"] == ray_cluster
+    assert [run["name"] for run in got["failed_runs"]] == [DIVERGES] and not got["missing_runs"]
+    assert "training diverged at step" in got["failed_runs"][0]["reason"]
+    assert not (ray_dir / "runs" / DIVERGES / "training_log.json").exists()
+    for run in got["runs"]:  # one shared baseline: no run audited its own "before"
+        assert not (ray_dir / "runs" / run["name"] / "audit_before").exists()
+
+    assert one_by_one(grid_argv(tiny_model_dir, reference), reference) == 2
+    capsys.readouterr()
+    want = json.loads((reference / "results.json").read_text())
+    assert len(want["runs"]) == 3 and want["failed_runs"][0]["name"] == DIVERGES
+    # The same float32 computation of each run on one thread, in a Ray actor or here: the same bits, so every
+    # number of results.json (float64 statistics of identical inputs, in the same order) equal within 1e-12.
+    assert_same_numbers(got, want, rel=1e-12)
+    assert report(ray_dir) == report(reference).replace(" --aggregate_only true", "")
+
+    # --processes_per_run 2: the control again, on two Ray Train workers (DDP, gloo), the other runs kept
+    two = tmp_path / "two"
+    shutil.copytree(reference, two, ignore=shutil.ignore_patterns("control_lam0_seed0", ".hf_mrp.lock"))
+    assert cli.main(grid_argv(tiny_model_dir, two, "--processes_per_run", "2", "--cpus_per_run", "2")) == 2
+    assert "training control_lam0_seed0 " in capsys.readouterr().out
+    # Two computations of the same float32 numbers (3 blocks a process against 6 in one, gradients summed across
+    # the processes): each within the tiny decoder's bound (V = 49,152, 6 blocks of 32 a step), twice that apart; the
+    # later steps follow AdamW updates that move only by lr eps dg / g^2 more (test_distributed's argument).
+    bound = 2 * tiny_model_bounds(vocab=49_152, positions=186, length=32)[0]
+    losses = [
+        [row for row in json.loads((folder / "runs" / "control_lam0_seed0" / "training_log.json").read_text())
+         if "loss" in row]
+        for folder in (two, reference)
+    ]  # fmt: skip
+    assert len(losses[0]) == len(losses[1]) == 3
+    for a, b in zip(*losses):
+        for key in ("loss", "loss_ce", "mean_margin"):
+            assert abs(a[key] - b[key]) <= bound * max(1.0, abs(b[key])), (key, a[key], b[key], bound)
+    control = reference / "runs" / "control_lam0_seed0"
+    assert_same_flips(two / "runs" / "control_lam0_seed0", control, atol=bound, before=reference / "baseline")
