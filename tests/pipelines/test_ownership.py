@@ -309,7 +309,7 @@ def test_a_finished_run_with_unreadable_files_is_unfinished(finished_run, tmp_pa
         assert not run_is_whole(copy), name
 
 
-def test_sweep_redoes_a_run_whose_files_are_unreadable(tiny_model_dir, tmp_path, capsys):
+def test_sweep_redoes_a_run_whose_files_are_unreadable(ray_cluster, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = [
         "sweep",

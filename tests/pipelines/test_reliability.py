@@ -649,7 +649,7 @@ def test_a_loss_that_stays_non_finite_stops_the_run(tmp_path):
             torch.testing.assert_close(parameter.detach(), before[name], rtol=0, atol=0, msg=name)
 
 
-def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, capsys):
+def test_a_diverged_sweep_run_is_counted_as_failed(ray_cluster, tiny_model_dir, tmp_path, capsys):
     """lambda 1e38 overflows: that run fails (results.md says so, no row of zeros), its control is a finished row."""
     import json as json_module
 
@@ -693,7 +693,9 @@ def test_a_diverged_sweep_run_is_counted_as_failed(tiny_model_dir, tmp_path, cap
     # a rerun keeps it as failed, trains nothing again, and says so
     assert cli.main(argv) == 2
     rerun = capsys.readouterr()
-    assert f"skipping failed run {failed[0]['name']}" in rerun.out and "] training " not in rerun.out
+    assert (
+        f"skipping failed run {failed[0]['name']}" in rerun.out and f"\ntraining {failed[0]['name']}" not in rerun.out
+    )
 
 
 # ---------------------------------------------------------------- issue 22: signals like Ctrl-C

@@ -19,12 +19,16 @@ import time
 
 import pytest
 
+from hf_mrp.audit.compare import compare_audits, decoder_from_tokenizer
+from hf_mrp.audit.geometry import load_audit
+from hf_mrp.models import load_tokenizer
 from hf_mrp.research import cli
 from hf_mrp.research.commands.sweep import parse_arguments, parse_pass_through
 from hf_mrp.research.refine import refine
 from hf_mrp.research.sweep import plan_runs
 from hf_mrp.research.sweep.plan import run_fields, run_name
 from hf_mrp.research.sweep.runs import ensure_baseline, execute_run, run_arguments
+from hf_mrp.stats.token_classes import CLASSES
 from hf_mrp.training.divergence import TrainingDiverged
 
 from helpers import ROOT, assert_same_flips, file_hashes, one_torch_thread, tiny_model_bounds
@@ -32,6 +36,7 @@ from helpers import ROOT, assert_same_flips, file_hashes, one_torch_thread, tiny
 pytestmark = pytest.mark.slow  # Ray trials and Train workers are processes
 
 DIVERGES = run_name("margin", 1e38, 0)
+RUNS = ("control_lam0_seed0", "margin_lam1_seed0")
 # Fields of results.json that are not the sweep's numbers: how and when it ran (the command names its folder).
 NOT_NUMBERS = {"command", "executed_now", "engine", "seconds"}
 
@@ -87,6 +92,22 @@ def assert_same_numbers(got, want, rel: float, path: str = "") -> None:
         assert got == want, (path, got, want)
 
 
+def flip_numbers_from_positions(sweep_dir, run_dir, tokenizer) -> dict:
+    """Every per-run flip number of results.json, computed by `hf-mrp compare`'s own function from the baseline's
+    and the run's positions.parquet (with the blocks and the tokenizer, for the frequency buckets and classes)."""
+    before, after = load_audit(sweep_dir / "baseline"), load_audit(run_dir / "audit_after")
+    comparison = compare_audits(before, after, decoder_from_tokenizer(tokenizer))
+    numbers = {key: comparison[key] for key in ("w2r", "r2w", "net", "flip_ratio", "churn", "median_margin_change")}
+    numbers.update(
+        head_share=comparison["head_share"],
+        median_margin=comparison["median_margin_after"],
+        accuracy=comparison["accuracy_after"],
+        structural_share=comparison["by_class"]["structural"]["share_of_net"],
+        **{f"net_{label}": comparison["by_class"][label]["net"] for label in CLASSES},
+    )
+    return numbers
+
+
 def report(folder) -> str:
     """results.md without what tells runs of one grid apart: the folder, each run's seconds (the table of runs)."""
     text = (folder / "results.md").read_text().replace(str(folder), "FOLDER")
@@ -127,7 +148,6 @@ def wait_for_free_cpus(want: float = 2.0, timeout: float = 60.0) -> None:
 def test_ray_sweep_resumes_after_sigkill_and_equals_the_runs_one_by_one(ray_cluster, tiny_model_dir, tmp_path, capsys):
     ray_dir, reference = tmp_path / "ray", tmp_path / "reference"
     argv = grid_argv(tiny_model_dir, ray_dir)
-
     first = kill_after_first_finished(argv, ray_cluster)
     kept = file_hashes(ray_dir / "runs" / first)
     wait_for_free_cpus()
@@ -139,13 +159,21 @@ def test_ray_sweep_resumes_after_sigkill_and_equals_the_runs_one_by_one(ray_clus
     assert last.startswith(f"hf-mrp sweep: error: 1 of 4 runs failed: {DIVERGES}; results.md lists them"), last
     assert f"FAILED {DIVERGES}: training diverged at step" in captured.out
     got = json.loads((ray_dir / "results.json").read_text())
-    assert got["engine"]["name"] == "ray" and got["engine"]["version"] == "2.60.0"
-    assert got["engine"]["address"] == ray_cluster
+    assert got["engine"] == {"name": "ray", "version": "2.60.0", "address": ray_cluster}
     assert [run["name"] for run in got["failed_runs"]] == [DIVERGES] and not got["missing_runs"]
     assert "training diverged at step" in got["failed_runs"][0]["reason"]
     assert not (ray_dir / "runs" / DIVERGES / "training_log.json").exists()
-    for run in got["runs"]:  # one shared baseline: no run audited its own "before"
-        assert not (ray_dir / "runs" / run["name"] / "audit_before").exists()
+    check_runs(ray_dir, got, tiny_model_dir)
+
+    before = file_hashes(ray_dir / "runs")  # once more: all runs finished or failed, nothing trains
+    assert cli.main(argv) == 2
+    again = capsys.readouterr().out
+    assert again.count("skipping finished run") == 3 and "baseline: reusing" in again
+    assert not re.search(r"^training ", again, flags=re.M)  # no trial started
+    assert (
+        file_hashes(ray_dir / "runs") == before
+        and json.loads((ray_dir / "results.json").read_text())["executed_now"] == []
+    )
 
     assert one_by_one(grid_argv(tiny_model_dir, reference), reference) == 2
     capsys.readouterr()
@@ -155,24 +183,52 @@ def test_ray_sweep_resumes_after_sigkill_and_equals_the_runs_one_by_one(ray_clus
     # number of results.json (float64 statistics of identical inputs, in the same order) equal within 1e-12.
     assert_same_numbers(got, want, rel=1e-12)
     assert report(ray_dir) == report(reference).replace(" --aggregate_only true", "")
+    assert f"**FAILED (diverged, left out of every row):** {DIVERGES}" in report(ray_dir)
+    two_processes_equal_one(tiny_model_dir, reference, tmp_path / "two", capsys)
 
-    # --processes_per_run 2: the control again, on two Ray Train workers (DDP, gloo), the other runs kept
-    two = tmp_path / "two"
-    shutil.copytree(reference, two, ignore=shutil.ignore_patterns("control_lam0_seed0", ".hf_mrp.lock"))
-    assert cli.main(grid_argv(tiny_model_dir, two, "--processes_per_run", "2", "--cpus_per_run", "2")) == 2
-    assert "training control_lam0_seed0 " in capsys.readouterr().out
+
+def check_runs(sweep_dir, results: dict, model_dir) -> None:
+    """Each run's folder as `hf-mrp refine` writes it, against the one shared baseline, its numbers those of
+    `hf-mrp compare`'s own function, the control trained as its runs but for the objective's weight."""
+    tokenizer = load_tokenizer(str(model_dir))
+    for entry in results["runs"]:
+        run_dir = sweep_dir / entry["dir"]
+        assert not (run_dir / "audit_before").exists()  # one shared baseline: no run audited its own
+        expected = flip_numbers_from_positions(sweep_dir, run_dir, tokenizer)
+        assert {key: entry["metrics"][key] for key in expected} == expected, entry["name"]
+    configs = [json.loads((sweep_dir / "runs" / name / "mrp_config.json").read_text()) for name in RUNS]
+    own = ("mrp_lambda", "mrp_objective", "output_dir", "logging_dir", "run_name")
+    assert [config["mrp_lambda"] for config in configs] == [0.0, 1.0]
+    assert {k: v for k, v in configs[0].items() if k not in own} == {
+        k: v for k, v in configs[1].items() if k not in own
+    }
+
+
+def two_processes_equal_one(model_dir, reference, two, capsys) -> None:
+    """--processes_per_run 2 in a copy of the reference whose control is unfinished (its log gone, a stray file
+    left): the control again, on two Ray Train workers (DDP, gloo), equal to its one-process run; then other run
+    settings in that folder are refused in one line."""
+    shutil.copytree(reference, two, ignore=shutil.ignore_patterns(".hf_mrp.lock"))
+    control = two / "runs" / "control_lam0_seed0"
+    (control / "training_log.json").unlink()
+    (control / "leftover.txt").write_text("partial")
+    assert cli.main(grid_argv(model_dir, two, "--processes_per_run", "2", "--cpus_per_run", "2")) == 2
+    out = capsys.readouterr().out
+    assert "redoing unfinished run control_lam0_seed0 from scratch" in out and "training control_lam0_seed0 " in out
+    assert not (control / "leftover.txt").exists() and out.count("skipping finished run") == 2
     # Two computations of the same float32 numbers (3 blocks a process against 6 in one, gradients summed across
     # the processes): each within the tiny decoder's bound (V = 49,152, 6 blocks of 32 a step), twice that apart; the
     # later steps follow AdamW updates that move only by lr eps dg / g^2 more (test_distributed's argument).
     bound = 2 * tiny_model_bounds(vocab=49_152, positions=186, length=32)[0]
-    losses = [
-        [row for row in json.loads((folder / "runs" / "control_lam0_seed0" / "training_log.json").read_text())
-         if "loss" in row]
-        for folder in (two, reference)
-    ]  # fmt: skip
+    logs = [
+        json.loads((run / "training_log.json").read_text()) for run in (control, reference / control.relative_to(two))
+    ]
+    losses = [[row for row in log if "loss" in row] for log in logs]
     assert len(losses[0]) == len(losses[1]) == 3
     for a, b in zip(*losses):
         for key in ("loss", "loss_ce", "mean_margin"):
             assert abs(a[key] - b[key]) <= bound * max(1.0, abs(b[key])), (key, a[key], b[key], bound)
-    control = reference / "runs" / "control_lam0_seed0"
-    assert_same_flips(two / "runs" / "control_lam0_seed0", control, atol=bound, before=reference / "baseline")
+    assert_same_flips(control, reference / control.relative_to(two), atol=bound, before=reference / "baseline")
+
+    assert cli.main(grid_argv(model_dir, two, "--max_steps", "4")) == 2  # other run settings: refused at once
+    assert "other run settings (max_steps: 3 -> 4)" in capsys.readouterr().err

@@ -85,7 +85,9 @@ def _sweep(model_dir, out, *variants, capsys=None) -> dict:
 
 
 @pytest.mark.slow
-def test_variant_rows_with_their_controls_and_a_resume_that_runs_only_the_added_row(tiny_model_dir, tmp_path, capsys):
+def test_variant_rows_with_their_controls_and_a_resume_that_runs_only_the_added_row(
+    ray_cluster, tiny_model_dir, tmp_path, capsys
+):
     out = tmp_path / "sweep"
     variants = ["ce0:fisher:1:mrp_ce_weight=0", "ewc:fisher:1:mrp_ewc_lambda=10:mrp_ewc_batches=1"]
     results = _sweep(tiny_model_dir, out, *variants)

@@ -89,7 +89,7 @@ def test_match_entropy_picks_the_closest_median_margin_change():
     assert match_entropy(rows[:3]) == []
 
 
-def test_variant_sweep_end_to_end(tiny_model_dir, tmp_path, capsys):
+def test_variant_sweep_end_to_end(ray_cluster, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = [
         "sweep",

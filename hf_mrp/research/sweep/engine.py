@@ -27,7 +27,7 @@ from ...errors import MRPUserError
 from .arguments import SweepArguments
 from .plan import RunSpec
 from .runs import BASELINE, RunArguments
-from .trial import FAILED, WAITING_CPU, TrialSetup, run_trial
+from .trial import FAILED, FINISHED, WAITING_CPU, TrialSetup, run_trial
 
 ENGINE = "ray"
 INSTALL = "pip install 'hf_mrp[sweep]'  (or: pip install 'ray[tune,train]==2.60.0')"
@@ -47,7 +47,7 @@ def require_ray():
         from ray import tune  # noqa: F401  # the extra's parts: ray[tune,train]
         from ray.train import torch  # noqa: F401
     except ImportError:
-        raise MRPUserError(f"hf-mrp sweep runs its runs on Ray, which is not installed here: {INSTALL}") from None
+        raise MRPUserError(f"the sweep runs on Ray, which is not installed here: {INSTALL}") from None
     return ray
 
 
@@ -81,13 +81,14 @@ def ray_engine(args: SweepArguments) -> Iterator[str]:
         ray.shutdown()
 
 
-def gpus_per_run(args: SweepArguments) -> float:
-    """--gpus_per_run, or by default one GPU a run where the cluster has GPUs (none where it has none)."""
+def gpus_per_run(args: SweepArguments, use_cpu: bool) -> float:
+    """--gpus_per_run, or by default one GPU a run where the cluster has GPUs (none where it has none, or where the
+    runs train on the CPU: --use_cpu)."""
     if args.gpus_per_run is not None:
         return float(args.gpus_per_run)
     import ray
 
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and not use_cpu else 0.0
 
 
 def run_grid(
@@ -105,7 +106,7 @@ def run_grid(
         cwd=os.getcwd(),
         processes=args.processes_per_run,
         cpus=args.cpus_per_run,
-        gpus=gpus_per_run(args),
+        gpus=gpus_per_run(args, bool(arguments[todo[0].name].config.use_cpu)),
     )
     check_fits(setup)
     storage = sweep_dir / "ray"
@@ -130,18 +131,30 @@ def run_grid(
     )
     with quiet_loggers("ray.tune", "ray.train"):  # a failed run: one line (console.TrialTable), not its traceback
         grid = tuner.fit()
-    executed, failed = [], {}
+    table.print_summary()
+    return outcomes(grid, todo)
+
+
+def outcomes(grid, todo: list[RunSpec]) -> tuple[list[str], dict[str, str]]:
+    """(the runs that finished, {run: why it failed}) from Tune's results; a run that neither finished nor failed
+    (the sweep was stopped: Ctrl-C) stops the sweep in one line, its folder redone by the next call."""
+    executed, failed, stopped = [], {}, []
     for index in range(len(grid)):
         result = grid[index]
-        name = (result.config or {})["run"]
-        metrics = result.metrics or {}
+        name, status = (result.config or {})["run"], (result.metrics or {}).get("status")
         if result.error is not None:
             failed[name] = one_line(result.error)
-        elif metrics.get("status") == FAILED:
-            failed[name] = str(metrics.get("reason") or "failed")
-        else:
+        elif status == FAILED:
+            failed[name] = str((result.metrics or {}).get("reason") or "failed")
+        elif status == FINISHED:
             executed.append(name)
-    table.print_summary()
+        else:
+            stopped.append(name)
+    if stopped:
+        raise MRPUserError(
+            f"the sweep was stopped before {len(stopped)} runs finished ({', '.join(sorted(stopped))}); run the "
+            f"same command again to finish them (finished runs are kept)"
+        )
     return [spec.name for spec in todo if spec.name in executed], failed
 
 
