@@ -422,6 +422,14 @@ CLI_CASES = [
     ("audit-output-dir-empty", ["audit", "--output_dir", ""], "output_dir is empty (''); pass a folder path"),
     ("refine-output-dir-empty", ["refine", "--output_dir", ""], "output_dir is empty"),
     ("sweep-output-dir-empty", ["sweep", "--output_dir", ""], "output_dir is empty"),
+    ("sweep-no-processes", ["sweep", "--processes_per_run", "0"], "--processes_per_run must be >= 1, got 0"),
+    ("sweep-no-cpus", ["sweep", "--cpus_per_run", "0"], "--cpus_per_run must be at least 0.1, got 0.0"),
+    ("sweep-negative-gpus", ["sweep", "--gpus_per_run", "-1"], "--gpus_per_run must be >= 0, got -1.0"),
+    (
+        "sweep-negative-concurrency",
+        ["sweep", "--max_concurrent_runs", "-1"],
+        "--max_concurrent_runs must be >= 0 (0: as resources allow), got -1",
+    ),
     (
         "sweep-seed-out-of-range",
         ["sweep", "--objectives", "margin", "--lambdas", "1", "--seeds", "-1", "--model", "MODEL", "--use_cpu", "true"],
