@@ -37,6 +37,7 @@ TOP_KEYS = [
     "spread",
     "metrics",
     "executed_now",
+    "engine",
     "rows",
     "entropy_matched",
     "runs",
@@ -89,7 +90,10 @@ def small_results() -> SweepResults:
     )
     baseline = BaselineNumbers("baseline", 62, 0.4, 1.0, 0.3, 0.7, 0.99, "ab" * 32, "tiny")
     aggregate = Aggregate([row], [match], [run], [], [FailedRun("margin_lam1_seed0", "diverged")], baseline)
-    return SweepResults(head=head, executed_now=["fisher_lam0.3_seed0"], aggregate=aggregate, plots={"flips": "f.png"})
+    engine = {"name": "ray", "version": "2.60.0", "address": "local"}
+    return SweepResults(
+        head=head, executed_now=["fisher_lam0.3_seed0"], engine=engine, aggregate=aggregate, plots={"flips": "f.png"}
+    )
 
 
 def test_to_json_writes_results_json_keys_in_order():
@@ -120,6 +124,7 @@ def test_to_json_writes_results_json_keys_in_order():
         "head_share": None,
     }
     assert data["failed_runs"] == [{"name": "margin_lam1_seed0", "reason": "diverged"}]
+    assert data["engine"] == {"name": "ray", "version": "2.60.0", "address": "local"}
     assert (
         data["positions"]["n"] == 62
         and data["training"]["lora_layers"] == "1-2"
