@@ -72,3 +72,25 @@ def test_without_ray_the_sweep_says_in_one_line_how_to_install_it(tmp_path, monk
         "pip install 'hf_mrp[sweep]'  (or: pip install 'ray[tune,train]==2.60.0')\n"
     ), err
     assert not out.exists()  # refused before any work
+
+
+def test_resources_of_a_run_and_how_many_go_at_once(monkeypatch, tmp_path):
+    """A run holds its CPUs and GPUs as its trial; on several processes its Train workers hold them and the trial
+    only WAITING_CPU, so no more such runs go at once than the cluster holds whole (else each would hold part of
+    what its workers wait for); a run larger than the cluster is refused in one line."""
+    import ray
+
+    from hf_mrp.research.sweep.engine import check_fits, concurrency, trial_resources
+    from hf_mrp.research.sweep.trial import WAITING_CPU, TrialSetup
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
+    args = SweepArguments(objectives=["margin"], lambdas=[1.0], seeds=[0])
+    setup = TrialSetup({}, tmp_path, tmp_path / "baseline", str(tmp_path), processes=1, cpus=2.0, gpus=1.0)
+    assert trial_resources(setup) == {"cpu": 2.0, "gpu": 1.0} and concurrency(args, setup) is None
+    several = setup._replace(processes=2, gpus=2.0)
+    assert trial_resources(several) == {"cpu": WAITING_CPU, "gpu": 0}
+    assert concurrency(args, several) == 2  # 4 GPUs // 2 (8 CPUs // 2 would allow 4)
+    args.max_concurrent_runs = 1
+    assert concurrency(args, several) == 1
+    with pytest.raises(MRPUserError, match="a run asks for 16 CPUs .--cpus_per_run. but the Ray cluster has 8"):
+        check_fits(setup._replace(cpus=16.0))
