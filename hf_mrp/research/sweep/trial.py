@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from transformers import TrainerCallback
 
 from ...training.divergence import TrainingDiverged
@@ -55,11 +57,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     os.chdir(setup.cwd)
     spec, arguments = setup.runs[config["run"]]
     run_dir = setup.sweep_dir / "runs" / spec.name
-    train = (
-        (lambda a: train_here(a, setup.baseline_dir))
-        if setup.processes == 1
-        else (lambda a: train_on_workers(a, setup))
-    )
+    if setup.processes == 1:
+        train = partial(train_here, baseline_dir=setup.baseline_dir, cpus=setup.cpus)
+    else:
+        train = partial(train_on_workers, setup=setup)
     try:
         seconds = execute_run(spec, arguments, run_dir, setup.baseline_dir, train)
     except TrainingDiverged as error:
@@ -68,9 +69,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     tune.report({"status": FINISHED, "seconds": seconds})
 
 
-def train_here(arguments: RunArguments, baseline_dir: Path) -> None:
+def train_here(arguments: RunArguments, baseline_dir: Path, cpus: float) -> None:
     """The run in this process, its progress reported to Tune."""
+    use_cpus(cpus)
     refine(*fresh(arguments), baseline_dir=baseline_dir, callbacks=[ProgressReport()])
+
+
+def use_cpus(cpus: float) -> None:
+    """torch's threads: the CPUs the process holds (at least one), whatever OMP_NUM_THREADS the driver had."""
+    torch.set_num_threads(max(1, int(cpus)))
 
 
 def fresh(arguments: RunArguments) -> RunArguments:
@@ -94,7 +101,12 @@ def train_on_workers(arguments: RunArguments, setup: TrialSetup) -> None:
     share = {"CPU": (setup.cpus - WAITING_CPU) / setup.processes, "GPU": setup.gpus / setup.processes}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"arguments": arguments, "baseline_dir": str(setup.baseline_dir), "cwd": setup.cwd},
+        train_loop_config={
+            "arguments": arguments,
+            "baseline_dir": str(setup.baseline_dir),
+            "cwd": setup.cwd,
+            "cpus": share["CPU"],
+        },
         scaling_config=ScalingConfig(num_workers=setup.processes, use_gpu=setup.gpus > 0, resources_per_worker=share),
         torch_config=TorchConfig(backend="nccl" if setup.gpus > 0 else "gloo"),
         run_config=RunConfig(
@@ -112,6 +124,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     from ray import train
 
     os.chdir(config["cwd"])
+    use_cpus(config["cpus"])
     reason = ""
     try:
         refine(*fresh(config["arguments"]), baseline_dir=config["baseline_dir"])
