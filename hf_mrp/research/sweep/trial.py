@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,14 +41,19 @@ class TrialSetup(NamedTuple):
 
 
 class ProgressReport(TrainerCallback):
-    """Each logged step of the run, to Tune (the driver's trial table shows step / max_steps and the loss)."""
+    """Each logged step of the run, to Tune (the driver's trial table shows step / max_steps and the loss).
+
+    ``report``: tune.report in a trial's own process; in Ray Train workers ray.train.report, which every worker
+    calls (a report is a step all of them take) and whose rank 0 metrics Ray passes on to Tune
+    (TuneReportCallback)."""
+
+    def __init__(self, report: Callable[[dict], object], every_process: bool = False):
+        self.report, self.every_process = report, every_process
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from ray import tune
-
-        if state.is_world_process_zero:
+        if self.every_process or state.is_world_process_zero:
             loss = (logs or {}).get("loss")
-            tune.report({"status": "RUNNING", "step": state.global_step, "max_steps": state.max_steps, "loss": loss})
+            self.report({"status": "RUNNING", "step": state.global_step, "max_steps": state.max_steps, "loss": loss})
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -71,8 +77,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 def train_here(arguments: RunArguments, baseline_dir: Path, cpus: float) -> None:
     """The run in this process, its progress reported to Tune."""
+    from ray import tune
+
     use_cpus(cpus)
-    refine(*fresh(arguments), baseline_dir=baseline_dir, callbacks=[ProgressReport()])
+    refine(*fresh(arguments), baseline_dir=baseline_dir, callbacks=[ProgressReport(tune.report)])
 
 
 def use_cpus(cpus: float) -> None:
@@ -97,6 +105,7 @@ def train_on_workers(arguments: RunArguments, setup: TrialSetup) -> None:
     run's CPUs and GPUs; a divergence any worker reports is raised here as the run's TrainingDiverged."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     share = {"CPU": (setup.cpus - WAITING_CPU) / setup.processes, "GPU": setup.gpus / setup.processes}
     trainer = TorchTrainer(
@@ -110,7 +119,9 @@ def train_on_workers(arguments: RunArguments, setup: TrialSetup) -> None:
         scaling_config=ScalingConfig(num_workers=setup.processes, use_gpu=setup.gpus > 0, resources_per_worker=share),
         torch_config=TorchConfig(backend="nccl" if setup.gpus > 0 else "gloo"),
         run_config=RunConfig(
-            name=f"train-{Path(str(arguments.config.output_dir)).name}", storage_path=str(setup.sweep_dir / "ray")
+            name=f"train-{Path(str(arguments.config.output_dir)).name}",
+            storage_path=str(setup.sweep_dir / "ray"),
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # Train V2 RunConfig at run time; reports reach Tune
         ),
     )
     result = trainer.fit()
@@ -127,7 +138,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     use_cpus(config["cpus"])
     reason = ""
     try:
-        refine(*fresh(config["arguments"]), baseline_dir=config["baseline_dir"])
+        progress = ProgressReport(train.report, every_process=True)
+        refine(*fresh(config["arguments"]), baseline_dir=config["baseline_dir"], callbacks=[progress])
     except TrainingDiverged as error:
         reason = str(error)
     free_memory()
