@@ -19,10 +19,15 @@ EMBEDDED_FIXTURES = {"tiny_model_dir"}  # fixtures that load the embedded model'
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that uses an embedded-model fixture is an `integration` test (not in the fast tier)."""
+    """A test that uses an embedded-model fixture is an `integration` test (not in the fast tier); every test of the
+    session's Ray (ray_cluster) runs on one xdist worker (`make test`: --dist loadgroup), as another worker would
+    start a second Ray of 2 CPUs on the same cores."""
     for item in items:
-        if EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if EMBEDDED_FIXTURES & fixtures:
             item.add_marker(pytest.mark.integration)
+        if "ray_cluster" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture
