@@ -18,6 +18,29 @@ from helpers import VOCAB, CharTokenizer, tiny_llama
 EMBEDDED_FIXTURES = {"tiny_model_dir"}  # fixtures that load the embedded model's tokenizer
 
 
+class XdistGroupIds:
+    """`make test`'s --dist loadgroup sends the tests of one xdist_group to one worker by the '@group' suffix of their
+    node ids; pytest-xdist 3.8 writes that suffix to ``item._nodeid``, which pytest 9.2 no longer reads (its node
+    ids live in ``item._id``), so without this every group would be spread over the workers. In xdist's workers only,
+    after xdist's own hook."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not getattr(config.option, "loadgroup", False):
+            return
+        from _pytest.nodeid import NodeId
+
+        for item in items:
+            groups = sorted({str(mark.args[0]) for mark in item.iter_markers("xdist_group") if mark.args})
+            if groups and "@" not in item.nodeid and hasattr(item, "_id"):
+                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(XdistGroupIds(), "xdist-group-ids")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses an embedded-model fixture is an `integration` test (not in the fast tier); every test of the
     session's Ray (ray_cluster) runs on one xdist worker (`make test`: --dist loadgroup), as another worker would

@@ -5,13 +5,13 @@ processes (Ray Train, gloo) equals its one-process run.
 
 One grid serves every case (a sweep costs seconds of process start-up on two cores): control, margin at lambda 1,
 margin at lambda 1e38 (its loss overflows float32 at the first step: diverges on any machine) and entropy at
-lambda 1, on the tiny model, LoRA on layers 1-2, 3 steps of one batch holding all 6 training blocks (so 2 processes
-of 3 blocks each see the same rows each step as 1 process of 6)."""
+lambda 1, on the tiny model, LoRA on layers 1-2, 3 steps of one batch holding all 8 training blocks (248 positions
+and 62 more for the audit: 10 blocks of 31, the first 2 audited), so 2 processes of 4 blocks each
+(--per_device_train_batch_size 4 there) see the same rows each step as 1 process of 8."""
 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -205,30 +205,32 @@ def check_runs(sweep_dir, results: dict, model_dir) -> None:
 
 
 def two_processes_equal_one(model_dir, reference, two, capsys) -> None:
-    """--processes_per_run 2 in a copy of the reference whose control is unfinished (its log gone, a stray file
-    left): the control again, on two Ray Train workers (DDP, gloo), equal to its one-process run; then other run
-    settings in that folder are refused in one line."""
-    shutil.copytree(reference, two, ignore=shutil.ignore_patterns(".hf_mrp.lock"))
-    control = two / "runs" / "control_lam0_seed0"
-    (control / "training_log.json").unlink()
-    (control / "leftover.txt").write_text("partial")
-    assert cli.main(grid_argv(model_dir, two, "--processes_per_run", "2", "--cpus_per_run", "2")) == 2
+    """--processes_per_run 2 (two Ray Train workers, DDP over gloo) with 4 blocks a process, in a sweep of its own
+    (control and entropy at lambda 1): each run equal to the reference's one-process run of all 8 blocks a step; then
+    other run settings in that folder are refused in one line. (With the reference's 8 blocks a process each worker
+    would get all 8 blocks: the runs would equal the reference trivially, two copies of one computation, and no split
+    of the batch would be tested. Not margin: its default 'gated' normalization is a mean over each process' own
+    gated positions, which depends on how the batch is split, as with gradient accumulation: docs/spec.md row 2.)"""
+    argv = [
+        *grid_argv(model_dir, two, "--processes_per_run", "2", "--cpus_per_run", "2"),
+        *("--objectives", "entropy", "--objective_lambdas", "entropy=1", "--per_device_train_batch_size", "4"),
+    ]  # later flags win: the grid is the control and entropy 1, 4 blocks a process
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "redoing unfinished run control_lam0_seed0 from scratch" in out and "training control_lam0_seed0 " in out
-    assert not (control / "leftover.txt").exists() and out.count("skipping finished run") == 2
-    # Two computations of the same float32 numbers (3 blocks a process against 6 in one, gradients summed across
-    # the processes): each within the tiny decoder's bound (V = 49,152, 6 blocks of 32 a step), twice that apart; the
+    runs = ("control_lam0_seed0", "entropy_lam1_seed0")
+    assert all(f"training {name} " in out for name in runs)
+    # Two computations of the same float32 numbers (4 blocks a process against 8 in one, gradients summed across
+    # the processes): each within the tiny decoder's bound (V = 49,152, 8 blocks of 32 a step), twice that apart; the
     # later steps follow AdamW updates that move only by lr eps dg / g^2 more (test_distributed's argument).
-    bound = 2 * tiny_model_bounds(vocab=49_152, positions=186, length=32)[0]
-    logs = [
-        json.loads((run / "training_log.json").read_text()) for run in (control, reference / control.relative_to(two))
-    ]
-    losses = [[row for row in log if "loss" in row] for log in logs]
-    assert len(losses[0]) == len(losses[1]) == 3
-    for a, b in zip(*losses):
-        for key in ("loss", "loss_ce", "mean_margin"):
-            assert abs(a[key] - b[key]) <= bound * max(1.0, abs(b[key])), (key, a[key], b[key], bound)
-    assert_same_flips(control, reference / control.relative_to(two), atol=bound, before=reference / "baseline")
+    bound = 2 * tiny_model_bounds(vocab=49_152, positions=248, length=32)[0]
+    for name in runs:
+        pair = (two / "runs" / name, reference / "runs" / name)
+        logs = [[row for row in json.loads((run / "training_log.json").read_text()) if "loss" in row] for run in pair]
+        assert len(logs[0]) == len(logs[1]) == 3
+        for a, b in zip(*logs):
+            for key in ("loss", "loss_ce", "loss_mrp", "mean_margin"):
+                assert abs(a[key] - b[key]) <= bound * max(1.0, abs(b[key])), (name, key, a[key], b[key], bound)
+        assert_same_flips(*pair, atol=bound, before=reference / "baseline")
 
-    assert cli.main(grid_argv(model_dir, two, "--max_steps", "4")) == 2  # other run settings: refused at once
+    assert cli.main([*argv, "--max_steps", "4"]) == 2  # other run settings: refused at once
     assert "other run settings (max_steps: 3 -> 4)" in capsys.readouterr().err
