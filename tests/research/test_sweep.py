@@ -94,3 +94,34 @@ def test_resources_of_a_run_and_how_many_go_at_once(monkeypatch, tmp_path):
     assert concurrency(args, several) == 1
     with pytest.raises(MRPUserError, match="a run asks for 16 CPUs .--cpus_per_run. but the Ray cluster has 8"):
         check_fits(setup._replace(cpus=16.0))
+
+
+def test_a_stopped_sweep_names_its_unfinished_runs_and_ends_as_an_interrupt(capsys):
+    """Ctrl-C reaches Ray Tune first, which ends its trials and returns: a run it stopped (no status) and the runs it
+    never started (no config) are named in one line, then KeyboardInterrupt (hf-mrp's exit 130), not a traceback
+    of the bookkeeping; finished and failed runs are what they were."""
+    from types import SimpleNamespace
+
+    from hf_mrp.research.sweep.engine import outcomes
+    from hf_mrp.research.sweep.trial import FAILED, FINISHED
+
+    args = SweepArguments(objectives=["margin"], lambdas=[0.5, 1.0, 2.0], seeds=[0, 1])
+    todo = plan_runs(args)
+    names = [spec.name for spec in todo]
+
+    def result(config, metrics=None, error=None):
+        return SimpleNamespace(config=config, metrics=metrics, error=error)
+
+    done = [
+        result({"run": names[0]}, {"status": FINISHED}),
+        result({"run": names[1]}, {"status": FAILED, "reason": "training diverged at step 2"}),
+    ]
+    assert outcomes(done, todo[:2]) == ([names[0]], {names[1]: "training diverged at step 2"})
+    stopped = [*done, result({"run": names[2]}, {"status": "RUNNING", "step": 3}), *[result({}) for _ in names[3:]]]
+    with pytest.raises(KeyboardInterrupt):
+        outcomes(stopped, todo)
+    line = capsys.readouterr().out.strip()
+    assert line == (
+        f"the sweep was stopped before {len(names) - 2} runs finished ({', '.join(names[2:5])} and "
+        f"{len(names) - 5} more); run the same command again to finish them (finished runs are kept)"
+    )

@@ -136,25 +136,31 @@ def run_grid(
 
 
 def outcomes(grid, todo: list[RunSpec]) -> tuple[list[str], dict[str, str]]:
-    """(the runs that finished, {run: why it failed}) from Tune's results; a run that neither finished nor failed
-    (the sweep was stopped: Ctrl-C) stops the sweep in one line, its folder redone by the next call."""
-    executed, failed, stopped = [], {}, []
+    """(the runs that finished, {run: why it failed}) from Tune's results. Runs that neither finished nor failed mean
+    the sweep was stopped (Ctrl-C reaches Tune first, which ends its trials and returns; a trial that never started
+    has no config): one line naming them, then KeyboardInterrupt, so `hf-mrp` ends as on any interrupt (exit 130);
+    the next call trains them (finished runs are kept)."""
+    executed, failed = [], {}
     for index in range(len(grid)):
         result = grid[index]
-        name, status = (result.config or {})["run"], (result.metrics or {}).get("status")
+        name, status = (result.config or {}).get("run"), (result.metrics or {}).get("status")
+        if name is None:
+            continue  # never started
         if result.error is not None:
             failed[name] = one_line(result.error)
         elif status == FAILED:
             failed[name] = str((result.metrics or {}).get("reason") or "failed")
         elif status == FINISHED:
             executed.append(name)
-        else:
-            stopped.append(name)
+    stopped = [spec.name for spec in todo if spec.name not in failed and spec.name not in executed]
     if stopped:
-        raise MRPUserError(
-            f"the sweep was stopped before {len(stopped)} runs finished ({', '.join(sorted(stopped))}); run the "
-            f"same command again to finish them (finished runs are kept)"
+        shown = ", ".join(stopped[:3]) + (f" and {len(stopped) - 3} more" if len(stopped) > 3 else "")
+        print(
+            f"the sweep was stopped before {len(stopped)} runs finished ({shown}); run the same command again to "
+            "finish them (finished runs are kept)",
+            flush=True,
         )
+        raise KeyboardInterrupt
     return [spec.name for spec in todo if spec.name in executed], failed
 
 
