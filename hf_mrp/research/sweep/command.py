@@ -91,12 +91,16 @@ def unfinished_runs(args: SweepArguments, plan: list[RunSpec], sweep_dir: Path) 
     todo, failed = [], {}
     for number, spec in enumerate(plan, 1):
         run_dir = sweep_dir / "runs" / spec.name
-        reason = None if run_is_whole(run_dir) else failed_reason(run_dir)
-        if run_is_whole(run_dir):
+        finished = run_is_whole(run_dir)  # reads the run's audit back: once
+        reason = None if finished else failed_reason(run_dir)
+        if finished:
             print(f"[{number}/{len(plan)}] skipping finished run {spec.name}", flush=True)
         elif reason is not None:
             failed[spec.name] = reason
-            print(f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}")
+            print(
+                f"[{number}/{len(plan)}] skipping failed run {spec.name} (delete {run_dir} to redo it): {reason}",
+                flush=True,
+            )
         elif args.aggregate_only:
             print(f"[{number}/{len(plan)}] not finished, left out: {spec.name}", flush=True)
         else:
