@@ -136,16 +136,26 @@ def head_replaced(
             hook.remove()
 
 
-def carrier(hidden: torch.Tensor) -> torch.Tensor:
-    """What the replaced head hands back to the model: zeros [batch, seq, 1] tied to the hidden states.
+def carrier(hidden: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
+    """What the replaced head hands back to the model: zeros [batch, seq, 1] tied to the hidden states (and to
+    ``loss``, the loss computed in the head, when given).
 
     Whatever the model does after its head (soft cap, scaling: all map 0 to 0) keeps them zero, so
     ``loss + outputs.logits.sum()`` equals the loss exactly while the backward pass goes through the
     model's output, where FSDP registers its pre-backward hooks (unshard for the norm's and layers'
     backward). ``outputs.logits.sum() * 0`` is an exact zero loss over the same graph that never touches
     the loss' own (possibly non-finite) gradients: what the non-finite guard backpropagates.
+
+    Tied to ``loss`` (through a ``where`` that always picks 0, so a non-finite loss leaves the zeros exact), the
+    output's graph reaches every parameter the loss reads: DDP's ``find_unused_parameters`` (the Trainer's default
+    without gradient checkpointing) walks the graph from the model's outputs at the end of the forward, and a
+    trained head reachable only through the loss would be marked unused there and then ready again by its own
+    gradient ("marked as ready twice").
     """
-    return hidden[..., :1].float() * 0.0
+    zeros = hidden[..., :1].float() * 0.0
+    if loss is None:
+        return zeros
+    return zeros + torch.where(torch.zeros((), dtype=torch.bool, device=loss.device), loss.float(), 0.0)
 
 
 def logit_transform(model: nn.Module) -> LogitTransform:

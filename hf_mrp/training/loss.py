@@ -95,7 +95,7 @@ def forward_with_mrp_loss(
             states, weight, aligned_targets, settings, bias=bias, position_weights=aligned_weights,
             transform=transform, with_entropy=with_entropy, defer_checks=not host_checks, depth_states=tuple(depth),
         )  # fmt: skip
-        return F.linear(hidden, weight, bias) if with_logits else carrier(hidden)
+        return F.linear(hidden, weight, bias) if with_logits else carrier(hidden, result["sums"].total)
 
     # kept: the target layers' outputs of a `layers` objective (else empty), filled before the head runs `compute`
     with head_replaced(inner, compute, check_ids=host_checks), captured_depth_states(inner, settings) as kept:

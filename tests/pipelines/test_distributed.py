@@ -14,9 +14,14 @@ pytestmark = pytest.mark.slow  # torchrun / accelerate launch processes
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> list[dict]:
+def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path, use_lora: str = "true") -> list[dict]:
     args = tiny_refine_flags(
-        model_dir, output_dir, per_device_train_batch_size=per_device, learning_rate="1e-2", use_cpu="true"
+        model_dir,
+        output_dir,
+        per_device_train_batch_size=per_device,
+        learning_rate="1e-2",
+        use_cpu="true",
+        use_lora=use_lora,
     )
     if nproc == 1:  # what examples/refine.py runs, in this process (one interpreter start-up fewer)
         from hf_mrp.research import cli
@@ -29,9 +34,12 @@ def refine(nproc: int, per_device: int, model_dir: Path, output_dir: Path) -> li
     return json.loads((output_dir / "training_log.json").read_text())
 
 
-def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path):
-    single = refine(1, 4, tiny_model_dir, tmp_path / "one")
-    double = refine(2, 2, tiny_model_dir, tmp_path / "two")
+@pytest.mark.parametrize("use_lora", ["true", "false"])
+def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path, use_lora):
+    """LoRA, and the whole model trained (the head's weight too: reached from the model's outputs only through the
+    loss computed in the head, which DDP's find_unused_parameters must see; it failed 'marked as ready twice')."""
+    single = refine(1, 4, tiny_model_dir, tmp_path / "one", use_lora)
+    double = refine(2, 2, tiny_model_dir, tmp_path / "two", use_lora)
     steps = [row for row in single if "loss" in row]
     assert len(steps) == 2  # 4 training blocks = one global batch of 4: both runs see the same rows each step
     # 2 rows a process against 4 in one: two float32 computations of each number, each within the tiny decoder's
@@ -43,7 +51,8 @@ def test_two_processes_log_the_same_losses_as_one(tiny_model_dir, tmp_path):
     for a, b in zip(steps, [row for row in double if "loss" in row]):
         for key in ("loss", "loss_ce", "loss_mrp", "mean_margin"):
             assert a[key] == pytest.approx(b[key], rel=bound, abs=bound), (key, a, b)
-    assert (tmp_path / "two" / "adapter_model.safetensors").exists()
+    saved = "adapter_model.safetensors" if use_lora == "true" else "model.safetensors"
+    assert (tmp_path / "two" / saved).exists()
     assert_same_flips(tmp_path / "two", tmp_path / "one", atol=bound)
 
 

@@ -168,3 +168,38 @@ def test_pickled_config_never_holds_the_hub_token(tmp_path):
     restored = pickle.loads(pickle.dumps(args))
     assert restored.hub_token is None and restored.mrp_lambda == args.mrp_lambda
     assert copy.copy(args).hub_token == copy.deepcopy(args).hub_token == "hf_SECRETTOKEN123"
+
+
+def reached_parameters(output: torch.Tensor) -> set[int]:
+    """ids of the leaves the autograd graph of ``output`` reaches: what DDP's find_unused_parameters walks from the
+    model's outputs at the end of each forward (a trained parameter it misses is marked ready twice)."""
+    seen, found, stack = set(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            found.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("objective", ["fisher", "entropy"])
+def test_model_output_reaches_every_trained_parameter(tmp_path, objective):
+    """The head returns zeros, the loss is computed inside it: its outputs must still reach the head's weight (and
+    every other trained parameter), as DDP's find_unused_parameters needs (the whole model trained, --use_lora false
+    under torchrun, failed with 'lm_head.weight marked as ready twice')."""
+    args = config(tmp_path, use_lora=False, mrp_objective=objective, mrp_lambda=0.5)
+    trainer = MRPTrainer(model=tiny_llama(), train_dataset=dataset(), args=args)
+    seen = []  # the model's outputs in a training step's loss, as DDP's forward returns them
+    hook = trainer.model.register_forward_hook(lambda module, inputs, outputs: seen.append(outputs))
+    loss = trainer.compute_loss(trainer.model, batch())
+    hook.remove()
+    logits = seen[0].logits
+    assert torch.count_nonzero(logits) == 0  # the head's zeros: no [positions x vocab] logits
+    trained = {id(p): name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    missing = sorted(name for key, name in trained.items() if key not in reached_parameters(logits))
+    assert missing == []
+    loss.backward()
+    assert all(p.grad is not None for p in trainer.model.parameters() if p.requires_grad)
