@@ -7,6 +7,7 @@ python benchmarks/bench_loss.py                 # B=4, T=511, V=49,152, d=576 (S
 python benchmarks/bench_loss.py --head paper    # 512 positions, V=248,320, d=2,560 (Qwen3.5's head), fused only
 python benchmarks/bench_loss.py --head paper --train_weight   # the same with W trained
 python benchmarks/bench_loss.py --smoke         # tiny sizes, seconds (what CI runs)
+python benchmarks/bench_loss.py --head paper --train_weight --profile   # where each case's time goes, op by op
 
 Beside the paper's objectives: the released code's correct_margin and proxy, and two objectives registered as a
 user registers them (a top-2 hinge; the entropy through the generic full-logits autograd path).
@@ -72,12 +73,28 @@ def chunked_floor(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 1024)
     return run
 
 
+def profiled(cases: dict, top: int = 8) -> None:
+    """One call of each case under torch.profiler (after one unprofiled warm-up call): its ops' total and the ``top``
+    ops by their own time, to see what separates a fused path from the floor beyond the matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, run in cases.items():
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = sorted(prof.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+        total = sum(event.self_cpu_time_total for event in events) / 1e3
+        ops = ", ".join(f"{event.key} {event.self_cpu_time_total / 1e3:.0f}" for event in events[:top])
+        print(f"  {name}: {total:.0f} ms in ops; by own time (ms): {ops}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--head", choices=("smollm2", "paper"), default="smollm2")
     parser.add_argument("--train_weight", action="store_true", help="W trains (its gradient is formed)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="one profiled call of each case instead of timing")
     args = parser.parse_args()
     n, vocab, dim = SIZES["smoke" if args.smoke else args.head]
     torch.manual_seed(0)
@@ -131,6 +148,9 @@ def main() -> None:
         cases[f"fused CE + {label}"] = fused(objective)
     trained = "W trained" if args.train_weight else "W frozen"
     print(f"machine: {machine()}\nloss fwd+bwd from hidden states: N={n} positions, V={vocab}, d={dim}, {trained}")
+    if args.profile:
+        profiled({name: cleared(run) for name, run in cases.items()})
+        return
     medians = interleaved_medians({name: cleared(run) for name, run in cases.items()}, args.repeats)
     report(f"median of {args.repeats}, interleaved", medians, FLOOR)
 

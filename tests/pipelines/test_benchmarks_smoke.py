@@ -32,6 +32,20 @@ def test_benchmark_smoke(script):
     assert ("x " in run.stdout) or ("x\n" in run.stdout), run.stdout  # a ratio was printed
 
 
+def test_loss_benchmark_profile_smoke():
+    """bench_loss.py --profile: one profiled call of each case, its ops by their own time (the matmuls among them)."""
+    run = subprocess.run(
+        [sys.executable, "bench_loss.py", "--smoke", "--train_weight", "--profile"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "chunked two-matmul floor:" in run.stdout and "fused CE + entropy (hf_mrp):" in run.stdout, run.stdout
+    assert "aten::mm" in run.stdout and "aten::addmm_" in run.stdout, run.stdout
+
+
 def test_audit_benchmark_with_the_manifold_smoke(tmp_path):
     """bench_audit.py --manifold: the audit with --layers all, without and with the manifold, and the ratio."""
     command = [sys.executable, "bench_audit.py", "--smoke", "--manifold", "--max_positions", "300"]
