@@ -83,6 +83,7 @@ def _refine_into(
         chunk_size=config.mrp_chunk_size,
         baseline_dir=baseline_dir,
         provenance=origin,
+        max_accuracy_drop=refine_args.max_accuracy_drop,
         **audit_options(refine_args, "audit_"),
     )
     hub = hub_callback(config, config.hub_model_id or output_dir.name) if push else None

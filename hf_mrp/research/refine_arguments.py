@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MRPUserError
 from ..ops.targeting import WEIGHTINGS, check_targets
+from ..training.divergence import DEFAULT_MAX_ACCURACY_DROP, check_max_accuracy_drop
 from .arguments import audit_options, manifold_field
 from .downstream.offline_suite import SUITES
 
@@ -50,6 +51,14 @@ class RefineArguments:
     manifold_positions: int = manifold_field("manifold_positions", 4096)
     manifold_k: int = manifold_field("manifold_k", 20)
     manifold_seed: int = manifold_field("manifold_seed", 0)
+    max_accuracy_drop: float = field(
+        default=DEFAULT_MAX_ACCURACY_DROP,
+        metadata={
+            "help": "Fail the run as collapsed when the audited positions' top-1 accuracy after training is more "
+            "than this many points (of 100) below the accuracy before: the objective outweighed the cross-entropy "
+            "(e.g. mrp_ce_weight 0). 100: never (to keep such a run for study)."
+        },
+    )
     holdout: bool = field(
         default=True,
         metadata={"help": "Audit blocks are held out from training (disjoint); --holdout false trains on them too."},
@@ -129,6 +138,7 @@ class RefineArguments:
                 f"{self.audit_batch_size}"
             )
         audit_options(self, "audit_")
+        check_max_accuracy_drop(self.max_accuracy_drop)
         try:
             check_targets(self.mrp_target_classes, self.mrp_target_buckets)
         except ValueError as error:

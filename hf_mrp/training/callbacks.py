@@ -26,7 +26,7 @@ from ..audit.manifold import headline as manifold_headline
 from ..data import Blocks
 from ..errors import MRPUserError
 from .console import audit_table, class_codes, console_write, evaluation_line, hide_audit_from_console
-from .divergence import check_decisions_alive
+from .divergence import DEFAULT_MAX_ACCURACY_DROP, check_accuracy_kept, check_decisions_alive, check_max_accuracy_drop
 from .pictures import lens_pictures, log_pictures
 from .tables import flip_tables, log_tables
 
@@ -118,6 +118,8 @@ class MRPAuditCallback(TrainerCallback):
     (the trackers get every one), see training/console.py.
     ``manifold`` (True, or `ManifoldOptions`) adds each audited layer's hidden-state
     manifold statistics (layers.json, manifold.png, ``audit/layer/<layer>/<statistic>`` in the logs).
+    ``max_accuracy_drop``: the run fails as collapsed (`TrainingCollapsed`, at train end) when the after-audit's
+    top-1 accuracy is more than this many points (of 100) below the before-audit's; None or 100: never.
     """
 
     def __init__(
@@ -134,8 +136,11 @@ class MRPAuditCallback(TrainerCallback):
         lens: TunedLens | None = None,
         console: bool = True,
         manifold: bool | ManifoldOptions | None = None,
+        max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
     ):
         check_blocks_to_audit(blocks)  # before training starts, not at its first audit
+        check_max_accuracy_drop(max_accuracy_drop)
+        self.max_accuracy_drop = max_accuracy_drop
         self.blocks = blocks
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.decode = decoder_from_tokenizer(tokenizer) if tokenizer is not None else None
@@ -267,8 +272,9 @@ class MRPAuditCallback(TrainerCallback):
         if self.console and state.is_world_process_zero and self.latest is not None:
             title = f"audit after training (step {state.global_step}), flips against the audit before training"
             console_write(audit_table(title, self.latest, self._class_codes(), self.baseline, self.comparison))
-        assert self.baseline is not None and self.latest is not None  # made in on_train_begin and just now
+        assert self.baseline and self.latest and self.comparison  # made in on_train_begin and just now
         check_decisions_alive(self.baseline.summary.mean_margin, self.latest.summary.mean_margin, self._attached())
+        check_accuracy_kept(self.comparison, self.max_accuracy_drop, self._attached())
 
     def _class_codes(self) -> np.ndarray | None:
         """The positions' token classes (decoded once: the positions are fixed)."""

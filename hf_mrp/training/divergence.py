@@ -8,8 +8,9 @@ zero-gradient steps are kept as device tensors (`count_nonfinite_batch`, `record
 reads them together with one ``isfinite`` per trainable tensor, in one host transfer agreed over all processes, only
 at the first training step, at each logging, saving and evaluation step (so no checkpoint of bad weights is ever
 saved) and after training. The refine pipeline and `MRPAuditCallback` also refuse an after-audit whose every position
-ties its top two logits. A checkpoint saved after the weights went bad cannot be resumed from; it is removed, so
-the output folder keeps only checkpoints of good weights.
+ties its top two logits, or whose top-1 accuracy fell more than ``max_accuracy_drop`` points below the before-audit's.
+A checkpoint saved after the weights went bad cannot be resumed from; it is removed, so the output folder keeps only
+checkpoints of good weights.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ MAX_NONFINITE_STEPS = 3  # optimizer steps in a row whose every batch had a non-
 # logits moves them any more (a saturated or zeroed network), not a quiet batch.
 MAX_ZERO_GRADIENT_STEPS = 3
 TOO_LARGE = "a learning rate or mrp_lambda too large"
+# top-1 accuracy points the audited positions may lose before a run counts as collapsed: the objectives with CE
+# cost at most ~1.5 points at their released lambdas (docs/results.md), Fisher alone (mrp_ce_weight 0) lost 21
+DEFAULT_MAX_ACCURACY_DROP = 10.0
 
 
 class TrainingDiverged(MRPUserError):
@@ -224,6 +228,34 @@ def check_decisions_alive(mean_margin_before: float, mean_margin_after: float, t
     )
 
 
+def check_max_accuracy_drop(max_drop: float | None) -> None:
+    """``max_accuracy_drop`` is None (no limit) or a number of points in [0, 100]."""
+    number = isinstance(max_drop, (int, float)) and not isinstance(max_drop, bool)
+    if max_drop is not None and not (number and 0 <= max_drop <= 100):
+        raise MRPUserError(
+            f"max_accuracy_drop is the top-1 accuracy (in points of 100) the audited positions may lose before the "
+            f"run counts as collapsed: a number in [0, 100] (100: never), got {max_drop!r}"
+        )
+
+
+def check_accuracy_kept(comparison: dict, max_drop: float | None, trainer) -> None:
+    """Raise TrainingCollapsed when the after-audit's top-1 accuracy is more than ``max_drop`` points (of 100) below the
+    before-audit's on the same positions: the objective outweighed the cross-entropy (no finished run to use)."""
+    before, after = comparison["accuracy_before"], comparison["accuracy_after"]
+    drop = 100.0 * (before - after)
+    if max_drop is None or not drop > max_drop:
+        return
+    args = trainer.args
+    settings = f"mrp_ce_weight {getattr(args, 'mrp_ce_weight', 1.0):g}, mrp_lambda {getattr(args, 'mrp_lambda', 0.0):g}"
+    raise TrainingCollapsed(
+        f"training collapsed by step {trainer.state.global_step}: top-1 accuracy on the {comparison['n_positions']:,} "
+        f"audited positions fell from {100 * before:.1f}% to {100 * after:.1f}% ({drop:.1f} points, more than "
+        f"max_accuracy_drop {max_drop:g}); the likely cause is the objective outweighing the cross-entropy "
+        f"({settings}): lower mrp_lambda or keep mrp_ce_weight at 1 and train again (or raise --max_accuracy_drop, "
+        "100 never refuses, to keep such a run for study); nothing was saved as a finished run"
+    )
+
+
 def count_nonfinite_batch(trainer, skipped: torch.Tensor) -> None:
     """Count a micro-batch that was skipped (``skipped``: a device bool agreed over processes) without reading it:
     ``trainer._nonfinite_counts`` holds [skipped in all, skipped in a row, the longest such run since the last
@@ -250,11 +282,14 @@ def _nonfinite_run_failure(trainer, longest: float, last: int) -> TrainingDiverg
 
 
 __all__ = [
+    "DEFAULT_MAX_ACCURACY_DROP",
     "MAX_NONFINITE_STEPS",
     "MAX_ZERO_GRADIENT_STEPS",
     "TrainingCollapsed",
     "TrainingDiverged",
+    "check_accuracy_kept",
     "check_decisions_alive",
+    "check_max_accuracy_drop",
     "check_weights",
     "check_weights_changed",
     "count_nonfinite_batch",

@@ -461,6 +461,7 @@ CLI_CASES = [
         "--dataset_config cannot apply to the .txt file",
     ),
     ("refine-audit-batch-size-0", ["refine", "--audit_batch_size", "0"], "audit_batch_size must be at least 1"),
+    ("refine-max-accuracy-drop-101", ["refine", "--max_accuracy_drop", "101"], "a number in [0, 100] (100: never)"),
     ("refine-top-k-above-vocabulary", ["refine", "--mrp_top_k", "50000"], "mrp_top_k 50000 exceeds the vocabulary of"),
     # issue 22: specific failures
     ("model-without-tokenizer", ["audit", "--model", "NO_TOKENIZER"], "no_tokenizer has no tokenizer (none of"),

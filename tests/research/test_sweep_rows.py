@@ -18,8 +18,8 @@ from hf_mrp.research.sweep.plan import run_fields
 def test_plan_pairs_each_variant_with_its_settings_at_lambda_0_or_the_main_control():
     args, _ = parse_arguments(
         "--objectives fisher margin --lambdas 0.6 --objective_lambdas margin=1 --seeds 2 --head_lambdas 0.6 --variants "
-        "ce0:fisher:0.6:mrp_ce_weight=0 ewc:fisher:0.6:mrp_ewc_lambda=1e5:mrp_ewc_batches=2 "
-        "k3:proxy:0.3:mrp_top_k=3:mrp_target_classes=content,entity".split()
+        "ce0:fisher:0.6:mrp_ce_weight=0:max_accuracy_drop=100 ewc:fisher:0.6:mrp_ewc_lambda=1e5:mrp_ewc_batches=2 "
+        "k3:proxy:0.3:mrp_top_k=3:mrp_target_classes=content,entity kept:margin:1:max_accuracy_drop=50".split()
     )
     plan = {spec.name: spec for spec in plan_runs(args)}
     assert {name: spec.control_run for name, spec in plan.items()} == {
@@ -32,9 +32,11 @@ def test_plan_pairs_each_variant_with_its_settings_at_lambda_0_or_the_main_contr
         "fisher_ce0_lam0.6_seed2": "control_lam0_seed2",  # at lambda 0 with CE weight 0 nothing trains
         "fisher_ewc_lam0.6_seed2": "control_ewc_lam0_seed2",
         "proxy_k3_lam0.3_seed2": "control_lam0_seed2",  # objective-only settings: nothing changes at lambda 0
+        "margin_kept_lam1_seed2": "control_lam0_seed2",  # the verdict's limit changes no training
     }
     fields = {name: run_fields(args, spec) for name, spec in plan.items()}
-    assert fields["fisher_ce0_lam0.6_seed2"] == {"mrp_ce_weight": 0.0}  # typed as the flag types it
+    assert fields["fisher_ce0_lam0.6_seed2"] == {"mrp_ce_weight": 0.0, "max_accuracy_drop": 100.0}  # typed as flags
+    assert fields["margin_kept_lam1_seed2"] == {"max_accuracy_drop": 50.0}
     assert fields["control_ewc_lam0_seed2"] == fields["fisher_ewc_lam0.6_seed2"]
     assert fields["fisher_ewc_lam0.6_seed2"] == {"mrp_ewc_lambda": 1e5, "mrp_ewc_batches": 2}
     assert fields["proxy_k3_lam0.3_seed2"] == {"mrp_top_k": 3, "mrp_target_classes": ["content", "entity"]}

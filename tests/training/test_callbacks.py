@@ -8,10 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from hf_mrp.audit import load_audit
 from hf_mrp.audit.compare import compare_audits
+from hf_mrp.data import Blocks
+from hf_mrp.errors import MRPUserError
 from hf_mrp.storage.files import read_parquet
 from hf_mrp.training import MRPConfig, MRPTrainer
 from hf_mrp.training.callbacks import MRPAuditCallback, breakdown_scalars, name_part
@@ -232,6 +236,64 @@ def test_callback_refuses_a_foreign_baseline_and_needs_its_trainer(blocks, tmp_p
     )
     with pytest.raises(Exception, match="attach"):
         trainer.train()
+
+
+def copying_llama():
+    """A tiny Llama that predicts its input token (next = current): the layers add nothing to the residual stream
+    (o_proj and down_proj zero), so the final state is the RMS-normed embedding, and the head is the embedding
+    matrix (a token's own row is the one most aligned with it)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    return model
+
+
+class NegateFinalNorm(TrainerCallback):
+    """After the first step, every logit changes sign (the final norm's gains negated): each position's top-1 is
+    its former last token, so a model that was always right is now always wrong."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            with torch.no_grad():
+                model.model.norm.weight.neg_()
+
+
+@pytest.mark.parametrize("max_accuracy_drop", [10.0, 100.0, None])
+def test_a_run_that_loses_its_accuracy_fails_as_collapsed(tmp_path, max_accuracy_drop):
+    """max_accuracy_drop: an after-audit more than that many points of top-1 accuracy below the before-audit fails the
+    run as collapsed, with one line naming the accuracies, the settings and the fix; 100 or None keep such a run."""
+    from hf_mrp.training.divergence import TrainingCollapsed
+
+    repeated = np.repeat(np.array([[3], [17], [42], [77]]), 16, axis=1)  # next token = current token, always
+    audited = Blocks(repeated, n_positions=4 * 15, source="repeated")
+    callback = MRPAuditCallback(audited, max_accuracy_drop=max_accuracy_drop, console=False)
+    args = MRPConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2, per_device_train_batch_size=4,
+        use_lora=False, learning_rate=1e-6,
+    )  # fmt: skip
+    trainer = MRPTrainer(
+        model=copying_llama(), args=args, train_dataset=train_blocks(), callbacks=[callback, NegateFinalNorm()]
+    )
+    if max_accuracy_drop == 10.0:
+        with pytest.raises(TrainingCollapsed) as failure:
+            trainer.train()
+        message = str(failure.value)
+        fell = "top-1 accuracy on the 60 audited positions fell from 100.0% to 0.0% (100.0 points"
+        assert message.startswith("training collapsed by step 2: ") and fell in message
+        assert "more than max_accuracy_drop 10" in message and "mrp_ce_weight 1, mrp_lambda 0.6" in message
+        assert "\n" not in message
+    else:
+        trainer.train()
+    assert callback.comparison["accuracy_before"] == 1.0 and callback.comparison["accuracy_after"] == 0.0
+
+
+def test_max_accuracy_drop_is_checked_when_the_callback_is_made(blocks):
+    for bad in (-1, 100.5, "10", True, float("nan")):
+        with pytest.raises(MRPUserError, match=r"a number in \[0, 100\] \(100: never\)"):
+            MRPAuditCallback(blocks, max_accuracy_drop=bad)
 
 
 @pytest.mark.integration  # the embedded model's tokenizer

@@ -44,6 +44,8 @@ OBJECTIVE_TERM_FIELDS = (set(CONFIG_FIELDS) - ACTS_WITHOUT_OBJECTIVE) | {
     "mrp_untargeted_weight",
     "mrp_weighting",
 }
+# Fields that change no training, only the verdict on it: a variant setting only these needs no control of its own.
+VERDICT_FIELDS = {"max_accuracy_drop"}
 # Fields the sweep sets for every run: a variant names its objective and lambda in its spec, the seeds are --seeds.
 SWEEP_FIELDS = {"mrp_objective", "mrp_lambda", "seed", "output_dir", "overwrite_output_dir", "resume_from_checkpoint"}
 
@@ -104,7 +106,7 @@ def parse_variant(text: str) -> Variant:
 def control_fields(variant: Variant) -> dict[str, Any] | None:
     """The settings of the variant's own control, or None: it is paired with the sweep's main control (see the
     module docstring)."""
-    kept = {key: value for key, value in variant.settings.items() if key not in OBJECTIVE_TERM_FIELDS}
+    kept = {k: v for k, v in variant.settings.items() if k not in OBJECTIVE_TERM_FIELDS | VERDICT_FIELDS}
     if not kept or ("mrp_ce_weight" in kept and float(kept["mrp_ce_weight"]) == 0):
         return None
     return kept
