@@ -234,3 +234,27 @@ def two_processes_equal_one(model_dir, reference, two, capsys) -> None:
 
     assert cli.main([*argv, "--max_steps", "4"]) == 2  # other run settings: refused at once
     assert "other run settings (max_steps: 3 -> 4)" in capsys.readouterr().err
+
+
+def test_the_trial_table_says_a_run_is_auditing_after_its_last_step():
+    """After the last step a run audits (minutes at full size) with no step to show: the end of the last step is
+    reported, and the table says the run is auditing instead of holding 'step N/N' as if it had hung."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from hf_mrp.research.sweep.console import TrialTable
+    from hf_mrp.research.sweep.trial import ProgressReport
+
+    reports: list[dict] = []
+    progress, state = ProgressReport(reports.append), TrainerState(max_steps=3, global_step=2)
+    progress.on_step_end(None, state, None)
+    progress.on_log(None, state, None, logs={"loss": 2.5})
+    state.global_step = 3
+    progress.on_step_end(None, state, None)
+    table, trial = TrialTable([], total=0), SimpleNamespace(config={"run": "fisher_lam0.6_seed0"})
+    shown = []
+    for report in reports:
+        table.on_trial_result(0, [], trial, report)
+        shown.append(table.progress["fisher_lam0.6_seed0"])
+    assert shown == ["step 2/3  loss 2.5", "auditing after step 3/3"]

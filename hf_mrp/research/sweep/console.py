@@ -42,7 +42,11 @@ class TrialTable(Callback):
         if result.get("step") is not None:
             loss = result.get("loss")
             shown = f"step {result['step']}/{result.get('max_steps')}"
-            self.progress[trial.config["run"]] = shown + (f"  loss {loss:.4g}" if isinstance(loss, float) else "")
+            if result.get("auditing"):
+                shown = f"auditing after {shown}"
+            elif isinstance(loss, float):
+                shown += f"  loss {loss:.4g}"
+            self.progress[trial.config["run"]] = shown
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         name, result = trial.config["run"], trial.last_result or {}

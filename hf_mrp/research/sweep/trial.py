@@ -41,7 +41,8 @@ class TrialSetup(NamedTuple):
 
 
 class ProgressReport(TrainerCallback):
-    """Each logged step of the run, to Tune (the driver's trial table shows step / max_steps and the loss).
+    """Each logged step of the run, to Tune (the driver's trial table shows step / max_steps and the loss), and the
+    end of the last step (the table then says the run is auditing: the after-audit follows, with no step to show).
 
     ``report``: tune.report in a trial's own process; in Ray Train workers ray.train.report, which every worker
     calls (a report is a step all of them take) and whose rank 0 metrics Ray passes on to Tune
@@ -51,9 +52,17 @@ class ProgressReport(TrainerCallback):
         self.report, self.every_process = report, every_process
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        self._report(state, (logs or {}).get("loss"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:  # the last step: the after-audit runs next, minutes at full size
+            self._report(state, None)
+
+    def _report(self, state, loss: float | None) -> None:
         if self.every_process or state.is_world_process_zero:
-            loss = (logs or {}).get("loss")
-            self.report({"status": "RUNNING", "step": state.global_step, "max_steps": state.max_steps, "loss": loss})
+            done = state.global_step >= state.max_steps  # what follows the last step is the after-audit
+            progress = {"step": state.global_step, "max_steps": state.max_steps, "auditing": done}
+            self.report({"status": "RUNNING", **progress, "loss": loss})
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
