@@ -143,8 +143,9 @@ def carrier(hidden: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Ten
     Whatever the model does after its head (soft cap, scaling: all map 0 to 0) keeps them zero, so
     ``loss + outputs.logits.sum()`` equals the loss exactly while the backward pass goes through the
     model's output, where FSDP registers its pre-backward hooks (unshard for the norm's and layers'
-    backward). ``outputs.logits.sum() * 0`` is an exact zero loss over the same graph that never touches
-    the loss' own (possibly non-finite) gradients: what the non-finite guard backpropagates.
+    backward). ``outputs.logits.sum() * 0`` is an exact zero loss over the same graph: what the non-finite
+    guard backpropagates. Through ``loss`` it reaches the fused loss' backward with an incoming gradient of exactly
+    0, which hands back exact zeros whatever the loss' own (possibly non-finite) gradients hold.
 
     Tied to ``loss`` (through a ``where`` that always picks 0, so a non-finite loss leaves the zeros exact), the
     output's graph reaches every parameter the loss reads: DDP's ``find_unused_parameters`` (the Trainer's default
